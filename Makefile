@@ -1,0 +1,29 @@
+# The two commands of the README's quickstart: `make test` and `make bench`.
+# Both create .venv when needed (with the system's site-packages visible, so that a machine
+# with torch/triton preinstalled downloads nothing), install only what is missing, and install
+# this package in editable mode.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: test bench install deps clean
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+deps: $(PY)
+	$(PY) tools/ensure_deps.py
+
+install: deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest python_tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_loss.py
+
+clean:
+	rm -rf build *.egg-info ekd_kernels/*.so

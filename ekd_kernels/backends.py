@@ -1,0 +1,120 @@
+"""Backend registry: which implementations of SPEC.md exist, where they run, and which "auto" picks.
+
+A backend is a callable with the signature of ``reference.ekd_reference`` plus an
+``unavailable_reason(device)`` that says why it cannot run on a device (None when it can).
+New backends register themselves here; the tests are parametrized over ``BACKEND_NAMES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .reference import ekd_reference
+
+BACKEND_NAMES = ("reference", "triton", "csrc")
+
+# Fastest first, per device type: "auto" takes the first one available.
+_AUTO_ORDER = {
+    "cuda": ("triton", "csrc", "reference"),
+    "cpu": ("csrc", "reference"),
+}
+
+
+class Backend:
+    def __init__(self, name: str, fn: Optional[Callable], unavailable: Callable[[torch.device], Optional[str]]):
+        self.name = name
+        self._fn = fn
+        self._unavailable = unavailable
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return self._unavailable(torch.device(device))
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+class _LazyBackend(Backend):
+    """A fast backend that lives in its own module, imported on first use.
+
+    The module exposes ``ekd_forward`` (the signature of ``ekd_reference``) and
+    ``unavailable_reason(device)``.  Importing lazily keeps ``import ekd_kernels`` cheap and
+    lets a missing compiler, GPU or extension show up as a reason instead of an ImportError.
+    """
+
+    def __init__(self, name: str, module: str, what: str):
+        super().__init__(name, None, lambda device: None)
+        self._module_name = module
+        self._what = what
+        self._module = None
+        self._import_error: Optional[str] = None
+
+    def _load(self):
+        if self._module is None and self._import_error is None:
+            try:
+                self._module = importlib.import_module(self._module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name == self._module_name:
+                    self._import_error = f"{self._what} are not part of this build yet"
+                else:
+                    self._import_error = f"{self._what} could not be imported ({exc})"
+            except Exception as exc:  # a broken build must say so, not vanish
+                self._import_error = f"{self._what} could not be imported ({type(exc).__name__}: {exc})"
+        return self._module
+
+    def unavailable_reason(self, device) -> Optional[str]:
+        module = self._load()
+        if module is None:
+            return self._import_error
+        return module.unavailable_reason(torch.device(device))
+
+    def __call__(self, *args, **kwargs):
+        module = self._load()
+        if module is None:
+            raise RuntimeError(f"EKD backend {self.name!r} is unavailable: {self._import_error}")
+        return module.ekd_forward(*args, **kwargs)
+
+
+_REGISTRY: Dict[str, Backend] = {
+    "reference": Backend("reference", ekd_reference, lambda device: None),
+    "triton": _LazyBackend("triton", "ekd_kernels.triton_ekd", "the fused Triton kernels"),
+    "csrc": _LazyBackend("csrc", "ekd_kernels.csrc_ops", "the compiled C++/CUDA ops"),
+}
+
+
+def register_backend(backend: Backend) -> None:
+    """Install (or replace) a backend under its name; used by the optional fast backends."""
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}; known: {BACKEND_NAMES}")
+    _REGISTRY[backend.name] = backend
+
+
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {name!r}")
+
+
+def available_backends(device) -> tuple:
+    """Names of the backends that can run on `device`, fastest first."""
+    device = torch.device(device)
+    order = _AUTO_ORDER.get(device.type, ("reference",))
+    return tuple(n for n in order if _REGISTRY[n].unavailable_reason(device) is None)
+
+
+def resolve_backend(name: str, device) -> Backend:
+    """The backend to run on `device`: the named one (error saying why if it cannot run there),
+    or for "auto" the fastest available one."""
+    check_backend_name(name)
+    device = torch.device(device)
+    if name == "auto":
+        return _REGISTRY[available_backends(device)[0]]
+    backend = _REGISTRY[name]
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"EKD backend {name!r} cannot run on {device}: {reason}")
+    return backend

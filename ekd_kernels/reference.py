@@ -1,0 +1,223 @@
+"""The pure-PyTorch reference of EKD: slow, literal, and the yardstick of every fast backend.
+
+It follows SPEC.md stage by stage, one function per stage, under the names every backend uses:
+
+    normalize_rows -> pair_similarities -> batch_thresholds -> ema_update
+    -> select_negatives / critical_mask -> soft_rank / pair_rank_loss -> ekd_reference
+
+It materialises the B x B similarity matrices and sorts all negative pairs, exactly as the
+authors' implementation (Tencent/TFace, recognition/tasks/ekd/distillation/ekd.py) does, so its
+defaults reproduce the golden figures.  Nothing here is optimised: clarity first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .config import EKDConfig
+from .result import EKDResult, EKDStats
+
+#: Row-norm floor of the normalisation (F.normalize's default): a zero row stays finite.
+NORM_EPS = 1e-12
+#: The sigmoid's argument is clamped to [-SIGMOID_CLAMP, SIGMOID_CLAMP] (the authors' guard).
+SIGMOID_CLAMP = 50.0
+
+
+def compute_dtype(student: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs (SPEC: low precision is computed in fp32); fp64 stays fp64
+    so that gradcheck can run."""
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- stage 1: normalise
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12), row by row (identical to F.normalize)."""
+    return x / x.norm(p=2, dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+# --------------------------------------------------------------------------- stage 2: pairs
+class Pairs(NamedTuple):
+    """All pairs (i, j), i < j, in row-major order, with their similarities and kind."""
+
+    rows: torch.Tensor          # (P,) int64, i
+    cols: torch.Tensor          # (P,) int64, j
+    student: torch.Tensor       # (P,) a = <s_hat_i, s_hat_j> (carries the student's gradient)
+    teacher: torch.Tensor       # (P,) b = <t_hat_i, t_hat_j>
+    is_positive: torch.Tensor   # (P,) bool, labels[i] == labels[j]
+
+
+def gram(x_hat: torch.Tensor) -> torch.Tensor:
+    """x_hat @ x_hat^T with full fp32 accuracy.
+
+    On CPU this is the same fp32 matmul the authors use.  On CUDA a plain fp32 matmul may run
+    in TF32 (if the user enabled it), whose error tau = 0.01 amplifies 100-fold, so the
+    reference computes in fp64 there and rounds once.
+    """
+    if x_hat.is_cuda and x_hat.dtype == torch.float32:
+        xd = x_hat.double()
+        return (xd @ xd.t()).float()
+    return x_hat @ x_hat.t()
+
+
+def pair_similarities(student_hat: torch.Tensor, teacher_hat: torch.Tensor, labels: torch.Tensor) -> Pairs:
+    batch = student_hat.shape[0]
+    rows, cols = torch.triu_indices(batch, batch, offset=1, device=student_hat.device)
+    a = gram(student_hat)[rows, cols]
+    b = gram(teacher_hat)[rows, cols]
+    return Pairs(rows, cols, a, b, labels[rows] == labels[cols])
+
+
+# --------------------------------------------------------------------------- stage 3: thresholds
+def batch_thresholds(negative_similarities: torch.Tensor, config: EKDConfig) -> torch.Tensor:
+    """The K order statistics: element m_k = floor(L * fpr_k) of the negatives sorted descending.
+
+    NaN when there is no negative pair (L = 0): there is nothing to pick.
+    """
+    count = negative_similarities.numel()
+    if count == 0:
+        return torch.full((config.num_thresholds,), float("nan"), dtype=negative_similarities.dtype,
+                          device=negative_similarities.device)
+    ordered = torch.sort(negative_similarities.detach(), descending=True).values
+    index = torch.tensor(config.threshold_indices(count), device=ordered.device)
+    return ordered[index]
+
+
+def ema_update(previous: torch.Tensor, batch: torch.Tensor, momentum: float, valid: torch.Tensor) -> torch.Tensor:
+    """t <- momentum * e + (1 - momentum) * t, where `valid`; unchanged elsewhere.
+
+    `valid` is a 0-d bool tensor (the batch had negatives and finite embeddings), applied with
+    torch.where so that no host synchronisation is needed.  Same operation order as the authors.
+    """
+    updated = momentum * batch.to(previous.dtype) + (1 - momentum) * previous
+    return torch.where(valid, updated, previous)
+
+
+# --------------------------------------------------------------------------- stage 4: selection
+def select_negatives(negative_student: torch.Tensor, config: EKDConfig,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Indices (into the negative pairs) of the N distilled negatives.
+
+    "hardest": the N largest student similarities (ties at the boundary in any order, as the
+    authors' unstable sort).  "random": N drawn uniformly without replacement by `generator`.
+    """
+    count = negative_student.numel()
+    n = min(config.num_hard_negatives, count)
+    if config.negative_selection == "random":
+        if generator is None:
+            raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...)')
+        perm = torch.randperm(count, generator=generator, device=generator.device)
+        return perm[:n].to(negative_student.device)
+    return torch.sort(negative_student.detach(), descending=True).indices[:n]
+
+
+def exceeded(similarities: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """(P, K) bool: 1(x > t_k)."""
+    return similarities.detach().unsqueeze(1) > thresholds.unsqueeze(0)
+
+
+def critical_mask(a: torch.Tensor, b: torch.Tensor, student_thresholds: torch.Tensor,
+                  teacher_thresholds: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: a pair is critical when 1(b > t_k(T)) != 1(a > t_k(S)) for some k."""
+    return (exceeded(a, student_thresholds) != exceeded(b, teacher_thresholds)).any(dim=1)
+
+
+# --------------------------------------------------------------------------- stage 5: rank loss
+def clamped_sigmoid(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """1 / (1 + exp(clamp(-x / tau, -50, 50))): the authors' form, gradient zero past the clamp."""
+    exponent = torch.clamp(-x / temperature, min=-SIGMOID_CLAMP, max=SIGMOID_CLAMP)
+    return 1.0 / (1.0 + torch.exp(exponent))
+
+
+def soft_rank(x: torch.Tensor, thresholds: torch.Tensor, temperature: float) -> torch.Tensor:
+    """R(x) = sum_k sigmoid((x - t_k) / tau)."""
+    return clamped_sigmoid(x.unsqueeze(1) - thresholds.unsqueeze(0), temperature).sum(dim=1)
+
+
+def pair_rank_loss(a: torch.Tensor, b: torch.Tensor, student_thresholds: torch.Tensor,
+                   teacher_thresholds: torch.Tensor, config: EKDConfig) -> torch.Tensor:
+    """Per-pair loss of the chosen rank-loss variant."""
+    if config.rank_loss == "soft_rank":
+        return (soft_rank(a, student_thresholds, config.temperature)
+                - soft_rank(b, teacher_thresholds, config.temperature)) ** 2
+    if config.rank_loss == "eq7":
+        student_margin = a.unsqueeze(1) - student_thresholds.unsqueeze(0)
+        teacher_margin = b.unsqueeze(1) - teacher_thresholds.unsqueeze(0)
+        return (teacher_margin - student_margin).abs().sum(dim=1)
+    return (b - a) ** 2  # eq8
+
+
+def term(per_pair: torch.Tensor, critical: torch.Tensor, config: EKDConfig) -> torch.Tensor:
+    """Mean over the pairs of one term (its critical pairs only, in the Eq. 5 variant); 0 if none."""
+    if config.critical_only:
+        per_pair = per_pair[critical]
+    if per_pair.numel() == 0:
+        return per_pair.sum()  # a zero that keeps the graph (and the dtype)
+    return per_pair.mean()
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                  student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor,
+                  config: EKDConfig, update_thresholds: bool = True,
+                  generator: Optional[torch.Generator] = None) -> EKDResult:
+    """EKD on (student, teacher, labels) with the given EMA state; inputs already validated.
+
+    Returns the loss (gradient to `student` only), the new threshold state (the old one when
+    `update_thresholds` is False, the batch has no negative pair, or the embeddings are not
+    finite) and the statistics.
+    """
+    dtype = compute_dtype(student)
+    state_dtype = student_thresholds.dtype
+    finite = torch.isfinite(student).all() & torch.isfinite(teacher).all()
+
+    student_hat = normalize_rows(student.to(dtype))
+    with torch.no_grad():
+        teacher_hat = normalize_rows(teacher.detach().to(dtype))
+    pairs = pair_similarities(student_hat, teacher_hat, labels)
+
+    negative = ~pairs.is_positive
+    a_pos, b_pos = pairs.student[pairs.is_positive], pairs.teacher[pairs.is_positive]
+    a_neg, b_neg = pairs.student[negative], pairs.teacher[negative]
+
+    batch_student = batch_thresholds(a_neg, config)
+    batch_teacher = batch_thresholds(b_neg, config)
+    valid = finite & torch.tensor(a_neg.numel() > 0 and update_thresholds, device=student.device)
+    new_student = ema_update(student_thresholds, batch_student, config.momentum, valid)
+    new_teacher = ema_update(teacher_thresholds, batch_teacher, config.momentum, valid)
+    # The loss uses the state after this call's update, as the authors do.
+    st, tt = new_student.to(dtype), new_teacher.to(dtype)
+
+    selected = select_negatives(a_neg, config, generator)
+    a_sel, b_sel = a_neg[selected], b_neg[selected]
+
+    critical_pos = critical_mask(a_pos, b_pos, st, tt)
+    critical_sel = critical_mask(a_sel, b_sel, st, tt)
+    positive_term = term(pair_rank_loss(a_pos, b_pos, st, tt, config), critical_pos, config)
+    negative_term = term(pair_rank_loss(a_sel, b_sel, st, tt, config), critical_sel, config)
+    loss = config.positive_weight * positive_term + config.negative_weight * negative_term
+    # A non-finite batch must read as NaN (a gradient scaler then skips the step), whatever
+    # the sort and the clamps made of it.
+    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+
+    def count(mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum(dtype=torch.int64)
+
+    stats = EKDStats(
+        batch_student_thresholds=batch_student.to(state_dtype),
+        batch_teacher_thresholds=batch_teacher.to(state_dtype),
+        student_thresholds=new_student,
+        teacher_thresholds=new_teacher,
+        num_positive_pairs=count(pairs.is_positive),
+        num_negative_pairs=count(negative),
+        num_selected_negatives=torch.tensor(selected.numel(), dtype=torch.int64, device=student.device),
+        num_critical_selected=count(critical_pos) + count(critical_sel),
+        positive_term=positive_term,
+        negative_term=negative_term,
+    )
+    if config.compute_critical_ratio:
+        critical_all = critical_mask(pairs.student, pairs.teacher, st, tt)
+        stats.num_critical_pairs = count(critical_all)
+        stats.critical_ratio = stats.num_critical_pairs.to(torch.float32) / pairs.student.numel()
+    return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -1,0 +1,53 @@
+"""What one EKD call returns besides the loss: the new threshold state and its statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class EKDStats:
+    """Statistics of one call (SPEC.md, Statistics). Every field is a detached tensor.
+
+    Counts are 0-d int64 tensors on the embeddings' device, so that logging them costs no
+    host synchronisation until the caller reads them.  ``batch_*_thresholds`` are NaN when the
+    batch has no negative pair (there is nothing to take an order statistic of).
+    ``num_critical_pairs`` and ``critical_ratio`` are None unless ``compute_critical_ratio``.
+    """
+
+    batch_student_thresholds: torch.Tensor
+    batch_teacher_thresholds: torch.Tensor
+    student_thresholds: torch.Tensor
+    teacher_thresholds: torch.Tensor
+    num_positive_pairs: torch.Tensor
+    num_negative_pairs: torch.Tensor
+    num_selected_negatives: torch.Tensor
+    num_critical_selected: torch.Tensor
+    positive_term: torch.Tensor
+    negative_term: torch.Tensor
+    num_critical_pairs: Optional[torch.Tensor] = None
+    critical_ratio: Optional[torch.Tensor] = None
+
+    def detach(self) -> "EKDStats":
+        return EKDStats(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
+                           for f in dataclasses.fields(self)})
+
+    def as_dict(self) -> dict:
+        """Plain Python numbers and lists (synchronises with the device): handy for loggers."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = None if v is None else v.tolist()
+        return out
+
+
+class EKDResult(NamedTuple):
+    """Return value of the functional form ``ekd_loss``."""
+
+    loss: torch.Tensor
+    student_thresholds: torch.Tensor
+    teacher_thresholds: torch.Tensor
+    stats: EKDStats

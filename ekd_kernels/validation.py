@@ -1,0 +1,49 @@
+"""Input checks shared by every backend: bad input fails here, before any kernel runs."""
+
+from __future__ import annotations
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ValueError naming what is wrong with (student, teacher, labels); see SPEC.md, Edge cases."""
+    for name, x in (("student", student), ("teacher", teacher), ("labels", labels)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.dim() != 2:
+            raise ValueError(f"{name} embeddings must be 2-D (B x D), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} embeddings must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.shape[1] < 1:
+            raise ValueError(f"{name} embeddings must have at least one column, got shape {tuple(x.shape)}")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must have the same number of rows, got {student.shape[0]} and {teacher.shape[0]}")
+    batch = student.shape[0]
+    if batch < 2:
+        raise ValueError(f"EKD needs a batch of at least 2 embeddings to form a pair, got B={batch}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"labels must be 1-D of length B={batch}, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not (student.device == teacher.device == labels.device):
+        raise ValueError(
+            "student, teacher and labels must be on the same device, got "
+            f"{student.device}, {teacher.device} and {labels.device}")
+
+
+def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, num_thresholds: int,
+                     device: torch.device) -> None:
+    """Threshold state passed to the functional form must be K floats on the embeddings' device."""
+    for name, t in (("student_thresholds", student_thresholds), ("teacher_thresholds", teacher_thresholds)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != (num_thresholds,):
+            raise ValueError(f"{name} must have shape ({num_thresholds},) (one per FPR), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")

@@ -1,0 +1,43 @@
+"""Shared fixtures: where the golden figures are, and the (backend, device) grid every test runs on.
+
+A new backend gets the whole suite by appearing in ``ekd_kernels.BACKEND_NAMES``; a backend
+that cannot run here is skipped with its reason printed (pytest -ra shows it).
+"""
+
+import pathlib
+
+import pytest
+import torch
+
+from ekd_kernels import BACKEND_NAMES
+from ekd_kernels.backends import resolve_backend
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# ../shared/golden, relative to the repository root (the checkout sits beside shared/).
+GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    if not (GOLDEN_DIR / "cases.json").is_file():
+        raise FileNotFoundError(
+            f"golden figures not found at {GOLDEN_DIR}: the repository must sit beside shared/ "
+            "(../shared/golden relative to the repository root)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request, device) -> str:
+    """A backend name that can run on `device` (the test is skipped with the reason otherwise)."""
+    try:
+        resolve_backend(request.param, device)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return request.param
