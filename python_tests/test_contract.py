@@ -1,0 +1,354 @@
+"""SPEC.md, clause by clause: hand-computed cases, an independent loop oracle, gradcheck, edge cases,
+state handling and dtypes.  Runs on every backend available on every device (conftest)."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from ekd_kernels import DEFAULT_FPRS, EKDConfig, EKDLoss, ekd_loss
+from ekd_kernels import backends as backends_module
+
+from helpers import assert_grad_close, make_batch
+from loop_oracle import oracle
+
+SIG99 = 1.0 / (1.0 + math.exp(-50.0))  # sigmoid(99) after the clamp at 50
+
+
+def hand_pair(device, labels):
+    """Two rows: student orthogonal (a = 0), teacher identical (b = 1)."""
+    student = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device, requires_grad=True)
+    teacher = torch.tensor([[0.0, 2.0], [0.0, 5.0]], device=device)
+    return student, teacher, torch.tensor(labels, device=device)
+
+
+# ----------------------------------------------------------------------------- by hand
+@pytest.mark.parametrize("rank_loss,expected", [
+    # L = 1: batch thresholds are a = 0 and b = 1; EMA from 0: t(S) = 0, t(T) = 0.01.
+    # soft rank: R_S(0) = 6 * 0.5 = 3, R_T(1) = 6 * sigmoid(99 -> clamp 50); term (3 - 6 s)^2, weight 0.01
+    ("soft_rank", 0.01 * (3.0 - 6 * SIG99) ** 2),
+    ("eq7", 0.01 * 6 * 0.99),     # sum_k |(1 - 0.01) - (0 - 0)|
+    ("eq8", 0.01 * 1.0),          # (b - a)^2
+])
+def test_hand_single_negative_pair(backend, device, rank_loss, expected):
+    student, teacher, labels = hand_pair(device, [0, 1])
+    crit = EKDLoss(rank_loss=rank_loss, backend=backend).to(device)
+    loss = crit(student, teacher, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(crit.student_thresholds.cpu(), torch.zeros(6))
+    torch.testing.assert_close(crit.teacher_thresholds.cpu(), torch.full((6,), 0.01))
+    stats = crit.last_stats
+    assert (stats.num_positive_pairs.item(), stats.num_negative_pairs.item(), stats.num_selected_negatives.item()) \
+        == (0, 1, 1)
+    if rank_loss == "soft_rank":
+        # dloss/da = 0.01 * 2 (R_S - R_T) * dR_S/da, dR_S/da = 6 * sigmoid'(0) / tau = 6 * 0.25 / 0.01;
+        # da/ds_1 = s_hat_2 (unit rows, a = 0), da/ds_2 = s_hat_1.
+        g = 0.01 * 2 * (3.0 - 6 * SIG99) * 6 * 0.25 / 0.01
+        loss.backward()
+        expected_grad = torch.tensor([[0.0, g, 0.0], [g, 0.0, 0.0]])
+        torch.testing.assert_close(student.grad.cpu(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hand_single_positive_pair(backend, device):
+    """No negative pair: the thresholds stay as they were (0), batch thresholds are NaN, and
+    the positive term is (R_S(0) - R_T(1))^2 = (3 - 6 sigmoid(100 -> 50))^2 with weight 0.02."""
+    student, teacher, labels = hand_pair(device, [7, 7])
+    crit = EKDLoss(backend=backend).to(device)
+    loss = crit(student, teacher, labels)
+    assert loss.item() == pytest.approx(0.02 * (3.0 - 6 * SIG99) ** 2, rel=1e-6)
+    assert torch.all(crit.student_thresholds == 0) and torch.all(crit.teacher_thresholds == 0)
+    assert torch.isnan(crit.last_stats.batch_student_thresholds).all()
+    assert crit.last_stats.negative_term.item() == 0.0
+
+
+# ----------------------------------------------------------------------------- loop oracle
+VARIANTS = [
+    dict(),
+    dict(critical_only=True),
+    dict(rank_loss="eq7"),
+    dict(rank_loss="eq8"),
+    dict(rank_loss="eq7", critical_only=True),
+    dict(num_hard_negatives=5, temperature=0.05, momentum=0.3, positive_weight=1.5, negative_weight=0.7),
+    dict(fprs=(0.5, 0.25, 0.05), num_hard_negatives=7),
+    dict(fprs=(0.3,), critical_only=True, num_hard_negatives=0),
+]
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=[str(v) or "default" for v in VARIANTS])
+def test_variants_against_loop_oracle(backend, device, options):
+    """Three consecutive calls on one module (EMA carried), compared with plain float64 loops."""
+    crit = EKDLoss(backend=backend, compute_critical_ratio=True, **options).to(device)
+    fprs = options.get("fprs", DEFAULT_FPRS)
+    oracle_options = {k: v for k, v in options.items() if k != "fprs"}
+    st, tt = [0.0] * len(fprs), [0.0] * len(fprs)
+    for step in range(3):
+        student, teacher, labels = make_batch(11, 5, 4, num_identities=4, seed=step, device=device)
+        loss = crit(student, teacher, labels)
+        want = oracle(student.double().tolist(), teacher.double().tolist(), labels.tolist(), st, tt, fprs=fprs,
+                      **oracle_options)
+        st, tt = want["student_thresholds"], want["teacher_thresholds"]
+        # fp32 similarities against a float64 oracle, amplified by 1/tau inside the sigmoid
+        assert loss.item() == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
+        torch.testing.assert_close(crit.student_thresholds.double().cpu(), torch.tensor(st, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(crit.teacher_thresholds.double().cpu(), torch.tensor(tt, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+        stats = crit.last_stats
+        for name in ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected",
+                     "num_critical_pairs"):
+            assert getattr(stats, name).item() == want[name], name
+        assert stats.critical_ratio.item() == pytest.approx(want["num_critical_pairs"] / 55)
+        assert stats.positive_term.item() == pytest.approx(want["positive_term"], rel=1e-4, abs=1e-7)
+        assert stats.negative_term.item() == pytest.approx(want["negative_term"], rel=1e-4, abs=1e-7)
+        torch.testing.assert_close(stats.batch_student_thresholds.double().cpu(),
+                                   torch.tensor(want["batch_student"], dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_random_negative_selection_draws_from_the_generator(backend, device):
+    """The ablation: N negatives uniformly without replacement, from the caller's generator, in the
+    row-major order of the negative pairs."""
+    student, teacher, labels = make_batch(12, 6, 6, num_identities=3, seed=5, device=device)
+    n = 9
+    crit = EKDLoss(negative_selection="random", num_hard_negatives=n, backend=backend).to(device)
+    loss = crit(student, teacher, labels, generator=torch.Generator().manual_seed(123))
+    num_negatives = crit.last_stats.num_negative_pairs.item()
+    chosen = torch.randperm(num_negatives, generator=torch.Generator().manual_seed(123))[:n].tolist()
+    zeros = [0.0] * 6
+    want = oracle(student.double().tolist(), teacher.double().tolist(), labels.tolist(), zeros, zeros,
+                  fprs=DEFAULT_FPRS, selected_negatives=chosen)
+    assert loss.item() == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
+    hardest = oracle(student.double().tolist(), teacher.double().tolist(), labels.tolist(), zeros, zeros,
+                     fprs=DEFAULT_FPRS, num_hard_negatives=n)
+    assert want["negative_term"] != pytest.approx(hardest["negative_term"], rel=1e-3), \
+        "the case must tell random from hardest selection"
+
+
+def test_random_selection_without_generator_is_an_error(backend, device):
+    student, teacher, labels = make_batch(6, device=device)
+    with pytest.raises(ValueError, match="generator"):
+        EKDLoss(negative_selection="random", backend=backend).to(device)(student, teacher, labels)
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("options", [dict(temperature=0.2), dict(rank_loss="eq8"), dict(rank_loss="eq7"),
+                                     dict(temperature=0.2, critical_only=True, num_hard_negatives=4)],
+                         ids=["soft_rank", "eq8", "eq7", "critical"])
+def test_gradcheck_float64(backend, device, options):
+    """With the thresholds held fixed (no update), the loss is a smooth function of the student."""
+    if backend == "triton":
+        pytest.skip("the Triton backend computes in fp32 (it has its own gradient tests against the reference)")
+    student, teacher, labels = make_batch(9, 4, 3, num_identities=3, seed=3, device=device, dtype=torch.float64)
+    student.requires_grad_(True)
+    config = EKDConfig(**options)
+    thresholds = torch.linspace(0.6, -0.3, config.num_thresholds, device=device)
+
+    def fn(x):
+        return ekd_loss(x, teacher, labels, thresholds, thresholds * 0.9, update_thresholds=False,
+                        backend=backend, config=config).loss
+
+    assert fn(student).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_gets_no_gradient(backend, device):
+    student, teacher, labels = make_batch(8, device=device)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    EKDLoss(backend=backend).to(device)(student, teacher, labels).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("make,match", [
+    (lambda d: (torch.randn(1, 4), torch.randn(1, 4), torch.zeros(1, dtype=torch.long)), "at least 2"),
+    (lambda d: (torch.randn(4, 2, 2), torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), "student.*2-D"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4), torch.zeros(4, dtype=torch.long)), "teacher.*2-D"),
+    (lambda d: (torch.randn(4, 4), torch.randn(5, 4), torch.zeros(4, dtype=torch.long)), "same number of rows"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4, 4), torch.zeros(4, 1, dtype=torch.long)), "labels must be 1-D"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4, 4), torch.zeros(3, dtype=torch.long)), "length B=4"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4, 4), torch.zeros(4)), "integer"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4, 4, device="meta"), torch.zeros(4, dtype=torch.long)),
+     "same device"),
+    (lambda d: (torch.ones(4, 4, dtype=torch.long), torch.randn(4, 4), torch.zeros(4, dtype=torch.long)),
+     "float"),
+])
+def test_bad_input_raises_value_error_naming_it(make, match):
+    student, teacher, labels = make(None)
+    with pytest.raises(ValueError, match=match):
+        EKDLoss()(student, teacher, labels)
+
+
+def test_bad_options_raise_value_error():
+    for options, match in [(dict(fprs=()), "fprs"), (dict(fprs=(0.1, 1.5)), "FPR"), (dict(temperature=0), "temperature"),
+                           (dict(num_hard_negatives=-1), "num_hard_negatives"), (dict(momentum=2), "momentum"),
+                           (dict(rank_loss="eq9"), "rank_loss"), (dict(negative_selection="x"), "negative_selection"),
+                           (dict(backend="cuda"), "backend")]:
+        with pytest.raises(ValueError, match=match):
+            EKDLoss(**options)
+
+
+def test_no_positive_pair_gives_zero_positive_term(backend, device):
+    student, teacher, _ = make_batch(10, device=device)
+    crit = EKDLoss(backend=backend).to(device)
+    loss = crit(student, teacher, torch.arange(10, device=device))
+    assert torch.isfinite(loss)
+    assert crit.last_stats.positive_term.item() == 0.0 and crit.last_stats.num_positive_pairs.item() == 0
+
+
+def test_no_negative_pair_leaves_thresholds(backend, device):
+    student, teacher, labels = make_batch(10, device=device)
+    crit = EKDLoss(backend=backend).to(device)
+    crit(student, teacher, labels)
+    before = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
+    loss = crit(student, teacher, torch.full((10,), 3, device=device))
+    assert torch.isfinite(loss)
+    assert crit.last_stats.negative_term.item() == 0.0
+    assert torch.equal(crit.student_thresholds, before[0]) and torch.equal(crit.teacher_thresholds, before[1])
+
+
+def test_zero_row_stays_finite(backend, device):
+    student, teacher, labels = make_batch(8, device=device)
+    student[3] = 0
+    teacher[5] = 0
+    student.requires_grad_(True)
+    loss = EKDLoss(backend=backend).to(device)(student, teacher, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_non_contiguous_and_expanded_inputs(backend, device):
+    student, teacher, labels = make_batch(12, 8, 6, seed=2, device=device)
+    views = (student.t().contiguous().t(),                        # transposed storage
+             torch.cat([teacher, teacher], 1)[:, ::2],            # strided columns
+             labels.view(1, -1).expand(2, -1)[1])                 # a view of a stride-1 row
+    expanded = (student[:1].expand(12, -1), teacher[:1].expand(12, -1))  # stride 0
+    for s, t, lab in [(views[0], teacher, labels), (student, views[1], labels), (student, teacher, views[2]),
+                      (expanded[0], teacher, labels), (student, expanded[1], labels)]:
+        s = s.detach().requires_grad_(True)
+        s_copy = s.detach().clone().requires_grad_(True)
+        got = EKDLoss(backend=backend).to(device)(s, t, lab)
+        want = EKDLoss(backend=backend).to(device)(s_copy, t.contiguous(), lab.contiguous())
+        got.backward()
+        want.backward()
+        assert torch.equal(got, want)
+        assert torch.equal(s.grad, s_copy.grad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where):
+    crit = EKDLoss(backend=backend).to(device)
+    crit(*make_batch(16, seed=0, device=device))
+    before = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
+    student, teacher, labels = make_batch(16, seed=1, device=device)
+    (student if where == "student" else teacher)[4, 2] = bad
+    loss = crit(student, teacher, labels)
+    assert torch.isnan(loss)
+    assert torch.equal(crit.student_thresholds, before[0]) and torch.equal(crit.teacher_thresholds, before[1])
+    # the next good batch proceeds from the untouched state
+    assert torch.isfinite(crit(*make_batch(16, seed=2, device=device)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(backend, device, dtype):
+    student, teacher, labels = make_batch(24, 16, seed=4, device=device)
+    low = student.to(dtype).requires_grad_(True)
+    loss = EKDLoss(backend=backend).to(device)(low, teacher.to(dtype), labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert low.grad.dtype == dtype
+    # the same rounded inputs in fp32 give the same loss (low precision is read, then computed in fp32)
+    rounded = low.detach().float().requires_grad_(True)
+    ref = EKDLoss(backend=backend).to(device)(rounded, teacher.to(dtype).float(), labels)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert_grad_close(low.grad.float(), rounded.grad, tol=1e-2)
+    # and it stays close to the unrounded fp32 loss
+    full = EKDLoss(backend=backend).to(device)(student, teacher, labels)
+    assert loss.item() == pytest.approx(full.item(), rel=0.1)
+
+
+# ----------------------------------------------------------------------------- state
+def test_buffers_state_dict_round_trip_resumes(backend, device):
+    batches = [make_batch(20, seed=s, device=device) for s in range(3)]
+    crit = EKDLoss(backend=backend).to(device)
+    for b in batches[:2]:
+        crit(*b)
+    assert set(crit.state_dict()) == {"student_thresholds", "teacher_thresholds"}
+    assert crit.student_thresholds.shape == (6,) and crit.student_thresholds.dtype == torch.float32
+    buffer = io.BytesIO()
+    torch.save(crit.state_dict(), buffer)
+    resumed = EKDLoss(backend=backend).to(device)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    assert torch.equal(crit(*batches[2]), resumed(*batches[2]))
+    assert torch.equal(crit.student_thresholds, resumed.student_thresholds)
+    assert torch.equal(crit.teacher_thresholds, resumed.teacher_thresholds)
+
+
+def test_thresholds_follow_fpr_order(backend, device):
+    crit = EKDLoss(backend=backend).to(device)
+    crit(*make_batch(64, seed=9, num_identities=40, device=device))
+    for t in (crit.student_thresholds, crit.teacher_thresholds):
+        assert torch.all(t[:-1] <= t[1:]), "FPR 1e-1 first: thresholds grow as the FPR falls"
+
+
+def test_eval_freezes_thresholds(backend, device):
+    crit = EKDLoss(backend=backend).to(device)
+    crit(*make_batch(16, seed=0, device=device))
+    frozen = copy.deepcopy(crit.state_dict())
+    crit.eval()
+    loss = crit(*make_batch(16, seed=1, device=device))
+    assert torch.isfinite(loss)
+    for k, v in crit.state_dict().items():
+        assert torch.equal(v, frozen[k])
+    crit.train()
+    crit(*make_batch(16, seed=1, device=device))
+    assert not torch.equal(crit.student_thresholds, frozen["student_thresholds"])
+
+
+def test_functional_form_matches_module(backend, device):
+    batches = [make_batch(20, seed=s, device=device) for s in range(2)]
+    crit = EKDLoss(backend=backend).to(device)
+    st = tt = None
+    for b in batches:
+        result = ekd_loss(*b, st, tt, backend=backend)
+        st, tt = result.student_thresholds, result.teacher_thresholds
+        assert torch.equal(result.loss, crit(*b))
+        assert torch.equal(st, crit.student_thresholds) and torch.equal(tt, crit.teacher_thresholds)
+    frozen = ekd_loss(*batches[0], st, tt, update_thresholds=False, backend=backend)
+    assert torch.equal(frozen.student_thresholds, st)
+
+
+def test_functional_rejects_bad_thresholds(device):
+    student, teacher, labels = make_batch(6, device=device)
+    with pytest.raises(ValueError, match="student_thresholds must have shape"):
+        ekd_loss(student, teacher, labels, torch.zeros(5, device=device), torch.zeros(6, device=device))
+    with pytest.raises(ValueError, match="either config"):
+        ekd_loss(student, teacher, labels, config=EKDConfig(), temperature=0.1)
+
+
+def test_module_on_wrong_device_says_so():
+    crit = EKDLoss().to("meta")
+    with pytest.raises(ValueError, match="move the loss module"):
+        crit(*make_batch(6))
+
+
+# ----------------------------------------------------------------------------- backends
+def test_unavailable_backend_says_why(monkeypatch):
+    broken = backends_module.Backend("csrc", None, lambda device: "the extension was not built (test)")
+    monkeypatch.setitem(backends_module._REGISTRY, "csrc", broken)
+    with pytest.raises(RuntimeError, match="'csrc' cannot run on cpu: the extension was not built"):
+        EKDLoss(backend="csrc")(*make_batch(6))
+    assert "csrc" not in backends_module.available_backends("cpu")
+
+
+def test_auto_picks_the_first_available(monkeypatch):
+    calls = []
+    fast = backends_module.Backend("csrc", lambda *a, **k: calls.append(1) or backends_module.ekd_reference(*a, **k),
+                                   lambda device: None)
+    monkeypatch.setitem(backends_module._REGISTRY, "csrc", fast)
+    EKDLoss()(*make_batch(6))
+    assert calls == [1]
