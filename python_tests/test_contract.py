@@ -51,6 +51,19 @@ def test_hand_single_negative_pair(backend, device, rank_loss, expected):
         torch.testing.assert_close(student.grad.cpu(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_sigmoid_clamp_gives_exact_zero_gradient_far_from_thresholds(backend, device):
+    """SPEC step 5: the argument is clamped to [-50, 50], so |x - t_k| > 0.5 (tau = 0.01) carries no
+    gradient at all, and nothing overflows (exp(190) is inf in fp32)."""
+    student = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=device, requires_grad=True)  # a = -1
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=device)                      # b = 0
+    thresholds = torch.full((6,), 0.9, device=device)
+    result = ekd_loss(student, teacher, torch.tensor([0, 1], device=device), thresholds, thresholds,
+                      update_thresholds=False, backend=backend)
+    result.loss.backward()
+    assert result.loss.item() == pytest.approx(0.0, abs=1e-30)  # both soft ranks are 0 (saturated)
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
 def test_hand_single_positive_pair(backend, device):
     """No negative pair: the thresholds stay as they were (0), batch thresholds are NaN, and
     the positive term is (R_S(0) - R_T(1))^2 = (3 - 6 sigmoid(100 -> 50))^2 with weight 0.02."""
