@@ -23,6 +23,10 @@ class EKDLoss(nn.Module):
     EMA thresholds in FPR order (1e-1 first). They update in training mode (the default) and
     stay frozen in ``eval()`` mode.  ``last_stats`` holds the ``EKDStats`` of the last call.
 
+    ``process_group``: compute the loss of the global batch (every rank's rows concatenated)
+    sharded over the ranks of this torch.distributed group; each rank passes its own rows
+    (see ``ekd_kernels.distributed`` for the gradient convention).
+
     Example::
 
         crit = EKDLoss().to(device)
@@ -33,7 +37,7 @@ class EKDLoss(nn.Module):
                  num_hard_negatives: int = 2000, momentum: float = 0.01, positive_weight: float = 0.02,
                  negative_weight: float = 0.01, critical_only: bool = False, rank_loss: str = "soft_rank",
                  negative_selection: str = "hardest", compute_critical_ratio: bool = False,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+                 backend: str = "auto", generator: Optional[torch.Generator] = None, process_group=None):
         super().__init__()
         self.config = EKDConfig(fprs=tuple(fprs), temperature=temperature, num_hard_negatives=num_hard_negatives,
                                 momentum=momentum, positive_weight=positive_weight,
@@ -43,6 +47,8 @@ class EKDLoss(nn.Module):
         check_backend_name(backend)
         self.backend = backend
         self.generator = generator
+        # Sharded across the ranks of this group (ekd_kernels.distributed); None: one process.
+        self.process_group = process_group
         self.register_buffer("student_thresholds", initial_thresholds(self.config))
         self.register_buffer("teacher_thresholds", initial_thresholds(self.config))
         self.last_stats: Optional[EKDStats] = None
@@ -54,9 +60,15 @@ class EKDLoss(nn.Module):
             raise ValueError(
                 f"the EKDLoss thresholds are on {self.student_thresholds.device} but the embeddings are on "
                 f"{student.device}: move the loss module with .to(device)")
-        result = ekd_loss(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
-                          update_thresholds=self.training, generator=generator or self.generator,
-                          backend=self.backend, config=self.config)
+        if self.process_group is not None:
+            from .distributed import ekd_sharded_checked
+            result = ekd_sharded_checked(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
+                                         self.config, update_thresholds=self.training,
+                                         generator=generator or self.generator, group=self.process_group)
+        else:
+            result = ekd_loss(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
+                              update_thresholds=self.training, generator=generator or self.generator,
+                              backend=self.backend, config=self.config)
         if self.training:
             with torch.no_grad():
                 self.student_thresholds.copy_(result.student_thresholds)

@@ -7,8 +7,13 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
-    """Raise ValueError naming what is wrong with (student, teacher, labels); see SPEC.md, Edge cases."""
+def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                                min_rows: int = 2) -> None:
+    """Raise ValueError naming what is wrong with (student, teacher, labels); see SPEC.md, Edge cases.
+
+    min_rows: 2 for a whole batch; the sharded path checks each rank's part with 0 (the global
+    batch is checked after the gather).
+    """
     for name, x in (("student", student), ("teacher", teacher), ("labels", labels)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -23,7 +28,7 @@ def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, la
         raise ValueError(
             f"student and teacher must have the same number of rows, got {student.shape[0]} and {teacher.shape[0]}")
     batch = student.shape[0]
-    if batch < 2:
+    if batch < min_rows:
         raise ValueError(f"EKD needs a batch of at least 2 embeddings to form a pair, got B={batch}")
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must be 1-D of length B={batch}, got shape {tuple(labels.shape)}")

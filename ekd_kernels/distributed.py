@@ -1,0 +1,328 @@
+"""EKD across ranks: exact single-process results on the concatenated (global) batch.
+
+Two ways to train with EKD on several processes (torch.distributed, gloo or NCCL):
+
+1. ``gather_batch`` + any ``EKDLoss``: every rank all-gathers the global batch and computes the
+   whole loss (what the authors do). Simple; every rank repeats all B(B-1)/2 pair computations.
+2. ``EKDLoss(process_group=group)`` (``ekd_sharded`` below): every rank computes only the pairs
+   whose first index is in its share of the rows, balanced so that ranks do similar work; the
+   thresholds and the hardest-N negatives are selected exactly over the global batch by a radix
+   select whose per-round histograms are all-reduced (no pair similarity ever leaves its rank).
+
+Gradient convention (both paths): the returned loss equals the single-process loss on the
+concatenated batch, and the gradient reaching each rank's own student rows is W times the
+single-process gradient of those rows. DDP and FSDP *average* parameter gradients over the W
+ranks, so after their averaging the parameter gradients equal single-process training on the
+concatenated batch exactly. (The authors' gather leaves an extra factor of W in the distilled
+gradient after DDP's averaging; to reproduce their effective weighting with W ranks, multiply
+``positive_weight`` and ``negative_weight`` by W.)
+
+Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
+B·(Ds + Dt)·4 + 8·B bytes; 4 rounds of radix-select histograms, each (2K + 1) x 256 int64
+(about 26 KiB for K = 6); a handful of scalar all-reduces (counts and loss terms); the
+reduce-scatter of the embeddings' gradient in backward, B·Ds·4 bytes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import EKDConfig
+from .reference import critical_mask, ema_update, normalize_rows, pair_rank_loss
+from .result import EKDResult, EKDStats
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def _world(group) -> Tuple[int, int]:
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _autograd_all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """torch.distributed's autograd-aware all-gather along dim 0: its backward reduce-scatters
+    (sums) the gradients of all ranks into each rank's own rows."""
+    from torch.distributed import _functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(x.contiguous(), 0, group if group is not None else dist.group.WORLD)
+    return fc.wait_tensor(out) if hasattr(fc, "wait_tensor") else out
+
+
+def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over ranks, no gradient (counts, histograms, loss values)."""
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _all_gather_sizes(count: int, device, group) -> List[int]:
+    world, _ = _world(group)
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(s.item()) for s in sizes]
+
+
+def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, group=None):
+    """All-gather the global batch from every rank of `group` (per-rank sizes may differ).
+
+    Returns ``(student, teacher, labels, sizes)``: the concatenation in rank order, and the
+    per-rank row counts. The student keeps its gradient: ``EKDLoss()(student, teacher, labels)``
+    on the result, computed identically on every rank, sends each rank's own rows W times their
+    single-process gradient (the backward of the gather sums the W identical contributions), so
+    that after DDP's gradient averaging the parameters see exactly single-process training on the
+    concatenated batch (module docstring). Teacher and labels are gathered without gradient.
+    """
+    sizes = _all_gather_sizes(student.shape[0], student.device, group)
+    padded_rows = max(sizes)
+
+    def gather(x: torch.Tensor, autograd: bool) -> torch.Tensor:
+        pad = padded_rows - x.shape[0]
+        x_padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
+        if autograd:
+            full = _autograd_all_gather(x_padded, group)
+        else:
+            parts = [torch.empty_like(x_padded) for _ in sizes]
+            dist.all_gather(parts, x_padded.contiguous(), group=group)
+            full = torch.cat(parts)
+        keep = torch.cat([torch.arange(n, device=x.device) + r * padded_rows for r, n in enumerate(sizes)])
+        return full.index_select(0, keep)
+
+    return (gather(student, autograd=student.requires_grad), gather(teacher.detach(), autograd=False),
+            gather(labels, autograd=False), sizes)
+
+
+# ----------------------------------------------------------------------------- work split
+
+
+def balanced_rows(batch: int, world: int, rank: int) -> torch.Tensor:
+    """The global rows whose pairs (i, j > i) this rank computes.
+
+    Row i has B - 1 - i pairs, so rows are taken two at a time, i and B - 1 - i (B - 1 pairs
+    together), and these units dealt round-robin: every rank gets within one unit of B(B-1)/(2W).
+    """
+    rows = []
+    for unit in range(rank, (batch + 1) // 2, world):
+        rows.append(unit)
+        if batch - 1 - unit != unit:
+            rows.append(batch - 1 - unit)
+    return torch.tensor(sorted(rows), dtype=torch.int64)
+
+
+def negatives_before_row(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Exclusive prefix count of negative pairs (i, j > i) per row i, and their total L, from the
+    label groups alone (no B x B comparison): row i has (B - 1 - i) - #{j > i, same label}."""
+    batch = labels.shape[0]
+    order = torch.sort(labels, stable=True).indices              # rows grouped by label, index order inside
+    sorted_labels = labels[order]
+    group_start = torch.ones(batch, dtype=torch.bool, device=labels.device)
+    group_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    start_index = torch.cummax(torch.where(group_start, torch.arange(batch, device=labels.device), 0), 0).values
+    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    size = torch.repeat_interleave(counts, counts)
+    position = torch.arange(batch, device=labels.device) - start_index
+    same_after = torch.empty_like(position)
+    same_after[order] = size - 1 - position
+    per_row = (batch - 1 - torch.arange(batch, device=labels.device)) - same_after
+    prefix = torch.cumsum(per_row, 0) - per_row
+    return prefix, int(per_row.sum().item())
+
+
+# ----------------------------------------------------------------------------- exact selection
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys in [0, 2^32) of float32 values (negatives: flip the magnitude bits)."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+
+
+def key_values(keys: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``order_keys``."""
+    signed = keys - 2**31
+    bits = torch.where(signed < 0, signed ^ 0x7FFFFFFF, signed)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def distributed_select(keys: Sequence[torch.Tensor], targets: Sequence[Tuple[int, int]], group) -> torch.Tensor:
+    """Exact order statistics over the union of every rank's values, by a 4-round radix select.
+
+    keys: per value set, this rank's order keys. targets: (value set, descending rank m): the
+    element at 0-based index m of that set's global values sorted in descending order. Each
+    round all-reduces one (len(targets), 256) histogram of the next 8 bits among the values that
+    match the prefix found so far. Returns the selected values (float32, one per target).
+    """
+    device = keys[0].device
+    prefix = torch.zeros(len(targets), dtype=torch.int64, device=device)
+    remaining = torch.tensor([m for _, m in targets], dtype=torch.int64, device=device)
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(len(targets), 256, dtype=torch.int64, device=device)
+        for t, (which, _) in enumerate(targets):
+            k = keys[which]
+            match = (k >> (shift + 8)) == prefix[t]  # keys < 2^32: the first round matches all
+            hist[t] = torch.bincount((k[match] >> shift) & 255, minlength=256)
+        hist = _all_reduce_sum(hist, group)
+        # descending: count from the top bin down, stop where the running count passes m
+        from_top = torch.cumsum(hist.flip(1), dim=1)
+        index = torch.searchsorted(from_top, remaining.unsqueeze(1), right=True).squeeze(1)
+        above = torch.where(index > 0, from_top.gather(1, (index - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0)
+        remaining = remaining - above
+        prefix = (prefix << 8) | (255 - index)
+    return key_values(prefix)
+
+
+# ----------------------------------------------------------------------------- the sharded loss
+
+
+def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, config: EKDConfig,
+                update_thresholds: bool = True, generator: Optional[torch.Generator] = None,
+                group=None) -> EKDResult:
+    """EKD of the global batch (the concatenation of every rank's rows), computed sharded.
+
+    Inputs are this rank's rows. The result, thresholds and statistics are the single-process
+    ones on the global batch and identical on every rank; the gradient of this rank's student
+    rows is W times the single-process one (module docstring). Computes in fp32 (bf16/fp16 are
+    read and computed in fp32); fp64 is not supported here (use the gather path for gradcheck).
+    """
+    if student.dtype == torch.float64:
+        raise ValueError("the sharded EKD computes in fp32; for fp64 inputs use gather_batch + EKDLoss")
+    world, rank = _world(group)
+    device = student.device
+    student_all, teacher_all, labels_all, _ = gather_batch(student, teacher, labels, group)
+    batch = labels_all.shape[0]
+    if batch < 2:
+        raise ValueError(f"EKD needs a global batch of at least 2 embeddings, got B={batch}")
+    finite = torch.isfinite(student_all).all() & torch.isfinite(teacher_all).all()
+
+    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B
+    s_hat = normalize_rows(student_all.float())
+    t_hat = normalize_rows(teacher_all.detach().float())
+    rows = balanced_rows(batch, world, rank).to(device)
+    columns = torch.arange(batch, device=device)
+    upper = columns.unsqueeze(0) > rows.unsqueeze(1)                          # (R, B)
+    same = labels_all[rows].unsqueeze(1) == labels_all.unsqueeze(0)
+    a_block = s_hat[rows] @ s_hat.t()
+    with torch.no_grad():
+        b_block = t_hat[rows] @ t_hat.t()
+    positive, negative = upper & same, upper & ~same
+    a_pos, b_pos = a_block[positive], b_block[positive]
+    a_neg, b_neg = a_block[negative], b_block[negative]
+
+    # global counts come from the labels alone, identical on every rank
+    neg_prefix, num_negatives = negatives_before_row(labels_all)
+    num_pairs = batch * (batch - 1) // 2
+    num_positives = num_pairs - num_negatives
+    num_selected = min(config.num_hard_negatives, num_negatives)
+
+    # stage 3: exact global thresholds and the N-th largest student negative
+    student_keys, teacher_keys = order_keys(a_neg.detach()), order_keys(b_neg)
+    k = config.num_thresholds
+    if num_negatives > 0:
+        indices = config.threshold_indices(num_negatives)
+        targets = [(0, m) for m in indices] + [(1, m) for m in indices]
+        if 0 < num_selected < num_negatives:
+            targets.append((0, num_selected - 1))
+        picked = distributed_select([student_keys, teacher_keys], targets, group)
+        batch_student, batch_teacher = picked[:k], picked[k:2 * k]
+        hardest_cut = picked[2 * k] if len(targets) > 2 * k else None
+    else:
+        batch_student = batch_teacher = torch.full((k,), float("nan"), device=device)
+        hardest_cut = None
+    valid = finite & torch.tensor(num_negatives > 0 and update_thresholds, device=device)
+    new_student = ema_update(student_thresholds, batch_student, config.momentum, valid)
+    new_teacher = ema_update(teacher_thresholds, batch_teacher, config.momentum, valid)
+    st, tt = new_student.float(), new_teacher.float()
+
+    # stage 4: this rank's share of the N selected negatives
+    chosen = _select_local_negatives(a_neg, negative, rows, labels_all, neg_prefix, num_negatives,
+                                     num_selected, hardest_cut, student_keys, config, generator, group)
+    a_sel, b_sel = a_neg[chosen], b_neg[chosen]
+
+    # stage 5: per-pair losses; the means' denominators are global
+    critical_pos = critical_mask(a_pos, b_pos, st, tt)
+    critical_sel = critical_mask(a_sel, b_sel, st, tt)
+    pos_losses = pair_rank_loss(a_pos, b_pos, st, tt, config)
+    sel_losses = pair_rank_loss(a_sel, b_sel, st, tt, config)
+    # the selected count is counted, not assumed: every rank's share must add up to N
+    local_counts = torch.stack([critical_pos.sum(), critical_sel.sum(), torch.tensor(a_sel.numel(), device=device)])
+    local_counts = local_counts.to(torch.int64)
+    if config.compute_critical_ratio:
+        critical_all = critical_mask(a_block[upper], b_block[upper], st, tt)
+        local_counts = torch.cat([local_counts, critical_all.sum().to(torch.int64).view(1)])
+    counts = _all_reduce_sum(local_counts, group)
+    if config.critical_only:
+        pos_losses, sel_losses = pos_losses[critical_pos], sel_losses[critical_sel]
+        pos_denominator, sel_denominator = counts[0], counts[1]
+    else:
+        pos_denominator = torch.tensor(num_positives, device=device)
+        sel_denominator = torch.tensor(num_selected, device=device)
+    local_pos = pos_losses.sum() / pos_denominator.clamp_min(1)
+    local_neg = sel_losses.sum() / sel_denominator.clamp_min(1)
+    local = config.positive_weight * local_pos + config.negative_weight * local_neg
+    terms = _all_reduce_sum(torch.stack([local_pos.detach(), local_neg.detach(), local.detach()]), group)
+    # value: the global loss; gradient: W times this rank's share (the gather's backward sums shares)
+    loss = world * local + (terms[2] - world * local).detach()
+    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+
+    stats = EKDStats(
+        batch_student_thresholds=batch_student.to(student_thresholds.dtype),
+        batch_teacher_thresholds=batch_teacher.to(teacher_thresholds.dtype),
+        student_thresholds=new_student, teacher_thresholds=new_teacher,
+        num_positive_pairs=torch.tensor(num_positives, device=device),
+        num_negative_pairs=torch.tensor(num_negatives, device=device),
+        num_selected_negatives=counts[2],
+        num_critical_selected=counts[0] + counts[1],
+        positive_term=terms[0], negative_term=terms[1],
+    )
+    if config.compute_critical_ratio:
+        stats.num_critical_pairs = counts[3]
+        stats.critical_ratio = counts[3].to(torch.float32) / num_pairs
+    return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
+
+
+def _select_local_negatives(a_neg, negative_mask, rows, labels_all, neg_prefix, num_negatives, num_selected,
+                            hardest_cut, student_keys, config, generator, group) -> torch.Tensor:
+    """Indices into this rank's negatives of its share of the globally selected N."""
+    device = a_neg.device
+    if num_selected == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    if config.negative_selection == "random":
+        if generator is None:
+            raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
+                             "seed it identically on every rank")
+        drawn = torch.randperm(num_negatives, generator=generator, device=generator.device)[:num_selected]
+        # global row-major index of each local negative: negatives before its row + rank inside the row
+        within_row = torch.cumsum(negative_mask.to(torch.int64), dim=1) - 1
+        global_index = (neg_prefix[rows].unsqueeze(1) + within_row)[negative_mask]
+        return torch.nonzero(torch.isin(global_index, drawn.to(device))).squeeze(1)
+    if hardest_cut is None:  # N >= L: every negative
+        return torch.arange(a_neg.numel(), device=device)
+    cut_key = order_keys(hardest_cut.view(1))
+    above = student_keys > cut_key
+    ties = torch.nonzero(student_keys == cut_key).squeeze(1)
+    # ties at the cut: rank order decides who contributes (the spec leaves ties unspecified)
+    world, rank = _world(group)
+    tie_counts = torch.tensor(_all_gather_sizes(ties.numel(), device, group), device=device)
+    need = num_selected - int(_all_reduce_sum(above.sum().view(1), group).item())
+    before = int(tie_counts[:rank].sum().item())
+    take = max(0, min(ties.numel(), need - before))
+    return torch.cat([torch.nonzero(above).squeeze(1), ties[:take]])
+
+
+def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds, config,
+                        update_thresholds=True, generator=None, group=None) -> EKDResult:
+    """``ekd_sharded`` after the input checks (each rank's part may hold any number of rows)."""
+    from .validation import check_embeddings_and_labels, check_thresholds
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("EKDLoss(process_group=...) needs torch.distributed to be initialised "
+                           "(torch.distributed.init_process_group)")
+    check_embeddings_and_labels(student, teacher, labels, min_rows=0)
+    check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
+    return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
+                       update_thresholds=update_thresholds, generator=generator, group=group)
