@@ -18,8 +18,8 @@ gradient after DDP's averaging; to reproduce their effective weighting with W ra
 ``positive_weight`` and ``negative_weight`` by W.)
 
 Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
-B·(Ds + Dt)·4 + 8·B bytes; 4 rounds of radix-select histograms, each (2K + 1) x 256 int64
-(about 26 KiB for K = 6); a handful of scalar all-reduces (counts and loss terms); the
+B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
+then twice (2K + 1) x 256 int64 (26 KiB each for K = 6); a handful of scalar all-reduces (counts and loss terms); the
 reduce-scatter of the embeddings' gradient in backward, B·Ds·4 bytes.
 """
 
@@ -136,9 +136,13 @@ def negatives_before_row(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 keys in [0, 2^32) of float32 values (negatives: flip the magnitude bits)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+    """Order-preserving int64 keys in [0, 2^32) of float32 values (negatives: flip the magnitude bits).
+
+    The flip is done in int32 (half the memory traffic of int64) and widened once at the end.
+    """
+    bits = values.float().contiguous().view(torch.int32)
+    signed = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return signed.to(torch.int64) + 2**31
 
 
 def key_values(keys: torch.Tensor) -> torch.Tensor:
@@ -148,30 +152,43 @@ def key_values(keys: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
+def _descend(hist: torch.Tensor, remaining: torch.Tensor):
+    """Per row of `hist` (counts by digit), the digit holding the element of descending rank
+    `remaining`, and that rank within the digit's bin."""
+    from_top = torch.cumsum(hist.flip(1), dim=1)
+    index = torch.searchsorted(from_top, remaining.unsqueeze(1), right=True).squeeze(1)
+    above = torch.where(index > 0, from_top.gather(1, (index - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0)
+    return hist.shape[1] - 1 - index, remaining - above
+
+
 def distributed_select(keys: Sequence[torch.Tensor], targets: Sequence[Tuple[int, int]], group) -> torch.Tensor:
-    """Exact order statistics over the union of every rank's values, by a 4-round radix select.
+    """Exact order statistics over the union of every rank's values, by a 3-round radix select.
 
     keys: per value set, this rank's order keys. targets: (value set, descending rank m): the
-    element at 0-based index m of that set's global values sorted in descending order. Each
-    round all-reduces one (len(targets), 256) histogram of the next 8 bits among the values that
-    match the prefix found so far. Returns the selected values (float32, one per target).
+    element at 0-based index m of that set's global values sorted in descending order.
+    Round 1 all-reduces one 65536-bin histogram of the top 16 key bits per value set (shared by
+    all its targets); rounds 2 and 3 all-reduce a 256-bin histogram per target of the next 8 bits
+    among the few values left in its bucket. Returns the selected values (float32, one per target).
     """
     device = keys[0].device
-    prefix = torch.zeros(len(targets), dtype=torch.int64, device=device)
+    sets = sorted({which for which, _ in targets})
     remaining = torch.tensor([m for _, m in targets], dtype=torch.int64, device=device)
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(len(targets), 256, dtype=torch.int64, device=device)
-        for t, (which, _) in enumerate(targets):
-            k = keys[which]
-            match = (k >> (shift + 8)) == prefix[t]  # keys < 2^32: the first round matches all
-            hist[t] = torch.bincount((k[match] >> shift) & 255, minlength=256)
-        hist = _all_reduce_sum(hist, group)
-        # descending: count from the top bin down, stop where the running count passes m
-        from_top = torch.cumsum(hist.flip(1), dim=1)
-        index = torch.searchsorted(from_top, remaining.unsqueeze(1), right=True).squeeze(1)
-        above = torch.where(index > 0, from_top.gather(1, (index - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0)
-        remaining = remaining - above
-        prefix = (prefix << 8) | (255 - index)
+    hist = torch.stack([torch.bincount(keys[w] >> 16, minlength=1 << 16) for w in sets])
+    hist = _all_reduce_sum(hist, group)
+    rows = torch.tensor([sets.index(w) for w, _ in targets], device=device)
+    prefix, remaining = _descend(hist[rows], remaining)
+    # the values of each set that fall in one of its targets' buckets: one pass per set
+    in_buckets = {}
+    for w in sets:
+        wanted = torch.zeros(1 << 16, dtype=torch.bool, device=device)   # a lookup table beats isin here
+        wanted[prefix[rows == sets.index(w)]] = True
+        in_buckets[w] = keys[w][wanted[keys[w] >> 16]]
+    candidates = [in_buckets[w][(in_buckets[w] >> 16) == prefix[t]] for t, (w, _) in enumerate(targets)]
+    for shift in (8, 0):
+        hist = torch.stack([torch.bincount((c >> shift) & 255, minlength=256) for c in candidates])
+        digit, remaining = _descend(_all_reduce_sum(hist, group), remaining)
+        prefix = (prefix << 8) | digit
+        candidates = [c[(c >> shift) == prefix[t]] for t, c in enumerate(candidates)]
     return key_values(prefix)
 
 
@@ -199,19 +216,30 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         raise ValueError(f"EKD needs a global batch of at least 2 embeddings, got B={batch}")
     finite = torch.isfinite(student_all).all() & torch.isfinite(teacher_all).all()
 
-    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B
+    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B. The
+    # blocks carry no gradient: only positives and selected negatives need one (see pair_values).
     s_hat = normalize_rows(student_all.float())
     t_hat = normalize_rows(teacher_all.detach().float())
     rows = balanced_rows(batch, world, rank).to(device)
     columns = torch.arange(batch, device=device)
     upper = columns.unsqueeze(0) > rows.unsqueeze(1)                          # (R, B)
     same = labels_all[rows].unsqueeze(1) == labels_all.unsqueeze(0)
-    a_block = s_hat[rows] @ s_hat.t()
     with torch.no_grad():
+        a_block = s_hat[rows] @ s_hat.t()
         b_block = t_hat[rows] @ t_hat.t()
     positive, negative = upper & same, upper & ~same
-    a_pos, b_pos = a_block[positive], b_block[positive]
-    a_neg, b_neg = a_block[negative], b_block[negative]
+    pos_index = torch.nonzero(positive.view(-1)).squeeze(1)                  # flat indices into the block
+    neg_index = torch.nonzero(negative.view(-1)).squeeze(1)
+    a_neg, b_neg = a_block.view(-1)[neg_index], b_block.view(-1)[neg_index]
+
+    def pair_values(flat_index):
+        """Student similarity with gradient of the given block pairs: the block's value forward
+        (so thresholds and masks see the same numbers), the gradient of <s_hat_i, s_hat_j>."""
+        i, j = rows[flat_index // batch], flat_index % batch
+        dot = (s_hat[i] * s_hat[j]).sum(1)
+        return a_block.view(-1)[flat_index] + (dot - dot.detach()), b_block.view(-1)[flat_index]
+
+    a_pos, b_pos = pair_values(pos_index)
 
     # global counts come from the labels alone, identical on every rank
     neg_prefix, num_negatives = negatives_before_row(labels_all)
@@ -220,7 +248,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     num_selected = min(config.num_hard_negatives, num_negatives)
 
     # stage 3: exact global thresholds and the N-th largest student negative
-    student_keys, teacher_keys = order_keys(a_neg.detach()), order_keys(b_neg)
+    student_keys, teacher_keys = order_keys(a_neg), order_keys(b_neg)
     k = config.num_thresholds
     if num_negatives > 0:
         indices = config.threshold_indices(num_negatives)
@@ -241,7 +269,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     # stage 4: this rank's share of the N selected negatives
     chosen = _select_local_negatives(a_neg, negative, rows, labels_all, neg_prefix, num_negatives,
                                      num_selected, hardest_cut, student_keys, config, generator, group)
-    a_sel, b_sel = a_neg[chosen], b_neg[chosen]
+    a_sel, b_sel = pair_values(neg_index[chosen])
 
     # stage 5: per-pair losses; the means' denominators are global
     critical_pos = critical_mask(a_pos, b_pos, st, tt)
@@ -252,7 +280,8 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     local_counts = torch.stack([critical_pos.sum(), critical_sel.sum(), torch.tensor(a_sel.numel(), device=device)])
     local_counts = local_counts.to(torch.int64)
     if config.compute_critical_ratio:
-        critical_all = critical_mask(a_block[upper], b_block[upper], st, tt)
+        upper_index = torch.nonzero(upper.view(-1)).squeeze(1)
+        critical_all = critical_mask(a_block.view(-1)[upper_index], b_block.view(-1)[upper_index], st, tt)
         local_counts = torch.cat([local_counts, critical_all.sum().to(torch.int64).view(1)])
     counts = _all_reduce_sum(local_counts, group)
     if config.critical_only:

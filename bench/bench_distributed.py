@@ -1,0 +1,113 @@
+"""Simulated multi-rank EKD on CPU: per-rank time of the sharded loss vs the redundant one.
+
+    python bench/bench_distributed.py --world 2 --batch 2048 --dim 512
+
+W gloo processes on this machine, each holding B / W rows. "redundant" is what the authors do
+(gather_batch, then every rank computes the whole loss on the global batch); "sharded" is
+EKDLoss(process_group=...). Forward+backward per step, median over repeats, per rank; and the
+bytes each rank sends per step, counted from the collectives' tensor sizes (module docstring of
+ekd_kernels.distributed). On a 2-core machine the W processes share the cores: run with
+W <= cores, threads per process = cores // W.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def communicated_bytes(batch, student_dim, teacher_dim, num_thresholds, world, path):
+    """Bytes this rank contributes per step to the collectives (send side), by path."""
+    gather = batch * (student_dim + teacher_dim) * 4 + 8 * batch + 8 * world  # sizes, rows, labels
+    backward = batch * student_dim * 4                                       # reduce-scatter of the gradient
+    if path == "redundant":
+        return gather + backward
+    histograms = 2 * 65536 * 8 + 2 * (2 * num_thresholds + 1) * 256 * 8
+    scalars = 8 * 8 + 8 * world
+    return gather + backward + histograms + scalars
+
+
+def worker(rank, world, port, args, out):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    from ekd_kernels import EKDLoss
+    from ekd_kernels.distributed import gather_batch
+
+    local = args.batch // world
+    g = torch.Generator().manual_seed(rank)
+    student = torch.randn(local, args.dim, generator=g)
+    teacher = student + 0.5 * torch.randn(local, args.dim, generator=g)
+    labels = torch.randint(0, args.batch // 4, (local,), generator=g)
+    results = {}
+    for path in ("redundant", "sharded"):
+        crit = EKDLoss(process_group=dist.group.WORLD if path == "sharded" else None)
+
+        def step():
+            s = student.clone().requires_grad_(True)
+            if path == "sharded":
+                loss = crit(s, teacher, labels)
+            else:
+                loss = crit(*gather_batch(s, teacher, labels)[:3])
+            loss.backward()
+
+        step()
+        times = []
+        for _ in range(args.repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        results[path] = {"median_s": statistics.median(times), "min_s": min(times),
+                         "bytes_sent": communicated_bytes(args.batch, args.dim, args.dim, 6, world, path)}
+    out[rank] = results
+    dist.destroy_process_group()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(worker, args=(args.world, port, args, out), nprocs=args.world)
+    rows = dict(out)
+    print(f"W={args.world} gloo processes, global B={args.batch}, D={args.dim}, forward+backward per step")
+    for rank in sorted(rows):
+        r = rows[rank]
+        speedup = r["redundant"]["median_s"] / r["sharded"]["median_s"]
+        print(f"  rank {rank}: redundant {r['redundant']['median_s'] * 1e3:9.1f} ms   "
+              f"sharded {r['sharded']['median_s'] * 1e3:9.1f} ms   speedup {speedup:5.2f}x   "
+              f"bytes sent: redundant {r['redundant']['bytes_sent'] / 2**20:.2f} MiB, "
+              f"sharded {r['sharded']['bytes_sent'] / 2**20:.2f} MiB")
+    result = {"benchmark": "distributed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "torch": torch.__version__, "world": args.world, "batch": args.batch, "dim": args.dim,
+              "cpu_count": os.cpu_count(), "per_rank": {str(k): v for k, v in rows.items()}}
+    path = pathlib.Path(args.out) if args.out else REPO / "bench" / "results" / (
+        f"distributed_cpu_w{args.world}_{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
