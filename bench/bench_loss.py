@@ -1,170 +1,50 @@
-"""Per-batch time of the EKD loss (every available backend) against RKD and the floor.
+"""Per-batch time of the EKD loss (every available backend) against RKD, the reference and the floor.
 
-    make bench                                  # sizes chosen for the device it runs on
-    python bench/bench_loss.py --batches 128 256 --dtype float32 --repeats 7
+    python bench/bench_loss.py                       # the default for the device it finds
+    python bench/bench_loss.py --quick               # CI-sized
+    python bench/bench_loss.py --sizes 256 1024 --methods ekd/csrc floor --dtypes float32
 
-For each batch size B (D = 512): forward+backward and forward-only time of each method, the
-median and the spread (interquartile range) of the repeats after a warm-up call, fresh random
-inputs, and the peak memory of one forward+backward (CUDA: max_memory_allocated; CPU: growth of
-the process's peak RSS, VmHWM, reset before each measurement).  "floor" is the two Gram matrices
-S @ S.T and T @ T.T by torch.mm (fp32 at "highest" precision): the least any exact EKD must do.
-Ratios are computed within this run.  A method stops at the first B where one call would exceed
-the time budget or the memory it needs would not fit; the JSON says where and why.
+For each batch size B (D = 512) and dtype: forward+backward and forward-only time of each method
+(median and 20th/80th percentiles of the repeats after a warm-up call, fresh random inputs), and
+the peak memory of one forward+backward (CUDA: max_memory_allocated; CPU: growth of the process's
+peak RSS, VmHWM, reset before each measurement). "floor" is the two Gram matrices S @ S.T and
+T @ T.T by torch.mm (fp32 at "highest" precision): what any exact EKD must at least compute.
+Ratios are taken within this run. A method stops at the first B where one call would exceed the
+time budget (extrapolated from the previous size) or the memory it needs would not fit; the
+output says where and why. Backends that cannot run are listed with their reason.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, environment, summary,
+                    time_calls)
+
 sys.path.insert(0, str(REPO))
 
-import ekd_kernels  # noqa: E402
 from ekd_kernels import EKDLoss, RKDLoss  # noqa: E402
 from ekd_kernels.backends import BACKEND_NAMES, resolve_backend  # noqa: E402
-
-# ----------------------------------------------------------------------------- environment
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 8 << 30
-
-
-# ----------------------------------------------------------------------------- memory probes
-
-
-def _vm_kib(field: str) -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _release_free_heap():
-    """Hand the allocator's cached free pages back to the OS, so that the next block's peak RSS
-    growth is its own allocations rather than 0 (reused pages do not grow the RSS)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak extra memory of a block: CUDA allocator peak, or growth of the CPU process's peak RSS."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.bytes = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            _release_free_heap()
-            try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
-                pathlib.Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.base = _vm_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
-        else:
-            self.bytes = max(0, _vm_kib("VmHWM") * 1024 - self.base)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn, device, repeats: int):
-    """Times of `repeats` calls after one warm-up call (seconds): CUDA events, or a monotonic clock."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def summary(times):
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": min(times), "repeats": len(times)}
-
 
 # ----------------------------------------------------------------------------- methods
 
 
 def make_inputs(batch, dim, dtype, device, seed):
+    """Fresh random embeddings (never zeros), a teacher that broadly agrees, and labels made of a
+    general part and a balanced part of 4 images per identity, as EKD training batches are."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    student = torch.randn(batch, dim, generator=g).to(device=device, dtype=dtype)
-    teacher = (student.float().cpu() + 0.5 * torch.randn(batch, dim, generator=g)).to(device=device, dtype=dtype)
-    # a general part and a balanced part of 4 images per identity, as EKD training batches are built
+    student = torch.randn(batch, dim, generator=g)
+    teacher = student + 0.5 * torch.randn(batch, dim, generator=g)
     labels = torch.cat([torch.randint(0, 10**6, (batch // 2,), generator=g),
-                        10**6 + torch.arange(batch - batch // 2) // 4]).to(device)
-    return student, teacher, labels
+                        10**6 + torch.arange(batch - batch // 2) // 4])
+    return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype), labels.to(device)
 
 
-def ekd_step(backend, device):
+def ekd_method(backend, device):
     crit = EKDLoss(backend=backend).to(device)
 
     def forward_backward(student, teacher, labels):
@@ -178,21 +58,19 @@ def ekd_step(backend, device):
     return forward_backward, forward
 
 
-def rkd_step(device):
-    crit = RKDLoss()
-
+def rkd_method(loss_fn):
     def forward_backward(student, teacher, labels):
         student = student.detach().requires_grad_(True)
-        crit(student, teacher).backward()
+        loss_fn(student, teacher).backward()
 
     def forward(student, teacher, labels):
         with torch.no_grad():
-            crit(student, teacher)
+            loss_fn(student, teacher)
 
     return forward_backward, forward
 
 
-def floor_step(device):
+def floor_method():
     def grams(student, teacher, labels):
         torch.mm(student, student.t())
         torch.mm(teacher, teacher.t())
@@ -200,162 +78,179 @@ def floor_step(device):
     return grams, grams
 
 
+def fast_rkd():
+    """The O(B^2)-memory RKD (issue 8) when it is part of this build, else None and the reason."""
+    try:
+        from ekd_kernels.rkd_fast import fast_rkd_loss as rkd_loss_fast
+    except Exception as exc:  # not built yet, or the extension is missing
+        return None, f"fast RKD unavailable ({type(exc).__name__}: {exc})"
+    return rkd_loss_fast, None
+
+
+def all_methods(device):
+    """{name: factory} of every method this device can run, and {name: reason} of the others."""
+    methods, skipped = {}, {}
+    for name in BACKEND_NAMES:
+        try:
+            resolve_backend(name, device)
+            methods[f"ekd/{name}"] = lambda n=name: ekd_method(n, device)
+        except RuntimeError as exc:
+            skipped[f"ekd/{name}"] = str(exc)
+    methods["rkd/reference"] = lambda: rkd_method(RKDLoss())
+    fast, why = fast_rkd()
+    if fast is not None:
+        methods["rkd/fast"] = lambda: rkd_method(fast)
+    else:
+        skipped["rkd/fast"] = why
+    methods["floor"] = floor_method
+    return methods, skipped
+
+
 def estimated_bytes(method, batch, dim):
-    """What a method holds at once, roughly, to skip sizes that cannot fit (fp32)."""
-    if method == "rkd":
-        return 6 * batch * batch * dim * 4  # B x B x D differences, normalised, and their grads
+    """Roughly what a method holds at once (fp32), to skip sizes that cannot fit."""
+    if method == "rkd/reference":
+        return 6 * batch * batch * dim * 4       # B x B x D differences, normalised, and gradients
     if method == "ekd/reference":
-        return 40 * batch * batch * 4        # Grams, pair lists, sorts, masks, grads
-    return 4 * batch * dim * 4 + 2 * batch * batch * 4
+        return 40 * batch * batch * 4            # Grams, pair lists, sorts, masks, gradients
+    return 4 * batch * dim * 4 + 3 * batch * batch * 4
 
 
 def growth_exponent(method):
     """How a method's time grows with B: RKD's angle term is a B x B x B x D product."""
-    return 3 if method == "rkd" else 2
-
-
-def methods_for(device):
-    """(name, factory) of every method to time, and the backends skipped with their reason."""
-    out, skipped = [], {}
-    for name in BACKEND_NAMES:
-        try:
-            resolve_backend(name, device)
-        except RuntimeError as exc:
-            skipped[f"ekd/{name}"] = str(exc)
-            continue
-        out.append((f"ekd/{name}", lambda n=name: ekd_step(n, device)))
-    out.append(("rkd", lambda: rkd_step(device)))
-    out.append(("floor", lambda: floor_step(device)))
-    return out, skipped
+    return 3 if method.startswith("rkd") else 2
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def run(batches, dim, dtype, device, repeats, budget_s):
-    methods, skipped = methods_for(device)
-    stopped, last_time = {}, {}
-    rows = []
+def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env):
+    rows, stopped = [], {}
     memory = available_memory_bytes(device)
-    for batch in batches:
-        inputs = make_inputs(batch, dim, dtype, device, seed=batch)
-        for name, factory in methods:
-            if name in stopped:
-                continue
-            need = estimated_bytes(name, batch, dim)
-            if need > 0.6 * memory:
-                stopped[name] = f"stopped at B={batch}: needs about {need / 2**30:.1f} GiB, {memory / 2**30:.1f} GiB free"
-                continue
-            if name in last_time:  # extrapolate from the previous size before paying for this one
-                prev_batch, prev_time = last_time[name]
-                predicted = prev_time * (batch / prev_batch) ** growth_exponent(name)
-                if predicted > budget_s:
-                    stopped[name] = (f"stopped at B={batch}: one forward+backward would take about {predicted:.0f} s "
-                                     f"(budget {budget_s} s; {prev_time:.2f} s at B={prev_batch})")
+    progress = Progress(len(sizes) * len(dtypes) * len(methods), "bench loss")
+    for dtype in dtypes:
+        last_time = {}
+        for batch in sizes:
+            inputs = make_inputs(batch, dim, dtype, device, seed=batch)
+            for name, factory in methods.items():
+                progress.step(f"{name} B={batch} {str(dtype).replace('torch.', '')}")
+                key = (name, dtype)
+                if key in stopped:
                     continue
-            forward_backward, forward = factory()
-            t0 = time.perf_counter()
-            with PeakMemory(device) as peak:
-                forward_backward(*inputs)
-            first = time.perf_counter() - t0
-            if first * (repeats + 1) * 2 > budget_s:
-                reps = max(2, int(budget_s / (2 * max(first, 1e-9))) - 1)
-            else:
-                reps = repeats
-            if first > budget_s:
-                stopped[name] = f"stopped at B={batch}: one forward+backward took {first:.1f} s (budget {budget_s} s)"
-                continue
-            row = {"method": name, "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
-                   "forward_backward": summary(time_calls(lambda: forward_backward(*inputs), device, reps)),
-                   "forward": summary(time_calls(lambda: forward(*inputs), device, reps)),
-                   "peak_memory_bytes": peak.bytes}
-            rows.append(row)
-            last_time[name] = (batch, row["forward_backward"]["median_s"])
-            print(f"  B={batch:6d} {name:14s} fwd+bwd {row['forward_backward']['median_s'] * 1e3:10.2f} ms"
-                  f"  fwd {row['forward']['median_s'] * 1e3:10.2f} ms  peak {peak.bytes / 2**20:8.1f} MiB",
-                  flush=True)
-        del inputs
-    return rows, skipped, stopped
+                need = estimated_bytes(name, batch, dim)
+                if need > 0.6 * memory:
+                    stopped[key] = f"stopped at B={batch}: needs about {need / 2**30:.1f} GiB, " \
+                                   f"{memory / 2**30:.1f} GiB free"
+                    continue
+                if name in last_time:  # extrapolate from the previous size before paying for this one
+                    prev_batch, prev_time = last_time[name]
+                    predicted = prev_time * (batch / prev_batch) ** growth_exponent(name)
+                    if predicted > budget_s:
+                        stopped[key] = (f"stopped at B={batch}: one forward+backward would take about "
+                                        f"{predicted:.0f} s (budget {budget_s} s; {prev_time:.2f} s at B={prev_batch})")
+                        continue
+                forward_backward, forward = factory()
+                t0 = time.perf_counter()
+                try:
+                    with PeakMemory(device) as peak:
+                        forward_backward(*inputs)
+                except (RuntimeError, MemoryError) as exc:  # out of memory, or a backend refusing the dtype
+                    stopped[key] = f"stopped at B={batch}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    continue
+                first = time.perf_counter() - t0
+                reps = repeats if first * (2 * repeats + 2) <= budget_s else max(2, int(budget_s / (2 * first)))
+                fb = summary(time_calls(lambda: forward_backward(*inputs), device, reps))
+                fw = summary(time_calls(lambda: forward(*inputs), device, reps))
+                rows.append({**env, "benchmark": "loss", "method": name.split("/")[0],
+                             "backend": name.split("/")[1] if "/" in name else None, "name": name,
+                             "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
+                             "forward_backward": fb, "forward": fw, "peak_memory_bytes": peak.bytes})
+                last_time[name] = (batch, fb["median_s"])
+            del inputs
+    return rows, stopped
 
 
 def ratios(rows):
-    """Per B: each EKD backend's forward+backward time over the reference, RKD and the floor."""
-    by = {(r["batch"], r["method"]): r["forward_backward"]["median_s"] for r in rows}
+    """Per (dtype, B): each EKD backend's forward+backward time over the reference, RKDs and floor."""
+    by = {(r["dtype"], r["batch"], r["name"]): r["forward_backward"]["median_s"] for r in rows}
     out = []
-    for (batch, method), t in sorted(by.items()):
-        if not method.startswith("ekd/"):
+    for (dtype, batch, name), t in sorted(by.items()):
+        if not name.startswith("ekd/"):
             continue
-        entry = {"batch": batch, "method": method}
-        for other, key in (("ekd/reference", "vs_reference"), ("rkd", "vs_rkd"), ("floor", "vs_floor")):
-            if (batch, other) in by and other != method:
-                entry[key] = t / by[(batch, other)]
+        entry = {"dtype": dtype, "batch": batch, "name": name}
+        for other in ("ekd/reference", "rkd/reference", "rkd/fast", "floor"):
+            if (dtype, batch, other) in by and other != name:
+                entry[f"vs_{other}"] = t / by[(dtype, batch, other)]
         out.append(entry)
     return out
 
 
-def print_table(rows, ratio_rows, skipped, stopped, device_label):
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith("ekd"), m))
-    batches = sorted({r["batch"] for r in rows})
-    by = {(r["batch"], r["method"]): r for r in rows}
-    print(f"\nforward+backward per batch (median, ms) on {device_label}")
-    print("| B | " + " | ".join(methods) + " |")
-    print("|---" * (len(methods) + 1) + "|")
-    for b in batches:
-        cells = [f"{by[(b, m)]['forward_backward']['median_s'] * 1e3:.2f}" if (b, m) in by else "-" for m in methods]
-        print(f"| {b} | " + " | ".join(cells) + " |")
-    print("\nratios (EKD backend time / other, same run; < 1 means EKD is faster)")
+def print_report(rows, ratio_rows, skipped, stopped, device_label):
+    for dtype in sorted({r["dtype"] for r in rows}):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        names = sorted({r["name"] for r in sub}, key=lambda m: (not m.startswith("ekd"), m))
+        by = {(r["batch"], r["name"]): r for r in sub}
+        print(f"\nforward+backward per batch, median ms ({dtype}, {device_label})")
+        print("| B | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for b in sorted({r["batch"] for r in sub}):
+            cells = [f"{by[(b, m)]['forward_backward']['median_s'] * 1e3:.2f}" if (b, m) in by else "-" for m in names]
+            print(f"| {b} | " + " | ".join(cells) + " |")
+    print("\nratios (EKD backend time / other method's time, same run; < 1: EKD is faster)")
     for r in ratio_rows:
-        parts = [f"{k}={v:.3f}" for k, v in r.items() if k.startswith("vs_")]
-        print(f"  B={r['batch']:6d} {r['method']:14s} " + "  ".join(parts))
-    for name, why in {**skipped, **stopped}.items():
-        print(f"  {name}: {why}")
+        parts = [f"{k[3:]}={v:.3f}" for k, v in r.items() if k.startswith("vs_")]
+        print(f"  {r['dtype']:8s} B={r['batch']:6d} {r['name']:14s} " + "  ".join(parts))
+    for name, why in skipped.items():
+        print(f"  skipped {name}: {why}")
+    for (name, dtype), why in stopped.items():
+        print(f"  {name} ({str(dtype).replace('torch.', '')}): {why}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batches", type=int, nargs="*", default=None)
+    parser.add_argument("--quick", action="store_true", help="CI-sized: two small batches, two repeats")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes B")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="subset of: ekd/reference ekd/triton ekd/csrc rkd/reference rkd/fast floor")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--budget-s", type=float, default=None, help="time allowed for one method at one B")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/loss_<device>_<date>.json)")
+    parser.add_argument("--budget-s", type=float, default=None, help="most seconds one call may take")
+    parser.add_argument("--out", default=None, help="a .jsonl file or a folder (default bench/results/)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("highest")  # the floor and the reference at full fp32 accuracy
-    batches = args.batches or ([2**k for k in range(7, 16)] if cuda else [128, 256, 512, 1024, 2048])
-    repeats = args.repeats or (20 if cuda else 5)
-    budget_s = args.budget_s or (30.0 if cuda else 20.0)
-    dtype = getattr(torch, args.dtype)
-    label = device_name(device)
-    print(f"ekd_kernels {ekd_kernels.__version__} @ {git_commit()}, torch {torch.__version__}, {label}, "
-          f"D={args.dim}, {args.dtype}", flush=True)
+    if args.quick:
+        sizes, repeats, budget_s = [64, 128], 2, 5.0
+    else:
+        sizes = [2**k for k in range(7, 16)] if cuda else [128, 256, 512, 1024, 2048, 4096]
+        repeats, budget_s = (20, 30.0) if cuda else (5, 12.0)
+    sizes = args.sizes or sizes
+    repeats = args.repeats or repeats
+    budget_s = args.budget_s or budget_s
+    dtypes = [getattr(torch, d) for d in (args.dtypes or (["float32", "bfloat16"] if cuda else ["float32"]))]
+    methods, skipped = all_methods(device)
+    if args.methods:
+        unknown = set(args.methods) - set(methods) - set(skipped)
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; known: {sorted(set(methods) | set(skipped))}")
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+        skipped = {k: v for k, v in skipped.items() if k in args.methods}
 
-    rows, skipped, stopped = run(batches, args.dim, dtype, device, repeats, budget_s)
+    env = environment(device)
+    print(f"ekd_kernels @ {env['commit']}, torch {env['torch']}, {env['device']}, D={args.dim}, "
+          f"B={sizes}, {[str(d).replace('torch.', '') for d in dtypes]}", flush=True)
+    rows, stopped = run(methods, sizes, args.dim, dtypes, device, repeats, budget_s, env)
     ratio_rows = ratios(rows)
-    print_table(rows, ratio_rows, skipped, stopped, label)
-
-    result = {
-        "benchmark": "loss", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": label, "device_type": device.type, "torch": torch.__version__,
-        "triton": _version("triton"), "ekd_kernels": ekd_kernels.__version__, "commit": git_commit(),
-        "python": platform.python_version(), "threads": torch.get_num_threads(), "dim": args.dim,
-        "dtype": args.dtype, "rows": rows, "ratios": ratio_rows, "skipped": skipped, "stopped": stopped,
-    }
-    out = pathlib.Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"loss_{device.type}_{args.dtype}_{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return None
+    print_report(rows, ratio_rows, skipped, stopped, env["device"])
+    notes = [{**env, "benchmark": "loss", "note": "skipped", "name": k, "why": v} for k, v in skipped.items()]
+    notes += [{**env, "benchmark": "loss", "note": "stopped", "name": k, "dtype": str(d).replace("torch.", ""),
+               "why": v} for (k, d), v in stopped.items()]
+    path = append_rows(rows + notes, "loss", device, args.out)
+    print(f"\nappended {len(rows)} rows to {path}")
+    return rows
 
 
 if __name__ == "__main__":

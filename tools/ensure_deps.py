@@ -1,7 +1,9 @@
 """Install what `make test` / `make bench` need, and only what is missing.
 
 On a machine that already has torch, triton and friends (the offline GPU machine) nothing is
-downloaded; on a fresh machine the missing packages come from requirements-dev.txt.
+downloaded; on a fresh machine the missing packages come from requirements-dev.txt. A line whose
+comment says "optional" (plots, for instance) is attempted, and its failure (no network) is
+reported without stopping: the code that uses it says what it skipped.
 """
 
 import importlib.util
@@ -12,32 +14,42 @@ import subprocess
 import sys
 
 REQUIREMENTS = pathlib.Path(__file__).resolve().parent.parent / "requirements-dev.txt"
-# distribution name -> how to tell it is present
+# distribution name -> how to tell it is present, where the import name differs or a binary will do
 _PRESENT = {
     "ninja": lambda: importlib.util.find_spec("ninja") is not None or shutil.which("ninja") is not None,
+    "scikit-learn": lambda: importlib.util.find_spec("sklearn") is not None,
 }
 
 
-def missing_requirements():
-    missing = []
+def requirements():
+    """(requirement, optional) per line of requirements-dev.txt."""
+    out = []
     for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name = re.split(r"[<>=!~ \[]", line, maxsplit=1)[0]
-        present = _PRESENT.get(name, lambda n=name: importlib.util.find_spec(n) is not None)
-        if not present():
-            missing.append(line)
-    return missing
+        spec, _, comment = line.partition("#")
+        spec = spec.strip()
+        if spec:
+            out.append((spec, "optional" in comment))
+    return out
+
+
+def is_present(spec: str) -> bool:
+    name = re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0]
+    return _PRESENT.get(name, lambda: importlib.util.find_spec(name.replace("-", "_")) is not None)()
 
 
 def main():
-    missing = missing_requirements()
+    missing = [(spec, optional) for spec, optional in requirements() if not is_present(spec)]
+    required = [spec for spec, optional in missing if not optional]
+    optional = [spec for spec, optional in missing if optional]
+    if required:
+        print("ensure_deps: installing", " ".join(required), flush=True)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *required])
+    for spec in optional:
+        print(f"ensure_deps: installing optional {spec}", flush=True)
+        if subprocess.call([sys.executable, "-m", "pip", "install", spec]) != 0:
+            print(f"ensure_deps: could not install optional {spec}; continuing without it", flush=True)
     if not missing:
         print("ensure_deps: everything needed is installed")
-        return
-    print("ensure_deps: installing", " ".join(missing), flush=True)
-    subprocess.check_call([sys.executable, "-m", "pip", "install", *missing])
 
 
 if __name__ == "__main__":

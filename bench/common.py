@@ -1,0 +1,214 @@
+"""What every benchmark script shares: environment description, timing, peak memory, progress, rows.
+
+Rows are appended as JSON lines to ``bench/results/<benchmark>_<device>.jsonl``; every row says
+on what (device name, versions, commit, date) it was measured, so files can be merged and plotted
+(bench/plot.py) without guessing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe short name of the device: cpu, or the GPU's model (h100, h200...)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return (head.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """The fields every row carries."""
+    import ekd_kernels
+
+    return {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
+        "ekd_kernels": ekd_kernels.__version__, "commit": git_commit(), "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _vm_kib(field: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _release_free_heap():
+    """Hand the allocator's cached free pages back to the OS, so that the next block's peak RSS
+    growth is its own allocations rather than 0 (reused pages do not grow the RSS)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak extra memory of a block: the CUDA allocator's peak, or the growth of the CPU
+    process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the block)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            _release_free_heap()
+            try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0)
+                pathlib.Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+            self.base = _vm_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.bytes = max(0, _vm_kib("VmHWM") * 1024 - self.base)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, repeats: int):
+    """Seconds of `repeats` calls after one warm-up call: CUDA events, or a monotonic clock."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times) -> dict:
+    """Median and the 20th/80th percentiles (the spread) of repeated timings, in seconds."""
+    ordered = sorted(times)
+
+    def percentile(p):
+        position = p * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {"median_s": statistics.median(ordered), "p20_s": percentile(0.2), "p80_s": percentile(0.8),
+            "repeats": len(ordered)}
+
+
+# ----------------------------------------------------------------------------- progress and output
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency): done/total, the current item, elapsed."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done, self.start = max(total, 1), label, 0, time.monotonic()
+
+    def step(self, what: str):
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        if not sys.stderr.isatty():  # a log file: one plain line per step
+            sys.stderr.write(f"{self.label} {self.done}/{self.total} {elapsed:6.0f} s  {what}\n")
+            return
+        width = 24
+        filled = int(width * self.done / self.total)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:6.0f} s  {what[:48]:48s}")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def append_rows(rows, benchmark: str, device: torch.device, out=None) -> pathlib.Path:
+    """Append rows as JSON lines to `out` (a file or folder) or bench/results/<benchmark>_<device>.jsonl."""
+    path = pathlib.Path(out) if out else RESULTS
+    if path.suffix != ".jsonl":
+        path = path / f"{benchmark}_{device_slug(device)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -1,0 +1,113 @@
+"""Draw the benchmark rows of bench/results/*.jsonl as PNGs (needs matplotlib).
+
+    python bench/plot.py [--results bench/results] [--out bench/results]
+
+- loss_<device>_<dtype>.png: forward+backward time per batch vs B (log-log), one line per method.
+- train_step_<device>.png: the paper's Table 5 as bars: per-step time of each training setting.
+Only the newest row of each (device, method, B, dtype) is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def load_rows(folder: pathlib.Path):
+    rows = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "note" not in row:
+                    rows.append(row)
+    return rows
+
+
+def newest(rows, key):
+    out = {}
+    for row in sorted(rows, key=lambda r: r.get("date", "")):
+        out[key(row)] = row
+    return list(out.values())
+
+
+def plot_loss(rows, out: pathlib.Path, plt):
+    written = []
+    rows = newest([r for r in rows if r.get("benchmark") == "loss"],
+                  lambda r: (r["device"], r["name"], r["batch"], r["dtype"]))
+    for device, dtype in sorted({(r["device"], r["dtype"]) for r in rows}):
+        sub = [r for r in rows if r["device"] == device and r["dtype"] == dtype]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in sorted({r["name"] for r in sub}):
+            points = sorted((r["batch"], r["forward_backward"]["median_s"]) for r in sub if r["name"] == name)
+            ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("forward+backward per batch (ms)")
+        ax.set_title(f"EKD vs RKD vs floor, D={sub[0]['dim']}, {dtype}\n{device}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out / f"loss_{slug(sub[0].get('device_type', 'x') + '-' + device)[:40]}_{dtype}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_train_step(rows, out: pathlib.Path, plt):
+    written = []
+    rows = newest([r for r in rows if r.get("benchmark") == "train_step"],
+                  lambda r: (r["device"], r["setting"], r["batch"], r["dtype"]))
+    for device in sorted({r["device"] for r in rows}):
+        sub = [r for r in rows if r["device"] == device]
+        labels = [f"{r['setting']}\nB={r['batch']} {r['dtype']}" for r in sub]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sub)), 4.5))
+        ax.bar(range(len(sub)), [r["step"]["median_s"] * 1e3 for r in sub],
+               color=["#888" if r["setting"] == "baseline" else "#4a7" for r in sub])
+        ax.set_xticks(range(len(sub)))
+        ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("training step (ms)")
+        ax.set_title(f"Table 5: per-step time, MobileFaceNet student, IR teacher\n{device}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"train_step_{slug(device)[:40]}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot: matplotlib is not installed; no PNG drawn (the JSON rows are complete without it)")
+        return []
+    folder = pathlib.Path(args.results)
+    out = pathlib.Path(args.out) if args.out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(folder)
+    written = plot_loss(rows, out, plt) + plot_train_step(rows, out, plt)
+    for path in written:
+        print(f"plot: wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
