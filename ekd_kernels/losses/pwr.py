@@ -1,0 +1,253 @@
+"""PWR: pairwise ranking distillation (Nikitin, Konushin and Konushin, GraphiCon 2020).
+
+The student learns the teacher's *order* of pair scores rather than the scores themselves.
+
+Scores.  Embeddings are L2-normalised (x / max(||x||, 1e-12)); the M = B(B-1)/2 pairs (i < j)
+get a distance score, ``"l2"``: d = sqrt(max(2 - 2 cos, 1e-12)), or ``"cosine"``: d = 1 - cos.
+
+Couples.  Every ordered couple of pairs (p, q) with d_t(p) > d_t(q) (ties excluded) asks the
+student to keep that order.  With Δs = d_s(p) - d_s(q) and Δt = d_t(p) - d_t(q) > 0:
+
+    ranknet      log(1 + exp(-beta Δs))
+    diff_power   (relu(m - Δs) + 1e-12)^power
+    diff_exp     relu(exp(beta (m - Δs)) - 1)
+
+where the margin m is ``"teacher_diff"`` (m = Δt, the default), ``"const"`` (m = ``margin``) or
+``"teacher_std"`` (m = the population standard deviation of the M teacher scores).  The loss is
+the mean over the ordered couples, 0 when there is none (all teacher scores equal).  Defaults:
+l2 scores, diff_exp, m = Δt, beta = 1, power = 1 (the authors' MXNet code has the same options
+and defaults for power and beta).
+
+Cost.  M^2 / 2 couples, M = B(B-1)/2.  Two exact algorithms (``algorithm``):
+
+- ``"couples"`` visits the couples in blocks of pairs (``chunk`` rows of M at a time) and
+  accumulates the gradient w.r.t. the M student scores in the same pass: O(B^4) time, memory
+  O(chunk * M), never the M x M matrix (4 GiB at B = 256 in fp32).  Every variant.
+- ``"sorted"``, for the default variant (diff_exp with m = Δt): with a = d_t - d_s the couple
+  term is relu(exp(beta (a_p - a_q)) - 1), nonzero exactly when a_p > a_q, and it factorises as
+  e^{beta a_p} e^{-beta a_q} - 1.  The loss is then a sum over the 2-D dominance set
+  {d_t(q) < d_t(p), a_q < a_p}, which sorting by d_t and a divide-and-conquer over a (sorted
+  blocks, searchsorted, prefix sums; vectorised level by level) gives in O(M log^2 M) =
+  O(B^2 log^2 B) time and O(M) memory, gradient included.  Computed in fp64.  Tied teacher
+  scores (common in fp32) are excluded exactly, as the strict order demands.
+
+``"auto"`` (default) takes "sorted" when it applies, else "couples".  Both give the same loss
+and gradient (tests compare them, ties included).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import check_embedding_pair, compute_dtypes, normalize_rows
+
+SCORES = ("l2", "cosine")
+LOSS_TYPES = ("diff_exp", "diff_power", "ranknet")
+MARGINS = ("teacher_diff", "const", "teacher_std")
+_CHUNK_ELEMENTS = 1 << 22  # couples per block: 4M (16 MiB per fp32 temporary)
+
+
+def pair_scores(x: torch.Tensor, score: str = "l2") -> torch.Tensor:
+    """The M = B(B-1)/2 pair scores (i < j, row-major) of normalised embeddings."""
+    x_hat = normalize_rows(x)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+    cosines = (x_hat @ x_hat.t())[i, j]
+    if score == "l2":
+        return (2 - 2 * cosines).clamp_min(1e-12).sqrt()
+    return 1 - cosines
+
+
+def _couple_loss(student_diff, teacher_diff, loss_type, margin_type, margin, teacher_std, power, beta):
+    """(per-couple loss, its derivative w.r.t. Δs) on a block of couples."""
+    if loss_type == "ranknet":
+        value = torch.nn.functional.softplus(-beta * student_diff)
+        return value, -beta * torch.sigmoid(-beta * student_diff)
+    if margin_type == "teacher_diff":
+        m = teacher_diff
+    elif margin_type == "teacher_std":
+        m = teacher_std
+    else:
+        m = margin
+    gap = m - student_diff
+    if loss_type == "diff_power":
+        positive = gap.clamp_min(0) + 1e-12
+        value = positive.pow(power)
+        slope = torch.where(gap > 0, -power * positive.pow(power - 1), torch.zeros_like(gap))
+        return value, slope
+    grow = torch.exp(beta * gap)
+    value = (grow - 1).clamp_min(0)
+    slope = torch.where(grow > 1, -beta * grow, torch.zeros_like(grow))
+    return value, slope
+
+
+def _dominance_sums(order, values, weights):
+    """For every element p: (sum of weights[q], count of q) over the q with order[q] < order[p] and
+    values[q] < values[p], both strict.  Divide and conquer over the positions of the sequence
+    sorted by `order`: at the level of blocks of 2h, each element of a right half gains the
+    elements of its left half with a smaller value, found by searchsorted in the sorted left half
+    and a prefix sum of its weights.  All blocks of a level run as one batched operation.  Equal
+    `order` keys are sorted by decreasing value, so a tied q placed before p never has a smaller
+    value: ties are excluded as the strict order demands."""
+    n = order.shape[0]
+    size = 1 << max(0, (n - 1).bit_length())
+    by_value = values.argsort(descending=True, stable=True)
+    perm = by_value[order[by_value].argsort(stable=True)]
+    inf = torch.tensor(float("inf"), dtype=values.dtype, device=values.device)
+    v = torch.cat([values[perm], inf.expand(size - n)])          # padding sits after every real element
+    w = torch.cat([weights[perm], weights.new_zeros(size - n)])
+    sums = torch.zeros(size, dtype=weights.dtype, device=weights.device)
+    counts = torch.zeros(size, dtype=torch.int64, device=weights.device)
+    half = 1
+    while half < size:
+        blocks = v.view(-1, 2, half)
+        left_sorted, left_order = blocks[:, 0, :].sort(dim=1)
+        left_weights = w.view(-1, 2, half)[:, 0, :].gather(1, left_order)
+        prefix = torch.cat([left_weights.new_zeros(left_weights.shape[0], 1), left_weights.cumsum(1)], dim=1)
+        below = torch.searchsorted(left_sorted.contiguous(), blocks[:, 1, :].contiguous())  # count of left < value
+        sums.view(-1, 2, half)[:, 1, :] += prefix.gather(1, below)
+        counts.view(-1, 2, half)[:, 1, :] += below
+        half *= 2
+    out_sums, out_counts = torch.empty_like(weights), torch.empty(n, dtype=torch.int64, device=weights.device)
+    out_sums[perm], out_counts[perm] = sums[:n], counts[:n]
+    return out_sums, out_counts
+
+
+class _SortedDiffExp(torch.autograd.Function):
+    """The default PWR variant (diff_exp, m = Δt) over the dominance set, in fp64 (module docstring).
+    Where the loss is 0 (no ordered couple) the gradient is 0 too."""
+
+    @staticmethod
+    def forward(ctx, student_scores, teacher_scores, beta):
+        num_pairs = student_scores.shape[0]
+        t = teacher_scores.double()
+        a = t - student_scores.double()
+        a = a - a.mean()                                    # shifts cancel in e^{beta a_p} e^{-beta a_q}
+        grow, shrink = torch.exp(beta * a), torch.exp(-beta * a)
+        below_sum, below_count = _dominance_sums(t, a, shrink)     # q under p
+        above_sum, _ = _dominance_sums(-t, -a, grow)               # r over p
+        tie_sizes = torch.unique_consecutive(t.sort().values, return_counts=True)[1].double()
+        couples = float(num_pairs * (num_pairs - 1) / 2 - (tie_sizes * (tie_sizes - 1) / 2).sum())  # t_p > t_q
+        total = (grow * below_sum).sum() - below_count.sum().double()
+        loss = (total / max(couples, 1.0)).to(student_scores.dtype)
+        grad = None
+        if ctx.needs_input_grad[0]:
+            # d loss / d a_p = beta (e^{beta a_p} sum_q e^{-beta a_q} - e^{-beta a_p} sum_r e^{beta a_r}) / couples,
+            # and a = d_t - d_s
+            grad = (-(beta / max(couples, 1.0)) * (grow * below_sum - shrink * above_sum)).to(student_scores.dtype)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None
+
+
+class _RankingCouples(torch.autograd.Function):
+    """Mean per-couple loss over ordered couples, from the M student and teacher scores, in blocks;
+    the gradient w.r.t. the student scores is accumulated in the forward (the loss is a scalar),
+    so the backward is a multiply and no block is kept."""
+
+    @staticmethod
+    def forward(ctx, student_scores, teacher_scores, loss_type, margin_type, margin, power, beta, chunk):
+        num_pairs = student_scores.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        teacher_std = teacher_scores.std(unbiased=False) if num_pairs > 0 else teacher_scores.new_zeros(())
+        total = student_scores.new_zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.int64, device=student_scores.device)
+        grad = torch.zeros_like(student_scores) if want_grad else None
+        for start in range(0, num_pairs, chunk):
+            stop = min(num_pairs, start + chunk)
+            student_diff = student_scores[start:stop, None] - student_scores[None, :]
+            teacher_diff = teacher_scores[start:stop, None] - teacher_scores[None, :]
+            ordered = teacher_diff > 0
+            value, slope = _couple_loss(student_diff, teacher_diff, loss_type, margin_type, margin, teacher_std,
+                                        power, beta)
+            zero = torch.zeros((), dtype=value.dtype, device=value.device)
+            total += torch.where(ordered, value, zero).sum(dtype=torch.float64)
+            count += ordered.sum()
+            if want_grad:
+                slope = torch.where(ordered, slope, zero)
+                grad[start:stop] += slope.sum(1)     # p = this block: dΔs/dd_s(p) = +1
+                grad -= slope.sum(0)                 # q: dΔs/dd_s(q) = -1
+        denominator = count.clamp_min(1)
+        loss = (total / denominator).to(student_scores.dtype)   # 0 when there is no ordered couple
+        if want_grad:
+            grad = grad / denominator.to(grad.dtype)
+        ctx.save_for_backward(grad if want_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad_loss * grad, None, None, None, None, None, None, None
+
+
+ALGORITHMS = ("auto", "sorted", "couples")
+
+
+def _check_options(score, loss_type, margin_type, margin, power, beta, algorithm="auto"):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "sorted" and not (loss_type == "diff_exp" and margin_type == "teacher_diff"):
+        raise ValueError("algorithm='sorted' computes the diff_exp loss with margin 'teacher_diff' only, got "
+                         f"loss_type={loss_type!r}, margin={margin_type!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if margin_type not in MARGINS:
+        raise ValueError(f"margin must be one of {MARGINS} (with margin_value for 'const'), got {margin_type!r}")
+    if not power > 0:
+        raise ValueError(f"power must be positive, got {power!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta!r}")
+    if not isinstance(margin, (int, float)):
+        raise ValueError(f"margin_value must be a number, got {type(margin).__name__}")
+
+
+def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", loss_type: str = "diff_exp",
+             margin: str = "teacher_diff", margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0,
+             chunk: int = None, algorithm: str = "auto") -> torch.Tensor:
+    """PWR loss of one batch (0-d); gradient to ``student`` only.  See the module docstring.
+
+    ``margin`` picks the margin m ("teacher_diff", "const" with ``margin_value``, "teacher_std");
+    ``beta`` is the ranknet / diff_exp scale, ``power`` the diff_power exponent; ``algorithm``
+    "auto", "sorted" or "couples" (module docstring); ``chunk`` the pairs per block of "couples"
+    (default: about 4M couples per block).
+    """
+    check_embedding_pair(student, teacher, what="pwr_loss")
+    _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
+    student, teacher = compute_dtypes(student, teacher)
+    with torch.no_grad():
+        teacher_scores = pair_scores(teacher, score)
+    student_scores = pair_scores(student, score)
+    num_pairs = student_scores.shape[0]
+    if algorithm != "couples" and loss_type == "diff_exp" and margin == "teacher_diff":
+        return _SortedDiffExp.apply(student_scores, teacher_scores, float(beta))
+    if chunk is None:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, num_pairs))
+    elif not (isinstance(chunk, int) and chunk >= 1):
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    return _RankingCouples.apply(student_scores, teacher_scores, loss_type, margin, float(margin_value),
+                                 float(power), float(beta), chunk)
+
+
+class PWRLoss(nn.Module):
+    """``PWRLoss()(student, teacher)``: module form of :func:`pwr_loss` (l2, diff_exp, m = Δt)."""
+
+    def __init__(self, score: str = "l2", loss_type: str = "diff_exp", margin: str = "teacher_diff",
+                 margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0, algorithm: str = "auto"):
+        super().__init__()
+        _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
+        self.score, self.loss_type, self.margin = score, loss_type, margin
+        self.margin_value, self.power, self.beta, self.algorithm = margin_value, power, beta, algorithm
+
+    def forward(self, student, teacher):
+        return pwr_loss(student, teacher, self.score, self.loss_type, self.margin, self.margin_value, self.power,
+                        self.beta, algorithm=self.algorithm)
+
+    def extra_repr(self):
+        return (f"score={self.score!r}, loss_type={self.loss_type!r}, margin={self.margin!r}, "
+                f"margin_value={self.margin_value}, power={self.power}, beta={self.beta}, algorithm={self.algorithm!r}")

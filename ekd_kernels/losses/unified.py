@@ -1,0 +1,206 @@
+"""Unified instance- and relation-level KD for face recognition (Mishra and Uikey, 2025).
+
+Only the paper's abstract is public.  It names two parts: Instance-Level Embedding
+Distillation with dynamic hard mining (ILED) and Relation-Based Pairwise Similarity
+Distillation with a memory bank and sample mining (RPSD).  What follows is the most faithful
+reading of that abstract we could make; every choice the abstract leaves open is a parameter,
+and the defaults are ours, not the authors'.
+
+ILED.  Per sample, the gap between the normalised student and teacher embeddings,
+g_i = 1 - cos(s_i, t_i).  Dynamic hard mining keeps the k = ceil(hard_fraction * B) samples with
+the largest gap (recomputed every batch); ILED = mean of g over them.  hard_fraction = 1 is
+plain cosine distillation.
+
+RPSD.  A memory bank holds the last ``bank_size`` (normalised teacher embedding, label) entries
+in FIFO order.  For a sample i and a bank entry m, the relation difference is
+r_im = cos(s_i, b_m) - cos(t_i, b_m): student and teacher similarity to the same teacher
+anchor (so the student and teacher widths must match).  A sample's own entry (the bank row
+holding t_i, when the batch was enqueued before the loss) is excluded, and ``pair_filter``
+may keep only same-identity ("positive") or different-identity ("negative") relations by the
+labels.  Sample mining keeps the ``num_mined_pairs`` relations with the largest |r_im| over the
+whole batch (all of them when None or fewer); RPSD = mean of r^2 over them.
+
+loss = iled_weight * ILED + rpsd_weight * RPSD.  Gradient to the student only; the bank and
+the choice of hard samples / mined pairs carry none.  With an empty bank (and no in-batch
+fallback) RPSD is 0.
+
+Order of the bank update (``UnifiedKDLoss``): by default the batch is enqueued first and the
+loss computed against the bank with the batch in it, so the first batch already has relations
+(its own entries excluded); ``enqueue="after"`` computes against the older entries only, as
+MoCo-style queues do.  The functional form takes the bank explicitly and updates nothing; with
+no bank it uses the batch's own teacher embeddings (own entries excluded).
+
+Cost.  ILED O(B D); RPSD O(B M D) for M bank entries plus a top-k over B x M; memory O(B M).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ._common import check_embedding_pair, compute_dtypes, normalize_rows
+
+PAIR_FILTERS = ("all", "positive", "negative")
+
+
+class UnifiedKDResult(NamedTuple):
+    loss: torch.Tensor
+    iled: torch.Tensor            # detached
+    rpsd: torch.Tensor            # detached
+    num_hard_samples: int
+    num_mined_pairs: int
+
+
+def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight):
+    if not (isinstance(hard_fraction, (int, float)) and 0 < hard_fraction <= 1):
+        raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction!r}")
+    if num_mined_pairs is not None and not (isinstance(num_mined_pairs, int) and num_mined_pairs >= 1):
+        raise ValueError(f"num_mined_pairs must be a positive integer or None (all), got {num_mined_pairs!r}")
+    if pair_filter not in PAIR_FILTERS:
+        raise ValueError(f"pair_filter must be one of {PAIR_FILTERS}, got {pair_filter!r}")
+    for name, w in (("iled_weight", iled_weight), ("rpsd_weight", rpsd_weight)):
+        if not (isinstance(w, (int, float)) and w >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {w!r}")
+
+
+def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                     bank_embeddings: Optional[torch.Tensor] = None, bank_labels: Optional[torch.Tensor] = None,
+                     own_index: Optional[torch.Tensor] = None, *, hard_fraction: float = 0.5,
+                     num_mined_pairs: Optional[int] = 4096, pair_filter: str = "all", iled_weight: float = 1.0,
+                     rpsd_weight: float = 1.0) -> UnifiedKDResult:
+    """The loss and its two terms.  ``bank_embeddings`` (M x D, rows normalised by the caller or
+    not: they are normalised here), ``bank_labels`` (M,), ``own_index`` (B,): the bank row of each
+    sample's own entry or -1.  No bank: the batch's teacher embeddings, own entries excluded."""
+    check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="unified_kd_loss")
+    _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
+    student, teacher = compute_dtypes(student, teacher)
+    batch = student.shape[0]
+    if bank_embeddings is None:
+        if bank_labels is not None or own_index is not None:
+            raise ValueError("bank_labels / own_index given without bank_embeddings")
+        bank_embeddings, bank_labels = teacher, labels
+        own_index = torch.arange(batch, device=student.device)
+    else:
+        if not isinstance(bank_embeddings, torch.Tensor) or bank_embeddings.dim() != 2 \
+                or bank_embeddings.shape[1] != teacher.shape[1]:
+            raise ValueError(f"bank_embeddings must be M x {teacher.shape[1]}, got "
+                             f"{getattr(bank_embeddings, 'shape', type(bank_embeddings).__name__)}")
+        size = bank_embeddings.shape[0]
+        if bank_labels is None or bank_labels.shape != (size,) or bank_labels.dtype.is_floating_point:
+            raise ValueError(f"bank_labels must be {size} integer labels, got "
+                             f"{getattr(bank_labels, 'shape', None)}")
+        if own_index is None:
+            own_index = torch.full((batch,), -1, dtype=torch.int64, device=student.device)
+        elif own_index.shape != (batch,) or own_index.dtype.is_floating_point or \
+                bool(((own_index < -1) | (own_index >= size)).any()):
+            raise ValueError(f"own_index must be {batch} bank rows in [0, {size}) or -1 (not in the bank), got "
+                             f"{own_index.tolist() if own_index.numel() <= 16 else tuple(own_index.shape)}")
+        if bank_embeddings.device != student.device or bank_labels.device != student.device:
+            raise ValueError(f"the bank is on {bank_embeddings.device}, the embeddings on {student.device}")
+
+    s_hat, t_hat = normalize_rows(student), normalize_rows(teacher)
+
+    # ILED: dynamic hard mining of the per-sample gaps
+    gaps = 1 - (s_hat * t_hat).sum(1)
+    num_hard = max(1, math.ceil(hard_fraction * batch))
+    hard = gaps.detach().topk(num_hard).indices
+    iled = gaps[hard].mean()
+
+    # RPSD: relations to the bank, own entry and filtered identities excluded, hardest kept
+    bank = normalize_rows(bank_embeddings.detach().to(student.dtype))
+    differences = s_hat @ bank.t() - t_hat @ bank.t()                     # B x M
+    valid = torch.ones_like(differences, dtype=torch.bool)
+    rows = torch.arange(batch, device=student.device)
+    has_own = own_index >= 0
+    valid[rows[has_own], own_index[has_own]] = False
+    if pair_filter != "all":
+        same = labels.unsqueeze(1) == bank_labels.unsqueeze(0)
+        valid &= same if pair_filter == "positive" else ~same
+    candidates = differences[valid]
+    if candidates.numel() == 0:
+        rpsd = differences.sum() * 0
+        num_mined = 0
+    else:
+        num_mined = candidates.numel() if num_mined_pairs is None else min(num_mined_pairs, candidates.numel())
+        mined = candidates.detach().abs().topk(num_mined).indices
+        rpsd = candidates[mined].pow(2).mean()
+    loss = iled_weight * iled + rpsd_weight * rpsd
+    return UnifiedKDResult(loss, iled.detach(), rpsd.detach(), num_hard, num_mined)
+
+
+def unified_kd_loss(student, teacher, labels, bank_embeddings=None, bank_labels=None, own_index=None,
+                    **options) -> torch.Tensor:
+    """Functional form: the 0-d loss of :func:`unified_kd_terms` (same arguments)."""
+    return unified_kd_terms(student, teacher, labels, bank_embeddings, bank_labels, own_index, **options).loss
+
+
+class UnifiedKDLoss(nn.Module):
+    """``UnifiedKDLoss(dim)(student, teacher, labels)``: ILED + RPSD with a FIFO memory bank.
+
+    Buffers (saved in ``state_dict``): ``bank_embeddings`` (bank_size x dim, normalised teacher
+    embeddings, fp32), ``bank_labels``, ``bank_count`` (entries filled) and ``bank_pointer`` (next
+    row to write).  The bank is updated in training mode only (``enqueue="before"`` the loss by
+    default, or ``"after"``); in ``eval()`` it is read, not written.  ``last_terms`` holds the
+    detached terms of the last call.
+    """
+
+    def __init__(self, dim: int, bank_size: int = 4096, hard_fraction: float = 0.5,
+                 num_mined_pairs: Optional[int] = 4096, pair_filter: str = "all", iled_weight: float = 1.0,
+                 rpsd_weight: float = 1.0, enqueue: str = "before"):
+        super().__init__()
+        if not (isinstance(dim, int) and dim >= 1):
+            raise ValueError(f"dim (the teacher embedding width) must be a positive integer, got {dim!r}")
+        if not (isinstance(bank_size, int) and bank_size >= 1):
+            raise ValueError(f"bank_size must be a positive integer, got {bank_size!r}")
+        if enqueue not in ("before", "after"):
+            raise ValueError(f"enqueue must be 'before' or 'after', got {enqueue!r}")
+        _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
+        self.dim, self.bank_size, self.enqueue = dim, bank_size, enqueue
+        self.options = dict(hard_fraction=hard_fraction, num_mined_pairs=num_mined_pairs, pair_filter=pair_filter,
+                            iled_weight=iled_weight, rpsd_weight=rpsd_weight)
+        self.register_buffer("bank_embeddings", torch.zeros(bank_size, dim))
+        self.register_buffer("bank_labels", torch.full((bank_size,), -1, dtype=torch.int64))
+        self.register_buffer("bank_count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("bank_pointer", torch.zeros((), dtype=torch.int64))
+        self.last_terms: Optional[UnifiedKDResult] = None
+
+    @torch.no_grad()
+    def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write the batch into the ring; returns each sample's bank row (-1 if it did not fit)."""
+        batch = teacher.shape[0]
+        kept = min(batch, self.bank_size)                     # a batch larger than the bank keeps its tail
+        rows = (int(self.bank_pointer) + torch.arange(kept, device=teacher.device)) % self.bank_size
+        self.bank_embeddings[rows] = normalize_rows(teacher[batch - kept:].detach().float())
+        self.bank_labels[rows] = labels[batch - kept:].to(torch.int64)
+        self.bank_pointer.fill_((int(self.bank_pointer) + kept) % self.bank_size)
+        self.bank_count.fill_(min(self.bank_size, int(self.bank_count) + kept))
+        own = torch.full((batch,), -1, dtype=torch.int64, device=teacher.device)
+        own[batch - kept:] = rows
+        return own
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="UnifiedKDLoss")
+        if teacher.shape[1] != self.dim:
+            raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
+                             f"got embeddings of width {teacher.shape[1]}")
+        update = self.training
+        own = None
+        if update and self.enqueue == "before":
+            own = self._enqueue(teacher, labels)
+        filled = int(self.bank_count)
+        # the ring's first `filled` rows are the valid entries (rows are filled in order 0, 1, ...)
+        bank, bank_labels = self.bank_embeddings[:filled], self.bank_labels[:filled]
+        if own is None:
+            own = torch.full((student.shape[0],), -1, dtype=torch.int64, device=student.device)
+        result = unified_kd_terms(student, teacher, labels, bank, bank_labels, own, **self.options)
+        if update and self.enqueue == "after":
+            self._enqueue(teacher, labels)
+        self.last_terms = result
+        return result.loss
+
+    def extra_repr(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"dim={self.dim}, bank_size={self.bank_size}, enqueue={self.enqueue!r}, {opts}"

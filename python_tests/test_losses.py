@@ -1,0 +1,437 @@
+"""The distillation losses of ekd_kernels.losses: each against a direct loop-based float64
+computation on small inputs, gradcheck, student-only gradient, module == functional, bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ekd_kernels.losses import (CorrelationCongruenceLoss, CosineDistillLoss, FitNetLoss, HardDarkRankLoss,
+                                HintonKDLoss, PWRLoss, SimilarityPreservingLoss, UnifiedKDLoss,
+                                correlation_congruence_loss, cosine_distill_loss, fitnet_loss, hard_darkrank_loss,
+                                hinton_kd_loss, pwr_loss, similarity_preserving_loss, unified_kd_loss,
+                                unified_kd_terms)
+
+# ----------------------------------------------------------------------------- loop oracles (float64, lists)
+
+
+def rows(x):
+    return [[float(v) for v in r] for r in x.double()]
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def unit(a):
+    n = max(math.sqrt(dot(a, a)), 1e-12)
+    return [x / n for x in a]
+
+
+def cos(a, b):
+    return dot(unit(a), unit(b))
+
+
+def oracle_sp(s, t, normalize="features"):
+    s, t = rows(s), rows(t)
+    b = len(s)
+    if normalize == "features":
+        gs = [[cos(s[i], s[j]) for j in range(b)] for i in range(b)]
+        gt = [[cos(t[i], t[j]) for j in range(b)] for i in range(b)]
+    else:
+        gs = [unit([dot(s[i], s[j]) for j in range(b)]) for i in range(b)]
+        gt = [unit([dot(t[i], t[j]) for j in range(b)]) for i in range(b)]
+    return sum((gs[i][j] - gt[i][j]) ** 2 for i in range(b) for j in range(b)) / b**2
+
+
+def oracle_cc(s, t, gamma=0.4, order=2):
+    s, t = rows(s), rows(t)
+    b = len(s)
+
+    def c(x, i, j):
+        a = cos(x[i], x[j])
+        return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * a**p for p in range(order + 1))
+
+    return sum((c(s, i, j) - c(t, i, j)) ** 2 for i in range(b) for j in range(b)) / b**2
+
+
+def oracle_darkrank(s, t, alpha=3.0, beta=3.0, length=3):
+    s, t = [unit(r) for r in rows(s)], [unit(r) for r in rows(t)]
+    b = len(s)
+
+    def score(x, i, j):
+        return -alpha * math.sqrt(max(sum((u - v) ** 2 for u, v in zip(x[i], x[j])), 1e-12)) ** beta
+
+    total = 0.0
+    for i in range(b):
+        others = sorted((j for j in range(b) if j != i), key=lambda j: -score(t, i, j))[:length]
+        listed = [score(s, i, j) for j in others]
+        for r in range(length):
+            total += listed[r] - math.log(sum(math.exp(v) for v in listed[r:]))
+    return -total / b
+
+
+def oracle_pwr(s, t, score="l2", loss_type="diff_exp", margin="teacher_diff", margin_value=0.0, power=1.0,
+               beta=1.0):
+    def scores(x):
+        x = [unit(r) for r in rows(x)]
+        out = []
+        for i, j in itertools.combinations(range(len(x)), 2):
+            c = dot(x[i], x[j])
+            out.append(math.sqrt(max(2 - 2 * c, 1e-12)) if score == "l2" else 1 - c)
+        return out
+
+    ds, dt = scores(s), scores(t)
+    mean = sum(dt) / len(dt)
+    std = math.sqrt(sum((v - mean) ** 2 for v in dt) / len(dt))
+    total, count = 0.0, 0
+    for p in range(len(ds)):
+        for q in range(len(ds)):
+            if not dt[p] > dt[q]:
+                continue
+            delta_s, delta_t = ds[p] - ds[q], dt[p] - dt[q]
+            m = {"teacher_diff": delta_t, "teacher_std": std, "const": margin_value}[margin]
+            if loss_type == "ranknet":
+                value = math.log(1 + math.exp(-beta * delta_s))
+            elif loss_type == "diff_power":
+                value = (max(m - delta_s, 0.0) + 1e-12) ** power
+            else:
+                value = max(math.exp(beta * (m - delta_s)) - 1, 0.0)
+            total += value
+            count += 1
+    return total / count if count else 0.0
+
+
+def oracle_unified(s, t, labels, bank, bank_labels, own, hard_fraction, num_mined, pair_filter, w_i, w_r):
+    s, t, bank = rows(s), rows(t), rows(bank)
+    b = len(s)
+    gaps = sorted((1 - cos(s[i], t[i]) for i in range(b)), reverse=True)
+    k = max(1, math.ceil(hard_fraction * b))
+    iled = sum(gaps[:k]) / k
+    diffs = []
+    for i in range(b):
+        for m in range(len(bank)):
+            if m == own[i]:
+                continue
+            same = labels[i] == bank_labels[m]
+            if (pair_filter == "positive" and not same) or (pair_filter == "negative" and same):
+                continue
+            diffs.append(cos(s[i], bank[m]) - cos(t[i], bank[m]))
+    diffs.sort(key=abs, reverse=True)
+    kept = diffs if num_mined is None else diffs[:num_mined]
+    rpsd = sum(d * d for d in kept) / len(kept) if kept else 0.0
+    return w_i * iled + w_r * rpsd
+
+
+def make(batch=7, ds=5, dt=None, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(batch, ds, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(batch, dt or ds, generator=g, dtype=torch.float64)
+    t[:, :min(ds, dt or ds)] += s[:, :min(ds, dt or ds)]
+    return s.to(dtype), t.to(dtype)
+
+
+# ----------------------------------------------------------------------------- against the oracles
+
+EMBEDDING_LOSSES = [
+    ("sp", similarity_preserving_loss, {}, oracle_sp, False),
+    ("sp_gram_rows", similarity_preserving_loss, {"normalize": "gram_rows"},
+     lambda s, t: oracle_sp(s, t, "gram_rows"), False),
+    ("cc", correlation_congruence_loss, {}, oracle_cc, False),
+    ("cc_order1", correlation_congruence_loss, {"order": 1, "gamma": 0.7},
+     lambda s, t: oracle_cc(s, t, 0.7, 1), False),
+    ("darkrank", hard_darkrank_loss, {}, oracle_darkrank, False),
+    ("darkrank_len2", hard_darkrank_loss, {"alpha": 2.0, "beta": 2.0, "list_length": 2},
+     lambda s, t: oracle_darkrank(s, t, 2.0, 2.0, 2), False),
+    ("fitnet", fitnet_loss, {}, lambda s, t: sum((a - b) ** 2 for ra, rb in zip(rows(s), rows(t))
+                                                 for a, b in zip(ra, rb)) / s.numel(), True),
+    ("cosine", cosine_distill_loss, {}, lambda s, t: 1 - sum(cos(a, b) for a, b in zip(rows(s), rows(t))) / len(s),
+     True),
+    ("pwr", pwr_loss, {}, oracle_pwr, False),
+]
+
+PWR_VARIANTS = [dict(score=sc, loss_type=lt, margin=m, margin_value=0.1, power=pw, beta=be)
+                for sc, lt, m, pw, be in [("l2", "diff_exp", "teacher_diff", 1.0, 1.0),
+                                          ("cosine", "diff_exp", "teacher_std", 1.0, 2.0),
+                                          ("l2", "diff_power", "const", 2.0, 1.0),
+                                          ("cosine", "diff_power", "teacher_diff", 1.5, 1.0),
+                                          ("l2", "ranknet", "teacher_diff", 1.0, 3.0)]]
+
+
+@pytest.mark.parametrize("name,fn,kwargs,oracle,same_dim", EMBEDDING_LOSSES, ids=[c[0] for c in EMBEDDING_LOSSES])
+def test_against_loop_oracle(name, fn, kwargs, oracle, same_dim):
+    s, t = make(batch=7, ds=5, dt=5 if same_dim else 6)
+    assert fn(s, t, **kwargs).item() == pytest.approx(oracle(s, t), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("options", PWR_VARIANTS, ids=lambda o: f"{o['score']}-{o['loss_type']}-{o['margin']}")
+def test_pwr_variants_against_loop_oracle(options):
+    s, t = make(batch=6, ds=4, dt=5, seed=3)
+    assert pwr_loss(s, t, **options).item() == pytest.approx(oracle_pwr(s, t, **options), rel=1e-10)
+
+
+@pytest.mark.parametrize("options", [PWR_VARIANTS[0], dict(loss_type="diff_exp", beta=2.5)], ids=["default", "beta"])
+def test_pwr_sorted_algorithm_matches_the_couples(options):
+    """The default variant's O(M log^2 M) dominance-set algorithm against the blockwise couples,
+    with tied teacher scores (integer embeddings) and without, fp64 and fp32."""
+    g = torch.Generator().manual_seed(8)
+    cases = [make(batch=23, ds=5, dt=6, seed=6),
+             (torch.randn(17, 4, generator=g, dtype=torch.float64),
+              torch.randint(0, 3, (17, 3), generator=g).double()),
+             make(batch=40, ds=16, seed=7, dtype=torch.float32)]
+    for s, t in cases:
+        s = s.clone().requires_grad_(True)
+        tight = s.dtype == torch.float64
+        by_couples = pwr_loss(s, t, algorithm="couples", **options)
+        (g_couples,) = torch.autograd.grad(by_couples, s)
+        by_sorting = pwr_loss(s, t, algorithm="sorted", **options)
+        (g_sorted,) = torch.autograd.grad(by_sorting, s)
+        assert by_sorting.item() == pytest.approx(by_couples.item(), rel=1e-12 if tight else 1e-6)
+        torch.testing.assert_close(g_sorted, g_couples, rtol=1e-9 if tight else 1e-5, atol=1e-12 if tight else 1e-7)
+
+
+def test_pwr_blocks_do_not_change_the_result():
+    s, t = make(batch=9, ds=4, seed=5)
+    s.requires_grad_(True)
+    whole = pwr_loss(s, t, algorithm="couples")
+    g_whole, = torch.autograd.grad(whole, s)
+    for chunk in (1, 7, 1000):
+        part = pwr_loss(s, t, chunk=chunk, algorithm="couples")
+        g_part, = torch.autograd.grad(part, s)
+        assert part.item() == pytest.approx(whole.item(), rel=1e-12)
+        torch.testing.assert_close(g_part, g_whole, rtol=1e-10, atol=1e-12)
+
+
+def test_pwr_without_ordered_couple_is_zero():
+    """All teacher scores equal (an equilateral simplex): no ordered couple, loss 0, gradient 0."""
+    teacher = torch.eye(4, dtype=torch.float64)
+    for algorithm in ("sorted", "couples"):
+        student = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        loss = pwr_loss(student, teacher, algorithm=algorithm)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.all(student.grad == 0)
+
+
+def test_hinton_kd_against_loop_oracle():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3
+    temp = 4.0
+    total = 0.0
+    for rs, rt in zip(rows(s), rows(t)):
+        zs = sum(math.exp(v / temp) for v in rs)
+        zt = sum(math.exp(v / temp) for v in rt)
+        for a, b in zip(rs, rt):
+            pt, ps = math.exp(b / temp) / zt, math.exp(a / temp) / zs
+            total += pt * (math.log(pt) - math.log(ps))
+    assert hinton_kd_loss(s, t).item() == pytest.approx(total * temp**2 / 5, rel=1e-10)
+    assert hinton_kd_loss(s, s).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(hard_fraction=1.0, num_mined_pairs=None),
+                                     dict(hard_fraction=0.3, num_mined_pairs=5, pair_filter="negative",
+                                          iled_weight=0.5, rpsd_weight=2.0),
+                                     dict(pair_filter="positive", num_mined_pairs=3)])
+def test_unified_against_loop_oracle(options):
+    s, t = make(batch=8, ds=6, seed=4)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3, 0, 2])
+    bank, bank_labels = make(batch=5, ds=6, seed=9)[1], torch.tensor([0, 1, 2, 9, 1])
+    own = torch.tensor([-1, 3, -1, -1, 0, -1, -1, 4])
+    full = dict(hard_fraction=0.5, num_mined_pairs=4096, pair_filter="all", iled_weight=1.0, rpsd_weight=1.0)
+    full.update(options)
+    expected = oracle_unified(s, t, labels.tolist(), bank, bank_labels.tolist(), own.tolist(), full["hard_fraction"],
+                              full["num_mined_pairs"], full["pair_filter"], full["iled_weight"], full["rpsd_weight"])
+    got = unified_kd_loss(s, t, labels, bank, bank_labels, own, **options)
+    assert got.item() == pytest.approx(expected, rel=1e-10)
+    # no bank: the batch's own teacher embeddings, own entries excluded
+    expected_in_batch = oracle_unified(s, t, labels.tolist(), t, labels.tolist(), list(range(8)), full["hard_fraction"],
+                                       full["num_mined_pairs"], full["pair_filter"], full["iled_weight"],
+                                       full["rpsd_weight"])
+    assert unified_kd_loss(s, t, labels, **options).item() == pytest.approx(expected_in_batch, rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+GRADCHECK_CASES = [
+    ("sp", lambda s, t: similarity_preserving_loss(s, t)),
+    ("sp_gram_rows", lambda s, t: similarity_preserving_loss(s, t, "gram_rows")),
+    ("cc", lambda s, t: correlation_congruence_loss(s, t)),
+    ("darkrank", lambda s, t: hard_darkrank_loss(s, t)),
+    ("fitnet", lambda s, t: fitnet_loss(s, t)),
+    ("cosine", lambda s, t: cosine_distill_loss(s, t)),
+    ("kd", lambda s, t: hinton_kd_loss(s, t)),
+    ("pwr_sorted", lambda s, t: pwr_loss(s, t, algorithm="sorted")),
+    ("pwr_couples", lambda s, t: pwr_loss(s, t, chunk=4, algorithm="couples")),
+    ("pwr_ranknet", lambda s, t: pwr_loss(s, t, loss_type="ranknet", score="cosine")),
+    ("pwr_diff_power", lambda s, t: pwr_loss(s, t, loss_type="diff_power", margin="teacher_std", power=2.0)),
+    ("unified", lambda s, t: unified_kd_loss(s, t, torch.tensor([0, 1, 0, 1, 2, 2]), num_mined_pairs=7)),
+]
+
+
+@pytest.mark.parametrize("name,fn", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+def test_gradcheck(name, fn):
+    s, t = make(batch=6, ds=4, seed=11)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: fn(x, t), (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+MODULES = [
+    (SimilarityPreservingLoss(), similarity_preserving_loss),
+    (CorrelationCongruenceLoss(), correlation_congruence_loss),
+    (HardDarkRankLoss(), hard_darkrank_loss),
+    (FitNetLoss(), fitnet_loss),
+    (CosineDistillLoss(), cosine_distill_loss),
+    (HintonKDLoss(), hinton_kd_loss),
+    (PWRLoss(), pwr_loss),
+]
+
+
+@pytest.mark.parametrize("module,fn", MODULES, ids=[type(m).__name__ for m, _ in MODULES])
+def test_module_matches_function_and_teacher_gets_no_gradient(module, fn):
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(10, 6, generator=g, requires_grad=True)
+    teacher = torch.randn(10, 6, generator=g, requires_grad=True)
+    loss = module(student, teacher)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None and torch.isfinite(student.grad).all()
+    assert loss.item() == fn(student, teacher).item()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("module,fn", MODULES, ids=[type(m).__name__ for m, _ in MODULES])
+def test_half_inputs_compute_in_fp32(module, fn, dtype):
+    s, t = make(batch=8, ds=6, seed=1, dtype=torch.float32)
+    half = s.to(dtype).requires_grad_(True)
+    loss = fn(half, t.to(dtype))
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == dtype
+    assert loss.item() == pytest.approx(fn(s.to(dtype).float(), t.to(dtype).float()).item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- unified: the memory bank
+
+
+def test_unified_bank_is_a_fifo_buffer():
+    crit = UnifiedKDLoss(dim=4, bank_size=5, num_mined_pairs=None)
+    s, t = make(batch=3, ds=4, seed=0, dtype=torch.float32)
+    labels = torch.tensor([7, 8, 9])
+    crit(s, t, labels)
+    assert int(crit.bank_count) == 3 and int(crit.bank_pointer) == 3
+    assert crit.bank_labels.tolist() == [7, 8, 9, -1, -1]
+    torch.testing.assert_close(crit.bank_embeddings[:3], torch.nn.functional.normalize(t))
+    # the first call (bank = this batch, own entries excluded) equals the in-batch functional form
+    assert crit.last_terms.loss.item() == pytest.approx(unified_kd_loss(s, t, labels, num_mined_pairs=None).item(),
+                                                        rel=1e-6)
+    crit(s, t, torch.tensor([1, 2, 3]))
+    assert int(crit.bank_count) == 5 and int(crit.bank_pointer) == 1
+    assert crit.bank_labels.tolist() == [3, 8, 9, 1, 2]
+    state = {k: v.clone() for k, v in crit.state_dict().items()}
+    assert set(state) == {"bank_embeddings", "bank_labels", "bank_count", "bank_pointer"}
+    crit.eval()
+    crit(s, t, labels)                 # eval: read, not written
+    for k, v in crit.state_dict().items():
+        assert torch.equal(v, state[k])
+    fresh = UnifiedKDLoss(dim=4, bank_size=5)
+    fresh.load_state_dict(state)
+    assert fresh.bank_labels.tolist() == [3, 8, 9, 1, 2]
+
+
+def test_unified_enqueue_after_uses_older_entries_only():
+    crit = UnifiedKDLoss(dim=4, bank_size=8, enqueue="after", num_mined_pairs=None)
+    s, t = make(batch=3, ds=4, seed=0, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 2])
+    first = crit(s, t, labels)         # empty bank: RPSD is 0, ILED only
+    assert crit.last_terms.rpsd.item() == 0.0 and crit.last_terms.num_mined_pairs == 0
+    assert first.item() == pytest.approx(crit.last_terms.iled.item())
+    crit(s, t, labels)
+    assert crit.last_terms.num_mined_pairs == 9   # 3 samples x 3 older entries, none excluded
+
+
+def test_unified_terms_are_reported():
+    s, t = make(batch=6, ds=4, seed=2)
+    res = unified_kd_terms(s, t, torch.arange(6), hard_fraction=0.5, num_mined_pairs=4)
+    assert res.num_hard_samples == 3 and res.num_mined_pairs == 4
+    assert res.loss.item() == pytest.approx(res.iled.item() + res.rpsd.item())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+TWO_EMBEDDING_FUNCTIONS = [similarity_preserving_loss, correlation_congruence_loss, hard_darkrank_loss, fitnet_loss,
+                           cosine_distill_loss, pwr_loss]
+
+
+@pytest.mark.parametrize("fn", TWO_EMBEDDING_FUNCTIONS, ids=lambda f: f.__name__)
+def test_bad_embeddings(fn):
+    with pytest.raises(ValueError, match="same number of rows"):
+        fn(torch.randn(5, 3), torch.randn(6, 3))
+    with pytest.raises(ValueError, match="2-D"):
+        fn(torch.randn(5), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        fn(torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="float"):
+        fn(torch.ones(5, 3, dtype=torch.int64), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        fn([[1.0, 2.0]], torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("fn", [fitnet_loss, cosine_distill_loss], ids=lambda f: f.__name__)
+def test_coordinate_losses_need_equal_widths(fn):
+    with pytest.raises(ValueError, match="widths must match"):
+        fn(torch.randn(5, 3), torch.randn(5, 4))
+
+
+def test_bad_options():
+    s, t = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="normalize"):
+        similarity_preserving_loss(s, t, normalize="rows")
+    with pytest.raises(ValueError, match="order"):
+        correlation_congruence_loss(s, t, order=-1)
+    with pytest.raises(ValueError, match="gamma"):
+        correlation_congruence_loss(s, t, gamma=0.0)
+    with pytest.raises(ValueError, match="more than list_length"):
+        hard_darkrank_loss(s[:3], t[:3])
+    with pytest.raises(ValueError, match="score"):
+        pwr_loss(s, t, score="dot")
+    with pytest.raises(ValueError, match="loss_type"):
+        PWRLoss(loss_type="hinge")
+    with pytest.raises(ValueError, match="margin"):
+        pwr_loss(s, t, margin="mean")
+    with pytest.raises(ValueError, match="beta"):
+        pwr_loss(s, t, beta=0)
+    with pytest.raises(ValueError, match="algorithm"):
+        pwr_loss(s, t, algorithm="fast")
+    with pytest.raises(ValueError, match="teacher_diff"):
+        pwr_loss(s, t, loss_type="ranknet", algorithm="sorted")
+    with pytest.raises(ValueError, match="temperature"):
+        hinton_kd_loss(s, t, temperature=0)
+    with pytest.raises(ValueError, match="same shape"):
+        hinton_kd_loss(torch.randn(4, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="2-D"):
+        hinton_kd_loss(torch.randn(4), torch.randn(4))
+    labels = torch.arange(6)
+    with pytest.raises(ValueError, match="hard_fraction"):
+        unified_kd_loss(s, t, labels, hard_fraction=0)
+    with pytest.raises(ValueError, match="num_mined_pairs"):
+        unified_kd_loss(s, t, labels, num_mined_pairs=0)
+    with pytest.raises(ValueError, match="pair_filter"):
+        unified_kd_loss(s, t, labels, pair_filter="hard")
+    with pytest.raises(ValueError, match="labels"):
+        unified_kd_loss(s, t, labels.float())
+    with pytest.raises(ValueError, match="widths must match"):
+        unified_kd_loss(s, torch.randn(6, 5), labels)
+    with pytest.raises(ValueError, match="bank_embeddings"):
+        unified_kd_loss(s, t, labels, torch.randn(3, 5), torch.arange(3))
+    with pytest.raises(ValueError, match="bank_labels"):
+        unified_kd_loss(s, t, labels, torch.randn(3, 4), torch.arange(2))
+    with pytest.raises(ValueError, match="own_index"):
+        unified_kd_loss(s, t, labels, torch.randn(3, 4), torch.arange(3), torch.tensor([0, 1, 2, 3, -1, -1]))
+    with pytest.raises(ValueError, match="built for width"):
+        UnifiedKDLoss(dim=8)(s, t, labels)
+    with pytest.raises(ValueError, match="bank_size"):
+        UnifiedKDLoss(dim=4, bank_size=0)
+    with pytest.raises(ValueError, match="enqueue"):
+        UnifiedKDLoss(dim=4, enqueue="never")
