@@ -1,0 +1,93 @@
+"""ArcFace: additive angular margin softmax (Deng et al., CVPR 2019), the classification loss
+that EKD and RKD are added to.
+
+For an embedding x with label y and class centres W (both L2-normalised), cos(theta_j) =
+<x_hat, w_hat_j>.  The target logit becomes s * cos(theta_y + m), the others stay s * cos(theta_j),
+and the loss is the cross-entropy of these logits (s = 64, m = 0.5 by default).
+
+Numerical safety:
+- cos(theta_y + m) = cos(theta_y) cos(m) - sin(theta_y) sin(m), with sin(theta_y) =
+  sqrt((1 - c)(1 + c)) on c = cos(theta_y) clamped to [-1 + 1e-7, 1 - 1e-7] (fp32) so that
+  neither the square root nor its gradient can blow up at cos = +-1.
+- Past theta_y + m > pi the margin would *raise* the logit (cos is not monotonic there); as
+  in insightface, the target logit is then cos(theta_y) - m sin(m), which keeps the target
+  logit decreasing in theta_y.  ``easy_margin=True`` applies the margin only where cos > 0.
+- Logits and the loss are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype,
+  also inside ``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import NORM_EPS
+
+
+class ArcFace(nn.Module):
+    """The ArcFace head: ``ArcFace(512, num_classes)(embeddings, labels)`` returns the mean loss.
+
+    ``logits(embeddings, labels)`` gives the margin-adjusted, scaled logits (B x C) for a caller
+    that wants its own reduction; ``cosine(embeddings)`` the plain cosines (for prediction).
+    The class centres ``weight`` (C x D) are a parameter, initialised N(0, 0.01).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
+                 easy_margin: bool = False, clamp_eps: float = 1e-7):
+        super().__init__()
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+        if not (0.0 <= margin < math.pi / 2):
+            raise ValueError(f"margin must lie in [0, pi/2), got {margin!r}")
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.easy_margin = easy_margin
+        self.clamp_eps = float(clamp_eps)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """B x C cosines between the embeddings and the class centres (fp32, fp64 for fp64)."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be B x {self.embedding_size}, got shape {tuple(embeddings.shape)}")
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        # s = 64 turns a bf16 cosine's rounding (~4e-3) into logit errors of ~0.25: keep the
+        # head in fp32 even inside an autocast region.
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x = F.normalize(embeddings.to(dtype), dim=1, eps=NORM_EPS)
+            w = F.normalize(self.weight.to(dtype), dim=1, eps=NORM_EPS)
+            return x @ w.t()
+
+    def target_logit(self, target_cosine: torch.Tensor) -> torch.Tensor:
+        """cos(theta + m) of the target class, with the guards described in the module docstring."""
+        c = target_cosine.clamp(-1.0 + self.clamp_eps, 1.0 - self.clamp_eps)
+        sine = torch.sqrt((1.0 - c) * (1.0 + c))
+        shifted = c * math.cos(self.margin) - sine * math.sin(self.margin)
+        if self.easy_margin:
+            return torch.where(target_cosine > 0, shifted, target_cosine)
+        # theta + m <= pi  <=>  cos(theta) >= cos(pi - m)
+        return torch.where(target_cosine >= math.cos(math.pi - self.margin), shifted,
+                           target_cosine - self.margin * math.sin(self.margin))
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0] or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be B = {embeddings.shape[0]} integers, got shape {tuple(labels.shape)} "
+                             f"and dtype {labels.dtype}")
+        cosine = self.cosine(embeddings)
+        labels = labels.long().unsqueeze(1)
+        target = self.target_logit(cosine.gather(1, labels))
+        return self.scale * cosine.scatter(1, labels, target)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(embeddings, labels), labels.long())
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, scale={self.scale}, "
+                f"margin={self.margin}, easy_margin={self.easy_margin}")

@@ -1,0 +1,191 @@
+"""Face data for the training kit: a synthetic identity dataset (no download) and a folder loader.
+
+``SyntheticFaces``: every identity is a smooth random colour pattern (a low-resolution random
+field, upsampled), drawn deterministically from (seed, identity); identities come in families
+that share part of their pattern, which makes hard negatives.  Every image of an identity adds
+nuisance variation: its own random pattern ("expression"), a shift, contrast and brightness
+changes, and pixel noise.  Images depend only on (seed, identity, image index), so disjoint
+identity ranges (``first_identity``) give a training set and an open-set test set from the same
+distribution.
+
+``FaceFolder``: a folder per identity of aligned crops (``root/<identity>/<image>``): .jpg,
+.jpeg, .png, .bmp (read with Pillow, which is then required) or .npy (H x W x 3 uint8 arrays,
+no extra dependency).  ``read_pairs`` reads a verification pairs list.
+
+Both return (image, label) with the image a 3 x H x W float tensor in [-1, 1] (the usual
+(x - 127.5) / 127.5 of face recognition).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+ARRAY_SUFFIXES = (".npy",)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A torch.Generator seeded from integers (a stable mix, independent of Python's hash)."""
+    seed = 0x2545F4914F6CDD1D
+    for k in key:
+        seed = (seed ^ (int(k) + 0x9E3779B97F4A7C15 + (seed << 6) + (seed >> 2))) % (1 << 63)
+    return torch.Generator().manual_seed(seed)
+
+
+class SyntheticFaces(Dataset):
+    """``num_identities`` x ``images_per_identity`` deterministic synthetic "faces".
+
+    Args:
+        num_identities, images_per_identity: size of the set.
+        image_size: side of the square RGB images (112 like aligned face crops).
+        seed: the whole set is a function of the seed (and the identity and image indices).
+        first_identity: global index of the first identity (disjoint ranges = disjoint identities).
+        family_size: identities per family; they share ``family_weight`` of their pattern's variance.
+        expression: weight of each image's own random pattern (the within-identity variation).
+        noise: standard deviation of the pixel noise.
+        grid: resolution of the random fields before upsampling (coarser = smoother patterns).
+    """
+
+    def __init__(self, num_identities: int, images_per_identity: int, image_size: int = 112, seed: int = 0,
+                 first_identity: int = 0, family_size: int = 4, family_weight: float = 0.5,
+                 expression: float = 0.4, noise: float = 0.1, grid: int = 6):
+        if num_identities < 1 or images_per_identity < 1 or image_size < 8:
+            raise ValueError(f"need num_identities >= 1, images_per_identity >= 1 and image_size >= 8, got "
+                             f"{num_identities}, {images_per_identity}, {image_size}")
+        if not (0.0 <= family_weight < 1.0):
+            raise ValueError(f"family_weight must lie in [0, 1), got {family_weight!r}")
+        self.num_identities = num_identities
+        self.images_per_identity = images_per_identity
+        self.image_size = image_size
+        self.first_identity = first_identity
+        images = [self._identity_images(seed, first_identity + i, images_per_identity, image_size, family_size,
+                                        family_weight, expression, noise, grid)
+                  for i in range(num_identities)]
+        # uint8, like decoded image files: 3 * 112 * 112 bytes per image.
+        self.images = torch.cat(images)
+        self.labels = torch.arange(num_identities).repeat_interleave(images_per_identity)
+
+    @staticmethod
+    def _identity_images(seed, identity, count, size, family_size, family_weight, expression, noise, grid):
+        family = identity // family_size
+        base = torch.randn(3, grid, grid, generator=_generator(seed, 1, family))
+        own = torch.randn(3, grid, grid, generator=_generator(seed, 2, identity))
+        pattern = math.sqrt(family_weight) * base + math.sqrt(1.0 - family_weight) * own
+        g = _generator(seed, 3, identity)
+        codes = pattern + expression * torch.randn(count, 3, grid, grid, generator=g)
+        # Upsample with a margin, then crop at a random offset: a shift of up to 1/8 of the side.
+        margin = size // 8
+        big = F.interpolate(codes, size=(size + 2 * margin,) * 2, mode="bicubic", align_corners=False)
+        offsets = torch.randint(0, 2 * margin + 1, (count, 2), generator=g)
+        crops = torch.stack([big[k, :, int(y):int(y) + size, int(x):int(x) + size]
+                             for k, (y, x) in enumerate(offsets)])
+        contrast = torch.empty(count, 1, 1, 1).uniform_(0.7, 1.3, generator=g)
+        brightness = 0.3 * torch.randn(count, 1, 1, 1, generator=g)
+        crops = contrast * crops + brightness + noise * torch.randn(crops.shape, generator=g)
+        return ((torch.tanh(crops / 2) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return to_float_image(self.images[index]), int(self.labels[index])
+
+    def batch(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of many indices at once (faster than a DataLoader for in-memory data)."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return to_float_image(self.images[index]), self.labels[index]
+
+
+def to_float_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float in [-1, 1]."""
+    return (image.float() - 127.5) / 127.5
+
+
+def _read_image(path: pathlib.Path) -> torch.Tensor:
+    """3 x H x W uint8 tensor from an image file or an .npy array (H x W x 3 uint8)."""
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        array = np.load(path)
+    else:
+        try:
+            from PIL import Image
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(f"reading {path.suffix} images needs Pillow (pip install pillow); "
+                              f".npy arrays need nothing") from exc
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"{path}: expected an H x W x 3 uint8 image, got shape {array.shape} {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+class FaceFolder(Dataset):
+    """``root/<identity>/<image>``: one folder per identity (sorted names -> labels 0, 1, ...).
+
+    Images are read on access; ``image_size`` resizes them (bilinear) when given, otherwise they
+    must already be the size the model expects (112 x 112 aligned crops).
+    """
+
+    def __init__(self, root, image_size: Optional[int] = None):
+        self.root = pathlib.Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset folder {self.root} does not exist")
+        suffixes = IMAGE_SUFFIXES + ARRAY_SUFFIXES
+        self.classes: List[str] = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.samples: List[Tuple[pathlib.Path, int]] = []
+        for label, name in enumerate(self.classes):
+            for f in sorted((self.root / name).iterdir()):
+                if f.suffix.lower() in suffixes:
+                    self.samples.append((f, label))
+        if not self.samples:
+            raise ValueError(f"no images ({', '.join(suffixes)}) under {self.root}/<identity>/")
+        self.labels = torch.tensor([label for _, label in self.samples])
+        self.image_size = image_size
+        self.index = {str(path.relative_to(self.root)): i for i, (path, _) in enumerate(self.samples)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_uint8(self, index: int) -> torch.Tensor:
+        image = _read_image(self.samples[index][0])
+        if self.image_size is not None and tuple(image.shape[1:]) != (self.image_size, self.image_size):
+            image = F.interpolate(image[None].float(), size=(self.image_size,) * 2, mode="bilinear",
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        return image
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return to_float_image(self.load_uint8(index)), self.samples[index][1]
+
+    def batch(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([self.load_uint8(int(i)) for i in indices])
+        return to_float_image(images), self.labels[torch.as_tensor(indices, dtype=torch.int64)]
+
+
+def read_pairs(path, dataset: FaceFolder) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A verification pairs list: one pair per line, ``<image a> <image b> <1 same | 0 different>``,
+    image paths relative to the dataset root (``identity/file``); blank lines and lines starting
+    with '#' are skipped.  Returns (index_a, index_b, is_same) into ``dataset``.
+    """
+    index_a, index_b, same = [], [], []
+    for number, line in enumerate(pathlib.Path(path).read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[2] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected '<image a> <image b> <0|1>', got {line!r}")
+        for name in parts[:2]:
+            if name not in dataset.index:
+                raise ValueError(f"{path}:{number}: {name} is not an image under {dataset.root}")
+        index_a.append(dataset.index[parts[0]])
+        index_b.append(dataset.index[parts[1]])
+        same.append(parts[2] == "1")
+    if not same:
+        raise ValueError(f"{path}: no pairs")
+    return torch.tensor(index_a), torch.tensor(index_b), torch.tensor(same)

@@ -1,0 +1,412 @@
+"""End-to-end EKD distillation: a teacher, then a MobileFaceNet student three ways.
+
+    python examples/distill.py --quick                 # CPU, a few minutes, synthetic faces
+    python examples/distill.py                         # the same at 112 x 112 and full length (GPU)
+    python examples/distill.py --data FACES/ --pairs pairs.txt --teacher-checkpoint ir50.pt
+
+Steps:
+1. Data: by default ``SyntheticFaces`` (deterministic, no download): training identities and a
+   disjoint set of test identities.  With ``--data ROOT`` a folder per identity of aligned
+   crops (``ekd_kernels.data.FaceFolder``); evaluation then uses ``--pairs FILE`` (a pairs list,
+   ``<image a> <image b> <0|1>`` per line, paths relative to ``--eval-data`` or ``--data``), or
+   all pairs of ``--eval-data ROOT``, or all pairs of a held-out tenth of the identities.
+2. Teacher: an IR ResNet (``--teacher ir18 --teacher-width 32`` in ``--quick``), trained here
+   with ArcFace on the same training data for ``--teacher-epochs``, or loaded from
+   ``--teacher-checkpoint`` (a state_dict of that architecture).  It is then frozen; since the
+   data carry no random augmentation its embeddings of the training images are computed once.
+3. Students (MobileFaceNet, same initialisation in every run): ArcFace alone, ArcFace + RKD
+   (``ekd_kernels.RKDLoss``), ArcFace + EKD (``ekd_kernels.EKDLoss``), on the same batches
+   (``BalancedBatchSampler``: a general random part plus p identities x q = 4 images).
+4. Every epoch: the losses, the critical-relation ratio (EKD's Eq. 5 pairs among all pairs of
+   the batch, the paper's Fig. 4; the ArcFace and RKD runs measure it with a monitoring
+   ``EKDLoss`` that does not train) and the TPR at FPR 1e-2 / 1e-3 / 1e-4 of all test pairs
+   (``ekd_kernels.metrics``), against the teacher's.
+
+Outputs in ``--out``: history.csv (one row per run and epoch), summary.json (settings, teacher
+and final student TPRs, run times), teacher.pt (the trained teacher, reusable with
+``--teacher-checkpoint``), critical_ratio.svg, and critical_ratio.png when matplotlib is
+installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ekd_kernels import EKDLoss, RKDLoss, ekd_loss  # noqa: E402
+from ekd_kernels.arcface import ArcFace  # noqa: E402
+from ekd_kernels.data import FaceFolder, SyntheticFaces, read_pairs  # noqa: E402
+from ekd_kernels.metrics import pair_scores, tpr_at_fpr, verify_all_pairs  # noqa: E402
+from ekd_kernels.models import build_backbone, count_parameters  # noqa: E402
+from ekd_kernels.sampler import BalancedBatchSampler  # noqa: E402
+
+EVAL_FPRS = (1e-2, 1e-3, 1e-4)
+RUNS = ("arcface", "rkd", "ekd")
+
+# Settings of the two presets; every one can be overridden on the command line.
+PRESETS = {
+    "quick": dict(image_size=32, train_identities=100, train_images=10, test_identities=60, test_images=10,
+                  teacher="ir18", teacher_width=32, teacher_epochs=8, epochs=5, general_size=16,
+                  identities_per_batch=12, lr=0.1, teacher_lr=0.1),
+    "full": dict(image_size=112, train_identities=1000, train_images=20, test_identities=300, test_images=10,
+                 teacher="ir50", teacher_width=64, teacher_epochs=20, epochs=20, general_size=64,
+                 identities_per_batch=32, lr=0.1, teacher_lr=0.1),
+}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized preset (32 x 32 synthetic faces, few epochs)")
+    p.add_argument("--out", default="runs/distill", help="output folder (default: runs/distill)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which student runs")
+    # data
+    p.add_argument("--data", default=None, help="folder per identity of aligned crops (default: synthetic)")
+    p.add_argument("--eval-data", default=None, help="folder of test identities (all-pairs or --pairs)")
+    p.add_argument("--pairs", default=None, help="pairs list for verification (see the module docstring)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--train-identities", type=int)
+    p.add_argument("--train-images", type=int, help="images per training identity (synthetic)")
+    p.add_argument("--test-identities", type=int)
+    p.add_argument("--test-images", type=int, help="images per test identity (synthetic)")
+    p.add_argument("--expression", type=float, default=0.4,
+                   help="within-identity variation of the synthetic faces (higher = harder)")
+    # models and training
+    p.add_argument("--student", default="mobilefacenet")
+    p.add_argument("--teacher", help="teacher backbone: ir18, ir34, ir50, ir100")
+    p.add_argument("--teacher-width", type=int, help="channels of the teacher's first stage (64 = published)")
+    p.add_argument("--teacher-checkpoint", default=None, help="state_dict of the teacher (skips its training)")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--epochs", type=int, help="student epochs")
+    p.add_argument("--general-size", type=int, help="random samples per batch")
+    p.add_argument("--identities-per-batch", type=int, help="p of the balanced part")
+    p.add_argument("--images-per-identity", type=int, default=4, help="q of the balanced part (4 in the paper)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--teacher-lr", type=float)
+    p.add_argument("--scale", type=float, default=64.0, help="ArcFace s")
+    p.add_argument("--margin", type=float, default=0.5, help="ArcFace m")
+    p.add_argument("--rkd-weight", type=float, default=1.0, help="multiplies RKDLoss() (its own weights 25, 50)")
+    p.add_argument("--ekd-weight", type=float, default=1.0, help="multiplies EKDLoss() (its own weights)")
+    p.add_argument("--ekd-momentum", type=float, default=0.01,
+                   help="EMA momentum of the EKD thresholds (0.01 = the authors', tuned for long runs)")
+    p.add_argument("--ekd-warm-start", action="store_true",
+                   help="start the EKD thresholds at the first batch's instead of 0 (the authors start at 0)")
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# --------------------------------------------------------------------------- data
+class Split:
+    """A dataset with `.batch(indices)` and `.labels`, plus how to evaluate it."""
+
+    def __init__(self, dataset, pairs=None):
+        self.dataset = dataset
+        self.pairs = pairs  # (index_a, index_b, is_same) or None for all pairs
+
+
+def load_data(args):
+    if args.data is None:
+        train = SyntheticFaces(args.train_identities, args.train_images, args.image_size, seed=args.seed,
+                               expression=args.expression)
+        test = SyntheticFaces(args.test_identities, args.test_images, args.image_size, seed=args.seed,
+                              first_identity=args.train_identities, expression=args.expression)
+        return train, Split(test)
+    train = FaceFolder(args.data, image_size=args.image_size)
+    if args.pairs is not None:
+        test = FaceFolder(args.eval_data or args.data, image_size=args.image_size)
+        return train, Split(test, read_pairs(args.pairs, test))
+    if args.eval_data is not None:
+        return train, Split(FaceFolder(args.eval_data, image_size=args.image_size))
+    # Hold out every tenth identity for all-pairs verification.
+    held_out = (train.labels % 10) == 9
+    train_index = torch.nonzero(~held_out).squeeze(1)
+    test_index = torch.nonzero(held_out).squeeze(1)
+    return _Subset(train, train_index), Split(_Subset(train, test_index))
+
+
+class _Subset:
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+        self.labels = dataset.labels[indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def batch(self, indices):
+        return self.dataset.batch(self.indices[torch.as_tensor(indices)].tolist())
+
+
+def num_classes(dataset) -> int:
+    return int(dataset.labels.max()) + 1
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed(model, dataset, device, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        images, _ = dataset.batch(list(range(start, min(start + batch_size, len(dataset)))))
+        out.append(model(images.to(device)).float())
+    return torch.cat(out)
+
+
+def evaluate(model, split: Split, device) -> Dict[str, float]:
+    embeddings = embed(model, split.dataset, device)
+    if split.pairs is None:
+        result = verify_all_pairs(embeddings, split.dataset.labels.to(device), EVAL_FPRS)
+    else:
+        a, b, same = split.pairs
+        scores = pair_scores(embeddings[a.to(device)], embeddings[b.to(device)])
+        result = tpr_at_fpr(scores[same.to(device)], scores[~same.to(device)], EVAL_FPRS)
+    return {f"tpr@{f:g}": t for f, t in zip(result.fprs, result.tprs)}
+
+
+# --------------------------------------------------------------------------- training
+def make_optimizer(params, lr: float, steps: int):
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = max(1, steps)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return optimizer, schedule
+
+
+def make_sampler(args, dataset, seed: int) -> BalancedBatchSampler:
+    return BalancedBatchSampler(dataset.labels, general_size=args.general_size,
+                                num_identities=args.identities_per_batch,
+                                images_per_identity=args.images_per_identity, seed=seed)
+
+
+def train_teacher(args, train, device) -> torch.nn.Module:
+    torch.manual_seed(args.seed + 1)
+    teacher = build_backbone(args.teacher, width=args.teacher_width, input_size=args.image_size).to(device)
+    if args.teacher_checkpoint:
+        teacher.load_state_dict(torch.load(args.teacher_checkpoint, map_location=device))
+        print(f"teacher: {args.teacher} loaded from {args.teacher_checkpoint}", flush=True)
+        return teacher.eval()
+    head = ArcFace(512, num_classes(train), args.scale, args.margin).to(device)
+    sampler = make_sampler(args, train, args.seed + 1)
+    optimizer, schedule = make_optimizer(list(teacher.parameters()) + list(head.parameters()), args.teacher_lr,
+                                         args.teacher_epochs * len(sampler))
+    print(f"teacher: {args.teacher} width {args.teacher_width}, {count_parameters(teacher) / 1e6:.2f} M "
+          f"parameters, {args.teacher_epochs} epochs of {len(sampler)} batches", flush=True)
+    for epoch in range(args.teacher_epochs):
+        teacher.train()
+        sampler.set_epoch(epoch)
+        start, total = time.time(), 0.0
+        for indices in sampler:
+            images, labels = train.batch(indices)
+            loss = head(teacher(images.to(device)), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach())
+        print(f"  teacher epoch {epoch + 1}: arcface {total / len(sampler):.3f} ({time.time() - start:.1f} s)",
+              flush=True)
+    torch.save(teacher.state_dict(), pathlib.Path(args.out) / "teacher.pt")
+    return teacher.eval()
+
+
+def train_student(run: str, args, train, test: Split, teacher_embeddings: torch.Tensor, device) -> List[dict]:
+    torch.manual_seed(args.seed + 2)  # same initial student and head in every run
+    student = build_backbone(args.student, input_size=args.image_size).to(device)
+    head = ArcFace(512, num_classes(train), args.scale, args.margin).to(device)
+    sampler = make_sampler(args, train, args.seed + 2)  # same batches in every run
+    optimizer, schedule = make_optimizer(list(student.parameters()) + list(head.parameters()), args.lr,
+                                         args.epochs * len(sampler))
+    rkd = RKDLoss().to(device)
+    ekd = EKDLoss(momentum=args.ekd_momentum, compute_critical_ratio=True).to(device)
+    # The ArcFace and RKD runs measure the critical ratio with a monitor that does not train.
+    monitor = ekd if run == "ekd" else EKDLoss(momentum=args.ekd_momentum, compute_critical_ratio=True).to(device)
+    if args.ekd_warm_start:
+        warm_start(args, train, sampler, student, teacher_embeddings, [ekd, monitor], device)
+    history = []
+    for epoch in range(args.epochs):
+        student.train()
+        sampler.set_epoch(epoch)
+        start = time.time()
+        sums = {"arcface": 0.0, "distill": 0.0, "critical_ratio": 0.0}
+        for indices in sampler:
+            images, labels = train.batch(indices)
+            images, labels = images.to(device), labels.to(device)
+            teacher_emb = teacher_embeddings[torch.as_tensor(indices, device=device)]
+            student_emb = student(images)
+            loss_cls = head(student_emb, labels)
+            if run == "rkd":
+                distill = args.rkd_weight * rkd(student_emb, teacher_emb)
+            elif run == "ekd":
+                distill = args.ekd_weight * ekd(student_emb, teacher_emb, labels)
+            else:
+                distill = torch.zeros((), device=device)
+            if run != "ekd":
+                with torch.no_grad():
+                    monitor(student_emb.detach(), teacher_emb, labels)
+            loss = loss_cls + distill
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            sums["arcface"] += float(loss_cls.detach())
+            sums["distill"] += float(distill.detach())
+            sums["critical_ratio"] += float(monitor.last_stats.critical_ratio)
+        row = {"run": run, "epoch": epoch + 1, **{k: v / len(sampler) for k, v in sums.items()}}
+        row.update(evaluate(student, test, device))
+        row["seconds"] = time.time() - start
+        history.append(row)
+        print(f"  {run:7s} epoch {epoch + 1}: arcface {row['arcface']:.3f}  distill {row['distill']:.4f}  "
+              f"critical {row['critical_ratio']:.4f}  " +
+              "  ".join(f"{k} {row[k]:.4f}" for k in row if k.startswith("tpr@")) +
+              f"  ({row['seconds']:.1f} s)", flush=True)
+    return history
+
+
+@torch.no_grad()
+def warm_start(args, train, sampler, student, teacher_embeddings, losses, device) -> None:
+    """Set the EMA thresholds to the batch thresholds of the first batch (momentum 1 once)."""
+    indices = next(iter(sampler))
+    images, labels = train.batch(indices)
+    student.train()
+    result = ekd_loss(student(images.to(device)), teacher_embeddings[torch.as_tensor(indices, device=device)],
+                      labels.to(device), momentum=1.0)
+    for loss in losses:
+        loss.student_thresholds.copy_(result.student_thresholds)
+        loss.teacher_thresholds.copy_(result.teacher_thresholds)
+
+
+# --------------------------------------------------------------------------- outputs
+def write_history(path: pathlib.Path, rows: List[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_critical_ratio(out: pathlib.Path, rows: List[dict]) -> List[str]:
+    """critical_ratio.svg always (no dependency); critical_ratio.png when matplotlib is installed."""
+    runs = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append((r["epoch"], r["critical_ratio"]))
+    written = [_svg_plot(out / "critical_ratio.svg", runs)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: wrote critical_ratio.svg and the CSV, no PNG", flush=True)
+        return written
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for run, points in runs.items():
+        ax.plot(*zip(*points), marker="o", label=run)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("critical relations / all pairs")
+    ax.set_title("Critical-relation ratio (EKD Fig. 4)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "critical_ratio.png", dpi=120)
+    plt.close(fig)
+    written.append(str(out / "critical_ratio.png"))
+    return written
+
+
+def _svg_plot(path: pathlib.Path, runs: Dict[str, list]) -> str:
+    width, height, pad = 480, 320, 50
+    points = [p for series in runs.values() for p in series]
+    x_max = max(x for x, _ in points)
+    y_max = max(y for _, y in points) * 1.1 or 1.0
+
+    def xy(x, y):
+        return (pad + (x - 1) / max(x_max - 1, 1) * (width - 2 * pad), height - pad - y / y_max * (height - 2 * pad))
+
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">epoch</text>',
+             f'<text x="{width / 2}" y="20" text-anchor="middle">critical relations / all pairs '
+             f'(EKD Fig. 4)</text>',
+             f'<text x="{pad - 5}" y="{pad + 4}" text-anchor="end">{y_max:.3g}</text>',
+             f'<text x="{pad - 5}" y="{height - pad + 4}" text-anchor="end">0</text>']
+    for i, (run, series) in enumerate(runs.items()):
+        colour = colours[i % len(colours)]
+        path_points = " ".join(f"{a:.1f},{b:.1f}" for a, b in (xy(x, y) for x, y in series))
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path_points}"/>')
+        parts.append(f'<text x="{width - pad + 5}" y="{pad + 15 * i}" fill="{colour}">{run}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+    return str(path)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Denormal floats make CPU convolutions many times slower in the first steps of training.
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+
+    train, test = load_data(args)
+    print(f"data: {len(train)} training images of {num_classes(train)} identities, "
+          f"{len(test.dataset)} test images ({'pairs list' if test.pairs else 'all pairs'}), "
+          f"{args.image_size} x {args.image_size}", flush=True)
+    teacher = train_teacher(args, train, device)
+    teacher_tpr = evaluate(teacher, test, device)
+    print("teacher: " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()), flush=True)
+    teacher_embeddings = embed(teacher, train, device)
+    teacher_seconds = time.time() - began
+
+    rows, runtimes = [], {}
+    for run in args.runs:
+        start = time.time()
+        print(f"student run '{run}': {args.student}", flush=True)
+        rows += train_student(run, args, train, test, teacher_embeddings, device)
+        runtimes[run] = time.time() - start
+
+    write_history(out / "history.csv", rows)
+    plots = plot_critical_ratio(out, rows)
+    final = {run: {k: v for k, v in [r for r in rows if r["run"] == run][-1].items() if k.startswith("tpr@")}
+             for run in args.runs}
+    summary = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "device": str(device),
+        "teacher_tpr": teacher_tpr,
+        "final_student_tpr": final,
+        "seconds": {"teacher": teacher_seconds, **runtimes, "total": time.time() - began},
+        "outputs": (["history.csv", "summary.json"] + ([] if args.teacher_checkpoint else ["teacher.pt"])
+                    + [pathlib.Path(p).name for p in plots]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\nfinal TPRs (test identities, all pairs):")
+    print(f"  {'teacher':8s} " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()))
+    for run, tprs in final.items():
+        print(f"  {run:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in tprs.items()))
+    print(f"outputs in {out}/ ({summary['seconds']['total']:.0f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""ArcFace head against the direct formula s * cos(arccos(c) + m), and its guards near cos = +-1."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ekd_kernels.arcface import ArcFace
+
+
+def direct_logits(head, embeddings, labels):
+    """float64, written from the definition with arccos."""
+    x = F.normalize(embeddings.double(), dim=1)
+    w = F.normalize(head.weight.detach().double(), dim=1)
+    cosine = x @ w.t()
+    logits = cosine.clone()
+    for i, y in enumerate(labels.tolist()):
+        c = float(cosine[i, y])
+        theta = math.acos(max(-1.0, min(1.0, c)))
+        if head.easy_margin:
+            logits[i, y] = math.cos(theta + head.margin) if c > 0 else c
+        elif theta + head.margin <= math.pi:
+            logits[i, y] = math.cos(theta + head.margin)
+        else:
+            logits[i, y] = c - head.margin * math.sin(head.margin)
+    return head.scale * logits
+
+
+@pytest.mark.parametrize("easy_margin", [False, True])
+@pytest.mark.parametrize("scale,margin", [(64.0, 0.5), (30.0, 0.3), (64.0, 0.0)])
+def test_logits_and_loss_match_formula(scale, margin, easy_margin):
+    torch.manual_seed(0)
+    head = ArcFace(16, 10, scale=scale, margin=margin, easy_margin=easy_margin).double()
+    embeddings = torch.randn(40, 16, dtype=torch.float64)
+    labels = torch.randint(0, 10, (40,))
+    # make some targets nearly aligned / opposed, so that every branch is taken
+    embeddings[:3] = head.weight.detach()[labels[:3]] * 3
+    embeddings[3:6] = -head.weight.detach()[labels[3:6]]
+    expected = direct_logits(head, embeddings, labels)
+    # the only deviation allowed: the 1e-7 clamp near |cos| = 1
+    torch.testing.assert_close(head.logits(embeddings, labels), expected, atol=scale * 1e-3, rtol=0)
+    far = expected.clone()
+    torch.testing.assert_close(head(embeddings, labels), F.cross_entropy(far, labels), atol=1e-2, rtol=0)
+
+
+def test_logits_match_formula_away_from_the_clamp():
+    torch.manual_seed(1)
+    head = ArcFace(32, 7).double()
+    embeddings = torch.randn(30, 32, dtype=torch.float64)
+    labels = torch.randint(0, 7, (30,))
+    torch.testing.assert_close(head.logits(embeddings, labels), direct_logits(head, embeddings, labels),
+                               atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(head(embeddings, labels),
+                               F.cross_entropy(direct_logits(head, embeddings, labels), labels),
+                               atol=1e-9, rtol=1e-9)
+
+
+def test_target_logit_decreases_with_angle():
+    head = ArcFace(4, 2)
+    cosines = torch.linspace(-1, 1, 2001)
+    logits = head.target_logit(cosines)
+    assert bool((torch.diff(logits) > 0).all())   # monotonic in cos, also past theta + m > pi
+
+
+def test_gradients_finite_at_cos_plus_minus_one():
+    head = ArcFace(8, 3)
+    labels = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        embeddings = torch.stack([head.weight[0], -head.weight[1], head.weight[2] * 5]).clone()
+    embeddings.requires_grad_(True)
+    loss = head(embeddings, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(embeddings.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_compute_in_fp32(dtype):
+    torch.manual_seed(2)
+    head = ArcFace(16, 5)
+    embeddings = torch.randn(8, 16).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 5, (8,))
+    loss = head(embeddings, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, head(embeddings.detach().float(), labels), atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert embeddings.grad.dtype == dtype
+
+
+def test_autocast_keeps_the_head_in_fp32():
+    torch.manual_seed(3)
+    head = ArcFace(16, 5)
+    embeddings, labels = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logits = head.logits(embeddings, labels)
+        loss = head(embeddings, labels)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head.logits(embeddings, labels))
+    torch.testing.assert_close(loss, head(embeddings, labels))
+
+
+def test_rejects_bad_input():
+    head = ArcFace(8, 3)
+    with pytest.raises(ValueError, match="B x 8"):
+        head(torch.randn(4, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        head(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="margin"):
+        ArcFace(8, 3, margin=2.0)
+    with pytest.raises(ValueError, match="scale"):
+        ArcFace(8, 3, scale=0.0)

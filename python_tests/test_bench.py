@@ -1,0 +1,55 @@
+"""The benchmark scripts run (CI-sized) and write rows of the documented shape. No timing
+assertions: performance is measured by `make bench`, not tested."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+
+
+def run_script(name, *args):
+    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_loss_bench_quick(tmp_path):
+    out = tmp_path / "loss.jsonl"
+    stdout = run_script("bench_loss.py", "--quick", "--methods", "ekd/reference", "rkd/reference", "floor",
+                        "--out", str(out))
+    rows = [r for r in read_rows(out) if "note" not in r]
+    assert {r["name"] for r in rows} == {"ekd/reference", "rkd/reference", "floor"}
+    assert {r["batch"] for r in rows if r["name"] == "ekd/reference"} == {64, 128}
+    for r in rows:
+        for key in ("device", "torch", "commit", "date", "dim", "dtype", "peak_memory_bytes"):
+            assert key in r, key
+        for part in ("forward_backward", "forward"):
+            assert r[part]["p20_s"] <= r[part]["median_s"] <= r[part]["p80_s"]
+    assert "ratios" in stdout and "| B |" in stdout
+
+
+def test_train_step_bench_quick(tmp_path):
+    out = tmp_path / "train.jsonl"
+    run_script("bench_train_step.py", "--quick", "--batches", "2", "--methods", "baseline", "ekd/reference",
+               "--out", str(out))
+    rows = [r for r in read_rows(out) if "note" not in r]
+    assert [r["setting"] for r in rows] == ["baseline", "ekd/reference"]
+    assert rows[0]["loss_share"] is None and 0 < rows[1]["loss_share"]
+    assert all(r["batch"] == 4 for r in rows)
+
+
+def test_plot_draws_pngs(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (an optional dependency)")
+    out = tmp_path / "loss.jsonl"
+    run_script("bench_loss.py", "--quick", "--methods", "floor", "--out", str(out))
+    stdout = run_script("plot.py", "--results", str(tmp_path), "--out", str(tmp_path))
+    assert list(tmp_path.glob("loss_*.png")), stdout

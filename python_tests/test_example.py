@@ -1,0 +1,103 @@
+"""The training kit end to end: the synthetic and folder datasets, and examples/distill.py.
+
+The example runs its --quick preset cut to one epoch on a few identities (the full --quick run
+takes minutes; CI only checks that every stage runs and writes its outputs, no accuracy).
+"""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ekd_kernels.data import FaceFolder, SyntheticFaces, read_pairs
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "distill.py"
+TINY = ["--quick", "--threads", "1", "--epochs", "1", "--teacher-epochs", "1", "--teacher-width", "8",
+        "--general-size", "4", "--identities-per-batch", "4", "--device", "cpu"]
+
+
+def test_synthetic_faces_deterministic_and_disjoint():
+    a = SyntheticFaces(3, 4, image_size=16, seed=1)
+    b = SyntheticFaces(3, 4, image_size=16, seed=1)
+    assert torch.equal(a.images, b.images) and a.images.dtype == torch.uint8
+    assert a.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # identity k of a set starting at 1 is identity k + 1 of a set starting at 0
+    c = SyntheticFaces(2, 4, image_size=16, seed=1, first_identity=1)
+    assert torch.equal(c.images, a.images[4:])
+    assert not torch.equal(SyntheticFaces(3, 4, image_size=16, seed=2).images, a.images)
+    image, label = a[5]
+    assert image.shape == (3, 16, 16) and label == 1 and -1 <= float(image.min()) <= float(image.max()) <= 1
+    images, labels = a.batch([0, 11])
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 2]
+
+
+def write_folder(root: pathlib.Path, identities=4, images=3, size=32):
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        (root / f"person{i}").mkdir(parents=True)
+        for j in range(images):
+            np.save(root / f"person{i}" / f"{j}.npy", rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_face_folder_and_pairs(tmp_path):
+    write_folder(tmp_path / "faces")
+    dataset = FaceFolder(tmp_path / "faces")
+    assert len(dataset) == 12 and dataset.classes == [f"person{i}" for i in range(4)]
+    image, label = dataset[4]
+    assert image.shape == (3, 32, 32) and label == 1
+    assert FaceFolder(tmp_path / "faces", image_size=16)[0][0].shape == (3, 16, 16)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("# a comment\nperson0/0.npy person0/1.npy 1\n\nperson0/0.npy person2/1.npy 0\n")
+    a, b, same = read_pairs(pairs, dataset)
+    assert a.tolist() == [0, 0] and b.tolist() == [1, 7] and same.tolist() == [True, False]
+    pairs.write_text("person0/0.npy person9/1.npy 1\n")
+    with pytest.raises(ValueError, match="person9"):
+        read_pairs(pairs, dataset)
+    with pytest.raises(FileNotFoundError):
+        FaceFolder(tmp_path / "missing")
+
+
+def run_example(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_example_quick_writes_outputs(tmp_path):
+    out = tmp_path / "out"
+    stdout = run_example([*TINY, "--train-identities", "12", "--train-images", "6", "--test-identities", "8",
+                          "--test-images", "4", "--out", str(out)], tmp_path)
+    assert "final TPRs" in stdout
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["run"] for r in rows] == ["arcface", "rkd", "ekd"]
+    for r in rows:
+        assert 0.0 <= float(r["critical_ratio"]) <= 1.0
+        assert all(0.0 <= float(r[f"tpr@{f}"]) <= 1.0 for f in ("0.01", "0.001", "0.0001"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final_student_tpr"]) == {"arcface", "rkd", "ekd"}
+    assert set(summary["teacher_tpr"]) == {"tpr@0.01", "tpr@0.001", "tpr@0.0001"}
+    assert (out / "critical_ratio.svg").read_text().startswith("<svg")
+    for name in summary["outputs"]:
+        assert (out / name).is_file()
+
+
+def test_example_on_a_folder_with_pairs_list(tmp_path):
+    write_folder(tmp_path / "faces", identities=8, images=5)
+    pairs = tmp_path / "pairs.txt"
+    lines = [f"person{i}/0.npy person{i}/1.npy 1" for i in range(8)]
+    lines += [f"person{i}/2.npy person{(i + 1) % 8}/3.npy 0" for i in range(8)]
+    pairs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run_example([*TINY, "--data", str(tmp_path / "faces"), "--pairs", str(pairs), "--runs", "ekd",
+                 "--ekd-warm-start", "--out", str(out)], tmp_path)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final_student_tpr"]) == {"ekd"}

@@ -1,0 +1,239 @@
+"""ekd_kernels.metrics: TPR at FPR against a numpy sort, the roc_curve correspondence, and the
+tiled all-pairs evaluator against a brute-force computation of every pair."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ekd_kernels.metrics import (VerificationResult, key_to_float, order_keys, pair_scores, threshold_indices,
+                                 tpr_at_fpr, verify_all_pairs)
+
+FPRS = (0.5, 1e-1, 1e-2, 3e-3, 1e-3, 1e-4)
+
+
+def numpy_tpr_at_fpr(pos, neg, fprs):
+    """The definition, by a full sort: element floor(L * f) of the negatives in descending order."""
+    ordered = np.sort(np.asarray(neg))[::-1]
+    out = []
+    for m in threshold_indices(len(ordered), fprs):
+        t = ordered[m]
+        out.append((float(t), float(np.mean(np.asarray(pos) > t))))
+    return out
+
+
+def numpy_roc_curve(y_true, scores):
+    """scikit-learn's roc_curve(y_true, scores, drop_intermediate=False), re-derived in numpy:
+    one point per distinct score u (descending) with fpr = #(neg >= u) / L, tpr = #(pos >= u) / P,
+    preceded by the point (0, 0) at threshold +inf.  Returns integer counts instead of rates."""
+    y_true = np.asarray(y_true, dtype=bool)
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    s, y = np.asarray(scores)[order], y_true[order]
+    last_of_value = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    true_positives = np.cumsum(y)[last_of_value]
+    false_positives = np.cumsum(~y)[last_of_value]
+    return np.r_[0, false_positives], np.r_[0, true_positives], np.r_[np.inf, s[last_of_value]]
+
+
+def integer_scores(generator, count, low=-20, high=20):
+    return torch.randint(low, high, (count,), generator=generator).double()
+
+
+# --------------------------------------------------------------------------- given scores
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_negatives", [1, 7, 999, 1000, 12345])
+def test_tpr_at_fpr_matches_sort(seed, num_negatives):
+    g = torch.Generator().manual_seed(seed)
+    pos = integer_scores(g, 300, -5, 30)          # integer scores: many ties, with each other and
+    neg = integer_scores(g, num_negatives, -30, 25)  # with the negatives
+    result = tpr_at_fpr(pos, neg, FPRS)
+    expected = numpy_tpr_at_fpr(pos.numpy(), neg.numpy(), FPRS)
+    assert result.thresholds == tuple(t for t, _ in expected)
+    assert result.tprs == tuple(r for _, r in expected)
+    assert result.num_positive_pairs == 300 and result.num_negative_pairs == num_negatives
+
+
+def test_tpr_at_fpr_float_scores_and_dtypes():
+    g = torch.Generator().manual_seed(5)
+    pos, neg = torch.randn(500, generator=g) + 2, torch.randn(20000, generator=g)
+    for p, n in ((pos, neg), (pos.double(), neg.float()), (pos.half(), neg.half())):
+        result = tpr_at_fpr(p, n, FPRS)
+        dtype = torch.promote_types(p.dtype, n.dtype)
+        expected = numpy_tpr_at_fpr(p.to(dtype).double().numpy(), n.to(dtype).double().numpy(), FPRS)
+        assert result.thresholds == pytest.approx([t for t, _ in expected], abs=0)
+        assert result.tprs == tuple(r for _, r in expected)
+
+
+def test_realised_fpr_never_exceeds_target():
+    g = torch.Generator().manual_seed(1)
+    neg = integer_scores(g, 5000, -10, 10)
+    result = tpr_at_fpr(integer_scores(g, 10), neg, FPRS)
+    for f, t in zip(result.fprs, result.thresholds):
+        assert int((neg > t).sum()) <= math.floor(f * len(neg)) + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_correspondence_with_roc_curve(seed):
+    """TPR@f = the largest tpr of the ROC points (score >= u) whose fpr does not exceed f."""
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = integer_scores(g, 400, -10, 40), integer_scores(g, 20000, -40, 20)
+    result = tpr_at_fpr(pos, neg, FPRS)
+    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    false_pos, true_pos, thresholds = numpy_roc_curve(y, np.r_[pos.numpy(), neg.numpy()])
+    for m, t, tpr in zip(result.threshold_indices, result.thresholds, result.tprs):
+        allowed = false_pos <= m  # fpr_u * L <= floor(f * L)  <=>  fpr_u <= f
+        best = int(np.argmax(np.where(allowed, true_pos, -1)))
+        assert tpr == true_pos[best] / len(pos)
+        # our threshold is the next ROC threshold below the chosen point's
+        assert thresholds[best + 1] == t
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                    reason="scikit-learn is not installed; test_correspondence_with_roc_curve checks the same "
+                           "property against a numpy re-derivation of roc_curve")
+def test_correspondence_with_sklearn():
+    from sklearn.metrics import roc_curve
+    g = torch.Generator().manual_seed(11)
+    pos, neg = integer_scores(g, 300, -10, 40), integer_scores(g, 10000, -40, 20)
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    scores = np.r_[pos.numpy(), neg.numpy()]
+    fpr, tpr, _ = roc_curve(y, scores, drop_intermediate=False)
+    ours_fp, ours_tp, _ = numpy_roc_curve(y, scores)
+    np.testing.assert_allclose(fpr, ours_fp / len(neg))
+    np.testing.assert_allclose(tpr, ours_tp / len(pos))
+    result = tpr_at_fpr(pos, neg, FPRS)
+    for f, ours in zip(result.fprs, result.tprs):
+        assert ours == pytest.approx(tpr[fpr <= f + 1e-15].max(), abs=1e-12)
+
+
+def test_tpr_at_fpr_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        tpr_at_fpr(torch.tensor([]), torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="non-finite"):
+        tpr_at_fpr(torch.tensor([float("nan")]), torch.tensor([0.1]))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        tpr_at_fpr(torch.tensor([1.0]), torch.tensor([0.1]), fprs=(1.0,))
+
+
+def test_threshold_indices_use_exact_fractions():
+    assert threshold_indices(1_000_000, (1e-6,)) == (1,)
+    assert threshold_indices(3_000_000, (1e-6, 1e-4, 0.3)) == (3, 300, 900_000)
+    assert threshold_indices(9, (1e-1,)) == (0,)
+
+
+# --------------------------------------------------------------------------- keys
+def test_order_keys_preserve_order():
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0, -1.0, float("inf"), -float("inf"),
+                            3.4e38, -3.4e38])
+    x = torch.cat([special, torch.randn(5000, generator=g), torch.randn(1000, generator=g) * 1e-30])
+    keys = order_keys(x).long()
+    order = torch.argsort(x)
+    sorted_x, sorted_keys = x[order], keys[order]
+    assert bool((torch.diff(sorted_keys) >= 0).all())
+    assert bool(((torch.diff(sorted_keys) == 0) == (torch.diff(sorted_x) == 0)).all())
+    assert int(order_keys(torch.tensor([-0.0]))) == int(order_keys(torch.tensor([0.0]))) == 0
+    for v in x[:200].tolist():
+        if v != 0.0 or math.copysign(1, v) > 0:
+            assert key_to_float(int(order_keys(torch.tensor([v])))) == v
+
+
+# --------------------------------------------------------------------------- all pairs
+def brute_force(embeddings, labels, fprs, normalize):
+    e = embeddings.float()
+    if normalize:
+        e = torch.nn.functional.normalize(e, dim=1)
+    rows, cols = torch.triu_indices(len(e), len(e), 1)
+    scores = (e[rows] * e[cols]).sum(1) if not normalize else (e @ e.t())[rows, cols]
+    positive = labels[rows] == labels[cols]
+    return tpr_at_fpr(scores[positive], scores[~positive], fprs)
+
+
+@pytest.mark.parametrize("batch,classes,tile", [(2, 1, None), (40, 6, (7, 13)), (97, 20, (16, 5)),
+                                                (150, 30, None), (203, 4, (64, 64))])
+def test_all_pairs_exact_on_integer_embeddings(batch, classes, tile):
+    """Integer coordinates make every dot product exact in fp32, whatever the tiling: thresholds
+    and TPRs must equal the sort of all pairs, ties and negative scores included."""
+    g = torch.Generator().manual_seed(batch)
+    if batch == 2:
+        embeddings, labels = torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.tensor([0, 1])
+        with pytest.raises(ValueError, match="positive and negative"):
+            verify_all_pairs(embeddings, labels, normalize=False)
+        return
+    labels = torch.randint(0, classes, (batch,), generator=g)
+    centres = torch.randint(-3, 4, (classes, 6), generator=g)
+    embeddings = (centres[labels] + torch.randint(-2, 3, (batch, 6), generator=g)).float()
+    fprs = (0.9, 0.5, 0.1, 1e-2, 1e-3)  # 0.9 and 0.5 put thresholds at or below zero
+    result = verify_all_pairs(embeddings, labels, fprs, normalize=False, tile=tile)
+    expected = brute_force(embeddings, labels, fprs, normalize=False)
+    assert result.thresholds == expected.thresholds
+    assert result.tprs == expected.tprs
+    assert result.threshold_indices == expected.threshold_indices
+    assert (result.num_positive_pairs, result.num_negative_pairs) == (expected.num_positive_pairs,
+                                                                     expected.num_negative_pairs)
+
+
+@pytest.mark.parametrize("tile", [None, (33, 50)])
+def test_all_pairs_cosine_matches_brute_force(tile):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 50, (400,), generator=g)
+    embeddings = torch.randn(50, 32, generator=g)[labels] * 1.5 + torch.randn(400, 32, generator=g)
+    result = verify_all_pairs(embeddings, labels, FPRS, tile=tile)
+    expected = brute_force(embeddings, labels, FPRS, normalize=True)
+    # The tile's matmul may round a score differently from the full matmul (last bit): the
+    # thresholds agree to fp32 rounding, the TPRs up to the pairs within that rounding.
+    np.testing.assert_allclose(result.thresholds, expected.thresholds, atol=1e-6)
+    np.testing.assert_allclose(result.tprs, expected.tprs, atol=3 / expected.num_positive_pairs)
+
+
+def test_all_pairs_label_order_and_dtype_do_not_matter():
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 10, (120,), generator=g)
+    embeddings = torch.randint(-3, 4, (120, 5), generator=g).float()
+    base = verify_all_pairs(embeddings, labels, normalize=False)
+    perm = torch.randperm(120, generator=g)
+    assert verify_all_pairs(embeddings[perm], labels[perm], normalize=False) == base
+    assert verify_all_pairs(embeddings.double(), labels.int(), normalize=False) == base
+
+
+def test_all_pairs_same_score_everywhere():
+    """All scores equal: a single bucket holds every pair; the threshold is that score, TPR 0."""
+    embeddings = torch.ones(64, 4)
+    labels = torch.arange(64) // 4
+    result = verify_all_pairs(embeddings, labels)
+    assert result.thresholds == (1.0, 1.0, 1.0) and result.tprs == (0.0, 0.0, 0.0)
+
+
+def test_all_pairs_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        verify_all_pairs(torch.zeros(5), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        verify_all_pairs(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        verify_all_pairs(torch.zeros(5, 3), torch.zeros(5))
+    with pytest.raises(ValueError, match="non-finite"):
+        verify_all_pairs(torch.full((5, 3), float("nan")), torch.tensor([0, 0, 1, 1, 2]))
+    with pytest.raises(ValueError, match="at least 2"):
+        verify_all_pairs(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the evaluator's CUDA path is not run")
+def test_all_pairs_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 40, (500,), generator=g)
+    embeddings = torch.randint(-3, 4, (500, 8), generator=g).float()
+    cpu = verify_all_pairs(embeddings, labels, normalize=False)
+    assert verify_all_pairs(embeddings.cuda(), labels.cuda(), normalize=False) == cpu
+
+
+def test_result_helpers():
+    result = tpr_at_fpr(torch.tensor([0.9, 0.05]), torch.tensor([0.1, 0.3, 0.0]), fprs=(0.5,))
+    assert isinstance(result, VerificationResult)
+    assert result.tpr(0.5) == 0.5 and result.thresholds == pytest.approx((0.1,))
+    assert result.as_dict()["tprs"] == (0.5,)
+    with pytest.raises(KeyError):
+        result.tpr(0.1)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(pair_scores(a, b), torch.nn.functional.cosine_similarity(a, b))
