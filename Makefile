@@ -22,8 +22,11 @@ install: deps
 test: install
 	$(PY) -m pytest python_tests $(PYTEST_ARGS)
 
+# The loss benchmark, the Table-5 training step, then the plots (PNG when matplotlib is present).
 bench: install
 	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_train_step.py
+	$(PY) bench/plot.py
 
 clean:
 	rm -rf build *.egg-info ekd_kernels/*.so
