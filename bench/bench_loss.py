@@ -165,7 +165,7 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env):
                              "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
                              "forward_backward": fb, "forward": fw, "peak_memory_bytes": peak.bytes})
                 last_time[name] = (batch, fb["median_s"])
-            del inputs
+            inputs = None  # free this size before making the next
     return rows, stopped
 
 

@@ -87,6 +87,14 @@ _REGISTRY: Dict[str, Backend] = {
 }
 
 
+def preload(name: str) -> None:
+    """Import the module of `name` (every lazy backend for "auto") now rather than on the first
+    call, so that a first call inside torch.compile does not have to trace an import."""
+    for backend in (_REGISTRY.values() if name == "auto" else [_REGISTRY[name]]):
+        if isinstance(backend, _LazyBackend):
+            backend._load()
+
+
 def register_backend(backend: Backend) -> None:
     """Install (or replace) a backend under its name; used by the optional fast backends."""
     if backend.name not in BACKEND_NAMES:

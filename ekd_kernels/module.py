@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .backends import check_backend_name
+from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
 from .result import EKDStats
@@ -45,6 +45,7 @@ class EKDLoss(nn.Module):
                                 rank_loss=rank_loss, negative_selection=negative_selection,
                                 compute_critical_ratio=compute_critical_ratio)
         check_backend_name(backend)
+        preload(backend)
         self.backend = backend
         self.generator = generator
         # Sharded across the ranks of this group (ekd_kernels.distributed); None: one process.

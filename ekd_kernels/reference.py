@@ -12,7 +12,7 @@ defaults reproduce the golden figures.  Nothing here is optimised: clarity first
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 

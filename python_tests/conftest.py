@@ -4,10 +4,17 @@ A new backend gets the whole suite by appearing in ``ekd_kernels.BACKEND_NAMES``
 that cannot run here is skipped with its reason printed (pytest -ra shows it).
 """
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run under the interpreter (CPU tensors, slow: the tests keep
+# B small there). Triton reads the flag when a kernel is defined, which the backend does on its
+# first call, so setting it here, before any test runs, switches the whole suite over.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ekd_kernels import BACKEND_NAMES
 from ekd_kernels.backends import resolve_backend

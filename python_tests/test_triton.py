@@ -1,0 +1,425 @@
+"""The fused Triton backend (issue 3) against the reference and the golden figures.
+
+Backend-specific cases only: the golden replay, the SPEC contract and the comparison with the
+reference on random inputs run for every backend in test_golden.py, test_contract.py and
+test_against_reference.py.
+
+Where a GPU is present the kernels run natively on CUDA tensors; elsewhere they run on CPU
+tensors through the Triton interpreter.  ``@triton.jit`` decides between the two when a kernel
+is *defined* (triton 3.x reads TRITON_INTERPRET then, not at launch), and ekd_kernels defines its
+kernels on the first call of the backend, so setting the variable here, at collection time,
+is early enough whatever imported triton before.
+
+The interpreter is slow (numpy underneath): random batches stay small here.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ekd_kernels import EKDConfig, EKDLoss, ekd_loss  # noqa: E402
+from ekd_kernels import triton_ekd  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+_REASON = triton_ekd.unavailable_reason(DEVICE)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {_REASON}")
+
+# Golden tolerances (../shared/golden/README.md).
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+THRESHOLD_ATOL = 1e-6
+
+
+# --------------------------------------------------------------------------- helpers
+def relative_norm(x: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.double()
+    return float((x.double() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def make_batch(batch, dim_s, dim_t, num_ids, seed, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, dim_s, generator=generator)
+    teacher = torch.randn(batch, dim_t, generator=generator)
+    labels = torch.randint(0, num_ids, (batch,), generator=generator)
+    return student.to(DEVICE, dtype), teacher.to(DEVICE, dtype), labels.to(DEVICE)
+
+
+def run(backend, student, teacher, labels, config, thresholds=None, generator=None, update=True):
+    """One call of `backend`: (result, d loss / d student)."""
+    student = student.detach().requires_grad_(True)
+    if thresholds is None:
+        thresholds = (torch.zeros(config.num_thresholds, device=DEVICE),) * 2
+    result = ekd_loss(student, teacher, labels, *thresholds, config=config, backend=backend,
+                      generator=generator, update_thresholds=update)
+    (grad,) = torch.autograd.grad(result.loss, student)
+    return result, grad
+
+
+def assert_stats_match(stats, expected):
+    for name in ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected",
+                 "num_critical_pairs"):
+        got, want = getattr(stats, name), getattr(expected, name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert int(got) == int(want), f"{name}: {int(got)} != {int(want)}"
+    for name in ("batch_student_thresholds", "batch_teacher_thresholds", "student_thresholds", "teacher_thresholds"):
+        torch.testing.assert_close(getattr(stats, name).cpu(), getattr(expected, name).cpu(), rtol=0,
+                                   atol=THRESHOLD_ATOL, equal_nan=True, msg=name)
+    for name in ("positive_term", "negative_term", "critical_ratio"):
+        got, want = getattr(stats, name), getattr(expected, name)
+        if want is not None:
+            torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=LOSS_RTOL, atol=1e-7, msg=name)
+
+
+def compare_with_reference(student, teacher, labels, config, steps=1, seed=0, loss_rtol=LOSS_RTOL,
+                           grad_rtol=GRAD_RTOL):
+    """Run both backends for `steps` consecutive calls (the EMA state carried) and compare
+    loss, gradient, thresholds and statistics at every call."""
+    states = {name: (torch.zeros(config.num_thresholds, device=DEVICE),) * 2 for name in ("reference", "triton")}
+    for step in range(steps):
+        outputs = {}
+        for name in ("reference", "triton"):
+            generator = torch.Generator(device="cpu").manual_seed(seed + step)
+            result, grad = run(name, student, teacher, labels, config, states[name], generator)
+            states[name] = (result.student_thresholds, result.teacher_thresholds)
+            outputs[name] = (result, grad)
+        (expected, expected_grad), (result, grad) = outputs["reference"], outputs["triton"]
+        assert result.loss.dtype == torch.float32 and result.loss.dim() == 0
+        torch.testing.assert_close(result.loss.cpu(), expected.loss.cpu(), rtol=loss_rtol, atol=1e-8,
+                                   equal_nan=True, msg=f"loss at step {step}")
+        assert grad.dtype == student.dtype and grad.shape == student.shape
+        # Relative norm, with an absolute floor for gradients that vanish (saturated sigmoids).
+        error = float((grad.double() - expected_grad.double()).norm())
+        assert error <= grad_rtol * float(expected_grad.double().norm()) + 1e-20, f"gradient at step {step}"
+        assert_stats_match(result.stats, expected.stats)
+        # Rotate the inputs a little so that consecutive calls see different batches.
+        student = student.roll(1, dims=1)
+
+
+# The golden figures run through test_golden.py, which replays every case on every backend
+# (this one included, under the interpreter on a CPU).
+
+
+# --------------------------------------------------------------------------- random inputs
+@pytest.mark.parametrize("batch, dim_s, dim_t, num_ids, num_hard_negatives", [
+    (7, 3, 5, 3, 2000),       # tiny, D below any block
+    (33, 16, 48, 8, 100),     # top-N boundary inside the negatives
+    (130, 64, 32, 40, 700),   # several tiles, Ds != Dt
+    (257, 512, 128, 64, 1000),
+])
+def test_random_shapes(batch, dim_s, dim_t, num_ids, num_hard_negatives):
+    student, teacher, labels = make_batch(batch, dim_s, dim_t, num_ids, seed=batch)
+    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=num_hard_negatives), steps=2)
+
+
+@pytest.mark.parametrize("options", [
+    dict(critical_only=True),
+    dict(rank_loss="eq7"),
+    dict(rank_loss="eq8", critical_only=True),
+    dict(negative_selection="random", num_hard_negatives=150),
+    dict(compute_critical_ratio=True, num_hard_negatives=120),
+    dict(compute_critical_ratio=True, negative_selection="random", num_hard_negatives=50),
+    dict(fprs=(0.3, 0.05, 0.2), temperature=0.05, num_hard_negatives=37, momentum=0.5,
+         positive_weight=1.5, negative_weight=-0.25),
+    dict(num_hard_negatives=0),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_variants(options):
+    student, teacher, labels = make_batch(70, 24, 40, 12, seed=1)
+    compare_with_reference(student, teacher, labels, EKDConfig(**options), steps=3)
+
+
+def test_random_pairs_are_the_references_draw():
+    """The rank -> pair mapping of negative_selection="random" against listing the negative
+    pairs in row-major order, as the reference does (pure torch: no kernel runs here)."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        batch = int(torch.randint(2, 40, (1,), generator=generator))
+        num_ids = int(torch.randint(1, batch + 1, (1,), generator=generator))
+        labels = torch.randint(-num_ids, num_ids, (batch,), generator=generator)
+        labels = labels.to((torch.int64, torch.int32)[trial % 2])
+        num_hard_negatives = int(torch.randint(0, 3 * batch, (1,), generator=generator))
+        rows, cols = torch.triu_indices(batch, batch, 1)
+        negative = labels[rows] != labels[cols]
+        ranks = torch.randperm(int(negative.sum()), generator=torch.Generator().manual_seed(trial))[:num_hard_negatives]
+        got = triton_ekd._random_negative_pairs(labels, num_hard_negatives, torch.Generator().manual_seed(trial))
+        assert torch.equal(got, torch.stack([rows[negative][ranks], cols[negative][ranks]]))
+
+
+@pytest.mark.parametrize("labels_kind", ["no_positives", "all_equal", "pairs"])
+def test_label_extremes(labels_kind):
+    batch = 40
+    student, teacher, _ = make_batch(batch, 12, 9, 4, seed=2)
+    labels = {"no_positives": torch.arange(batch), "all_equal": torch.zeros(batch, dtype=torch.int64),
+              "pairs": torch.arange(batch) // 2}[labels_kind].to(DEVICE)
+    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=300), steps=2)
+
+
+def test_no_negative_pair_keeps_thresholds():
+    student, teacher, _ = make_batch(9, 6, 6, 1, seed=3)
+    labels = torch.full((9,), 5, device=DEVICE)
+    previous = (torch.full((6,), 0.25, device=DEVICE), torch.full((6,), -0.5, device=DEVICE))
+    result, _ = run("triton", student, teacher, labels, EKDConfig(), previous)
+    assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
+    assert torch.isnan(result.stats.batch_student_thresholds).all()
+    assert int(result.stats.num_negative_pairs) == 0 and float(result.stats.negative_term) == 0.0
+
+
+def test_duplicated_rows_and_zero_row():
+    """Ties everywhere: duplicated (student, teacher) rows give tied pairs with equal a and b,
+    so which tie is taken at the top-N boundary cannot change the loss."""
+    student, teacher, labels = make_batch(20, 10, 14, 10, seed=4)
+    index = torch.arange(60, device=DEVICE) % 20
+    student, teacher, labels = student[index], teacher[index], (labels[index] + index // 20 * 100)
+    student[5] = 0.0  # a zero row stays finite
+    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=333), steps=2)
+
+
+def test_non_contiguous_and_expanded_inputs():
+    student, teacher, labels = make_batch(50, 30, 20, 9, seed=5)
+    transposed = student.t().contiguous().t()                      # column-major view
+    sliced = torch.cat([teacher, teacher], dim=1)[:, ::2]          # stride 2 along features
+    expanded_labels = labels.view(50, 1).expand(50, 3)[:, 1]       # strided labels
+    compare_with_reference(transposed, sliced, expanded_labels, EKDConfig(num_hard_negatives=400))
+    # Stride-0 views: every row the same, or every feature of a row the same.  Such inputs tie
+    # massively, so N covers all negatives here (which tie is taken at the boundary is unspecified).
+    same_rows = student[:1].expand(50, 30)
+    constant_rows = teacher[:, :1].expand(50, 20)
+    assert same_rows.stride(0) == 0 and constant_rows.stride(1) == 0
+    compare_with_reference(same_rows, teacher, labels, EKDConfig())
+    compare_with_reference(student, constant_rows, labels, EKDConfig())
+
+
+def test_stride0_gradient_and_expanded_leaf():
+    """The incoming gradient and the student leaf may both be expanded (stride 0)."""
+    student, teacher, labels = make_batch(24, 8, 8, 6, seed=6)
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaf = student[:1].clone().requires_grad_(True)
+        mixed = leaf.expand(24, 8) + student  # every row depends on the leaf through a stride-0 view
+        result = ekd_loss(mixed, teacher, labels, backend=backend, num_hard_negatives=50)
+        result.loss.expand(7).sum().backward()  # the loss's gradient arrives expanded
+        grads[backend] = leaf.grad
+    assert relative_norm(grads["triton"], grads["reference"]) < GRAD_RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    student, teacher, labels = make_batch(45, 32, 16, 10, seed=7, dtype=dtype)
+    # Both backends compute in fp32 from the same low-precision inputs; the gradient comes back
+    # in the input dtype, whose rounding bounds the gradient's agreement.
+    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=200), steps=2,
+                           loss_rtol=1e-4, grad_rtol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
+def test_non_finite_input():
+    student, teacher, labels = make_batch(16, 8, 8, 4, seed=8)
+    student[3, 2] = float("inf")
+    previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
+    result, _ = run("triton", student, teacher, labels, EKDConfig(), previous)
+    assert torch.isnan(result.loss)
+    assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
+
+
+def test_eval_mode_leaves_thresholds():
+    student, teacher, labels = make_batch(30, 8, 8, 6, seed=9)
+    previous = (torch.full((6,), 0.2, device=DEVICE),) * 2
+    compare = {}
+    for backend in ("reference", "triton"):
+        compare[backend] = run(backend, student, teacher, labels, EKDConfig(), previous, update=False)[0]
+    assert torch.equal(compare["triton"].student_thresholds, previous[0])
+    torch.testing.assert_close(compare["triton"].loss, compare["reference"].loss, rtol=LOSS_RTOL, atol=0)
+
+
+def test_float64_is_rejected():
+    student, teacher, labels = make_batch(8, 4, 4, 3, seed=10, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        ekd_loss(student, teacher, labels, backend="triton")
+
+
+@pytest.fixture(params=["candidates", "fallback"])
+def top_n_path(request, monkeypatch):
+    """The two ways the hardest negatives are found: from the candidate buffer filled by pass 2
+    (the usual case), or by passes 3 and 4 when the candidates overflow it (forced here)."""
+    if request.param == "fallback":
+        monkeypatch.setattr(triton_ekd, "MIN_CANDIDATE_CAPACITY", 0)
+        monkeypatch.setattr(triton_ekd, "CANDIDATE_FACTOR", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("num_hard_negatives", [1, 150, 5000])
+def test_top_n_paths(top_n_path, num_hard_negatives):
+    student, teacher, labels = make_batch(80, 20, 12, 15, seed=15)
+    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=num_hard_negatives,
+                                                               compute_critical_ratio=True))
+
+
+# --------------------------------------------------------------------------- determinism
+def test_deterministic(top_n_path):
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=11)
+    student = torch.cat([student, student[:30]])  # ties at the top-N boundary
+    teacher = torch.cat([teacher, teacher[:30]])
+    labels = torch.cat([labels, labels[:30] + 1000])
+    config = EKDConfig(num_hard_negatives=500, compute_critical_ratio=True)
+    first, first_grad = run("triton", student, teacher, labels, config)
+    second, second_grad = run("triton", student, teacher, labels, config)
+    assert torch.equal(first.loss, second.loss)
+    assert torch.equal(first_grad, second_grad)
+    assert torch.equal(first.student_thresholds, second.student_thresholds)
+    assert torch.equal(first.teacher_thresholds, second.teacher_thresholds)
+
+
+# --------------------------------------------------------------------------- torch.compile
+def test_torch_compile_fullgraph():
+    """A small model + EKD step compiles without a graph break (on CPU through the interpreter:
+    the custom_op's fake implementation keeps the kernels out of tracing) and matches eager."""
+    torch.manual_seed(0)
+    batch = 32
+    features = torch.randn(batch, 16, device=DEVICE)
+    teacher = torch.randn(batch, 12, device=DEVICE)
+    labels = torch.randint(0, 8, (batch,), device=DEVICE)
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Linear(16, 10).to(DEVICE), EKDLoss(backend="triton", num_hard_negatives=100).to(DEVICE)
+
+    def step(model, criterion):
+        return criterion(model(features), teacher, labels)
+
+    eager_model, eager_criterion = make()
+    eager_loss = step(eager_model, eager_criterion)
+    eager_loss.backward()
+    compiled_model, compiled_criterion = make()
+    # dynamo traces the forward (fullgraph: no break) and AOT autograd the backward.  On CPU the
+    # aot_eager backend: inductor works there too but spends about a minute compiling C++.
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if ON_GPU else "aot_eager")
+    compiled_loss = compiled(compiled_model, compiled_criterion)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(compiled_model.weight.grad, eager_model.weight.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(compiled_criterion.student_thresholds, eager_criterion.student_thresholds)
+
+
+def test_opcheck():
+    """Schema, fake implementation, autograd registration and AOT dispatch (dynamic shapes)."""
+    student, teacher, labels = make_batch(12, 8, 6, 4, seed=12)
+    zeros = torch.zeros(6, device=DEVICE)
+    args = (student.requires_grad_(True), teacher, labels, zeros, zeros, None, list(EKDConfig().fprs), 0.01, 2000,
+            0.01, 0.02, 0.01, False, "soft_rank", False, True)
+    torch.library.opcheck(triton_ekd._forward_op, args)
+
+
+# --------------------------------------------------------------------------- native compilation
+# Run in a fresh interpreter: triton fixes interpreter-or-native when its own modules load, so
+# one process cannot hold both.
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ekd_kernels._triton import kernels
+
+tile = dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", T_PRECISION="tf32x3")
+pointer_types = {"labels_ptr": "*i64", "selection_state_ptr": "*i64", "candidate_key_ptr": "*i64",
+                 "critical_count_ptr": "*i64", "selected_rows_ptr": "*i64", "selected_cols_ptr": "*i64",
+                 "group_start_ptr": "*i64", "group_end_ptr": "*i64", "partial_critical_ptr": "*i64",
+                 "order_ptr": "*i64", "segment_start_ptr": "*i64", "segment_end_ptr": "*i64", "other_ptr": "*i64",
+                 "temperature": "fp32"}
+int32_pointers = ("hist_", "bucket_ptr", "fine_", "candidate_count", "candidate_rows", "candidate_cols",
+                  "row_greater", "row_equal", "_offset_ptr", "critical_ptr")
+cases = [
+    (kernels.inverse_norm_kernel, dict(BLOCK_R=64, BLOCK_K=32)),
+    (kernels.coarse_histogram_kernel, tile),
+    (kernels.fine_histogram_kernel, dict(tile, COLLECT=True)),
+    (kernels.boundary_count_kernel, dict(tile, COUNT_HARD=True, COUNT_CRITICAL=True)),
+    (kernels.hard_negative_write_kernel, dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3")),
+    (kernels.positive_forward_kernel, dict(tile, RANK_LOSS=0, CRITICAL_ONLY=True)),
+    (kernels.selected_pairs_kernel, dict(RANK_LOSS=1, BLOCK_P=64, BLOCK_K=32)),
+    (kernels.positive_backward_kernel, dict(tile, RANK_LOSS=2, CRITICAL_ONLY=False, BLOCK_D=64,
+                                            G_PRECISION="tf32x3")),
+    (kernels.backward_rows_kernel, dict(BLOCK_R=16, BLOCK_D=512)),
+]
+for kernel, constants in cases:
+    def arg_type(name):
+        if name in constants:
+            return "constexpr"
+        if name in pointer_types:
+            return pointer_types[name]
+        if name.endswith("_ptr"):
+            return "*i32" if any(part in name for part in int32_pointers) else "*fp32"
+        return "i32"
+    signature = {name: arg_type(name) for name in kernel.arg_names}
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+print("compiled", len(cases))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled and run natively by the other tests")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs Python, not Triton's compiler, and lets through what the compiler
+    rejects (types, loop-carried dtypes, returns): compile each kernel for an H100 (sm_90, with
+    the bundled ptxas) without a GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    last_line = (done.stderr.strip().splitlines() or [""])[-1]
+    if "No module named 'triton.backends.compiler'" in done.stderr or "cannot import name" in done.stderr:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {last_line}")
+    if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
+        pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------- availability
+def test_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in triton_ekd.unavailable_reason(torch.device("cpu"))
+
+
+def test_without_triton(monkeypatch):
+    monkeypatch.setattr(triton_ekd, "triton", None)  # what a failed `import triton` leaves
+    assert triton_ekd.unavailable_reason(DEVICE) == "triton is not installed"
+
+
+# --------------------------------------------------------------------------- host syncs (GPU)
+@pytest.mark.skipif(not ON_GPU, reason="host-synchronisation check needs a CUDA GPU")
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True, compute_critical_ratio=True)])
+def test_no_host_synchronisation(options):
+    student, teacher, labels = make_batch(300, 64, 48, 60, seed=14)
+    student.requires_grad_(True)
+    config = EKDConfig(num_hard_negatives=1000, **options)
+    thresholds = (torch.zeros(6, device=DEVICE),) * 2
+    ekd_loss(student, teacher, labels, *thresholds, config=config, backend="triton").loss.backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = ekd_loss(student, teacher, labels, *thresholds, config=config, backend="triton")
+        result.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- memory (GPU)
+@pytest.mark.skipif(not ON_GPU, reason="peak-memory test needs a CUDA GPU (the interpreter has no device memory)")
+def test_memory_stays_linear():
+    batch, dim = 8192, 512
+    student, teacher, labels = make_batch(batch, dim, dim, batch // 4, seed=13)
+    student.requires_grad_(True)
+    criterion = EKDLoss(backend="triton").to(DEVICE)
+    criterion(student, teacher, labels).backward()  # warm-up: compile the kernels
+    student.grad = None
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    criterion(student, teacher, labels).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - baseline
+    assert extra < 128 * 2**20, f"peak extra memory {extra / 2**20:.1f} MiB at B={batch}, D={dim}"
