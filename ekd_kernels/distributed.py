@@ -25,7 +25,7 @@ reduce-scatter of the embeddings' gradient in backward, B·Ds·4 bytes.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -192,6 +192,59 @@ def distributed_select(keys: Sequence[torch.Tensor], targets: Sequence[Tuple[int
     return key_values(prefix)
 
 
+class LocalPairs(NamedTuple):
+    """This rank's pairs (i in its rows, j > i), split into positives and negatives, in row-major
+    order; values carry no gradient (see ekd_sharded's pair_values)."""
+
+    pos_i: torch.Tensor
+    pos_j: torch.Tensor
+    pos_student: torch.Tensor
+    pos_teacher: torch.Tensor
+    neg_i: torch.Tensor
+    neg_j: torch.Tensor
+    neg_student: torch.Tensor
+    neg_teacher: torch.Tensor
+    neg_global_index: Optional[torch.Tensor]  # row-major index among all negatives (random selection)
+
+
+@torch.no_grad()
+def local_pairs(s_hat, t_hat, labels, rows, neg_prefix, with_global_index: bool, chunk: int = 256) -> LocalPairs:
+    """Similarities of the pairs (i in `rows`, j > i), computed in chunks of consecutive rows.
+
+    A chunk multiplies its rows by the columns after its first row only, so the work wasted on
+    pairs j <= i stays a fraction of the chunk's span instead of half of every row.
+    """
+    batch = labels.shape[0]
+    parts = {k: [] for k in LocalPairs._fields}
+    for start in range(0, rows.numel(), chunk):
+        chunk_rows = rows[start:start + chunk]
+        first = int(chunk_rows[0].item()) + 1
+        columns = torch.arange(first, batch, device=rows.device)
+        upper = columns.unsqueeze(0) > chunk_rows.unsqueeze(1)
+        same = labels[chunk_rows].unsqueeze(1) == labels[first:].unsqueeze(0)
+        a = s_hat[chunk_rows] @ s_hat[first:].t()
+        b = t_hat[chunk_rows] @ t_hat[first:].t()
+        for kind, mask in (("pos", upper & same), ("neg", upper & ~same)):
+            r, c = torch.nonzero(mask, as_tuple=True)
+            parts[f"{kind}_i"].append(chunk_rows[r])
+            parts[f"{kind}_j"].append(columns[c])
+            parts[f"{kind}_student"].append(a[r, c])
+            parts[f"{kind}_teacher"].append(b[r, c])
+            if kind == "neg" and with_global_index:
+                within_row = torch.cumsum(mask.to(torch.int64), dim=1) - 1
+                parts["neg_global_index"].append(neg_prefix[chunk_rows][r] + within_row[r, c])
+    empty_index = torch.zeros(0, dtype=torch.int64, device=rows.device)
+    empty_value = torch.zeros(0, dtype=s_hat.dtype, device=rows.device)
+    out = {}
+    for name, chunks in parts.items():
+        if name == "neg_global_index" and not with_global_index:
+            out[name] = None
+        else:
+            default = empty_value if name.endswith(("student", "teacher")) else empty_index
+            out[name] = torch.cat(chunks) if chunks else default
+    return LocalPairs(**out)
+
+
 # ----------------------------------------------------------------------------- the sharded loss
 
 
@@ -216,33 +269,24 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         raise ValueError(f"EKD needs a global batch of at least 2 embeddings, got B={batch}")
     finite = torch.isfinite(student_all).all() & torch.isfinite(teacher_all).all()
 
-    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B. The
-    # blocks carry no gradient: only positives and selected negatives need one (see pair_values).
+    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B
     s_hat = normalize_rows(student_all.float())
     t_hat = normalize_rows(teacher_all.detach().float())
+    neg_prefix, num_negatives = negatives_before_row(labels_all)
     rows = balanced_rows(batch, world, rank).to(device)
-    columns = torch.arange(batch, device=device)
-    upper = columns.unsqueeze(0) > rows.unsqueeze(1)                          # (R, B)
-    same = labels_all[rows].unsqueeze(1) == labels_all.unsqueeze(0)
-    with torch.no_grad():
-        a_block = s_hat[rows] @ s_hat.t()
-        b_block = t_hat[rows] @ t_hat.t()
-    positive, negative = upper & same, upper & ~same
-    pos_index = torch.nonzero(positive.view(-1)).squeeze(1)                  # flat indices into the block
-    neg_index = torch.nonzero(negative.view(-1)).squeeze(1)
-    a_neg, b_neg = a_block.view(-1)[neg_index], b_block.view(-1)[neg_index]
+    pairs = local_pairs(s_hat, t_hat, labels_all, rows, neg_prefix, config.negative_selection == "random")
+    a_neg, b_neg = pairs.neg_student, pairs.neg_teacher
 
-    def pair_values(flat_index):
-        """Student similarity with gradient of the given block pairs: the block's value forward
-        (so thresholds and masks see the same numbers), the gradient of <s_hat_i, s_hat_j>."""
-        i, j = rows[flat_index // batch], flat_index % batch
+    def pair_values(i, j, value):
+        """The student similarity of pairs (i, j) with a gradient: the block's value forward (so
+        thresholds and masks see the same numbers), the gradient of <s_hat_i, s_hat_j>. Only
+        positives and selected negatives need one."""
         dot = (s_hat[i] * s_hat[j]).sum(1)
-        return a_block.view(-1)[flat_index] + (dot - dot.detach()), b_block.view(-1)[flat_index]
+        return value + (dot - dot.detach())
 
-    a_pos, b_pos = pair_values(pos_index)
+    a_pos, b_pos = pair_values(pairs.pos_i, pairs.pos_j, pairs.pos_student), pairs.pos_teacher
 
     # global counts come from the labels alone, identical on every rank
-    neg_prefix, num_negatives = negatives_before_row(labels_all)
     num_pairs = batch * (batch - 1) // 2
     num_positives = num_pairs - num_negatives
     num_selected = min(config.num_hard_negatives, num_negatives)
@@ -267,9 +311,10 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     st, tt = new_student.float(), new_teacher.float()
 
     # stage 4: this rank's share of the N selected negatives
-    chosen = _select_local_negatives(a_neg, negative, rows, labels_all, neg_prefix, num_negatives,
-                                     num_selected, hardest_cut, student_keys, config, generator, group)
-    a_sel, b_sel = pair_values(neg_index[chosen])
+    chosen = _select_local_negatives(pairs, num_negatives, num_selected, hardest_cut, student_keys, config,
+                                     generator, group)
+    a_sel = pair_values(pairs.neg_i[chosen], pairs.neg_j[chosen], a_neg[chosen])
+    b_sel = b_neg[chosen]
 
     # stage 5: per-pair losses; the means' denominators are global
     critical_pos = critical_mask(a_pos, b_pos, st, tt)
@@ -280,9 +325,8 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     local_counts = torch.stack([critical_pos.sum(), critical_sel.sum(), torch.tensor(a_sel.numel(), device=device)])
     local_counts = local_counts.to(torch.int64)
     if config.compute_critical_ratio:
-        upper_index = torch.nonzero(upper.view(-1)).squeeze(1)
-        critical_all = critical_mask(a_block.view(-1)[upper_index], b_block.view(-1)[upper_index], st, tt)
-        local_counts = torch.cat([local_counts, critical_all.sum().to(torch.int64).view(1)])
+        critical_all = critical_mask(a_neg, b_neg, st, tt).sum() + critical_pos.sum()
+        local_counts = torch.cat([local_counts, critical_all.to(torch.int64).view(1)])
     counts = _all_reduce_sum(local_counts, group)
     if config.critical_only:
         pos_losses, sel_losses = pos_losses[critical_pos], sel_losses[critical_sel]
@@ -314,10 +358,10 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
 
 
-def _select_local_negatives(a_neg, negative_mask, rows, labels_all, neg_prefix, num_negatives, num_selected,
-                            hardest_cut, student_keys, config, generator, group) -> torch.Tensor:
+def _select_local_negatives(pairs, num_negatives, num_selected, hardest_cut, student_keys, config, generator,
+                            group) -> torch.Tensor:
     """Indices into this rank's negatives of its share of the globally selected N."""
-    device = a_neg.device
+    device = student_keys.device
     if num_selected == 0:
         return torch.zeros(0, dtype=torch.int64, device=device)
     if config.negative_selection == "random":
@@ -325,17 +369,14 @@ def _select_local_negatives(a_neg, negative_mask, rows, labels_all, neg_prefix, 
             raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
                              "seed it identically on every rank")
         drawn = torch.randperm(num_negatives, generator=generator, device=generator.device)[:num_selected]
-        # global row-major index of each local negative: negatives before its row + rank inside the row
-        within_row = torch.cumsum(negative_mask.to(torch.int64), dim=1) - 1
-        global_index = (neg_prefix[rows].unsqueeze(1) + within_row)[negative_mask]
-        return torch.nonzero(torch.isin(global_index, drawn.to(device))).squeeze(1)
+        return torch.nonzero(torch.isin(pairs.neg_global_index, drawn.to(device))).squeeze(1)
     if hardest_cut is None:  # N >= L: every negative
-        return torch.arange(a_neg.numel(), device=device)
+        return torch.arange(student_keys.numel(), device=device)
     cut_key = order_keys(hardest_cut.view(1))
     above = student_keys > cut_key
     ties = torch.nonzero(student_keys == cut_key).squeeze(1)
     # ties at the cut: rank order decides who contributes (the spec leaves ties unspecified)
-    world, rank = _world(group)
+    _, rank = _world(group)
     tie_counts = torch.tensor(_all_gather_sizes(ties.numel(), device, group), device=device)
     need = num_selected - int(_all_reduce_sum(above.sum().view(1), group).item())
     before = int(tie_counts[:rank].sum().item())
