@@ -1,8 +1,136 @@
 """Build of ekd_kernels (metadata lives in pyproject.toml).
 
-The Python package is always installed.  The compiled C++ (CPU) and CUDA ops come from csrc/.
+The Python package is always installed.  The compiled ops come from csrc/ as one extension,
+``ekd_kernels._C``:
+
+- the C++ (CPU) ops are always built;
+- the CUDA ops are built whenever nvcc and a CUDA build of torch are present, whether or not a
+  GPU is visible (a GPU-less build machine must not ship a CPU-only package by accident).
+  ``EKD_BUILD_CUDA=0`` skips them; ``EKD_BUILD_CUDA=1`` requires them and fails with the reason
+  when they cannot be built.
+
+Targets sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.  ``MAX_JOBS`` bounds the
+parallel compile jobs (ninja).
 """
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["ekd_kernels", "ekd_kernels.*"]))
+ROOT = pathlib.Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _nvcc_toolkit_root(nvcc: str):
+    """The toolkit root nvcc really uses (a wrapper script in /usr/local/bin is common), from
+    its own dry run: the line `#$ TOP=...`."""
+    try:
+        out = subprocess.run([nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+def _prepare_cuda_home():
+    """Point CUDA_HOME at a toolkit with headers before torch.utils.cpp_extension reads it.
+
+    torch guesses CUDA_HOME as the parent of the folder holding nvcc, which is wrong when nvcc
+    is a wrapper; ask nvcc instead when the guess has no cuda_runtime.h.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = pathlib.Path(nvcc).resolve().parent.parent
+    if (guess / "include" / "cuda_runtime.h").is_file():
+        return
+    root = _nvcc_toolkit_root(nvcc)
+    if root and (pathlib.Path(root) / "include" / "cuda_runtime.h").is_file():
+        os.environ["CUDA_HOME"] = root
+
+
+def _wheel_cuda_include_dirs():
+    """`nvidia/cu13/include` (and the like) of site-packages: the cuBLAS / cuSPARSE headers that
+    torch's CUDA headers include live there when the toolkit itself lacks them."""
+    dirs = []
+    for entry in sys.path:
+        base = pathlib.Path(entry) / "nvidia"
+        if not base.is_dir():
+            continue
+        for include in sorted(base.glob("cu*/include")):
+            if include.is_dir() and str(include) not in dirs:
+                dirs.append(str(include))
+    return dirs
+
+
+def _cuda_decision(torch_cuda_version, cuda_home):
+    """(build_cuda, reason): whether to build the CUDA ops, and why not."""
+    setting = os.environ.get("EKD_BUILD_CUDA", "").strip()
+    if setting not in ("", "0", "1"):
+        raise SystemExit(f"EKD_BUILD_CUDA must be 0 or 1, got {setting!r}")
+    if setting == "0":
+        return False, "EKD_BUILD_CUDA=0"
+    problems = []
+    if torch_cuda_version is None:
+        problems.append("torch is a CPU-only build (torch.version.cuda is None)")
+    if cuda_home is None or not (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
+        problems.append(f"no nvcc found (CUDA_HOME={cuda_home!r}, nvcc on PATH: {shutil.which('nvcc')!r})")
+    if problems:
+        if setting == "1":
+            raise SystemExit("EKD_BUILD_CUDA=1 but the CUDA ops cannot be built: " + "; ".join(problems))
+        return False, "; ".join(problems)
+    return True, None
+
+
+def _extensions():
+    _prepare_cuda_home()
+    import torch
+    from torch.utils import cpp_extension
+
+    build_cuda, reason = _cuda_decision(torch.version.cuda, cpp_extension.CUDA_HOME)
+    # Every C++ file under csrc/ (op families may live in subfolders, e.g. csrc/rkd/); one library.
+    cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
+    include_dirs = [str(CSRC)]
+    if not build_cuda:
+        print(f"ekd_kernels: building the C++ CPU ops only ({reason})", flush=True)
+        return [cpp_extension.CppExtension("ekd_kernels._C", cpp_sources, include_dirs=include_dirs,
+                                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
+    print(f"ekd_kernels: building the C++ CPU ops and the CUDA ops for sm {os.environ['TORCH_CUDA_ARCH_LIST']} "
+          f"(CUDA_HOME={cpp_extension.CUDA_HOME})", flush=True)
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    return [cpp_extension.CUDAExtension(
+        "ekd_kernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs + _wheel_cuda_include_dirs(),
+        define_macros=[("EKD_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class NinjaBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """Objects live in build/temp.ekd_kernels of the checkout, not in the fresh temporary folder
+        that pip's editable install gives every run, so that ninja recompiles only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / "temp.ekd_kernels")
+
+    return NinjaBuildExtension
+
+
+setup(
+    packages=find_packages(include=["ekd_kernels", "ekd_kernels.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)

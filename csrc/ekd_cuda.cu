@@ -1,0 +1,693 @@
+// EKD on CUDA: the stages of reference.py without any B x B allocation.
+//
+//   similarity tiles   : one tiled kernel computes 64 x 64 tiles of a Gram (IEEE fp32 / fp64 FMA,
+//                        no TF32: tau = 0.01 amplifies a similarity error 100-fold) over the upper
+//                        triangle only, and hands every pair to a pass-specific epilogue.  The
+//                        tiles are recomputed by each pass instead of being stored.
+//   threshold selection: radix selection over order-preserving keys, 16 bits a pass: the first
+//                        pass histograms the top 16 bits of all negatives, each next pass the next
+//                        16 bits of the elements that share a wanted rank's known prefix (2 passes
+//                        in fp32, 4 in fp64).  Integer atomics only: exact and deterministic.
+//                        Which bucket holds a rank is decided on the device (no host sync).
+//   pair selection     : the N-th largest student key is one more request of the same selection;
+//                        one pass counts the ties at it per row and the elements above it, a last
+//                        pass collects the elements above it and the ties of the first rows (the
+//                        row-major tie order of the CPU kernel), sorted by pair index afterwards so
+//                        that the result does not depend on the atomics' order.
+//   rank loss          : positives from the label groups and the selected negatives, one thread
+//                        each, with the per-pair math of ekd_math.h shared with the CPU; the sums
+//                        run in a fixed order in one thread.
+//   backward           : one thread per row, ekd_math.h's row_gradient (the CPU's code).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "ekd_common.h"
+
+namespace ekd {
+namespace {
+
+constexpr int kTile = 64;        // output tile: kTile x kTile pairs per block
+constexpr int kTileDepth = 16;   // feature chunk staged in shared memory
+constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kRowThreads = 128;
+
+using ull = unsigned long long;
+
+inline int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+
+// ----------------------------------------------------------------------------- tile epilogues
+enum TilePass : int {
+  kHistogram = 0,    // negatives: count the next 16 bits of keys under each request's prefix
+  kBoundaryTies = 1, // student negatives: ties at the N-th key per row, and elements above it
+  kCollect = 2,      // student negatives: collect the elements above the N-th key and the first ties
+  kCritical = 3,     // all pairs: count critical ones (both models in the same tile)
+};
+
+template <typename T>
+struct TileParams {
+  int pass;
+  int64_t batch;
+  const int64_t* labels;
+  // kHistogram: request r owns histogram[r * kRadixBins ...] (one shared histogram when
+  // prefix_bits == 0), matching keys whose top prefix_bits bits equal prefix[r].
+  ull* histogram;
+  int64_t num_requests;
+  const uint64_t* prefix;
+  const int64_t* residual;  // < 0: the request is void (no negative)
+  int prefix_bits;
+  // kBoundaryTies / kCollect
+  const uint64_t* boundary_key;     // the N-th largest key (a finished request's prefix)
+  const int64_t* boundary_residual; // < 0: no top-N selection
+  ull* row_ties;
+  ull* above_count;
+  const int64_t* cut_row;           // ties are taken from rows < cut_row, and from cut_row itself
+  ull* collect_count;
+  int64_t* collect_pair;            // i * B + j
+  T* collect_value;
+  int64_t* collect_at_cut;          // 1 for a tie of the cut row (trimmed afterwards)
+  int64_t collect_capacity;
+  // kCritical
+  const T* student_thresholds;
+  const T* teacher_thresholds;
+  int64_t num_thresholds;
+  ull* critical_count;
+};
+
+template <typename T>
+__device__ __forceinline__ void histogram_epilogue(const TileParams<T>& p, T value) {
+  constexpr int bits = KeyOf<T>::bits;
+  const uint64_t key = uint64_t(order_key(value));
+  const int next_shift = bits - p.prefix_bits - kRadixBits;
+  const int64_t digit = int64_t((key >> next_shift) & uint64_t(kRadixBins - 1));
+  if (p.prefix_bits == 0) {
+    atomicAdd(p.histogram + digit, ull(1));
+    return;
+  }
+  const uint64_t known = key >> (bits - p.prefix_bits);
+  for (int64_t r = 0; r < p.num_requests; ++r) {
+    if (p.residual[r] >= 0 && p.prefix[r] == known) atomicAdd(p.histogram + r * kRadixBins + digit, ull(1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void boundary_epilogue(const TileParams<T>& p, int64_t i, int64_t j, T value) {
+  const uint64_t key = uint64_t(order_key(value));
+  const uint64_t boundary = *p.boundary_key;
+  if (p.pass == kBoundaryTies) {
+    if (key == boundary) atomicAdd(p.row_ties + i, ull(1));
+    else if (key > boundary) atomicAdd(p.above_count, ull(1));
+    return;
+  }
+  const int64_t cut = *p.cut_row;
+  const bool take = key > boundary || (key == boundary && i <= cut);
+  if (!take) return;
+  const ull slot = atomicAdd(p.collect_count, ull(1));
+  if (int64_t(slot) >= p.collect_capacity) return;  // cannot happen: above < n, ties before the cut < n, cut row < B
+  p.collect_pair[slot] = i * p.batch + j;
+  p.collect_value[slot] = value;
+  p.collect_at_cut[slot] = (key == boundary && i == cut) ? 1 : 0;
+}
+
+//! Upper-triangle tile `t` (row-major over tile rows) -> (tile_row, tile_col), tile_col >= tile_row.
+__device__ __forceinline__ void upper_tile(int64_t t, int64_t tiles, int64_t* tile_row, int64_t* tile_col) {
+  int64_t row = 0;
+  while (t >= tiles - row) {
+    t -= tiles - row;
+    ++row;
+  }
+  *tile_row = row;
+  *tile_col = row + t;
+}
+
+//! acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx + 16v]> over the feature dimension.
+template <typename T>
+__device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
+                                          int64_t col0, T (&acc)[4][4], T (*rows)[kTile + 1], T (*cols)[kTile + 1]) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  for (int u = 0; u < 4; ++u)
+    for (int v = 0; v < 4; ++v) acc[u][v] = T(0);
+  for (int64_t k0 = 0; k0 < dim; k0 += kTileDepth) {
+    for (int e = threadIdx.x; e < kTile * kTileDepth; e += kTileThreads) {
+      const int r = e / kTileDepth, k = e % kTileDepth;
+      const int64_t feature = k0 + k;
+      const int64_t gr = row0 + r, gc = col0 + r;
+      rows[k][r] = (gr < batch && feature < dim) ? x[gr * dim + feature] : T(0);
+      cols[k][r] = (gc < batch && feature < dim) ? x[gc * dim + feature] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kTileDepth; ++k) {
+      T a[4], b[4];
+      for (int u = 0; u < 4; ++u) a[u] = rows[k][ty + 16 * u];
+      for (int v = 0; v < 4; ++v) b[v] = cols[k][tx + 16 * v];
+      for (int u = 0; u < 4; ++u)
+        for (int v = 0; v < 4; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
+    }
+    __syncthreads();
+  }
+}
+
+//! One upper-triangle tile of x's Gram (and of y's in the kCritical pass), each pair (i < j)
+//! handed to the pass's epilogue.  Negatives only, except kCritical (all pairs).
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
+                                                                       const T* __restrict__ y, int64_t y_dim,
+                                                                       TileParams<T> p) {
+  __shared__ T rows[kTileDepth][kTile + 1];  // +1: the transposed stores hit distinct banks
+  __shared__ T cols[kTileDepth][kTile + 1];
+  if ((p.pass == kBoundaryTies || p.pass == kCollect) && *p.boundary_residual < 0) return;
+  const int64_t tiles = (p.batch + kTile - 1) / kTile;
+  int64_t tile_row, tile_col;
+  upper_tile(blockIdx.x, tiles, &tile_row, &tile_col);
+  const int64_t row0 = tile_row * kTile, col0 = tile_col * kTile;
+  T acc[4][4];
+  gram_tile(x, x_dim, p.batch, row0, col0, acc, rows, cols);
+  T acc_y[4][4];
+  if (p.pass == kCritical) gram_tile(y, y_dim, p.batch, row0, col0, acc_y, rows, cols);
+
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  ull critical = 0;
+  for (int u = 0; u < 4; ++u) {
+    const int64_t i = row0 + ty + 16 * u;
+    if (i >= p.batch) continue;
+    for (int v = 0; v < 4; ++v) {
+      const int64_t j = col0 + tx + 16 * v;
+      if (j >= p.batch || j <= i) continue;
+      if (p.pass == kCritical) {
+        PairMath<T> m{p.student_thresholds, p.teacher_thresholds, p.num_thresholds, T(1), kSoftRank};
+        critical += is_critical(acc[u][v], acc_y[u][v], m);
+        continue;
+      }
+      if (p.labels[i] == p.labels[j]) continue;
+      if (p.pass == kHistogram) histogram_epilogue(p, acc[u][v]);
+      else boundary_epilogue(p, i, j, acc[u][v]);
+    }
+  }
+  if (p.pass == kCritical && critical > 0) atomicAdd(p.critical_count, critical);
+}
+
+template <typename T>
+void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params) {
+  const int64_t tiles = (params.batch + kTile - 1) / kTile;
+  const int64_t blocks = tiles * (tiles + 1) / 2;
+  similarity_tile_kernel<T><<<blocks, kTileThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ----------------------------------------------------------------------------- threshold selection
+//! Requests of one model: K threshold ranks, plus the top-N boundary for the student.
+__global__ void init_requests_kernel(const int64_t* num_negative, const int64_t* fpr_numerators,
+                                     const int64_t* fpr_denominators, int64_t num_thresholds,
+                                     int64_t num_hard_negatives, bool with_boundary, uint64_t* prefix,
+                                     int64_t* residual) {
+  const int64_t negatives = *num_negative;
+  for (int64_t k = 0; k < num_thresholds; ++k) {
+    prefix[k] = 0;
+    residual[k] = negatives > 0 ? threshold_index(negatives, fpr_numerators[k], fpr_denominators[k]) : -1;
+  }
+  if (with_boundary) {
+    const int64_t n = negatives < num_hard_negatives ? negatives : num_hard_negatives;
+    prefix[num_thresholds] = 0;
+    residual[num_thresholds] = n > 0 ? n - 1 : -1;
+  }
+}
+
+//! After a histogram pass: each request learns 16 more bits of its key and its rank among the
+//! elements sharing them.
+__global__ void locate_requests_kernel(const int64_t* histogram, int64_t histogram_stride, int64_t num_requests,
+                                       uint64_t* prefix, int64_t* residual) {
+  const int64_t r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= num_requests || residual[r] < 0) return;
+  int64_t bucket = 0, rank_in_bucket = 0;
+  locate_rank(histogram + r * histogram_stride, residual[r], &bucket, &rank_in_bucket);
+  prefix[r] = (prefix[r] << kRadixBits) | uint64_t(bucket);
+  residual[r] = rank_in_bucket;
+}
+
+template <typename T>
+__global__ void request_values_kernel(const uint64_t* prefix, const int64_t* residual, int64_t count, T* values) {
+  const int64_t r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= count) return;
+  values[r] = residual[r] >= 0 ? value_of_key<T>(key_t<T>(prefix[r])) : T(NAN);
+}
+
+struct Requests {
+  at::Tensor prefix;    // uint64 stored as int64
+  at::Tensor residual;  // int64, < 0 when void
+  int64_t count;
+};
+
+//! Radix selection of the requests of one model (x = its normalised rows): KeyOf<T>::bits / 16
+//! histogram passes over the tiles.
+template <typename T>
+Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& num_negative,
+                         const at::Tensor& fpr_numerators, const at::Tensor& fpr_denominators,
+                         int64_t num_hard_negatives, bool with_boundary) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t k = fpr_numerators.size(0);
+  Requests req;
+  req.count = k + (with_boundary ? 1 : 0);
+  const auto long_options = labels.options().dtype(at::kLong);
+  req.prefix = at::empty({req.count}, long_options);
+  req.residual = at::empty({req.count}, long_options);
+  auto* prefix = reinterpret_cast<uint64_t*>(req.prefix.data_ptr<int64_t>());
+  init_requests_kernel<<<1, 1, 0, stream>>>(num_negative.data_ptr<int64_t>(), fpr_numerators.data_ptr<int64_t>(),
+                                            fpr_denominators.data_ptr<int64_t>(), k, num_hard_negatives,
+                                            with_boundary, prefix, req.residual.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor histogram = at::empty({req.count * kRadixBins}, long_options);
+  for (int prefix_bits = 0; prefix_bits < KeyOf<T>::bits; prefix_bits += kRadixBits) {
+    histogram.zero_();
+    TileParams<T> p{};
+    p.pass = kHistogram;
+    p.batch = x.size(0);
+    p.labels = labels.data_ptr<int64_t>();
+    p.histogram = reinterpret_cast<ull*>(histogram.data_ptr<int64_t>());
+    p.num_requests = req.count;
+    p.prefix = prefix;
+    p.residual = req.residual.data_ptr<int64_t>();
+    p.prefix_bits = prefix_bits;
+    launch_tiles<T>(x, x, p);
+    // The first pass fills one histogram shared by all requests.
+    const int64_t stride = prefix_bits == 0 ? 0 : kRadixBins;
+    locate_requests_kernel<<<blocks_for(req.count, 32), 32, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, req.count, prefix,
+                                                 req.residual.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return req;
+}
+
+template <typename T>
+at::Tensor request_values(const Requests& req, int64_t count, const at::TensorOptions& options) {
+  at::Tensor values = at::empty({count}, options);
+  request_values_kernel<T><<<blocks_for(count, 32), 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint64_t*>(req.prefix.data_ptr<int64_t>()), req.residual.data_ptr<int64_t>(), count,
+      values.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return values;
+}
+
+// ----------------------------------------------------------------------------- pair selection
+struct Selection {
+  at::Tensor pairs;       // n_max x 2 int64, -1 padded
+  at::Tensor student;     // n_max: a of each selected pair (0 in padding)
+  at::Tensor num_selected;  // 0-d int64
+};
+
+//! The n hardest negatives: every element above the n-th largest key, then ties at it in
+//! row-major order, found without host synchronisation.
+template <typename T>
+Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& labels, const Requests& student_req,
+                            int64_t boundary_index, const at::Tensor& num_negative, int64_t num_hard_negatives,
+                            int64_t n_max) {
+  const int64_t batch = student_hat.size(0);
+  const auto long_options = labels.options().dtype(at::kLong);
+  const auto* boundary_key = reinterpret_cast<const uint64_t*>(student_req.prefix.data_ptr<int64_t>()) + boundary_index;
+  const int64_t* boundary_residual = student_req.residual.data_ptr<int64_t>() + boundary_index;
+  const at::Tensor n = at::clamp_max(num_negative, num_hard_negatives);
+
+  at::Tensor row_ties = at::zeros({batch}, long_options);
+  at::Tensor above = at::zeros({}, long_options);
+  TileParams<T> p{};
+  p.pass = kBoundaryTies;
+  p.batch = batch;
+  p.labels = labels.data_ptr<int64_t>();
+  p.boundary_key = boundary_key;
+  p.boundary_residual = boundary_residual;
+  p.row_ties = reinterpret_cast<ull*>(row_ties.data_ptr<int64_t>());
+  p.above_count = reinterpret_cast<ull*>(above.data_ptr<int64_t>());
+  launch_tiles<T>(student_hat, student_hat, p);
+
+  // Ties wanted = n - above; the cut row is the first whose cumulative ties reach it.
+  const at::Tensor ties_wanted = n - above;
+  const at::Tensor cumulative = at::cumsum(row_ties, 0);
+  const at::Tensor cut_row =
+      at::clamp_max(at::searchsorted(cumulative, ties_wanted.reshape({1}), false, false), batch - 1).reshape({});
+  const at::Tensor cut_index = cut_row.reshape({1});
+  const at::Tensor ties_at_cut =
+      ties_wanted - (cumulative.index_select(0, cut_index) - row_ties.index_select(0, cut_index)).reshape({});
+
+  const int64_t capacity = n_max + batch;
+  at::Tensor count = at::zeros({}, long_options);
+  at::Tensor pair_index = at::full({capacity}, std::numeric_limits<int64_t>::max(), long_options);
+  at::Tensor values = at::zeros({capacity}, student_hat.options());
+  at::Tensor at_cut = at::zeros({capacity}, long_options);
+  const at::Tensor cut_row_c = cut_row.contiguous();
+  p.pass = kCollect;
+  p.cut_row = cut_row_c.data_ptr<int64_t>();
+  p.collect_count = reinterpret_cast<ull*>(count.data_ptr<int64_t>());
+  p.collect_pair = pair_index.data_ptr<int64_t>();
+  p.collect_value = values.data_ptr<T>();
+  p.collect_at_cut = at_cut.data_ptr<int64_t>();
+  p.collect_capacity = capacity;
+  launch_tiles<T>(student_hat, student_hat, p);
+
+  // Deterministic whatever the atomics did: order by pair index, keep the first ties of the
+  // cut row, order again and cut to n_max.
+  auto sorted = at::sort(pair_index);
+  at::Tensor order = std::get<1>(sorted);
+  at::Tensor sorted_index = std::get<0>(sorted);
+  at::Tensor sorted_cut = at_cut.index_select(0, order);
+  const at::Tensor keep = at::logical_or(sorted_cut == 0, at::cumsum(sorted_cut, 0) <= ties_at_cut);
+  const at::Tensor kept_index =
+      at::where(keep, sorted_index, at::full_like(sorted_index, std::numeric_limits<int64_t>::max()));
+  auto final_sorted = at::sort(kept_index);
+  const at::Tensor final_index = std::get<0>(final_sorted).narrow(0, 0, n_max);
+  const at::Tensor final_order = order.index_select(0, std::get<1>(final_sorted).narrow(0, 0, n_max));
+  const at::Tensor used = final_index != std::numeric_limits<int64_t>::max();
+  Selection s;
+  const at::Tensor rows = at::where(used, at::floor_divide(final_index, batch), at::full_like(final_index, -1));
+  const at::Tensor cols = at::where(used, at::remainder(final_index, batch), at::full_like(final_index, -1));
+  s.pairs = at::stack({rows, cols}, 1).contiguous();
+  s.student = at::where(used, values.index_select(0, final_order), at::zeros({}, values.options())).contiguous();
+  s.num_selected = n;
+  return s;
+}
+
+__global__ void random_pairs_kernel(const int64_t* ranks, int64_t count, const int64_t* row_start,
+                                    const int64_t* labels, int64_t batch, int64_t* pairs) {
+  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  negative_at_rank(ranks[e], row_start, labels, batch, pairs + 2 * e, pairs + 2 * e + 1);
+}
+
+//! The random selection: the ranks drawn in Python, mapped to pairs on the device.
+Selection random_negatives(const PreparedInputs& prep, const at::Tensor& ranks, int64_t n_max) {
+  const int64_t batch = prep.batch();
+  const auto long_options = prep.labels.options();
+  const at::Tensor rows = at::arange(batch, long_options);
+  const at::Tensor later_positives = prep.group_end.index_select(0, prep.position) - prep.position - 1;
+  const at::Tensor row_negatives = (batch - 1 - rows) - later_positives;
+  const at::Tensor row_start = at::cat({at::zeros({1}, long_options), at::cumsum(row_negatives, 0)}).contiguous();
+  Selection s;
+  s.pairs = at::full({n_max, 2}, -1, long_options);
+  const int64_t count = ranks.size(0);
+  if (count > 0) {
+    const at::Tensor r = ranks.contiguous();
+    random_pairs_kernel<<<blocks_for(count, kRowThreads), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        r.data_ptr<int64_t>(), count, row_start.data_ptr<int64_t>(), prep.labels.data_ptr<int64_t>(), batch,
+        s.pairs.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  s.num_selected = at::scalar_tensor(count, long_options);
+  return s;
+}
+
+// ----------------------------------------------------------------------------- rank loss
+template <typename T>
+__global__ void positive_rows_kernel(const T* student_hat, int64_t ds, const T* teacher_hat, int64_t dt,
+                                     LabelGroups groups, PairMath<T> math, int64_t batch, double* loss_sum,
+                                     double* critical_loss_sum, int64_t* num_critical) {
+  const int64_t row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= batch) return;
+  const PositiveRowSums<T> s = positive_row_sums(row, student_hat, ds, teacher_hat, dt, groups, math);
+  loss_sum[row] = s.loss_sum;
+  critical_loss_sum[row] = s.critical_loss_sum;
+  num_critical[row] = s.num_critical;
+}
+
+//! Per selected pair: a (given, or recomputed when random), b, its loss, criticality, d loss / d a.
+template <typename T>
+__global__ void selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
+                                      const T* teacher_hat, int64_t dt, PairMath<T> math, int64_t count,
+                                      double* loss, int64_t* critical, T* loss_grad) {
+  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  const int64_t i = pairs[2 * e], j = pairs[2 * e + 1];
+  if (i < 0 || j < 0) {
+    loss[e] = 0.0;
+    critical[e] = -1;  // padding
+    loss_grad[e] = T(0);
+    return;
+  }
+  const T a = given_student != nullptr ? given_student[e] : dot_product(student_hat + i * ds, student_hat + j * ds, ds);
+  const T b = dot_product(teacher_hat + i * dt, teacher_hat + j * dt, dt);
+  loss[e] = double(pair_loss(a, b, math));
+  critical[e] = is_critical(a, b, math) ? 1 : 0;
+  loss_grad[e] = pair_loss_grad(a, b, math);
+}
+
+template <typename T>
+struct TermInputs {
+  const double* positive_loss;
+  const double* positive_critical_loss;
+  const int64_t* positive_critical;
+  int64_t batch;
+  const int64_t* num_positive;
+  const double* negative_loss;
+  const int64_t* negative_critical;  // -1: padding
+  int64_t n_max;
+  double positive_weight, negative_weight;
+  bool critical_only;
+};
+
+//! One thread: the two terms, the loss and the gradient scales, summed in a fixed order.
+template <typename T>
+__global__ void terms_kernel(TermInputs<T> in, T* loss, T* terms, T* positive_scale, T* negative_scale,
+                             int64_t* num_critical_selected) {
+  double pos_sum = 0.0, pos_critical_sum = 0.0, neg_sum = 0.0, neg_critical_sum = 0.0;
+  int64_t pos_critical = 0, neg_critical = 0, neg_count = 0;
+  for (int64_t r = 0; r < in.batch; ++r) {
+    pos_sum += in.positive_loss[r];
+    pos_critical_sum += in.positive_critical_loss[r];
+    pos_critical += in.positive_critical[r];
+  }
+  for (int64_t e = 0; e < in.n_max; ++e) {
+    const int64_t c = in.negative_critical[e];
+    if (c < 0) continue;
+    neg_count += 1;
+    neg_sum += in.negative_loss[e];
+    if (c) {
+      neg_critical_sum += in.negative_loss[e];
+      neg_critical += 1;
+    }
+  }
+  const int64_t pos_n = in.critical_only ? pos_critical : *in.num_positive;
+  const int64_t neg_n = in.critical_only ? neg_critical : neg_count;
+  const T positive_term = pos_n > 0 ? T((in.critical_only ? pos_critical_sum : pos_sum) / double(pos_n)) : T(0);
+  const T negative_term = neg_n > 0 ? T((in.critical_only ? neg_critical_sum : neg_sum) / double(neg_n)) : T(0);
+  terms[0] = positive_term;
+  terms[1] = negative_term;
+  *loss = T(in.positive_weight) * positive_term + T(in.negative_weight) * negative_term;
+  *positive_scale = pos_n > 0 ? T(in.positive_weight / double(pos_n)) : T(0);
+  *negative_scale = neg_n > 0 ? T(in.negative_weight / double(neg_n)) : T(0);
+  *num_critical_selected = pos_critical + neg_critical;
+}
+
+template <typename T>
+__global__ void selected_grads_kernel(const int64_t* critical, const T* loss_grad, const T* negative_scale,
+                                      bool critical_only, int64_t count, T* grads) {
+  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  const bool included = critical[e] == 1 || (!critical_only && critical[e] == 0);
+  grads[e] = included ? *negative_scale * loss_grad[e] : T(0);
+}
+
+// ----------------------------------------------------------------------------- the whole forward
+template <typename T>
+ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                            const at::Tensor& student_thresholds, const at::Tensor& teacher_thresholds,
+                            const std::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const PreparedInputs prep = prepare_inputs(student, teacher, labels);
+  const int64_t batch = prep.batch();
+  const int64_t ds = prep.student_hat.size(1), dt = prep.teacher_hat.size(1);
+  const int64_t k = options.num_thresholds();
+  const int64_t n_max = max_selected(batch, options.num_hard_negatives);
+  const bool hardest = !random_negative_ranks.has_value();
+  const auto long_options = prep.labels.options();
+  const auto compute_options = prep.student_hat.options();
+  const at::Tensor num_negative = (batch * (batch - 1) / 2) - prep.num_positive;
+  const at::Tensor numerators = at::tensor(options.fpr_numerators, at::kLong).to(student.device());
+  const at::Tensor denominators = at::tensor(options.fpr_denominators, at::kLong).to(student.device());
+
+  // Stage 3: batch thresholds (and the student's N-th largest negative) by radix selection.
+  const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, numerators,
+                                                  denominators, options.num_hard_negatives, hardest);
+  const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, numerators,
+                                                  denominators, options.num_hard_negatives, false);
+  const at::Tensor batch_student_c = request_values<T>(student_req, k, compute_options);
+  const at::Tensor batch_teacher_c = request_values<T>(teacher_req, k, compute_options);
+  const at::Tensor batch_student = batch_student_c.to(student_thresholds.scalar_type());
+  const at::Tensor batch_teacher = batch_teacher_c.to(student_thresholds.scalar_type());
+  const at::Tensor finite = all_finite(student, teacher);
+  const at::Tensor valid = finite.logical_and(num_negative > 0).logical_and(
+      at::scalar_tensor(options.update_thresholds, finite.options()));
+  const at::Tensor new_student = ema_update(student_thresholds, batch_student, options.momentum, valid);
+  const at::Tensor new_teacher = ema_update(teacher_thresholds, batch_teacher, options.momentum, valid);
+  const at::Tensor student_state = new_student.to(compute_options.dtype()).contiguous();
+  const at::Tensor teacher_state = new_teacher.to(compute_options.dtype()).contiguous();
+  const PairMath<T> math{student_state.data_ptr<T>(), teacher_state.data_ptr<T>(), k, T(options.temperature),
+                         options.rank_loss};
+
+  // Stage 4: the distilled negatives.
+  const Selection selection =
+      hardest ? hardest_negatives<T>(prep.student_hat, prep.labels, student_req, k, num_negative,
+                                     options.num_hard_negatives, n_max)
+              : random_negatives(prep, *random_negative_ranks, n_max);
+
+  // Stage 5: the two terms and the per-pair gradients.
+  const auto double_options = compute_options.dtype(at::kDouble);
+  at::Tensor pos_loss = at::empty({batch}, double_options);
+  at::Tensor pos_critical_loss = at::empty({batch}, double_options);
+  at::Tensor pos_critical = at::empty({batch}, long_options);
+  positive_rows_kernel<T><<<blocks_for(batch, kRowThreads), kRowThreads, 0, stream>>>(
+      prep.student_hat.data_ptr<T>(), ds, prep.teacher_hat.data_ptr<T>(), dt, prep.groups(), math, batch,
+      pos_loss.data_ptr<double>(), pos_critical_loss.data_ptr<double>(), pos_critical.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const int64_t slots = std::max<int64_t>(n_max, 1);
+  at::Tensor neg_loss = at::zeros({slots}, double_options);
+  at::Tensor neg_critical = at::full({slots}, -1, long_options);
+  at::Tensor neg_loss_grad = at::zeros({slots}, compute_options);
+  if (n_max > 0) {
+    selected_pairs_kernel<T><<<blocks_for(n_max, kRowThreads), kRowThreads, 0, stream>>>(
+        selection.pairs.data_ptr<int64_t>(), hardest ? selection.student.data_ptr<T>() : nullptr,
+        prep.student_hat.data_ptr<T>(), ds, prep.teacher_hat.data_ptr<T>(), dt, math, n_max,
+        neg_loss.data_ptr<double>(), neg_critical.data_ptr<int64_t>(), neg_loss_grad.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  at::Tensor loss = at::empty({}, compute_options);
+  at::Tensor terms = at::empty({2}, compute_options);
+  at::Tensor positive_scale = at::empty({}, compute_options);
+  at::Tensor negative_scale = at::empty({}, compute_options);
+  at::Tensor num_critical_selected = at::empty({}, long_options);
+  const at::Tensor num_positive = prep.num_positive.contiguous();
+  TermInputs<T> term_inputs{pos_loss.data_ptr<double>(), pos_critical_loss.data_ptr<double>(),
+                            pos_critical.data_ptr<int64_t>(), batch, num_positive.data_ptr<int64_t>(),
+                            neg_loss.data_ptr<double>(), neg_critical.data_ptr<int64_t>(), n_max,
+                            options.positive_weight, options.negative_weight, options.critical_only};
+  terms_kernel<T><<<1, 1, 0, stream>>>(term_inputs, loss.data_ptr<T>(), terms.data_ptr<T>(),
+                                       positive_scale.data_ptr<T>(), negative_scale.data_ptr<T>(),
+                                       num_critical_selected.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor selected_grads = at::zeros({n_max}, compute_options);
+  if (n_max > 0) {
+    selected_grads_kernel<T><<<blocks_for(n_max, kRowThreads), kRowThreads, 0, stream>>>(
+        neg_critical.data_ptr<int64_t>(), neg_loss_grad.data_ptr<T>(), negative_scale.data_ptr<T>(),
+        options.critical_only, n_max, selected_grads.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  at::Tensor num_critical_pairs = at::zeros({}, long_options);
+  if (options.compute_critical_ratio) {
+    TileParams<T> p{};
+    p.pass = kCritical;
+    p.batch = batch;
+    p.labels = prep.labels.data_ptr<int64_t>();
+    p.student_thresholds = student_state.data_ptr<T>();
+    p.teacher_thresholds = teacher_state.data_ptr<T>();
+    p.num_thresholds = k;
+    p.critical_count = reinterpret_cast<ull*>(num_critical_pairs.data_ptr<int64_t>());
+    launch_tiles<T>(prep.student_hat, prep.teacher_hat, p);
+  }
+
+  const at::Tensor counts = at::stack({prep.num_positive, num_negative, selection.num_selected.to(at::kLong),
+                                       num_critical_selected, num_critical_pairs});
+  // A non-finite batch reads as NaN (a gradient scaler then skips the step).
+  loss = at::where(finite, loss, at::full_like(loss, NAN));
+  return {loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms,
+          selection.pairs, selected_grads, positive_scale};
+}
+
+// ----------------------------------------------------------------------------- backward
+template <typename T>
+__global__ void row_gradient_kernel(RowGradientInputs<T> in, int64_t batch, T* grad) {
+  const int64_t row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= batch) return;
+  row_gradient(row, in, grad + row * in.student_dim);
+}
+
+template <typename T>
+at::Tensor backward_cuda(const at::Tensor& grad_loss, const PreparedInputs& prep, const at::Tensor& student_thresholds,
+                         const at::Tensor& teacher_thresholds, const at::Tensor& selected_pairs,
+                         const at::Tensor& selected_grads, const at::Tensor& positive_scale, double temperature,
+                         bool critical_only, int64_t rank_loss) {
+  const int64_t batch = prep.batch();
+  const auto dtype = prep.student_hat.scalar_type();
+  const auto csr = negatives_by_row(selected_pairs, selected_grads.to(dtype), batch);
+  const at::Tensor student_state = student_thresholds.to(dtype).contiguous();
+  const at::Tensor teacher_state = teacher_thresholds.to(dtype).contiguous();
+  const at::Tensor grad_value = grad_loss.to(dtype).reshape({}).contiguous();
+  // The backward reads the positive factor on the device: no host sync.
+  const at::Tensor scale = positive_scale.to(dtype).contiguous();
+  RowGradientInputs<T> in{prep.student_hat.data_ptr<T>(),
+                          prep.student_norms.data_ptr<T>(),
+                          prep.teacher_hat.data_ptr<T>(),
+                          prep.student_hat.size(1),
+                          prep.teacher_hat.size(1),
+                          prep.groups(),
+                          PairMath<T>{student_state.data_ptr<T>(), teacher_state.data_ptr<T>(), student_state.size(0),
+                                      T(temperature), rank_loss},
+                          scale.data_ptr<T>(),
+                          critical_only,
+                          std::get<0>(csr).data_ptr<int64_t>(),
+                          std::get<1>(csr).data_ptr<int64_t>(),
+                          std::get<2>(csr).data_ptr<T>(),
+                          grad_value.data_ptr<T>(),
+                          /*precomputed_positive_grad=*/nullptr,
+                          /*precomputed_min_group=*/0};
+  at::Tensor grad = at::empty_like(prep.student_hat);
+  row_gradient_kernel<T><<<blocks_for(batch, kRowThreads), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      in, batch, grad.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad;
+}
+
+ForwardOutputs ekd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                                const at::Tensor& student_thresholds, const at::Tensor& teacher_thresholds,
+                                const std::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options) {
+  check_forward_inputs(student, teacher, labels, student_thresholds, teacher_thresholds, random_negative_ranks,
+                       options);
+  const c10::cuda::CUDAGuard guard(student.device());
+  if (student.scalar_type() == at::kDouble)
+    return forward_cuda<double>(student, teacher, labels, student_thresholds, teacher_thresholds,
+                                random_negative_ranks, options);
+  return forward_cuda<float>(student, teacher, labels, student_thresholds, teacher_thresholds, random_negative_ranks,
+                             options);
+}
+
+at::Tensor ekd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& labels, const at::Tensor& student_thresholds,
+                             const at::Tensor& teacher_thresholds, const at::Tensor& selected_pairs,
+                             const at::Tensor& selected_grads, const at::Tensor& positive_scale, double temperature,
+                             bool critical_only, int64_t rank_loss) {
+  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
+              "ekd_backward: student must be float32 or float64, got ", student.scalar_type());
+  const c10::cuda::CUDAGuard guard(student.device());
+  const PreparedInputs prep = prepare_inputs(student, teacher.to(student.scalar_type()), labels);
+  if (student.scalar_type() == at::kDouble)
+    return backward_cuda<double>(grad_loss, prep, student_thresholds, teacher_thresholds, selected_pairs,
+                                 selected_grads, positive_scale, temperature, critical_only, rank_loss);
+  return backward_cuda<float>(grad_loss, prep, student_thresholds, teacher_thresholds, selected_pairs, selected_grads,
+                              positive_scale, temperature, critical_only, rank_loss);
+}
+
+ForwardOutputs ekd_forward_cuda_op(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                                   const at::Tensor& student_thresholds, const at::Tensor& teacher_thresholds,
+                                   const std::optional<at::Tensor>& random_negative_ranks,
+                                   at::IntArrayRef fpr_numerators, at::IntArrayRef fpr_denominators,
+                                   double temperature, int64_t num_hard_negatives, double momentum,
+                                   double positive_weight, double negative_weight, bool critical_only,
+                                   int64_t rank_loss, bool update_thresholds, bool compute_critical_ratio) {
+  const ForwardOptions options =
+      make_options(fpr_numerators, fpr_denominators, temperature, num_hard_negatives, momentum, positive_weight,
+                   negative_weight, critical_only, rank_loss, update_thresholds, compute_critical_ratio);
+  return ekd_forward_cuda(student, teacher, labels, student_thresholds, teacher_thresholds, random_negative_ranks,
+                          options);
+}
+
+}  // namespace
+}  // namespace ekd
+
+TORCH_LIBRARY_IMPL(ekd_kernels, CUDA, m) {
+  m.impl("ekd_forward", &ekd::ekd_forward_cuda_op);
+  m.impl("ekd_backward", &ekd::ekd_backward_cuda);
+}
