@@ -40,11 +40,21 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-@pytest.fixture(params=BACKEND_NAMES)
-def backend(request, device) -> str:
-    """A backend name that can run on `device` (the test is skipped with the reason otherwise)."""
+def require_backend(name: str, device: torch.device) -> str:
+    """`name`, when it can run on `device`; otherwise the test is skipped with the reason."""
     try:
-        resolve_backend(request.param, device)
+        resolve_backend(name, device)
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    return request.param
+    return name
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request, device) -> str:
+    return require_backend(request.param, device)
+
+
+@pytest.fixture(params=[name for name in BACKEND_NAMES if name != "reference"])
+def fast_backend(request, device) -> str:
+    """A backend to check against the reference (the reference itself is not one)."""
+    return require_backend(request.param, device)

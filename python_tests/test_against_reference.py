@@ -13,13 +13,6 @@ COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", 
           "num_critical_pairs")
 
 
-@pytest.fixture
-def fast_backend(backend):
-    if backend == "reference":
-        pytest.skip("the reference is the yardstick here")
-    return backend
-
-
 def run(crit, student, teacher, labels, generator_seed=None):
     student = student.detach().clone().requires_grad_(True)
     generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
