@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -29,21 +27,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import ekd_kernels  # noqa: E402
+from common import device_name  # noqa: E402
 from ekd_kernels.metrics import tpr_at_fpr, verify_all_pairs  # noqa: E402
 
 FPRS = (1e-2, 1e-3, 1e-4)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def make_embeddings(batch: int, dim: int, per_identity: int, device: torch.device, seed: int):

@@ -143,20 +143,8 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
             float(config.temperature), int(config.num_hard_negatives), float(config.momentum),
             float(config.positive_weight), float(config.negative_weight), bool(config.critical_only),
             _RANK_LOSS_CODES[config.rank_loss], bool(update_thresholds), bool(config.compute_critical_ratio))
-    stats = EKDStats(
-        batch_student_thresholds=batch_student,
-        batch_teacher_thresholds=batch_teacher,
-        student_thresholds=new_student,
-        teacher_thresholds=new_teacher,
-        num_positive_pairs=counts[0],
-        num_negative_pairs=counts[1],
-        num_selected_negatives=counts[2],
-        num_critical_selected=counts[3],
-        positive_term=terms[0],
-        negative_term=terms[1],
-    )
-    if config.compute_critical_ratio:
-        batch = student.shape[0]
-        stats.num_critical_pairs = counts[4]
-        stats.critical_ratio = counts[4].to(torch.float32) / (batch * (batch - 1) // 2)
+    batch = student.shape[0]
+    critical_ratio = (counts[4].to(torch.float32) / (batch * (batch - 1) // 2)
+                      if config.compute_critical_ratio else None)
+    stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms, critical_ratio)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -31,6 +31,21 @@ class EKDStats:
     num_critical_pairs: Optional[torch.Tensor] = None
     critical_ratio: Optional[torch.Tensor] = None
 
+    @classmethod
+    def from_counts(cls, batch_student_thresholds, batch_teacher_thresholds, student_thresholds, teacher_thresholds,
+                    counts, terms, critical_ratio=None) -> "EKDStats":
+        """From the packed outputs of a fused op: counts = (positive, negative, selected negative,
+        critical selected[, critical among all pairs]) and terms = (positive, negative);
+        `critical_ratio` is given when the op counted critical pairs among all pairs."""
+        stats = cls(batch_student_thresholds=batch_student_thresholds, batch_teacher_thresholds=batch_teacher_thresholds,
+                    student_thresholds=student_thresholds, teacher_thresholds=teacher_thresholds,
+                    num_positive_pairs=counts[0], num_negative_pairs=counts[1], num_selected_negatives=counts[2],
+                    num_critical_selected=counts[3], positive_term=terms[0], negative_term=terms[1])
+        if critical_ratio is not None:
+            stats.num_critical_pairs = counts[4]
+            stats.critical_ratio = critical_ratio
+        return stats
+
     def detach(self) -> "EKDStats":
         return EKDStats(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
                            for f in dataclasses.fields(self)})

@@ -711,19 +711,6 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
                           config.positive_weight, config.negative_weight, config.critical_only, config.rank_loss,
                           config.compute_critical_ratio, bool(update_thresholds))
     loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms = outputs[:7]
-    stats = EKDStats(
-        batch_student_thresholds=batch_student,
-        batch_teacher_thresholds=batch_teacher,
-        student_thresholds=new_student,
-        teacher_thresholds=new_teacher,
-        num_positive_pairs=counts[0],
-        num_negative_pairs=counts[1],
-        num_selected_negatives=counts[2],
-        num_critical_selected=counts[3],
-        positive_term=terms[0],
-        negative_term=terms[1],
-    )
-    if config.compute_critical_ratio:
-        stats.num_critical_pairs = counts[4]
-        stats.critical_ratio = terms[2]
+    stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms,
+                                 terms[2] if config.compute_critical_ratio else None)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
