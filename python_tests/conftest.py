@@ -20,8 +20,20 @@ from ekd_kernels import BACKEND_NAMES
 from ekd_kernels.backends import resolve_backend
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# ../shared/golden, relative to the repository root (the checkout sits beside shared/).
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+
+
+def find_golden_dir() -> pathlib.Path:
+    """../shared/golden relative to the repository root (the checkout sits beside shared/); a
+    copy in ./shared/golden (what travels to a remote GPU machine) or $EKD_GOLDEN_DIR also do."""
+    candidates = [pathlib.Path(os.environ["EKD_GOLDEN_DIR"])] if os.environ.get("EKD_GOLDEN_DIR") else []
+    candidates += [REPO_ROOT.parent / "shared" / "golden", REPO_ROOT / "shared" / "golden"]
+    for candidate in candidates:
+        if (candidate / "cases.json").is_file():
+            return candidate
+    return candidates[0]
+
+
+GOLDEN_DIR = find_golden_dir()
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -31,7 +43,7 @@ def golden_dir() -> pathlib.Path:
     if not (GOLDEN_DIR / "cases.json").is_file():
         raise FileNotFoundError(
             f"golden figures not found at {GOLDEN_DIR}: the repository must sit beside shared/ "
-            "(../shared/golden relative to the repository root)")
+            "(../shared/golden relative to the repository root), or set EKD_GOLDEN_DIR")
     return GOLDEN_DIR
 
 

@@ -23,23 +23,17 @@ if not torch.cuda.is_available():
 
 from ekd_kernels import EKDConfig, EKDLoss, ekd_loss  # noqa: E402
 from ekd_kernels import triton_ekd  # noqa: E402
+from helpers import GRAD_REL_NORM, LOSS_RTOL, THRESHOLD_ATOL, rel_norm as relative_norm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 _REASON = triton_ekd.unavailable_reason(DEVICE)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {_REASON}")
 
-# Golden tolerances (../shared/golden/README.md).
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-4
-THRESHOLD_ATOL = 1e-6
+GRAD_RTOL = GRAD_REL_NORM  # the golden tolerances (helpers.py) name it so here
 
 
 # --------------------------------------------------------------------------- helpers
-def relative_norm(x: torch.Tensor, reference: torch.Tensor) -> float:
-    reference = reference.double()
-    return float((x.double() - reference).norm() / reference.norm().clamp_min(1e-30))
-
 
 def make_batch(batch, dim_s, dim_t, num_ids, seed, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)

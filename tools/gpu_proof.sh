@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 9's runs on a GPU machine, one stage per call (each fits the device tool's 10 minutes):
+#
+#   tools/gpu_proof.sh build-test            build with the CUDA ops, run python_tests (-rs lists skips)
+#   tools/gpu_proof.sh sanitize TOOL         compute-sanitizer --tool TOOL (memcheck|racecheck|initcheck|synccheck)
+#   tools/gpu_proof.sh consistency           fast backends vs the reference at B = 1024, 8192, 32768, fp32/bf16
+#   tools/gpu_proof.sh bench                 make bench's three scripts; results copied to $OUT
+#   tools/gpu_proof.sh ncu                   Nsight Compute on the fast kernels at B = 8192
+#
+# Every stage builds first (ninja makes that a no-op when nothing changed). The golden figures
+# live in ../shared, which does not travel to the GPU machine: copy them into the checkout
+# first (cp -r ../shared/golden shared/golden; shared/ travels, conftest looks there too).
+# Logs go to $OUT (the device tool brings back at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_proof_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python}
+
+build() {
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  EKD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+    || { tail -40 "$OUT/build.log"; exit 1; }
+}
+
+stage=${1:?stage: build-test | sanitize TOOL | consistency | bench | ncu}
+build
+case "$stage" in
+  build-test)
+    $PY -m pytest python_tests -q -rs 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  sanitize)
+    tool=${2:?sanitize needs a tool: memcheck, racecheck, initcheck or synccheck}
+    compute-sanitizer --tool "$tool" --print-limit 50 $PY tools/gpu_exercise.py sanitize --sizes 33 4096 \
+      > "$OUT/sanitize_$tool.log" 2>&1
+    tail -15 "$OUT/sanitize_$tool.log" ;;
+  consistency)
+    $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 --out "$OUT/consistency.json" 2>&1 \
+      | tee "$OUT/consistency.log" | tail -40 ;;
+  bench)
+    $PY bench/bench_loss.py && $PY bench/bench_train_step.py && $PY bench/plot.py
+    tar czf "$OUT/bench_results.tgz" bench/results ;;
+  ncu)
+    ncu --set full --kernel-name regex:'ekd|_kernel' --launch-count 40 -o "$OUT/ekd_b8192" \
+      $PY bench/bench_loss.py --sizes 8192 --methods ekd/triton ekd/csrc --repeats 1 --out /tmp/ncu_rows.jsonl \
+      > "$OUT/ncu.log" 2>&1
+    tail -20 "$OUT/ncu.log" ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
