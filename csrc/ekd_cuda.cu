@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "ekd_common.h"
@@ -172,9 +173,13 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
+  // Fully unrolled: a runtime index into acc / acc_y would put both in local memory (a stack
+  // frame), and the Gram loop above would then update its accumulators through memory.
+#pragma unroll
   for (int u = 0; u < 4; ++u) {
     const int64_t i = row0 + ty + 16 * u;
     if (i >= p.batch) continue;
+#pragma unroll
     for (int v = 0; v < 4; ++v) {
       const int64_t j = col0 + tx + 16 * v;
       if (j >= p.batch || j <= i) continue;
@@ -201,15 +206,27 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>&
 }
 
 // ----------------------------------------------------------------------------- threshold selection
-//! Requests of one model: K threshold ranks, plus the top-N boundary for the student.
-__global__ void init_requests_kernel(const int64_t* num_negative, const int64_t* fpr_numerators,
-                                     const int64_t* fpr_denominators, int64_t num_thresholds,
+//! The FPR fractions of one init launch, passed by value: no host-to-device copy, hence no host
+//! sync (a blocking .to(device) waits for the whole stream) and nothing that breaks graph capture.
+constexpr int64_t kFractionsPerLaunch = 32;
+struct FractionChunk {
+  int64_t first;  // index of the first threshold of this chunk
+  int64_t count;  // <= kFractionsPerLaunch
+  int64_t numerator[kFractionsPerLaunch];
+  int64_t denominator[kFractionsPerLaunch];
+};
+
+//! Requests of one model: K threshold ranks (one chunk of them a launch), plus the top-N
+//! boundary for the student (with_boundary: set on the launch of the last chunk only).
+__global__ void init_requests_kernel(const int64_t* num_negative, FractionChunk fractions, int64_t num_thresholds,
                                      int64_t num_hard_negatives, bool with_boundary, uint64_t* prefix,
                                      int64_t* residual) {
   const int64_t negatives = *num_negative;
-  for (int64_t k = 0; k < num_thresholds; ++k) {
+  for (int64_t c = 0; c < fractions.count; ++c) {
+    const int64_t k = fractions.first + c;
     prefix[k] = 0;
-    residual[k] = negatives > 0 ? threshold_index(negatives, fpr_numerators[k], fpr_denominators[k]) : -1;
+    residual[k] =
+        negatives > 0 ? threshold_index(negatives, fractions.numerator[c], fractions.denominator[c]) : -1;
   }
   if (with_boundary) {
     const int64_t n = negatives < num_hard_negatives ? negatives : num_hard_negatives;
@@ -247,20 +264,28 @@ struct Requests {
 //! histogram passes over the tiles.
 template <typename T>
 Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& num_negative,
-                         const at::Tensor& fpr_numerators, const at::Tensor& fpr_denominators,
-                         int64_t num_hard_negatives, bool with_boundary) {
+                         const ForwardOptions& options, bool with_boundary) {
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t k = fpr_numerators.size(0);
+  const int64_t k = options.num_thresholds();
   Requests req;
   req.count = k + (with_boundary ? 1 : 0);
   const auto long_options = labels.options().dtype(at::kLong);
   req.prefix = at::empty({req.count}, long_options);
   req.residual = at::empty({req.count}, long_options);
   auto* prefix = reinterpret_cast<uint64_t*>(req.prefix.data_ptr<int64_t>());
-  init_requests_kernel<<<1, 1, 0, stream>>>(num_negative.data_ptr<int64_t>(), fpr_numerators.data_ptr<int64_t>(),
-                                            fpr_denominators.data_ptr<int64_t>(), k, num_hard_negatives,
-                                            with_boundary, prefix, req.residual.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t first = 0; first < k; first += kFractionsPerLaunch) {  // k >= 1 (checked)
+    FractionChunk chunk{};
+    chunk.first = first;
+    chunk.count = std::min<int64_t>(kFractionsPerLaunch, k - first);
+    for (int64_t c = 0; c < chunk.count; ++c) {
+      chunk.numerator[c] = options.fpr_numerators[first + c];
+      chunk.denominator[c] = options.fpr_denominators[first + c];
+    }
+    const bool last = first + chunk.count == k;
+    init_requests_kernel<<<1, 1, 0, stream>>>(num_negative.data_ptr<int64_t>(), chunk, k, options.num_hard_negatives,
+                                              with_boundary && last, prefix, req.residual.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   at::Tensor histogram = at::empty({req.count * kRadixBins}, long_options);
   for (int prefix_bits = 0; prefix_bits < KeyOf<T>::bits; prefix_bits += kRadixBits) {
     histogram.zero_();
@@ -375,6 +400,10 @@ __global__ void random_pairs_kernel(const int64_t* ranks, int64_t count, const i
   const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= count) return;
   negative_at_rank(ranks[e], row_start, labels, batch, pairs + 2 * e, pairs + 2 * e + 1);
+  // A rank outside [0, L) finds no column: make the whole pair padding, else the backward's CSR
+  // would visit row i with other = -1 and read before student_hat.  (The CPU op raises here; a
+  // device-side check cannot without a sync.  csrc_ops draws the ranks from randperm(L).)
+  if (pairs[2 * e + 1] < 0) pairs[2 * e] = -1;
 }
 
 //! The random selection: the ranks drawn in Python, mapped to pairs on the device.
@@ -475,8 +504,9 @@ __global__ void terms_kernel(TermInputs<T> in, T* loss, T* terms, T* positive_sc
   terms[0] = positive_term;
   terms[1] = negative_term;
   *loss = T(in.positive_weight) * positive_term + T(in.negative_weight) * negative_term;
-  *positive_scale = pos_n > 0 ? T(in.positive_weight / double(pos_n)) : T(0);
-  *negative_scale = neg_n > 0 ? T(in.negative_weight / double(neg_n)) : T(0);
+  // weight * (1 / n), as the CPU op's TermSums::pair_weight (w / n can differ in the last bit).
+  *positive_scale = pos_n > 0 ? T(in.positive_weight * (1.0 / double(pos_n))) : T(0);
+  *negative_scale = neg_n > 0 ? T(in.negative_weight * (1.0 / double(neg_n))) : T(0);
   *num_critical_selected = pos_critical + neg_critical;
 }
 
@@ -504,14 +534,10 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   const auto long_options = prep.labels.options();
   const auto compute_options = prep.student_hat.options();
   const at::Tensor num_negative = (batch * (batch - 1) / 2) - prep.num_positive;
-  const at::Tensor numerators = at::tensor(options.fpr_numerators, at::kLong).to(student.device());
-  const at::Tensor denominators = at::tensor(options.fpr_denominators, at::kLong).to(student.device());
 
   // Stage 3: batch thresholds (and the student's N-th largest negative) by radix selection.
-  const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, numerators,
-                                                  denominators, options.num_hard_negatives, hardest);
-  const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, numerators,
-                                                  denominators, options.num_hard_negatives, false);
+  const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, options, hardest);
+  const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, options, false);
   const at::Tensor batch_student_c = request_values<T>(student_req, k, compute_options);
   const at::Tensor batch_teacher_c = request_values<T>(teacher_req, k, compute_options);
   const at::Tensor batch_student = batch_student_c.to(student_thresholds.scalar_type());
@@ -646,6 +672,12 @@ ForwardOutputs ekd_forward_cuda(const at::Tensor& student, const at::Tensor& tea
                                 const std::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options) {
   check_forward_inputs(student, teacher, labels, student_thresholds, teacher_thresholds, random_negative_ranks,
                        options);
+  // check_forward_inputs does not look at the optional ranks: one on another device (or a CUDA
+  // ranks tensor with CPU embeddings, which dispatches here) would hand a foreign pointer to a kernel.
+  TORCH_CHECK(student.is_cuda(), "ekd_forward: the CUDA kernel got embeddings on ", student.device());
+  TORCH_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
+              "ekd_forward: random_negative_ranks must be on ", student.device(), ", got ",
+              random_negative_ranks.has_value() ? random_negative_ranks->device() : student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   if (student.scalar_type() == at::kDouble)
     return forward_cuda<double>(student, teacher, labels, student_thresholds, teacher_thresholds,
