@@ -375,7 +375,8 @@ def _radix_select(prepared: _Prepared, config: EKDConfig, hardest: bool, num_slo
     # pass 2 when pass 1's counts say they fit; else passes 3 and 4 select (decided on device).
     capacity = _candidate_capacity(num_slots) if hardest else 0
     if hardest:
-        overflow = above[0, -1] + coarse[0][bucket[0, -1]] > capacity
+        # gather, not coarse[0][bucket[0, -1]]: indexing by a 0-dim tensor calls .item() (a host sync).
+        overflow = above[0, -1] + coarse[0].gather(0, bucket[0, -1:])[0] > capacity
     else:
         overflow = torch.zeros((), dtype=torch.bool, device=device)
     candidate_count = torch.zeros(1, dtype=torch.int32, device=device)
@@ -537,6 +538,10 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     one = torch.ones((), device=device)
     positive_coefficient = config.positive_weight * _mean(one, positive_count)
     selected_coefficient = config.negative_weight * _mean(one, negative_count) * selected_loss_grad * counted
+    # A non-finite batch must give a non-finite gradient too (as the reference), so that a gradient
+    # scaler skips the step: the kernels' clamps (max/min drop NaN) turn a NaN teacher into finite terms.
+    positive_coefficient = torch.where(finite, positive_coefficient, float("nan"))
+    selected_coefficient = torch.where(finite, selected_coefficient, float("nan"))
 
     state_dtype = student_thresholds.dtype
     counts = torch.stack([num_positive, selection.num_negative, filled.sum(),

@@ -257,8 +257,12 @@ def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where)
     before = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
     student, teacher, labels = make_batch(16, seed=1, device=device)
     (student if where == "student" else teacher)[4, 2] = bad
+    student.requires_grad_(True)
     loss = crit(student, teacher, labels)
     assert torch.isnan(loss)
+    # a gradient scaler decides from the gradients, not the loss: they must not look usable
+    loss.backward()
+    assert not torch.isfinite(student.grad).all()
     assert torch.equal(crit.student_thresholds, before[0]) and torch.equal(crit.teacher_thresholds, before[1])
     # the next good batch proceeds from the untouched state
     assert torch.isfinite(crit(*make_batch(16, seed=2, device=device)))
