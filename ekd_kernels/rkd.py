@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_embeddings_and_labels
+from .validation import check_embedding_pair
 
 PDIST_EPS = 1e-12
 
@@ -42,8 +42,7 @@ def triplet_angles(x: torch.Tensor) -> torch.Tensor:
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> torch.Tensor:
     """RKD loss of one batch (0-d); gradient to `student` only."""
-    labels = torch.zeros(student.shape[0] if student.dim() >= 1 else 0, dtype=torch.int64, device=student.device)
-    check_embeddings_and_labels(student, teacher, labels)
+    check_embedding_pair(student, teacher)
     student = student.float() if student.dtype in (torch.float16, torch.bfloat16) else student
     teacher = teacher.detach().to(student.dtype)
     with torch.no_grad():

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .validation import check_embeddings_and_labels
+from .validation import check_embedding_pair
 
 _OP_NAME = "ekd_kernels::rkd_forward"
 _SOURCES = ("rkd_cpu.cpp",)
@@ -227,8 +227,7 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
     zero difference a zero direction, as the reference does; the "torch" path's Gram expansion
     leaves a distance of rounding size there, whose direction is noise.
     """
-    labels = torch.zeros(student.shape[0] if student.dim() >= 1 else 0, dtype=torch.int64, device=student.device)
-    check_embeddings_and_labels(student, teacher, labels)
+    check_embedding_pair(student, teacher)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

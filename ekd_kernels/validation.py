@@ -40,6 +40,20 @@ def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, la
             f"{student.device}, {teacher.device} and {labels.device}")
 
 
+def check_embedding_pair(student: torch.Tensor, teacher: torch.Tensor, *, same_dim: bool = False,
+                         labels: torch.Tensor = None, what: str = "this loss") -> None:
+    """The checks above for losses without labels (RKD, SP, ...), plus equal widths for losses
+    that compare the two embeddings coordinate by coordinate."""
+    if labels is None:
+        rows = student.shape[0] if isinstance(student, torch.Tensor) and student.dim() >= 1 else 0
+        device = student.device if isinstance(student, torch.Tensor) else "cpu"
+        labels = torch.zeros(rows, dtype=torch.int64, device=device)
+    check_embeddings_and_labels(student, teacher, labels)
+    if same_dim and student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"{what} compares student and teacher embeddings coordinate by coordinate: their widths "
+                         f"must match, got {student.shape[1]} and {teacher.shape[1]} (project one of them first)")
+
+
 def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, num_thresholds: int,
                      device: torch.device) -> None:
     """Threshold state passed to the functional form must be K floats on the embeddings' device."""
