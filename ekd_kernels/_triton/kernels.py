@@ -101,6 +101,14 @@ def _descending_key(x):
 
 
 @triton.jit
+def _tile_indices(pid_m, pid_n, batch, TILE: tl.constexpr):
+    """Rows and columns of the (pid_m, pid_n) tile of the pair matrix, and which lie in the batch."""
+    rows = pid_m * TILE + tl.arange(0, TILE)
+    cols = pid_n * TILE + tl.arange(0, TILE)
+    return rows, cols, rows < batch, cols < batch
+
+
+@triton.jit
 def _pair_masks(labels_ptr, rows, cols, row_mask, col_mask):
     """(upper, negative): pairs i < j inside the batch, and those of different labels."""
     label_i = tl.load(labels_ptr + rows, mask=row_mask, other=0)
@@ -121,10 +129,7 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
         return
-    rows = pid_m * TILE + tl.arange(0, TILE)
-    cols = pid_n * TILE + tl.arange(0, TILE)
-    row_mask = rows < batch
-    col_mask = cols < batch
+    rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
@@ -182,10 +187,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     pid_n = tl.program_id(1)
     if pid_n < pid_m:
         return
-    rows = pid_m * TILE + tl.arange(0, TILE)
-    cols = pid_n * TILE + tl.arange(0, TILE)
-    row_mask = rows < batch
-    col_mask = cols < batch
+    rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     key_a = _descending_key(a)
@@ -228,10 +230,7 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
         work = work * overflow.to(tl.int32)
     if work == 0:
         return
-    rows = pid_m * TILE + tl.arange(0, TILE)
-    cols = pid_n * TILE + tl.arange(0, TILE)
-    row_mask = rows < batch
-    col_mask = cols < batch
+    rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     upper, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     if COUNT_HARD:
