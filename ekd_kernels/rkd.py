@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses._common import compute_dtypes
 from .validation import check_embedding_pair
 
 PDIST_EPS = 1e-12
@@ -43,8 +44,7 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: floa
              angle_weight: float = 50.0) -> torch.Tensor:
     """RKD loss of one batch (0-d); gradient to `student` only."""
     check_embedding_pair(student, teacher)
-    student = student.float() if student.dtype in (torch.float16, torch.bfloat16) else student
-    teacher = teacher.detach().to(student.dtype)
+    student, teacher = compute_dtypes(student, teacher)
     with torch.no_grad():
         teacher_distances = mean_normalised_distances(teacher)
         teacher_angles = triplet_angles(teacher)

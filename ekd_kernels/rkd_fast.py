@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .losses._common import compute_dtypes
 from .validation import check_embedding_pair
 
 _OP_NAME = "ekd_kernels::rkd_forward"
@@ -235,8 +236,7 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
     if backend == "op" and student.device.type != "cpu":
         raise RuntimeError(f"the fast RKD op has a CPU kernel only, got a tensor on {student.device}; "
                            "use backend='torch' (or 'auto')")
-    compute = student.float() if student.dtype in (torch.float16, torch.bfloat16) else student
-    teacher = teacher.detach().to(compute.dtype)
+    compute, teacher = compute_dtypes(student, teacher)
     if backend == "torch":
         return _rkd_tiled(compute, teacher, distance_weight, angle_weight)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
