@@ -31,7 +31,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -288,11 +287,12 @@ double angle_tiles_dispatch(const AngleRows<scalar_t>& rows, int64_t batch, int6
 template <typename scalar_t, bool kWithGrad>
 double angle_sum(const AngleRows<scalar_t>& rows, int64_t batch, scalar_t* grad_q) {
   const int64_t num_tiles = (batch + kAnchorTile - 1) / kAnchorTile;
-  // One worker per thread; workers claim tiles from a shared counter (dynamic scheduling, so a
-  // thread that the OS parks on a shared machine does not hold the others up).  Each worker
-  // has its own buffer for the rows j, which every anchor writes; rows i belong to the tile.
-  // The loss is kept per tile and summed in tile order, so it does not depend on the schedule;
-  // the gradient's rows j are summed over the workers' buffers (order of rounding only).
+  // One worker per thread, each with its own buffer for the rows j, which every anchor writes
+  // (rows i belong to the tile).  Tiles are dealt to workers round-robin, a fixed schedule: the
+  // gradient's rows j are then summed over the same partition on every run, so the result is
+  // bitwise reproducible for a given thread count (a shared tile counter, tried first, made the
+  // rounding depend on which thread came first).  Tiles cost the same (B^2 triplets per anchor),
+  // so the static deal loses little.  The loss is kept per tile and summed in tile order.
   const int64_t num_workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tiles));
   std::vector<double> tile_loss(num_tiles, 0.0);
   std::vector<at::Tensor> worker_grad;
@@ -300,11 +300,10 @@ double angle_sum(const AngleRows<scalar_t>& rows, int64_t batch, scalar_t* grad_
     const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
     for (int64_t w = 0; w < num_workers; ++w) worker_grad.push_back(at::zeros({batch, batch}, options));
   }
-  std::atomic<int64_t> next_tile{0};
   at::parallel_for(0, num_workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
     for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
       scalar_t* shared = kWithGrad ? worker_grad[worker].data_ptr<scalar_t>() : nullptr;
-      for (int64_t tile = next_tile.fetch_add(1); tile < num_tiles; tile = next_tile.fetch_add(1))
+      for (int64_t tile = worker; tile < num_tiles; tile += num_workers)
         tile_loss[tile] = angle_tiles_dispatch<scalar_t, kWithGrad>(rows, batch, tile, tile + 1, grad_q, shared);
     }
   });
