@@ -9,8 +9,10 @@ The Python package is always installed.  The compiled ops come from csrc/ as one
   ``EKD_BUILD_CUDA=0`` skips them; ``EKD_BUILD_CUDA=1`` requires them and fails with the reason
   when they cannot be built.
 
-Targets sm_80 and sm_90 unless ``TORCH_CUDA_ARCH_LIST`` says otherwise.  ``MAX_JOBS`` bounds the
-parallel compile jobs (ninja).
+Targets sm_80 and sm_90, plus sm_90 PTX that newer GPUs compile at load time, unless
+``TORCH_CUDA_ARCH_LIST`` says otherwise.  ``MAX_JOBS`` bounds the parallel compile jobs (ninja).
+nvcc and torch must come from the same CUDA major version (torch refuses to mix them); when they
+do not, the CUDA ops are skipped with the reason printed (or the build fails, with EKD_BUILD_CUDA=1).
 """
 
 import os
@@ -24,6 +26,9 @@ from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+# A100 and H100 machine code; "+PTX" adds sm_90 PTX, which GPUs newer than Hopper compile when
+# the library loads, so that they run the CUDA ops instead of failing with "no kernel image".
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _nvcc_toolkit_root(nvcc: str):
@@ -71,8 +76,24 @@ def _wheel_cuda_include_dirs():
     return dirs
 
 
-def _cuda_decision(torch_cuda_version, cuda_home):
-    """(build_cuda, reason): whether to build the CUDA ops, and why not."""
+def _nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, from its `--version` banner; None when unknown."""
+    if cuda_home is None:
+        return None
+    try:
+        out = subprocess.run([str(pathlib.Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _cuda_decision(torch_cuda_version, cuda_home, nvcc_version=None):
+    """(build_cuda, reason): whether to build the CUDA ops, and why not.
+
+    torch_cuda_version: torch.version.cuda ("13.0", or None for a CPU build); nvcc_version:
+    (major, minor) of the toolkit found, None when unknown."""
     setting = os.environ.get("EKD_BUILD_CUDA", "").strip()
     if setting not in ("", "0", "1"):
         raise SystemExit(f"EKD_BUILD_CUDA must be 0 or 1, got {setting!r}")
@@ -83,6 +104,12 @@ def _cuda_decision(torch_cuda_version, cuda_home):
         problems.append("torch is a CPU-only build (torch.version.cuda is None)")
     if cuda_home is None or not (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
         problems.append(f"no nvcc found (CUDA_HOME={cuda_home!r}, nvcc on PATH: {shutil.which('nvcc')!r})")
+    elif torch_cuda_version is not None and nvcc_version is not None:
+        torch_major = int(torch_cuda_version.split(".")[0])
+        if torch_major != nvcc_version[0]:
+            problems.append(f"nvcc is CUDA {nvcc_version[0]}.{nvcc_version[1]} but torch was built with CUDA "
+                            f"{torch_cuda_version}: the major versions must match (point CUDA_HOME at a CUDA "
+                            f"{torch_major} toolkit)")
     if problems:
         if setting == "1":
             raise SystemExit("EKD_BUILD_CUDA=1 but the CUDA ops cannot be built: " + "; ".join(problems))
@@ -95,7 +122,8 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    build_cuda, reason = _cuda_decision(torch.version.cuda, cpp_extension.CUDA_HOME)
+    build_cuda, reason = _cuda_decision(torch.version.cuda, cpp_extension.CUDA_HOME,
+                                        _nvcc_version(cpp_extension.CUDA_HOME))
     # Every C++ file under csrc/ (op families may live in subfolders, e.g. csrc/rkd/); one library.
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
@@ -104,7 +132,7 @@ def _extensions():
         print(f"ekd_kernels: building the C++ CPU ops only ({reason})", flush=True)
         return [cpp_extension.CppExtension("ekd_kernels._C", cpp_sources, include_dirs=include_dirs,
                                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
     print(f"ekd_kernels: building the C++ CPU ops and the CUDA ops for sm {os.environ['TORCH_CUDA_ARCH_LIST']} "
           f"(CUDA_HOME={cpp_extension.CUDA_HOME})", flush=True)
@@ -129,8 +157,9 @@ def _build_ext():
     return NinjaBuildExtension
 
 
-setup(
-    packages=find_packages(include=["ekd_kernels", "ekd_kernels.*"]),
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": _build_ext()},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    setup(
+        packages=find_packages(include=["ekd_kernels", "ekd_kernels.*"]),
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": _build_ext()},
+    )
