@@ -7,39 +7,7 @@ import torch
 
 from ekd_kernels import EKDLoss
 
-from helpers import THRESHOLD_ATOL, assert_grad_close, assert_loss_close, make_batch
-
-COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected",
-          "num_critical_pairs")
-
-
-def run(crit, student, teacher, labels, generator_seed=None):
-    student = student.detach().clone().requires_grad_(True)
-    generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
-    loss = crit(student, teacher, labels, generator=generator)
-    loss.backward()
-    return loss.detach(), student.grad, crit.last_stats
-
-
-def compare(fast, ref, batches, generator_seed=None):
-    for step, (student, teacher, labels) in enumerate(batches):
-        loss, grad, stats = run(fast, student, teacher, labels, generator_seed)
-        want_loss, want_grad, want_stats = run(ref, student, teacher, labels, generator_seed)
-        assert_loss_close(loss.cpu(), want_loss.cpu())
-        assert_grad_close(grad.cpu(), want_grad.cpu())
-        assert grad.dtype == student.dtype
-        for name in ("student_thresholds", "teacher_thresholds"):
-            torch.testing.assert_close(getattr(fast, name), getattr(ref, name), rtol=0, atol=THRESHOLD_ATOL,
-                                       msg=lambda m: f"step {step} {name}: {m}")
-        for name in ("batch_student_thresholds", "batch_teacher_thresholds"):
-            torch.testing.assert_close(getattr(stats, name), getattr(want_stats, name), rtol=0,
-                                       atol=THRESHOLD_ATOL, equal_nan=True)
-        for name in COUNTS:
-            got, want = getattr(stats, name), getattr(want_stats, name)
-            assert (got is None) == (want is None), name
-            if got is not None:
-                assert got.item() == want.item(), f"step {step} {name}: {got.item()} vs {want.item()}"
-
+from helpers import compare_with_reference, make_batch, run_ekd
 
 SHAPES = [  # (B, Ds, Dt, identities)
     (7, 3, 5, 3), (33, 16, 8, 8), (130, 64, 48, 40), (257, 24, 24, 64),
@@ -49,8 +17,7 @@ SHAPES = [  # (B, Ds, Dt, identities)
 @pytest.mark.parametrize("batch,student_dim,teacher_dim,identities", SHAPES)
 def test_random_shapes_consecutive_calls(fast_backend, device, batch, student_dim, teacher_dim, identities):
     batches = [make_batch(batch, student_dim, teacher_dim, identities, seed=s, device=device) for s in range(3)]
-    compare(EKDLoss(backend=fast_backend, compute_critical_ratio=True).to(device),
-            EKDLoss(backend="reference", compute_critical_ratio=True).to(device), batches)
+    compare_with_reference(fast_backend, batches, compute_critical_ratio=True)
 
 
 VARIANTS = [
@@ -64,15 +31,13 @@ VARIANTS = [
 @pytest.mark.parametrize("options", VARIANTS, ids=str)
 def test_variants(fast_backend, device, options):
     batches = [make_batch(70, 12, 20, 20, seed=10 + s, device=device) for s in range(2)]
-    compare(EKDLoss(backend=fast_backend, **options).to(device), EKDLoss(backend="reference", **options).to(device),
-            batches)
+    compare_with_reference(fast_backend, batches, **options)
 
 
 def test_random_selection(fast_backend, device):
     options = dict(negative_selection="random", num_hard_negatives=50)
     batches = [make_batch(40, 8, 8, 10, seed=s, device=device) for s in range(2)]
-    compare(EKDLoss(backend=fast_backend, **options).to(device), EKDLoss(backend="reference", **options).to(device),
-            batches, generator_seed=7)
+    compare_with_reference(fast_backend, batches, generator_seed=7, **options)
 
 
 @pytest.mark.parametrize("labels_kind", ["all_distinct", "all_equal", "two_identities"])
@@ -80,8 +45,7 @@ def test_label_extremes(fast_backend, device, labels_kind):
     student, teacher, _ = make_batch(45, 10, 10, seed=1, device=device)
     labels = {"all_distinct": torch.arange(45), "all_equal": torch.zeros(45, dtype=torch.long),
               "two_identities": torch.arange(45) % 2}[labels_kind].to(device)
-    compare(EKDLoss(backend=fast_backend).to(device), EKDLoss(backend="reference").to(device),
-            [(student, teacher, labels)] * 2)
+    compare_with_reference(fast_backend, [(student, teacher, labels)] * 2)
 
 
 def test_duplicated_rows(fast_backend, device):
@@ -90,28 +54,25 @@ def test_duplicated_rows(fast_backend, device):
     student, teacher, labels = make_batch(20, 8, 8, seed=3, device=device)
     student, teacher = student.repeat(3, 1), teacher.repeat(3, 1)
     labels = torch.cat([labels, labels + 100, labels + 200])
-    compare(EKDLoss(backend=fast_backend, num_hard_negatives=37).to(device),
-            EKDLoss(backend="reference", num_hard_negatives=37).to(device), [(student, teacher, labels)])
+    compare_with_reference(fast_backend, [(student, teacher, labels)], num_hard_negatives=37)
 
 
 def test_wide_embeddings(fast_backend, device):
-    compare(EKDLoss(backend=fast_backend).to(device), EKDLoss(backend="reference").to(device),
-            [make_batch(96, 512, 384, 24, seed=4, device=device)])
+    compare_with_reference(fast_backend, [make_batch(96, 512, 384, 24, seed=4, device=device)])
 
 
 def test_many_pairs_all_thresholds_distinct(fast_backend, device):
     """Over 1e5 negatives on CPU runs (1e6 where a GPU is present), so the small-FPR thresholds
     are distinct order statistics, not all the largest negative."""
     batch = 1600 if device.type == "cuda" else 500
-    compare(EKDLoss(backend=fast_backend).to(device), EKDLoss(backend="reference").to(device),
-            [make_batch(batch, 32, 32, batch // 4, seed=s, device=device) for s in range(2)])
+    batches = [make_batch(batch, 32, 32, batch // 4, seed=s, device=device) for s in range(2)]
+    compare_with_reference(fast_backend, batches)
 
 
 def test_deterministic(fast_backend, device):
     student, teacher, labels = make_batch(100, 32, 32, 25, seed=8, device=device)
-    first = run(EKDLoss(backend=fast_backend).to(device), student, teacher, labels)
-    second = run(EKDLoss(backend=fast_backend).to(device), student, teacher, labels)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    first, second = (run_ekd(EKDLoss(backend=fast_backend).to(device), student, teacher, labels) for _ in range(2))
+    assert torch.equal(first.result.loss, second.result.loss) and torch.equal(first.grad, second.grad)
 
 
 def count_host_reads(fn) -> int:

@@ -13,6 +13,7 @@ is early enough whatever imported triton before.
 The interpreter is slow (numpy underneath): random batches stay small here.
 """
 
+import functools
 import os
 
 import pytest
@@ -23,76 +24,23 @@ if not torch.cuda.is_available():
 
 from ekd_kernels import EKDConfig, EKDLoss, ekd_loss  # noqa: E402
 from ekd_kernels import triton_ekd  # noqa: E402
-from helpers import GRAD_REL_NORM, LOSS_RTOL, THRESHOLD_ATOL, rel_norm as relative_norm  # noqa: E402
+import helpers  # noqa: E402
+from helpers import LOSS_RTOL, assert_grad_close, compare_with_reference, run_ekd  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 _REASON = triton_ekd.unavailable_reason(DEVICE)
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable on {DEVICE}: {_REASON}")
 
-GRAD_RTOL = GRAD_REL_NORM  # the golden tolerances (helpers.py) name it so here
+make_batch = functools.partial(helpers.make_batch, device=DEVICE)
 
 
-# --------------------------------------------------------------------------- helpers
-
-def make_batch(batch, dim_s, dim_t, num_ids, seed, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, dim_s, generator=generator)
-    teacher = torch.randn(batch, dim_t, generator=generator)
-    labels = torch.randint(0, num_ids, (batch,), generator=generator)
-    return student.to(DEVICE, dtype), teacher.to(DEVICE, dtype), labels.to(DEVICE)
-
-
-def run(backend, student, teacher, labels, config, thresholds=None, generator=None, update=True):
-    """One call of `backend`: (result, d loss / d student)."""
-    student = student.detach().requires_grad_(True)
-    if thresholds is None:
-        thresholds = (torch.zeros(config.num_thresholds, device=DEVICE),) * 2
-    result = ekd_loss(student, teacher, labels, *thresholds, config=config, backend=backend,
-                      generator=generator, update_thresholds=update)
-    (grad,) = torch.autograd.grad(result.loss, student)
-    return result, grad
-
-
-def assert_stats_match(stats, expected):
-    for name in ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected",
-                 "num_critical_pairs"):
-        got, want = getattr(stats, name), getattr(expected, name)
-        assert (got is None) == (want is None), name
-        if want is not None:
-            assert int(got) == int(want), f"{name}: {int(got)} != {int(want)}"
-    for name in ("batch_student_thresholds", "batch_teacher_thresholds", "student_thresholds", "teacher_thresholds"):
-        torch.testing.assert_close(getattr(stats, name).cpu(), getattr(expected, name).cpu(), rtol=0,
-                                   atol=THRESHOLD_ATOL, equal_nan=True, msg=name)
-    for name in ("positive_term", "negative_term", "critical_ratio"):
-        got, want = getattr(stats, name), getattr(expected, name)
-        if want is not None:
-            torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=LOSS_RTOL, atol=1e-7, msg=name)
-
-
-def compare_with_reference(student, teacher, labels, config, steps=1, seed=0, loss_rtol=LOSS_RTOL,
-                           grad_rtol=GRAD_RTOL):
-    """Run both backends for `steps` consecutive calls (the EMA state carried) and compare
-    loss, gradient, thresholds and statistics at every call."""
-    states = {name: (torch.zeros(config.num_thresholds, device=DEVICE),) * 2 for name in ("reference", "triton")}
-    for step in range(steps):
-        outputs = {}
-        for name in ("reference", "triton"):
-            generator = torch.Generator(device="cpu").manual_seed(seed + step)
-            result, grad = run(name, student, teacher, labels, config, states[name], generator)
-            states[name] = (result.student_thresholds, result.teacher_thresholds)
-            outputs[name] = (result, grad)
-        (expected, expected_grad), (result, grad) = outputs["reference"], outputs["triton"]
-        assert result.loss.dtype == torch.float32 and result.loss.dim() == 0
-        torch.testing.assert_close(result.loss.cpu(), expected.loss.cpu(), rtol=loss_rtol, atol=1e-8,
-                                   equal_nan=True, msg=f"loss at step {step}")
-        assert grad.dtype == student.dtype and grad.shape == student.shape
-        # Relative norm, with an absolute floor for gradients that vanish (saturated sigmoids).
-        error = float((grad.double() - expected_grad.double()).norm())
-        assert error <= grad_rtol * float(expected_grad.double().norm()) + 1e-20, f"gradient at step {step}"
-        assert_stats_match(result.stats, expected.stats)
-        # Rotate the inputs a little so that consecutive calls see different batches.
-        student = student.roll(1, dims=1)
+def compare(student, teacher, labels, steps=1, **kwargs):
+    """Triton against the reference (helpers.compare_with_reference) over `steps` consecutive
+    calls, the EMA state carried; call k sees the student features rotated by k positions, so
+    each call gets a different batch (call 0 gets `student` itself, strides included)."""
+    batches = [(student if step == 0 else student.roll(step, dims=1), teacher, labels) for step in range(steps)]
+    compare_with_reference("triton", batches, generator_seed=0, **kwargs)
 
 
 # The golden figures run through test_golden.py, which replays every case on every backend
@@ -108,7 +56,7 @@ def compare_with_reference(student, teacher, labels, config, steps=1, seed=0, lo
 ])
 def test_random_shapes(batch, dim_s, dim_t, num_ids, num_hard_negatives):
     student, teacher, labels = make_batch(batch, dim_s, dim_t, num_ids, seed=batch)
-    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=num_hard_negatives), steps=2)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=num_hard_negatives)
 
 
 @pytest.mark.parametrize("options", [
@@ -124,7 +72,7 @@ def test_random_shapes(batch, dim_s, dim_t, num_ids, num_hard_negatives):
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_variants(options):
     student, teacher, labels = make_batch(70, 24, 40, 12, seed=1)
-    compare_with_reference(student, teacher, labels, EKDConfig(**options), steps=3)
+    compare(student, teacher, labels, steps=3, **options)
 
 
 def test_random_pairs_are_the_references_draw():
@@ -150,14 +98,14 @@ def test_label_extremes(labels_kind):
     student, teacher, _ = make_batch(batch, 12, 9, 4, seed=2)
     labels = {"no_positives": torch.arange(batch), "all_equal": torch.zeros(batch, dtype=torch.int64),
               "pairs": torch.arange(batch) // 2}[labels_kind].to(DEVICE)
-    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=300), steps=2)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=300)
 
 
 def test_no_negative_pair_keeps_thresholds():
     student, teacher, _ = make_batch(9, 6, 6, 1, seed=3)
     labels = torch.full((9,), 5, device=DEVICE)
     previous = (torch.full((6,), 0.25, device=DEVICE), torch.full((6,), -0.5, device=DEVICE))
-    result, _ = run("triton", student, teacher, labels, EKDConfig(), previous)
+    result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
     assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
     assert torch.isnan(result.stats.batch_student_thresholds).all()
     assert int(result.stats.num_negative_pairs) == 0 and float(result.stats.negative_term) == 0.0
@@ -170,7 +118,7 @@ def test_duplicated_rows_and_zero_row():
     index = torch.arange(60, device=DEVICE) % 20
     student, teacher, labels = student[index], teacher[index], (labels[index] + index // 20 * 100)
     student[5] = 0.0  # a zero row stays finite
-    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=333), steps=2)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=333)
 
 
 def test_non_contiguous_and_expanded_inputs():
@@ -178,14 +126,14 @@ def test_non_contiguous_and_expanded_inputs():
     transposed = student.t().contiguous().t()                      # column-major view
     sliced = torch.cat([teacher, teacher], dim=1)[:, ::2]          # stride 2 along features
     expanded_labels = labels.view(50, 1).expand(50, 3)[:, 1]       # strided labels
-    compare_with_reference(transposed, sliced, expanded_labels, EKDConfig(num_hard_negatives=400))
+    compare(transposed, sliced, expanded_labels, num_hard_negatives=400)
     # Stride-0 views: every row the same, or every feature of a row the same.  Such inputs tie
     # massively, so N covers all negatives here (which tie is taken at the boundary is unspecified).
     same_rows = student[:1].expand(50, 30)
     constant_rows = teacher[:, :1].expand(50, 20)
     assert same_rows.stride(0) == 0 and constant_rows.stride(1) == 0
-    compare_with_reference(same_rows, teacher, labels, EKDConfig())
-    compare_with_reference(student, constant_rows, labels, EKDConfig())
+    compare(same_rows, teacher, labels)
+    compare(student, constant_rows, labels)
 
 
 def test_stride0_gradient_and_expanded_leaf():
@@ -198,7 +146,7 @@ def test_stride0_gradient_and_expanded_leaf():
         result = ekd_loss(mixed, teacher, labels, backend=backend, num_hard_negatives=50)
         result.loss.expand(7).sum().backward()  # the loss's gradient arrives expanded
         grads[backend] = leaf.grad
-    assert relative_norm(grads["triton"], grads["reference"]) < GRAD_RTOL
+    assert_grad_close(grads["triton"], grads["reference"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -206,8 +154,8 @@ def test_low_precision_inputs(dtype):
     student, teacher, labels = make_batch(45, 32, 16, 10, seed=7, dtype=dtype)
     # Both backends compute in fp32 from the same low-precision inputs; the gradient comes back
     # in the input dtype, whose rounding bounds the gradient's agreement.
-    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=200), steps=2,
-                           loss_rtol=1e-4, grad_rtol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=200, loss_rtol=1e-4,
+            grad_tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
@@ -215,7 +163,7 @@ def test_non_finite_input():
     student, teacher, labels = make_batch(16, 8, 8, 4, seed=8)
     student[3, 2] = float("inf")
     previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
-    result, _ = run("triton", student, teacher, labels, EKDConfig(), previous)
+    result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
     assert torch.isnan(result.loss)
     assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
 
@@ -223,11 +171,10 @@ def test_non_finite_input():
 def test_eval_mode_leaves_thresholds():
     student, teacher, labels = make_batch(30, 8, 8, 6, seed=9)
     previous = (torch.full((6,), 0.2, device=DEVICE),) * 2
-    compare = {}
-    for backend in ("reference", "triton"):
-        compare[backend] = run(backend, student, teacher, labels, EKDConfig(), previous, update=False)[0]
-    assert torch.equal(compare["triton"].student_thresholds, previous[0])
-    torch.testing.assert_close(compare["triton"].loss, compare["reference"].loss, rtol=LOSS_RTOL, atol=0)
+    frozen = {backend: run_ekd(ekd_loss, student, teacher, labels, *previous, backend=backend,
+                               update_thresholds=False).result for backend in ("reference", "triton")}
+    assert torch.equal(frozen["triton"].student_thresholds, previous[0])
+    torch.testing.assert_close(frozen["triton"].loss, frozen["reference"].loss, rtol=LOSS_RTOL, atol=0)
 
 
 def test_float64_is_rejected():
@@ -249,8 +196,7 @@ def top_n_path(request, monkeypatch):
 @pytest.mark.parametrize("num_hard_negatives", [1, 150, 5000])
 def test_top_n_paths(top_n_path, num_hard_negatives):
     student, teacher, labels = make_batch(80, 20, 12, 15, seed=15)
-    compare_with_reference(student, teacher, labels, EKDConfig(num_hard_negatives=num_hard_negatives,
-                                                               compute_critical_ratio=True))
+    compare(student, teacher, labels, num_hard_negatives=num_hard_negatives, compute_critical_ratio=True)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -259,13 +205,12 @@ def test_deterministic(top_n_path):
     student = torch.cat([student, student[:30]])  # ties at the top-N boundary
     teacher = torch.cat([teacher, teacher[:30]])
     labels = torch.cat([labels, labels[:30] + 1000])
-    config = EKDConfig(num_hard_negatives=500, compute_critical_ratio=True)
-    first, first_grad = run("triton", student, teacher, labels, config)
-    second, second_grad = run("triton", student, teacher, labels, config)
-    assert torch.equal(first.loss, second.loss)
-    assert torch.equal(first_grad, second_grad)
-    assert torch.equal(first.student_thresholds, second.student_thresholds)
-    assert torch.equal(first.teacher_thresholds, second.teacher_thresholds)
+    first, second = (run_ekd(ekd_loss, student, teacher, labels, backend="triton", num_hard_negatives=500,
+                             compute_critical_ratio=True) for _ in range(2))
+    assert torch.equal(first.result.loss, second.result.loss)
+    assert torch.equal(first.grad, second.grad)
+    assert torch.equal(first.result.student_thresholds, second.result.student_thresholds)
+    assert torch.equal(first.result.teacher_thresholds, second.result.teacher_thresholds)
 
 
 # --------------------------------------------------------------------------- torch.compile
