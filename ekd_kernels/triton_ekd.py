@@ -48,8 +48,6 @@ autograd registered there, so ``torch.compile(fullgraph=True)`` traces through t
 fp64 inputs are rejected (use the reference backend for gradcheck): the kernels compute in fp32.
 """
 
-from __future__ import annotations
-
 import os
 from typing import List, NamedTuple, Optional, Tuple
 

@@ -369,7 +369,7 @@ def positive_forward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, grou
         cols = col_start + tl.arange(0, TILE)
         col_mask = cols < batch
         upper, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
-        positive = upper & ~negative
+        positive = upper & (negative == 0)  # not `~negative`: triton 3.2's interpreter lacks ~ on bools
         a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
         b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
         loss, _, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
