@@ -4,6 +4,8 @@
 reference's: test_against_reference.py and test_triton.py both use it, so a check added there
 covers both."""
 
+import importlib.util
+import pathlib
 from typing import NamedTuple
 
 import torch
@@ -132,3 +134,13 @@ def compare_with_reference(backend, batches, generator_seed=None, loss_rtol=LOSS
             assert_matches_reference(got, want, loss_rtol=loss_rtol, grad_tol=grad_tol)
         except AssertionError as error:
             raise AssertionError(f"call {step}: {error}") from error
+
+
+def load_setup_module():
+    """The repository's setup.py as a module (not __main__: its helpers, such as the decision
+    whether to build the CUDA ops, without running setup())."""
+    spec = importlib.util.spec_from_file_location(
+        "ekd_setup", pathlib.Path(__file__).resolve().parent.parent / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,20 +6,14 @@ major version differs from torch's (torch's build refuses that mix, so a default
 fall back to the CPU ops with the reason printed, never fail).
 """
 
-import importlib.util
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import load_setup_module
 
 
 @pytest.fixture(scope="module")
 def setup_module():
-    spec = importlib.util.spec_from_file_location("ekd_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # not __main__: defines the helpers, does not run setup()
-    return module
+    return load_setup_module()
 
 
 @pytest.fixture

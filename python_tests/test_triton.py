@@ -257,6 +257,7 @@ def test_opcheck():
 # Run in a fresh interpreter: triton fixes interpreter-or-native when its own modules load, so
 # one process cannot hold both.
 _COMPILE_SCRIPT = r"""
+import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -292,8 +293,12 @@ for kernel, constants in cases:
             return "*i32" if any(part in name for part in int32_pointers) else "*fp32"
         return "i32"
     signature = {name: arg_type(name) for name in kernel.arg_names}
-    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3: by argument index
+        source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(name),): value
+                                                          for name, value in constants.items()})
+    else:  # triton 3.2: constants by name
+        source = ASTSource(kernel, signature, constants=dict(constants))
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
 print("compiled", len(cases))
 """
 
