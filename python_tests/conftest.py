@@ -16,6 +16,38 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _check_triton_interpreter():
+    """Stop at once, saying why, when this triton's interpreter cannot run a loop over a scalar
+    argument: triton 3.6's interpreter does int() on a 1-element array, which numpy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"), and every Triton test
+    would fail with that cryptic message instead."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return  # the triton backend reports itself unavailable, and its tests are skipped
+
+    @triton.jit
+    def probe_kernel(out_ptr, n):
+        total = 0
+        for k in range(0, n, 2):
+            total += k
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        probe_kernel[(1,)](out, 5)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the environment's
+        import numpy
+
+        pytest.exit(f"the Triton interpreter (triton {triton.__version__}, numpy {numpy.__version__}) cannot run "
+                    f"the kernels on this machine: {exc!r}. With triton < 3.7 install numpy < 2.4.", returncode=4)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _check_triton_interpreter()
+
 from ekd_kernels import BACKEND_NAMES
 from ekd_kernels.backends import resolve_backend
 

@@ -37,6 +37,26 @@ def is_present(spec: str) -> bool:
     return _PRESENT.get(name, lambda: importlib.util.find_spec(name.replace("-", "_")) is not None)()
 
 
+def _version(distribution: str):
+    """(major, minor) of an installed distribution, None when absent."""
+    from importlib import metadata
+
+    try:
+        return tuple(int(part) for part in re.findall(r"\d+", metadata.version(distribution))[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def compatibility_fixes():
+    """Pins for known-bad combinations of what is installed. triton < 3.7's interpreter (the
+    Triton tests' CPU path) does int() on 1-element arrays, which numpy >= 2.4 refuses: every
+    Triton test would fail. The tests' conftest stops with the same explanation."""
+    triton, numpy = _version("triton"), _version("numpy")
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return ["numpy<2.4"]
+    return []
+
+
 def main():
     missing = [(spec, optional) for spec, optional in requirements() if not is_present(spec)]
     required = [spec for spec, optional in missing if not optional]
@@ -48,7 +68,11 @@ def main():
         print(f"ensure_deps: installing optional {spec}", flush=True)
         if subprocess.call([sys.executable, "-m", "pip", "install", spec]) != 0:
             print(f"ensure_deps: could not install optional {spec}; continuing without it", flush=True)
-    if not missing:
+    fixes = compatibility_fixes()
+    if fixes:
+        print("ensure_deps: installing", " ".join(fixes), "(triton < 3.7's interpreter needs numpy < 2.4)", flush=True)
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *fixes])
+    if not missing and not fixes:
         print("ensure_deps: everything needed is installed")
 
 
