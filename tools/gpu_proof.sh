@@ -6,6 +6,13 @@
 #   tools/gpu_proof.sh consistency           fast backends vs the reference at B = 1024, 8192, 32768, fp32/bf16
 #   tools/gpu_proof.sh bench                 make bench's three scripts; results copied to $OUT
 #   tools/gpu_proof.sh ncu                   Nsight Compute on the fast kernels at B = 8192
+#   tools/gpu_proof.sh first                 the first call of a session, all in one (~9 min at most):
+#                                            build, the suite, consistency at B = 1024 and 8192, the
+#                                            loss benchmark; each step under its own time limit, so a
+#                                            slow step costs its own results only
+#
+# The device tool gives a machine back after 30 s idle and a fresh one takes minutes to start, so
+# `first` packs what matters most into one call; the other stages then go deeper.
 #
 # Every stage builds first (ninja makes that a no-op when nothing changed). The golden figures
 # live in ../shared, which does not travel to the GPU machine: copy them into the checkout
@@ -24,7 +31,7 @@ build() {
     || { tail -40 "$OUT/build.log"; exit 1; }
 }
 
-stage=${1:?stage: build-test | sanitize TOOL | consistency | bench | ncu}
+stage=${1:?stage: first | build-test | sanitize TOOL | consistency | bench | ncu}
 build
 case "$stage" in
   build-test)
@@ -45,5 +52,15 @@ case "$stage" in
       $PY bench/bench_loss.py --sizes 8192 --methods ekd/triton ekd/csrc --repeats 1 --out /tmp/ncu_rows.jsonl \
       > "$OUT/ncu.log" 2>&1
     tail -20 "$OUT/ncu.log" ;;
+  first)
+    # seconds per step (the build ran above, 1-2 min from scratch on 16 cores): 10 minutes per call in all
+    timeout 210 $PY -m pytest python_tests -q -rs > "$OUT/pytest.log" 2>&1; echo "pytest rc $?" | tee -a "$OUT/summary.txt"
+    tail -5 "$OUT/pytest.log" >> "$OUT/summary.txt"
+    timeout 140 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 --out "$OUT/consistency.json" \
+      > "$OUT/consistency.log" 2>&1; echo "consistency rc $?" | tee -a "$OUT/summary.txt"
+    grep -v ": ok$\|: True$" "$OUT/consistency.log" | tail -8 >> "$OUT/summary.txt"  # the misses, if any
+    timeout 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss_first.jsonl" > "$OUT/bench.log" 2>&1
+    echo "bench rc $?" | tee -a "$OUT/summary.txt"
+    tail -25 "$OUT/bench.log"; cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
