@@ -54,7 +54,8 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
         return None
     if device.type == "cuda":
         if not cuda_ops_built():
-            return "the C++ extension was built without CUDA ops (no nvcc or a CPU-only torch at build time)"
+            return ("the C++ extension was built without CUDA ops (at build time: no nvcc, a CPU-only torch, or an "
+                    "nvcc of another CUDA major version than torch's; `pip install -v` shows which)")
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None
