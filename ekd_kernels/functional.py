@@ -8,6 +8,7 @@ import torch
 
 from .backends import resolve_backend
 from .config import EKDConfig
+from .reference import autocast_off
 from .result import EKDResult
 from .validation import check_embeddings_and_labels, check_thresholds
 
@@ -49,5 +50,6 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         teacher_thresholds = initial_thresholds(config, student.device)
     check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
     impl = resolve_backend(backend, student.device)
-    return impl(student, teacher, labels, student_thresholds, teacher_thresholds, config,
-                update_thresholds=update_thresholds, generator=generator)
+    with autocast_off(student.device):
+        return impl(student, teacher, labels, student_thresholds, teacher_thresholds, config,
+                    update_thresholds=update_thresholds, generator=generator)

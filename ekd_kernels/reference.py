@@ -12,6 +12,7 @@ defaults reproduce the golden figures.  Nothing here is optimised: clarity first
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,6 +30,18 @@ def compute_dtype(student: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs (SPEC: low precision is computed in fp32); fp64 stays fp64
     so that gradcheck can run."""
     return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: torch.device):
+    """A context in which an enclosing ``torch.autocast`` does not apply on `device`.
+
+    Training steps call the loss inside autocast; there its products would run in bf16/fp16 and
+    tau = 0.01 would turn that rounding into wrong thresholds (SPEC: low precision is read, then
+    computed in fp32), and a compiled op's internal ATen calls would hand back bf16 where its
+    kernel reads fp32. The loss's entry points (``ekd_loss``, the sharded module call) run in it."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- stage 1: normalise

@@ -287,6 +287,32 @@ def test_low_precision_inputs(backend, device, dtype):
     assert loss.item() == pytest.approx(full.item(), rel=0.1)
 
 
+def test_autocast_region_changes_nothing(backend, device):
+    """AMP: the loss called inside torch.autocast (where a training step usually calls it) is
+    the same call as outside: autocast would run the similarity products in bf16, and tau = 0.01
+    turns that rounding into wrong thresholds (SPEC: low precision is computed in fp32); a
+    compiled op's internal ATen calls would return bf16 to a kernel that reads fp32. The student
+    embeddings come from a layer run under autocast (bf16), as in training, in both runs; the
+    backward runs after the autocast region, as PyTorch's AMP recipe has it."""
+    student, teacher, labels = make_batch(60, 16, 16, 15, seed=3, device=device)
+    layer = torch.nn.Linear(16, 12).to(device)
+    teacher = teacher[:, :12].to(torch.bfloat16)
+
+    def step(amp):
+        layer.zero_grad()
+        crit = EKDLoss(backend=backend).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            embeddings = layer(student)  # bf16, the same in both runs
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = crit(embeddings, teacher, labels)
+        loss.backward()
+        return loss.detach(), layer.weight.grad.clone(), crit.student_thresholds, crit.teacher_thresholds
+
+    plain, amp = step(False), step(True)
+    for name, a, b in zip(("loss", "weight gradient", "student thresholds", "teacher thresholds"), plain, amp):
+        assert torch.equal(a, b), f"{name} differs under autocast"
+
+
 # ----------------------------------------------------------------------------- state
 def test_buffers_state_dict_round_trip_resumes(backend, device):
     batches = [make_batch(20, seed=s, device=device) for s in range(3)]
