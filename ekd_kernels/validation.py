@@ -62,7 +62,10 @@ def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != (num_thresholds,):
             raise ValueError(f"{name} must have shape ({num_thresholds},) (one per FPR), got {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.dtype not in (torch.float32, torch.float64):
+            # fp16/bf16 state would stall the EMA: 0.01 * a step is below their resolution near 0.3.
+            raise ValueError(f"{name} must be float32 (or float64), got {t.dtype}; an EKDLoss cast with "
+                             ".half()/.bfloat16()/.to(dtype) has low-precision thresholds: call .float() on it "
+                             "(the embeddings may stay low precision)")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")

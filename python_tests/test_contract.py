@@ -371,6 +371,23 @@ def test_functional_rejects_bad_thresholds(device):
         ekd_loss(student, teacher, labels, torch.zeros(5, device=device), torch.zeros(6, device=device))
     with pytest.raises(ValueError, match="either config"):
         ekd_loss(student, teacher, labels, config=EKDConfig(), temperature=0.1)
+    with pytest.raises(ValueError, match="teacher_thresholds must be float32"):
+        ekd_loss(student, teacher, labels, torch.zeros(6, device=device), torch.zeros(6, device=device).half())
+    with pytest.raises(ValueError, match="must be a floating|must be float32"):
+        ekd_loss(student, teacher, labels, torch.zeros(6, dtype=torch.int64, device=device),
+                 torch.zeros(6, device=device))
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_module_cast_to_low_precision_says_so(backend, device, cast):
+    """A module cast with .half()/.bfloat16() (say, with the model it sits in) would keep its EMA
+    in 16 bits, where a step of 0.01 x the change vanishes: refused, with the remedy, before any
+    state changes."""
+    crit = getattr(EKDLoss(backend=backend).to(device), cast)()
+    with pytest.raises(ValueError, match=r"student_thresholds must be float32.*\.float\(\)"):
+        crit(*make_batch(8, device=device))
+    crit.float()
+    assert torch.isfinite(crit(*make_batch(8, device=device)))
 
 
 def test_module_on_wrong_device_says_so():
