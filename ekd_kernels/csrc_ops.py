@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ._autograd import first_order_only
 from .config import EKDConfig, fpr_fraction
 from .reference import compute_dtype
 from .result import EKDResult, EKDStats
@@ -93,6 +94,7 @@ def _setup_context(ctx, inputs, output):
                           positive_scale)
 
 
+@first_order_only("csrc")
 def _backward(ctx, grad_loss, *unused_grads):
     student, teacher, labels, new_student, new_teacher, selected_pairs, selected_grads, positive_scale = \
         ctx.saved_tensors

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._autograd import first_order_only
 from .losses._common import compute_dtypes
 from .validation import check_embedding_pair
 
@@ -114,6 +115,7 @@ def _register_python_half() -> None:
         ctx.compute_grad = inputs[4]
         ctx.save_for_backward(output[1])
 
+    @first_order_only("fast RKD op")
     def _backward(ctx, grad_loss, _grad_of_gradient):
         (grad_student,) = ctx.saved_tensors
         if not ctx.compute_grad:

@@ -53,6 +53,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._autograd import first_order_only
 from .config import EKDConfig, fpr_fraction
 from .result import EKDResult, EKDStats
 
@@ -678,6 +679,7 @@ def _setup_context(ctx, inputs, output):
     ctx.rank_loss = inputs[13]
 
 
+@first_order_only("triton")
 def _backward(ctx, grad_loss, *unused_grads):
     student, teacher, labels, *saved = ctx.saved_tensors
     grad_student = None

@@ -165,6 +165,28 @@ def test_gradcheck_float64(backend, device, options):
     assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_second_derivative_is_exact_or_refused(backend, device):
+    """A gradient penalty differentiates the loss's gradient again. The reference is plain
+    autograd, so its second derivative is checked (gradgradcheck, fp64, thresholds fixed); the
+    fused backends have none and must say so, even when the gradient is mixed with other terms,
+    rather than treat it as a constant (which is what an op without a formula silently does)."""
+    if backend == "reference":
+        student, teacher, labels = make_batch(9, 4, 3, num_identities=3, seed=3, device=device, dtype=torch.float64)
+        thresholds = torch.linspace(0.6, -0.3, 6, device=device, dtype=torch.float64)
+
+        def fn(x):
+            return ekd_loss(x, teacher, labels, thresholds, thresholds * 0.9, update_thresholds=False,
+                            backend=backend, temperature=0.2).loss
+
+        assert torch.autograd.gradgradcheck(fn, (student.requires_grad_(True),), eps=1e-6, atol=1e-5, rtol=1e-4)
+        return
+    student, teacher, labels = make_batch(20, 8, seed=5, device=device)
+    x = student.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(EKDLoss(backend=backend).to(device)(x, teacher, labels), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"the {backend} backend has no second derivative"):
+        (grad.pow(2).sum() + x.sum()).backward()
+
+
 def test_teacher_gets_no_gradient(backend, device):
     student, teacher, labels = make_batch(8, device=device)
     student.requires_grad_(True)

@@ -150,6 +150,16 @@ def test_repeated_runs_are_bitwise_identical():
         torch.testing.assert_close(grad, first_grad, rtol=0, atol=0)
 
 
+def test_second_derivative_is_refused():
+    """The op's gradient is computed in C++ and saved: differentiating it again (a gradient
+    penalty) must raise, not treat it as a constant."""
+    student, teacher, _ = make_batch(12, 4, 4, seed=6)
+    x = student.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fast_rkd_loss(x, teacher, backend="op"), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (grad.pow(2).sum() + x.sum()).backward()
+
+
 def test_instruction_set_paths_agree():
     """The triplet loop is compiled for baseline x86-64, AVX2 and AVX-512 and picked at run time;
     the baseline path (forced by EKD_RKD_ISA in a fresh process) gives the same loss and gradient."""
