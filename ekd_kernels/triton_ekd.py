@@ -48,6 +48,7 @@ autograd registered there, so ``torch.compile(fullgraph=True)`` traces through t
 fp64 inputs are rejected (use the reference backend for gradcheck): the kernels compute in fp32.
 """
 
+import contextlib
 import os
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -555,6 +556,12 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
 
 
 # --------------------------------------------------------------------------- forward op
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device: tensors on cuda:1 while cuda:0 is current
+    (a process that never called torch.cuda.set_device) would be handed to another GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                  critical_only, rank_loss, compute_critical_ratio) -> EKDConfig:
     return EKDConfig(fprs=tuple(fprs), temperature=temperature, num_hard_negatives=num_hard_negatives,
@@ -579,8 +586,9 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     all), terms (positive, negative, critical ratio), then what the backward needs."""
     config = _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                           critical_only, rank_loss, compute_critical_ratio)
-    return _forward_impl(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
-                         config, update_thresholds)
+    with _on_device(student.device):
+        return _forward_impl(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                             config, update_thresholds)
 
 
 @_forward_op.register_fake
@@ -613,6 +621,14 @@ def _backward_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.
                  selected_coefficient: torch.Tensor, temperature: float, critical_only: bool,
                  rank_loss: str) -> torch.Tensor:
     """d loss / d student (in the student's dtype and shape, contiguous)."""
+    with _on_device(student.device):
+        return _backward_impl(grad_loss, student, teacher, labels, order, s_inv, t_inv, thresholds_used,
+                              positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                              critical_only, rank_loss)
+
+
+def _backward_impl(grad_loss, student, teacher, labels, order, s_inv, t_inv, thresholds_used, positive_coefficient,
+                   selected_rows, selected_cols, selected_coefficient, temperature, critical_only, rank_loss):
     kernels = _kernels()
     device = student.device
     batch, dim_s = student.shape

@@ -7,6 +7,7 @@ import torch
 
 from ekd_kernels import EKDLoss
 
+from conftest import require_backend
 from helpers import compare_with_reference, make_batch, run_ekd
 
 SHAPES = [  # (B, Ds, Dt, identities)
@@ -96,3 +97,15 @@ def test_no_host_reads_in_forward_and_backward(fast_backend, device, options):
     crit(student, teacher, labels)  # first call: one-time setup may read scalars
     student = student.detach().requires_grad_(True)
     assert count_host_reads(lambda: crit(student, teacher, labels).backward()) == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a tensor off the current device)")
+@pytest.mark.parametrize("name", ["triton", "csrc"])
+def test_tensors_off_the_current_device(name):
+    """Kernels launch on the current device unless told otherwise: tensors on cuda:1 while
+    cuda:0 is current (a process that never called torch.cuda.set_device) must still work."""
+    device = torch.device("cuda", 1)
+    backend = require_backend(name, device)
+    batches = [make_batch(100, 32, 24, 25, seed=s, device=device) for s in range(2)]
+    with torch.cuda.device(0):
+        compare_with_reference(backend, batches)
