@@ -1,0 +1,56 @@
+"""Launch count of the Triton backend per call: its Triton kernels and the torch "glue" ops around
+them (each a kernel launch on a GPU, ~5 us of launch and dispatch whatever B is: at B <= 2048
+they, not the arithmetic, set the time). Runs on CPU under the Triton interpreter, whose own
+torch work inside a launch is excluded; ops that launch nothing (views, empty) are not counted.
+
+    python tools/count_launches.py triton 256                      # default options
+    python tools/count_launches.py triton 256 critical_only=True   # EKDLoss options as key=value
+"""
+import os, sys, collections
+os.environ["TRITON_INTERPRET"]="1"
+import torch
+sys.path.insert(0,"python_tests")
+from helpers import make_batch
+from ekd_kernels import EKDLoss
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+NOLAUNCH = {"empty","empty_strided","view","as_strided","select","slice","detach","reshape","expand","t","transpose",
+ "unsqueeze","squeeze","alias","_reshape_alias","lift_fresh","empty_like","_unsafe_view","permute","unbind","split",
+ "narrow","_local_scalar_dense","set_","resize_","expand_as","view_as","flatten","sym_size","sym_stride","sym_numel","dim", "is_same_size"}
+class Count(TorchDispatchMode):
+    def __init__(s): super().__init__(); s.c=collections.Counter()
+    def __torch_dispatch__(s, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in NOLAUNCH: s.c[name] += 1
+        return func(*args, **(kwargs or {}))
+from triton.runtime import interpreter
+launches = collections.Counter()
+orig = interpreter.GridExecutor.__call__
+def call(self, *a, **k):
+    launches[self.fn.__name__] += 1
+    with _disable_current_modes():
+        return orig(self, *a, **k)
+interpreter.GridExecutor.__call__ = call
+backend = sys.argv[1]; B=int(sys.argv[2]) if len(sys.argv)>2 else 256
+opts = dict(a.split("=") for a in sys.argv[3:])
+opts = {k: (v=="True" if v in ("True","False") else v) for k,v in opts.items()}
+crit = EKDLoss(backend=backend, **opts)
+s,t,l = make_batch(B, 64, 64, B//4, seed=0)
+x = s.clone().requires_grad_(True); crit(x,t,l).backward()
+import ekd_kernels.triton_ekd as te
+counter = Count()
+fi = te._forward_impl
+launches.clear()
+def fwd(*a, **k):
+    with counter: return fi(*a, **k)
+te._forward_impl = fwd
+x = s.clone().requires_grad_(True)
+loss = crit(x,t,l)
+fw, fl = counter.c.copy(), dict(launches); counter.c.clear(); launches.clear()
+bi = te._backward_impl
+def bwd(*a, **k):
+    with counter: return bi(*a, **k)
+te._backward_impl = bwd
+loss.backward()
+print(f"{backend} B={B} {opts}: forward {sum(fw.values())} glue ops + {sum(fl.values())} kernels; backward {sum(counter.c.values())} glue ops + {sum(launches.values())} kernels")
+print("fw", fw.most_common())
+print("bw", counter.c.most_common())
