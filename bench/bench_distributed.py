@@ -4,10 +4,13 @@
 
 W gloo processes on this machine, each holding B / W rows. "redundant" is what the authors do
 (gather_batch, then every rank computes the whole loss on the global batch); "sharded" is
-EKDLoss(process_group=...). Forward+backward per step, median over repeats, per rank; and the
-bytes each rank sends per step, counted from the collectives' tensor sizes (module docstring of
-ekd_kernels.distributed). On a 2-core machine the W processes share the cores: run with
-W <= cores, threads per process = cores // W.
+EKDLoss(process_group=...). Forward+backward per step, median over repeats, per rank; the
+peak memory of one step per rank (growth of the process's peak RSS, VmHWM, over the step:
+bench/common.py's PeakMemory); and the bytes each rank sends per step, counted from the
+collectives' tensor sizes (module docstring of ekd_kernels.distributed). On a 2-core machine
+the W processes share the cores: run with W <= cores, threads per process = cores // W.
+``--paths sharded`` measures only the sharded path (the redundant ones hold B x B matrices,
+which large batches cannot afford).
 """
 
 import argparse
@@ -26,6 +29,9 @@ import torch.multiprocessing as mp
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+PATHS = ("redundant", "redundant-reference", "sharded")
 
 
 def communicated_bytes(batch, student_dim, teacher_dim, num_thresholds, world, path):
@@ -43,6 +49,7 @@ def worker(rank, world, port, args, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    from common import PeakMemory
     from ekd_kernels import EKDLoss
     from ekd_kernels.distributed import gather_batch
 
@@ -52,7 +59,7 @@ def worker(rank, world, port, args, out):
     teacher = student + 0.5 * torch.randn(local, args.dim, generator=g)
     labels = torch.randint(0, args.batch // 4, (local,), generator=g)
     results = {}
-    for path in ("redundant", "redundant-reference", "sharded"):
+    for path in args.paths:
         backend = "reference" if path == "redundant-reference" else "auto"
         crit = EKDLoss(process_group=dist.group.WORLD if path == "sharded" else None, backend=backend)
 
@@ -71,7 +78,11 @@ def worker(rank, world, port, args, out):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        dist.barrier()
+        with PeakMemory(torch.device("cpu")) as peak:
+            step()
         results[path] = {"median_s": statistics.median(times), "min_s": min(times),
+                         "peak_rss_growth_bytes": peak.bytes,
                          "bytes_sent": communicated_bytes(args.batch, args.dim, args.dim, 6, world, path)}
     out[rank] = results
     dist.destroy_process_group()
@@ -83,6 +94,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with socket.socket() as s:
@@ -97,13 +109,17 @@ def main():
           "redundant-reference: the same with the reference backend, the engine the sharded path uses")
     for rank in sorted(rows):
         r = rows[rank]
-        times = "   ".join(f"{k} {v['median_s'] * 1e3:8.1f} ms" for k, v in r.items())
-        print(f"  rank {rank}: {times}   sharded speedup vs redundant "
-              f"{r['redundant']['median_s'] / r['sharded']['median_s']:.2f}x, vs redundant-reference "
-              f"{r['redundant-reference']['median_s'] / r['sharded']['median_s']:.2f}x;   bytes sent per step: "
-              f"redundant {r['redundant']['bytes_sent'] / 2**20:.2f} MiB, sharded {r['sharded']['bytes_sent'] / 2**20:.2f} MiB")
+        line = "   ".join(f"{k} {v['median_s'] * 1e3:8.1f} ms (peak +{v['peak_rss_growth_bytes'] / 2**20:.0f} MiB)"
+                          for k, v in r.items())
+        if "sharded" in r:
+            for other in ("redundant", "redundant-reference"):
+                if other in r:
+                    line += f";  sharded speedup vs {other} {r[other]['median_s'] / r['sharded']['median_s']:.2f}x"
+        line += ";  bytes sent per step: " + ", ".join(f"{k} {v['bytes_sent'] / 2**20:.2f} MiB" for k, v in r.items())
+        print(f"  rank {rank}: {line}")
     result = {"benchmark": "distributed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "torch": torch.__version__, "world": args.world, "batch": args.batch, "dim": args.dim,
+              "peak_memory": "peak_rss_growth_bytes: growth of the process's VmHWM over one step",
               "cpu_count": os.cpu_count(), "per_rank": {str(k): v for k, v in rows.items()}}
     path = pathlib.Path(args.out) if args.out else REPO / "bench" / "results" / (
         f"distributed_cpu_w{args.world}_{datetime.date.today().isoformat()}.json")

@@ -17,15 +17,53 @@ concatenated batch exactly. (The authors' gather leaves an extra factor of W in 
 gradient after DDP's averaging; to reproduce their effective weighting with W ranks, multiply
 ``positive_weight`` and ``negative_weight`` by W.)
 
+The sharded engine, stage by stage (the names of ``reference.py`` and SPEC.md):
+
+- similarity chunks: this rank's rows are grouped into chunks of consecutive rows of at most
+  ``CHUNK_PAIRS`` pair elements (at least one row); a chunk multiplies its rows by the columns
+  after its first row only (``chunk_plan``, ``similarity_chunks``), into one workspace reused
+  by every chunk. No chunk is kept, so each pass below recomputes them: passes A and B always,
+  pass C with ``compute_critical_ratio``; each costs about 2·(B²/2W)·(Ds + Dt) flops per rank
+  (the rank's share of both Grams, plus < 1/8 spent on pairs j <= i inside a chunk).
+- threshold selection, a 3-round radix select over the order keys of the global negatives:
+  pass A (``count_negatives``) fills the 65536-bin histograms of the top 16 key bits of this
+  rank's negatives (student and teacher; same-label pairs and the pairs j <= i of a chunk are
+  sent to a spare bin), all-reduced, which fixes each target's bucket (``select_buckets``);
+  pass B (``gather_candidates``) keeps the values of the negatives in those few buckets, on
+  which rounds 2 and 3 run with all-reduced 256-bin histograms (``refine_selection``). The
+  targets are the K thresholds of each model and the N-th largest student negative.
+- pair selection & critical mask: pass B also keeps the negatives at or above the N-th
+  largest's bucket (fewer than N above it, plus that bucket); the N-th largest's value cuts
+  them, ties at the cut shared out across ranks in rank order (``select_hardest``). Random
+  selection maps the drawn ranks among all negatives (row-major) to pairs from the labels
+  alone (``negative_pairs_at``) and reads them in pass A. Positives are listed from the label
+  groups (``positive_pairs``) and read in pass A. With ``compute_critical_ratio`` a pass C
+  (``count_critical``) counts the critical negatives chunk by chunk after the EMA update.
+- rank loss: only positives and selected negatives carry a gradient, through ``pair_values``.
+
+Memory per rank, O(chunk x B + B x D + candidates): the gathered embeddings and their normalised
+fp32 copies, O(B·(Ds + Dt)); the chunk workspace, sized for the largest chunk (at most
+max(CHUNK_PAIRS, B - 1) elements: a chunk holds at least one row): two fp32 blocks and two int32
+bucket arrays, 16 bytes per element, plus a byte per element for pass B's bucket flags (a few
+bool masks in pass C), about 70-90 MiB at the default 2^22; the candidates: the values of this
+rank's negatives inside the <= 2K + 1 wanted 16-bit buckets, and the pairs at or above the
+bucket of the N-th hardest (< N above it plus that bucket, 24 bytes each); the positives,
+O(B x label group size). Never the rank's B²/(2W) pairs. The one exception is
+``negative_selection="random"``: to draw the same negatives as the single-process backends from
+the same generator, every rank draws ``torch.randperm(L)`` (8·L bytes, L ~ B²/2 negatives).
+
 Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
 B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
-then twice (2K + 1) x 256 int64 (26 KiB each for K = 6); a handful of scalar all-reduces (counts and loss terms); the
-reduce-scatter of the embeddings' gradient in backward, B·Ds·4 bytes.
+then twice (2K + 1) x 256 int64 (26 KiB each for K = 6; 2K rows with random selection, which
+needs no hardest-N cut); a handful of scalar all-reduces (counts and loss terms) and one
+all-gather of this rank's tie count at the hardest-N cut; the reduce-scatter of the embeddings'
+gradient in backward, B·Ds·4 bytes. No pair similarity is communicated.
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import bisect
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +72,13 @@ import torch.nn.functional as F
 from .config import EKDConfig
 from .reference import critical_mask, ema_update, normalize_rows, pair_rank_loss
 from .result import EKDResult, EKDStats
+
+#: Pair elements of one similarity chunk (each of its student and teacher blocks). A chunk always
+#: holds at least one row, so with B - 1 > CHUNK_PAIRS a chunk is one row of B - 1 - i elements.
+CHUNK_PAIRS = 1 << 22
+#: A chunk stops growing when its rows span more than 1/8 of its columns (the pairs j <= i of its
+#: later rows are computed and thrown away), once it holds this many rows.
+MIN_CHUNK_ROWS = 32
 
 # ----------------------------------------------------------------------------- collectives
 
@@ -113,23 +158,89 @@ def balanced_rows(batch: int, world: int, rank: int) -> torch.Tensor:
     return torch.tensor(sorted(rows), dtype=torch.int64)
 
 
+def chunk_plan(rows: Sequence[int], batch: int, budget: int) -> List[Tuple[int, int]]:
+    """Chunks of this rank's (ascending) rows, as [start, end) positions in `rows`.
+
+    A chunk starting at row r computes the columns r + 1 ... B - 1 for each of its rows, so it
+    holds at most max(1, budget // (B - 1 - r)) rows: at most `budget` pair elements, or one row.
+    It also stops once its rows span more than 1/8 of its columns (and it has MIN_CHUNK_ROWS
+    rows), which bounds the work wasted on the pairs j <= i of its later rows. Row B - 1 has no
+    pair: it starts no chunk (it may end one).
+    """
+    plan = []
+    start = 0
+    while start < len(rows):
+        width = batch - 1 - rows[start]
+        if width <= 0:
+            break
+        most = min(len(rows), start + max(1, budget // width))
+        end = bisect.bisect_right(rows, rows[start] + width // 8, start, most)
+        end = max(end, min(most, start + MIN_CHUNK_ROWS))
+        plan.append((start, end))
+        start = end
+    return plan
+
+
+def _label_groups(labels: torch.Tensor):
+    """Rows sorted by label (index order inside a label), and per sorted position the first and
+    the end (exclusive) sorted position of its label group."""
+    order = torch.sort(labels, stable=True).indices
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    group_end = torch.repeat_interleave(torch.cumsum(counts, 0), counts)
+    group_start = group_end - torch.repeat_interleave(counts, counts)
+    return order, group_start, group_end
+
+
 def negatives_before_row(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """Exclusive prefix count of negative pairs (i, j > i) per row i, and their total L, from the
     label groups alone (no B x B comparison): row i has (B - 1 - i) - #{j > i, same label}."""
     batch = labels.shape[0]
-    order = torch.sort(labels, stable=True).indices              # rows grouped by label, index order inside
-    sorted_labels = labels[order]
-    group_start = torch.ones(batch, dtype=torch.bool, device=labels.device)
-    group_start[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    start_index = torch.cummax(torch.where(group_start, torch.arange(batch, device=labels.device), 0), 0).values
-    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
-    size = torch.repeat_interleave(counts, counts)
-    position = torch.arange(batch, device=labels.device) - start_index
-    same_after = torch.empty_like(position)
-    same_after[order] = size - 1 - position
+    order, _, group_end = _label_groups(labels)
+    same_after = torch.empty_like(order)
+    same_after[order] = group_end - 1 - torch.arange(batch, device=labels.device)
     per_row = (batch - 1 - torch.arange(batch, device=labels.device)) - same_after
     prefix = torch.cumsum(per_row, 0) - per_row
     return prefix, int(per_row.sum().item())
+
+
+def positive_pairs(labels: torch.Tensor, mine: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The positive pairs (i, j > i, same label) whose row i is marked in `mine` (B bools), in
+    row-major order, from the label groups: O(B log B + number of such pairs)."""
+    batch = labels.shape[0]
+    order, _, group_end = _label_groups(labels)
+    position = torch.arange(batch, device=labels.device)[mine[order]]   # sorted positions of my rows
+    after = group_end[position] - 1 - position                              # same-label rows after each
+    first = torch.repeat_interleave(position, after)
+    offset = torch.arange(first.numel(), device=labels.device) - torch.repeat_interleave(
+        torch.cumsum(after, 0) - after, after)
+    i, j = order[first], order[first + 1 + offset]
+    row_major = torch.argsort(i * batch + j)
+    return i[row_major], j[row_major]
+
+
+def negative_pairs_at(labels: torch.Tensor, ranks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The negative pairs (i, j) at 0-based `ranks` of the row-major order of all negatives
+    (i < j, different labels), from the label groups alone.
+
+    Row i is found from ``negatives_before_row``; the pair is the w-th negative of its row. The
+    same-label rows after i that come before it are counted from the label groups: with u(k) =
+    index - sorted position of the k-th row of i's group (nondecreasing in k), the group's k-th
+    row lies before the w-th negative of row i exactly when u(k) <= u(i) + w.
+    """
+    batch = labels.shape[0]
+    device = labels.device
+    prefix, _ = negatives_before_row(labels)
+    i = torch.searchsorted(prefix, ranks, right=True) - 1
+    w = ranks - prefix[i]
+    order, group_start, _ = _label_groups(labels)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(batch, device=device)                      # sorted position of each row
+    u = order - torch.arange(batch, device=device) + batch                  # in [1, 2B)
+    span = 4 * batch                                                         # > any u + w
+    keys = group_start * span + u                                            # nondecreasing
+    p = where[i]
+    before = torch.searchsorted(keys, group_start[p] * span + u[p] + w, right=True) - (p + 1)
+    return i, i + 1 + w + before
 
 
 # ----------------------------------------------------------------------------- exact selection
@@ -152,38 +263,55 @@ def key_values(keys: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def _descend(hist: torch.Tensor, remaining: torch.Tensor):
-    """Per row of `hist` (counts by digit), the digit holding the element of descending rank
-    `remaining`, and that rank within the digit's bin."""
+#: The top 16 bits of ``order_keys`` fill buckets 0 ... 65535; pairs that are not negatives go here.
+SPARE_BUCKET = 1 << 16
+
+
+def bucket16(block: torch.Tensor, out: Optional[torch.Tensor] = None,
+             scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``order_keys(block) >> 16`` (int32, same shape), computed on the top 16 bits alone; into
+    `out` (int32, block's shape) if given, with `scratch` (the same) as its temporary."""
+    bits = block.contiguous().view(torch.int32)
+    top = torch.bitwise_right_shift(bits, 16, out=out)
+    flip = torch.bitwise_right_shift(top, 15, out=scratch)
+    flip &= 0x7FFF                       # negative floats: flip the magnitude bits
+    top ^= flip
+    top += 1 << 15                       # sign bit: [-2^15, 2^15) -> [0, 2^16)
+    return top
+
+
+def _descend(hist: torch.Tensor, remaining: torch.Tensor, which: Optional[torch.Tensor] = None):
+    """Per target t, the digit of row which[t] of `hist` (counts by digit; default: row t) holding
+    the element of descending rank remaining[t], and that rank within the digit's bin. Rows are
+    not copied per target (round 1 has 2 rows of 65536 bins for 2K + 1 targets)."""
+    targets = torch.arange(remaining.numel(), device=hist.device)
+    which = targets if which is None else which
     from_top = torch.cumsum(hist.flip(1), dim=1)
-    index = torch.searchsorted(from_top, remaining.unsqueeze(1), right=True).squeeze(1)
-    above = torch.where(index > 0, from_top.gather(1, (index - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0)
+    index = torch.searchsorted(from_top, remaining.expand(hist.shape[0], -1).contiguous(), right=True)[which, targets]
+    above = torch.where(index > 0, from_top[which, (index - 1).clamp_min(0)], 0)
     return hist.shape[1] - 1 - index, remaining - above
 
 
-def distributed_select(keys: Sequence[torch.Tensor], targets: Sequence[Tuple[int, int]], group) -> torch.Tensor:
-    """Exact order statistics over the union of every rank's values, by a 3-round radix select.
+def select_buckets(hist: torch.Tensor, targets: Sequence[Tuple[int, int]], group):
+    """Round 1 of the radix select of the order statistics `targets`.
 
-    keys: per value set, this rank's order keys. targets: (value set, descending rank m): the
-    element at 0-based index m of that set's global values sorted in descending order.
-    Round 1 all-reduces one 65536-bin histogram of the top 16 key bits per value set (shared by
-    all its targets); rounds 2 and 3 all-reduce a 256-bin histogram per target of the next 8 bits
-    among the few values left in its bucket. Returns the selected values (float32, one per target).
+    hist: (value sets, 65536) this rank's counts of the top 16 key bits of each value set.
+    targets: (value set, descending rank m): the element at 0-based index m of that set's global
+    values sorted in descending order. All-reduces `hist`; returns per target its 16-bit bucket
+    and its descending rank inside the bucket.
     """
-    device = keys[0].device
-    sets = sorted({which for which, _ in targets})
-    remaining = torch.tensor([m for _, m in targets], dtype=torch.int64, device=device)
-    hist = torch.stack([torch.bincount(keys[w] >> 16, minlength=1 << 16) for w in sets])
     hist = _all_reduce_sum(hist, group)
-    rows = torch.tensor([sets.index(w) for w, _ in targets], device=device)
-    prefix, remaining = _descend(hist[rows], remaining)
-    # the values of each set that fall in one of its targets' buckets: one pass per set
-    in_buckets = {}
-    for w in sets:
-        wanted = torch.zeros(1 << 16, dtype=torch.bool, device=device)   # a lookup table beats isin here
-        wanted[prefix[rows == sets.index(w)]] = True
-        in_buckets[w] = keys[w][wanted[keys[w] >> 16]]
-    candidates = [in_buckets[w][(in_buckets[w] >> 16) == prefix[t]] for t, (w, _) in enumerate(targets)]
+    which = torch.tensor([w for w, _ in targets], device=hist.device)
+    remaining = torch.tensor([m for _, m in targets], dtype=torch.int64, device=hist.device)
+    return _descend(hist, remaining, which)
+
+
+def refine_selection(candidates: Sequence[torch.Tensor], bucket: torch.Tensor, remaining: torch.Tensor,
+                     group) -> torch.Tensor:
+    """Rounds 2 and 3 of the radix select: per target, `candidates` are the order keys of this
+    rank's values in its bucket; an all-reduced 256-bin histogram of the next 8 key bits per
+    target and round narrows each to one key. Returns the selected values (float32)."""
+    prefix = bucket
     for shift in (8, 0):
         hist = torch.stack([torch.bincount((c >> shift) & 255, minlength=256) for c in candidates])
         digit, remaining = _descend(_all_reduce_sum(hist, group), remaining)
@@ -192,57 +320,206 @@ def distributed_select(keys: Sequence[torch.Tensor], targets: Sequence[Tuple[int
     return key_values(prefix)
 
 
-class LocalPairs(NamedTuple):
-    """This rank's pairs (i in its rows, j > i), split into positives and negatives, in row-major
-    order; values carry no gradient (see ekd_sharded's pair_values)."""
+# ----------------------------------------------------------------------------- similarity chunks
 
-    pos_i: torch.Tensor
-    pos_j: torch.Tensor
-    pos_student: torch.Tensor
-    pos_teacher: torch.Tensor
-    neg_i: torch.Tensor
-    neg_j: torch.Tensor
-    neg_student: torch.Tensor
-    neg_teacher: torch.Tensor
-    neg_global_index: Optional[torch.Tensor]  # row-major index among all negatives (random selection)
+
+T = TypeVar("T")
+
+
+class SimilarityChunk(NamedTuple):
+    """The similarities of a chunk of this rank's rows with the columns after its first row.
+
+    Entry (r, c) of a block is pair (rows[r], first + c); those with first + c <= rows[r] are not
+    pairs (see ``exclude_non_negatives``)."""
+
+    index: int
+    rows: torch.Tensor       # (n,) global rows, ascending
+    first: int               # global column of block column 0 (= rows[0] + 1)
+    last: int                # rows[-1]
+    student: torch.Tensor    # (n, B - first) <s_hat_i, s_hat_j>, no gradient
+    teacher: torch.Tensor    # (n, B - first) <t_hat_i, t_hat_j>
+    scratch: Tuple[torch.Tensor, torch.Tensor]  # 2 x (n * (B - first),) int32 workspace
+
+    def buckets(self, block: torch.Tensor) -> torch.Tensor:
+        """``bucket16(block)`` in this chunk's workspace (valid until the next call)."""
+        return bucket16(block, self.scratch[0].view(block.shape), self.scratch[1].view(block.shape))
 
 
 @torch.no_grad()
-def local_pairs(s_hat, t_hat, labels, rows, neg_prefix, with_global_index: bool, chunk: int = 256) -> LocalPairs:
-    """Similarities of the pairs (i in `rows`, j > i), computed in chunks of consecutive rows.
+def similarity_chunks(s_hat: torch.Tensor, t_hat: torch.Tensor, rows: torch.Tensor, row_list: Sequence[int],
+                      plan: Sequence[Tuple[int, int]], work: Callable[[SimilarityChunk], T]) -> List[T]:
+    """``work(chunk)`` for each chunk of `plan` (``chunk_plan`` of `rows`, also given as the list
+    `row_list`), in order; returns the results, which must not refer to the chunk's tensors: the
+    blocks of every chunk are written into one workspace allocated for the largest chunk, so
+    that chunks of varying shapes neither allocate nor fragment memory."""
+    s_hat, t_hat = s_hat.detach(), t_hat.detach()
+    batch = s_hat.shape[0]
+    size = max(((end - start) * (batch - 1 - row_list[start]) for start, end in plan), default=0)
+    blocks = [s_hat.new_empty(size) for _ in range(2)]
+    scratch = [torch.empty(size, dtype=torch.int32, device=s_hat.device) for _ in range(2)]
+    out = []
+    for index, (start, end) in enumerate(plan):
+        chunk_rows = rows[start:end]
+        first = row_list[start] + 1
+        shape = (end - start, batch - first)
+        used = shape[0] * shape[1]
+        student = torch.mm(s_hat[chunk_rows], s_hat[first:].t(), out=blocks[0][:used].view(shape))
+        teacher = torch.mm(t_hat[chunk_rows], t_hat[first:].t(), out=blocks[1][:used].view(shape))
+        out.append(work(SimilarityChunk(index, chunk_rows, first, row_list[end - 1], student, teacher,
+                                        (scratch[0][:used], scratch[1][:used]))))
+    return out
 
-    A chunk multiplies its rows by the columns after its first row only, so the work wasted on
-    pairs j <= i stays a fraction of the chunk's span instead of half of every row.
-    """
-    batch = labels.shape[0]
-    parts = {k: [] for k in LocalPairs._fields}
-    for start in range(0, rows.numel(), chunk):
-        chunk_rows = rows[start:start + chunk]
-        first = int(chunk_rows[0].item()) + 1
-        columns = torch.arange(first, batch, device=rows.device)
-        upper = columns.unsqueeze(0) > chunk_rows.unsqueeze(1)
-        same = labels[chunk_rows].unsqueeze(1) == labels[first:].unsqueeze(0)
-        a = s_hat[chunk_rows] @ s_hat[first:].t()
-        b = t_hat[chunk_rows] @ t_hat[first:].t()
-        for kind, mask in (("pos", upper & same), ("neg", upper & ~same)):
-            r, c = torch.nonzero(mask, as_tuple=True)
-            parts[f"{kind}_i"].append(chunk_rows[r])
-            parts[f"{kind}_j"].append(columns[c])
-            parts[f"{kind}_student"].append(a[r, c])
-            parts[f"{kind}_teacher"].append(b[r, c])
-            if kind == "neg" and with_global_index:
-                within_row = torch.cumsum(mask.to(torch.int64), dim=1) - 1
-                parts["neg_global_index"].append(neg_prefix[chunk_rows][r] + within_row[r, c])
-    empty_index = torch.zeros(0, dtype=torch.int64, device=rows.device)
-    empty_value = torch.zeros(0, dtype=s_hat.dtype, device=rows.device)
-    out = {}
-    for name, chunks in parts.items():
-        if name == "neg_global_index" and not with_global_index:
-            out[name] = None
-        else:
-            default = empty_value if name.endswith(("student", "teacher")) else empty_index
-            out[name] = torch.cat(chunks) if chunks else default
-    return LocalPairs(**out)
+
+class ListedPairs(NamedTuple):
+    """Pairs (i, j > i) of this rank known in advance (positives, random draws), row-major, with
+    where each sits in its chunk: pairs bounds[c] ... bounds[c + 1] - 1 are in chunk c, at flat
+    position `flat` of its blocks."""
+
+    i: torch.Tensor
+    j: torch.Tensor
+    flat: torch.Tensor
+    bounds: List[int]
+
+    def in_chunk(self, chunk: SimilarityChunk) -> torch.Tensor:
+        return self.flat[self.bounds[chunk.index]:self.bounds[chunk.index + 1]]
+
+
+def list_pairs(i: torch.Tensor, j: torch.Tensor, rows: torch.Tensor, plan, batch: int) -> ListedPairs:
+    """Locate row-major pairs (i in `rows`, j > i) in the chunks of `plan`."""
+    device = rows.device
+    position = torch.full((batch,), -1, dtype=torch.int64, device=device)
+    position[rows] = torch.arange(rows.numel(), device=device)
+    starts = torch.tensor([s for s, _ in plan], dtype=torch.int64, device=device)
+    if starts.numel() == 0:
+        return ListedPairs(i, j, i.new_zeros(0), [0])
+    firsts = rows[starts] + 1
+    p = position[i]
+    chunk = torch.searchsorted(starts, p, right=True) - 1
+    flat = (p - starts[chunk]) * (batch - firsts[chunk]) + (j - firsts[chunk])
+    bounds = torch.searchsorted(chunk, torch.arange(len(plan) + 1, device=device)).tolist()
+    return ListedPairs(i, j, flat, bounds)
+
+
+def exclude_non_negatives(block: torch.Tensor, chunk: SimilarityChunk, positives: ListedPairs, fill) -> torch.Tensor:
+    """Overwrite with `fill`, in place, the entries of a chunk-shaped `block` that are not negative
+    pairs: the columns j <= i of each row (left of the diagonal, inside the chunk's row span) and
+    this chunk's positives."""
+    span = min(chunk.last - chunk.first + 1, block.shape[1])
+    if span > 0:
+        offset = chunk.rows - chunk.first                  # row r's pairs start after column offset[r]
+        lower = torch.arange(span, device=block.device) <= offset.unsqueeze(1)
+        block[:, :span].masked_fill_(lower, fill)
+    block.view(-1).index_fill_(0, positives.in_chunk(chunk), fill)
+    return block
+
+
+#: ``chunks(work)``: ``similarity_chunks`` of this rank's plan, applied to `work`
+ChunkMap = Callable[[Callable[[SimilarityChunk], T]], List[T]]
+
+
+def _read(block: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    return block.reshape(-1).index_select(0, flat)
+
+
+def _cat(parts: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else like.new_zeros(0)
+
+
+# ----------------------------------------------------------------------------- the passes
+
+
+class PassA(NamedTuple):
+    hist: torch.Tensor            # (2, 65536) int64: top 16 key bits of this rank's negatives (student, teacher)
+    pos_student: torch.Tensor     # block values of the listed pairs (no gradient)
+    pos_teacher: torch.Tensor
+    drawn_student: torch.Tensor
+    drawn_teacher: torch.Tensor
+
+
+def count_negatives(chunks: ChunkMap, positives: ListedPairs, drawn: ListedPairs, with_histograms: bool,
+                    like: torch.Tensor) -> PassA:
+    """Pass A: the round-1 histograms of this rank's negatives, and the values of the listed pairs."""
+    hist = torch.zeros(2, SPARE_BUCKET, dtype=torch.int64, device=like.device)
+
+    def work(chunk: SimilarityChunk):
+        if with_histograms:
+            for which, block in enumerate((chunk.student, chunk.teacher)):
+                buckets = exclude_non_negatives(chunk.buckets(block), chunk, positives, SPARE_BUCKET)
+                hist[which] += torch.bincount(buckets.view(-1), minlength=SPARE_BUCKET + 1)[:SPARE_BUCKET]
+        return [_read(block, listed.in_chunk(chunk)) for listed in (positives, drawn)
+                for block in (chunk.student, chunk.teacher)]
+
+    parts = list(zip(*chunks(work))) or [[]] * 4
+    return PassA(hist, *(_cat(list(v), like) for v in parts))
+
+
+class PassB(NamedTuple):
+    student: torch.Tensor         # student values of this rank's negatives in a wanted student bucket
+    teacher: torch.Tensor         # teacher values of this rank's negatives in a wanted teacher bucket
+    hard_i: torch.Tensor          # this rank's negatives at or above the bucket of the hardest-N cut,
+    hard_j: torch.Tensor          # row-major
+    hard_student: torch.Tensor
+    hard_teacher: torch.Tensor
+
+
+WANTED, HARD = 1, 2  # flags of a bucket in gather_candidates' lookup tables
+
+
+def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: torch.Tensor,
+                      teacher_table: torch.Tensor, like: torch.Tensor) -> PassB:
+    """Pass B: this rank's negatives in the buckets the tables flag (uint8 per bucket, 65537
+    entries, the spare bucket 0): WANTED keeps the value, HARD the pair (both models' values)."""
+
+    def flagged(table: torch.Tensor, block: torch.Tensor, chunk: SimilarityChunk):
+        buckets = exclude_non_negatives(chunk.buckets(block), chunk, positives, SPARE_BUCKET)
+        flags = table.index_select(0, buckets.view(-1))
+        hit = torch.nonzero(flags).squeeze(1)
+        return hit, flags[hit]
+
+    def work(chunk: SimilarityChunk):
+        width = chunk.student.shape[1]
+        hit, flags = flagged(student_table, chunk.student, chunk)
+        values = _read(chunk.student, hit)
+        hard = (flags & HARD) != 0
+        hard_hit = hit[hard]
+        teacher_hit, _ = flagged(teacher_table, chunk.teacher, chunk)
+        return (values[(flags & WANTED) != 0], _read(chunk.teacher, teacher_hit), chunk.rows[hard_hit // width],
+                chunk.first + hard_hit % width, values[hard], _read(chunk.teacher, hard_hit))
+
+    parts = list(zip(*chunks(work))) or [[]] * 6
+    index = like.new_zeros(0, dtype=torch.int64)
+    return PassB(*(_cat(list(v), index if name in ("hard_i", "hard_j") else like)
+                   for name, v in zip(PassB._fields, parts)))
+
+
+def count_critical(chunks: ChunkMap, positives: ListedPairs, student_thresholds: torch.Tensor,
+                   teacher_thresholds: torch.Tensor) -> torch.Tensor:
+    """Pass C: the number of critical pairs (``critical_mask``) among this rank's negatives,
+    chunk by chunk, the indicators compared one threshold at a time."""
+
+    def work(chunk: SimilarityChunk):
+        critical = torch.zeros_like(chunk.student, dtype=torch.bool)
+        for s_k, t_k in zip(student_thresholds, teacher_thresholds):
+            critical |= (chunk.student > s_k) != (chunk.teacher > t_k)
+        return exclude_non_negatives(critical, chunk, positives, False).sum()
+
+    return sum(chunks(work), torch.zeros((), dtype=torch.int64, device=student_thresholds.device))
+
+
+def select_hardest(candidates: PassB, num_selected: int, hardest_cut: Optional[torch.Tensor], group) -> torch.Tensor:
+    """Indices into pass B's hard candidates of this rank's share of the globally hardest N."""
+    if hardest_cut is None:  # N >= L: every negative is a candidate and selected
+        return torch.arange(candidates.hard_student.numel(), device=candidates.hard_student.device)
+    keys = order_keys(candidates.hard_student)
+    cut_key = order_keys(hardest_cut.view(1))
+    above = keys > cut_key
+    ties = torch.nonzero(keys == cut_key).squeeze(1)
+    # ties at the cut: rank order decides who contributes (the spec leaves ties unspecified)
+    _, rank = _world(group)
+    tie_counts = _all_gather_sizes(ties.numel(), keys.device, group)
+    need = num_selected - int(_all_reduce_sum(above.sum().view(1), group).item())
+    take = max(0, min(ties.numel(), need - sum(tie_counts[:rank])))
+    return torch.cat([torch.nonzero(above).squeeze(1), ties[:take]])
 
 
 # ----------------------------------------------------------------------------- the sharded loss
@@ -268,14 +545,39 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     if batch < 2:
         raise ValueError(f"EKD needs a global batch of at least 2 embeddings, got B={batch}")
     finite = torch.isfinite(student_all).all() & torch.isfinite(teacher_all).all()
+    random = config.negative_selection == "random"
 
-    # stage 1-2: similarities of this rank's pairs (i in its rows, j > i), never B x B
+    # stage 1-2 (normalise, similarity chunks): this rank's rows in chunks, the pairs known from the labels
     s_hat = normalize_rows(student_all.float())
     t_hat = normalize_rows(teacher_all.detach().float())
-    neg_prefix, num_negatives = negatives_before_row(labels_all)
-    rows = balanced_rows(batch, world, rank).to(device)
-    pairs = local_pairs(s_hat, t_hat, labels_all, rows, neg_prefix, config.negative_selection == "random")
-    a_neg, b_neg = pairs.neg_student, pairs.neg_teacher
+    _, num_negatives = negatives_before_row(labels_all)
+    num_pairs = batch * (batch - 1) // 2
+    num_positives = num_pairs - num_negatives
+    num_selected = min(config.num_hard_negatives, num_negatives)
+    if random and num_selected > 0 and generator is None:
+        raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
+                         "seed it identically on every rank")
+    row_list = balanced_rows(batch, world, rank).tolist()
+    rows = torch.tensor(row_list, dtype=torch.int64, device=device)
+    plan = chunk_plan(row_list, batch, CHUNK_PAIRS)
+    mine = torch.zeros(batch, dtype=torch.bool, device=device)
+    mine[rows] = True
+    positives = list_pairs(*positive_pairs(labels_all, mine), rows, plan, batch)
+    if random and num_selected > 0:
+        # the same draw as the single-process backends: ranks among all negatives in row-major order
+        ranks = torch.randperm(num_negatives, generator=generator, device=generator.device)[:num_selected]
+        ranks = torch.sort(ranks.to(device)).values
+        drawn_i, drawn_j = negative_pairs_at(labels_all, ranks)
+        drawn = list_pairs(drawn_i[mine[drawn_i]], drawn_j[mine[drawn_i]], rows, plan, batch)
+    else:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        drawn = list_pairs(empty, empty, rows, plan, batch)
+
+    def chunks(work):
+        return similarity_chunks(s_hat, t_hat, rows, row_list, plan, work)
+
+    # pass A: round-1 histograms of the negatives; values of the positives and the random draws
+    listed = count_negatives(chunks, positives, drawn, num_negatives > 0, s_hat)
 
     def pair_values(i, j, value):
         """The student similarity of pairs (i, j) with a gradient: the block's value forward (so
@@ -284,39 +586,48 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         dot = (s_hat[i] * s_hat[j]).sum(1)
         return value + (dot - dot.detach())
 
-    a_pos, b_pos = pair_values(pairs.pos_i, pairs.pos_j, pairs.pos_student), pairs.pos_teacher
+    a_pos, b_pos = pair_values(positives.i, positives.j, listed.pos_student), listed.pos_teacher
 
-    # global counts come from the labels alone, identical on every rank
-    num_pairs = batch * (batch - 1) // 2
-    num_positives = num_pairs - num_negatives
-    num_selected = min(config.num_hard_negatives, num_negatives)
-
-    # stage 3: exact global thresholds and the N-th largest student negative
-    student_keys, teacher_keys = order_keys(a_neg), order_keys(b_neg)
+    # stage 3 (threshold selection): exact global thresholds and the N-th largest student negative (pass B)
     k = config.num_thresholds
+    hardest_cut, hard = None, None
     if num_negatives > 0:
         indices = config.threshold_indices(num_negatives)
         targets = [(0, m) for m in indices] + [(1, m) for m in indices]
-        if 0 < num_selected < num_negatives:
+        if 0 < num_selected < num_negatives and not random:
             targets.append((0, num_selected - 1))
-        picked = distributed_select([student_keys, teacher_keys], targets, group)
+        bucket, remaining = select_buckets(listed.hist, targets, group)
+        target_sets = torch.tensor([w for w, _ in targets], device=device)
+        tables = torch.zeros(2, SPARE_BUCKET + 1, dtype=torch.uint8, device=device)
+        tables[target_sets, bucket] = WANTED
+        if num_selected > 0 and not random:  # gather the hardest candidates in the same pass
+            lowest = bucket[2 * k] if len(targets) > 2 * k else 0
+            tables[0, lowest:SPARE_BUCKET] |= HARD
+        hard = gather_candidates(chunks, positives, tables[0], tables[1], s_hat)
+        keys = [order_keys(hard.student), order_keys(hard.teacher)]
+        candidates = [keys[which][(keys[which] >> 16) == bucket[t]] for t, (which, _) in enumerate(targets)]
+        picked = refine_selection(candidates, bucket, remaining, group)
         batch_student, batch_teacher = picked[:k], picked[k:2 * k]
         hardest_cut = picked[2 * k] if len(targets) > 2 * k else None
     else:
         batch_student = batch_teacher = torch.full((k,), float("nan"), device=device)
-        hardest_cut = None
     valid = finite & torch.tensor(num_negatives > 0 and update_thresholds, device=device)
     new_student = ema_update(student_thresholds, batch_student, config.momentum, valid)
     new_teacher = ema_update(teacher_thresholds, batch_teacher, config.momentum, valid)
     st, tt = new_student.float(), new_teacher.float()
 
-    # stage 4: this rank's share of the N selected negatives
-    chosen = _select_local_negatives(pairs, num_negatives, num_selected, hardest_cut, student_keys, config,
-                                     generator, group)
-    a_sel = pair_values(pairs.neg_i[chosen], pairs.neg_j[chosen], a_neg[chosen])
-    b_sel = b_neg[chosen]
+    # stage 4 (pair selection): this rank's share of the N selected negatives
+    if random:
+        a_sel = pair_values(drawn.i, drawn.j, listed.drawn_student)
+        b_sel = listed.drawn_teacher
+    elif num_selected > 0:
+        chosen = select_hardest(hard, num_selected, hardest_cut, group)
+        a_sel = pair_values(hard.hard_i[chosen], hard.hard_j[chosen], hard.hard_student[chosen])
+        b_sel = hard.hard_teacher[chosen]
+    else:
+        a_sel = b_sel = s_hat.new_zeros(0)
 
-    # stage 5: per-pair losses; the means' denominators are global
+    # stage 4-5 (critical mask, rank loss): per-pair losses; the means' denominators are global
     critical_pos = critical_mask(a_pos, b_pos, st, tt)
     critical_sel = critical_mask(a_sel, b_sel, st, tt)
     pos_losses = pair_rank_loss(a_pos, b_pos, st, tt, config)
@@ -325,7 +636,9 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     local_counts = torch.stack([critical_pos.sum(), critical_sel.sum(), torch.tensor(a_sel.numel(), device=device)])
     local_counts = local_counts.to(torch.int64)
     if config.compute_critical_ratio:
-        critical_all = critical_mask(a_neg, b_neg, st, tt).sum() + critical_pos.sum()
+        critical_all = critical_pos.sum()
+        if num_negatives > 0:  # pass C
+            critical_all = critical_all + count_critical(chunks, positives, st, tt)
         local_counts = torch.cat([local_counts, critical_all.to(torch.int64).view(1)])
     counts = _all_reduce_sum(local_counts, group)
     if config.critical_only:
@@ -356,32 +669,6 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         stats.num_critical_pairs = counts[3]
         stats.critical_ratio = counts[3].to(torch.float32) / num_pairs
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
-
-
-def _select_local_negatives(pairs, num_negatives, num_selected, hardest_cut, student_keys, config, generator,
-                            group) -> torch.Tensor:
-    """Indices into this rank's negatives of its share of the globally selected N."""
-    device = student_keys.device
-    if num_selected == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    if config.negative_selection == "random":
-        if generator is None:
-            raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
-                             "seed it identically on every rank")
-        drawn = torch.randperm(num_negatives, generator=generator, device=generator.device)[:num_selected]
-        return torch.nonzero(torch.isin(pairs.neg_global_index, drawn.to(device))).squeeze(1)
-    if hardest_cut is None:  # N >= L: every negative
-        return torch.arange(student_keys.numel(), device=device)
-    cut_key = order_keys(hardest_cut.view(1))
-    above = student_keys > cut_key
-    ties = torch.nonzero(student_keys == cut_key).squeeze(1)
-    # ties at the cut: rank order decides who contributes (the spec leaves ties unspecified)
-    _, rank = _world(group)
-    tie_counts = torch.tensor(_all_gather_sizes(ties.numel(), device, group), device=device)
-    need = num_selected - int(_all_reduce_sum(above.sum().view(1), group).item())
-    before = int(tie_counts[:rank].sum().item())
-    take = max(0, min(ties.numel(), need - before))
-    return torch.cat([torch.nonzero(above).squeeze(1), ties[:take]])
 
 
 def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds, config,

@@ -1,12 +1,15 @@
 """Worker processes of test_distributed.py (spawned; each is one rank of a gloo group)."""
 
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from ekd_kernels import EKDLoss
+from ekd_kernels import EKDLoss, distributed
 from ekd_kernels.distributed import gather_batch
 
 # (name, EKDLoss options, how labels are made) of the scenarios every rank runs in order
@@ -22,6 +25,9 @@ SCENARIOS = [
     ("ties_at_cut", dict(num_hard_negatives=10), "duplicated"),
 ]
 STEPS = 3
+# the sharded paths the scenarios run: the default chunks (one per rank at these sizes), and chunks
+# of a single row each (several chunks per rank: every pass crosses chunk boundaries)
+SHARDED_PATHS = {"sharded": {}, "sharded_one_row_chunks": dict(CHUNK_PAIRS=1, MIN_CHUNK_ROWS=1)}
 
 
 def rank_sizes(world):
@@ -54,30 +60,53 @@ def local_part(x, world, rank):
     return x[start:start + sizes[rank]]
 
 
+@contextlib.contextmanager
+def engine_settings(**settings):
+    """Temporarily set module constants of ekd_kernels.distributed (chunk sizes)."""
+    old = {name: getattr(distributed, name) for name in settings}
+    for name, value in settings.items():
+        setattr(distributed, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(distributed, name, value)
+
+
 def run_scenarios(world, rank, path):
+    with engine_settings(**SHARDED_PATHS.get(path, {})):
+        return _run_scenarios(world, rank, path)
+
+
+def _run_scenarios(world, rank, path):
     group = dist.group.WORLD
+    sharded = path in SHARDED_PATHS
     results = {}
     for name, options, labels_kind in SCENARIOS:
-        crit = EKDLoss(**options, process_group=group if path == "sharded" else None)
+        crit = EKDLoss(**options, process_group=group if sharded else None)
         steps = []
         for step in range(STEPS):
             student, teacher, labels = (local_part(x, world, rank) for x in global_batch(step, world, labels_kind))
             student = student.clone().requires_grad_(True)
             generator = torch.Generator().manual_seed(step)
-            if path == "sharded":
+            if sharded:
                 loss = crit(student, teacher, labels, generator=generator)
             else:
                 s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group)
                 loss = crit(s_all, t_all, l_all, generator=generator)
             loss.backward()
-            stats = crit.last_stats
-            steps.append(dict(loss=loss.detach(), grad=student.grad, student_thresholds=crit.student_thresholds.clone(),
-                              teacher_thresholds=crit.teacher_thresholds.clone(),
-                              counts={k: getattr(stats, k) for k in ("num_positive_pairs", "num_negative_pairs",
-                                                                     "num_selected_negatives",
-                                                                     "num_critical_selected", "num_critical_pairs")}))
+            steps.append(step_result(crit, loss, student))
         results[name] = steps
     return results
+
+
+def step_result(crit, loss, student):
+    stats = crit.last_stats
+    return dict(loss=loss.detach(), grad=student.grad, student_thresholds=crit.student_thresholds.clone(),
+                teacher_thresholds=crit.teacher_thresholds.clone(),
+                counts={k: getattr(stats, k) for k in ("num_positive_pairs", "num_negative_pairs",
+                                                       "num_selected_negatives", "num_critical_selected",
+                                                       "num_critical_pairs")})
 
 
 def ddp_step(world, rank, path):
@@ -100,14 +129,99 @@ def ddp_step(world, rank, path):
     return grads
 
 
-def worker(rank, world, port, out_dir):
+@contextlib.contextmanager
+def gloo_process_group(rank, world, port):
+    """This process as rank `rank` of a local gloo group of `world`, one thread each (the ranks
+    share the machine's cores)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        out = {path: run_scenarios(world, rank, path) for path in ("gather", "sharded")}
-        out["ddp"] = {path: ddp_step(world, rank, path) for path in ("gather", "sharded")}
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def worker(rank, world, port, out_dir):
+    with gloo_process_group(rank, world, port):
+        out = {path: run_scenarios(world, rank, path) for path in ("gather", *SHARDED_PATHS)}
+        out["ddp"] = {path: ddp_step(world, rank, path) for path in ("gather", "sharded")}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# ----------------------------------------------------------------------------- a batch of many chunks
+
+BIG_BATCH = 2048
+#: the chunk budget of the instrumented run: above the engine's fixed-size tensors (two 65537-entry
+#: lookup tables), below the chunks that chunk_plan's other limit alone (rows spanning 1/8 of the
+#: columns: 86 to 128 rows x 2047 here) would make, and far below a rank's B^2/(2W) pairs (700K
+#: and more at W <= 3)
+SMALL_CHUNK_PAIRS = 9 << 14
+# (name, EKDLoss options, steps) of the big-batch runs
+BIG_SCENARIOS = [("default", dict(), 3), ("random", dict(negative_selection="random"), 1),
+                 ("critical_ratio", dict(critical_only=True, compute_critical_ratio=True), 1)]
+BIG_INSTRUMENTED = [("default", dict(), 2),
+                    ("critical_ratio", dict(critical_only=True, compute_critical_ratio=True), 1)]
+
+
+def big_rank_sizes(world):
+    return {2: [1000, 1048], 3: [700, 648, 700]}[world]
+
+
+def big_global_batch(step):
+    """About 2.1M negative pairs (so that FPR 1e-5 and 1e-6 pick distinct order statistics) and
+    a few thousand positives; widths differ between student and teacher."""
+    g = torch.Generator().manual_seed(7000 + step)
+    student = torch.randn(BIG_BATCH, 16, generator=g)
+    teacher = torch.randn(BIG_BATCH, 12, generator=g) * 0.5 + student[:, :12]
+    labels = torch.randint(0, 400, (BIG_BATCH,), generator=g)
+    return student, teacher, labels
+
+
+def big_local_part(x, world, rank):
+    sizes = big_rank_sizes(world)
+    start = sum(sizes[:rank])
+    return x[start:start + sizes[rank]]
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) that any operator produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), f"{func} -> {tuple(t.shape)}"
+        return out
+
+
+def run_big(world, rank, scenarios, instrumented):
+    results = {}
+    for name, options, steps in scenarios:
+        crit = EKDLoss(**options, process_group=dist.group.WORLD)
+        results[name] = []
+        for step in range(steps):
+            student, teacher, labels = (big_local_part(x, world, rank) for x in big_global_batch(step))
+            student = student.clone().requires_grad_(True)
+            recorder = LargestTensor() if instrumented else contextlib.nullcontext()
+            with recorder:
+                loss = crit(student, teacher, labels, generator=torch.Generator().manual_seed(step))
+                loss.backward()
+            out = step_result(crit, loss, student)
+            if instrumented:
+                out.update(largest_numel=recorder.numel, largest_op=recorder.op)
+            results[name].append(out)
+    return results
+
+
+def big_worker(rank, world, port, out_dir):
+    with gloo_process_group(rank, world, port):
+        out = {"default_chunks": run_big(world, rank, BIG_SCENARIOS, instrumented=False)}
+        with engine_settings(CHUNK_PAIRS=SMALL_CHUNK_PAIRS):
+            out["small_chunks"] = run_big(world, rank, BIG_INSTRUMENTED, instrumented=True)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -1,11 +1,15 @@
 """EKD over 2 and 3 gloo processes equals single-process EKD on the concatenated batch.
 
-Both paths (gather_batch + EKDLoss, and the sharded EKDLoss(process_group=...)), uneven per-rank
-batch sizes (one rank holds a single row at W = 3), several steps of EMA state, paper variants,
-batches without positives, and a DDP step whose averaged parameter gradients must equal
-single-process training on the concatenated batch.
+Both paths (gather_batch + EKDLoss, and the sharded EKDLoss(process_group=...), with its default
+chunks and with one-row chunks), uneven per-rank batch sizes (one rank holds a single row at
+W = 3), several steps of EMA state, paper variants, batches without positives, and a DDP step
+whose averaged parameter gradients must equal single-process training on the concatenated batch.
+A global batch of 2048 rows (2.1M negatives, several chunks per rank) is held against the
+reference backend, once with a small chunk budget under a recorder of every tensor the sharded
+step produces: none may exceed the chunk budget (the rank's pairs are never materialised).
 """
 
+import functools
 import socket
 import time
 
@@ -15,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ekd_kernels import EKDLoss
-from ekd_kernels.distributed import balanced_rows, key_values, negatives_before_row, order_keys
+from ekd_kernels import distributed
+from ekd_kernels.distributed import (balanced_rows, bucket16, chunk_plan, key_values, negative_pairs_at,
+                                     negatives_before_row, order_keys, positive_pairs)
 
 import dist_workers
 from helpers import THRESHOLD_ATOL, assert_grad_close, assert_loss_close
@@ -32,11 +38,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def world_results(request, tmp_path_factory):
-    world = request.param
-    out_dir = tmp_path_factory.mktemp(f"world{world}")
-    ctx = mp.start_processes(dist_workers.worker, args=(world, free_port(), str(out_dir)), nprocs=world,
+def run_workers(worker, world, out_dir):
+    ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -47,14 +50,26 @@ def world_results(request, tmp_path_factory):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return world, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
 
 
-def single_process(name, options, labels_kind, world):
-    crit = EKDLoss(**options)
+@pytest.fixture(scope="module", params=[2, 3])
+def world_results(request, tmp_path_factory):
+    world = request.param
+    return world, run_workers(dist_workers.worker, world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def big_results(request, tmp_path_factory):
+    world = request.param
+    return world, run_workers(dist_workers.big_worker, world, tmp_path_factory.mktemp(f"big{world}"))
+
+
+def single_process_steps(crit, batches):
+    """`crit` on each global batch in turn (EMA state carried), step `s` drawing from a generator
+    seeded s, as the workers do: what every rank's results must equal."""
     steps = []
-    for step in range(dist_workers.STEPS):
-        student, teacher, labels = dist_workers.global_batch(step, world, labels_kind)
+    for step, (student, teacher, labels) in enumerate(batches):
         student.requires_grad_(True)
         loss = crit(student, teacher, labels, generator=torch.Generator().manual_seed(step))
         loss.backward()
@@ -63,7 +78,25 @@ def single_process(name, options, labels_kind, world):
     return steps
 
 
-@pytest.mark.parametrize("path", ["gather", "sharded"])
+def single_process(name, options, labels_kind, world):
+    return single_process_steps(EKDLoss(**options), (dist_workers.global_batch(step, world, labels_kind)
+                                                     for step in range(dist_workers.STEPS)))
+
+
+def assert_step_matches(got, ref, world, local_grad, where):
+    assert_loss_close(got["loss"], ref["loss"])
+    # convention: W times the single-process gradient of the rank's own rows
+    assert_grad_close(got["grad"], world * local_grad)
+    for key in ("student_thresholds", "teacher_thresholds"):
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=THRESHOLD_ATOL, msg=where)
+    for key, value in got["counts"].items():
+        expected = getattr(ref["stats"], key)
+        assert (value is None) == (expected is None), f"{where}: {key}"
+        if value is not None:
+            assert value.item() == expected.item(), f"{where}: {key} {value.item()} vs {expected.item()}"
+
+
+@pytest.mark.parametrize("path", ["gather", *dist_workers.SHARDED_PATHS])
 @pytest.mark.parametrize("scenario", dist_workers.SCENARIOS, ids=[s[0] for s in dist_workers.SCENARIOS])
 def test_matches_single_process(world_results, path, scenario):
     world, per_rank = world_results
@@ -71,17 +104,8 @@ def test_matches_single_process(world_results, path, scenario):
     want = single_process(name, options, labels_kind, world)
     for rank, results in enumerate(per_rank):
         for step, (got, ref) in enumerate(zip(results[path][name], want)):
-            where = f"{path}/{name} rank {rank} step {step}"
-            assert_loss_close(got["loss"], ref["loss"])
-            # convention: W times the single-process gradient of the rank's own rows
-            assert_grad_close(got["grad"], world * dist_workers.local_part(ref["grad"], world, rank))
-            for key in ("student_thresholds", "teacher_thresholds"):
-                torch.testing.assert_close(got[key], ref[key], rtol=0, atol=THRESHOLD_ATOL, msg=where)
-            for key, value in got["counts"].items():
-                expected = getattr(ref["stats"], key)
-                assert (value is None) == (expected is None), f"{where}: {key}"
-                if value is not None:
-                    assert value.item() == expected.item(), f"{where}: {key} {value.item()} vs {expected.item()}"
+            assert_step_matches(got, ref, world, dist_workers.local_part(ref["grad"], world, rank),
+                                f"{path}/{name} rank {rank} step {step}")
     if name == "no_positives_at_all":
         assert want[0]["stats"].positive_term.item() == 0.0
 
@@ -108,6 +132,61 @@ def test_ddp_parameter_gradients_equal_single_process(world_results, path):
                 assert_grad_close(got, want.grad)
 
 
+# ----------------------------------------------------------------------------- a batch of many chunks
+
+
+@functools.lru_cache(maxsize=None)
+def big_reference(name):
+    """Single-process EKDLoss(backend="reference") on the big global batches (the same for every
+    W), for the most steps any run of scenario `name` takes."""
+    runs = [(options, steps) for n, options, steps in dist_workers.BIG_SCENARIOS + dist_workers.BIG_INSTRUMENTED
+            if n == name]
+    options, steps = runs[0][0], max(steps for _, steps in runs)
+    assert all(o == options for o, _ in runs)
+    return single_process_steps(EKDLoss(**options, backend="reference"),
+                                (dist_workers.big_global_batch(step) for step in range(steps)))
+
+
+def check_big_run(world, per_rank, run, scenarios):
+    for name, _, steps in scenarios:
+        want = big_reference(name)[:steps]
+        for rank, results in enumerate(per_rank):
+            for step, (got, ref) in enumerate(zip(results[run][name], want)):
+                assert_step_matches(got, ref, world, dist_workers.big_local_part(ref["grad"], world, rank),
+                                    f"{run}/{name} rank {rank} step {step}")
+            assert len(results[run][name]) == steps
+
+
+def test_big_batch_many_chunks_matches_reference(big_results):
+    world, per_rank = big_results
+    batch = dist_workers.BIG_BATCH
+    _, labels = dist_workers.big_global_batch(0)[1:]
+    _, num_negatives = negatives_before_row(labels)
+    assert num_negatives > 10**5  # FPR 1e-5 and 1e-6 are distinct order statistics
+    for rank in range(world):
+        plan = chunk_plan(balanced_rows(batch, world, rank).tolist(), batch, distributed.CHUNK_PAIRS)
+        assert len(plan) > 1, plan
+    check_big_run(world, per_rank, "default_chunks", dist_workers.BIG_SCENARIOS)
+
+
+def test_sharded_memory_is_bounded_by_the_chunk_budget(big_results):
+    """With a chunk budget far below a rank's pairs, no tensor of the sharded forward and backward
+    (recorded operator by operator) holds more elements than the budget, and the result is still
+    the reference's."""
+    world, per_rank = big_results
+    batch, budget = dist_workers.BIG_BATCH, dist_workers.SMALL_CHUNK_PAIRS
+    rank_pairs = [int((batch - 1 - balanced_rows(batch, world, r)).sum()) for r in range(world)]
+    assert min(rank_pairs) > 3 * budget, rank_pairs
+    for rank, results in enumerate(per_rank):
+        for name, steps in results["small_chunks"].items():
+            for step, got in enumerate(steps):
+                assert got["largest_numel"] <= budget, (
+                    f"rank {rank} {name} step {step}: {got['largest_op']} holds {got['largest_numel']} elements "
+                    f"> the chunk budget {budget} (this rank has {rank_pairs[rank]} pairs)")
+                assert got["largest_numel"] >= budget // 2  # the recorder saw the chunks
+    check_big_run(world, per_rank, "small_chunks", dist_workers.BIG_INSTRUMENTED)
+
+
 # ----------------------------------------------------------------------------- pieces, one process
 def test_balanced_rows_cover_every_row_once_with_even_work():
     for batch, world in [(10, 3), (11, 2), (2, 4), (1000, 7)]:
@@ -131,3 +210,46 @@ def test_order_keys_preserve_order_and_invert():
     assert torch.equal(key_values(keys), values) or torch.equal(key_values(keys).abs(), values.abs())
     order = torch.argsort(values, stable=True)
     assert torch.all(keys[order][1:] >= keys[order][:-1])
+
+
+def test_bucket16_is_the_top_16_bits_of_the_order_keys():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(1000, generator=g), torch.tensor([-0.0, 0.0, 1e-38, -1e-38, 1.0, -1.0,
+                                                                      float("inf"), float("-inf"), float("nan")])])
+    assert torch.equal(bucket16(values).long(), order_keys(values) >> 16)
+
+
+def brute_pairs(labels):
+    batch = labels.shape[0]
+    return [(i, j) for i in range(batch) for j in range(i + 1, batch)]
+
+
+def test_positive_pairs_lists_the_same_label_pairs_of_the_marked_rows():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    mine = torch.rand(40, generator=g) < 0.5
+    i, j = positive_pairs(labels, mine)
+    want = [(a, b) for a, b in brute_pairs(labels) if labels[a] == labels[b] and mine[a]]
+    assert list(zip(i.tolist(), j.tolist())) == want
+
+
+def test_negative_pairs_at_maps_row_major_ranks_to_pairs():
+    g = torch.Generator().manual_seed(2)
+    for labels in (torch.randint(0, 4, (37,), generator=g), torch.arange(9), torch.tensor([1, 1, 2, 1, 1, 2, 2, 3])):
+        negatives = [(a, b) for a, b in brute_pairs(labels) if labels[a] != labels[b]]
+        ranks = torch.arange(len(negatives))
+        i, j = negative_pairs_at(labels, ranks)
+        assert list(zip(i.tolist(), j.tolist())) == negatives
+
+
+def test_chunk_plan_covers_the_rows_within_the_budget():
+    for batch, world, budget in [(2048, 2, 1 << 22), (2048, 3, 3 << 16), (1000, 7, 5000), (23, 2, 1), (5, 4, 1)]:
+        for rank in range(world):
+            rows = balanced_rows(batch, world, rank).tolist()
+            plan = chunk_plan(rows, batch, budget)
+            covered = [r for s, e in plan for r in rows[s:e]]
+            # every row with a pair, in order; row B - 1 (no pair) rides along only inside a chunk
+            assert covered in (rows, [r for r in rows if r < batch - 1])
+            for s, e in plan:
+                width = batch - 1 - rows[s]
+                assert (e - s) * width <= max(budget, width), (batch, world, rank, s, e)
