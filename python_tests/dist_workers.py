@@ -27,7 +27,10 @@ SCENARIOS = [
 STEPS = 3
 # the sharded paths the scenarios run: the default chunks (one per rank at these sizes), and chunks
 # of a single row each (several chunks per rank: every pass crosses chunk boundaries)
-SHARDED_PATHS = {"sharded": {}, "sharded_one_row_chunks": dict(CHUNK_PAIRS=1, MIN_CHUNK_ROWS=1)}
+SHARDED_PATHS = {"sharded": {}, "sharded_one_row_chunks": dict(CHUNK_PAIRS=1, MIN_CHUNK_ROWS=1),
+                 "sharded_in_autocast": {}}
+# the loss called inside torch.autocast (bf16), as an AMP training step does: must change nothing
+AUTOCAST_PATHS = ("sharded_in_autocast",)
 
 
 def rank_sizes(world):
@@ -90,7 +93,8 @@ def _run_scenarios(world, rank, path):
             student = student.clone().requires_grad_(True)
             generator = torch.Generator().manual_seed(step)
             if sharded:
-                loss = crit(student, teacher, labels, generator=generator)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path in AUTOCAST_PATHS):
+                    loss = crit(student, teacher, labels, generator=generator)
             else:
                 s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group)
                 loss = crit(s_all, t_all, l_all, generator=generator)
