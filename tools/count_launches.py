@@ -5,6 +5,7 @@ torch work inside a launch is excluded; ops that launch nothing (views, empty) a
 
     python tools/count_launches.py triton 256                      # default options
     python tools/count_launches.py triton 256 critical_only=True   # EKDLoss options as key=value
+    python tools/count_launches.py triton 256 negative_selection=random num_hard_negatives=100
 """
 import os, sys, collections
 os.environ["TRITON_INTERPRET"]="1"
@@ -32,10 +33,17 @@ def call(self, *a, **k):
 interpreter.GridExecutor.__call__ = call
 backend = sys.argv[1]; B=int(sys.argv[2]) if len(sys.argv)>2 else 256
 opts = dict(a.split("=") for a in sys.argv[3:])
-opts = {k: (v=="True" if v in ("True","False") else v) for k,v in opts.items()}
+def parse(v):
+    if v in ("True", "False"): return v == "True"
+    for kind in (int, float):
+        try: return kind(v)
+        except ValueError: pass
+    return v
+opts = {k: parse(v) for k,v in opts.items()}
+kw = dict(generator=torch.Generator().manual_seed(0)) if opts.get("negative_selection") == "random" else {}
 crit = EKDLoss(backend=backend, **opts)
 s,t,l = make_batch(B, 64, 64, B//4, seed=0)
-x = s.clone().requires_grad_(True); crit(x,t,l).backward()
+x = s.clone().requires_grad_(True); crit(x,t,l,**kw).backward()
 import ekd_kernels.triton_ekd as te
 counter = Count()
 fi = te._forward_impl
@@ -44,7 +52,7 @@ def fwd(*a, **k):
     with counter: return fi(*a, **k)
 te._forward_impl = fwd
 x = s.clone().requires_grad_(True)
-loss = crit(x,t,l)
+loss = crit(x,t,l,**kw)
 fw, fl = counter.c.copy(), dict(launches); counter.c.clear(); launches.clear()
 bi = te._backward_impl
 def bwd(*a, **k):
@@ -52,5 +60,5 @@ def bwd(*a, **k):
 te._backward_impl = bwd
 loss.backward()
 print(f"{backend} B={B} {opts}: forward {sum(fw.values())} glue ops + {sum(fl.values())} kernels; backward {sum(counter.c.values())} glue ops + {sum(launches.values())} kernels")
-print("fw", fw.most_common())
-print("bw", counter.c.most_common())
+print("fw", fw.most_common(), "kernels", fl)
+print("bw", counter.c.most_common(), "kernels", dict(launches))

@@ -1,21 +1,31 @@
 """The Triton kernels of the fused EKD backend, stage by stage (see ekd_kernels/triton_ekd.py).
 
 Layout every kernel assumes: the rows of the student and teacher embeddings are sorted by label
-and contiguous (the launcher gathers them once), so the positive pairs of a row are one
+and contiguous (normalise_kernel gathers them once), so the positive pairs of a row are one
 contiguous column range, and pairs (i, j), i < j, of the sorted order are the unordered pairs
 of the batch, each once.  Similarities are never stored: every pass recomputes its tiles from
 the raw rows and their inverse norms.
 
-Stages and kernels:
-    normalise            inverse_norm_kernel
+Stages and kernels, in launch order:
+    normalise            normalise_kernel (label-order copies, inverse norms, counts of non-finite
+                         elements; it also zeroes the counters the later kernels add to)
     similarity tiles     _similarity_tile (shared by every tile pass)
-    threshold selection  coarse_histogram_kernel, fine_histogram_kernel (radix select, 2 x 16 bits)
-    pair selection       fine_histogram_kernel also gathers the top-N candidates; after a
-                         candidate-buffer overflow, boundary_count_kernel and
-                         hard_negative_write_kernel select from recomputed tiles instead;
-                         boundary_count_kernel also counts the critical pairs among all pairs
-    rank loss            positive_forward_kernel, selected_pairs_kernel (shared _pair_loss)
+    batch_thresholds     coarse_histogram_kernel, coarse_select_kernel, fine_histogram_kernel
+                         (radix select, 2 x 16 bits)
+    ema_update           fine_select_kernel (exact keys -> batch thresholds -> EMA, on the device)
+    select_negatives     fine_histogram_kernel also gathers the top-N candidates, which
+                         hardest_negatives_kernel ranks; after a candidate-buffer overflow,
+                         boundary_count_kernel and hardest_negatives_kernel select from recomputed
+                         tiles instead; boundary_count_kernel also counts the critical pairs
+                         among all pairs
+    rank loss            rank_loss_kernel (positives and selected pairs, shared _pair_loss),
+                         finalize_kernel (fixed-order sums -> loss, statistics, backward coefficients)
     backward             positive_backward_kernel, backward_rows_kernel
+
+The small kernels (coarse_select, fine_select, finalize) replace chains of torch ops on the
+histograms, the K-sized threshold vectors and the loss terms: on a GPU each such op is a launch
+(about 5 us), which at B <= 1024 costs more than the arithmetic.  They run one program per
+target (or one program), scanning their buffers in fixed order: deterministic, no float atomics.
 """
 
 import triton
@@ -28,6 +38,8 @@ SIGMOID_CLAMP: tl.constexpr = tl.constexpr(50.0)
 #: Radix digit: the 32-bit keys are selected 16 bits at a time, in two passes.
 RADIX_BITS: tl.constexpr = tl.constexpr(16)
 NUM_BUCKETS: tl.constexpr = tl.constexpr(65536)
+INF: tl.constexpr = tl.constexpr(float("inf"))
+NAN: tl.constexpr = tl.constexpr(float("nan"))
 
 #: PRECISION value that makes _similarity_tile upcast 16-bit tiles to fp32 before the dot.
 UPCAST_PRECISION: tl.constexpr = tl.constexpr("upcast_ieee")
@@ -37,23 +49,79 @@ SOFT_RANK: tl.constexpr = tl.constexpr(0)
 EQ7: tl.constexpr = tl.constexpr(1)
 EQ8: tl.constexpr = tl.constexpr(2)
 
+# The int64 selection state every forward kernel shares (zeroed by normalise_kernel):
+OVERFLOW: tl.constexpr = tl.constexpr(0)      # the top-N candidates did not fit their buffer
+NUM_SELECTED: tl.constexpr = tl.constexpr(1)  # min(N, L)
+NUM_GREATER: tl.constexpr = tl.constexpr(2)   # negatives strictly above the top-N boundary (<= N)
+BOUNDARY: tl.constexpr = tl.constexpr(3)      # key of the N-th hardest negative
+NUM_NEGATIVE: tl.constexpr = tl.constexpr(4)  # L
+CRITICAL_ALL: tl.constexpr = tl.constexpr(5)  # critical pairs among all pairs (on request)
+NONFINITE: tl.constexpr = tl.constexpr(6)     # non-finite embedding elements (0: the batch is finite)
+STATE_SIZE: tl.constexpr = tl.constexpr(8)
+
+# Bits of the per-slot flags of the selected pairs.
+FILLED: tl.constexpr = tl.constexpr(1)
+CRITICAL: tl.constexpr = tl.constexpr(2)
+
 
 # --------------------------------------------------------------------------- stage 1: normalise
 @triton.jit
-def inverse_norm_kernel(x_ptr, inv_norm_ptr, batch, dim, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / max(||x_i||, eps) per row, in fp32: the tiles scale raw dots by it instead of
-    reading a normalised copy."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < batch
+def _gather_and_normalise(x_ptr, stride_row, stride_col, source, rows, row_mask, dim, sorted_ptr, inv_norm_ptr,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Copy rows `source` of x (any strides) to rows `rows` of a contiguous copy, store
+    1 / max(||x_i||, eps) in fp32 (the tiles scale raw dots by it instead of reading a
+    normalised copy) and return the number of non-finite elements met."""
+    source_offset = source.to(tl.int64) * stride_row
     row_offset = rows.to(tl.int64) * dim
     squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    nonfinite = tl.zeros((BLOCK_R,), dtype=tl.int32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row_offset[:, None] + ks[None, :], mask=row_mask[:, None] & (ks < dim)[None, :],
-                    other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & (ks < dim)[None, :]
+        x = tl.load(x_ptr + source_offset[:, None] + ks.to(tl.int64)[None, :] * stride_col, mask=mask, other=0.0)
+        tl.store(sorted_ptr + row_offset[:, None] + ks[None, :], x, mask=mask)
+        x = x.to(tl.float32)
         squares += tl.sum(x * x, axis=1)
+        # |x| < inf is false for inf and NaN alike (a comparison: no floating-point exception).
+        nonfinite += tl.sum(1 - (tl.abs(x) < INF).to(tl.int32), axis=1)
     norm = tl.maximum(tl.sqrt_rn(squares), NORM_EPS)
     tl.store(inv_norm_ptr + rows, tl.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), norm), mask=row_mask)
+    return tl.sum(nonfinite, axis=0)
+
+
+@triton.jit
+def normalise_kernel(student_ptr, teacher_ptr, order_ptr, batch, dim_s, dim_t, s_stride_row, s_stride_col,
+                     t_stride_row, t_stride_col, s_sorted_ptr, t_sorted_ptr, s_inv_ptr, t_inv_ptr, position_ptr,
+                     nonfinite_ptr, zero_ptr, num_zero, state_ptr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ZERO_BLOCK: tl.constexpr):
+    """Program (row block, model): gather the block's rows in label order (contiguous copies,
+    whatever the input strides), their inverse norms, and the count of non-finite elements
+    (one per program: the later kernels sum them).  The student programs also write the
+    inverse permutation `position` (original row -> sorted row).
+
+    All programs together zero the int32 counters of the later passes (`zero_ptr`, grid-stride)
+    and program (0, 0) the int64 selection state: they run before every kernel that adds to
+    them, so no separate fill is launched."""
+    pid = tl.program_id(0)
+    model = tl.program_id(1)
+    num_blocks = tl.num_programs(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < batch
+    source = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    if model == 0:
+        nonfinite = _gather_and_normalise(student_ptr, s_stride_row, s_stride_col, source, rows, row_mask, dim_s,
+                                          s_sorted_ptr, s_inv_ptr, BLOCK_R, BLOCK_K)
+        tl.store(position_ptr + source, rows.to(tl.int64), mask=row_mask)
+    else:
+        nonfinite = _gather_and_normalise(teacher_ptr, t_stride_row, t_stride_col, source, rows, row_mask, dim_t,
+                                          t_sorted_ptr, t_inv_ptr, BLOCK_R, BLOCK_K)
+    tl.store(nonfinite_ptr + model * num_blocks + pid, nonfinite)
+    program = model * num_blocks + pid
+    for start in range(program * ZERO_BLOCK, num_zero, 2 * num_blocks * ZERO_BLOCK):
+        offsets = start + tl.arange(0, ZERO_BLOCK)
+        tl.store(zero_ptr + offsets, tl.zeros((ZERO_BLOCK,), dtype=tl.int32), mask=offsets < num_zero)
+    if program == 0:
+        tl.store(state_ptr + tl.arange(0, STATE_SIZE), tl.zeros((STATE_SIZE,), dtype=tl.int64))
 
 
 # --------------------------------------------------------------------------- stage 2: tiles
@@ -101,6 +169,13 @@ def _descending_key(x):
 
 
 @triton.jit
+def _key_to_float(key):
+    """Inverse of _descending_key, for an int64 key in [0, 2^32)."""
+    bits = tl.where(key < 2147483648, key ^ 0x7FFFFFFF, key)
+    return bits.to(tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile_indices(pid_m, pid_n, batch, TILE: tl.constexpr):
     """Rows and columns of the (pid_m, pid_n) tile of the pair matrix, and which lie in the batch."""
     rows = pid_m * TILE + tl.arange(0, TILE)
@@ -117,14 +192,48 @@ def _pair_masks(labels_ptr, rows, cols, row_mask, col_mask):
     return upper, upper & (label_i[:, None] != label_j[None, :])
 
 
+@triton.jit
+def _group_start(labels_ptr, row, BLOCK: tl.constexpr):
+    """First sorted row with the label of `row` (labels sorted: a label's rows are one run).
+    Walks left a block at a time while the whole block shares the label: one step for the
+    usual small groups.  (It counts the run rather than moving a start index: triton 3.2's
+    compiler crashes on a later loop that starts at such a while loop's result.)"""
+    label = tl.load(labels_ptr + row)
+    run = row * 0
+    more = row > 0
+    while more:
+        index = row - run - BLOCK + tl.arange(0, BLOCK)
+        inside = index >= 0
+        same = tl.sum((inside & (tl.load(labels_ptr + index, mask=inside, other=0) == label)).to(tl.int32), axis=0)
+        run += same
+        more = (same == BLOCK) & (row - run > 0)
+    return row - run
+
+
+@triton.jit
+def _group_end(labels_ptr, row, batch, BLOCK: tl.constexpr):
+    """One past the last sorted row with the label of `row` (see _group_start)."""
+    label = tl.load(labels_ptr + row)
+    run = row * 0
+    more = row + 1 < batch
+    while more:
+        index = row + 1 + run + tl.arange(0, BLOCK)
+        inside = index < batch
+        same = tl.sum((inside & (tl.load(labels_ptr + index, mask=inside, other=0) == label)).to(tl.int32), axis=0)
+        run += same
+        more = (same == BLOCK) & (row + 1 + run < batch)
+    return row + 1 + run
+
+
 # --------------------------------------------------------------------------- stage 3: thresholds
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
-                            hist_s_ptr, hist_t_ptr,
+                            hist_s_ptr, hist_t_ptr, state_ptr,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
-    student and teacher similarity.  Integer atomics: the counts are exact and deterministic."""
+    student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
+    are exact and deterministic."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -137,6 +246,78 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     bucket_b = (_descending_key(b) >> RADIX_BITS).to(tl.int32)
     tl.atomic_add(hist_s_ptr + bucket_a, 1, mask=negative, sem="relaxed")
     tl.atomic_add(hist_t_ptr + bucket_b, 1, mask=negative, sem="relaxed")
+    num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _histogram_rank(hist_ptr, rank, SCAN_BLOCK: tl.constexpr):
+    """(bin, count before it) of the element of descending rank `rank` in a 65536-bin histogram
+    counted from the top: searchsorted(cumsum(hist), rank, right=True) clamped to the last bin,
+    i.e. the number of bins whose running total is <= rank.  A blocked scan in bin order that
+    stops after the first block where a bin's running total passes `rank` (no later bin can
+    count); until then every bin counted, so the count before the block is the running total."""
+    index = rank * 0
+    above = index
+    start = index
+    while (start < NUM_BUCKETS) & (index == start):
+        counts = tl.load(hist_ptr + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64)
+        before = above + tl.cumsum(counts, axis=0) <= rank
+        index += tl.sum(before.to(tl.int64), axis=0)
+        above += tl.sum(tl.where(before, counts, 0), axis=0)
+        start += SCAN_BLOCK
+    return tl.minimum(index, NUM_BUCKETS - 1), above
+
+
+@triton.jit
+def coarse_select_kernel(coarse_ptr, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
+                         num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
+    bucket, its rank inside the bucket and the count above the bucket.
+
+    Targets 0..K-1 are the thresholds, m_k = floor(L * p_k / q_k) with the FPRs' exact rationals
+    (fractions = [[p], [q]]); with HARDEST, target K of the student is the N-th hardest negative
+    (rank min(N, L) - 1), whose program also decides whether the top-N candidates fit their
+    buffer (selection state OVERFLOW).  Ranks are clamped to [0, L - 1], as the reference's
+    index into the sorted negatives.  Each program zeroes its fine histogram for pass 2.
+
+    Program (0, 0) also sums normalise_kernel's per-program counts of non-finite elements into
+    the selection state (NONFINITE), which the EMA update and the loss read.
+    """
+    target = tl.program_id(0)
+    model = tl.program_id(1)
+    if (target == 0) & (model == 0):
+        nonfinite = tl.zeros((SCAN_BLOCK,), dtype=tl.int32)
+        for start in range(0, num_nonfinite, SCAN_BLOCK):
+            index = start + tl.arange(0, SCAN_BLOCK)
+            nonfinite += tl.load(nonfinite_ptr + index, mask=index < num_nonfinite, other=0)
+        tl.store(state_ptr + NONFINITE, tl.sum(nonfinite.to(tl.int64), axis=0))
+    if (model == 1) & (target >= num_thresholds):  # the teacher has no top-N target
+        return
+    slot = model * num_targets + target
+    num_negative = tl.load(state_ptr + NUM_NEGATIVE)
+    num_selected = tl.minimum(num_negative, num_hard_negatives)
+    is_threshold = target < num_thresholds
+    numerator = tl.load(fractions_ptr + target, mask=is_threshold, other=0)
+    denominator = tl.load(fractions_ptr + num_thresholds + target, mask=is_threshold, other=1)
+    rank = tl.where(is_threshold, num_negative * numerator // denominator, num_selected - 1)
+    rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
+    hist_ptr = coarse_ptr + model * NUM_BUCKETS
+    bucket, above = _histogram_rank(hist_ptr, rank, SCAN_BLOCK)
+    tl.store(bucket_ptr + slot, bucket.to(tl.int32))
+    tl.store(target_state_ptr + 2 * slot, rank - above)
+    tl.store(target_state_ptr + 2 * slot + 1, above)
+    if HARDEST:
+        if target == num_thresholds:
+            # Every candidate (a negative in the boundary's bucket or above) fits, or pass 2
+            # gathers none and passes 3 and 4 select from recomputed tiles.
+            at_or_above = above + tl.load(hist_ptr + bucket)
+            tl.store(state_ptr + OVERFLOW, (at_or_above > capacity).to(tl.int64))
+            tl.store(state_ptr + NUM_SELECTED, num_selected)
+    fine_row = fine_ptr + slot.to(tl.int64) * NUM_BUCKETS
+    for start in range(0, NUM_BUCKETS, SCAN_BLOCK):
+        tl.store(fine_row + start + tl.arange(0, SCAN_BLOCK), tl.zeros((SCAN_BLOCK,), dtype=tl.int32))
 
 
 @triton.jit
@@ -154,9 +335,10 @@ def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_co
                         candidate_rows_ptr, candidate_cols_ptr, capacity, TILE: tl.constexpr):
     """Append the tile's negatives at or above the top-N boundary bucket to the candidate buffer.
 
-    Slots come from one integer atomic per tile, so their order varies from run to run; the
-    launcher sorts the candidates by (key, row, col), which makes the selection deterministic.
-    Called only when pass 1 showed that every candidate fits in `capacity`.
+    Slots come from one integer atomic per tile, so their order varies from run to run;
+    hardest_negatives_kernel ranks the candidates by (key class, row, col), which makes the
+    selection deterministic.  Called only when pass 1 showed that every candidate fits in
+    `capacity`.
     """
     wanted = negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)
     flat_wanted = tl.reshape(wanted.to(tl.int32), (TILE * TILE,))
@@ -181,7 +363,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
     With COLLECT (hardest negatives), it also gathers the top-N candidates when they fit the
-    buffer (selection_state[0] == 0: no overflow), which makes passes 3 and 4 unnecessary.
+    buffer (no OVERFLOW), which makes passes 3 and 4 unnecessary.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -193,12 +375,75 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     key_a = _descending_key(a)
     _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative)
     if COLLECT:
-        if tl.load(selection_state_ptr) == 0:
+        if tl.load(selection_state_ptr + OVERFLOW) == 0:
             boundary_bucket = tl.load(s_bucket_ptr + num_s_targets - 1)
             _collect_candidates(key_a, rows, cols, negative, boundary_bucket, candidate_count_ptr,
                                 candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
     _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative)
+
+
+# --------------------------------------------------------------------------- stage 3b: EMA
+@triton.jit
+def _ema_update(previous_ptr, previous_stride, new_ptr, batch_ptr, used_ptr, index, batch_value, ema_ptr, valid):
+    """reference.ema_update for one threshold, in the state's dtype and the reference's
+    operation order: momentum * e + (1 - momentum) * t where `valid`, t elsewhere.  The two
+    coefficients come rounded from float64 (ema_ptr), as torch rounds a Python scalar."""
+    previous = tl.load(previous_ptr + index * previous_stride)
+    momentum = tl.load(ema_ptr).to(previous.dtype)
+    keep = tl.load(ema_ptr + 1).to(previous.dtype)
+    updated = momentum * batch_value.to(previous.dtype) + keep * previous
+    new = tl.where(valid, updated, previous)
+    tl.store(batch_ptr + index, batch_value.to(previous.dtype))
+    tl.store(new_ptr + index, new)
+    tl.store(used_ptr, new.to(tl.float32))
+
+
+@triton.jit
+def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_thresholds, num_targets,
+                       update_thresholds,
+                       previous_s_ptr, previous_s_stride, previous_t_ptr, previous_t_stride,
+                       new_s_ptr, new_t_ptr, batch_s_ptr, batch_t_ptr, used_ptr, ema_ptr,
+                       selected_rows_ptr, selected_cols_ptr, num_slots, batch,
+                       SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+    """After pass 2, program (target, model): the exact key of the target's rank, then
+
+    - a threshold target: the batch threshold (NaN when L = 0), the EMA update of that
+      threshold (only when the embeddings are finite, L > 0 and update_thresholds: one bad
+      batch must not poison the state) and its fp32 copy for the loss kernels (thresholds_used);
+    - the top-N target: the boundary key and the number of negatives strictly above it, and
+      every selected slot set empty (row = col = batch) for the selection to fill.
+    """
+    target = tl.program_id(0)
+    model = tl.program_id(1)
+    if (model == 1) & (target >= num_thresholds):
+        return
+    slot = model * num_targets + target
+    bucket = tl.load(bucket_ptr + slot).to(tl.int64)
+    rank_in_bucket = tl.load(target_state_ptr + 2 * slot)
+    above = tl.load(target_state_ptr + 2 * slot + 1)
+    low, above_in_bucket = _histogram_rank(fine_ptr + slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, SCAN_BLOCK)
+    key = bucket * NUM_BUCKETS + low
+    num_negative = tl.load(state_ptr + NUM_NEGATIVE)
+    if target < num_thresholds:
+        batch_value = tl.where(num_negative > 0, _key_to_float(key), NAN)
+        finite = tl.load(state_ptr + NONFINITE) == 0
+        valid = finite & (num_negative > 0) & (update_thresholds != 0)
+        if model == 0:
+            _ema_update(previous_s_ptr, previous_s_stride, new_s_ptr, batch_s_ptr, used_ptr + target, target,
+                        batch_value, ema_ptr, valid)
+        else:
+            _ema_update(previous_t_ptr, previous_t_stride, new_t_ptr, batch_t_ptr, used_ptr + num_thresholds + target,
+                        target, batch_value, ema_ptr, valid)
+    else:
+        num_selected = tl.load(state_ptr + NUM_SELECTED)
+        tl.store(state_ptr + NUM_GREATER, tl.minimum(above + above_in_bucket, num_selected))
+        tl.store(state_ptr + BOUNDARY, key)
+        for start in range(0, num_slots, FILL_BLOCK):
+            slots = start + tl.arange(0, FILL_BLOCK)
+            empty = tl.full((FILL_BLOCK,), batch, dtype=tl.int64)
+            tl.store(selected_rows_ptr + slots, empty, mask=slots < num_slots)
+            tl.store(selected_cols_ptr + slots, empty, mask=slots < num_slots)
 
 
 # --------------------------------------------------------------------------- stage 4: selection
@@ -213,8 +458,7 @@ def _is_critical(a, b, st_ptr, tt_ptr, num_thresholds):
 
 @triton.jit
 def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
-                          selection_state_ptr, row_greater_ptr, row_equal_ptr,
-                          st_ptr, tt_ptr, num_thresholds, critical_count_ptr,
+                          state_ptr, row_greater_ptr, row_equal_ptr, st_ptr, tt_ptr, num_thresholds,
                           COUNT_HARD: tl.constexpr, COUNT_CRITICAL: tl.constexpr,
                           TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
@@ -224,7 +468,7 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     prefix sums place the writes of pass 4 without atomics."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    overflow = tl.load(selection_state_ptr) != 0
+    overflow = tl.load(state_ptr + OVERFLOW) != 0
     work = (pid_n >= pid_m).to(tl.int32)  # lower-triangle tiles hold no pair i < j
     if not COUNT_CRITICAL:
         work = work * overflow.to(tl.int32)
@@ -236,7 +480,7 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     if COUNT_HARD:
         if overflow:
             key = _descending_key(a)
-            boundary = tl.load(selection_state_ptr + 3).to(tl.uint32)
+            boundary = tl.load(state_ptr + BOUNDARY).to(tl.uint32)
             greater = (negative & (key < boundary)).to(tl.int32)
             equal = (negative & (key == boundary)).to(tl.int32)
             tl.atomic_add(row_greater_ptr + rows, tl.sum(greater, axis=1), mask=row_mask, sem="relaxed")
@@ -244,36 +488,42 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     if COUNT_CRITICAL:
         b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
         critical = (upper & _is_critical(a, b, st_ptr, tt_ptr, num_thresholds)).to(tl.int32)
-        tl.atomic_add(critical_count_ptr, tl.sum(tl.sum(critical, axis=1), axis=0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(state_ptr + CRITICAL_ALL, tl.sum(tl.sum(critical, axis=1), axis=0).to(tl.int64), sem="relaxed")
 
 
 @triton.jit
-def hard_negative_write_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, selection_state_ptr,
-                               row_greater_ptr, row_equal_ptr, greater_offset_ptr, equal_offset_ptr,
-                               selected_rows_ptr, selected_cols_ptr,
-                               TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr):
+def _rows_before(count_ptr, rows, row_mask, first_row, BLOCK: tl.constexpr):
+    """(count of each row, exclusive prefix sum over all rows): the prefix over the rows before
+    the block is summed here, in fixed order, instead of by a separate cumsum."""
+    counts = tl.load(count_ptr + rows, mask=row_mask, other=0)
+    before = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, first_row, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        before += tl.load(count_ptr + index, mask=index < first_row, other=0)
+    return counts, tl.sum(before, axis=0) + tl.cumsum(counts, axis=0) - counts
+
+
+@triton.jit
+def _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr, row_equal_ptr,
+                      selected_rows_ptr, selected_cols_ptr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      S_PRECISION: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
     """Pass 4 (only after a candidate overflow): write the N hardest negatives (i, j).
 
     Every negative above the boundary is taken; ties at the boundary are taken in row-major
     order until N are written, so the set is the same run after run.  A program walks its rows'
     column tiles left to right, so running counts plus in-tile prefix sums give each pair its
     slot; row blocks with nothing to write skip the loop (decided on the device).
-    selection_state = (overflow, N taken, number strictly above the boundary, boundary key).
     """
-    pid = tl.program_id(0)
     rows = pid * TILE + tl.arange(0, TILE)
     row_mask = rows < batch
-    overflow = tl.load(selection_state_ptr) != 0
-    num_selected = tl.load(selection_state_ptr + 1).to(tl.int32)
-    num_greater = tl.load(selection_state_ptr + 2).to(tl.int32)
-    boundary = tl.load(selection_state_ptr + 3).to(tl.uint32)
+    num_selected = tl.load(state_ptr + NUM_SELECTED).to(tl.int32)
+    num_greater = tl.load(state_ptr + NUM_GREATER).to(tl.int32)
+    boundary = tl.load(state_ptr + BOUNDARY).to(tl.uint32)
     ties_needed = num_selected - num_greater
-    greater_count = tl.load(row_greater_ptr + rows, mask=row_mask, other=0)
-    equal_count = tl.load(row_equal_ptr + rows, mask=row_mask, other=0)
-    greater_seen = tl.load(greater_offset_ptr + rows, mask=row_mask, other=0)
-    equal_seen = tl.load(equal_offset_ptr + rows, mask=row_mask, other=0)
+    greater_count, greater_seen = _rows_before(row_greater_ptr, rows, row_mask, pid * TILE, PREFIX_BLOCK)
+    equal_count, equal_seen = _rows_before(row_equal_ptr, rows, row_mask, pid * TILE, PREFIX_BLOCK)
     wanted = (greater_count > 0) | ((equal_count > 0) & (equal_seen < ties_needed))
-    col_end = tl.where(overflow & (tl.max(wanted.to(tl.int32), axis=0) > 0), batch, 0)
+    col_end = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, batch, 0)
     for col_start in range(pid * TILE, col_end, TILE):
         cols = col_start + tl.arange(0, TILE)
         col_mask = cols < batch
@@ -290,10 +540,74 @@ def hard_negative_write_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, selec
         slot = tl.where(greater, greater_slot, num_greater + tie_rank)
         # Never past the buffer, even if a pass disagreed with the histograms (non-finite input).
         take = take & (slot < num_selected)
-        tl.store(selected_rows_ptr + slot, tl.broadcast_to(rows[:, None], (TILE, TILE)), mask=take)
-        tl.store(selected_cols_ptr + slot, tl.broadcast_to(cols[None, :], (TILE, TILE)), mask=take)
+        tl.store(selected_rows_ptr + slot, tl.broadcast_to(rows[:, None], (TILE, TILE)).to(tl.int64), mask=take)
+        tl.store(selected_cols_ptr + slot, tl.broadcast_to(cols[None, :], (TILE, TILE)).to(tl.int64), mask=take)
         greater_seen += tl.sum(greater32, axis=1)
         equal_seen += tl.sum(equal32, axis=1)
+
+
+@triton.jit
+def _candidate_order(candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, index, mask, boundary, batch):
+    """(order key, class) of candidates: class 0 above the boundary, 1 at it, 2 below (in the
+    boundary's bucket), 3 no candidate; the order key (class, row, col) is unique per pair."""
+    key = tl.load(candidate_key_ptr + index, mask=mask, other=0)
+    row = tl.load(candidate_rows_ptr + index, mask=mask, other=0).to(tl.int64)
+    col = tl.load(candidate_cols_ptr + index, mask=mask, other=0).to(tl.int64)
+    kind = tl.where(key < boundary, 0, tl.where(key == boundary, 1, 2))
+    kind = tl.where(mask, kind, 3).to(tl.int64)
+    span = batch + 1
+    return (kind * span + row) * span + col, kind, row, col
+
+
+@triton.jit
+def _rank_candidates(pid, batch, state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                     candidate_cols_ptr, capacity, selected_rows_ptr, selected_cols_ptr,
+                     BLOCK_C: tl.constexpr, CHUNK: tl.constexpr):
+    """The usual path: candidate c goes to slot rank(c) = #candidates before it in
+    (class, row, col) order, taken when it is above or at the boundary and rank < min(N, L):
+    every candidate above the boundary, then the ties in (row, col) order, which is the order
+    pass 4 writes too.  The rank is counted against every candidate (a fixed-order integer sum):
+    the selection does not depend on the order the atomics filled the buffer in.
+
+    Cost: filled^2 integer comparisons over cdiv(capacity, BLOCK_C) programs; the usual fill is
+    about N plus the rest of the boundary's bucket (a few million comparisons at N = 2000).  For
+    N in the tens of thousands a sort would scale better."""
+    filled = tl.minimum(tl.load(candidate_count_ptr), capacity)
+    if pid * BLOCK_C < filled:
+        boundary = tl.load(state_ptr + BOUNDARY)
+        num_selected = tl.load(state_ptr + NUM_SELECTED)
+        index = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        order, kind, row, col = _candidate_order(candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, index,
+                                                 index < filled, boundary, batch)
+        rank = tl.zeros((BLOCK_C,), dtype=tl.int32)
+        for start in range(0, filled, CHUNK):
+            other = start + tl.arange(0, CHUNK)
+            other_order, _, _, _ = _candidate_order(candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, other,
+                                                    other < filled, boundary, batch)
+            rank += tl.sum((other_order[None, :] < order[:, None]).to(tl.int32), axis=1)
+        take = (kind < 2) & (rank < num_selected)
+        tl.store(selected_rows_ptr + rank, row, mask=take)
+        tl.store(selected_cols_ptr + rank, col, mask=take)
+
+
+@triton.jit
+def hardest_negatives_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr, row_equal_ptr,
+                             candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity,
+                             selected_rows_ptr, selected_cols_ptr,
+                             TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
+                             BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
+    """The N hardest negatives (i, j) in their slots (fine_select_kernel set them empty first):
+    ranked from the candidates, or after an overflow (decided on the device) pass 4 from
+    recomputed tiles.  One launch for both paths: the programs of the other path return."""
+    pid = tl.program_id(0)
+    if tl.load(state_ptr + OVERFLOW) != 0:
+        if pid * TILE < batch:
+            _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr,
+                              row_equal_ptr, selected_rows_ptr, selected_cols_ptr, TILE, BLOCK_K, S_PRECISION,
+                              PREFIX_BLOCK)
+    else:
+        _rank_candidates(pid, batch, state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                         candidate_cols_ptr, capacity, selected_rows_ptr, selected_cols_ptr, BLOCK_C, CHUNK)
 
 
 # --------------------------------------------------------------------------- stage 5: rank loss
@@ -346,23 +660,22 @@ def _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS: tl.
 
 
 @triton.jit
-def positive_forward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, group_end_ptr, batch, dim_s, dim_t,
-                            st_ptr, tt_ptr, num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr,
-                            RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr,
-                            TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                            S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+def _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
+                    st_ptr, tt_ptr, num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr,
+                    RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr, TILE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+                    LABEL_BLOCK: tl.constexpr):
     """Positive term, per row block: sum of the per-pair loss over its positive pairs i < j
     (critical ones only in the Eq. 5 variant) and its number of critical positives.
 
     Rows are sorted by label, so a block's positives lie in columns [block start, group end of
     its last row): the scan costs sum of group sizes, not B, per row.  One partial per
-    program, summed in a fixed order by the launcher.
+    program, summed in a fixed order by finalize_kernel.
     """
-    pid = tl.program_id(0)
     rows = pid * TILE + tl.arange(0, TILE)
     row_mask = rows < batch
     last_row = tl.minimum(pid * TILE + TILE, batch) - 1
-    col_end = tl.load(group_end_ptr + last_row)
+    col_end = _group_end(labels_ptr, last_row, batch, LABEL_BLOCK)
     loss_sum = tl.zeros((TILE,), dtype=tl.float32)
     critical_sum = tl.zeros((TILE,), dtype=tl.int32)
     for col_start in range(pid * TILE, col_end, TILE):
@@ -402,48 +715,168 @@ def _pair_dot(x_ptr, inv_norm_ptr, i, j, mask, dim, BLOCK_P: tl.constexpr, BLOCK
 
 
 @triton.jit
-def selected_pairs_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
-                          selected_rows_ptr, selected_cols_ptr, num_slots,
-                          st_ptr, tt_ptr, num_thresholds, temperature,
-                          loss_ptr, loss_grad_ptr, critical_ptr,
-                          RANK_LOSS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Negative term: per selected pair (slot), the loss, d loss / d a and the critical flag.
-    Unfilled slots (row index == batch) give zeros."""
-    slots = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _selected_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
+                    selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr, random_cols_ptr,
+                    st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
+                    RANK_LOSS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Negative term: per selected pair (slot), the loss, d loss / d a and its flags (FILLED,
+    CRITICAL).  Unfilled slots (row index == batch) give zeros.  With RANDOM the slots are the
+    reference's random draw, in original indices: mapped to sorted rows here and written out."""
+    slots = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     slot_mask = slots < num_slots
-    i = tl.load(selected_rows_ptr + slots, mask=slot_mask, other=batch)
-    j = tl.load(selected_cols_ptr + slots, mask=slot_mask, other=batch)
+    if RANDOM:
+        i = tl.load(position_ptr + tl.load(random_rows_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
+                    other=batch)
+        j = tl.load(position_ptr + tl.load(random_cols_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
+                    other=batch)
+        tl.store(selected_rows_ptr + slots, i, mask=slot_mask)
+        tl.store(selected_cols_ptr + slots, j, mask=slot_mask)
+    else:
+        i = tl.load(selected_rows_ptr + slots, mask=slot_mask, other=batch)
+        j = tl.load(selected_cols_ptr + slots, mask=slot_mask, other=batch)
     valid = (i < batch) & (j < batch)
     a = _pair_dot(s_ptr, s_inv_ptr, i, j, valid, dim_s, BLOCK_P, BLOCK_K)
     b = _pair_dot(t_ptr, t_inv_ptr, i, j, valid, dim_t, BLOCK_P, BLOCK_K)
     loss, loss_grad, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
-    tl.store(loss_ptr + slots, tl.where(valid, loss, 0.0), mask=slot_mask)
-    tl.store(loss_grad_ptr + slots, tl.where(valid, loss_grad, 0.0), mask=slot_mask)
-    tl.store(critical_ptr + slots, (valid & critical).to(tl.int32), mask=slot_mask)
+    tl.store(pair_loss_ptr + slots, tl.where(valid, loss, 0.0), mask=slot_mask)
+    tl.store(pair_grad_ptr + slots, tl.where(valid, loss_grad, 0.0), mask=slot_mask)
+    flags = valid.to(tl.int32) * FILLED + (valid & critical).to(tl.int32) * CRITICAL
+    tl.store(pair_flags_ptr + slots, flags, mask=slot_mask)
+
+
+@triton.jit
+def rank_loss_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
+                     st_ptr, tt_ptr, num_thresholds, temperature, num_row_blocks, partial_loss_ptr,
+                     partial_critical_ptr, selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr,
+                     random_rows_ptr, random_cols_ptr, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
+                     RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr, RANDOM: tl.constexpr,
+                     TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
+                     T_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, LABEL_BLOCK: tl.constexpr):
+    """Both terms' per-program parts in one launch: the first num_row_blocks = cdiv(B, TILE)
+    programs sum the positive pairs of a row block, the others evaluate BLOCK_P selected negative
+    pairs each."""
+    pid = tl.program_id(0)
+    if pid < num_row_blocks:
+        _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, st_ptr, tt_ptr,
+                        num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr, RANK_LOSS,
+                        CRITICAL_ONLY, TILE, BLOCK_K, S_PRECISION, T_PRECISION, LABEL_BLOCK)
+    else:
+        _selected_block(pid - num_row_blocks, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
+                        selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr,
+                        random_cols_ptr, st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr,
+                        pair_flags_ptr, RANK_LOSS, RANDOM, BLOCK_P, BLOCK_K)
+
+
+@triton.jit
+def _mean_of(total, count):
+    """total / count, 0 when count is 0 (a term with no pair)."""
+    return tl.where(count > 0, tl.div_rn(total, tl.maximum(count, 1).to(tl.float32)), 0.0)
+
+
+@triton.jit
+def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair_loss_ptr, pair_flags_ptr, num_slots,
+                    state_ptr, num_pairs, num_pairs_float, positive_weight, negative_weight,
+                    loss_ptr, counts_ptr, terms_ptr, positive_coefficient_ptr, selected_coefficient_ptr,
+                    CRITICAL_ONLY: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the loss, its statistics and what the backward needs, from the per-program
+    partials of rank_loss_kernel, summed block by block in index order (deterministic, no float
+    atomics).  selected_coefficient holds d loss / d a per slot on entry (rank_loss_kernel's
+    pair_grad) and d loss / d a times the term's weight and mean on exit.
+
+    A non-finite batch reads as NaN, loss and coefficients alike, whatever the clamps made of
+    it (as the reference): a gradient scaler then skips the step.
+    counts = (positive, negative, selected, critical among selected, critical among all);
+    terms = (positive term, negative term, critical ratio).
+    """
+    finite = tl.load(state_ptr + NONFINITE) == 0
+    positive_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    critical_positive = tl.zeros((BLOCK,), dtype=tl.int64)
+    for start in range(0, num_row_blocks, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        mask = index < num_row_blocks
+        positive_sum += tl.load(partial_loss_ptr + index, mask=mask, other=0.0)
+        critical_positive += tl.load(partial_critical_ptr + index, mask=mask, other=0)
+    negative_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    filled = tl.zeros((BLOCK,), dtype=tl.int64)
+    critical_selected = tl.zeros((BLOCK,), dtype=tl.int64)
+    for start in range(0, num_slots, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        mask = index < num_slots
+        flags = tl.load(pair_flags_ptr + index, mask=mask, other=0)
+        if CRITICAL_ONLY:
+            counted = (flags & CRITICAL) != 0
+        else:
+            counted = (flags & FILLED) != 0
+        negative_sum += tl.where(counted, tl.load(pair_loss_ptr + index, mask=mask, other=0.0), 0.0)
+        filled += ((flags & FILLED) != 0).to(tl.int64)
+        critical_selected += ((flags & CRITICAL) != 0).to(tl.int64)
+    num_negative = tl.load(state_ptr + NUM_NEGATIVE)
+    num_positive = num_pairs - num_negative  # every pair i < j is one or the other
+    critical_positive_count = tl.sum(critical_positive, axis=0)
+    if CRITICAL_ONLY:
+        positive_count = critical_positive_count
+        negative_count = tl.sum(critical_selected, axis=0)
+    else:
+        positive_count = num_positive
+        negative_count = tl.sum(filled, axis=0)
+    positive_term = _mean_of(tl.sum(positive_sum, axis=0), positive_count)
+    negative_term = _mean_of(tl.sum(negative_sum, axis=0), negative_count)
+    loss = positive_weight * positive_term + negative_weight * negative_term
+    tl.store(loss_ptr, tl.where(finite, loss, NAN))
+    tl.store(positive_coefficient_ptr, tl.where(finite, positive_weight * _mean_of(1.0, positive_count), NAN))
+    negative_scale = negative_weight * _mean_of(1.0, negative_count)
+    for start in range(0, num_slots, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        mask = index < num_slots
+        flags = tl.load(pair_flags_ptr + index, mask=mask, other=0)
+        if CRITICAL_ONLY:
+            counted = (flags & CRITICAL) != 0
+        else:
+            counted = (flags & FILLED) != 0
+        coefficient = negative_scale * tl.load(selected_coefficient_ptr + index, mask=mask, other=0.0)
+        coefficient = coefficient * counted.to(tl.float32)
+        tl.store(selected_coefficient_ptr + index, tl.where(finite, coefficient, NAN), mask=mask)
+    critical_all = tl.load(state_ptr + CRITICAL_ALL)
+    tl.store(counts_ptr + 0, num_positive)
+    tl.store(counts_ptr + 1, num_negative)
+    tl.store(counts_ptr + 2, tl.sum(filled, axis=0))
+    tl.store(counts_ptr + 3, critical_positive_count + tl.sum(critical_selected, axis=0))
+    tl.store(counts_ptr + 4, critical_all)
+    tl.store(terms_ptr + 0, positive_term)
+    tl.store(terms_ptr + 1, negative_term)
+    tl.store(terms_ptr + 2, tl.div_rn(critical_all.to(tl.float32), num_pairs_float))
 
 
 # --------------------------------------------------------------------------- stage 6: backward
 @triton.jit
-def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, group_start_ptr, group_end_ptr,
+def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
                              batch, dim_s, dim_t, st_ptr, tt_ptr, num_thresholds, temperature,
-                             coefficient_ptr, grad_hat_ptr,
+                             grad_loss_ptr, positive_coefficient_ptr, grad_hat_ptr,
+                             selected_rows_ptr, selected_cols_ptr, num_slots, entry_key_ptr, num_entries,
                              RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr,
                              TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, G_PRECISION: tl.constexpr):
+                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, G_PRECISION: tl.constexpr,
+                             LABEL_BLOCK: tl.constexpr, ENTRY_BLOCK: tl.constexpr):
     """d loss / d s_hat_i from the positive pairs: sum_j g_ij s_hat_j over the row's group
     (both directions of each pair: the row scans its whole group, j != i).
 
     The fused-attention pattern: tiles of a and b are recomputed, g is formed in registers and
     multiplied into the rows' feature chunks at once.  A program owns its rows of grad_hat, so
-    the read-modify-write needs no atomics and sums in a fixed order.
+    the read-modify-write needs no atomics and sums in a fixed order; the first column tile
+    (every row's group holds the row itself, so there is one) writes instead of adding, so
+    grad_hat needs no zero fill.
+
+    The programs also write, grid-stride, the sort keys of the selected negatives' gradient
+    entries for backward_rows_kernel: entry e < S is (rows[e], cols[e]), entry S + e the
+    reverse, key own * (B + 1) + other; the padding entry of an empty selection sorts last.
     """
     pid = tl.program_id(0)
     rows = pid * TILE + tl.arange(0, TILE)
     row_mask = rows < batch
     last_row = tl.minimum(pid * TILE + TILE, batch) - 1
-    col_begin = tl.load(group_start_ptr + pid * TILE)
-    col_end = tl.load(group_end_ptr + last_row)
-    coefficient = tl.load(coefficient_ptr)
+    col_begin = _group_start(labels_ptr, pid * TILE, LABEL_BLOCK)
+    col_end = _group_end(labels_ptr, last_row, batch, LABEL_BLOCK)
+    coefficient = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(positive_coefficient_ptr)
     label_i = tl.load(labels_ptr + rows, mask=row_mask, other=0)
     row_offset = rows.to(tl.int64) * dim_s
     for col_start in range(col_begin, col_end, TILE):
@@ -469,29 +902,63 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, gro
             grad_ptrs = grad_hat_ptr + row_offset[:, None] + ds[None, :]
             grad_mask = row_mask[:, None] & d_mask[None, :]
             update = tl.dot(weight, s_j, input_precision=G_PRECISION)
-            tl.store(grad_ptrs, tl.load(grad_ptrs, mask=grad_mask, other=0.0) + update, mask=grad_mask)
+            previous = tl.load(grad_ptrs, mask=grad_mask & (col_start != col_begin), other=0.0)
+            tl.store(grad_ptrs, previous + update, mask=grad_mask)
+    span = batch + 1
+    for start in range(pid * ENTRY_BLOCK, num_entries, tl.num_programs(0) * ENTRY_BLOCK):
+        entry = start + tl.arange(0, ENTRY_BLOCK)
+        forward = entry < num_slots
+        slot = tl.where(forward, entry, entry - num_slots)
+        present = entry < 2 * num_slots
+        row = tl.load(selected_rows_ptr + slot, mask=present, other=batch)
+        col = tl.load(selected_cols_ptr + slot, mask=present, other=batch)
+        own = tl.where(forward, row, col)
+        other = tl.where(forward, col, row)
+        tl.store(entry_key_ptr + entry, own * span + other, mask=entry < num_entries)
 
 
 @triton.jit
-def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, segment_start_ptr, segment_end_ptr,
-                         other_ptr, coefficient_ptr, grad_ptr, batch, dim_s,
+def _lower_bound(sorted_ptr, count, value, steps):
+    """Per element of `value`: the number of entries of the ascending `sorted_ptr[:count]`
+    below it (a vectorised binary search; `steps` = count.bit_length() halvings suffice)."""
+    low = value * 0
+    high = low + count
+    for _ in range(steps):
+        middle = (low + high) // 2
+        searching = low < high
+        below = searching & (tl.load(sorted_ptr + middle, mask=searching & (middle < count), other=0) < value)
+        low = tl.where(below, middle + 1, low)
+        high = tl.where(searching & (below == 0), middle, high)
+    return low
+
+
+@triton.jit
+def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_ptr, entry_index_ptr, num_entries,
+                         search_steps, selected_coefficient_ptr, num_slots, grad_loss_ptr, grad_ptr, batch, dim_s,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per row: add the selected negatives' g * s_hat_other (entries pre-sorted by row, so each
-    row sums in a fixed order), then back through the normalisation,
-    (G - s_hat <s_hat, G>) / max(||s||, eps), written to the row's original position."""
+    """Per row: add the selected negatives' g * s_hat_other (entries sorted by (row, other), so
+    each row sums in a fixed order; its segment found by binary search on the keys), then back
+    through the normalisation, (G - s_hat <s_hat, G>) / max(||s||, eps), written to the row's
+    original position."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
     ds = tl.arange(0, BLOCK_D)
     mask = row_mask[:, None] & (ds < dim_s)[None, :]
     row_offset = rows.to(tl.int64) * dim_s
     grad_hat = tl.load(grad_hat_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0)
-    segment_start = tl.load(segment_start_ptr + rows, mask=row_mask, other=0)
-    segment_length = tl.load(segment_end_ptr + rows, mask=row_mask, other=0) - segment_start
+    grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
+    row_key = rows.to(tl.int64) * (batch + 1)
+    segment_start = _lower_bound(sorted_key_ptr, num_entries, row_key, search_steps)
+    segment_length = tl.where(row_mask, _lower_bound(sorted_key_ptr, num_entries, row_key + batch + 1, search_steps)
+                              - segment_start, 0)
     for step in range(0, tl.max(segment_length, axis=0)):
         has_entry = step < segment_length
         entry = segment_start + step
-        other = tl.load(other_ptr + entry, mask=has_entry, other=0)
-        weight = tl.load(coefficient_ptr + entry, mask=has_entry, other=0.0) \
+        other = tl.load(sorted_key_ptr + entry, mask=has_entry, other=0) - row_key
+        other = tl.where(has_entry, other, 0)
+        index = tl.load(entry_index_ptr + entry, mask=has_entry, other=0)
+        slot = tl.where(index < num_slots, index, index - num_slots)
+        weight = (grad_loss * tl.load(selected_coefficient_ptr + slot, mask=has_entry, other=0.0)) \
             * tl.load(s_inv_ptr + other, mask=has_entry, other=0.0)
         x_other = tl.load(s_ptr + other.to(tl.int64)[:, None] * dim_s + ds[None, :],
                           mask=has_entry[:, None] & mask, other=0.0).to(tl.float32)
