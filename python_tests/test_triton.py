@@ -199,6 +199,39 @@ def test_top_n_paths(top_n_path, num_hard_negatives):
     compare(student, teacher, labels, num_hard_negatives=num_hard_negatives, compute_critical_ratio=True)
 
 
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the backend's host code allocates without initialising (torch.empty /
+    empty_like called from triton_ekd) starts as garbage: NaN, or -123456789 for integers. The
+    kernels are meant to write or zero all they read; one that reads stale memory then changes
+    the result (fresh CPU pages are zeros, which would hide it). Returns the poisoned count."""
+    import sys
+
+    poisoned = []
+
+    def poisoning(allocate):
+        def wrapper(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            if sys._getframe(1).f_globals.get("__name__") == triton_ekd.__name__ and tensor.numel():
+                tensor.fill_(float("nan") if tensor.dtype.is_floating_point else -123456789)
+                poisoned.append(tensor.dtype)
+            return tensor
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoning(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoning(torch.empty_like))
+    return poisoned
+
+
+@pytest.mark.parametrize("options", [dict(num_hard_negatives=300), dict(critical_only=True, compute_critical_ratio=True),
+                                     dict(negative_selection="random", num_hard_negatives=80), dict(rank_loss="eq7")],
+                         ids=["default", "critical", "random", "eq7"])
+def test_uninitialised_buffers_are_never_read(poisoned_buffers, top_n_path, options):
+    student, teacher, labels = make_batch(70, 24, 16, 15, seed=21)
+    compare(student, teacher, labels, steps=2, **options)
+    assert len(poisoned_buffers) > 10  # the poison reached the backend's buffers
+
+
 # --------------------------------------------------------------------------- determinism
 def test_deterministic(top_n_path):
     student, teacher, labels = make_batch(90, 40, 24, 20, seed=11)
@@ -264,23 +297,29 @@ from triton.compiler import ASTSource
 from ekd_kernels._triton import kernels
 
 tile = dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", T_PRECISION="tf32x3")
-pointer_types = {"labels_ptr": "*i64", "selection_state_ptr": "*i64", "candidate_key_ptr": "*i64",
-                 "critical_count_ptr": "*i64", "selected_rows_ptr": "*i64", "selected_cols_ptr": "*i64",
-                 "group_start_ptr": "*i64", "group_end_ptr": "*i64", "partial_critical_ptr": "*i64",
-                 "order_ptr": "*i64", "segment_start_ptr": "*i64", "segment_end_ptr": "*i64", "other_ptr": "*i64",
-                 "temperature": "fp32"}
-int32_pointers = ("hist_", "bucket_ptr", "fine_", "candidate_count", "candidate_rows", "candidate_cols",
-                  "row_greater", "row_equal", "_offset_ptr", "critical_ptr")
+pointer_types = {"labels_ptr": "*i64", "selection_state_ptr": "*i64", "state_ptr": "*i64", "candidate_key_ptr": "*i64",
+                 "selected_rows_ptr": "*i64", "selected_cols_ptr": "*i64", "random_rows_ptr": "*i64",
+                 "random_cols_ptr": "*i64", "position_ptr": "*i64", "target_state_ptr": "*i64",
+                 "fractions_ptr": "*i64", "partial_critical_ptr": "*i64", "counts_ptr": "*i64", "order_ptr": "*i64",
+                 "entry_key_ptr": "*i64", "sorted_key_ptr": "*i64", "entry_index_ptr": "*i64",
+                 "ema_ptr": "*fp64", "temperature": "fp32", "num_pairs_float": "fp32", "positive_weight": "fp32",
+                 "negative_weight": "fp32"}
+int32_pointers = ("hist_", "coarse_ptr", "bucket_ptr", "fine_", "candidate_count", "candidate_rows", "candidate_cols",
+                  "row_greater", "row_equal", "nonfinite", "zero_ptr", "flags")
 cases = [
-    (kernels.inverse_norm_kernel, dict(BLOCK_R=64, BLOCK_K=32)),
+    (kernels.normalise_kernel, dict(BLOCK_R=64, BLOCK_K=32, ZERO_BLOCK=4096)),
     (kernels.coarse_histogram_kernel, tile),
+    (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096)),
     (kernels.fine_histogram_kernel, dict(tile, COLLECT=True)),
+    (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024)),
     (kernels.boundary_count_kernel, dict(tile, COUNT_HARD=True, COUNT_CRITICAL=True)),
-    (kernels.hard_negative_write_kernel, dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3")),
-    (kernels.positive_forward_kernel, dict(tile, RANK_LOSS=0, CRITICAL_ONLY=True)),
-    (kernels.selected_pairs_kernel, dict(RANK_LOSS=1, BLOCK_P=64, BLOCK_K=32)),
+    (kernels.hardest_negatives_kernel, dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", BLOCK_C=64, CHUNK=128,
+                                            PREFIX_BLOCK=1024)),
+    (kernels.rank_loss_kernel, dict(tile, RANK_LOSS=0, CRITICAL_ONLY=True, RANDOM=False, BLOCK_P=64, LABEL_BLOCK=64)),
+    (kernels.rank_loss_kernel, dict(tile, RANK_LOSS=1, CRITICAL_ONLY=False, RANDOM=True, BLOCK_P=64, LABEL_BLOCK=64)),
+    (kernels.finalize_kernel, dict(CRITICAL_ONLY=True, BLOCK=1024)),
     (kernels.positive_backward_kernel, dict(tile, RANK_LOSS=2, CRITICAL_ONLY=False, BLOCK_D=64,
-                                            G_PRECISION="tf32x3")),
+                                            G_PRECISION="tf32x3", LABEL_BLOCK=64, ENTRY_BLOCK=1024)),
     (kernels.backward_rows_kernel, dict(BLOCK_R=16, BLOCK_D=512)),
 ]
 for kernel, constants in cases:
