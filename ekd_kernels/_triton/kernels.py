@@ -774,6 +774,16 @@ def _mean_of(total, count):
 
 
 @triton.jit
+def _counted_slots(flags, CRITICAL_ONLY: tl.constexpr):
+    """The selected slots a term counts: the critical ones (Eq. 5), else every filled one."""
+    if CRITICAL_ONLY:
+        counted = (flags & CRITICAL) != 0
+    else:
+        counted = (flags & FILLED) != 0
+    return counted
+
+
+@triton.jit
 def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair_loss_ptr, pair_flags_ptr, num_slots,
                     state_ptr, num_pairs, num_pairs_float, positive_weight, negative_weight,
                     loss_ptr, counts_ptr, terms_ptr, positive_coefficient_ptr, selected_coefficient_ptr,
@@ -803,10 +813,7 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
         index = start + tl.arange(0, BLOCK)
         mask = index < num_slots
         flags = tl.load(pair_flags_ptr + index, mask=mask, other=0)
-        if CRITICAL_ONLY:
-            counted = (flags & CRITICAL) != 0
-        else:
-            counted = (flags & FILLED) != 0
+        counted = _counted_slots(flags, CRITICAL_ONLY)
         negative_sum += tl.where(counted, tl.load(pair_loss_ptr + index, mask=mask, other=0.0), 0.0)
         filled += ((flags & FILLED) != 0).to(tl.int64)
         critical_selected += ((flags & CRITICAL) != 0).to(tl.int64)
@@ -829,10 +836,7 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
         index = start + tl.arange(0, BLOCK)
         mask = index < num_slots
         flags = tl.load(pair_flags_ptr + index, mask=mask, other=0)
-        if CRITICAL_ONLY:
-            counted = (flags & CRITICAL) != 0
-        else:
-            counted = (flags & FILLED) != 0
+        counted = _counted_slots(flags, CRITICAL_ONLY)
         coefficient = negative_scale * tl.load(selected_coefficient_ptr + index, mask=mask, other=0.0)
         coefficient = coefficient * counted.to(tl.float32)
         tl.store(selected_coefficient_ptr + index, tl.where(finite, coefficient, NAN), mask=mask)
