@@ -70,7 +70,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import EKDConfig
-from .reference import critical_mask, ema_update, normalize_rows, pair_rank_loss
+from .reference import autocast_off, critical_mask, ema_update, normalize_rows, pair_rank_loss
 from .result import EKDResult, EKDStats
 
 #: Pair elements of one similarity chunk (each of its student and teacher blocks). A chunk always
@@ -681,5 +681,6 @@ def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_th
                            "(torch.distributed.init_process_group)")
     check_embeddings_and_labels(student, teacher, labels, min_rows=0)
     check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
-    return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
-                       update_thresholds=update_thresholds, generator=generator, group=group)
+    with autocast_off(student.device):  # as ekd_loss: low precision is computed in fp32
+        return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
+                           update_thresholds=update_thresholds, generator=generator, group=group)

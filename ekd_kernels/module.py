@@ -10,7 +10,6 @@ from torch import nn
 from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
-from .reference import autocast_off
 from .result import EKDStats
 
 
@@ -64,10 +63,9 @@ class EKDLoss(nn.Module):
                 f"{student.device}: move the loss module with .to(device)")
         if self.process_group is not None:
             from .distributed import ekd_sharded_checked
-            with autocast_off(student.device):
-                result = ekd_sharded_checked(student, teacher, labels, self.student_thresholds,
-                                             self.teacher_thresholds, self.config, update_thresholds=self.training,
-                                             generator=generator or self.generator, group=self.process_group)
+            result = ekd_sharded_checked(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
+                                         self.config, update_thresholds=self.training,
+                                         generator=generator or self.generator, group=self.process_group)
         else:
             result = ekd_loss(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
                               update_thresholds=self.training, generator=generator or self.generator,

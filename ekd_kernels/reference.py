@@ -38,7 +38,7 @@ def autocast_off(device: torch.device):
     Training steps call the loss inside autocast; there its products would run in bf16/fp16 and
     tau = 0.01 would turn that rounding into wrong thresholds (SPEC: low precision is read, then
     computed in fp32), and a compiled op's internal ATen calls would hand back bf16 where its
-    kernel reads fp32. The loss's entry points (``ekd_loss``, the sharded module call) run in it."""
+    kernel reads fp32. The loss's entry points (``ekd_loss``, ``distributed.ekd_sharded_checked``) run in it."""
     # A fixed list, not torch.amp.is_autocast_available: torch 2.6's dynamo cannot trace that call.
     if device.type in ("cpu", "cuda"):
         return torch.autocast(device.type, enabled=False)
