@@ -26,7 +26,7 @@ import torch
 
 from ._autograd import first_order_only
 from .config import EKDConfig, fpr_fraction
-from .reference import compute_dtype
+from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
 
 _RANK_LOSS_CODES = {"soft_rank": 0, "eq7": 1, "eq8": 2}
@@ -115,7 +115,7 @@ if _LOAD_ERROR is None:
 
 # --------------------------------------------------------------------------- the backend
 def _random_negative_ranks(labels: torch.Tensor, config: EKDConfig, generator: Optional[torch.Generator]):
-    """The reference's draw, in the same order: randperm(L)[:N] over the negatives enumerated in
+    """The reference's draw (`draw_random_negatives`): ranks into the negatives enumerated in
     row-major order of (i, j), i < j.  L needs the label counts on the host (a sync, as the
     reference has)."""
     if generator is None:
@@ -124,8 +124,7 @@ def _random_negative_ranks(labels: torch.Tensor, config: EKDConfig, generator: O
     group_sizes = torch.unique(labels, return_counts=True)[1]
     num_negatives = batch * (batch - 1) // 2 - int((group_sizes * (group_sizes - 1) // 2).sum())
     n = min(config.num_hard_negatives, num_negatives)
-    perm = torch.randperm(num_negatives, generator=generator, device=generator.device)
-    return perm[:n].to(device=labels.device, dtype=torch.int64)
+    return draw_random_negatives(num_negatives, n, generator).to(device=labels.device, dtype=torch.int64)
 
 
 def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,

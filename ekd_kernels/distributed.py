@@ -48,9 +48,9 @@ bucket arrays, 16 bytes per element, plus a byte per element for pass B's bucket
 bool masks in pass C), about 70-90 MiB at the default 2^22; the candidates: the values of this
 rank's negatives inside the <= 2K + 1 wanted 16-bit buckets, and the pairs at or above the
 bucket of the N-th hardest (< N above it plus that bucket, 24 bytes each); the positives,
-O(B x label group size). Never the rank's B²/(2W) pairs. The one exception is
-``negative_selection="random"``: to draw the same negatives as the single-process backends from
-the same generator, every rank draws ``torch.randperm(L)`` (8·L bytes, L ~ B²/2 negatives).
+O(B x label group size). Never the rank's B²/(2W) pairs. With ``negative_selection="random"``
+every rank makes the single-process backends' draw (``draw_random_negatives``, O(N) memory) from
+its generator, so that all ranks and the single-process loss select the same negatives.
 
 Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
 B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
@@ -70,7 +70,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import EKDConfig
-from .reference import autocast_off, critical_mask, ema_update, normalize_rows, pair_rank_loss
+from .reference import (autocast_off, critical_mask, draw_random_negatives, ema_update, normalize_rows,
+                        pair_rank_loss)
 from .result import EKDResult, EKDStats
 
 #: Pair elements of one similarity chunk (each of its student and teacher blocks). A chunk always
@@ -565,7 +566,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     positives = list_pairs(*positive_pairs(labels_all, mine), rows, plan, batch)
     if random and num_selected > 0:
         # the same draw as the single-process backends: ranks among all negatives in row-major order
-        ranks = torch.randperm(num_negatives, generator=generator, device=generator.device)[:num_selected]
+        ranks = draw_random_negatives(num_negatives, num_selected, generator)
         ranks = torch.sort(ranks.to(device)).values
         drawn_i, drawn_j = negative_pairs_at(labels_all, ranks)
         drawn = list_pairs(drawn_i[mine[drawn_i]], drawn_j[mine[drawn_i]], rows, plan, batch)

@@ -109,20 +109,57 @@ def ema_update(previous: torch.Tensor, batch: torch.Tensor, momentum: float, val
 
 
 # --------------------------------------------------------------------------- stage 4: selection
+def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the elements whose value did not occur earlier in `values`."""
+    order = torch.sort(values, stable=True).indices  # equal values keep their draw order
+    ordered = values[order]
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    mask = torch.empty_like(new)
+    mask[order] = new
+    return mask
+
+
+def draw_random_negatives(num_negatives: int, count: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """`count` distinct ranks in [0, num_negatives), uniform without replacement, in draw order,
+    on the generator's device: the draw of negative_selection="random" in every backend.
+
+    The ranks index the negative pairs in row-major order of (i, j), i < j.  A permutation of
+    all L negatives would cost 8·L bytes (4.3 GB at B = 32768) for N = 2000 of them, so unless
+    the draw is dense (2N >= L, where randperm(L)[:N] is cheap) it draws integers in [0, L)
+    i.i.d. and keeps the first N distinct values: each kept value is uniform over the values not
+    yet kept, which is sampling without replacement, in O(N) memory.  Deterministic for a given
+    generator state; the loop's length check reads one count on the host (this variant already
+    needs L as a Python int).
+    """
+    if generator is None:
+        raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...)')
+    device = generator.device
+    if 2 * count >= num_negatives:
+        return torch.randperm(num_negatives, generator=generator, device=device)[:count]
+    drawn = torch.zeros(0, dtype=torch.int64, device=device)
+    kept = drawn
+    while kept.numel() < count:
+        # at least half of the values are still free (count <= L / 2), so about 2 draws per
+        # missing value finish in one round on average; repeats are rare when L >> N
+        extra = torch.randint(num_negatives, (2 * (count - kept.numel()),), generator=generator, device=device)
+        drawn = torch.cat([drawn, extra])
+        kept = drawn[_first_occurrences(drawn)]
+    return kept[:count]
+
+
 def select_negatives(negative_student: torch.Tensor, config: EKDConfig,
                      generator: Optional[torch.Generator]) -> torch.Tensor:
     """Indices (into the negative pairs) of the N distilled negatives.
 
     "hardest": the N largest student similarities (ties at the boundary in any order, as the
-    authors' unstable sort).  "random": N drawn uniformly without replacement by `generator`.
+    authors' unstable sort).  "random": N drawn uniformly without replacement by `generator`
+    (`draw_random_negatives`).
     """
     count = negative_student.numel()
     n = min(config.num_hard_negatives, count)
     if config.negative_selection == "random":
-        if generator is None:
-            raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...)')
-        perm = torch.randperm(count, generator=generator, device=generator.device)
-        return perm[:n].to(negative_student.device)
+        return draw_random_negatives(count, n, generator).to(negative_student.device)
     return torch.sort(negative_student.detach(), descending=True).indices[:n]
 
 

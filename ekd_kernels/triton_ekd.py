@@ -31,7 +31,7 @@ The stages, under the reference's names (kernels in ``_triton/kernels.py``, in l
                       (boundary_count) counts per row the negatives above / at the boundary and
                       hardest_negatives writes the pairs from recomputed tiles at slots given by
                       prefix sums (pass 4); otherwise those programs return at once.  "random"
-                      maps the reference's randperm ranks to pairs.
+                      maps the reference's drawn ranks (draw_random_negatives) to pairs.
     rank loss         rank_loss: positives, one pass over each row block's label range, and
                       selected negatives, one gathered dot per pair, in one launch; finalize sums
                       the per-program partials in a fixed order into the loss, the statistics
@@ -49,7 +49,7 @@ hardest negatives or the ratio); rank_loss; finalize.  Backward: 1 torch op (the
 and 2 kernels.  The small kernels replace what was about 170 torch ops a forward on the
 histograms, K-vectors and candidates (each a launch of about 5 us on a GPU, more than the
 arithmetic at B <= 1024).  No host synchronisation except for negative_selection="random"
-(randperm needs the number of negatives as a Python int); no float atomics, sums in fixed
+(the draw needs the number of negatives as a Python int); no float atomics, sums in fixed
 order: the results are bitwise reproducible.  fp32 dots run as "tf32x3" unless
 EKD_TRITON_FP32_PRECISION=ieee.
 Buffers, all allocated uninitialised (the kernels write or zero what they read): 2 + (2K + 1)
@@ -71,6 +71,7 @@ import torch
 
 from ._autograd import first_order_only
 from .config import EKDConfig, fpr_fraction
+from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
 
 try:  # the module must import without triton: unavailable_reason then says why
@@ -255,11 +256,11 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
                            generator: Optional[torch.Generator]) -> torch.Tensor:
     """(2, n) original-index pairs (i < j) the reference's random selection draws.
 
-    The reference takes ``randperm(L, generator)[:N]`` as ranks into the negative pairs in
-    row-major order; here each rank becomes its pair without listing the pairs: the row from a
+    The reference draws N ranks (``draw_random_negatives(L, N, generator)``) into the negative
+    pairs in row-major order; here each rank becomes its pair without listing the pairs: the row from a
     prefix sum of per-row negative counts, the column by a binary search on the count of
     negatives in (i, j] (columns minus same-label columns, found in the label-sorted order).
-    randperm needs L as a Python int: this is the one host synchronisation of the backend, and
+    The draw needs L as a Python int: this is the one host synchronisation of the backend, and
     only this variant pays it.
     """
     if generator is None:
@@ -274,7 +275,7 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
     negatives_per_row = (batch - 1 - index) - same_label_after
     num_negative = int(negatives_per_row.sum())
     count = min(num_hard_negatives, num_negative)
-    ranks = torch.randperm(num_negative, generator=generator, device=generator.device)[:count].to(device)
+    ranks = draw_random_negatives(num_negative, count, generator).to(device)
 
     row_end = negatives_per_row.cumsum(0)
     rows = torch.searchsorted(row_end, ranks, right=True)

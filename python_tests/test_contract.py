@@ -1,6 +1,7 @@
 """SPEC.md, clause by clause: hand-computed cases, an independent loop oracle, gradcheck, edge cases,
 state handling and dtypes.  Runs on every backend available on every device (conftest)."""
 
+import collections
 import copy
 import io
 import math
@@ -10,6 +11,7 @@ import torch
 
 from ekd_kernels import DEFAULT_FPRS, EKDConfig, EKDLoss, ekd_loss
 from ekd_kernels import backends as backends_module
+from ekd_kernels.reference import draw_random_negatives
 
 from helpers import assert_grad_close, make_batch
 from loop_oracle import oracle
@@ -127,7 +129,7 @@ def test_random_negative_selection_draws_from_the_generator(backend, device):
     crit = EKDLoss(negative_selection="random", num_hard_negatives=n, backend=backend).to(device)
     loss = crit(student, teacher, labels, generator=torch.Generator().manual_seed(123))
     num_negatives = crit.last_stats.num_negative_pairs.item()
-    chosen = torch.randperm(num_negatives, generator=torch.Generator().manual_seed(123))[:n].tolist()
+    chosen = draw_random_negatives(num_negatives, n, torch.Generator().manual_seed(123)).tolist()
     zeros = [0.0] * 6
     want = oracle(student.double().tolist(), teacher.double().tolist(), labels.tolist(), zeros, zeros,
                   fprs=DEFAULT_FPRS, selected_negatives=chosen)
@@ -136,6 +138,37 @@ def test_random_negative_selection_draws_from_the_generator(backend, device):
                      fprs=DEFAULT_FPRS, num_hard_negatives=n)
     assert want["negative_term"] != pytest.approx(hardest["negative_term"], rel=1e-3), \
         "the case must tell random from hardest selection"
+
+
+@pytest.mark.parametrize("num_negatives,n,ordered", [(10, 3, True), (10, 6, False), (4, 1, True)],
+                         ids=["iid_draws", "dense_randperm", "frequent_repeats"])
+def test_random_draw_is_uniform_without_replacement(num_negatives, n, ordered):
+    """draw_random_negatives: n distinct ranks in [0, L), and every ordered n-sample (or, on the
+    dense path, every n-subset) equally likely: a chi-square over all of them, far in the tail
+    (mean dof, sd sqrt(2 dof); a fixed seed, so the test is deterministic)."""
+    generator = torch.Generator().manual_seed(0)
+    draws = 24000
+    seen = collections.Counter()
+    for _ in range(draws):
+        ranks = draw_random_negatives(num_negatives, n, generator)
+        assert ranks.dtype == torch.int64 and ranks.shape == (n,)
+        values = ranks.tolist()
+        assert len(set(values)) == n and all(0 <= v < num_negatives for v in values)
+        seen[tuple(values) if ordered else tuple(sorted(values))] += 1
+    cells = math.perm(num_negatives, n) if ordered else math.comb(num_negatives, n)
+    assert len(seen) == cells
+    expected = draws / cells
+    chi2 = sum((count - expected) ** 2 / expected for count in seen.values())
+    assert chi2 < (cells - 1) + 6 * math.sqrt(2 * (cells - 1)), chi2
+
+
+def test_random_draw_needs_memory_of_n_not_of_the_negatives():
+    """At L = 1e12 negatives (far beyond any batch) a draw of 2000 is immediate: a permutation
+    of all negatives (8 TB) is never built.  Same generator state, same ranks."""
+    ranks = draw_random_negatives(10 ** 12, 2000, torch.Generator().manual_seed(7))
+    assert ranks.shape == (2000,) and torch.unique(ranks).numel() == 2000
+    assert int(ranks.min()) >= 0 and int(ranks.max()) < 10 ** 12
+    assert torch.equal(ranks, draw_random_negatives(10 ** 12, 2000, torch.Generator().manual_seed(7)))
 
 
 def test_random_selection_without_generator_is_an_error(backend, device):

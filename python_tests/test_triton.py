@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 from ekd_kernels import EKDConfig, EKDLoss, ekd_loss  # noqa: E402
 from ekd_kernels import triton_ekd  # noqa: E402
+from ekd_kernels.reference import draw_random_negatives  # noqa: E402
 import helpers  # noqa: E402
 from helpers import LOSS_RTOL, assert_grad_close, compare_with_reference, run_ekd  # noqa: E402
 
@@ -87,7 +88,9 @@ def test_random_pairs_are_the_references_draw():
         num_hard_negatives = int(torch.randint(0, 3 * batch, (1,), generator=generator))
         rows, cols = torch.triu_indices(batch, batch, 1)
         negative = labels[rows] != labels[cols]
-        ranks = torch.randperm(int(negative.sum()), generator=torch.Generator().manual_seed(trial))[:num_hard_negatives]
+        num_negatives = int(negative.sum())
+        ranks = draw_random_negatives(num_negatives, min(num_hard_negatives, num_negatives),
+                                      torch.Generator().manual_seed(trial))
         got = triton_ekd._random_negative_pairs(labels, num_hard_negatives, torch.Generator().manual_seed(trial))
         assert torch.equal(got, torch.stack([rows[negative][ranks], cols[negative][ranks]]))
 
