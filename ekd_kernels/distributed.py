@@ -113,6 +113,13 @@ def _all_gather_sizes(count: int, device, group) -> List[int]:
     return [int(s.item()) for s in sizes]
 
 
+# torch.compile runs gather_batch and the sharded loss eagerly (a clean graph break): both read
+# counts on the host (per-rank sizes; the selection's counts), which split a traced version into
+# many graphs, compiled again whenever a batch size changes (about 10 s a call for the sharded
+# loss on 2 CPU ranks, 50 s after a size change), and torch warns at exit of collectives its
+# traced graphs left unwaited.  Nothing is lost: the work is collectives and host-driven
+# selection, and the single-process backends behind the gather are compilable ops.
+@torch.compiler.disable
 def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, group=None):
     """All-gather the global batch from every rank of `group` (per-rank sizes may differ).
 
@@ -672,6 +679,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
 
 
+@torch.compiler.disable  # eager under torch.compile: see gather_batch
 def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                         update_thresholds=True, generator=None, group=None) -> EKDResult:
     """``ekd_sharded`` after the input checks (each rank's part may hold any number of rows)."""

@@ -28,9 +28,12 @@ STEPS = 3
 # the sharded paths the scenarios run: the default chunks (one per rank at these sizes), and chunks
 # of a single row each (several chunks per rank: every pass crosses chunk boundaries)
 SHARDED_PATHS = {"sharded": {}, "sharded_one_row_chunks": dict(CHUNK_PAIRS=1, MIN_CHUNK_ROWS=1),
-                 "sharded_in_autocast": {}}
+                 "sharded_in_autocast": {}, "sharded_compiled": {}}
 # the loss called inside torch.autocast (bf16), as an AMP training step does: must change nothing
 AUTOCAST_PATHS = ("sharded_in_autocast",)
+# the loss called from a torch.compile'd step (dynamo only: backend "eager"); the sharded loss
+# runs eagerly there, so the results must be bitwise those of the "sharded" path
+COMPILED_PATHS = ("sharded_compiled",)
 
 
 def rank_sizes(world):
@@ -87,6 +90,7 @@ def _run_scenarios(world, rank, path):
     results = {}
     for name, options, labels_kind in SCENARIOS:
         crit = EKDLoss(**options, process_group=group if sharded else None)
+        call = torch.compile(crit, backend="eager") if path in COMPILED_PATHS else crit
         steps = []
         for step in range(STEPS):
             student, teacher, labels = (local_part(x, world, rank) for x in global_batch(step, world, labels_kind))
@@ -94,7 +98,7 @@ def _run_scenarios(world, rank, path):
             generator = torch.Generator().manual_seed(step)
             if sharded:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path in AUTOCAST_PATHS):
-                    loss = crit(student, teacher, labels, generator=generator)
+                    loss = call(student, teacher, labels, generator=generator)
             else:
                 s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group)
                 loss = crit(s_all, t_all, l_all, generator=generator)
@@ -147,9 +151,30 @@ def gloo_process_group(rank, world, port):
         dist.destroy_process_group()
 
 
+def frames_compiled(world, rank):
+    """How many frames torch.compile traces in gather_batch and in the sharded loss (both must run
+    eagerly: a clean graph break)."""
+    from torch._dynamo.testing import CompileCounter
+
+    student, teacher, labels = (local_part(x, world, rank) for x in global_batch(0, world, "mixed"))
+    crit = EKDLoss(process_group=dist.group.WORLD)
+    counts = {}
+    for name, fn, args in [("gather_batch", gather_batch, (student, teacher, labels)),
+                           ("ekd_sharded_checked", distributed.ekd_sharded_checked,
+                            (student.clone().requires_grad_(True), teacher, labels, crit.student_thresholds,
+                             crit.teacher_thresholds, crit.config))]:
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        # through a wrapper: torch.compile(fn) itself would unwrap a torch.compiler.disable
+        torch.compile(lambda *a, fn=fn: fn(*a), backend=counter)(*args)
+        counts[name] = counter.frame_count
+    return counts
+
+
 def worker(rank, world, port, out_dir):
     with gloo_process_group(rank, world, port):
         out = {path: run_scenarios(world, rank, path) for path in ("gather", *SHARDED_PATHS)}
+        out["frames_compiled"] = frames_compiled(world, rank)
         out["ddp"] = {path: ddp_step(world, rank, path) for path in ("gather", "sharded")}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 

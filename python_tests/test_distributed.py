@@ -110,6 +110,19 @@ def test_matches_single_process(world_results, path, scenario):
         assert want[0]["stats"].positive_term.item() == 0.0
 
 
+@pytest.mark.parametrize("path", dist_workers.COMPILED_PATHS)
+def test_compiled_step_runs_the_eager_sharded_loss(world_results, path):
+    """Called from a torch.compile'd step, the sharded loss is the eager one, bitwise: it reads
+    counts on the host, so it and gather_batch opt out of tracing (no frame is compiled in them)."""
+    _, per_rank = world_results
+    for rank, results in enumerate(per_rank):
+        assert results["frames_compiled"] == {"gather_batch": 0, "ekd_sharded_checked": 0}
+        for name, *_ in dist_workers.SCENARIOS:
+            for got, want in zip(results[path][name], results["sharded"][name]):
+                for key in ("loss", "grad", "student_thresholds", "teacher_thresholds"):
+                    assert torch.equal(got[key], want[key]), f"{path}/{name} rank {rank}: {key}"
+
+
 def test_thresholds_identical_on_every_rank(world_results):
     _, per_rank = world_results
     for path in ("gather", "sharded"):
