@@ -47,7 +47,11 @@ def autocast_off(device: torch.device):
 
 # --------------------------------------------------------------------------- stage 1: normalise
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / max(||x||, 1e-12), row by row (identical to F.normalize)."""
+    """x / max(||x||, 1e-12), row by row (identical to F.normalize).
+
+    On a contiguous copy: a reduction over a view (transposed, expanded) may sum in another
+    order, and SPEC asks views to give the results of contiguous copies, bitwise."""
+    x = x.contiguous()
     return x / x.norm(p=2, dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
