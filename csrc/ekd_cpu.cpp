@@ -17,8 +17,20 @@
 // Determinism: work is cut into a fixed number of row chunks whatever the thread count, integer
 // histograms are summed exactly, collected lists are concatenated in chunk order and every float
 // reduction runs sequentially in a fixed order.
+//
+// Limits as B grows: every index, count and rank is int64 (pair offsets i * B + j included), so
+// the results are exact at any B; memory is the limit.  The B x B buffer takes B^2 * sizeof(T)
+// bytes (fp32: 1 GiB at B = 16384, 16 GiB at 65536, 64 GiB at 131072), a label group of n >=
+// kLargeGroup rows two n x n matrices more, and the second radix pass the keys of every negative
+// in a wanted 16-bit bucket (few, unless the similarities collapse into one bucket: then up to
+// one key per negative and model, as much again as the buffer).  Each is checked against the
+// machine's physical memory before it is allocated: a ValueError naming B and the bytes needed,
+// rather than a failed allocation or, with overcommitted memory, a process killed while it fills
+// the buffer.  The top-N candidates are kept to N per row chunk (the N hardest of the chunk),
+// whatever the number of ties at the boundary.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -32,6 +44,26 @@ namespace {
 constexpr int64_t kSimilarityTile = 256;
 constexpr int64_t kNumChunks = 64;
 constexpr int64_t kCriticalBlock = 64;
+
+// ----------------------------------------------------------------------------- memory
+//! Bytes of physical memory (0 when the system does not say: no check then).
+double physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0) return double(pages) * double(page);
+#endif
+  return 0.0;
+}
+
+//! ValueError when `bytes` (what the forward is about to hold) exceed the physical memory.
+void check_cpu_memory(int64_t batch, double bytes, const char* what) {
+  const double physical = physical_memory_bytes();
+  constexpr double kGiB = double(int64_t(1) << 30);
+  TORCH_CHECK_VALUE(physical == 0.0 || bytes <= physical, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
+                    " GiB for ", what, ", more than this machine's ", physical / kGiB,
+                    " GiB of memory (the CPU op holds a B x B similarity buffer: B^2 * 4 bytes in fp32); "
+                    "the CUDA and Triton backends hold no B x B buffer");
+}
 
 // ----------------------------------------------------------------------------- work splitting
 //! Boundaries of row chunks holding about equal numbers of pairs.  `upper`: row i owns the pairs
@@ -290,7 +322,27 @@ struct BucketTable {
   std::vector<int64_t> slot_of_bucket;
   int64_t num_slots = 0;
   int64_t candidate_bucket = -1;
+  int64_t candidate_keep = 0;  // N: the top-N candidates a row chunk keeps (its N hardest)
 };
+
+//! A chunk's candidate list is cut back to its `keep` hardest once it reaches this length.
+int64_t candidate_limit(int64_t keep) { return keep + std::max<int64_t>(keep, 4096); }
+
+//! Keeps the `keep` hardest candidates: larger key first, ties in row-major (i, j) order, the
+//! order hardest_negatives takes them in.  Every pair of the global top N is among the N hardest
+//! of its chunk (what beats it in the chunk beats it globally), and the ties a chunk keeps are
+//! its first ones: the concatenation still yields the global selection (cut ties come after
+//! at least N - above kept ones).  Without the cut, collapsed similarities (every pair in the
+//! boundary's bucket) would keep all L pairs, 24 bytes each.
+template <typename T>
+void keep_hardest(std::vector<Candidate<T>>* candidates, int64_t keep) {
+  if (int64_t(candidates->size()) <= keep) return;
+  std::nth_element(candidates->begin(), candidates->begin() + keep, candidates->end(),
+                   [](const Candidate<T>& x, const Candidate<T>& y) {
+                     return x.key != y.key ? x.key > y.key : (x.i != y.i ? x.i < y.i : x.j < y.j);
+                   });
+  candidates->resize(static_cast<size_t>(keep));
+}
 
 template <typename T>
 std::array<Collected<T>, 2> collect_buckets(const ModelViews<T>& views, const std::array<BucketTable, 2>& tables) {
@@ -306,7 +358,17 @@ std::array<Collected<T>, 2> collect_buckets(const ModelViews<T>& views, const st
         const int64_t bucket = radix_bucket<T>(key);
         const int64_t slot = table.slot_of_bucket[bucket];
         if (slot >= 0) out.keys_by_slot[slot].push_back(key);
-        if (table.candidate_bucket >= 0 && bucket >= table.candidate_bucket) out.candidates.push_back({i, j, key});
+        if (table.candidate_bucket >= 0 && bucket >= table.candidate_bucket) {
+          out.candidates.push_back({i, j, key});
+          if (int64_t(out.candidates.size()) >= candidate_limit(table.candidate_keep))
+            keep_hardest(&out.candidates, table.candidate_keep);
+        }
+      });
+    }
+    if (table.candidate_bucket >= 0) {  // back to row-major order after the cuts
+      keep_hardest(&out.candidates, table.candidate_keep);
+      std::sort(out.candidates.begin(), out.candidates.end(), [](const Candidate<T>& x, const Candidate<T>& y) {
+        return x.i != y.i ? x.i < y.i : x.j < y.j;
       });
     }
   });
@@ -315,9 +377,11 @@ std::array<Collected<T>, 2> collect_buckets(const ModelViews<T>& views, const st
   for (int model = 0; model < 2; ++model) all[model].keys_by_slot.resize(static_cast<size_t>(tables[model].num_slots));
   for (size_t c = 0; c < chunks.size(); ++c) {
     Collected<T>& into = all[chunks[c].model];
-    const Collected<T>& part = per_chunk[c];
-    for (size_t s = 0; s < part.keys_by_slot.size(); ++s)
+    Collected<T>& part = per_chunk[c];
+    for (size_t s = 0; s < part.keys_by_slot.size(); ++s) {
       into.keys_by_slot[s].insert(into.keys_by_slot[s].end(), part.keys_by_slot[s].begin(), part.keys_by_slot[s].end());
+      std::vector<key_t<T>>().swap(part.keys_by_slot[s]);  // freed as soon as copied
+    }
     into.candidates.insert(into.candidates.end(), part.candidates.begin(), part.candidates.end());
   }
   return all;
@@ -374,8 +438,28 @@ std::array<ModelSelection<T>, 2> select_thresholds(const ModelViews<T>& views, c
     if (with_boundary) ranks.push_back(boundary_rank);
     requests[model] =
         locate_requests(ranks, histograms[model], &tables[model].slot_of_bucket, &tables[model].num_slots);
-    if (with_boundary) tables[model].candidate_bucket = requests[model].back().bucket;
+    if (with_boundary) {
+      tables[model].candidate_bucket = requests[model].back().bucket;
+      tables[model].candidate_keep = boundary_rank + 1;
+    }
   }
+  // What the second pass will hold, known from the histograms: the keys of the wanted buckets
+  // (twice while the chunks' lists are concatenated) and the candidates, beside the buffer.
+  double collected_bytes = 0.0;
+  for (int model = 0; model < 2; ++model)
+    for (int64_t b = 0; b < kRadixBins; ++b)
+      if (tables[model].slot_of_bucket[b] >= 0)
+        collected_bytes += 2.0 * double(histograms[model][b]) * sizeof(key_t<T>);
+  if (tables[0].candidate_bucket >= 0) {
+    double at_or_above = 0.0;
+    for (int64_t b = tables[0].candidate_bucket; b < kRadixBins; ++b) at_or_above += double(histograms[0][b]);
+    const double most = double(kNumChunks) * double(candidate_limit(tables[0].candidate_keep));
+    collected_bytes += 2.0 * std::min(at_or_above, most) * sizeof(Candidate<T>);
+  }
+  const int64_t batch = views[0].batch;
+  check_cpu_memory(batch, double(batch) * double(batch) * sizeof(T) + collected_bytes,
+                   "its B x B similarity buffer and the keys of the negatives in the wanted radix buckets (all of "
+                   "them when the similarities collapse into one bucket)");
   std::array<Collected<T>, 2> collected = collect_buckets(views, tables);
   for (int model = 0; model < 2; ++model) {
     const std::vector<key_t<T>> keys = select_keys(requests[model], collected[model]);
@@ -609,7 +693,14 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
       hardest ? std::min(options.num_hard_negatives, num_negative) : random_negative_ranks->size(0);
   const int64_t* label_data = prep.labels.data_ptr<int64_t>();
 
-  // Stages 2-3: similarities, batch thresholds, and the top-N boundary for the student.
+  // Stages 2-3: similarities, batch thresholds, and the top-N boundary for the student.  The
+  // buffer, and the n x n matrices of the largest label group that positive_sums multiplies out
+  // while it is held, must fit in memory (see the top of the file).
+  int64_t largest_group = 0;
+  for (const auto& range : large_groups(prep)) largest_group = std::max(largest_group, range[1] - range[0]);
+  check_cpu_memory(batch,
+                   (double(batch) * double(batch) + 2.0 * double(largest_group) * double(largest_group)) * sizeof(T),
+                   "its B x B similarity buffer (and the n x n similarities of its largest label group)");
   const at::Tensor buffer = pair_similarities<T>(prep.student_hat, prep.teacher_hat);
   const T* sims = buffer.data_ptr<T>();
   const ModelViews<T> views{ModelView<T>{sims, batch, /*upper=*/true, label_data},

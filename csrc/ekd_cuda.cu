@@ -18,6 +18,13 @@
 //                        each, with the per-pair math of ekd_math.h shared with the CPU; the sums
 //                        run in a fixed order in one thread.
 //   backward           : one thread per row, ekd_math.h's row_gradient (the CPU's code).
+//
+// Limits as B grows: pair counts, ranks, histogram bins (unsigned 64-bit atomics), pair offsets
+// i * B + j, tie counts and their prefix sums are 64-bit, so the results are exact at any B the
+// launch allows; tile-local indices stay 32-bit.  The tile passes launch one block per tile of
+// the upper triangle on the grid's x dimension, T(T+1)/2 blocks for T = cdiv(B, 64), which may
+// not pass 2^31 - 1: B <= kMaxBatch = 65535 * 64 = 4194240 (a ValueError names the B given).
+// Shared memory is fixed (2 x 16 x 65 values a block), whatever B.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -40,6 +47,16 @@ constexpr int kRowThreads = 128;
 using ull = unsigned long long;
 
 inline int64_t blocks_for(int64_t n, int64_t threads) { return (n + threads - 1) / threads; }
+
+//! Largest batch: T = 65535 tiles a side gives T(T+1)/2 = 2147450880 <= 2^31 - 1 tile blocks.
+constexpr int64_t kMaxBatch = int64_t(65535) * kTile;
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+
+//! Blocks of a tile pass: one per tile of the upper triangle (diagonal included).
+inline int64_t tile_blocks(int64_t batch) {
+  const int64_t tiles = (batch + kTile - 1) / kTile;
+  return tiles * (tiles + 1) / 2;
+}
 
 // ----------------------------------------------------------------------------- tile epilogues
 enum TilePass : int {
@@ -198,8 +215,9 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
 
 template <typename T>
 void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params) {
-  const int64_t tiles = (params.batch + kTile - 1) / kTile;
-  const int64_t blocks = tiles * (tiles + 1) / 2;
+  const int64_t blocks = tile_blocks(params.batch);
+  // ekd_forward_cuda refuses B > kMaxBatch; a larger grid would be truncated to 32 bits.
+  TORCH_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
   similarity_tile_kernel<T><<<blocks, kTileThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -675,6 +693,9 @@ ForwardOutputs ekd_forward_cuda(const at::Tensor& student, const at::Tensor& tea
   // check_forward_inputs does not look at the optional ranks: one on another device (or a CUDA
   // ranks tensor with CPU embeddings, which dispatches here) would hand a foreign pointer to a kernel.
   TORCH_CHECK(student.is_cuda(), "ekd_forward: the CUDA kernel got embeddings on ", student.device());
+  TORCH_CHECK_VALUE(student.size(0) <= kMaxBatch, "the csrc EKD backend on CUDA takes batches of at most B=", kMaxBatch,
+                    " (its tile passes launch cdiv(B, ", kTile, ")^2 / 2 blocks on a grid's x dimension, which stops "
+                    "at 2^31 - 1), got B=", student.size(0));
   TORCH_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
               "ekd_forward: random_negative_ranks must be on ", student.device(), ", got ",
               random_negative_ranks.has_value() ? random_negative_ranks->device() : student.device());

@@ -53,9 +53,19 @@ arithmetic at B <= 1024).  No host synchronisation except for negative_selection
 order: the results are bitwise reproducible.  fp32 dots run as "tf32x3" unless
 EKD_TRITON_FP32_PRECISION=ieee.
 Buffers, all allocated uninitialised (the kernels write or zero what they read): 2 + (2K + 1)
-histograms of 65536 int32, the candidate buffer (16 bytes a slot), B-, K- and N-sized vectors;
-the label-sorted copies of the embeddings and labels are outputs the backward reuses, where it
-adds an fp32 B x Ds gradient accumulator.
+histograms of 65536 int32 (int64 for B > 65536), the candidate buffer (16 bytes a slot), B-, K-
+and N-sized vectors; the label-sorted copies of the embeddings and labels are outputs the
+backward reuses, where it adds an fp32 B x Ds gradient accumulator.
+
+Limits, as B grows (checked at the entry, ValueError naming the limit and the B given):
+B <= MAX_BATCH = 65535 * 64 = 4194240 (the tile passes' grid is cdiv(B, 64) on axis 1, which
+stops at 65535) and min(N, B(B-1)/2) <= MAX_SELECTED_NEGATIVES = 2^29 - 1 (the top-N candidate
+buffer, 4 slots a pair, is indexed in int32).  Within them the results are exact: pair counts,
+ranks, pair keys (i * (B + 1) + j) and the selection state are int64; histogram bins are int64
+once L can pass 2^31 (B > 65536), since one bin may hold nearly every pair when the embeddings
+collapse; the tie prefix sums of pass 4 are int64, clamped to N before the tile loop, whose
+tile-local arithmetic stays int32 (N + B < 2^31).  Means divide by the pair count rounded to fp32
+(as torch's mean does in the reference), a relative error below 2^-24.
 
 The forward and backward are ``torch.library.custom_op``s with fake implementations and
 autograd registered there, so ``torch.compile(fullgraph=True)`` traces through them.
@@ -73,6 +83,7 @@ from ._autograd import first_order_only
 from .config import EKDConfig, fpr_fraction
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
+from .validation import check_batch_limit
 
 try:  # the module must import without triton: unavailable_reason then says why
     import triton
@@ -116,6 +127,15 @@ CANDIDATE_FACTOR = 4
 MIN_CANDIDATE_CAPACITY = 8192
 #: Length of the int64 selection state (kernels.STATE_SIZE).
 STATE_SIZE = 8
+#: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
+#: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
+INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1
+#: Largest batch: the tile passes launch a (cdiv(B, TILE), cdiv(B, TILE)) grid, whose axis 1
+#: may not pass 65535 (a CUDA grid's y dimension).
+MAX_BATCH = 65535 * TILE
+#: Largest number of selected negatives min(N, B(B-1)/2): the top-N candidate buffer holds
+#: CANDIDATE_FACTOR (4) slots per selected pair and is indexed in int32.
+MAX_SELECTED_NEGATIVES = (2**31 - 1) // 4
 
 _RANK_LOSS_CODES = {"soft_rank": 0, "eq7": 1, "eq8": 2}
 
@@ -198,6 +218,28 @@ def _dot_precision(x: torch.Tensor) -> str:
 
 def _num_tiles(batch: int) -> int:
     return (batch + TILE - 1) // TILE
+
+
+def _tile_grid(batch: int) -> Tuple[int, int]:
+    """Grid of the tile passes (1-3): program (m, n) is the tile of row block m and column
+    block n; the lower triangle returns at once."""
+    return _num_tiles(batch), _num_tiles(batch)
+
+
+def _histogram_dtype(num_pairs: int) -> torch.dtype:
+    """dtype of the radix histograms' bins: int32 unless a bin could pass 2^31 - 1."""
+    return torch.int32 if num_pairs <= INT32_HISTOGRAM_MAX_PAIRS else torch.int64
+
+
+def _check_limits(batch: int, config: EKDConfig) -> None:
+    """The sizes the kernels' launch grids and int32 buffers allow (module docstring, Limits)."""
+    check_batch_limit(batch, MAX_BATCH, "triton", f"its tile passes launch a grid of cdiv(B, {TILE}) x "
+                                                  f"cdiv(B, {TILE}) programs, and a grid's axis 1 stops at 65535")
+    num_pairs = batch * (batch - 1) // 2
+    if config.num_hard_negatives > MAX_SELECTED_NEGATIVES and num_pairs > MAX_SELECTED_NEGATIVES:
+        raise ValueError(f"the triton EKD backend selects at most {MAX_SELECTED_NEGATIVES} negatives per call (its "
+                         f"top-N candidate buffer is indexed in int32), got num_hard_negatives="
+                         f"{config.num_hard_negatives} with B={batch} ({num_pairs} pairs)")
 
 
 # --------------------------------------------------------------------------- host-side helpers
@@ -335,12 +377,17 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     scan_block = _scan_block()
     f32, i64 = torch.float32, torch.int64
 
-    # Scratch.  The first four int32 buffers are counters, zeroed by normalise_kernel.
-    zeroed_size = 2 * NUM_BUCKETS + 2 * batch + 1
-    int32_buffer, w32 = _carve(torch.int32, device, coarse=(2, NUM_BUCKETS), row_greater=(batch,),
-                               row_equal=(batch,), candidate_count=(1,), fine=(2, num_targets, NUM_BUCKETS),
-                               bucket=(2, num_targets), candidate_rows=(candidate_size,),
+    # Scratch.  The four int32 buffers after `fine` are counters, zeroed by normalise_kernel.
+    # The histograms take `words` int32 words a bin and are viewed as their dtype (int32 or
+    # int64, see _histogram_dtype); `fine` comes first so that both views are 8-byte aligned.
+    histogram_dtype = _histogram_dtype(num_pairs)
+    words = histogram_dtype.itemsize // 4
+    zeroed_size = 2 * NUM_BUCKETS * words + 2 * batch + 1
+    int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words),
+                               coarse=(2, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
+                               candidate_count=(1,), bucket=(2, num_targets), candidate_rows=(candidate_size,),
                                candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,))
+    zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
                     spare_rows=(1,), spare_cols=(1,))
@@ -372,16 +419,17 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     sorted_labels, order = torch.sort(labels, stable=True)
     kernels.normalise_kernel[(row_blocks, 2)](
         student, teacher, order, batch, dim_s, dim_t, student.stride(0), student.stride(1), teacher.stride(0),
-        teacher.stride(1), s_sorted, t_sorted, s_inv, t_inv, w64["position"], w32["nonfinite"], int32_buffer,
+        teacher.stride(1), s_sorted, t_sorted, s_inv, t_inv, w64["position"], w32["nonfinite"], zeroed,
         zeroed_size, w64["state"], BLOCK_R=TILE, BLOCK_K=_block_k(), ZERO_BLOCK=scan_block)
     models = (s_sorted, t_sorted, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t)
     options = dict(TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=_dot_precision(student),
                    T_PRECISION=_dot_precision(teacher))
-    tiles = (row_blocks, row_blocks)
+    tiles = _tile_grid(batch)
 
     # batch_thresholds: pass 1, the wanted buckets, pass 2 (which also gathers the top-N
     # candidates when they fit; else passes 3 and 4 select, decided on the device).
-    coarse, fine, bucket, state = w32["coarse"], w32["fine"], w32["bucket"], w64["state"]
+    coarse, fine = w32["coarse"].view(histogram_dtype), w32["fine"].view(histogram_dtype)
+    bucket, state = w32["bucket"], w64["state"]
     kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, **options)
     kernels.coarse_select_kernel[(num_targets, 2)](
         coarse, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds, num_targets,
@@ -392,13 +440,15 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
         COLLECT=hardest, **options)
 
-    # ema_update (the loss uses the updated state), with the exact keys of pass 2.
+    # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
+    # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an
+    # fma, one rounding fewer than the reference's order, so the EMA state would drift from it.
     kernels.fine_select_kernel[(num_targets, 2)](
         fine, bucket, w64["target_state"], state, num_thresholds, num_targets, int(update_thresholds),
         student_thresholds, student_thresholds.stride(0), teacher_thresholds, teacher_thresholds.stride(0),
         new_student, new_teacher, batch_student, batch_teacher, thresholds_used,
         _ema_constants(config.momentum, device), rows_arg, cols_arg, num_slots if hardest else 0, batch,
-        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK)
+        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK, enable_fp_fusion=False)
 
     # select_negatives: pass 3 (critical pairs among all pairs on request; boundary counts after
     # an overflow only), then the hardest negatives from the candidates or from pass 4.
@@ -596,6 +646,7 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
                 update_thresholds: bool = True, generator: Optional[torch.Generator] = None) -> EKDResult:
     """EKD with the semantics of ``reference.ekd_reference`` (inputs already validated)."""
     _check_dtypes(student, teacher)
+    _check_limits(student.shape[0], config)
     random_pairs = None
     if config.negative_selection == "random":
         random_pairs = _random_negative_pairs(labels, config.num_hard_negatives, generator)

@@ -54,6 +54,16 @@ def check_embedding_pair(student: torch.Tensor, teacher: torch.Tensor, *, same_d
                          f"must match, got {student.shape[1]} and {teacher.shape[1]} (project one of them first)")
 
 
+def check_batch_limit(batch: int, max_batch: int, backend: str, why: str) -> None:
+    """ValueError when a backend cannot take B rows: the limit, why it exists and the B given.
+
+    The fast backends are exact up to their limits (see their module docstrings): past one, they
+    refuse instead of overflowing a 32-bit index or a launch limit.
+    """
+    if batch > max_batch:
+        raise ValueError(f"the {backend} EKD backend takes batches of at most B={max_batch} ({why}), got B={batch}")
+
+
 def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, num_thresholds: int,
                      device: torch.device) -> None:
     """Threshold state passed to the functional form must be K floats on the embeddings' device."""

@@ -8,6 +8,15 @@
         every fast backend against the reference (the reference only up to --reference-max B),
         fp32 and bf16, three consecutive calls: loss, gradient, thresholds and statistics within
         the golden tolerances, and bitwise determinism across two runs. Exit status 1 on a miss.
+    python tools/gpu_exercise.py large --sizes 46341 65536 65537 --out large.json
+        past 32-bit ranges without the B x B reference: B = 46341 (just above sqrt(2^31)), 65536
+        (its B(B-1)/2 pairs still fit int32) and 65537 (they do not), a random batch and a
+        collapsed one (identical student rows, distinct labels: every student similarity ties, one
+        histogram bin holds all L pairs, 2^31 + 32768 of them at 65537).  The fast backends
+        against each other (csrc CUDA vs triton: loss, gradient, thresholds, counts) and against
+        invariants: exact pair counts from the labels, min(N, L) selected, finite loss and
+        gradient, and each batch threshold's rank among the negatives, counted by a chunked fp64
+        Gram (1024 rows at a time: under 1 GiB).  Peak memory per call is reported.
 
 Issue 9's checklist; needs CUDA (``--device cpu`` runs the same code on CPU tensors for a dry run).
 """
@@ -18,6 +27,7 @@ import argparse
 import json
 import pathlib
 import sys
+import time
 
 import torch
 
@@ -118,9 +128,135 @@ def consistency(sizes, device, reference_max, out):
     return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------- large batches
+LARGE_VARIANTS = {"random": [dict(), dict(critical_only=True, compute_critical_ratio=True)], "collapsed": [dict()]}
+RANK_EPS = 2e-6  # the backends' fp32 similarities against the fp64 Gram of the rank check
+
+
+def large_batch(kind, size, device, seed):
+    """"random": batch_of's; "collapsed": every student row the same (all student similarities
+    tie, early-training collapse at its extreme), a random teacher, distinct labels (every pair
+    negative, and the label order is the row order, so both backends take the same ties)."""
+    if kind == "random":
+        return batch_of(size, torch.float32, device, seed)
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(1, 512, generator=g).expand(size, 512).contiguous()
+    teacher = torch.randn(size, 512, generator=g)
+    return student.to(device), teacher.to(device), torch.arange(size, device=device)
+
+
+def pair_counts(labels):
+    """(positive, negative) pair counts from the label groups, as Python ints."""
+    sizes = torch.unique(labels, return_counts=True)[1].tolist()
+    positive = sum(n * (n - 1) // 2 for n in sizes)
+    batch = labels.numel()
+    return positive, batch * (batch - 1) // 2 - positive
+
+
+@torch.no_grad()
+def threshold_rank_misses(name, x, labels, thresholds, indices, chunk=1024):
+    """Each threshold t_k must be the element of descending rank m_k among the negatives:
+    #(> t_k) <= m_k < #(>= t_k), counted on an fp64 Gram, 1024 rows at a time (RANK_EPS slack
+    for the backends' fp32 rounding)."""
+    x_hat = torch.nn.functional.normalize(x.double(), dim=1)
+    t = thresholds.double()
+    above = torch.zeros_like(t, dtype=torch.int64)
+    at_or_above = torch.zeros_like(above)
+    columns = torch.arange(x.shape[0], device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        rows = columns[start:start + chunk]
+        sims = x_hat[rows] @ x_hat.t()
+        negative = (columns[None, :] > rows[:, None]) & (labels[None, :] != labels[rows][:, None])
+        values = sims[negative]
+        above += (values[:, None] > t + RANK_EPS).sum(0)
+        at_or_above += (values[:, None] >= t - RANK_EPS).sum(0)
+        del sims, negative, values
+    misses = []
+    for k, m in enumerate(indices):
+        if not (above[k].item() <= m < at_or_above[k].item()):
+            misses.append(f"{name} threshold {k} = {t[k].item()!r}: {above[k].item()} negatives above, "
+                          f"{at_or_above[k].item()} at or above, wanted rank {m}")
+    return misses
+
+
+def invariant_misses(result, labels, config, student, teacher):
+    (loss, grad, stats) = result
+    misses = []
+    if not torch.isfinite(loss).item():
+        misses.append(f"loss {loss.item()} is not finite")
+    if not torch.isfinite(grad).all().item():
+        misses.append("gradient is not finite")
+    positive, negative = pair_counts(labels)
+    expected = {"num_positive_pairs": positive, "num_negative_pairs": negative,
+                "num_selected_negatives": min(config.num_hard_negatives, negative)}
+    for name, value in expected.items():
+        if getattr(stats, name).item() != value:
+            misses.append(f"{name} {getattr(stats, name).item()} vs {value} from the labels")
+    indices = config.threshold_indices(negative)
+    misses += threshold_rank_misses("student", student, labels, stats.batch_student_thresholds, indices)
+    misses += threshold_rank_misses("teacher", teacher, labels, stats.batch_teacher_thresholds, indices)
+    return misses
+
+
+def large(sizes, device, out):
+    from ekd_kernels import EKDConfig
+    from ekd_kernels.backends import resolve_backend
+
+    fast = []
+    for name in ("csrc", "triton"):
+        try:
+            resolve_backend(name, device)
+            fast.append(name)
+        except RuntimeError as exc:
+            print(f"{name}: skipped ({exc})", flush=True)
+    report, failed = [], False
+    for size in sizes:
+        for kind, variants in LARGE_VARIANTS.items():
+            student, teacher, labels = large_batch(kind, size, device, seed=size)
+            for options in variants:
+                config = EKDConfig(**options)
+                results = {}
+                for backend in fast:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    start = time.perf_counter()
+                    results[backend] = call(EKDLoss(backend=backend, **options).to(device), student, teacher, labels, 0)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds = time.perf_counter() - start
+                    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+                    misses = invariant_misses(results[backend], labels, config, student, teacher)
+                    failed |= bool(misses)
+                    stats = results[backend][2]
+                    report.append({"B": size, "kind": kind, "options": options, "backend": backend,
+                                   "seconds": round(seconds, 3), "peak_GiB": peak, "loss": results[backend][0].item(),
+                                   "num_negative_pairs": stats.num_negative_pairs.item(),
+                                   "num_critical_pairs": None if stats.num_critical_pairs is None
+                                   else stats.num_critical_pairs.item(), "misses": misses})
+                    print(f"B={size} {kind} {options} {backend}: {seconds:.2f} s, peak {peak} GiB, "
+                          f"invariants {misses or 'ok'}", flush=True)
+                if len(results) == 2:
+                    misses = compare(results["csrc"], results["triton"])
+                    critical = [results[b][2].num_critical_pairs for b in ("csrc", "triton")]
+                    # pairs within rounding of a threshold may flip between IEEE and tf32x3 dots
+                    if critical[0] is not None and abs(critical[0].item() - critical[1].item()) > 1e-5 * size * size:
+                        misses.append(f"num_critical_pairs {critical[0].item()} vs {critical[1].item()}")
+                    failed |= bool(misses)
+                    report.append({"B": size, "kind": kind, "options": options, "backend": "csrc vs triton",
+                                   "misses": misses})
+                    print(f"B={size} {kind} {options} csrc vs triton: {misses or 'ok'}", flush=True)
+                del results
+            del student, teacher, labels
+    if out:
+        pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda"
+                                                 else "cpu", "torch": torch.__version__, "report": report}, indent=1))
+    return 1 if failed else 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sanitize", "consistency"])
+    parser.add_argument("what", choices=["sanitize", "consistency", "large"])
     parser.add_argument("--sizes", type=int, nargs="+", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reference-max", type=int, default=8192, help="largest B the reference judges")
@@ -130,6 +266,8 @@ def main():
     if args.what == "sanitize":
         sanitize(args.sizes, device)
         return 0
+    if args.what == "large":
+        return large(args.sizes, device, args.out)
     return consistency(args.sizes, device, args.reference_max, args.out)
 
 

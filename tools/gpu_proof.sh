@@ -4,6 +4,8 @@
 #   tools/gpu_proof.sh build-test            build with the CUDA ops, run python_tests (-rs lists skips)
 #   tools/gpu_proof.sh sanitize TOOL         compute-sanitizer --tool TOOL (memcheck|racecheck|initcheck|synccheck)
 #   tools/gpu_proof.sh consistency           fast backends vs the reference at B = 1024, 8192, 32768, fp32/bf16
+#   tools/gpu_proof.sh large                 fast backends vs each other and exact invariants at B = 46341,
+#                                            65536 and 65537 (past int32 pair counts), random and collapsed
 #   tools/gpu_proof.sh bench                 make bench's three scripts; results copied to $OUT
 #   tools/gpu_proof.sh ncu                   Nsight Compute on the fast kernels at B = 8192
 #   tools/gpu_proof.sh first                 the first call of a session, all in one (~9 min at most):
@@ -31,7 +33,7 @@ build() {
     || { tail -40 "$OUT/build.log"; exit 1; }
 }
 
-stage=${1:?stage: first | build-test | sanitize TOOL | consistency | bench | ncu}
+stage=${1:?stage: first | build-test | sanitize TOOL | consistency | large | bench | ncu}
 build
 case "$stage" in
   build-test)
@@ -44,6 +46,10 @@ case "$stage" in
   consistency)
     $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 --out "$OUT/consistency.json" 2>&1 \
       | tee "$OUT/consistency.log" | tail -40 ;;
+  large)
+    # within 80 GB: no B x B tensor anywhere (the reference is not run), the rank check's chunks < 2 GiB
+    timeout 540 $PY tools/gpu_exercise.py large --sizes 46341 65536 65537 --out "$OUT/large.json" 2>&1 \
+      | tee "$OUT/large.log" | tail -40 ;;
   bench)
     $PY bench/bench_loss.py && $PY bench/bench_train_step.py && $PY bench/plot.py
     tar czf "$OUT/bench_results.tgz" bench/results ;;

@@ -39,7 +39,9 @@ SIGMOID_CLAMP: tl.constexpr = tl.constexpr(50.0)
 RADIX_BITS: tl.constexpr = tl.constexpr(16)
 NUM_BUCKETS: tl.constexpr = tl.constexpr(65536)
 INF: tl.constexpr = tl.constexpr(float("inf"))
-NAN: tl.constexpr = tl.constexpr(float("nan"))
+# No NaN global: at every launch Triton checks that the globals a kernel uses still equal their
+# values at compile time, and NaN != NaN fails that check on every call (the interpreter skips
+# it).  _nan() builds the value inside the kernel instead.
 
 #: PRECISION value that makes _similarity_tile upcast 16-bit tiles to fp32 before the dot.
 UPCAST_PRECISION: tl.constexpr = tl.constexpr("upcast_ieee")
@@ -89,7 +91,12 @@ def _gather_and_normalise(x_ptr, stride_row, stride_col, source, rows, row_mask,
     return tl.sum(nonfinite, axis=0)
 
 
-@triton.jit
+# Not specialised on the input strides or alignment: Triton would otherwise pick a different load
+# layout for, e.g., a contiguous and an expanded (stride 0) input, hence a different order of
+# the norm's sum, and the same values could give a last-bit different loss (SPEC: views give the
+# results of contiguous copies).  One B x D pass; its loads lose their vector width, no more.
+@triton.jit(do_not_specialize=["s_stride_row", "s_stride_col", "t_stride_row", "t_stride_col"],
+            do_not_specialize_on_alignment=["student_ptr", "teacher_ptr"])
 def normalise_kernel(student_ptr, teacher_ptr, order_ptr, batch, dim_s, dim_t, s_stride_row, s_stride_col,
                      t_stride_row, t_stride_col, s_sorted_ptr, t_sorted_ptr, s_inv_ptr, t_inv_ptr, position_ptr,
                      nonfinite_ptr, zero_ptr, num_zero, state_ptr,
@@ -169,6 +176,12 @@ def _descending_key(x):
 
 
 @triton.jit
+def _nan():
+    """A quiet fp32 NaN (bits 0x7FC00000)."""
+    return tl.full((), 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _key_to_float(key):
     """Inverse of _descending_key, for an int64 key in [0, 2^32)."""
     bits = tl.where(key < 2147483648, key ^ 0x7FFFFFFF, key)
@@ -233,7 +246,9 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
-    are exact and deterministic."""
+    are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
+    one bin may hold nearly every pair when the embeddings collapse): the histogram pointers'
+    dtype, chosen by triton_ekd._histogram_dtype, specialises the atomics and every scan."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -288,11 +303,13 @@ def coarse_select_kernel(coarse_ptr, fine_ptr, state_ptr, fractions_ptr, num_thr
     target = tl.program_id(0)
     model = tl.program_id(1)
     if (target == 0) & (model == 0):
-        nonfinite = tl.zeros((SCAN_BLOCK,), dtype=tl.int32)
+        # int64 lanes: B * (Ds + Dt) non-finite elements can pass 2^32, and a wrap to exactly 0
+        # would read as a finite batch (and update the EMA state).
+        nonfinite = tl.zeros((SCAN_BLOCK,), dtype=tl.int64)
         for start in range(0, num_nonfinite, SCAN_BLOCK):
             index = start + tl.arange(0, SCAN_BLOCK)
-            nonfinite += tl.load(nonfinite_ptr + index, mask=index < num_nonfinite, other=0)
-        tl.store(state_ptr + NONFINITE, tl.sum(nonfinite.to(tl.int64), axis=0))
+            nonfinite += tl.load(nonfinite_ptr + index, mask=index < num_nonfinite, other=0).to(tl.int64)
+        tl.store(state_ptr + NONFINITE, tl.sum(nonfinite, axis=0))
     if (model == 1) & (target >= num_thresholds):  # the teacher has no top-N target
         return
     slot = model * num_targets + target
@@ -426,7 +443,7 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
     key = bucket * NUM_BUCKETS + low
     num_negative = tl.load(state_ptr + NUM_NEGATIVE)
     if target < num_thresholds:
-        batch_value = tl.where(num_negative > 0, _key_to_float(key), NAN)
+        batch_value = tl.where(num_negative > 0, _key_to_float(key), _nan())
         finite = tl.load(state_ptr + NONFINITE) == 0
         valid = finite & (num_negative > 0) & (update_thresholds != 0)
         if model == 0:
@@ -496,11 +513,13 @@ def _rows_before(count_ptr, rows, row_mask, first_row, BLOCK: tl.constexpr):
     """(count of each row, exclusive prefix sum over all rows): the prefix over the rows before
     the block is summed here, in fixed order, instead of by a separate cumsum."""
     counts = tl.load(count_ptr + rows, mask=row_mask, other=0)
-    before = tl.zeros((BLOCK,), dtype=tl.int32)
+    # int64: the ties at the boundary before a row can be nearly all L pairs (collapsed
+    # embeddings), past 2^31 from B = 65537 on; a row's own count (<= B) stays int32.
+    before = tl.zeros((BLOCK,), dtype=tl.int64)
     for start in range(0, first_row, BLOCK):
         index = start + tl.arange(0, BLOCK)
-        before += tl.load(count_ptr + index, mask=index < first_row, other=0)
-    return counts, tl.sum(before, axis=0) + tl.cumsum(counts, axis=0) - counts
+        before += tl.load(count_ptr + index, mask=index < first_row, other=0).to(tl.int64)
+    return counts, tl.sum(before, axis=0) + tl.cumsum(counts.to(tl.int64), axis=0) - counts
 
 
 @triton.jit
@@ -522,6 +541,11 @@ def _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr
     ties_needed = num_selected - num_greater
     greater_count, greater_seen = _rows_before(row_greater_ptr, rows, row_mask, pid * TILE, PREFIX_BLOCK)
     equal_count, equal_seen = _rows_before(row_equal_ptr, rows, row_mask, pid * TILE, PREFIX_BLOCK)
+    # The int64 prefixes clamped to what a row can still take (a row at or past the clamp takes
+    # nothing, as at its true prefix), then int32: the tile loop adds at most B per row, and
+    # N + B < 2^31 (triton_ekd's limits), so its slot arithmetic stays 32-bit.
+    greater_seen = tl.minimum(greater_seen, num_selected).to(tl.int32)
+    equal_seen = tl.minimum(equal_seen, ties_needed).to(tl.int32)
     wanted = (greater_count > 0) | ((equal_count > 0) & (equal_seen < ties_needed))
     col_end = tl.where(tl.max(wanted.to(tl.int32), axis=0) > 0, batch, 0)
     for col_start in range(pid * TILE, col_end, TILE):
@@ -829,8 +853,8 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
     positive_term = _mean_of(tl.sum(positive_sum, axis=0), positive_count)
     negative_term = _mean_of(tl.sum(negative_sum, axis=0), negative_count)
     loss = positive_weight * positive_term + negative_weight * negative_term
-    tl.store(loss_ptr, tl.where(finite, loss, NAN))
-    tl.store(positive_coefficient_ptr, tl.where(finite, positive_weight * _mean_of(1.0, positive_count), NAN))
+    tl.store(loss_ptr, tl.where(finite, loss, _nan()))
+    tl.store(positive_coefficient_ptr, tl.where(finite, positive_weight * _mean_of(1.0, positive_count), _nan()))
     negative_scale = negative_weight * _mean_of(1.0, negative_count)
     for start in range(0, num_slots, BLOCK):
         index = start + tl.arange(0, BLOCK)
@@ -839,7 +863,7 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
         counted = _counted_slots(flags, CRITICAL_ONLY)
         coefficient = negative_scale * tl.load(selected_coefficient_ptr + index, mask=mask, other=0.0)
         coefficient = coefficient * counted.to(tl.float32)
-        tl.store(selected_coefficient_ptr + index, tl.where(finite, coefficient, NAN), mask=mask)
+        tl.store(selected_coefficient_ptr + index, tl.where(finite, coefficient, _nan()), mask=mask)
     critical_all = tl.load(state_ptr + CRITICAL_ALL)
     tl.store(counts_ptr + 0, num_positive)
     tl.store(counts_ptr + 1, num_negative)
