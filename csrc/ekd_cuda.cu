@@ -16,7 +16,7 @@
 //                        that the result does not depend on the atomics' order.
 //   rank loss          : positives from the label groups and the selected negatives, one thread
 //                        each, with the per-pair math of ekd_math.h shared with the CPU; the sums
-//                        run in a fixed order in one thread.
+//                        run in a fixed order (fixed strides, then a fixed tree) in one block.
 //   backward           : one thread per row, ekd_math.h's row_gradient (the CPU's code).
 //
 // Limits as B grows: pair counts, ranks, histogram bins (unsigned 64-bit atomics), pair offsets
@@ -30,6 +30,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <limits>
@@ -253,16 +255,59 @@ __global__ void init_requests_kernel(const int64_t* num_negative, FractionChunk 
   }
 }
 
+//! The scan of locate_requests_kernel: kLocateThreads chunks of kLocateThreads bins each.
+constexpr int kLocateThreads = 256;
+static_assert(int64_t(kLocateThreads) * kLocateThreads == kRadixBins, "one bin per thread and chunk");
+
 //! After a histogram pass: each request learns 16 more bits of its key and its rank among the
-//! elements sharing them.
-__global__ void locate_requests_kernel(const int64_t* histogram, int64_t histogram_stride, int64_t num_requests,
-                                       uint64_t* prefix, int64_t* residual) {
-  const int64_t r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= num_requests || residual[r] < 0) return;
-  int64_t bucket = 0, rank_in_bucket = 0;
-  locate_rank(histogram + r * histogram_stride, residual[r], &bucket, &rank_in_bucket);
-  prefix[r] = (prefix[r] << kRadixBits) | uint64_t(bucket);
-  residual[r] = rank_in_bucket;
+//! elements sharing them.  One block per request; the result is locate_rank's (ekd_math.h, the
+//! CPU's serial scan from the top bin down), found in two block-wide prefix sums instead of one
+//! thread's 65536 dependent loads (milliseconds): thread t sums chunk t counted from the top, a
+//! scan over the chunk sums finds the chunk holding the rank, a scan over that chunk's bins the
+//! bin.  Integer sums: exact, whatever the order.
+__global__ void __launch_bounds__(kLocateThreads) locate_requests_kernel(const int64_t* histogram,
+                                                                         int64_t histogram_stride, uint64_t* prefix,
+                                                                         int64_t* residual) {
+  using Scan = cub::BlockScan<int64_t, kLocateThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int64_t found_chunk, found_above;
+  const int64_t r = blockIdx.x;
+  const int64_t rank = residual[r];
+  if (rank < 0) return;  // a void request (the same for the whole block)
+  const int64_t* counts = histogram + r * histogram_stride;
+  const int t = threadIdx.x;
+
+  // Chunk t holds bins top(t) - kLocateThreads < b <= top(t), counted from the top bin down.
+  const int64_t chunk_top = kRadixBins - 1 - int64_t(t) * kLocateThreads;
+  int64_t chunk_total = 0;
+  for (int i = 0; i < kLocateThreads; ++i) chunk_total += counts[chunk_top - i];
+  int64_t above_chunk = 0;  // elements in the chunks above chunk t
+  Scan(scan_storage).ExclusiveSum(chunk_total, above_chunk);
+  if (t == 0) found_chunk = -1;
+  __syncthreads();
+  if (rank >= above_chunk && rank < above_chunk + chunk_total) {  // exactly one chunk when in range
+    found_chunk = t;
+    found_above = above_chunk;
+  }
+  __syncthreads();
+  if (found_chunk < 0) {  // rank out of range (no element at all): as locate_rank, bucket -1
+    if (t == 0) {
+      prefix[r] = (prefix[r] << kRadixBits) | uint64_t(int64_t(-1));
+      residual[r] = 0;
+    }
+    return;
+  }
+
+  // Thread t takes bin t of the found chunk, counted from the chunk's top.
+  const int64_t bin = kRadixBins - 1 - found_chunk * kLocateThreads - t;
+  const int64_t count = counts[bin];
+  int64_t above_bin = 0;
+  Scan(scan_storage).ExclusiveSum(count, above_bin);  // storage reuse: the barriers above separate the scans
+  const int64_t before = found_above + above_bin;
+  if (rank >= before && rank < before + count) {  // exactly one bin: the element's
+    prefix[r] = (prefix[r] << kRadixBits) | uint64_t(bin);
+    residual[r] = rank - before;
+  }
 }
 
 template <typename T>
@@ -319,8 +364,8 @@ Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at
     launch_tiles<T>(x, x, p);
     // The first pass fills one histogram shared by all requests.
     const int64_t stride = prefix_bits == 0 ? 0 : kRadixBins;
-    locate_requests_kernel<<<blocks_for(req.count, 32), 32, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, req.count, prefix,
-                                                 req.residual.data_ptr<int64_t>());
+    locate_requests_kernel<<<req.count, kLocateThreads, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, prefix,
+                                                                     req.residual.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return req;
@@ -494,27 +539,61 @@ struct TermInputs {
   bool critical_only;
 };
 
-//! One thread: the two terms, the loss and the gradient scales, summed in a fixed order.
-template <typename T>
-__global__ void terms_kernel(TermInputs<T> in, T* loss, T* terms, T* positive_scale, T* negative_scale,
-                             int64_t* num_critical_selected) {
-  double pos_sum = 0.0, pos_critical_sum = 0.0, neg_sum = 0.0, neg_critical_sum = 0.0;
-  int64_t pos_critical = 0, neg_critical = 0, neg_count = 0;
-  for (int64_t r = 0; r < in.batch; ++r) {
-    pos_sum += in.positive_loss[r];
-    pos_critical_sum += in.positive_critical_loss[r];
-    pos_critical += in.positive_critical[r];
+//! The block of terms_kernel.
+constexpr int kTermThreads = 256;
+
+//! Sums of terms_kernel, one per thread, then combined in a fixed tree.
+struct TermSums {
+  double pos_sum, pos_critical_sum, neg_sum, neg_critical_sum;
+  int64_t pos_critical, neg_critical, neg_count;
+
+  __device__ void add(const TermSums& o) {
+    pos_sum += o.pos_sum;
+    pos_critical_sum += o.pos_critical_sum;
+    neg_sum += o.neg_sum;
+    neg_critical_sum += o.neg_critical_sum;
+    pos_critical += o.pos_critical;
+    neg_critical += o.neg_critical;
+    neg_count += o.neg_count;
   }
-  for (int64_t e = 0; e < in.n_max; ++e) {
+};
+
+//! One block: the two terms, the loss and the gradient scales.  Deterministic: thread t sums
+//! the rows t, t + 256, ... in order, then a fixed binary tree adds the 256 partial sums (no
+//! atomics), so the rounding is the same on every run; one thread alone took milliseconds for
+//! its B + N dependent loads at large B.
+template <typename T>
+__global__ void __launch_bounds__(kTermThreads) terms_kernel(TermInputs<T> in, T* loss, T* terms, T* positive_scale,
+                                                             T* negative_scale, int64_t* num_critical_selected) {
+  __shared__ TermSums partial[kTermThreads];
+  const int t = threadIdx.x;
+  TermSums mine{0.0, 0.0, 0.0, 0.0, 0, 0, 0};
+  for (int64_t r = t; r < in.batch; r += kTermThreads) {
+    mine.pos_sum += in.positive_loss[r];
+    mine.pos_critical_sum += in.positive_critical_loss[r];
+    mine.pos_critical += in.positive_critical[r];
+  }
+  for (int64_t e = t; e < in.n_max; e += kTermThreads) {
     const int64_t c = in.negative_critical[e];
     if (c < 0) continue;
-    neg_count += 1;
-    neg_sum += in.negative_loss[e];
+    mine.neg_count += 1;
+    mine.neg_sum += in.negative_loss[e];
     if (c) {
-      neg_critical_sum += in.negative_loss[e];
-      neg_critical += 1;
+      mine.neg_critical_sum += in.negative_loss[e];
+      mine.neg_critical += 1;
     }
   }
+  partial[t] = mine;
+  __syncthreads();
+  for (int half = kTermThreads / 2; half > 0; half /= 2) {
+    if (t < half) partial[t].add(partial[t + half]);
+    __syncthreads();
+  }
+  if (t != 0) return;
+  const double pos_sum = partial[0].pos_sum, pos_critical_sum = partial[0].pos_critical_sum;
+  const double neg_sum = partial[0].neg_sum, neg_critical_sum = partial[0].neg_critical_sum;
+  const int64_t pos_critical = partial[0].pos_critical, neg_critical = partial[0].neg_critical;
+  const int64_t neg_count = partial[0].neg_count;
   const int64_t pos_n = in.critical_only ? pos_critical : *in.num_positive;
   const int64_t neg_n = in.critical_only ? neg_critical : neg_count;
   const T positive_term = pos_n > 0 ? T((in.critical_only ? pos_critical_sum : pos_sum) / double(pos_n)) : T(0);
@@ -608,7 +687,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
                             pos_critical.data_ptr<int64_t>(), batch, num_positive.data_ptr<int64_t>(),
                             neg_loss.data_ptr<double>(), neg_critical.data_ptr<int64_t>(), n_max,
                             options.positive_weight, options.negative_weight, options.critical_only};
-  terms_kernel<T><<<1, 1, 0, stream>>>(term_inputs, loss.data_ptr<T>(), terms.data_ptr<T>(),
+  terms_kernel<T><<<1, kTermThreads, 0, stream>>>(term_inputs, loss.data_ptr<T>(), terms.data_ptr<T>(),
                                        positive_scale.data_ptr<T>(), negative_scale.data_ptr<T>(),
                                        num_critical_selected.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
