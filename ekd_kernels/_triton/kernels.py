@@ -932,6 +932,10 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
             update = tl.dot(weight, s_j, input_precision=G_PRECISION)
             previous = tl.load(grad_ptrs, mask=grad_mask & (col_start != col_begin), other=0.0)
             tl.store(grad_ptrs, previous + update, mask=grad_mask)
+        # The next column tile loads these elements back, possibly in other threads (the load
+        # and the store layouts differ); Triton orders shared memory, not global memory,
+        # between a program's threads: a block barrier makes the stores visible.
+        tl.debug_barrier()
     span = batch + 1
     for start in range(pid * ENTRY_BLOCK, num_entries, tl.num_programs(0) * ENTRY_BLOCK):
         entry = start + tl.arange(0, ENTRY_BLOCK)
