@@ -99,6 +99,44 @@ def test_no_host_reads_in_forward_and_backward(fast_backend, device, options):
     assert count_host_reads(lambda: crit(student, teacher, labels).backward()) == 0
 
 
+def test_cuda_graph_replays_equal_eager_steps(fast_backend, device):
+    """KERNEL-NOTES: forward + backward capturable in a CUDA graph (no host sync, fixed shapes).
+    One step is captured, then replayed on three new batches copied into its static inputs; an
+    eager module fed the same batches gives bitwise the same loss, gradient and EMA state (the
+    module updates its buffers in place, so the state chains across replays)."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA GPU")
+    batches = [make_batch(96, 32, 24, 24, seed=30 + s, device=device) for s in range(5)]
+    captured, eager = EKDLoss(backend=fast_backend).to(device), EKDLoss(backend=fast_backend).to(device)
+    student = batches[0][0].clone().requires_grad_(True)
+    teacher, labels = batches[0][1].clone(), batches[0][2].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, one-time constants) off the capture
+        for s, t, l in batches[:2]:
+            student.data.copy_(s), teacher.copy_(t), labels.copy_(l)
+            captured(student, teacher, labels).backward()
+            eager(s.clone().requires_grad_(True), t, l).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    student.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = captured(student, teacher, labels)
+        loss.backward()
+    # capturing ran nothing: the captured module's state is still the warm-up's
+    torch.testing.assert_close(captured.student_thresholds, eager.student_thresholds, rtol=0, atol=0)
+    for s, t, l in batches[2:]:
+        student.data.copy_(s), teacher.copy_(t), labels.copy_(l)
+        graph.replay()
+        reference_student = s.clone().requires_grad_(True)
+        want = eager(reference_student, t, l)
+        want.backward()
+        assert torch.equal(loss, want)
+        assert torch.equal(student.grad, reference_student.grad)
+        assert torch.equal(captured.student_thresholds, eager.student_thresholds)
+        assert torch.equal(captured.teacher_thresholds, eager.teacher_thresholds)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (a tensor off the current device)")
 @pytest.mark.parametrize("name", ["triton", "csrc"])
 def test_tensors_off_the_current_device(name):
