@@ -75,11 +75,13 @@ PreparedInputs prepare_inputs(const at::Tensor& student, const at::Tensor& teach
   // Contiguous first: expanded / strided views then give bitwise the same result as copies.
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
-  // The reference's normalisation, op for op: x / x.norm(dim=1, keepdim=True).clamp_min(eps).
-  const at::Tensor s_norm = at::norm(s, 2, {1}, /*keepdim=*/true);
+  // The reference's normalisation, op for op: x / x.norm(dim=1, keepdim=True).clamp_min(eps),
+  // whose norm is linalg_vector_norm.  In fp32 a row of magnitude ~1e20 has norm inf, hence a
+  // zero row, as in the reference (F.normalize's overflow).
+  const at::Tensor s_norm = at::linalg_vector_norm(s, 2, {1}, /*keepdim=*/true);
   p.student_hat = s / s_norm.clamp_min(kNormEps);
   p.student_norms = s_norm.reshape({-1}).contiguous();
-  p.teacher_hat = (t / at::norm(t, 2, {1}, /*keepdim=*/true).clamp_min(kNormEps)).contiguous();
+  p.teacher_hat = (t / at::linalg_vector_norm(t, 2, {1}, /*keepdim=*/true).clamp_min(kNormEps)).contiguous();
   p.student_hat = p.student_hat.contiguous();
 
   // Label groups: a stable sort keeps ascending rows inside a group, so pairs (q > p) are i < j.

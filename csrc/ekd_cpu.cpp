@@ -135,7 +135,10 @@ bool normalize_rows(const at::Tensor& x, at::Tensor* out, at::Tensor* norms) {
         for (int64_t d = 0; d < dim; ++d) finite = finite && std::isfinite(row[d]);
       }
       row_finite[r] = finite;
-      const T norm = T(std::sqrt(squares));
+      // Rounded to T before the root, as the reference's fp32 norm: a squared norm past the
+      // largest T (|x| ~ 1e20 in fp32) is inf there, and the row x / inf = 0 (F.normalize's
+      // overflow), which the double sum alone would not reproduce.
+      const T norm = std::sqrt(T(squares));
       norm_out[r] = norm;
       const T denominator = norm > T(kNormEps) ? norm : T(kNormEps);
       for (int64_t d = 0; d < dim; ++d) dst[r * dim + d] = row[d] / denominator;

@@ -11,6 +11,7 @@ import torch
 
 from ekd_kernels import DEFAULT_FPRS, EKDConfig, EKDLoss, ekd_loss
 from ekd_kernels import backends as backends_module
+from ekd_kernels import reference
 from ekd_kernels.reference import draw_random_negatives
 
 from helpers import assert_grad_close, make_batch
@@ -284,6 +285,18 @@ def test_zero_row_stays_finite(backend, device):
     loss = EKDLoss(backend=backend).to(device)(student, teacher, labels)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_normalisation_is_f_normalize():
+    """Stage 1 is the authors' F.normalize, bit for bit, down to its overflow: a finite row of
+    magnitude ~1e20 has an fp32 norm of inf and becomes a zero row; a tiny row stays tiny."""
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    x[1] *= 1e20
+    x[2] *= 1e-30
+    x[3] = 0
+    got = reference.normalize_rows(x)
+    assert torch.equal(got, torch.nn.functional.normalize(x, dim=1))
+    assert torch.equal(got[1], torch.zeros(8))
 
 
 def test_non_contiguous_and_expanded_inputs(backend, device):

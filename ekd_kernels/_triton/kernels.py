@@ -88,6 +88,17 @@ def _gather_and_normalise(x_ptr, stride_row, stride_col, source, rows, row_mask,
         nonfinite += tl.sum(1 - (tl.abs(x) < INF).to(tl.int32), axis=1)
     norm = tl.maximum(tl.sqrt_rn(squares), NORM_EPS)
     tl.store(inv_norm_ptr + rows, tl.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), norm), mask=row_mask)
+    # A finite row whose squares overflow fp32 (|x| ~ 1e20) has norm inf, so in the reference
+    # x / inf is a zero row; here its inverse norm is 0, but its raw dots with another such row
+    # would be inf * 0 = NaN: zero its copy, as the reference's row.
+    overflow = row_mask & (squares == INF)
+    if tl.sum(overflow.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()  # after the copy's stores, whichever threads made them
+        for k0 in range(0, dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            tl.store(sorted_ptr + row_offset[:, None] + ks[None, :],
+                     tl.zeros((BLOCK_R, BLOCK_K), dtype=sorted_ptr.dtype.element_ty),
+                     mask=overflow[:, None] & (ks < dim)[None, :])
     return tl.sum(nonfinite, axis=0)
 
 
