@@ -101,8 +101,11 @@ INTERPRETER_BLOCK_K = 128
 BLOCK_D = 64
 #: Pairs per program of the selected-pairs part of rank_loss_kernel.
 BLOCK_PAIRS = 64
-#: Rows per program of the backward's per-row kernel.
+#: Rows per program of the backward's per-row kernel, and its widest feature chunk: a block of
+#: 16 x 512 fp32 stays in registers on an H100 (sm_90 compile: no spills); wider students are
+#: taken in chunks of this size.
 BACKWARD_BLOCK_ROWS = 16
+BACKWARD_MAX_BLOCK_D = 512
 #: Histogram bins per step of the selection scans (coarse_select, fine_select).
 SCAN_BLOCK = 4096
 #: Elements per step of the fills, the fixed-order sums of finalize and the entry keys.
@@ -595,7 +598,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     kernels.backward_rows_kernel[(triton.cdiv(batch, block_rows),)](
         s, s_inv, grad_hat, order, sorted_keys, entry_index, num_entries, num_entries.bit_length(),
         selected_coefficient, num_slots, grad_loss, grad, batch, dim_s, BLOCK_R=block_rows,
-        BLOCK_D=triton.next_power_of_2(dim_s))
+        BLOCK_D=min(triton.next_power_of_2(dim_s), BACKWARD_MAX_BLOCK_D))
     return grad
 
 

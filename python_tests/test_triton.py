@@ -202,6 +202,20 @@ def test_top_n_paths(top_n_path, num_hard_negatives):
     compare(student, teacher, labels, num_hard_negatives=num_hard_negatives, compute_critical_ratio=True)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True, rank_loss="eq7")], ids=["default", "critical"])
+def test_backward_in_feature_chunks(monkeypatch, options):
+    """A student wider than the backward's feature chunk (BACKWARD_MAX_BLOCK_D, 512 on a GPU) is
+    taken in chunks: forced here to 16 with Ds = 40 (chunks of 16, 16 and a masked 8).  Against
+    the reference, and against the one-chunk gradient, which may differ only in the rounding of
+    the chunked <x, G> sum."""
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=16)
+    whole = run_ekd(EKDLoss(backend="triton", **options), student, teacher, labels).grad
+    monkeypatch.setattr(triton_ekd, "BACKWARD_MAX_BLOCK_D", 16)
+    chunked = run_ekd(EKDLoss(backend="triton", **options), student, teacher, labels).grad
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-9)
+    compare(student, teacher, labels, steps=2, **options)
+
+
 @pytest.fixture
 def poisoned_buffers(monkeypatch):
     """Every buffer the backend's host code allocates without initialising (torch.empty /

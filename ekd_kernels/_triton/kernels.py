@@ -982,36 +982,56 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
     """Per row: add the selected negatives' g * s_hat_other (entries sorted by (row, other), so
     each row sums in a fixed order; its segment found by binary search on the keys), then back
     through the normalisation, (G - s_hat <s_hat, G>) / max(||s||, eps), written to the row's
-    original position."""
+    original position.
+
+    Feature chunks of BLOCK_D (one chunk up to the glue's cap, 512): a row block of a wide
+    student does not fit in registers.  Pass 1 forms G chunk by chunk (each element sums in the
+    same order whatever the chunking) into grad_hat, which this program owns, with the chunks'
+    parts of <x, G> and ||x||^2; pass 2 projects and writes."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
-    ds = tl.arange(0, BLOCK_D)
-    mask = row_mask[:, None] & (ds < dim_s)[None, :]
     row_offset = rows.to(tl.int64) * dim_s
-    grad_hat = tl.load(grad_hat_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0)
     grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
     row_key = rows.to(tl.int64) * (batch + 1)
     segment_start = _lower_bound(sorted_key_ptr, num_entries, row_key, search_steps)
     segment_length = tl.where(row_mask, _lower_bound(sorted_key_ptr, num_entries, row_key + batch + 1, search_steps)
                               - segment_start, 0)
-    for step in range(0, tl.max(segment_length, axis=0)):
-        has_entry = step < segment_length
-        entry = segment_start + step
-        other = tl.load(sorted_key_ptr + entry, mask=has_entry, other=0) - row_key
-        other = tl.where(has_entry, other, 0)
-        index = tl.load(entry_index_ptr + entry, mask=has_entry, other=0)
-        slot = tl.where(index < num_slots, index, index - num_slots)
-        weight = (grad_loss * tl.load(selected_coefficient_ptr + slot, mask=has_entry, other=0.0)) \
-            * tl.load(s_inv_ptr + other, mask=has_entry, other=0.0)
-        x_other = tl.load(s_ptr + other.to(tl.int64)[:, None] * dim_s + ds[None, :],
-                          mask=has_entry[:, None] & mask, other=0.0).to(tl.float32)
-        grad_hat += weight[:, None] * x_other
-    x = tl.load(s_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0).to(tl.float32)
     inv_norm = tl.load(s_inv_ptr + rows, mask=row_mask, other=0.0)
-    x_hat = x * inv_norm[:, None]
+    x_dot_g = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, dim_s, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < dim_s)[None, :]
+        grad_hat = tl.load(grad_hat_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0)
+        for step in range(0, tl.max(segment_length, axis=0)):
+            has_entry = step < segment_length
+            entry = segment_start + step
+            other = tl.load(sorted_key_ptr + entry, mask=has_entry, other=0) - row_key
+            other = tl.where(has_entry, other, 0)
+            index = tl.load(entry_index_ptr + entry, mask=has_entry, other=0)
+            slot = tl.where(index < num_slots, index, index - num_slots)
+            weight = (grad_loss * tl.load(selected_coefficient_ptr + slot, mask=has_entry, other=0.0)) \
+                * tl.load(s_inv_ptr + other, mask=has_entry, other=0.0)
+            x_other = tl.load(s_ptr + other.to(tl.int64)[:, None] * dim_s + ds[None, :],
+                              mask=has_entry[:, None] & mask, other=0.0).to(tl.float32)
+            grad_hat += weight[:, None] * x_other
+        x = tl.load(s_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_dot_g += tl.sum((x * inv_norm[:, None]) * grad_hat, axis=1)
+        squares += tl.sum(x * x, axis=1)
+        tl.store(grad_hat_ptr + row_offset[:, None] + ds[None, :], grad_hat, mask=mask)
+    # Pass 2 reads G back, possibly in other threads than stored it: a block barrier makes the
+    # stores visible (Triton orders shared memory, not global memory, between threads).
+    tl.debug_barrier()
     # Below the eps floor the norm is a constant: no projection (what autograd of clamp_min gives).
-    unclamped = tl.sqrt_rn(tl.sum(x * x, axis=1)) > NORM_EPS
-    projection = tl.where(unclamped, tl.sum(x_hat * grad_hat, axis=1), 0.0)
-    grad = (grad_hat - x_hat * projection[:, None]) * inv_norm[:, None]
+    unclamped = tl.sqrt_rn(squares) > NORM_EPS
+    projection = tl.where(unclamped, x_dot_g, 0.0)
     destination = tl.load(order_ptr + rows, mask=row_mask, other=0)
-    tl.store(grad_ptr + destination[:, None] * dim_s + ds[None, :], grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    for d0 in range(0, dim_s, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < dim_s)[None, :]
+        grad_hat = tl.load(grad_hat_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0)
+        x_hat = tl.load(s_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0).to(tl.float32) \
+            * inv_norm[:, None]
+        grad = (grad_hat - x_hat * projection[:, None]) * inv_norm[:, None]
+        tl.store(grad_ptr + destination[:, None] * dim_s + ds[None, :], grad.to(grad_ptr.dtype.element_ty),
+                 mask=mask)
