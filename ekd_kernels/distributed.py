@@ -32,13 +32,15 @@ The sharded engine, stage by stage (the names of ``reference.py`` and SPEC.md):
   pass B (``gather_candidates``) keeps the values of the negatives in those few buckets, on
   which rounds 2 and 3 run with all-reduced 256-bin histograms (``refine_selection``). The
   targets are the K thresholds of each model and the N-th largest student negative.
-- pair selection & critical mask: pass B also keeps the negatives at or above the N-th
-  largest's bucket (fewer than N above it, plus that bucket); the N-th largest's value cuts
-  them, ties at the cut shared out across ranks in rank order (``select_hardest``). Random
-  selection maps the drawn ranks among all negatives (row-major) to pairs from the labels
-  alone (``negative_pairs_at``) and reads them in pass A. Positives are listed from the label
-  groups (``positive_pairs``) and read in pass A. With ``compute_critical_ratio`` a pass C
-  (``count_critical``) counts the critical negatives chunk by chunk after the EMA update.
+- pair selection & critical mask: pass B also keeps, of the negatives at or above the N-th
+  largest's bucket, this rank's N hardest (key descending, then row-major; each chunk's N
+  hardest, merged: ``gather_candidates`` says why that changes no selection); the N-th
+  largest's value cuts them, ties at the cut shared out across ranks in rank order
+  (``select_hardest``). Random selection maps the drawn ranks among all negatives (row-major)
+  to pairs from the labels alone (``negative_pairs_at``) and reads them in pass A. Positives
+  are listed from the label groups (``positive_pairs``) and read in pass A. With
+  ``compute_critical_ratio`` a pass C (``count_critical``) counts the critical negatives chunk
+  by chunk after the EMA update.
 - rank loss: only positives and selected negatives carry a gradient, through ``pair_values``.
 
 Memory per rank, O(chunk x B + B x D + candidates): the gathered embeddings and their normalised
@@ -46,11 +48,14 @@ fp32 copies, O(B·(Ds + Dt)); the chunk workspace, sized for the largest chunk (
 max(CHUNK_PAIRS, B - 1) elements: a chunk holds at least one row): two fp32 blocks and two int32
 bucket arrays, 16 bytes per element, plus a byte per element for pass B's bucket flags (a few
 bool masks in pass C), about 70-90 MiB at the default 2^22; the candidates: the values of this
-rank's negatives inside the <= 2K + 1 wanted 16-bit buckets, and the pairs at or above the
-bucket of the N-th hardest (< N above it plus that bucket, 24 bytes each); the positives,
-O(B x label group size). Never the rank's B²/(2W) pairs. With ``negative_selection="random"``
-every rank makes the single-process backends' draw (``draw_random_negatives``, O(N) memory) from
-its generator, so that all ranks and the single-process loss select the same negatives.
+rank's negatives inside the <= 2K + 1 wanted 16-bit buckets (all of them when the student's
+similarities collapse into one bucket), and of the pairs at or above the bucket of the N-th
+hardest, the rank's N hardest (32 bytes each; at most 2N + max(N, 4096) while pass B runs,
+beside the chunk's O(chunk) temporaries); the positives, O(B x label group size). Never the
+rank's B²/(2W) pairs, except (collapsed student) the wanted buckets' values: 4 bytes each, and
+their 8-byte keys in rounds 2 and 3. With ``negative_selection="random"`` every rank makes the
+single-process backends' draw (``draw_random_negatives``, O(N) memory) from its generator, so
+that all ranks and the single-process loss select the same negatives.
 
 Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
 B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
@@ -464,8 +469,8 @@ def count_negatives(chunks: ChunkMap, positives: ListedPairs, drawn: ListedPairs
 class PassB(NamedTuple):
     student: torch.Tensor         # student values of this rank's negatives in a wanted student bucket
     teacher: torch.Tensor         # teacher values of this rank's negatives in a wanted teacher bucket
-    hard_i: torch.Tensor          # this rank's negatives at or above the bucket of the hardest-N cut,
-    hard_j: torch.Tensor          # row-major
+    hard_i: torch.Tensor          # this rank's N hardest negatives at or above the bucket of the
+    hard_j: torch.Tensor          # hardest-N cut (``gather_candidates``), row-major
     hard_student: torch.Tensor
     hard_teacher: torch.Tensor
 
@@ -473,10 +478,72 @@ class PassB(NamedTuple):
 WANTED, HARD = 1, 2  # flags of a bucket in gather_candidates' lookup tables
 
 
+#: A rank's list of hard candidates is cut back to its N hardest once it holds more than
+#: N + max(N, CANDIDATE_SLACK) pairs (``candidate_limit``).
+CANDIDATE_SLACK = 4096
+
+
+def candidate_limit(keep: int) -> int:
+    """A rank's list of hard candidates is cut back to its `keep` hardest once it holds more than
+    this (csrc/ekd_cpu.cpp's ``candidate_limit``): a cut costs O(list), so the list first doubles,
+    or grows by CANDIDATE_SLACK when `keep` is small."""
+    return keep + max(keep, CANDIDATE_SLACK)
+
+
+def hardest_positions(keys: torch.Tensor, keep: int) -> torch.Tensor:
+    """The positions, ascending, of the `keep` hardest of `keys` (order keys of student values,
+    listed in the order that decides ties): the larger key first, equal keys by position. On the
+    device, no host sync (one top-k and a sort of `keep` positions)."""
+    position = torch.arange(keys.numel(), device=keys.device)
+    if keys.numel() <= 1 << 31:
+        # one int64 orders both: the key (< 2^32) in the high bits, the reversed position (< 2^31) below
+        order = (keys << 31) | ((1 << 31) - 1 - position)
+        chosen = torch.topk(order, keep, sorted=False).indices
+    else:
+        chosen = torch.sort(keys, descending=True, stable=True).indices[:keep]
+    return torch.sort(chosen).values
+
+
 def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: torch.Tensor,
-                      teacher_table: torch.Tensor, like: torch.Tensor) -> PassB:
+                      teacher_table: torch.Tensor, keep: int, like: torch.Tensor) -> PassB:
     """Pass B: this rank's negatives in the buckets the tables flag (uint8 per bucket, 65537
-    entries, the spare bucket 0): WANTED keeps the value, HARD the pair (both models' values)."""
+    entries, the spare bucket 0): WANTED keeps the value; of the pairs in HARD buckets, the
+    `keep` (= N) hardest of this rank, both models' values, in row-major order.
+
+    The HARD candidates are bounded as csrc/ekd_cpu.cpp's ``keep_hardest`` bounds them: each chunk
+    keeps its N hardest by (student key descending, then row-major (i, j), the order in which
+    ``select_hardest`` takes a rank's ties), and the rank's list of kept pairs, in row-major order
+    (chunk after chunk), is cut back to its N hardest whenever it holds more than
+    ``candidate_limit(N)``, and at the end. When the student's similarities collapse into one
+    bucket (a dead or freshly initialised student), HARD would otherwise hold almost all of the
+    rank's B²/(2W) pairs, 32 bytes each; now O(N + chunk).
+
+    Why ``select_hardest`` picks the same pairs, in the same order: with the cut c (the N-th
+    largest student value, A < N pairs above it globally, above_r of them on rank r) it selects
+    every pair above c and, of the ties at c, rank r's first take_r = max(0, min(ties_r, N - A -
+    sum_{q<r} ties_q)) in row-major order. (1) Every pair above c is among the N hardest of its
+    chunk and of its rank: fewer than N pairs beat it anywhere. (2) A rank's N hardest are its
+    above_r pairs and then its first min(ties_r, N - above_r) ties in row-major order (a cut of a
+    chunk or of the running list keeps the first ties of that part, and what beats a pair in the
+    rank beats it in its part, so cutting the parts and then the whole keeps exactly the rank's N
+    hardest). Since above_r <= A, a rank keeps kept_r >= min(ties_r, N - A) ties. (3) The
+    allotment over the kept ties gives the same take_r: while the earlier ranks' ties add up to
+    less than N - A, each of them held fewer than N - A ties and kept them all, so the prefix
+    sums agree and take_r <= N - A <= N - above_r needs no tie rank r dropped; once the prefix
+    reaches N - A it does so with the kept counts too (sum of min(ties_q, N - A) >= min(sum of
+    ties_q, N - A)), and every later rank takes none either way. Cuts keep row-major order, so the
+    chosen pairs come out in the order they did uncut. (Pairs below c that a rank keeps when it
+    has fewer than N pairs at or above c are never chosen.)
+    """
+    hard_parts: List[Tuple[torch.Tensor, ...]] = []   # (i, j, student, teacher), row-major
+    held = 0
+
+    def hardest(part: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+        kept = hardest_positions(order_keys(part[2]), keep)
+        return tuple(x.index_select(0, kept) for x in part)
+
+    def joined() -> Tuple[torch.Tensor, ...]:
+        return tuple(torch.cat(x) for x in zip(*hard_parts))
 
     def flagged(table: torch.Tensor, block: torch.Tensor, chunk: SimilarityChunk):
         buckets = exclude_non_negatives(chunk.buckets(block), chunk, positives, SPARE_BUCKET)
@@ -485,19 +552,31 @@ def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: t
         return hit, flags[hit]
 
     def work(chunk: SimilarityChunk):
+        nonlocal hard_parts, held
         width = chunk.student.shape[1]
         hit, flags = flagged(student_table, chunk.student, chunk)
         values = _read(chunk.student, hit)
         hard = (flags & HARD) != 0
-        hard_hit = hit[hard]
+        hard_hit, hard_values = hit[hard], values[hard]     # their sizes are on the host already
+        if hard_hit.numel() > keep:  # this chunk's N hardest
+            kept = hardest_positions(order_keys(hard_values), keep)
+            hard_hit, hard_values = hard_hit.index_select(0, kept), hard_values.index_select(0, kept)
+        if hard_hit.numel() > 0:
+            hard_parts.append((chunk.rows[hard_hit // width], chunk.first + hard_hit % width, hard_values,
+                               _read(chunk.teacher, hard_hit)))
+            held += hard_hit.numel()
+            if held > candidate_limit(keep):  # the rank's N hardest so far
+                hard_parts = [hardest(joined())]
+                held = keep
         teacher_hit, _ = flagged(teacher_table, chunk.teacher, chunk)
-        return (values[(flags & WANTED) != 0], _read(chunk.teacher, teacher_hit), chunk.rows[hard_hit // width],
-                chunk.first + hard_hit % width, values[hard], _read(chunk.teacher, hard_hit))
+        return values[(flags & WANTED) != 0], _read(chunk.teacher, teacher_hit)
 
-    parts = list(zip(*chunks(work))) or [[]] * 6
+    parts = list(zip(*chunks(work))) or [[]] * 2
+    if held > keep:
+        hard_parts = [hardest(joined())]
     index = like.new_zeros(0, dtype=torch.int64)
-    return PassB(*(_cat(list(v), index if name in ("hard_i", "hard_j") else like)
-                   for name, v in zip(PassB._fields, parts)))
+    hard_pairs = joined() if hard_parts else (index, index, like.new_zeros(0), like.new_zeros(0))
+    return PassB(_cat(list(parts[0]), like), _cat(list(parts[1]), like), *hard_pairs)
 
 
 def count_critical(chunks: ChunkMap, positives: ListedPairs, student_thresholds: torch.Tensor,
@@ -515,7 +594,8 @@ def count_critical(chunks: ChunkMap, positives: ListedPairs, student_thresholds:
 
 
 def select_hardest(candidates: PassB, num_selected: int, hardest_cut: Optional[torch.Tensor], group) -> torch.Tensor:
-    """Indices into pass B's hard candidates of this rank's share of the globally hardest N."""
+    """Indices into pass B's hard candidates of this rank's share of the globally hardest N (the
+    candidates are the rank's N hardest only: ``gather_candidates`` says why that suffices)."""
     if hardest_cut is None:  # N >= L: every negative is a candidate and selected
         return torch.arange(candidates.hard_student.numel(), device=candidates.hard_student.device)
     keys = order_keys(candidates.hard_student)
@@ -611,7 +691,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         if num_selected > 0 and not random:  # gather the hardest candidates in the same pass
             lowest = bucket[2 * k] if len(targets) > 2 * k else 0
             tables[0, lowest:SPARE_BUCKET] |= HARD
-        hard = gather_candidates(chunks, positives, tables[0], tables[1], s_hat)
+        hard = gather_candidates(chunks, positives, tables[0], tables[1], num_selected, s_hat)
         keys = [order_keys(hard.student), order_keys(hard.teacher)]
         candidates = [keys[which][(keys[which] >> 16) == bucket[t]] for t, (which, _) in enumerate(targets)]
         picked = refine_selection(candidates, bucket, remaining, group)

@@ -215,17 +215,22 @@ def big_local_part(x, world, rank):
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in elements) that any operator produces while active."""
+    """Records the largest tensor (in elements) that any operator produces while active, overall
+    (numel, op) and per dtype (by_dtype: dtype -> (numel, op))."""
 
     def __init__(self):
         super().__init__()
         self.numel, self.op = 0, None
+        self.by_dtype = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
-                self.numel, self.op = t.numel(), f"{func} -> {tuple(t.shape)}"
+            if isinstance(t, torch.Tensor):
+                if t.numel() > self.numel:
+                    self.numel, self.op = t.numel(), f"{func} -> {tuple(t.shape)}"
+                if t.numel() > self.by_dtype.get(t.dtype, (0, None))[0]:
+                    self.by_dtype[t.dtype] = (t.numel(), f"{func} -> {tuple(t.shape)}")
         return out
 
 
@@ -248,9 +253,97 @@ def run_big(world, rank, scenarios, instrumented):
     return results
 
 
+# ----------------------------------------------------------------------------- a collapsed student
+
+#: a collapsed student (a dead or freshly initialised model): every negative pair's similarity
+#: lies in one 16-bit bucket, so that all of a rank's negatives are at or above the bucket of the
+#: hardest-N cut; N small and chunks small, so that a rank's pairs (38K to 57K) far exceed both
+COLLAPSED_BATCH = 480
+COLLAPSED_IDENTITIES = 160
+COLLAPSED_CHUNK_PAIRS = 1 << 12
+#: pass B's list of a rank's hard candidates is cut back to N hardest once it holds more than 2N
+#: (default: N + 4096, never reached here): chunk lists merged, then cut, every 2 chunks
+COLLAPSED_CANDIDATE_SLACK = 0
+COLLAPSED_STEPS = 2
+# eq8 ((b - a)^2): every selected pair carries a gradient (the soft rank saturates at these similarities)
+COLLAPSED_OPTIONS = dict(num_hard_negatives=7, rank_loss="eq8")
+#: r has squared norm 2^24 - 4094^2 = 16380 in every signed permutation
+COLLAPSED_BASE = (1.0, 9.0, 18.0, 42.0, 46.0, 57.0, 66.0, 67.0)
+
+
+def collapsed_rank_sizes(world):
+    return {2: [230, 250], 3: [100, 200, 180]}[world]
+
+
+def collapsed_global_batch(step):
+    """Student rows (4094, r), r a random signed permutation of COLLAPSED_BASE: integers of norm
+    4096 exactly, so that the normalised rows and every similarity (4094^2 + <r, r'>) / 2^24 are
+    exact in fp32 whatever the order of summation (chunked or not, any backend). Distinct rows
+    have similarities in [0.998, 1): one 16-bit bucket. The teacher is not collapsed.
+
+    Step 0: distinct rows, labels drawn among COLLAPSED_IDENTITIES. Step 1: each identity is 3
+    identical rows, student and teacher (placed at random), so that the negative similarities
+    come in tied groups of 9 equivalent pairs and the hardest-N cut falls among ties spread over
+    the ranks (which of them are chosen changes the loss in no way, only which copies' rows get
+    the gradient)."""
+    g = torch.Generator().manual_seed(9000 + step)
+    distinct = COLLAPSED_BATCH if step == 0 else COLLAPSED_IDENTITIES
+    perms = torch.stack([torch.randperm(len(COLLAPSED_BASE), generator=g) for _ in range(distinct)])
+    signs = torch.randint(0, 2, perms.shape, generator=g) * 2 - 1
+    student = torch.cat([torch.full((distinct, 1), 4094.0), torch.tensor(COLLAPSED_BASE)[perms] * signs], 1)
+    teacher = torch.randn(distinct, 8, generator=g)
+    if step == 0:
+        return student, teacher, torch.randint(0, COLLAPSED_IDENTITIES, (COLLAPSED_BATCH,), generator=g)
+    labels = torch.randperm(COLLAPSED_BATCH, generator=g) % COLLAPSED_IDENTITIES
+    return student[labels], teacher[labels], labels
+
+
+def collapsed_local_part(x, world, rank):
+    sizes = collapsed_rank_sizes(world)
+    start = sum(sizes[:rank])
+    return x[start:start + sizes[rank]]
+
+
+def run_collapsed(world, rank):
+    """The sharded loss on the collapsed batches, its pass B (gather_candidates) and select_hardest
+    each under a LargestTensor recorder: per step, the step's results, the largest tensor pass B
+    produced per dtype, the number of hard candidates it returned, the largest tensor
+    select_hardest produced and the pairs (i, j) it selected, in its order."""
+    records = []
+    gather_candidates, select_hardest = distributed.gather_candidates, distributed.select_hardest
+
+    def gather_recorded(*args, **kwargs):
+        recorder = LargestTensor()
+        with recorder:
+            out = gather_candidates(*args, **kwargs)
+        records.append(dict(pass_b=recorder.by_dtype, hard_candidates=out.hard_i.numel()))
+        return out
+
+    def select_recorded(candidates, *args, **kwargs):
+        recorder = LargestTensor()
+        with recorder:
+            chosen = select_hardest(candidates, *args, **kwargs)
+        records[-1].update(select_numel=recorder.numel, select_op=recorder.op,
+                           selected=torch.stack([candidates.hard_i[chosen], candidates.hard_j[chosen]], 1))
+        return chosen
+
+    crit = EKDLoss(**COLLAPSED_OPTIONS, process_group=dist.group.WORLD)
+    results = []
+    with engine_settings(CHUNK_PAIRS=COLLAPSED_CHUNK_PAIRS, CANDIDATE_SLACK=COLLAPSED_CANDIDATE_SLACK,
+                         gather_candidates=gather_recorded, select_hardest=select_recorded):
+        for step in range(COLLAPSED_STEPS):
+            student, teacher, labels = (collapsed_local_part(x, world, rank) for x in collapsed_global_batch(step))
+            student = student.clone().requires_grad_(True)
+            loss = crit(student, teacher, labels, generator=torch.Generator().manual_seed(step))
+            loss.backward()
+            results.append(dict(step_result(crit, loss, student), **records[-1]))
+    return results
+
+
 def big_worker(rank, world, port, out_dir):
     with gloo_process_group(rank, world, port):
         out = {"default_chunks": run_big(world, rank, BIG_SCENARIOS, instrumented=False)}
         with engine_settings(CHUNK_PAIRS=SMALL_CHUNK_PAIRS):
             out["small_chunks"] = run_big(world, rank, BIG_INSTRUMENTED, instrumented=True)
+        out["collapsed"] = run_collapsed(world, rank)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -6,7 +6,9 @@ W = 3), several steps of EMA state, paper variants, batches without positives, a
 whose averaged parameter gradients must equal single-process training on the concatenated batch.
 A global batch of 2048 rows (2.1M negatives, several chunks per rank) is held against the
 reference backend, once with a small chunk budget under a recorder of every tensor the sharded
-step produces: none may exceed the chunk budget (the rank's pairs are never materialised).
+step produces: none may exceed the chunk budget (the rank's pairs are never materialised). A
+collapsed student (every negative similarity in one bucket, the hardest-N cut among ties) must
+give the single-process result while pass B keeps O(N) hard candidates.
 """
 
 import functools
@@ -20,8 +22,8 @@ import torch.multiprocessing as mp
 
 from ekd_kernels import EKDLoss
 from ekd_kernels import distributed
-from ekd_kernels.distributed import (balanced_rows, bucket16, chunk_plan, key_values, negative_pairs_at,
-                                     negatives_before_row, order_keys, positive_pairs)
+from ekd_kernels.distributed import (balanced_rows, bucket16, chunk_plan, hardest_positions, key_values,
+                                     negative_pairs_at, negatives_before_row, order_keys, positive_pairs)
 
 import dist_workers
 from helpers import THRESHOLD_ATOL, assert_grad_close, assert_loss_close
@@ -85,8 +87,9 @@ def single_process(name, options, labels_kind, world):
 
 def assert_step_matches(got, ref, world, local_grad, where):
     assert_loss_close(got["loss"], ref["loss"])
-    # convention: W times the single-process gradient of the rank's own rows
-    assert_grad_close(got["grad"], world * local_grad)
+    # convention: W times the single-process gradient of the rank's own rows (local_grad None: unchecked)
+    if local_grad is not None:
+        assert_grad_close(got["grad"], world * local_grad)
     for key in ("student_thresholds", "teacher_thresholds"):
         torch.testing.assert_close(got[key], ref[key], rtol=0, atol=THRESHOLD_ATOL, msg=where)
     for key, value in got["counts"].items():
@@ -200,6 +203,71 @@ def test_sharded_memory_is_bounded_by_the_chunk_budget(big_results):
     check_big_run(world, per_rank, "small_chunks", dist_workers.BIG_INSTRUMENTED)
 
 
+def sharded_hardest_allotment(student, labels, world, num_hard):
+    """Per rank, the pairs (i, j) the sharded engine selects (``select_hardest``'s own rule; SPEC
+    leaves ties unspecified): every negative above the N-th largest student similarity, then of
+    the ties at it the first N - (number above) in rank order (a pair is its row i's rank's),
+    each rank's ties in row-major order; a rank lists its pairs above the cut, then its ties.
+    Exact for the collapsed batches, whose similarities are integers / 2^24. Also returns the
+    number of ranks holding ties at the cut and the number of those ties."""
+    batch = labels.shape[0]
+    dots = (student.double() @ student.double().t()).long()
+    owner = [0] * batch
+    for r in range(world):
+        for row in balanced_rows(batch, world, r).tolist():
+            owner[row] = r
+    i, j = torch.triu_indices(batch, batch, 1)
+    negative = labels[i] != labels[j]
+    pairs = list(zip(i[negative].tolist(), j[negative].tolist(), dots[i, j][negative].tolist()))  # row-major
+    cut = sorted((d for _, _, d in pairs), reverse=True)[num_hard - 1]
+    above = [(a, b) for a, b, d in pairs if d > cut]
+    ties = sorted(((a, b) for a, b, d in pairs if d == cut), key=lambda p: owner[p[0]])  # stable
+    taken = set(ties[:num_hard - len(above)])
+    selected = [[p for p in above if owner[p[0]] == r] + [p for p in ties if owner[p[0]] == r and p in taken]
+                for r in range(world)]
+    return selected, len({owner[a] for a, _ in ties}), len(ties)
+
+
+def test_collapsed_student_keeps_o_n_hard_candidates(big_results):
+    """A collapsed student (every negative similarity in one 16-bit bucket): the result is still the
+    single-process one, the pairs selected are those of the sharded engine's tie rule (step 1: the
+    hardest-N cut among equivalent ties spread over the ranks), and pass B keeps the rank's N
+    hardest pairs only. Its int64 tensors (positions and (i, j) pairs; the wanted buckets'
+    values, float32, do number all the rank's pairs here) stay within one chunk, and
+    select_hardest works on N candidates, where keeping every pair at or above the cut's bucket
+    made tensors of all the rank's negatives."""
+    world, per_rank = big_results
+    batch, budget = dist_workers.COLLAPSED_BATCH, dist_workers.COLLAPSED_CHUNK_PAIRS
+    num_hard = dist_workers.COLLAPSED_OPTIONS["num_hard_negatives"]
+    rank_pairs = [int((batch - 1 - balanced_rows(batch, world, r)).sum()) for r in range(world)]
+    assert min(rank_pairs) > 8 * budget, rank_pairs
+    batches = [dist_workers.collapsed_global_batch(step) for step in range(dist_workers.COLLAPSED_STEPS)]
+    want = single_process_steps(EKDLoss(**dist_workers.COLLAPSED_OPTIONS), batches)
+    for step, ((student, _, labels), ref) in enumerate(zip(batches, want)):
+        s_hat = student / student.norm(dim=1, keepdim=True)
+        i, j = torch.triu_indices(batch, batch, 1)
+        assert torch.unique(bucket16((s_hat @ s_hat.t())[i, j][labels[i] != labels[j]])).numel() == 1
+        selected, tied_ranks, num_ties = sharded_hardest_allotment(student, labels, world, num_hard)
+        # step 0: no tie at the cut, the full comparison; step 1: ties at the cut on several ranks, more
+        # than needed: which are chosen moves the gradient between identical rows only (compared summed)
+        assert ((tied_ranks, num_ties) == (1, 1)) if step == 0 else (tied_ranks > 1 and num_ties > num_hard)
+        for rank, results in enumerate(per_rank):
+            got, where = results["collapsed"][step], f"collapsed rank {rank} step {step}"
+            local_grad = dist_workers.collapsed_local_part(ref["grad"], world, rank) if step == 0 else None
+            assert_step_matches(got, ref, world, local_grad, where)
+            assert [tuple(p) for p in got["selected"].tolist()] == selected[rank], where
+            assert got["hard_candidates"] <= num_hard, where
+            numel, op = got["pass_b"][torch.int64]
+            assert numel <= budget, (f"{where}: pass B's {op} holds {numel} elements > the chunk budget "
+                                     f"{budget} (the rank has {rank_pairs[rank]} pairs)")
+            assert got["select_numel"] <= num_hard, f"{where}: select_hardest's {got['select_op']}"
+        if step > 0:
+            grad = torch.cat([results["collapsed"][step]["grad"] for results in per_rank])
+            by_identity = [torch.zeros(labels.max() + 1, grad.shape[1]).index_add_(0, labels, g)
+                           for g in (grad, world * ref["grad"])]
+            assert_grad_close(*by_identity)
+
+
 # ----------------------------------------------------------------------------- pieces, one process
 def test_balanced_rows_cover_every_row_once_with_even_work():
     for batch, world in [(10, 3), (11, 2), (2, 4), (1000, 7)]:
@@ -223,6 +291,15 @@ def test_order_keys_preserve_order_and_invert():
     assert torch.equal(key_values(keys), values) or torch.equal(key_values(keys).abs(), values.abs())
     order = torch.argsort(values, stable=True)
     assert torch.all(keys[order][1:] >= keys[order][:-1])
+
+
+def test_hardest_positions_take_larger_keys_then_earlier_positions():
+    g = torch.Generator().manual_seed(3)
+    keys = order_keys(torch.randint(-3, 4, (500,), generator=g).float() / 4)  # many ties
+    keys[7] = 2**32 - 1  # the largest key: the high bits of the combined order
+    for keep in (1, 7, 100, 499, 500):
+        want = torch.sort(torch.sort(keys, descending=True, stable=True).indices[:keep]).values
+        assert torch.equal(hardest_positions(keys, keep), want), keep
 
 
 def test_bucket16_is_the_top_16_bits_of_the_order_keys():
