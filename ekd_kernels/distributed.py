@@ -29,9 +29,14 @@ The sharded engine, stage by stage (the names of ``reference.py`` and SPEC.md):
   pass A (``count_negatives``) fills the 65536-bin histograms of the top 16 key bits of this
   rank's negatives (student and teacher; same-label pairs and the pairs j <= i of a chunk are
   sent to a spare bin), all-reduced, which fixes each target's bucket (``select_buckets``);
-  pass B (``gather_candidates``) keeps the values of the negatives in those few buckets, on
-  which rounds 2 and 3 run with all-reduced 256-bin histograms (``refine_selection``). The
-  targets are the K thresholds of each model and the N-th largest student negative.
+  pass B (``gather_candidates``) keeps the values of the negatives in those few buckets, once
+  per distinct (model, bucket), on which rounds 2 and 3 run with all-reduced 256-bin histograms
+  per distinct list (``refine_selection``). If some rank holds more than ``VALUE_BUDGET`` such
+  values (similarities collapsed into a bucket; decided alike on every rank from an all-reduced
+  maximum of pass A's counts), pass B keeps none and histograms instead their low 16 key bits,
+  one 65536-bin row per distinct (model, bucket), all-reduced: each target's full 32-bit key at
+  once (``select_targets``), bitwise the same selection, in the same pass. The targets are the
+  K thresholds of each model and the N-th largest student negative.
 - pair selection & critical mask: pass B also keeps, of the negatives at or above the N-th
   largest's bucket, this rank's N hardest (key descending, then row-major; each chunk's N
   hardest, merged: ``gather_candidates`` says why that changes no selection); the N-th
@@ -48,20 +53,28 @@ fp32 copies, O(B·(Ds + Dt)); the chunk workspace, sized for the largest chunk (
 max(CHUNK_PAIRS, B - 1) elements: a chunk holds at least one row): two fp32 blocks and two int32
 bucket arrays, 16 bytes per element, plus a byte per element for pass B's bucket flags (a few
 bool masks in pass C), about 70-90 MiB at the default 2^22; the candidates: the values of this
-rank's negatives inside the <= 2K + 1 wanted 16-bit buckets (all of them when the student's
-similarities collapse into one bucket), and of the pairs at or above the bucket of the N-th
-hardest, the rank's N hardest (32 bytes each; at most 2N + max(N, 4096) while pass B runs,
-beside the chunk's O(chunk) temporaries); the positives, O(B x label group size). Never the
-rank's B²/(2W) pairs, except (collapsed student) the wanted buckets' values: 4 bytes each, and
-their 8-byte keys in rounds 2 and 3. With ``negative_selection="random"`` every rank makes the
-single-process backends' draw (``draw_random_negatives``, O(N) memory) from its generator, so
-that all ranks and the single-process loss select the same negatives.
+rank's negatives inside the <= 2K + 1 wanted 16-bit buckets while no rank holds more than
+VALUE_BUDGET (2^22) of them, 4 bytes each, and their 8-byte keys in rounds 2 and 3 (one list
+per distinct (model, bucket), then per distinct (list, 24-bit prefix): 12 bytes per kept value,
+20 for a model wanting several buckets, whatever the number of targets sharing a bucket);
+otherwise (collapsed similarities) none, but a (distinct buckets <= 2K + 1) x 65536 int64
+histogram (at most 6.5 MiB, twice while it is all-reduced, and a bincount of that size per
+chunk); and of the pairs at or above the bucket of the N-th hardest, the rank's N hardest (32
+bytes each; at most 2N + max(N, 4096) while pass B runs, beside the chunk's O(chunk)
+temporaries); the positives, O(B x label group size). Never the rank's B²/(2W) pairs. With
+``negative_selection="random"`` every rank makes the single-process backends' draw
+(``draw_random_negatives``, O(N) memory) from its generator, so that all ranks and the
+single-process loss select the same negatives.
 
 Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
 B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
-then twice (2K + 1) x 256 int64 (26 KiB each for K = 6; 2K rows with random selection, which
-needs no hardest-N cut); a handful of scalar all-reduces (counts and loss terms) and one
-all-gather of this rank's tie count at the hardest-N cut; the reduce-scatter of the embeddings'
+then twice at most (2K + 1) x 256 int64 (26 KiB each for K = 6: one row per distinct (model,
+bucket), then per distinct (model, 24-bit prefix); 2K rows at most with random selection, which
+needs no hardest-N cut), or, when some rank's wanted buckets hold more than VALUE_BUDGET values
+(collapsed similarities), one all-reduce of a (distinct buckets) x 65536 int64 histogram instead
+(at most 6.5 MiB for K = 6, 512 KiB per distinct bucket); a handful of scalar all-reduces
+(counts, the maximum of the ranks' values in the wanted buckets, loss terms) and one all-gather
+of this rank's tie count at the hardest-N cut; the reduce-scatter of the embeddings'
 gradient in backward, B·Ds·4 bytes. No pair similarity is communicated.
 """
 
@@ -107,6 +120,13 @@ def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     """Sum over ranks, no gradient (counts, histograms, loss values)."""
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def _all_reduce_max(x: torch.Tensor, group) -> torch.Tensor:
+    """Maximum over ranks, no gradient."""
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
 
 
@@ -319,18 +339,58 @@ def select_buckets(hist: torch.Tensor, targets: Sequence[Tuple[int, int]], group
     return _descend(hist, remaining, which)
 
 
-def refine_selection(candidates: Sequence[torch.Tensor], bucket: torch.Tensor, remaining: torch.Tensor,
-                     group) -> torch.Tensor:
-    """Rounds 2 and 3 of the radix select: per target, `candidates` are the order keys of this
-    rank's values in its bucket; an all-reduced 256-bin histogram of the next 8 key bits per
-    target and round narrows each to one key. Returns the selected values (float32)."""
+def _distinct(keys: Sequence[Tuple[int, int]]) -> Tuple[List[Tuple[int, int]], List[int]]:
+    """The distinct entries of `keys` in order of first appearance, and per entry its index there."""
+    index: dict = {}
+    which = [index.setdefault(key, len(index)) for key in keys]
+    return list(index), which
+
+
+def refine_selection(candidates: Sequence[torch.Tensor], which: Sequence[int], bucket: torch.Tensor,
+                     remaining: torch.Tensor, group) -> torch.Tensor:
+    """Rounds 2 and 3 of the radix select: target t's candidates are candidates[which[t]], the
+    order keys of this rank's values in its bucket (targets of one model wanting one bucket share
+    a list). An all-reduced 256-bin histogram of the next 8 key bits per list and round narrows
+    each target to one key; after round 2 the lists are narrowed once per distinct (list, 24-bit
+    prefix), so that no list is copied per target. Returns the selected values (float32)."""
     prefix = bucket
     for shift in (8, 0):
         hist = torch.stack([torch.bincount((c >> shift) & 255, minlength=256) for c in candidates])
-        digit, remaining = _descend(_all_reduce_sum(hist, group), remaining)
+        digit, remaining = _descend(_all_reduce_sum(hist, group), remaining,
+                                    torch.tensor(which, dtype=torch.int64, device=bucket.device))
         prefix = (prefix << 8) | digit
-        candidates = [c[(c >> shift) == prefix[t]] for t, c in enumerate(candidates)]
+        if shift:
+            groups, which = _distinct(list(zip(which, prefix.tolist())))
+            candidates = [candidates[w][(candidates[w] >> shift) == p] for w, p in groups]
     return key_values(prefix)
+
+
+def select_targets(candidates, which: Sequence[int], slot_buckets: Sequence[Tuple[int, int]],
+                   bucket: torch.Tensor, remaining: torch.Tensor, group) -> torch.Tensor:
+    """Rounds 2 and 3 of the radix select, from pass B's ``PassB`` `candidates`: target t wants
+    the element of descending rank remaining[t] inside (model, bucket) = slot_buckets[which[t]]
+    (its bucket[t]). Returns the selected values (float32).
+
+    Kept values (the small buckets' path): their order keys, one list per distinct (model,
+    bucket), refined by ``refine_selection``. Histogrammed (``candidates.low_bits``, the collapsed
+    path): the all-reduced (slots, 65536) histogram of the low 16 key bits gives each target's
+    low 16 bits at once (one round instead of two), the same exact key."""
+    if candidates.low_bits is not None:
+        table = _all_reduce_sum(candidates.low_bits, group)
+        # order_keys flips the magnitude bits of negative values (buckets below 2^15): their low
+        # 16 bits were counted unflipped, so the histogram of the key bits is the reversed one
+        negative = [s for s, (_, b) in enumerate(slot_buckets) if b < 1 << 15]
+        if negative:
+            rows = torch.tensor(negative, dtype=torch.int64, device=table.device)
+            table[rows] = table[rows].flip(1)
+        low, _ = _descend(table, remaining, torch.tensor(which, dtype=torch.int64, device=table.device))
+        return key_values((bucket << 16) | low)
+    keys = [order_keys(candidates.student), order_keys(candidates.teacher)]
+    per_model = [sum(1 for m, _ in slot_buckets if m == model) for model in range(2)]
+    # a model wanting a single bucket kept the values of that bucket only: its keys are the list
+    lists = [keys[m] if per_model[m] == 1 else keys[m][(keys[m] >> 16) == b] for m, b in slot_buckets]
+    del keys
+    return refine_selection(lists, which, bucket, remaining, group)
 
 
 # ----------------------------------------------------------------------------- similarity chunks
@@ -473,9 +533,18 @@ class PassB(NamedTuple):
     hard_j: torch.Tensor          # hardest-N cut (``gather_candidates``), row-major
     hard_student: torch.Tensor
     hard_teacher: torch.Tensor
+    low_bits: Optional[torch.Tensor] = None  # (slots, 65536) int64 when histogrammed (``gather_candidates``)
 
 
 WANTED, HARD = 1, 2  # flags of a bucket in gather_candidates' lookup tables
+
+
+#: A rank keeps the values of its negatives in the wanted buckets (rounds 2 and 3 refine over them)
+#: only while no rank holds more than this many of them; otherwise (similarities collapsed into a
+#: few buckets) pass B histograms their low 16 key bits instead (``gather_candidates``).
+VALUE_BUDGET = 1 << 22
+#: Bins of the low 16 key bits of a wanted bucket.
+LOW_BINS = 1 << 16
 
 
 #: A rank's list of hard candidates is cut back to its N hardest once it holds more than
@@ -505,10 +574,16 @@ def hardest_positions(keys: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: torch.Tensor,
-                      teacher_table: torch.Tensor, keep: int, like: torch.Tensor) -> PassB:
+                      teacher_table: torch.Tensor, keep: int, like: torch.Tensor,
+                      slots: Optional[torch.Tensor] = None) -> PassB:
     """Pass B: this rank's negatives in the buckets the tables flag (uint8 per bucket, 65537
     entries, the spare bucket 0): WANTED keeps the value; of the pairs in HARD buckets, the
     `keep` (= N) hardest of this rank, both models' values, in row-major order.
+
+    With `slots` ((2, 65537) int64: per model and bucket, the row of a wanted bucket, -1 for the
+    others) the values in WANTED buckets are not kept: their low 16 key bits are counted instead
+    into ``low_bits``, a (rows, 65536) int64 histogram of this rank (row slots[model, bucket]), the
+    bits as ``order_keys`` has them (``select_targets`` reads the exact keys from it).
 
     The HARD candidates are bounded as csrc/ekd_cpu.cpp's ``keep_hardest`` bounds them: each chunk
     keeps its N hardest by (student key descending, then row-major (i, j), the order in which
@@ -545,16 +620,27 @@ def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: t
     def joined() -> Tuple[torch.Tensor, ...]:
         return tuple(torch.cat(x) for x in zip(*hard_parts))
 
-    def flagged(table: torch.Tensor, block: torch.Tensor, chunk: SimilarityChunk):
-        buckets = exclude_non_negatives(chunk.buckets(block), chunk, positives, SPARE_BUCKET)
-        flags = table.index_select(0, buckets.view(-1))
+    rows = 0 if slots is None else int(slots.max().item()) + 1
+    low_bits = None if slots is None else torch.zeros(rows, LOW_BINS, dtype=torch.int64, device=like.device)
+    empty = like.new_zeros(0)
+
+    def flagged(which: int, table: torch.Tensor, block: torch.Tensor, chunk: SimilarityChunk):
+        buckets = exclude_non_negatives(chunk.buckets(block), chunk, positives, SPARE_BUCKET).view(-1)
+        flags = table.index_select(0, buckets)
         hit = torch.nonzero(flags).squeeze(1)
-        return hit, flags[hit]
+        flags = flags[hit]
+        if slots is not None:  # histogram the wanted values' low 16 key bits (of the bits of
+            # order_keys: flipped for negative values, whose buckets are below 2^15; see select_targets)
+            wanted = hit[(flags & WANTED) != 0]
+            row = slots[which].index_select(0, buckets.index_select(0, wanted))
+            low = block.reshape(-1).index_select(0, wanted).view(torch.int32) & (LOW_BINS - 1)
+            low_bits.view(-1).add_(torch.bincount(row * LOW_BINS + low, minlength=rows * LOW_BINS))
+        return hit, flags
 
     def work(chunk: SimilarityChunk):
         nonlocal hard_parts, held
         width = chunk.student.shape[1]
-        hit, flags = flagged(student_table, chunk.student, chunk)
+        hit, flags = flagged(0, student_table, chunk.student, chunk)
         values = _read(chunk.student, hit)
         hard = (flags & HARD) != 0
         hard_hit, hard_values = hit[hard], values[hard]     # their sizes are on the host already
@@ -568,7 +654,9 @@ def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: t
             if held > candidate_limit(keep):  # the rank's N hardest so far
                 hard_parts = [hardest(joined())]
                 held = keep
-        teacher_hit, _ = flagged(teacher_table, chunk.teacher, chunk)
+        teacher_hit, _ = flagged(1, teacher_table, chunk.teacher, chunk)
+        if slots is not None:  # histogrammed
+            return empty, empty
         return values[(flags & WANTED) != 0], _read(chunk.teacher, teacher_hit)
 
     parts = list(zip(*chunks(work))) or [[]] * 2
@@ -576,7 +664,7 @@ def gather_candidates(chunks: ChunkMap, positives: ListedPairs, student_table: t
         hard_parts = [hardest(joined())]
     index = like.new_zeros(0, dtype=torch.int64)
     hard_pairs = joined() if hard_parts else (index, index, like.new_zeros(0), like.new_zeros(0))
-    return PassB(_cat(list(parts[0]), like), _cat(list(parts[1]), like), *hard_pairs)
+    return PassB(_cat(list(parts[0]), like), _cat(list(parts[1]), like), *hard_pairs, low_bits)
 
 
 def count_critical(chunks: ChunkMap, positives: ListedPairs, student_thresholds: torch.Tensor,
@@ -685,16 +773,24 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         if 0 < num_selected < num_negatives and not random:
             targets.append((0, num_selected - 1))
         bucket, remaining = select_buckets(listed.hist, targets, group)
-        target_sets = torch.tensor([w for w, _ in targets], device=device)
+        # the distinct (model, bucket) wanted: each kept once, or histogrammed once
+        slot_buckets, which = _distinct([(w, b) for (w, _), b in zip(targets, bucket.tolist())])
+        models = torch.tensor([m for m, _ in slot_buckets], device=device)
+        wanted = torch.tensor([b for _, b in slot_buckets], device=device)
         tables = torch.zeros(2, SPARE_BUCKET + 1, dtype=torch.uint8, device=device)
-        tables[target_sets, bucket] = WANTED
+        tables[models, wanted] = WANTED
         if num_selected > 0 and not random:  # gather the hardest candidates in the same pass
             lowest = bucket[2 * k] if len(targets) > 2 * k else 0
             tables[0, lowest:SPARE_BUCKET] |= HARD
-        hard = gather_candidates(chunks, positives, tables[0], tables[1], num_selected, s_hat)
-        keys = [order_keys(hard.student), order_keys(hard.teacher)]
-        candidates = [keys[which][(keys[which] >> 16) == bucket[t]] for t, (which, _) in enumerate(targets)]
-        picked = refine_selection(candidates, bucket, remaining, group)
+        # the values in the wanted buckets are kept unless some rank holds more than VALUE_BUDGET
+        # (every rank decides alike, from the all-reduced maximum of their counts from pass A)
+        held = _all_reduce_max(listed.hist[models, wanted].sum().view(1), group)
+        slots = None
+        if int(held.item()) > VALUE_BUDGET:
+            slots = torch.full((2, SPARE_BUCKET + 1), -1, dtype=torch.int64, device=device)
+            slots[models, wanted] = torch.arange(len(slot_buckets), device=device)
+        hard = gather_candidates(chunks, positives, tables[0], tables[1], num_selected, s_hat, slots)
+        picked = select_targets(hard, which, slot_buckets, bucket, remaining, group)
         batch_student, batch_teacher = picked[:k], picked[k:2 * k]
         hardest_cut = picked[2 * k] if len(targets) > 2 * k else None
     else:

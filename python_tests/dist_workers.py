@@ -26,9 +26,11 @@ SCENARIOS = [
 ]
 STEPS = 3
 # the sharded paths the scenarios run: the default chunks (one per rank at these sizes), and chunks
-# of a single row each (several chunks per rank: every pass crosses chunk boundaries)
+# of a single row each (several chunks per rank: every pass crosses chunk boundaries), and the
+# wanted buckets' low key bits histogrammed instead of their values kept (the collapsed path)
 SHARDED_PATHS = {"sharded": {}, "sharded_one_row_chunks": dict(CHUNK_PAIRS=1, MIN_CHUNK_ROWS=1),
-                 "sharded_in_autocast": {}, "sharded_compiled": {}}
+                 "sharded_in_autocast": {}, "sharded_compiled": {},
+                 "sharded_value_histograms": dict(VALUE_BUDGET=0)}
 # the loss called inside torch.autocast (bf16), as an AMP training step does: must change nothing
 AUTOCAST_PATHS = ("sharded_in_autocast",)
 # the loss called from a torch.compile'd step (dynamo only: backend "eager"); the sharded loss
@@ -216,12 +218,14 @@ def big_local_part(x, world, rank):
 
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor (in elements) that any operator produces while active, overall
-    (numel, op) and per dtype (by_dtype: dtype -> (numel, op))."""
+    (numel, op) and per dtype (by_dtype: dtype -> (numel, op)), and every tensor of more than
+    `over` elements (large: (dtype, numel, op), if `over` is given)."""
 
-    def __init__(self):
+    def __init__(self, over=None):
         super().__init__()
         self.numel, self.op = 0, None
         self.by_dtype = {}
+        self.over, self.large = over, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -231,6 +235,8 @@ class LargestTensor(TorchDispatchMode):
                     self.numel, self.op = t.numel(), f"{func} -> {tuple(t.shape)}"
                 if t.numel() > self.by_dtype.get(t.dtype, (0, None))[0]:
                     self.by_dtype[t.dtype] = (t.numel(), f"{func} -> {tuple(t.shape)}")
+                if self.over is not None and t.numel() > self.over:
+                    self.large.append((t.dtype, t.numel(), f"{func} -> {tuple(t.shape)}"))
         return out
 
 
@@ -269,6 +275,9 @@ COLLAPSED_STEPS = 2
 COLLAPSED_OPTIONS = dict(num_hard_negatives=7, rank_loss="eq8")
 #: r has squared norm 2^24 - 4094^2 = 16380 in every signed permutation
 COLLAPSED_BASE = (1.0, 9.0, 18.0, 42.0, 46.0, 57.0, 66.0, 67.0)
+#: far below a rank's values in the collapsed bucket (all its 38K to 57K negatives): the engine
+#: histograms their low 16 key bits instead of keeping them
+COLLAPSED_VALUE_BUDGET = 1 << 10
 
 
 def collapsed_rank_sizes(world):
@@ -304,19 +313,31 @@ def collapsed_local_part(x, world, rank):
     return x[start:start + sizes[rank]]
 
 
-def run_collapsed(world, rank):
-    """The sharded loss on the collapsed batches, its pass B (gather_candidates) and select_hardest
+def run_collapsed(world, rank, **settings):
+    """The sharded loss on the collapsed batches (engine constants `settings` changed), its pass B
+    (gather_candidates), the rest of the threshold selection (select_targets) and select_hardest
     each under a LargestTensor recorder: per step, the step's results, the largest tensor pass B
-    produced per dtype, the number of hard candidates it returned, the largest tensor
-    select_hardest produced and the pairs (i, j) it selected, in its order."""
+    produced per dtype, the number of hard candidates it returned, whether it histogrammed the low
+    key bits, the tensors of more than COLLAPSED_CHUNK_PAIRS elements that pass B and
+    select_targets produced (refine_large), the largest tensor select_hardest produced and the
+    pairs (i, j) it selected, in its order."""
     records = []
     gather_candidates, select_hardest = distributed.gather_candidates, distributed.select_hardest
+    select_targets = distributed.select_targets
 
     def gather_recorded(*args, **kwargs):
-        recorder = LargestTensor()
+        recorder = LargestTensor(over=COLLAPSED_CHUNK_PAIRS)
         with recorder:
             out = gather_candidates(*args, **kwargs)
-        records.append(dict(pass_b=recorder.by_dtype, hard_candidates=out.hard_i.numel()))
+        records.append(dict(pass_b=recorder.by_dtype, hard_candidates=out.hard_i.numel(),
+                            low_bits=out.low_bits is not None, refine_large=recorder.large))
+        return out
+
+    def targets_recorded(*args, **kwargs):
+        recorder = LargestTensor(over=COLLAPSED_CHUNK_PAIRS)
+        with recorder:
+            out = select_targets(*args, **kwargs)
+        records[-1]["refine_large"] += recorder.large
         return out
 
     def select_recorded(candidates, *args, **kwargs):
@@ -330,7 +351,8 @@ def run_collapsed(world, rank):
     crit = EKDLoss(**COLLAPSED_OPTIONS, process_group=dist.group.WORLD)
     results = []
     with engine_settings(CHUNK_PAIRS=COLLAPSED_CHUNK_PAIRS, CANDIDATE_SLACK=COLLAPSED_CANDIDATE_SLACK,
-                         gather_candidates=gather_recorded, select_hardest=select_recorded):
+                         gather_candidates=gather_recorded, select_hardest=select_recorded,
+                         select_targets=targets_recorded, **settings):
         for step in range(COLLAPSED_STEPS):
             student, teacher, labels = (collapsed_local_part(x, world, rank) for x in collapsed_global_batch(step))
             student = student.clone().requires_grad_(True)
@@ -346,4 +368,5 @@ def big_worker(rank, world, port, out_dir):
         with engine_settings(CHUNK_PAIRS=SMALL_CHUNK_PAIRS):
             out["small_chunks"] = run_big(world, rank, BIG_INSTRUMENTED, instrumented=True)
         out["collapsed"] = run_collapsed(world, rank)
+        out["collapsed_histograms"] = run_collapsed(world, rank, VALUE_BUDGET=COLLAPSED_VALUE_BUDGET)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -8,7 +8,9 @@ A global batch of 2048 rows (2.1M negatives, several chunks per rank) is held ag
 reference backend, once with a small chunk budget under a recorder of every tensor the sharded
 step produces: none may exceed the chunk budget (the rank's pairs are never materialised). A
 collapsed student (every negative similarity in one bucket, the hardest-N cut among ties) must
-give the single-process result while pass B keeps O(N) hard candidates.
+give the single-process result while pass B keeps O(N) hard candidates, and, with a small
+VALUE_BUDGET, while the wanted buckets' values are histogrammed by their low 16 key bits instead
+of kept (every scenario also runs through that path).
 """
 
 import functools
@@ -261,11 +263,50 @@ def test_collapsed_student_keeps_o_n_hard_candidates(big_results):
             assert numel <= budget, (f"{where}: pass B's {op} holds {numel} elements > the chunk budget "
                                      f"{budget} (the rank has {rank_pairs[rank]} pairs)")
             assert got["select_numel"] <= num_hard, f"{where}: select_hardest's {got['select_op']}"
+            assert not got["low_bits"], where  # the values kept (below the default VALUE_BUDGET)
         if step > 0:
             grad = torch.cat([results["collapsed"][step]["grad"] for results in per_rank])
             by_identity = [torch.zeros(labels.max() + 1, grad.shape[1]).index_add_(0, labels, g)
                            for g in (grad, world * ref["grad"])]
             assert_grad_close(*by_identity)
+
+
+def test_collapsed_student_histograms_the_low_key_bits(big_results):
+    """The collapsed batches with a VALUE_BUDGET far below a rank's values in the collapsed bucket:
+    pass B keeps no value but histograms the low 16 key bits of the negatives in each distinct
+    wanted (model, bucket), and the all-reduced histograms give the exact keys. Thresholds, loss and
+    selected pairs are bitwise those of the kept-values path (held to single-process EKD above and
+    here), and no float32 or int64 tensor of pass B and of the rest of the threshold selection
+    holds more than the chunk budget (or the embeddings, B x D, that pass B's chunks multiply),
+    except the (buckets, 65536) histograms of the low bits (buckets <= 2K + 1) and the rows of the
+    65537-entry bucket lookup tables: keeping the values
+    made tensors of all the rank's negatives, 38K to 57K."""
+    world, per_rank = big_results
+    batch, budget = dist_workers.COLLAPSED_BATCH, dist_workers.COLLAPSED_CHUNK_PAIRS
+    rank_pairs = [int((batch - 1 - balanced_rows(batch, world, r)).sum()) for r in range(world)]
+    assert min(rank_pairs) > 8 * budget and dist_workers.COLLAPSED_VALUE_BUDGET < min(rank_pairs) // 8
+    num_targets = 2 * EKDLoss(**dist_workers.COLLAPSED_OPTIONS).config.num_thresholds + 1
+    batches = [dist_workers.collapsed_global_batch(step) for step in range(dist_workers.COLLAPSED_STEPS)]
+    want = single_process_steps(EKDLoss(**dist_workers.COLLAPSED_OPTIONS), batches)
+    for rank, results in enumerate(per_rank):
+        for step, (got, kept, ref) in enumerate(zip(results["collapsed_histograms"], results["collapsed"], want)):
+            where = f"collapsed, low bits histogrammed: rank {rank} step {step}"
+            assert got["low_bits"], where
+            for key in ("loss", "student_thresholds", "teacher_thresholds", "selected"):
+                assert torch.equal(got[key], kept[key]), f"{where}: {key}"
+            assert_grad_close(got["grad"], kept["grad"])
+            local_grad = dist_workers.collapsed_local_part(ref["grad"], world, rank) if step == 0 else None
+            assert_step_matches(got, ref, world, local_grad, where)
+            bound = max(budget, batches[step][0].numel())  # the chunk; the embeddings (480 x 9)
+            large = [(dtype, numel, op) for dtype, numel, op in got["refine_large"]
+                     if dtype in (torch.float32, torch.int64) and numel > bound]
+            assert any(dtype == torch.int64 for dtype, _, _ in large), where  # the recorder saw the histograms
+            for dtype, numel, op in large:
+                # a (buckets, 65536) histogram, or a lookup table's row (65537 buckets, the spare included)
+                assert (numel % (1 << 16) == 0 and numel <= num_targets << 16) or numel == (1 << 16) + 1, (
+                    f"{where}: {op} holds {numel} {dtype} elements, neither within {bound} (chunk, embeddings) "
+                    f"nor a histogram of the low key bits (the rank has {rank_pairs[rank]} pairs)")
+            assert got["pass_b"][torch.float32][0] <= bound, where
 
 
 # ----------------------------------------------------------------------------- pieces, one process
