@@ -138,18 +138,17 @@ def _kernels():
     return kernels
 
 
-@needs_triton
-def test_pass4_tie_prefix_past_int32():
-    """Pass 4 places the boundary ties in row-major order from per-row prefix sums.  With
-    collapsed embeddings nearly every pair ties, and from B = 65537 on the ties before a row
-    pass 2^31: an int32 prefix wraps (here to 0), the row block takes ties it must not (or
-    writes at negative slots).  Rows 0-63 report 2^32 ties (synthetic, as B = 92682 would), so
-    the rows after them must take none."""
+PASS4_BATCH, PASS4_SELECTED = 128, 10
+
+
+def run_pass4(ties_before_row_64):
+    """hardest_negatives_kernel's pass 4 (the overflow path) on a batch whose only boundary ties
+    are the negatives among rows 64+: rows 0-63 share one label and direction e0, rows 64-127
+    have distinct labels and direction e1, so rows 64+ meet at similarity 1 (the boundary) and
+    rows < 64 see 0 (below it).  `ties_before_row_64` ({row: count}) are synthetic tie counts of
+    rows < 64, standing for a far larger batch.  Returns the N slots' (rows, cols)."""
     kernels = _kernels()
-    batch, dim, n = 128, 4, 10
-    # rows 0-63: one label, direction e0; rows 64-127: distinct labels, direction e1.  The
-    # negatives among rows 64+ have similarity 1 (the boundary, all ties); those of rows < 64
-    # have similarity 0 (below it): only rows >= 64 can write.
+    batch, dim, n = PASS4_BATCH, 4, PASS4_SELECTED
     s = torch.zeros(batch, dim, dtype=torch.float32, device=DEVICE)
     s[:64, 0] = 2.0
     s[64:, 1] = 2.0
@@ -159,7 +158,8 @@ def test_pass4_tie_prefix_past_int32():
     state[OVERFLOW], state[NUM_SELECTED], state[NUM_GREATER], state[BOUNDARY] = 1, n, 0, descending_key(1.0)
     row_greater = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
     row_equal = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
-    row_equal[1], row_equal[2], row_equal[63] = INT32_MAX, 2, INT32_MAX  # 2^32 ties before row 64
+    for row, count in ties_before_row_64.items():
+        row_equal[row] = count
     row_equal[64:] = torch.arange(63, -1, -1, dtype=torch.int32)  # the true ties of rows 64+
     rows = torch.full((n,), batch, dtype=torch.int64, device=DEVICE)
     cols = rows.clone()
@@ -168,36 +168,28 @@ def test_pass4_tie_prefix_past_int32():
     kernels.hardest_negatives_kernel[(2,)](
         s, s_inv, labels, batch, dim, state, row_greater, row_equal, spare32, spare64, spare32, spare32, 1, rows, cols,
         TILE=64, BLOCK_K=32, S_PRECISION="ieee", BLOCK_C=64, CHUNK=64, PREFIX_BLOCK=1024)
-    assert rows.tolist() == [batch] * n, f"rows after 2^32 ties took slots: {rows.tolist()}"
-    assert cols.tolist() == [batch] * n
+    return rows.tolist(), cols.tolist()
+
+
+@needs_triton
+def test_pass4_tie_prefix_past_int32():
+    """Pass 4 places the boundary ties in row-major order from per-row prefix sums.  With
+    collapsed embeddings nearly every pair ties, and from B = 65537 on the ties before a row
+    pass 2^31: an int32 prefix wraps (here to 0), the row block takes ties it must not (or
+    writes at negative slots).  Rows 0-63 report 2^32 ties (synthetic, as B = 92682 would), so
+    the rows after them must take none."""
+    rows, cols = run_pass4({1: INT32_MAX, 2: 2, 63: INT32_MAX})  # 2^32 ties before row 64
+    assert rows == [PASS4_BATCH] * PASS4_SELECTED, f"rows after 2^32 ties took slots: {rows}"
+    assert cols == [PASS4_BATCH] * PASS4_SELECTED
 
 
 @needs_triton
 def test_pass4_tie_prefix_below_the_clamp_still_places_ties():
     """The clamp of the prefix (to the ties still wanted) keeps the slots of rows that do take
     ties: 7 ties before row 64, N = 10, so row 64 takes its first 3 ties at slots 7-9."""
-    kernels = _kernels()
-    batch, dim, n = 128, 4, 10
-    s = torch.zeros(batch, dim, dtype=torch.float32, device=DEVICE)
-    s[:64, 0] = 2.0
-    s[64:, 1] = 2.0
-    s_inv = torch.full((batch,), 0.5, dtype=torch.float32, device=DEVICE)
-    labels = torch.cat([torch.zeros(64, dtype=torch.int64), torch.arange(1, 65)]).to(DEVICE)
-    state = torch.zeros(8, dtype=torch.int64, device=DEVICE)
-    state[OVERFLOW], state[NUM_SELECTED], state[NUM_GREATER], state[BOUNDARY] = 1, n, 0, descending_key(1.0)
-    row_greater = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
-    row_equal = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
-    row_equal[5] = 7
-    row_equal[64:] = torch.arange(63, -1, -1, dtype=torch.int32)
-    rows = torch.full((n,), batch, dtype=torch.int64, device=DEVICE)
-    cols = rows.clone()
-    spare32 = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    spare64 = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    kernels.hardest_negatives_kernel[(2,)](
-        s, s_inv, labels, batch, dim, state, row_greater, row_equal, spare32, spare64, spare32, spare32, 1, rows, cols,
-        TILE=64, BLOCK_K=32, S_PRECISION="ieee", BLOCK_C=64, CHUNK=64, PREFIX_BLOCK=1024)
-    assert rows.tolist() == [batch] * 7 + [64] * 3
-    assert cols.tolist() == [batch] * 7 + [65, 66, 67]
+    rows, cols = run_pass4({5: 7})
+    assert rows == [PASS4_BATCH] * 7 + [64] * 3
+    assert cols == [PASS4_BATCH] * 7 + [65, 66, 67]
 
 
 @needs_triton
