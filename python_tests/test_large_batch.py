@@ -16,14 +16,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from ekd_kernels import EKDConfig, ekd_loss  # noqa: E402
-from ekd_kernels import csrc_ops, reference, triton_ekd  # noqa: E402
-from ekd_kernels.config import fpr_fraction  # noqa: E402
-from ekd_kernels.validation import check_batch_limit  # noqa: E402
-import helpers  # noqa: E402
+# conftest.py has set TRITON_INTERPRET=1 on a machine without a GPU before this module loads.
+from ekd_kernels import EKDConfig, ekd_loss
+from ekd_kernels import csrc_ops, reference, triton_ekd
+from ekd_kernels.config import fpr_fraction
+from ekd_kernels.validation import check_batch_limit
+import helpers
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
