@@ -124,6 +124,63 @@ def test_duplicated_rows_and_zero_row():
     compare(student, teacher, labels, steps=2, num_hard_negatives=333)
 
 
+def _sign_rows(count, dim, generator):
+    """Rows of +-1: norm sqrt(dim), a power of 2 for dim = 4^k, so every similarity is an exact
+    multiple of 1/dim whatever the order the dot sums in (and 0 for a zero row)."""
+    return torch.randint(0, 2, (count, dim), generator=generator).double() * 2 - 1
+
+
+def _descending_keys(similarity):
+    """kernels._descending_key of fp32 values, as int64 in [0, 2^32)."""
+    bits = similarity.float().view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
+
+
+def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch):
+    """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
+    (kernels._histogram_add), per element elsewhere.  A batch with all three kinds, exact
+    similarities: both passes' histograms must be the counts of the negatives' keys exactly.
+    Rows 0-63 (tile 0) are copies of one row: tile (0, 0) collapses into one bin, positives
+    excluded; in rows 64-127 every third row is zero (its similarities all 0: uniform rows among
+    mixed ones); the rest are random signs, and rows 128-149 hold a few more copies.  Checked to
+    fail when any of the three kinds of atomic adds a wrong count."""
+    generator = torch.Generator().manual_seed(11)
+    batch = 150
+    student, teacher = _sign_rows(batch, 16, generator), _sign_rows(batch, 4, generator)
+    student[:64] = student[0]
+    student[64:128:3] = 0.0
+    student[130:150:5] = student[0]
+    teacher[:64] = teacher[3]
+    teacher[65:128:3] = 0.0
+    # sorted: the kernels' row order (a stable label sort) is the batch's, and tiles are as above
+    labels = torch.randint(0, 100, (batch,), generator=generator).sort().values
+    scratch = []
+    carve = triton_ekd._carve
+
+    def recording_carve(dtype, device, **shapes):
+        buffer, views = carve(dtype, device, **shapes)
+        scratch.append(views)
+        return buffer, views
+
+    monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
+    crit = EKDLoss(backend="triton")
+    crit(student.float().to(DEVICE), teacher.float().to(DEVICE), labels.to(DEVICE))
+    w32 = next(views for views in scratch if "coarse" in views)
+    coarse, fine, buckets = (w32[name].cpu() for name in ("coarse", "fine", "bucket"))
+
+    upper = torch.ones(batch, batch, dtype=torch.bool).triu(1)
+    negative = upper & (labels[:, None] != labels[None, :])
+    num_targets = crit.config.num_thresholds + 1  # the K thresholds and the top-N boundary
+    for model, (x, targets) in enumerate(((student, num_targets), (teacher, crit.config.num_thresholds))):
+        x = torch.nn.functional.normalize(x, dim=1)
+        keys = _descending_keys(x @ x.t())[negative]
+        assert torch.equal(coarse[model], torch.bincount(keys >> 16, minlength=1 << 16).int()), f"model {model}"
+        for target in range(targets):
+            inside = keys >> 16 == int(buckets[model, target])
+            want = torch.bincount(keys[inside] & 0xFFFF, minlength=1 << 16).int()
+            assert torch.equal(fine[model, target], want), f"model {model}, target {target}"
+
+
 def test_non_contiguous_and_expanded_inputs():
     student, teacher, labels = make_batch(50, 30, 20, 9, seed=5)
     transposed = student.t().contiguous().t()                      # column-major view

@@ -251,6 +251,28 @@ def _group_end(labels_ptr, row, batch, BLOCK: tl.constexpr):
 
 # --------------------------------------------------------------------------- stage 3: thresholds
 @triton.jit
+def _histogram_add(hist_ptr, bins, mask):
+    """hist[bins] += 1 where `mask`, for a tile of bins (values in [0, NUM_BUCKETS)).
+
+    One atomic for the whole tile when its counted elements all share one bin, one per row for
+    the rows whose counted elements do, one per element elsewhere.  Why: atomics to the same
+    address serialise where they land (about one per clock), and collapsed similarities (a dead
+    or freshly initialised student, zero rows) put every pair in one bin, i.e. B^2 same-address
+    atomics a pass; this way a collapsed tile costs one.  The counts are integers, exact in any
+    order: the histogram is the same as per-element atomics give.
+    """
+    lowest = tl.min(tl.where(mask, bins, NUM_BUCKETS), axis=1)
+    highest = tl.max(tl.where(mask, bins, -1), axis=1)
+    row_count = tl.sum(mask.to(tl.int32), axis=1)
+    row_uniform = lowest == highest  # a row with nothing counted has lowest > highest
+    tile_lowest = tl.min(lowest, axis=0)
+    tile_uniform = tile_lowest == tl.max(highest, axis=0)
+    tl.atomic_add(hist_ptr + tile_lowest, tl.sum(row_count, axis=0), mask=tile_uniform, sem="relaxed")
+    tl.atomic_add(hist_ptr + lowest, row_count, mask=row_uniform & (tile_uniform == 0), sem="relaxed")
+    tl.atomic_add(hist_ptr + bins, 1, mask=mask & (row_uniform == 0)[:, None], sem="relaxed")
+
+
+@triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                             hist_s_ptr, hist_t_ptr, state_ptr,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -268,10 +290,8 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    bucket_a = (_descending_key(a) >> RADIX_BITS).to(tl.int32)
-    bucket_b = (_descending_key(b) >> RADIX_BITS).to(tl.int32)
-    tl.atomic_add(hist_s_ptr + bucket_a, 1, mask=negative, sem="relaxed")
-    tl.atomic_add(hist_t_ptr + bucket_b, 1, mask=negative, sem="relaxed")
+    _histogram_add(hist_s_ptr, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
+    _histogram_add(hist_t_ptr, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
     num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
 
@@ -355,7 +375,7 @@ def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative):
     low = (key & 0xFFFF).to(tl.int32)
     for target in range(num_targets):
         bucket = tl.load(target_bucket_ptr + target)
-        tl.atomic_add(hist_ptr + target * NUM_BUCKETS + low, 1, mask=negative & (high == bucket), sem="relaxed")
+        _histogram_add(hist_ptr + target * NUM_BUCKETS, low, negative & (high == bucket))
 
 
 @triton.jit
