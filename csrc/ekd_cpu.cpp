@@ -715,10 +715,13 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
 
   const at::TensorOptions state_options = student_thresholds.options();
   const at::TensorOptions compute_options = prep.student_hat.options();
-  const at::Tensor batch_student =
-      at::tensor(student_sel.batch_thresholds, compute_options).to(state_options.dtype());
-  const at::Tensor batch_teacher =
-      at::tensor(teacher_sel.batch_thresholds, compute_options).to(state_options.dtype());
+  // A non-finite batch's statistics read as NaN (batch thresholds and terms), as on every backend.
+  const auto batch_values = [&](const ModelSelection<T>& sel) {
+    const at::Tensor values = at::tensor(sel.batch_thresholds, compute_options).to(state_options.dtype());
+    return all_finite_host ? values : at::full_like(values, NAN);
+  };
+  const at::Tensor batch_student = batch_values(student_sel);
+  const at::Tensor batch_teacher = batch_values(teacher_sel);
   const at::Tensor finite = at::scalar_tensor(all_finite_host, at::TensorOptions().dtype(at::kBool));
   const at::Tensor valid = at::logical_and(finite, at::scalar_tensor(num_negative > 0 && options.update_thresholds,
                                                                      finite.options()));
@@ -780,7 +783,9 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   at::Tensor loss_tensor = at::scalar_tensor(loss, compute_options);
   // A non-finite batch reads as NaN (a gradient scaler then skips the step).
   loss_tensor = at::where(finite, loss_tensor, at::full_like(loss_tensor, NAN));
-  const at::Tensor terms = at::tensor(std::vector<T>{positive_term, negative_term}, compute_options);
+  // The terms too, as every backend reports them (reference.py).
+  at::Tensor terms = at::tensor(std::vector<T>{positive_term, negative_term}, compute_options);
+  terms = at::where(finite, terms, at::full_like(terms, NAN));
   return {loss_tensor, new_student, new_teacher, batch_student, batch_teacher, counts, terms,
           selected_pairs, selected_grads, at::scalar_tensor(positive_scale, compute_options)};
 }

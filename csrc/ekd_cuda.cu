@@ -637,9 +637,12 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, options, false);
   const at::Tensor batch_student_c = request_values<T>(student_req, k, compute_options);
   const at::Tensor batch_teacher_c = request_values<T>(teacher_req, k, compute_options);
-  const at::Tensor batch_student = batch_student_c.to(student_thresholds.scalar_type());
-  const at::Tensor batch_teacher = batch_teacher_c.to(student_thresholds.scalar_type());
   const at::Tensor finite = all_finite(student, teacher);
+  // A non-finite batch's statistics read as NaN (batch thresholds and terms), as on every backend.
+  const at::Tensor batch_student =
+      at::where(finite, batch_student_c, at::full_like(batch_student_c, NAN)).to(student_thresholds.scalar_type());
+  const at::Tensor batch_teacher =
+      at::where(finite, batch_teacher_c, at::full_like(batch_teacher_c, NAN)).to(student_thresholds.scalar_type());
   const at::Tensor valid = finite.logical_and(num_negative > 0).logical_and(
       at::scalar_tensor(options.update_thresholds, finite.options()));
   const at::Tensor new_student = ema_update(student_thresholds, batch_student, options.momentum, valid);
@@ -716,6 +719,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
                                        num_critical_selected, num_critical_pairs});
   // A non-finite batch reads as NaN (a gradient scaler then skips the step).
   loss = at::where(finite, loss, at::full_like(loss, NAN));
+  terms = at::where(finite, terms, at::full_like(terms, NAN));  // the terms too, as every backend
   return {loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms,
           selection.pairs, selected_grads, positive_scale};
 }

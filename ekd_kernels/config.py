@@ -7,15 +7,24 @@ lists what each option means.  Every backend receives the same frozen ``EKDConfi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
 from fractions import Fraction
 from typing import Tuple
+
+import numpy
 
 #: False-positive rates of the thresholds, 1e-1 first (the authors' anchors 10 ... 1e6).
 DEFAULT_FPRS: Tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 RANK_LOSSES = ("soft_rank", "eq7", "eq8")
 NEGATIVE_SELECTIONS = ("hardest", "random")
+#: Smallest temperature: the smallest normal float32.  The kernels divide by tau in fp32, where a
+#: smaller value is subnormal or 0 (0 / 0 is NaN).
+MIN_TEMPERATURE = 2.0**-126
+#: Largest N: the compiled ops take it as a 64-bit integer.
+MAX_HARD_NEGATIVES = 2**63 - 1
 
 
 def fpr_fraction(fpr: float) -> Fraction:
@@ -25,6 +34,17 @@ def fpr_fraction(fpr: float) -> Fraction:
     L // 1000000 - 1 for some L because 1e-6 is stored slightly below 1/1000000.
     """
     return Fraction(fpr).limit_denominator(10**12)
+
+
+def _real(name: str, value) -> float:
+    """`value` as a finite float; ValueError naming `name` for anything else (bool, str, None, a
+    tensor: ``float()`` would take some of those silently)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,28 +74,47 @@ class EKDConfig:
     compute_critical_ratio: bool = False
 
     def __post_init__(self):
-        fprs = tuple(float(f) for f in self.fprs)
-        object.__setattr__(self, "fprs", fprs)
+        # Types first: a string "False" from a config file must not switch a variant on, nor a
+        # tensor or bool stand for a number.  The checked values are stored as plain Python types.
+        fprs = self.fprs
+        if isinstance(fprs, (str, bytes)) or not hasattr(fprs, "__iter__"):
+            raise ValueError(f"fprs must be a sequence of false-positive rates, got {fprs!r}")
+        fprs = tuple(_real("every FPR", f) for f in fprs)
         if len(fprs) == 0:
             raise ValueError("fprs must hold at least one false-positive rate, got an empty list")
         for f in fprs:
             if not (0.0 < f < 1.0):
                 raise ValueError(f"every FPR must lie in (0, 1), got {f!r} in fprs={fprs}")
-        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite positive number, got {self.temperature!r}")
-        if isinstance(self.num_hard_negatives, bool) or int(self.num_hard_negatives) != self.num_hard_negatives \
-                or self.num_hard_negatives < 0:
-            raise ValueError(f"num_hard_negatives must be a non-negative integer, got {self.num_hard_negatives!r}")
-        object.__setattr__(self, "num_hard_negatives", int(self.num_hard_negatives))
-        if not (0.0 <= self.momentum <= 1.0):
+            if fpr_fraction(f) >= 1:  # the index floor(L * fpr) is read from this fraction
+                raise ValueError(f"every FPR must lie in (0, 1): {f!r} in fprs={fprs} is within 1e-12 of 1, and the "
+                                 "threshold index floor(L * fpr) reads an FPR as the nearest fraction with a "
+                                 "denominator of at most 10^12, which is 1 here")
+        set_field = functools.partial(object.__setattr__, self)
+        set_field("fprs", fprs)
+        temperature = _real("temperature", self.temperature)
+        if not temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:.8g} (the smallest normal "
+                             f"float32: the loss divides by it in fp32), got {self.temperature!r}")
+        set_field("temperature", temperature)
+        n = self.num_hard_negatives
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or int(n) != n \
+                or not 0 <= n <= MAX_HARD_NEGATIVES:
+            raise ValueError(f"num_hard_negatives must be an integer in [0, 2^63 - 1], got {n!r}")
+        set_field("num_hard_negatives", int(n))
+        momentum = _real("momentum", self.momentum)
+        if not (0.0 <= momentum <= 1.0):
             raise ValueError(f"momentum must lie in [0, 1], got {self.momentum!r}")
+        set_field("momentum", momentum)
         for name in ("positive_weight", "negative_weight"):
-            w = getattr(self, name)
-            if not math.isfinite(w):
-                raise ValueError(f"{name} must be finite, got {w!r}")
-        if self.rank_loss not in RANK_LOSSES:
+            set_field(name, _real(name, getattr(self, name)))
+        for name in ("critical_only", "compute_critical_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, numpy.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+            set_field(name, bool(value))
+        if not isinstance(self.rank_loss, str) or self.rank_loss not in RANK_LOSSES:
             raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
-        if self.negative_selection not in NEGATIVE_SELECTIONS:
+        if not isinstance(self.negative_selection, str) or self.negative_selection not in NEGATIVE_SELECTIONS:
             raise ValueError(
                 f"negative_selection must be one of {NEGATIVE_SELECTIONS}, got {self.negative_selection!r}")
 

@@ -838,10 +838,13 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     # value: the global loss; gradient: W times this rank's share (the gather's backward sums shares)
     loss = world * local + (terms[2] - world * local).detach()
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    # a non-finite batch's statistics read as NaN, as on every backend (reference.py)
+    nan = torch.tensor(float("nan"), device=device)
+    terms = torch.where(finite, terms, nan)
 
     stats = EKDStats(
-        batch_student_thresholds=batch_student.to(student_thresholds.dtype),
-        batch_teacher_thresholds=batch_teacher.to(teacher_thresholds.dtype),
+        batch_student_thresholds=torch.where(finite, batch_student, nan).to(student_thresholds.dtype),
+        batch_teacher_thresholds=torch.where(finite, batch_teacher, nan).to(teacher_thresholds.dtype),
         student_thresholds=new_student, teacher_thresholds=new_teacher,
         num_positive_pairs=torch.tensor(num_positives, device=device),
         num_negative_pairs=torch.tensor(num_negatives, device=device),

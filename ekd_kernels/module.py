@@ -39,7 +39,7 @@ class EKDLoss(nn.Module):
                  negative_selection: str = "hardest", compute_critical_ratio: bool = False,
                  backend: str = "auto", generator: Optional[torch.Generator] = None, process_group=None):
         super().__init__()
-        self.config = EKDConfig(fprs=tuple(fprs), temperature=temperature, num_hard_negatives=num_hard_negatives,
+        self.config = EKDConfig(fprs=fprs, temperature=temperature, num_hard_negatives=num_hard_negatives,
                                 momentum=momentum, positive_weight=positive_weight,
                                 negative_weight=negative_weight, critical_only=critical_only,
                                 rank_loss=rank_loss, negative_selection=negative_selection,

@@ -108,6 +108,7 @@ def ema_update(previous: torch.Tensor, batch: torch.Tensor, momentum: float, val
     `valid` is a 0-d bool tensor (the batch had negatives and finite embeddings), applied with
     torch.where so that no host synchronisation is needed.  Same operation order as the authors.
     """
+    previous = previous.detach()  # thresholds carry no gradient (SPEC 8), even from a state that requires one
     updated = momentum * batch.to(previous.dtype) + (1 - momentum) * previous
     return torch.where(valid, updated, previous)
 
@@ -259,17 +260,20 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     def count(mask: torch.Tensor) -> torch.Tensor:
         return mask.sum(dtype=torch.int64)
 
+    nan = torch.tensor(float("nan"), device=student.device)
     stats = EKDStats(
-        batch_student_thresholds=batch_student.to(state_dtype),
-        batch_teacher_thresholds=batch_teacher.to(state_dtype),
+        # a non-finite batch's statistics read as NaN, on every backend (the sort and the clamps
+        # may leave some of them finite)
+        batch_student_thresholds=torch.where(finite, batch_student, nan).to(state_dtype),
+        batch_teacher_thresholds=torch.where(finite, batch_teacher, nan).to(state_dtype),
         student_thresholds=new_student,
         teacher_thresholds=new_teacher,
         num_positive_pairs=count(pairs.is_positive),
         num_negative_pairs=count(negative),
         num_selected_negatives=torch.tensor(selected.numel(), dtype=torch.int64, device=student.device),
         num_critical_selected=count(critical_pos) + count(critical_sel),
-        positive_term=positive_term,
-        negative_term=negative_term,
+        positive_term=torch.where(finite, positive_term, nan.to(positive_term.dtype)),
+        negative_term=torch.where(finite, negative_term, nan.to(negative_term.dtype)),
     )
     if config.compute_critical_ratio:
         critical_all = critical_mask(pairs.student, pairs.teacher, st, tt)

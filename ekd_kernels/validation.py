@@ -79,3 +79,7 @@ def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch
                              "(the embeddings may stay low precision)")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
+    if student_thresholds.dtype != teacher_thresholds.dtype:
+        # one state dtype for both models: the compiled ops take a single one
+        raise ValueError(f"student_thresholds and teacher_thresholds must have the same dtype, got "
+                         f"{student_thresholds.dtype} and {teacher_thresholds.dtype}")

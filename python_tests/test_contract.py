@@ -258,6 +258,53 @@ def test_bad_options_raise_value_error():
             EKDLoss(**options)
 
 
+@pytest.mark.parametrize("options, match", [
+    # a string from a config file or the command line must not switch a variant on
+    (dict(critical_only="False"), "critical_only must be True or False"),
+    (dict(compute_critical_ratio=1), "compute_critical_ratio must be True or False"),
+    (dict(critical_only=None), "critical_only must be True or False"),
+    # numbers must be numbers: no str, None, bool or tensor standing for one
+    (dict(temperature="0.01"), "temperature must be a real number"),
+    (dict(temperature=None), "temperature must be a real number"),
+    (dict(temperature=True), "temperature must be a real number"),
+    (dict(momentum=True), "momentum must be a real number"),
+    (dict(momentum=torch.tensor(0.01)), "momentum must be a real number"),
+    (dict(positive_weight="1"), "positive_weight must be a real number"),
+    (dict(negative_weight=float("inf")), "negative_weight must be finite"),
+    (dict(fprs=0.1), "fprs must be a sequence"),
+    (dict(fprs="0.1"), "fprs must be a sequence"),
+    (dict(fprs=(0.1, None)), "every FPR must be a real number"),
+    # an FPR within 1e-12 of 1 reads as the fraction 1: index L, past the last negative
+    (dict(fprs=(0.1, 0.999999999999999)), r"within 1e-12 of 1"),
+    (dict(num_hard_negatives=float("inf")), "num_hard_negatives must be an integer"),
+    (dict(num_hard_negatives=float("nan")), "num_hard_negatives must be an integer"),
+    (dict(num_hard_negatives=2**70), "num_hard_negatives must be an integer"),
+    (dict(num_hard_negatives="2000"), "num_hard_negatives must be an integer"),
+    # tau is divided by in fp32, where 1e-300 is 0
+    (dict(temperature=1e-300), "temperature must be a finite number >="),
+    (dict(rank_loss=["eq7"]), "rank_loss must be one of"),
+])
+def test_option_types_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        EKDConfig(**options)
+    with pytest.raises(ValueError, match=match):
+        EKDLoss(**options)
+
+
+def test_options_are_stored_as_python_values():
+    """numpy scalars and arrays are numbers and sequences like any other; the config holds plain
+    floats, ints and bools, whatever the caller passed."""
+    import numpy
+
+    config = EKDConfig(fprs=numpy.array([0.1, 0.01]), temperature=numpy.float32(0.5), num_hard_negatives=numpy.int64(7),
+                       momentum=0, positive_weight=1, critical_only=numpy.bool_(True))
+    assert config.fprs == (0.1, 0.01) and type(config.fprs[0]) is float
+    assert type(config.temperature) is float and config.temperature == 0.5
+    assert type(config.num_hard_negatives) is int and config.num_hard_negatives == 7
+    assert type(config.momentum) is float and type(config.positive_weight) is float
+    assert config.critical_only is True
+
+
 def test_no_positive_pair_gives_zero_positive_term(backend, device):
     student, teacher, _ = make_batch(10, device=device)
     crit = EKDLoss(backend=backend).to(device)
@@ -328,6 +375,10 @@ def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where)
     student.requires_grad_(True)
     loss = crit(student, teacher, labels)
     assert torch.isnan(loss)
+    # its statistics too, on every backend (a logger must not show finite terms beside a NaN loss)
+    stats = crit.last_stats
+    for name in ("positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds"):
+        assert torch.isnan(getattr(stats, name)).all(), f"{name}: {getattr(stats, name)}"
     # a gradient scaler decides from the gradients, not the loss: they must not look usable
     loss.backward()
     assert not torch.isfinite(student.grad).all()
@@ -444,6 +495,24 @@ def test_functional_rejects_bad_thresholds(device):
     with pytest.raises(ValueError, match="must be a floating|must be float32"):
         ekd_loss(student, teacher, labels, torch.zeros(6, dtype=torch.int64, device=device),
                  torch.zeros(6, device=device))
+    with pytest.raises(ValueError, match="must have the same dtype, got torch.float64 and torch.float32"):
+        ekd_loss(student, teacher, labels, torch.zeros(6, dtype=torch.float64, device=device),
+                 torch.zeros(6, device=device))
+
+
+def test_thresholds_carry_no_gradient(backend, device):
+    """SPEC 8: the gradient flows to the student only, even when the caller's threshold state
+    requires one; the results are those of a state that does not."""
+    student, teacher, labels = make_batch(12, device=device)
+    previous = [torch.linspace(-0.2, 0.3, 6, device=device), torch.linspace(0.1, 0.5, 6, device=device)]
+    tracked = [t.clone().requires_grad_() for t in previous]
+    leaf = student.clone().requires_grad_()
+    got = ekd_loss(leaf, teacher, labels, *tracked, backend=backend)
+    want = ekd_loss(student, teacher, labels, *previous, backend=backend)
+    got.loss.backward()
+    assert all(t.grad is None for t in tracked) and leaf.grad is not None
+    assert not got.student_thresholds.requires_grad and not got.teacher_thresholds.requires_grad
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.student_thresholds, want.student_thresholds)
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16"])

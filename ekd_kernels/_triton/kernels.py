@@ -456,7 +456,7 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
                        SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
     """After pass 2, program (target, model): the exact key of the target's rank, then
 
-    - a threshold target: the batch threshold (NaN when L = 0), the EMA update of that
+    - a threshold target: the batch threshold (NaN when L = 0 or the batch is not finite), the EMA update of that
       threshold (only when the embeddings are finite, L > 0 and update_thresholds: one bad
       batch must not poison the state) and its fp32 copy for the loss kernels (thresholds_used);
     - the top-N target: the boundary key and the number of negatives strictly above it, and
@@ -474,8 +474,9 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
     key = bucket * NUM_BUCKETS + low
     num_negative = tl.load(state_ptr + NUM_NEGATIVE)
     if target < num_thresholds:
-        batch_value = tl.where(num_negative > 0, _key_to_float(key), _nan())
         finite = tl.load(state_ptr + NONFINITE) == 0
+        # NaN without negatives, and for a non-finite batch (its statistics read as NaN on every backend)
+        batch_value = tl.where((num_negative > 0) & finite, _key_to_float(key), _nan())
         valid = finite & (num_negative > 0) & (update_thresholds != 0)
         if model == 0:
             _ema_update(previous_s_ptr, previous_s_stride, new_s_ptr, batch_s_ptr, used_ptr + target, target,
@@ -901,8 +902,8 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
     tl.store(counts_ptr + 2, tl.sum(filled, axis=0))
     tl.store(counts_ptr + 3, critical_positive_count + tl.sum(critical_selected, axis=0))
     tl.store(counts_ptr + 4, critical_all)
-    tl.store(terms_ptr + 0, positive_term)
-    tl.store(terms_ptr + 1, negative_term)
+    tl.store(terms_ptr + 0, tl.where(finite, positive_term, _nan()))
+    tl.store(terms_ptr + 1, tl.where(finite, negative_term, _nan()))
     tl.store(terms_ptr + 2, tl.div_rn(critical_all.to(tl.float32), num_pairs_float))
 
 
