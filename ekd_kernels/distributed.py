@@ -862,13 +862,14 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                         update_thresholds=True, generator=None, group=None) -> EKDResult:
     """``ekd_sharded`` after the input checks (each rank's part may hold any number of rows)."""
-    from .validation import check_embeddings_and_labels, check_thresholds
+    from .validation import check_embeddings_and_labels, check_generator, check_thresholds
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("EKDLoss(process_group=...) needs torch.distributed to be initialised "
                            "(torch.distributed.init_process_group)")
     check_embeddings_and_labels(student, teacher, labels, min_rows=0)
     check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
+    check_generator(generator)
     with autocast_off(student.device):  # as ekd_loss: low precision is computed in fp32
         return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                            update_thresholds=update_thresholds, generator=generator, group=group)

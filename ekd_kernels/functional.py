@@ -10,7 +10,7 @@ from .backends import resolve_backend
 from .config import EKDConfig
 from .reference import autocast_off
 from .result import EKDResult
-from .validation import check_embeddings_and_labels, check_thresholds
+from .validation import check_embeddings_and_labels, check_generator, check_thresholds
 
 
 def initial_thresholds(config: EKDConfig, device=None) -> torch.Tensor:
@@ -43,6 +43,9 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         config = EKDConfig(**options)
     elif options:
         raise ValueError(f"pass either config= or option keywords, not both (got {sorted(options)})")
+    elif not isinstance(config, EKDConfig):
+        raise ValueError(f"config must be an EKDConfig (or pass the options as keywords), got {type(config).__name__}")
+    check_generator(generator)
     check_embeddings_and_labels(student, teacher, labels)
     if student_thresholds is None:
         student_thresholds = initial_thresholds(config, student.device)

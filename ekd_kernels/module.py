@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -11,6 +11,10 @@ from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
 from .result import EKDStats
+from .validation import check_generator
+
+_THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
+_EXTRA_STATE = "_extra_state"
 
 
 class EKDLoss(nn.Module):
@@ -21,7 +25,11 @@ class EKDLoss(nn.Module):
 
     Buffers (saved in ``state_dict``): ``student_thresholds`` and ``teacher_thresholds``, the K
     EMA thresholds in FPR order (1e-1 first). They update in training mode (the default) and
-    stay frozen in ``eval()`` mode.  ``last_stats`` holds the ``EKDStats`` of the last call.
+    stay frozen in ``eval()`` mode; casts to 16 bits (``.half()``, ``.bfloat16()``, say with the
+    model the loss sits in) leave them in fp32, where the EMA does not stall.  The state_dict
+    also holds the FPRs (a checkpoint of other FPRs is refused) and the state of the module's
+    own ``generator``, so that resuming continues the same random draws.  ``last_stats`` holds the
+    ``EKDStats`` of the last call.
 
     ``process_group``: compute the loss of the global batch (every rank's rows concatenated)
     sharded over the ranks of this torch.distributed group; each rank passes its own rows
@@ -45,6 +53,7 @@ class EKDLoss(nn.Module):
                                 rank_loss=rank_loss, negative_selection=negative_selection,
                                 compute_critical_ratio=compute_critical_ratio)
         check_backend_name(backend)
+        check_generator(generator)
         preload(backend)
         self.backend = backend
         self.generator = generator
@@ -57,6 +66,15 @@ class EKDLoss(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The loss of one batch (0-d, fp32); updates the thresholds in training mode."""
+        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            # A forward inside a backward pass: activation checkpointing recomputing this call.
+            # It would see the thresholds this call already updated (and update them again), so
+            # its gradient would belong to another loss: refuse rather than corrupt it silently.
+            raise RuntimeError(
+                "EKDLoss ran in training mode inside a backward pass, as under torch.utils.checkpoint's "
+                "recomputation: it updates its thresholds in forward, so the recomputed loss would use the "
+                "updated state and give a wrong gradient. Call the loss outside the checkpointed region (its "
+                "backward keeps no B x B activations to free), or checkpoint ekd_loss with explicit thresholds")
         if isinstance(student, torch.Tensor) and self.student_thresholds.device != student.device:
             raise ValueError(
                 f"the EKDLoss thresholds are on {self.student_thresholds.device} but the embeddings are on "
@@ -77,9 +95,72 @@ class EKDLoss(nn.Module):
         self.last_stats = result.stats
         return result.loss
 
+    # ------------------------------------------------------------------ state
+    #: 2: the state_dict holds _extra_state (FPRs, generator state); 1 (or none): thresholds only.
+    _version = 2
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """What else a resumed run needs: the FPRs the thresholds belong to, and the state of the
+        module's own generator (negative_selection="random")."""
+        state: Dict[str, Any] = {"fprs": list(self.config.fprs)}
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        # The FPRs were compared before anything was copied (_load_from_state_dict).
+        if self.generator is not None and state.get("generator_state") is not None:
+            self.generator.set_state(state["generator_state"])
+
+    def _checkpoint_problems(self, state_dict: Dict[str, Any], prefix: str) -> List[str]:
+        """Why a checkpoint cannot be this module's state: thresholds of other FPRs (same K would
+        load silently) or non-finite ones (this module never holds them: a corrupted file)."""
+        problems = []
+        extra = state_dict.get(prefix + _EXTRA_STATE)
+        if isinstance(extra, dict) and "fprs" in extra and tuple(extra["fprs"]) != self.config.fprs:
+            problems.append(f"{prefix}student_thresholds / teacher_thresholds belong to fprs={tuple(extra['fprs'])}, "
+                            f"but this EKDLoss has fprs={self.config.fprs}")
+        for name in _THRESHOLD_BUFFERS:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and not value.is_meta and not torch.isfinite(value).all():
+                problems.append(f"{prefix}{name} in the checkpoint is not finite ({value.tolist()}); an EKDLoss "
+                                "never holds such a state (a corrupted checkpoint?)")
+        return problems
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        problems = self._checkpoint_problems(state_dict, prefix)
+        if problems:  # nothing is copied: the module keeps its state, load_state_dict raises
+            error_msgs.extend(problems)
+            return
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        version = local_metadata.get("version") if local_metadata else None
+        if (version is None or version < 2) and prefix + _EXTRA_STATE in missing_keys[before:]:
+            missing_keys.remove(prefix + _EXTRA_STATE)  # a checkpoint from before the extra state
+        for name in _THRESHOLD_BUFFERS:  # load_state_dict(assign=True) may bring any layout
+            if not self._buffers[name].is_contiguous():
+                self._buffers[name] = self._buffers[name].contiguous()
+
+    def _apply(self, fn, recurse=True):
+        """Casts to 16 bits leave the thresholds in fp32 (on the new device): a 16-bit EMA would
+        stall (0.01 x a step is below bf16's resolution near 0.3), and rounding them would
+        change the state a checkpoint resumes from.  Every other cast applies as usual."""
+        thresholds = {id(self._buffers[name]) for name in _THRESHOLD_BUFFERS if self._buffers.get(name) is not None}
+
+        def keep_threshold_precision(t):
+            out = fn(t)
+            if id(t) in thresholds and out.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_threshold_precision, recurse)
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"fprs={c.fprs}, temperature={c.temperature}, num_hard_negatives={c.num_hard_negatives}, "
                 f"momentum={c.momentum}, weights=({c.positive_weight}, {c.negative_weight}), "
                 f"rank_loss={c.rank_loss!r}, critical_only={c.critical_only}, "
-                f"negative_selection={c.negative_selection!r}, backend={self.backend!r}")
+                f"negative_selection={c.negative_selection!r}, compute_critical_ratio={c.compute_critical_ratio}, "
+                f"backend={self.backend!r}")

@@ -8,11 +8,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                                min_rows: int = 2) -> None:
+                                min_rows: int = 2, what: str = "EKD") -> None:
     """Raise ValueError naming what is wrong with (student, teacher, labels); see SPEC.md, Edge cases.
 
     min_rows: 2 for a whole batch; the sharded path checks each rank's part with 0 (the global
-    batch is checked after the gather).
+    batch is checked after the gather).  what: the loss named by the batch-size message ("EKD
+    needs a batch of at least 2 ..."); the other losses pass their own name.
     """
     for name, x in (("student", student), ("teacher", teacher), ("labels", labels)):
         if not isinstance(x, torch.Tensor):
@@ -29,7 +30,7 @@ def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, la
             f"student and teacher must have the same number of rows, got {student.shape[0]} and {teacher.shape[0]}")
     batch = student.shape[0]
     if batch < min_rows:
-        raise ValueError(f"EKD needs a batch of at least 2 embeddings to form a pair, got B={batch}")
+        raise ValueError(f"{what} needs a batch of at least 2 embeddings to form a pair, got B={batch}")
     if labels.dim() != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must be 1-D of length B={batch}, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -43,12 +44,13 @@ def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, la
 def check_embedding_pair(student: torch.Tensor, teacher: torch.Tensor, *, same_dim: bool = False,
                          labels: torch.Tensor = None, what: str = "this loss") -> None:
     """The checks above for losses without labels (RKD, SP, ...), plus equal widths for losses
-    that compare the two embeddings coordinate by coordinate."""
+    that compare the two embeddings coordinate by coordinate.  ``what`` names the loss in the
+    messages (B < 2, widths)."""
     if labels is None:
         rows = student.shape[0] if isinstance(student, torch.Tensor) and student.dim() >= 1 else 0
         device = student.device if isinstance(student, torch.Tensor) else "cpu"
         labels = torch.zeros(rows, dtype=torch.int64, device=device)
-    check_embeddings_and_labels(student, teacher, labels)
+    check_embeddings_and_labels(student, teacher, labels, what=what)
     if same_dim and student.shape[1] != teacher.shape[1]:
         raise ValueError(f"{what} compares student and teacher embeddings coordinate by coordinate: their widths "
                          f"must match, got {student.shape[1]} and {teacher.shape[1]} (project one of them first)")
@@ -83,3 +85,9 @@ def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch
         # one state dtype for both models: the compiled ops take a single one
         raise ValueError(f"student_thresholds and teacher_thresholds must have the same dtype, got "
                          f"{student_thresholds.dtype} and {teacher_thresholds.dtype}")
+
+
+def check_generator(generator) -> None:
+    """The random source of negative_selection="random": None or a torch.Generator."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r} ({type(generator).__name__})")

@@ -3,6 +3,7 @@ state handling and dtypes.  Runs on every backend available on every device (con
 
 import collections
 import copy
+import functools
 import io
 import math
 
@@ -291,6 +292,18 @@ def test_option_types_are_checked(options, match):
         EKDLoss(**options)
 
 
+def test_generator_and_config_types_are_checked():
+    student, teacher, labels = make_batch(8)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got 5"):
+        EKDLoss(generator=5)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got 5"):
+        EKDLoss()(student, teacher, labels, generator=5)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        ekd_loss(student, teacher, labels, negative_selection="random", generator=5)
+    with pytest.raises(ValueError, match="config must be an EKDConfig"):
+        ekd_loss(student, teacher, labels, config={"temperature": 0.1})
+
+
 def test_options_are_stored_as_python_values():
     """numpy scalars and arrays are numbers and sequences like any other; the config holds plain
     floats, ints and bools, whatever the caller passed."""
@@ -438,13 +451,14 @@ def test_buffers_state_dict_round_trip_resumes(backend, device):
     crit = EKDLoss(backend=backend).to(device)
     for b in batches[:2]:
         crit(*b)
-    assert set(crit.state_dict()) == {"student_thresholds", "teacher_thresholds"}
+    assert set(crit.state_dict()) == {"student_thresholds", "teacher_thresholds", "_extra_state"}
+    assert crit.state_dict()["_extra_state"] == {"fprs": list(DEFAULT_FPRS)}
     assert crit.student_thresholds.shape == (6,) and crit.student_thresholds.dtype == torch.float32
     buffer = io.BytesIO()
     torch.save(crit.state_dict(), buffer)
     resumed = EKDLoss(backend=backend).to(device)
     buffer.seek(0)
-    resumed.load_state_dict(torch.load(buffer))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(crit(*batches[2]), resumed(*batches[2]))
     assert torch.equal(crit.student_thresholds, resumed.student_thresholds)
     assert torch.equal(crit.teacher_thresholds, resumed.teacher_thresholds)
@@ -465,7 +479,7 @@ def test_eval_freezes_thresholds(backend, device):
     loss = crit(*make_batch(16, seed=1, device=device))
     assert torch.isfinite(loss)
     for k, v in crit.state_dict().items():
-        assert torch.equal(v, frozen[k])
+        assert torch.equal(v, frozen[k]) if isinstance(v, torch.Tensor) else v == frozen[k]
     crit.train()
     crit(*make_batch(16, seed=1, device=device))
     assert not torch.equal(crit.student_thresholds, frozen["student_thresholds"])
@@ -516,15 +530,108 @@ def test_thresholds_carry_no_gradient(backend, device):
 
 
 @pytest.mark.parametrize("cast", ["half", "bfloat16"])
-def test_module_cast_to_low_precision_says_so(backend, device, cast):
-    """A module cast with .half()/.bfloat16() (say, with the model it sits in) would keep its EMA
-    in 16 bits, where a step of 0.01 x the change vanishes: refused, with the remedy, before any
-    state changes."""
-    crit = getattr(EKDLoss(backend=backend).to(device), cast)()
-    with pytest.raises(ValueError, match=r"student_thresholds must be float32.*\.float\(\)"):
-        crit(*make_batch(8, device=device))
-    crit.float()
-    assert torch.isfinite(crit(*make_batch(8, device=device)))
+def test_module_cast_to_16_bits_keeps_fp32_thresholds(backend, device, cast):
+    """A module cast with .half()/.bfloat16() (say, with the model it sits in) keeps its EMA in
+    fp32, bit for bit: in 16 bits a step of 0.01 x the change vanishes, and the rounding would
+    change the state a run resumes from.  It then computes what an uncast module computes."""
+    batches = [make_batch(8, seed=s, device=device) for s in range(3)]
+    crit, plain = EKDLoss(backend=backend).to(device), EKDLoss(backend=backend).to(device)
+    for crit_ in (crit, plain):
+        crit_(*batches[0])
+    before = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
+    getattr(crit, cast)()
+    for name, value in zip(("student_thresholds", "teacher_thresholds"), before):
+        assert getattr(crit, name).dtype == torch.float32 and torch.equal(getattr(crit, name), value), name
+    low = [(s.to(getattr(torch, cast if cast != "half" else "float16")), t, lab) for s, t, lab in batches[1:]]
+    for b in low:
+        assert torch.equal(crit(*b), plain(*b))
+        assert torch.equal(crit.student_thresholds, plain.student_thresholds)
+        assert torch.equal(crit.teacher_thresholds, plain.teacher_thresholds)
+    # casts other than 16-bit apply as before: fp64 state (the gradcheck set-up), then back
+    assert crit.double().student_thresholds.dtype == torch.float64
+    assert crit.float().student_thresholds.dtype == torch.float32
+
+
+def test_checkpoint_of_other_fprs_or_non_finite_is_refused():
+    """The state_dict records the FPRs: thresholds of other FPRs (same K) would load silently and
+    be used as if they were this module's.  Refused, as are non-finite thresholds (never a state
+    of this module); either way nothing is copied."""
+    saved = EKDLoss()
+    saved(*make_batch(16, seed=0))
+    state = saved.state_dict()
+    other = EKDLoss(fprs=(0.2, 0.02, 1e-3, 1e-4, 1e-5, 1e-6))
+    with pytest.raises(RuntimeError, match=r"belong to fprs=\(0.1, 0.01.*this EKDLoss has fprs=\(0.2, 0.02"):
+        other.load_state_dict(state)
+    assert torch.equal(other.student_thresholds, torch.zeros(6))
+    for name in ("student_thresholds", "teacher_thresholds"):
+        corrupted = dict(state, **{name: torch.tensor([0.1, float("nan"), 0.2, 0.3, 0.4, 0.5])})
+        fresh = EKDLoss()
+        with pytest.raises(RuntimeError, match=f"{name} in the checkpoint is not finite"):
+            fresh.load_state_dict(corrupted)
+        assert torch.equal(fresh.student_thresholds, torch.zeros(6))
+        assert torch.equal(fresh.teacher_thresholds, torch.zeros(6))
+
+
+def test_checkpoint_from_before_the_extra_state_loads():
+    """State dicts that hold only the two buffers (this package before it saved the FPRs) load
+    with strict=True; one saved by this version must carry its extra state."""
+    saved = EKDLoss()
+    saved(*make_batch(16, seed=0))
+    buffers = {name: getattr(saved, name).clone() for name in ("student_thresholds", "teacher_thresholds")}
+    resumed = EKDLoss()
+    resumed.load_state_dict(buffers)
+    assert torch.equal(resumed.student_thresholds, saved.student_thresholds)
+    current = saved.state_dict()
+    del current["_extra_state"]
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        EKDLoss().load_state_dict(current)  # carries this version's metadata: the key is expected
+
+
+def test_random_selection_resumes_with_the_module_generator(backend, device):
+    """negative_selection="random" with the module's own generator: a run resumed from a
+    state_dict draws the same negatives as the uninterrupted one, bit for bit."""
+    batches = [make_batch(24, seed=s, device=device) for s in range(4)]
+    options = dict(negative_selection="random", num_hard_negatives=20, backend=backend)
+    crit = EKDLoss(generator=torch.Generator().manual_seed(5), **options).to(device)
+    for b in batches[:2]:
+        crit(*b)
+    buffer = io.BytesIO()
+    torch.save(crit.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = EKDLoss(generator=torch.Generator().manual_seed(123), **options).to(device)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for b in batches[2:]:
+        assert torch.equal(crit(*b), resumed(*b))
+        assert torch.equal(crit.student_thresholds, resumed.student_thresholds)
+
+
+def test_activation_checkpointing_in_training_mode_is_refused(backend, device):
+    """torch.utils.checkpoint recomputes the forward during backward, where a training-mode
+    EKDLoss would see (and redo) its own threshold update and give the gradient of another loss.
+    Refused with the remedy; in eval mode (no update) and in the functional form (explicit state)
+    the recomputation is exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    student, teacher, labels = make_batch(16, seed=3, device=device)
+    for reentrant in (False, True):
+        leaf = student.clone().requires_grad_()
+        loss = checkpoint(EKDLoss(backend=backend).to(device), leaf, teacher, labels, use_reentrant=reentrant)
+        with pytest.raises(RuntimeError, match="inside a backward pass"):
+            loss.backward()
+
+    def gradient(loss_fn, wrap):
+        leaf = student.clone().requires_grad_()
+        loss = checkpoint(loss_fn, leaf, teacher, labels, use_reentrant=False) if wrap else loss_fn(leaf, teacher,
+                                                                                                    labels)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        return grad
+
+    state = EKDLoss(backend=backend).to(device)
+    state(*make_batch(16, seed=4, device=device))
+    frozen = state.eval()
+    assert torch.equal(gradient(frozen, True), gradient(frozen, False))
+    functional = functools.partial(lambda s, t, y: ekd_loss(s, t, y, backend=backend).loss)
+    assert torch.equal(gradient(functional, True), gradient(functional, False))
 
 
 def test_module_on_wrong_device_says_so():
