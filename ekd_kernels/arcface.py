@@ -14,6 +14,11 @@ Numerical safety:
   logit decreasing in theta_y.  ``easy_margin=True`` applies the margin only where cos > 0.
 - Logits and the loss are computed in fp32 (fp64 for fp64 inputs), whatever the input dtype,
   also inside ``torch.autocast``.
+
+Input checks (ValueError): embeddings B x D with B >= 1, labels B integers (not bool), each in
+[0, num_classes).  The label range is checked by reading the labels, on the CPU only and in
+eager mode; on CUDA it is not (that check would cost a host sync every step), and an
+out-of-range label there trips the gather's device-side assertion.
 """
 
 from __future__ import annotations
@@ -76,10 +81,32 @@ class ArcFace(nn.Module):
         return torch.where(target_cosine >= math.cos(math.pi - self.margin), shifted,
                            target_cosine - self.margin * math.sin(self.margin))
 
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0] or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be B = {embeddings.shape[0]} integers, got shape {tuple(labels.shape)} "
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        for name, x in (("embeddings", embeddings), ("labels", labels)):
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be 2-D, B x {self.embedding_size}, got shape {tuple(embeddings.shape)}")
+        batch = embeddings.shape[0]
+        if batch < 1:
+            raise ValueError(f"ArcFace needs at least one embedding, got shape {tuple(embeddings.shape)}")
+        if labels.dim() != 1 or labels.shape[0] != batch or labels.dtype.is_floating_point \
+                or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be B = {batch} integers, got shape {tuple(labels.shape)} "
                              f"and dtype {labels.dtype}")
+        if labels.device != embeddings.device:
+            raise ValueError(f"labels are on {labels.device} but the embeddings on {embeddings.device}")
+        # Read the labels on the CPU only (elsewhere it is a host sync per step), and not while
+        # torch.compile traces (a data-dependent branch would break the graph).
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            bad = (labels < 0) | (labels >= self.num_classes)
+            if bool(bad.any()):
+                index = int(bad.nonzero()[0, 0])
+                raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got label "
+                                 f"{int(labels[index])} at position {index}")
+
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._check(embeddings, labels)
         cosine = self.cosine(embeddings)
         labels = labels.long().unsqueeze(1)
         target = self.target_logit(cosine.gather(1, labels))

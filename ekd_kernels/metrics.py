@@ -38,6 +38,7 @@ Two entry points:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -84,6 +85,10 @@ def threshold_indices(num_negatives: int, fprs: Sequence[float]) -> Tuple[int, .
         if not (0.0 < f < 1.0):
             raise ValueError(f"every FPR must lie in (0, 1), got {f!r}")
         q = fpr_fraction(f)
+        if q >= 1:  # the index would be L: past the last negative
+            raise ValueError(f"every FPR must lie in (0, 1): {f!r} in fprs={tuple(fprs)} is within 1e-12 of 1, and "
+                             "the threshold index floor(L * fpr) reads an FPR as the nearest fraction with a "
+                             "denominator of at most 10^12, which is 1 here")
         out.append(num_negatives * q.numerator // q.denominator)
     return tuple(out)
 
@@ -121,8 +126,8 @@ def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
 
 def pair_scores(embeddings_a: torch.Tensor, embeddings_b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of row i of `embeddings_a` with row i of `embeddings_b` (a pairs list)."""
-    if embeddings_a.shape != embeddings_b.shape or embeddings_a.dim() != 2:
-        raise ValueError(f"expected two N x D tensors of the same shape, got {tuple(embeddings_a.shape)} "
+    if embeddings_a.shape != embeddings_b.shape or embeddings_a.dim() != 2 or embeddings_a.shape[1] < 1:
+        raise ValueError(f"expected two N x D tensors of the same shape, D >= 1, got {tuple(embeddings_a.shape)} "
                          f"and {tuple(embeddings_b.shape)}")
     a = torch.nn.functional.normalize(embeddings_a.float(), dim=1, eps=NORM_EPS)
     b = torch.nn.functional.normalize(embeddings_b.float(), dim=1, eps=NORM_EPS)
@@ -346,6 +351,9 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     batch = embeddings.shape[0]
     if batch < 2:
         raise ValueError(f"all-pairs verification needs at least 2 embeddings, got {batch}")
+    if embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings must have at least one column (B x D, D >= 1), got shape "
+                         f"{tuple(embeddings.shape)}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != batch \
             or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a 1-D integer tensor of length {batch}, got "
@@ -353,6 +361,10 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     labels = labels.to(embeddings.device)
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    if tile is not None:
+        if not (isinstance(tile, (tuple, list)) and len(tile) == 2
+                and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1 for t in tile)):
+            raise ValueError(f"tile must be two positive integers (rows, columns), got {tile!r}")
     fprs = tuple(float(f) for f in fprs)
 
     with torch.no_grad():
@@ -371,7 +383,7 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
                              f"{num_negative} negative pairs among {batch} embeddings")
         indices = threshold_indices(num_negative, fprs)
 
-        pairs = _SortedPairs(e, labels, tuple(tile) if tile is not None else _default_tile(e.device))
+        pairs = _SortedPairs(e, labels, tuple(int(t) for t in tile) if tile is not None else _default_tile(e.device))
         histogram_pass, refine_pass = _histogram_pass, _refine_pass
         if backend == "auto" and e.device.type in PAIR_HISTOGRAM_KERNELS:
             histogram_pass, refine_pass = PAIR_HISTOGRAM_KERNELS[e.device.type]

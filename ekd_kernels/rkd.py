@@ -43,7 +43,7 @@ def triplet_angles(x: torch.Tensor) -> torch.Tensor:
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> torch.Tensor:
     """RKD loss of one batch (0-d); gradient to `student` only."""
-    check_embedding_pair(student, teacher)
+    check_embedding_pair(student, teacher, what="rkd_loss")
     student, teacher = compute_dtypes(student, teacher)
     with torch.no_grad():
         teacher_distances = mean_normalised_distances(teacher)

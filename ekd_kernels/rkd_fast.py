@@ -25,6 +25,18 @@ the differences themselves: two identical rows give an exact zero difference (co
 both.  The reference's distance term expands ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j instead; the two
 agree to fp32 rounding except for (near-)duplicate rows, where the reference's value is
 rounding noise floored at 1e-12 and this op's is the exact floor.  No double backward.
+
+Exact duplicate rows (x_i = x_j): the op's loss equals the reference's; the gradients differ.
+The reference's is an artefact of F.normalize's norm floor: below it the norm is the constant
+1e-12, so the zero difference has slope 1e12 and the two duplicated rows get large opposite
+gradients (norms 1e9 to 1e12 measured at B = 8 to 32; their sum and the other rows are
+ordinary).  The op has the same 1/eps terms in d loss / d Q (up to 1e24 where j == k), and
+they cancel in the chain to the features only up to rounding: in fp32 it returns 0 on the
+duplicated rows and errors up to ~1e3 times the reference's gradient on the others; in fp64
+relative errors ~1e-4 on the others and up to a few 1e-2 on the duplicated rows.  The "torch"
+path's Gram expansion leaves a rounding-size distance there with a noise direction: its loss
+is off by up to ~1e-2 and its gradient is noise.  Remove (or perturb) exact duplicates before
+RKD, whichever implementation.
 """
 
 from __future__ import annotations
@@ -97,6 +109,37 @@ def _load() -> None:
             origin = "jit"
         _register_python_half()
         _state.update(ready=True, origin=origin)
+
+
+def _register_if_built() -> None:
+    """At import: when ``ekd_kernels._C`` holds the op, load it and register the Python half now,
+    so that ``torch.ops.ekd_kernels.rkd_forward`` never exists without its fake and autograd
+    implementations (loading the library takes about a millisecond).  A missing op or extension
+    is left to ``_load`` (the JIT build, on first use or in ``FastRKDLoss()``)."""
+    with _lock:
+        if _state["ready"]:
+            return
+        origin = "already registered" if _op_registered() else "ekd_kernels._C"
+        if not _op_registered():
+            try:
+                from . import _C  # noqa: F401  (registers the ops it was built with)
+            except (ImportError, OSError):
+                return
+        if _op_registered():
+            _register_python_half()
+            _state.update(ready=True, origin=origin)
+
+
+def preload() -> Optional[str]:
+    """Make the op ready now (``_load``), so that a first call inside ``torch.compile`` does not
+    trace the loading (a lock, maybe a build); returns None, or why it failed (the failure is
+    raised again by the first call that needs the op)."""
+    try:
+        _load()
+    except Exception as exc:  # a missing compiler must surface where the op is used, not here
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        return _state["error"]
+    return None
 
 
 def op_origin() -> Optional[str]:
@@ -227,10 +270,12 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
     O(b B^2) memory for a tile of b anchors; squared distances from an fp64 Gram of the centred
     rows), "auto" (the op on CPU, "torch" elsewhere).  fp16/bf16 inputs are computed in fp32 (the
     gradient returns in the input dtype), fp64 in fp64.  Exact duplicate rows: the op gives their
-    zero difference a zero direction, as the reference does; the "torch" path's Gram expansion
-    leaves a distance of rounding size there, whose direction is noise.
+    zero difference a zero direction, as the reference does, so the loss agrees; the "torch"
+    path's Gram expansion leaves a distance of rounding size there, whose direction is noise.
+    The gradient agrees in neither (the reference's is ~1e12-scaled by F.normalize's floor, the
+    fast paths' is rounding residue of the same terms): see the module docstring.
     """
-    check_embedding_pair(student, teacher)
+    check_embedding_pair(student, teacher, what="fast_rkd_loss")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -247,12 +292,19 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
 
 
 class FastRKDLoss(nn.Module):
-    """``FastRKDLoss()(student, teacher)``: RKD with O(B^2) memory (see ``fast_rkd_loss``)."""
+    """``FastRKDLoss()(student, teacher)``: RKD with O(B^2) memory (see ``fast_rkd_loss``).
+
+    With backend "auto" or "op" the op is loaded here (built first if ``ekd_kernels._C`` lacks
+    it), as ``EKDLoss`` preloads its backend: a first call inside ``torch.compile`` (even
+    ``fullgraph=True``) then traces the op, not its loading.  A load failure is raised by the
+    first call that needs the op."""
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, backend: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "torch":
+            preload()
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
         self.backend = backend
@@ -262,3 +314,6 @@ class FastRKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, backend={self.backend!r}"
+
+
+_register_if_built()

@@ -110,3 +110,33 @@ def test_rejects_bad_input():
         ArcFace(8, 3, margin=2.0)
     with pytest.raises(ValueError, match="scale"):
         ArcFace(8, 3, scale=0.0)
+
+
+def test_rejects_empty_batch_bad_labels_and_one_dimensional_embeddings():
+    head = ArcFace(8, 5)
+    x = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="at least one embedding"):
+        head(x[:0], torch.zeros(0, dtype=torch.long))
+    for label in (5, -1, 10**9):
+        labels = torch.tensor([0, 1, label, 2, 3, 4])
+        with pytest.raises(ValueError, match=f"got label {label} at position 2"):
+            head(x, labels)
+        with pytest.raises(ValueError, match="num_classes=5"):
+            head.logits(x, labels)
+    with pytest.raises(ValueError, match="torch.bool"):
+        head(x, torch.tensor([True, False, True, False, True, False]))
+    with pytest.raises(ValueError, match="embeddings must be 2-D"):
+        head(x[0], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        head(x, [0, 1, 2, 3, 4, 0])
+    # narrower integer labels in range are fine
+    torch.testing.assert_close(head(x, torch.arange(6).remainder(5).to(torch.int8)),
+                               head(x, torch.arange(6).remainder(5)))
+
+
+def test_compiles_with_fullgraph():
+    """The label range check reads the labels in eager mode only: a compiled head stays one graph."""
+    torch.manual_seed(4)
+    head = ArcFace(8, 5)
+    x, labels = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    torch.testing.assert_close(torch.compile(head, fullgraph=True)(x, labels), head(x, labels))

@@ -435,3 +435,106 @@ def test_bad_options():
         UnifiedKDLoss(dim=4, bank_size=0)
     with pytest.raises(ValueError, match="enqueue"):
         UnifiedKDLoss(dim=4, enqueue="never")
+
+
+@pytest.mark.parametrize("fn", TWO_EMBEDDING_FUNCTIONS + [unified_kd_loss], ids=lambda f: f.__name__)
+def test_batch_of_one_names_the_loss(fn):
+    """B = 1 is refused naming the loss that refused it, not EKD."""
+    args = (torch.randn(1, 3), torch.randn(1, 3)) + ((torch.zeros(1, dtype=torch.long),) if fn is unified_kd_loss
+                                                     else ())
+    with pytest.raises(ValueError, match="at least 2") as info:
+        fn(*args)
+    assert fn.__name__ in str(info.value) and "EKD" not in str(info.value)
+    with pytest.raises(ValueError, match="UnifiedKDLoss needs a batch of at least 2"):
+        UnifiedKDLoss(dim=3)(*args[:2], torch.zeros(1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+_LABELS8 = torch.tensor([0, 1, 0, 2, 1, 3, 0, 2])
+
+# every loss of ekd_kernels.losses (each PWR variant, both algorithms of the default one), and
+# the module forms with state
+NON_FINITE_CASES = [
+    ("sp", lambda s, t: similarity_preserving_loss(s, t)),
+    ("sp_gram_rows", lambda s, t: similarity_preserving_loss(s, t, "gram_rows")),
+    ("cc", lambda s, t: correlation_congruence_loss(s, t)),
+    ("darkrank", lambda s, t: hard_darkrank_loss(s, t)),
+    ("fitnet", lambda s, t: fitnet_loss(s, t)),
+    ("cosine", lambda s, t: cosine_distill_loss(s, t)),
+    ("kd", lambda s, t: hinton_kd_loss(s, t)),
+    ("pwr_sorted", lambda s, t: pwr_loss(s, t, algorithm="sorted")),
+    ("pwr_couples", lambda s, t: pwr_loss(s, t, algorithm="couples")),
+    ("pwr_cosine_std", lambda s, t: pwr_loss(s, t, score="cosine", margin="teacher_std")),
+    ("pwr_ranknet", lambda s, t: pwr_loss(s, t, loss_type="ranknet")),
+    ("pwr_diff_power_const", lambda s, t: pwr_loss(s, t, loss_type="diff_power", margin="const", margin_value=0.1)),
+    ("unified", lambda s, t: unified_kd_loss(s, t, _LABELS8)),
+    ("unified_mined", lambda s, t: unified_kd_loss(s, t, _LABELS8, hard_fraction=0.2, num_mined_pairs=2,
+                                                   pair_filter="negative")),
+    ("unified_bank", lambda s, t: unified_kd_loss(s, t, _LABELS8, torch.randn(5, 5, dtype=s.dtype),
+                                                  torch.arange(5))),
+    ("UnifiedKDLoss", lambda s, t: UnifiedKDLoss(dim=5, bank_size=16).to(s.dtype)(s, t, _LABELS8)),
+    ("UnifiedKDLoss_after", lambda s, t: UnifiedKDLoss(dim=5, bank_size=16, enqueue="after")(s, t, _LABELS8)),
+] + [(type(m).__name__, m) for m, _ in MODULES]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("name,fn", NON_FINITE_CASES, ids=[c[0] for c in NON_FINITE_CASES])
+def test_non_finite_input_gives_nan(name, fn, where, value):
+    """A NaN or infinite student or teacher value gives a NaN loss (no variant drops it through a
+    mask, a sort or a clamp: PWR's two algorithms agree) and a NaN in the student's gradient, so
+    that a gradient scaler skips the step."""
+    for dtype, row in ((torch.float64, 0), (torch.float32, 5)):
+        s, t = make(batch=8, ds=5, seed=12, dtype=dtype)
+        (s if where == "student" else t)[row, 2] = value
+        s.requires_grad_(True)
+        loss = fn(s, t)
+        assert torch.isnan(loss), (name, where, value, loss)
+        loss.backward()
+        assert torch.isnan(s.grad).any()
+
+
+def test_finite_input_is_unchanged_by_the_non_finite_rule():
+    """The rule multiplies a finite batch's loss by exactly 1: same value and gradient bits as
+    the plain formula (FitNet: the mean squared difference)."""
+    s, t = make(batch=8, ds=5, seed=13)
+    s.requires_grad_(True)
+    loss = fitnet_loss(s, t)
+    (grad,) = torch.autograd.grad(loss, s)
+    x = s.detach().clone().requires_grad_(True)
+    plain = (x - t).pow(2).mean()
+    plain.backward()
+    assert loss.item() == plain.item() and torch.equal(grad, x.grad)
+
+
+@pytest.mark.parametrize("enqueue", ["before", "after"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_unified_non_finite_batch_does_not_poison_the_bank(enqueue, where, value):
+    """A non-finite batch returns NaN (loss and terms) and is not written into the bank: pointer,
+    count and rows stay, and the next clean batches give what they give without it."""
+    g = torch.Generator().manual_seed(14)
+
+    def batch():
+        return (torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g),
+                torch.randint(0, 4, (8,), generator=g))
+
+    clean = [batch() for _ in range(5)]
+    bad_s, bad_t, bad_labels = batch()
+    (bad_s if where == "student" else bad_t)[3, 1] = value
+    hit = UnifiedKDLoss(dim=5, bank_size=20, enqueue=enqueue)
+    spared = UnifiedKDLoss(dim=5, bank_size=20, enqueue=enqueue)
+    for b in clean[:2]:
+        hit(*b), spared(*b)
+    state = {k: v.clone() for k, v in hit.state_dict().items()}
+    loss = hit(bad_s, bad_t, bad_labels)
+    assert torch.isnan(loss)
+    assert torch.isnan(hit.last_terms.iled) and torch.isnan(hit.last_terms.rpsd)
+    for k, v in hit.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for b in clean[2:]:
+        got, expected = hit(*b), spared(*b)
+        assert torch.isfinite(got) and got.item() == expected.item()
+    for k, v in hit.state_dict().items():
+        assert torch.equal(v, spared.state_dict()[k]), k

@@ -237,3 +237,30 @@ def test_result_helpers():
         result.tpr(0.1)
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     torch.testing.assert_close(pair_scores(a, b), torch.nn.functional.cosine_similarity(a, b))
+
+
+def test_all_pairs_rejects_zero_width_and_bad_tiles():
+    embeddings, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="at least one column"):
+        verify_all_pairs(embeddings[:, :0], labels)
+    with pytest.raises(ValueError, match="D >= 1"):
+        pair_scores(embeddings[:, :0], embeddings[:, :0])
+    for tile in [(0, 0), (-1, 5), (4, 0), (4,), (4, 4, 4), (2.0, 3), (True, 4), 8]:
+        with pytest.raises(ValueError, match="tile must be two positive integers"):
+            verify_all_pairs(embeddings, labels, tile=tile)
+    # an integer-like tile of another type is fine, and any positive tile gives the same result
+    assert verify_all_pairs(embeddings, labels, tile=(np.int64(2), 3)) == verify_all_pairs(embeddings, labels)
+
+
+@pytest.mark.parametrize("fpr", [1 - 1e-13, 1 - 3e-13])
+def test_fpr_that_rounds_to_one_is_refused(fpr):
+    """0 < f < 1 but its fraction (denominator <= 10^12) is 1: index L, past the last negative.
+    Refused as EKDConfig refuses it, by both entry points, before any selection."""
+    with pytest.raises(ValueError, match="within 1e-12 of 1"):
+        tpr_at_fpr(torch.rand(10), torch.rand(100), fprs=(0.5, fpr))
+    with pytest.raises(ValueError, match="within 1e-12 of 1"):
+        verify_all_pairs(torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2]), fprs=(fpr,))
+    with pytest.raises(ValueError, match="within 1e-12 of 1"):
+        threshold_indices(100, (fpr,))
+    # the largest FPR still read below 1 keeps working (index L - 1: the smallest negative)
+    assert tpr_at_fpr(torch.rand(10), torch.arange(100.0), fprs=(1 - 1e-11,)).thresholds == (0.0,)

@@ -47,3 +47,9 @@ def test_bad_input():
         RKDLoss()(torch.randn(4, 3), torch.randn(5, 3))
     with pytest.raises(ValueError, match="2-D"):
         RKDLoss()(torch.randn(4), torch.randn(4, 3))
+
+
+def test_batch_of_one_names_the_loss():
+    with pytest.raises(ValueError, match="rkd_loss needs a batch of at least 2") as info:
+        RKDLoss()(torch.randn(1, 3), torch.randn(1, 3))
+    assert "EKD" not in str(info.value)

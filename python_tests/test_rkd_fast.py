@@ -240,3 +240,89 @@ def test_cuda_runs_the_tiled_path_and_refuses_the_op():
     assert_grad_close(grad.cpu(), ref_grad)
     with pytest.raises(RuntimeError, match="CPU kernel only"):
         fast_rkd_loss(student.cuda(), teacher.cuda(), backend="op")
+
+
+def _fresh_process(script):
+    """Run `script` in a new interpreter (nothing of ekd_kernels loaded yet), from this checkout."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_first_call_compiled_with_fullgraph():
+    """FastRKDLoss() loads the op in __init__: a first call inside torch.compile(fullgraph=True)
+    traces the op, not the loading (a lock, which dynamo refuses).  A fresh process: in this one
+    the op is already loaded by the module fixture."""
+    out = _fresh_process("""
+        import torch
+        from ekd_kernels import FastRKDLoss, rkd_loss
+        g = torch.Generator().manual_seed(0)
+        s, t = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+        x = s.clone().requires_grad_(True)
+        loss = torch.compile(FastRKDLoss(), fullgraph=True)(x, t)
+        loss.backward()
+        y = s.clone().requires_grad_(True)
+        ref = rkd_loss(y, t)
+        ref.backward()
+        print(abs(loss.item() - ref.item()) / ref.item(), ((x.grad - y.grad).norm() / y.grad.norm()).item())
+    """)
+    loss_err, grad_err = map(float, out.split()[-2:])
+    assert loss_err < 1e-5 and grad_err < 1e-4
+
+
+def test_raw_op_has_its_autograd_and_fake_once_visible():
+    """The op exists as soon as ekd_kernels._C is loaded; its fake and autograd registrations come
+    with it (registered when the package is imported), so the raw op differentiates without
+    autograd's 'not registered' warning, before any fast_rkd_loss call."""
+    out = _fresh_process("""
+        import warnings
+        import torch
+        import ekd_kernels  # noqa: F401
+        from ekd_kernels import rkd_fast
+        g = torch.Generator().manual_seed(0)
+        s, t = torch.randn(9, 4, generator=g).requires_grad_(True), torch.randn(9, 4, generator=g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, grad = torch.ops.ekd_kernels.rkd_forward(s, t, 25.0, 50.0, True)
+            loss.backward()
+        print(torch.equal(s.grad, grad), rkd_fast.op_origin())
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            fake_loss, fake_grad = torch.ops.ekd_kernels.rkd_forward(torch.empty(9, 4), torch.empty(9, 4), 1.0, 1.0,
+                                                                      True)
+        print(tuple(fake_loss.shape), tuple(fake_grad.shape))
+    """)
+    lines = out.strip().splitlines()
+    assert lines[-2].split()[0] == "True"
+    assert lines[-1] == "() (9, 4)"
+
+
+def test_batch_of_one_names_the_loss():
+    with pytest.raises(ValueError, match="fast_rkd_loss needs a batch of at least 2"):
+        FastRKDLoss()(torch.randn(1, 3), torch.randn(1, 3))
+
+
+def test_duplicate_rows_random_features_as_documented():
+    """Exact duplicate rows with random (non-integer) features, as the README and the module
+    docstring describe them: the op's loss equals the reference's; the reference's gradient on
+    the duplicated rows is F.normalize's 1/eps artefact (huge, opposite, ordinary sum); the op's
+    fp64 gradient agrees only roughly and its fp32 gradient is 0 on the duplicated rows.  If the
+    op changes, update the documentation with this test."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g,
+                                                                                      dtype=torch.float64)
+    student[1] = student[0]
+    ref_loss, ref_grad = loss_and_grad(rkd_loss, student, teacher)
+    assert ref_grad[:2].norm(dim=1).min() > 1e8                       # the eps artefact
+    assert ref_grad[:2].sum(0).norm() < 1e3 and ref_grad[2:].abs().max() < 1e3
+    loss, grad = loss_and_grad(fast_rkd_loss, student, teacher, backend="op")
+    assert_loss_close(loss, ref_loss, rtol=1e-12)
+    assert_grad_close(grad[2:], ref_grad[2:], tol=1e-3)
+    assert_grad_close(grad[:2], ref_grad[:2], tol=1e-1)
+    loss_32, grad_32 = loss_and_grad(fast_rkd_loss, student.float(), teacher.float(), backend="op")
+    assert_loss_close(loss_32.double(), ref_loss, rtol=1e-6)
+    assert grad_32[:2].abs().max().item() == 0.0

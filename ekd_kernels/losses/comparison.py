@@ -3,7 +3,8 @@
 Source of every formula: Tencent/TFace, ``recognition/tasks/ekd/distillation/`` (the EKD
 authors' repository: similarity_perserving.py, cc.py, darkrank.py, fitnet.py, simple_kd.py,
 cosine_distance.py).  Each loss takes raw embeddings (logits for KD), returns a 0-d tensor and
-sends gradient to the student only; fp16/bf16 inputs are computed in fp32, fp64 in fp64.  Where
+sends gradient to the student only; fp16/bf16 inputs are computed in fp32, fp64 in fp64.  A
+non-finite input (NaN or +-inf, student or teacher) gives a NaN loss and gradient.  Where
 the authors' face-recognition version differs from the original paper or from other libraries,
 the docstring says so and a parameter selects the other form.
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_embedding_pair, compute_dtypes, normalize_rows
+from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
 
 # ----------------------------------------------------------------------------- SP
 
@@ -56,7 +57,7 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor,
     else:
         gram_s, gram_t = normalize_rows(student @ student.t()), normalize_rows(teacher @ teacher.t())
     batch = student.shape[0]
-    return (gram_s - gram_t).pow(2).sum() / (batch * batch)
+    return nan_unless_finite((gram_s - gram_t).pow(2).sum() / (batch * batch), all_finite(student, teacher))
 
 
 class SimilarityPreservingLoss(nn.Module):
@@ -107,7 +108,7 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
             out = out + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p)
         return out
 
-    return (correlation(student) - correlation(teacher)).pow(2).mean()
+    return nan_unless_finite((correlation(student) - correlation(teacher)).pow(2).mean(), all_finite(student, teacher))
 
 
 class CorrelationCongruenceLoss(nn.Module):
@@ -167,7 +168,8 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     listed = student_scores.gather(1, order)                        # B x L, teacher's order
     # logsumexp over the suffix u >= r of each list: a reversed cumulative logsumexp
     suffix = torch.logcumsumexp(listed.flip(1), dim=1).flip(1)
-    return -(listed - suffix).sum(1).mean()
+    # a NaN teacher row sorts somewhere and leaves finite lists: the batch must still read NaN
+    return nan_unless_finite(-(listed - suffix).sum(1).mean(), all_finite(student, teacher))
 
 
 class HardDarkRankLoss(nn.Module):
@@ -193,7 +195,7 @@ def fitnet_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     match; the paper's hint regressor is the caller's layer).  Cost O(B D)."""
     check_embedding_pair(student, teacher, same_dim=True, what="fitnet_loss")
     student, teacher = compute_dtypes(student, teacher)
-    return (student - teacher).pow(2).mean()
+    return nan_unless_finite((student - teacher).pow(2).mean(), all_finite(student, teacher))
 
 
 class FitNetLoss(nn.Module):
@@ -212,7 +214,8 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
         loss = T^2 / B * sum_i KL( softmax(t_i / T) || softmax(s_i / T) ),  T = 4.
 
-    Inputs are B x C logits (not embeddings); B >= 1.  Cost O(B C)."""
+    Inputs are B x C logits (not embeddings); B >= 1; a non-finite logit (-inf included) gives
+    NaN.  Cost O(B C)."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -233,7 +236,9 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return kl * temperature ** 2 / student_logits.shape[0]
+    # non-finite logits (-inf included) give NaN, as a non-finite embedding does in the other losses
+    return nan_unless_finite(kl * temperature ** 2 / student_logits.shape[0],
+                             all_finite(student_logits, teacher_logits))
 
 
 class HintonKDLoss(nn.Module):
@@ -258,7 +263,8 @@ def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     loss = 1 - mean_i cos(s_i, t_i) (a zero row has cosine 0).  Widths must match.  Cost O(B D)."""
     check_embedding_pair(student, teacher, same_dim=True, what="cosine_distill_loss")
     student, teacher = compute_dtypes(student, teacher)
-    return 1 - (normalize_rows(student) * normalize_rows(teacher)).sum(1).mean()
+    return nan_unless_finite(1 - (normalize_rows(student) * normalize_rows(teacher)).sum(1).mean(),
+                             all_finite(student, teacher))
 
 
 class CosineDistillLoss(nn.Module):

@@ -33,6 +33,10 @@ Cost.  M^2 / 2 couples, M = B(B-1)/2.  Two exact algorithms (``algorithm``):
 
 ``"auto"`` (default) takes "sorted" when it applies, else "couples".  Both give the same loss
 and gradient (tests compare them, ties included).
+
+Non-finite input.  A NaN or infinite embedding (student or teacher) gives a NaN loss and
+gradient, with every variant and algorithm (a NaN teacher score would otherwise drop out of
+"couples"' strict order test and leave a finite loss).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_embedding_pair, compute_dtypes, normalize_rows
+from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
 
 SCORES = ("l2", "cosine")
 LOSS_TYPES = ("diff_exp", "diff_power", "ranknet")
@@ -224,14 +228,15 @@ def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", lo
         teacher_scores = pair_scores(teacher, score)
     student_scores = pair_scores(student, score)
     num_pairs = student_scores.shape[0]
+    finite = all_finite(student, teacher)
     if algorithm != "couples" and loss_type == "diff_exp" and margin == "teacher_diff":
-        return _SortedDiffExp.apply(student_scores, teacher_scores, float(beta))
+        return nan_unless_finite(_SortedDiffExp.apply(student_scores, teacher_scores, float(beta)), finite)
     if chunk is None:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, num_pairs))
     elif not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-    return _RankingCouples.apply(student_scores, teacher_scores, loss_type, margin, float(margin_value),
-                                 float(power), float(beta), chunk)
+    return nan_unless_finite(_RankingCouples.apply(student_scores, teacher_scores, loss_type, margin,
+                                                   float(margin_value), float(power), float(beta), chunk), finite)
 
 
 class PWRLoss(nn.Module):

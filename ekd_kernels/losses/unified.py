@@ -30,6 +30,11 @@ loss computed against the bank with the batch in it, so the first batch already 
 MoCo-style queues do.  The functional form takes the bank explicitly and updates nothing; with
 no bank it uses the batch's own teacher embeddings (own entries excluded).
 
+Non-finite input.  A batch with a NaN or infinite student or teacher embedding (or bank entry,
+functional form) gives a NaN loss, gradient and terms, and ``UnifiedKDLoss`` does not write it
+into its bank (the pointer and count stay; decided on the device): one bad batch does not
+poison the following ones.
+
 Cost.  ILED O(B D); RPSD O(B M D) for M bank entries plus a top-k over B x M; memory O(B M).
 """
 
@@ -41,7 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._common import check_embedding_pair, compute_dtypes, normalize_rows
+from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
 
 PAIR_FILTERS = ("all", "positive", "negative")
 
@@ -128,6 +133,9 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
         mined = candidates.detach().abs().topk(num_mined).indices
         rpsd = candidates[mined].pow(2).mean()
     loss = iled_weight * iled + rpsd_weight * rpsd
+    # mining keeps the largest gaps: a non-finite row may or may not be among them; the batch reads NaN
+    finite = all_finite(student, teacher, bank_embeddings)
+    loss, iled, rpsd = (nan_unless_finite(x, finite) for x in (loss, iled, rpsd))
     return UnifiedKDResult(loss, iled.detach(), rpsd.detach(), num_hard, num_mined)
 
 
@@ -143,7 +151,8 @@ class UnifiedKDLoss(nn.Module):
     Buffers (saved in ``state_dict``): ``bank_embeddings`` (bank_size x dim, normalised teacher
     embeddings, fp32), ``bank_labels``, ``bank_count`` (entries filled) and ``bank_pointer`` (next
     row to write).  The bank is updated in training mode only (``enqueue="before"`` the loss by
-    default, or ``"after"``); in ``eval()`` it is read, not written.  ``last_terms`` holds the
+    default, or ``"after"``); in ``eval()`` it is read, not written.  A batch with a non-finite
+    student or teacher embedding is not written (its loss is NaN).  ``last_terms`` holds the
     detached terms of the last call.
     """
 
@@ -168,17 +177,22 @@ class UnifiedKDLoss(nn.Module):
         self.last_terms: Optional[UnifiedKDResult] = None
 
     @torch.no_grad()
-    def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Write the batch into the ring; returns each sample's bank row (-1 if it did not fit)."""
+    def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """Write the batch into the ring; returns each sample's bank row (-1 if it did not fit).
+
+        ``finite`` (0-d bool): whether the batch is finite; when it is not, the bank, pointer and
+        count are left as they were (chosen on the device) and every row is -1."""
         batch = teacher.shape[0]
         kept = min(batch, self.bank_size)                     # a batch larger than the bank keeps its tail
-        rows = (int(self.bank_pointer) + torch.arange(kept, device=teacher.device)) % self.bank_size
-        self.bank_embeddings[rows] = normalize_rows(teacher[batch - kept:].detach().float())
-        self.bank_labels[rows] = labels[batch - kept:].to(torch.int64)
-        self.bank_pointer.fill_((int(self.bank_pointer) + kept) % self.bank_size)
-        self.bank_count.fill_(min(self.bank_size, int(self.bank_count) + kept))
+        rows = (self.bank_pointer + torch.arange(kept, device=teacher.device)) % self.bank_size
+        new_embeddings = normalize_rows(teacher[batch - kept:].detach().float())
+        new_labels = labels[batch - kept:].to(torch.int64)
+        self.bank_embeddings[rows] = torch.where(finite, new_embeddings, self.bank_embeddings[rows])
+        self.bank_labels[rows] = torch.where(finite, new_labels, self.bank_labels[rows])
+        self.bank_pointer.copy_(torch.where(finite, (self.bank_pointer + kept) % self.bank_size, self.bank_pointer))
+        self.bank_count.copy_(torch.where(finite, (self.bank_count + kept).clamp_max(self.bank_size), self.bank_count))
         own = torch.full((batch,), -1, dtype=torch.int64, device=teacher.device)
-        own[batch - kept:] = rows
+        own[batch - kept:] = torch.where(finite, rows, -1)
         return own
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -187,9 +201,10 @@ class UnifiedKDLoss(nn.Module):
             raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
                              f"got embeddings of width {teacher.shape[1]}")
         update = self.training
+        finite = all_finite(student, teacher)
         own = None
         if update and self.enqueue == "before":
-            own = self._enqueue(teacher, labels)
+            own = self._enqueue(teacher, labels, finite)
         filled = int(self.bank_count)
         # the ring's first `filled` rows are the valid entries (rows are filled in order 0, 1, ...)
         bank, bank_labels = self.bank_embeddings[:filled], self.bank_labels[:filled]
@@ -197,7 +212,7 @@ class UnifiedKDLoss(nn.Module):
             own = torch.full((student.shape[0],), -1, dtype=torch.int64, device=student.device)
         result = unified_kd_terms(student, teacher, labels, bank, bank_labels, own, **self.options)
         if update and self.enqueue == "after":
-            self._enqueue(teacher, labels)
+            self._enqueue(teacher, labels, finite)
         self.last_terms = result
         return result.loss
 
