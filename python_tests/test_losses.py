@@ -254,7 +254,8 @@ def test_unified_against_loop_oracle(options):
 # ----------------------------------------------------------------------------- gradients
 
 
-GRADCHECK_CASES = [
+# the losses at their defaults (PWR's default algorithm named), shared by the case lists below
+LOSS_CASES = [
     ("sp", lambda s, t: similarity_preserving_loss(s, t)),
     ("sp_gram_rows", lambda s, t: similarity_preserving_loss(s, t, "gram_rows")),
     ("cc", lambda s, t: correlation_congruence_loss(s, t)),
@@ -263,6 +264,9 @@ GRADCHECK_CASES = [
     ("cosine", lambda s, t: cosine_distill_loss(s, t)),
     ("kd", lambda s, t: hinton_kd_loss(s, t)),
     ("pwr_sorted", lambda s, t: pwr_loss(s, t, algorithm="sorted")),
+]
+
+GRADCHECK_CASES = LOSS_CASES + [
     ("pwr_couples", lambda s, t: pwr_loss(s, t, chunk=4, algorithm="couples")),
     ("pwr_ranknet", lambda s, t: pwr_loss(s, t, loss_type="ranknet", score="cosine")),
     ("pwr_diff_power", lambda s, t: pwr_loss(s, t, loss_type="diff_power", margin="teacher_std", power=2.0)),
@@ -455,15 +459,7 @@ _LABELS8 = torch.tensor([0, 1, 0, 2, 1, 3, 0, 2])
 
 # every loss of ekd_kernels.losses (each PWR variant, both algorithms of the default one), and
 # the module forms with state
-NON_FINITE_CASES = [
-    ("sp", lambda s, t: similarity_preserving_loss(s, t)),
-    ("sp_gram_rows", lambda s, t: similarity_preserving_loss(s, t, "gram_rows")),
-    ("cc", lambda s, t: correlation_congruence_loss(s, t)),
-    ("darkrank", lambda s, t: hard_darkrank_loss(s, t)),
-    ("fitnet", lambda s, t: fitnet_loss(s, t)),
-    ("cosine", lambda s, t: cosine_distill_loss(s, t)),
-    ("kd", lambda s, t: hinton_kd_loss(s, t)),
-    ("pwr_sorted", lambda s, t: pwr_loss(s, t, algorithm="sorted")),
+NON_FINITE_CASES = LOSS_CASES + [
     ("pwr_couples", lambda s, t: pwr_loss(s, t, algorithm="couples")),
     ("pwr_cosine_std", lambda s, t: pwr_loss(s, t, score="cosine", margin="teacher_std")),
     ("pwr_ranknet", lambda s, t: pwr_loss(s, t, loss_type="ranknet")),
