@@ -61,7 +61,8 @@ def worker(rank, world, port, args, out):
     results = {}
     for path in args.paths:
         backend = "reference" if path == "redundant-reference" else "auto"
-        crit = EKDLoss(process_group=dist.group.WORLD if path == "sharded" else None, backend=backend)
+        # without process_group: one process (None would mean the default group, as in torch.distributed)
+        crit = EKDLoss(**({"process_group": dist.group.WORLD} if path == "sharded" else {}), backend=backend)
 
         def step():
             s = student.clone().requires_grad_(True)

@@ -81,6 +81,20 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
                           const at::Tensor& student_thresholds, const at::Tensor& teacher_thresholds,
                           const c10::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options);
 
+//! The shapes, dtypes and devices of ekd_backward's arguments (metadata only: no device read, so
+//! no host sync on CUDA), with B, K and the n slots of selected_pairs consistent:
+//!   grad_loss, positive_scale: one floating value each; student: B x Ds float32/float64, B >= 2;
+//!   teacher: B x Dt floating; labels: B integers; student_thresholds, teacher_thresholds: K >= 1
+//!   floating values each; selected_pairs: n x 2 int64 with n <= B(B-1)/2; selected_grads: n
+//!   floating values; temperature > 0; rank_loss a RankLoss.  The VALUES of selected_pairs (in
+//!   [0, B), or -1 -1 for an unfilled slot) are checked by the CPU op; the CUDA op skips a pair
+//!   with an index outside [0, B) instead (negatives_by_row), since reading them would sync.
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                           const at::Tensor& labels, const at::Tensor& student_thresholds,
+                           const at::Tensor& teacher_thresholds, const at::Tensor& selected_pairs,
+                           const at::Tensor& selected_grads, const at::Tensor& positive_scale, double temperature,
+                           int64_t rank_loss);
+
 //! Stage 1 with ATen ops (device-generic, used on CUDA).
 PreparedInputs prepare_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels);
 
@@ -94,7 +108,8 @@ at::Tensor ema_update(const at::Tensor& previous, const at::Tensor& batch, doubl
 at::Tensor all_finite(const at::Tensor& student, const at::Tensor& teacher);
 
 //! Sorted CSR of the selected negatives by row (both directions of each pair), in pair order
-//! within a row so that the backward sums in a fixed order: (offsets B+1, other, grads).
+//! within a row so that the backward sums in a fixed order: (offsets B+1, other, grads).  A pair
+//! with an index outside [0, B) (the -1 padding, or a malformed pair) is left out, on the device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> negatives_by_row(const at::Tensor& selected_pairs,
                                                                  const at::Tensor& selected_grads, int64_t batch);
 

@@ -828,6 +828,14 @@ NegativesByRow<T> negatives_by_row_cpu(const at::Tensor& selected_pairs, const a
   NegativesByRow<T> out;
   out.offsets.assign(static_cast<size_t>(batch + 1), 0);
   for (int64_t p = 0; p < count; ++p) {
+    // The values index the rows: a pair of rows in [0, B), or -1 -1 (an unfilled slot).
+    const int64_t i = pair[2 * p], j = pair[2 * p + 1];
+    const bool padding = i == -1 && j == -1;
+    TORCH_CHECK_VALUE(padding || (i >= 0 && i < batch && j >= 0 && j < batch), "ekd_backward: selected_pairs[", p,
+                      "] = (", i, ", ", j, ") is neither a pair of rows in [0, B = ", batch,
+                      ") nor the unfilled slot (-1, -1)");
+  }
+  for (int64_t p = 0; p < count; ++p) {
     if (pair[2 * p] < 0) continue;  // padding
     ++out.offsets[pair[2 * p] + 1];
     ++out.offsets[pair[2 * p + 1] + 1];
@@ -895,8 +903,9 @@ at::Tensor ekd_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& stude
                             const at::Tensor& teacher_thresholds, const at::Tensor& selected_pairs,
                             const at::Tensor& selected_grads, const at::Tensor& positive_scale, double temperature,
                             bool critical_only, int64_t rank_loss) {
-  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
-              "ekd_backward: student must be float32 or float64, got ", student.scalar_type());
+  // Shapes, dtypes and devices here; the values of selected_pairs in negatives_by_row_cpu.
+  check_backward_inputs(grad_loss, student, teacher, labels, student_thresholds, teacher_thresholds, selected_pairs,
+                        selected_grads, positive_scale, temperature, rank_loss);
   const at::Tensor teacher_c = teacher.to(student.scalar_type());
   if (student.scalar_type() == at::kDouble)
     return backward_cpu<double>(grad_loss, student, teacher_c, labels, student_thresholds, teacher_thresholds,

@@ -795,8 +795,12 @@ at::Tensor ekd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
                              const at::Tensor& teacher_thresholds, const at::Tensor& selected_pairs,
                              const at::Tensor& selected_grads, const at::Tensor& positive_scale, double temperature,
                              bool critical_only, int64_t rank_loss) {
-  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
-              "ekd_backward: student must be float32 or float64, got ", student.scalar_type());
+  // Shapes, dtypes and devices only: the values of selected_pairs stay on the device (reading
+  // them would sync with the host); negatives_by_row skips a pair with an index outside [0, B).
+  check_backward_inputs(grad_loss, student, teacher, labels, student_thresholds, teacher_thresholds, selected_pairs,
+                        selected_grads, positive_scale, temperature, rank_loss);
+  // A CUDA argument with CPU embeddings dispatches here too (check_backward_inputs refuses it).
+  TORCH_CHECK(student.is_cuda(), "ekd_backward: the CUDA kernel got student on ", student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   const PreparedInputs prep = prepare_inputs(student, teacher.to(student.scalar_type()), labels);
   if (student.scalar_type() == at::kDouble)

@@ -82,6 +82,53 @@ def _fake_forward(student, teacher, labels, student_thresholds, teacher_threshol
 
 def _fake_backward(grad_loss, student, teacher, labels, student_thresholds, teacher_thresholds, selected_pairs,
                    selected_grads, positive_scale, temperature, critical_only, rank_loss):
+    # The shape / dtype / device checks of the kernels (csrc/ekd_common.cpp, check_backward_inputs);
+    # torch._check on sizes: a runtime assertion under dynamic shapes, not a guard.
+    def check(condition, message):
+        torch._check(condition, lambda: f"ekd_backward: {message}")
+
+    check(student.dim() == 2, f"student must be 2-D (B x Ds), got shape {tuple(student.shape)}")
+    check(student.dtype in (torch.float32, torch.float64), f"student must be float32 or float64, got {student.dtype}")
+    batch = student.shape[0]
+    check(batch >= 2, f"student needs B >= 2 rows, got shape {tuple(student.shape)}")
+    check(teacher.dim() == 2, f"teacher must be 2-D with B rows (as student), got shape {tuple(teacher.shape)}")
+    check(teacher.shape[0] == batch, f"teacher must be 2-D with B rows (as student), got shape {tuple(teacher.shape)}")
+    check(teacher.dtype.is_floating_point, f"teacher must be a floating tensor, got {teacher.dtype}")
+    check(labels.dim() == 1, f"labels must be 1-D of length B, got shape {tuple(labels.shape)}")
+    check(labels.shape[0] == batch, f"labels must be 1-D of length B, got shape {tuple(labels.shape)}")
+    check(not (labels.dtype.is_floating_point or labels.dtype.is_complex),
+          f"labels must be integers, got {labels.dtype}")
+    check(student_thresholds.dim() == 1, f"student_thresholds must be 1-D, got shape {tuple(student_thresholds.shape)}")
+    check(student_thresholds.shape[0] >= 1, "student_thresholds must hold K >= 1 values")
+    check(teacher_thresholds.dim() == 1, f"teacher_thresholds must be 1-D, got shape {tuple(teacher_thresholds.shape)}")
+    check(teacher_thresholds.shape[0] == student_thresholds.shape[0],
+          f"student_thresholds and teacher_thresholds must hold the same K values, got shapes "
+          f"{tuple(student_thresholds.shape)} and {tuple(teacher_thresholds.shape)}")
+    check(student_thresholds.dtype.is_floating_point and teacher_thresholds.dtype.is_floating_point,
+          "student_thresholds and teacher_thresholds must be floating")
+    check(selected_pairs.dim() == 2, f"selected_pairs must be n x 2, got shape {tuple(selected_pairs.shape)}")
+    check(selected_pairs.shape[1] == 2, f"selected_pairs must be n x 2, got shape {tuple(selected_pairs.shape)}")
+    check(selected_pairs.shape[0] <= batch * (batch - 1) // 2, "selected_pairs must have n <= B(B-1)/2 rows")
+    check(selected_pairs.dtype == torch.int64, f"selected_pairs must be int64, got {selected_pairs.dtype}")
+    check(selected_grads.dim() == 1, f"selected_grads must be 1-D, got shape {tuple(selected_grads.shape)}")
+    check(selected_grads.shape[0] == selected_pairs.shape[0],
+          "selected_grads must hold one value per row of selected_pairs")
+    check(selected_grads.dtype.is_floating_point, f"selected_grads must be floating, got {selected_grads.dtype}")
+    check(grad_loss.numel() == 1, f"grad_loss must be one floating value, got shape {tuple(grad_loss.shape)}")
+    check(grad_loss.dtype.is_floating_point, f"grad_loss must be one floating value, got {grad_loss.dtype}")
+    check(positive_scale.numel() == 1, f"positive_scale must be one floating value, got shape "
+                                       f"{tuple(positive_scale.shape)}")
+    check(positive_scale.dtype.is_floating_point, f"positive_scale must be one floating value, got "
+                                                  f"{positive_scale.dtype}")
+    for name, x in (("grad_loss", grad_loss), ("teacher", teacher), ("labels", labels),
+                    ("student_thresholds", student_thresholds), ("teacher_thresholds", teacher_thresholds),
+                    ("selected_pairs", selected_pairs), ("selected_grads", selected_grads),
+                    ("positive_scale", positive_scale)):
+        check(x.device == student.device, f"{name} must be on the student's device {student.device}, got {x.device}")
+    if rank_loss not in _RANK_LOSS_CODES.values():
+        raise ValueError(f"ekd_backward: unknown rank_loss {rank_loss} (expected 0, 1 or 2)")
+    if not temperature > 0:
+        raise ValueError(f"ekd_backward: temperature must be > 0, got {temperature}")
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 

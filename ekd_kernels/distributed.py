@@ -66,14 +66,16 @@ temporaries); the positives, O(B x label group size). Never the rank's B²/(2W) 
 (``draw_random_negatives``, O(N) memory) from its generator, so that all ranks and the
 single-process loss select the same negatives.
 
-Communication per step (sharded path, K thresholds): one all-gather of the embeddings and labels,
-B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
+Communication per step (sharded path, K thresholds): one all-gather of a vector of a few dozen
+int64 per rank (its row count, and what the ranks must agree on: ``_agree``); one all-gather of
+the embeddings and labels, B·(Ds + Dt)·4 + 8·B bytes; 3 rounds of radix-select histograms: 2 x 65536 int64 (1 MiB),
 then twice at most (2K + 1) x 256 int64 (26 KiB each for K = 6: one row per distinct (model,
 bucket), then per distinct (model, 24-bit prefix); 2K rows at most with random selection, which
 needs no hardest-N cut), or, when some rank's wanted buckets hold more than VALUE_BUDGET values
 (collapsed similarities), one all-reduce of a (distinct buckets) x 65536 int64 histogram instead
 (at most 6.5 MiB for K = 6, 512 KiB per distinct bucket); a handful of scalar all-reduces
-(counts, the maximum of the ranks' values in the wanted buckets, loss terms) and one all-gather
+(counts, the maximum of the ranks' values in the wanted buckets, with random selection of the
+fingerprints of their draws too, loss terms) and one all-gather
 of this rank's tie count at the hardest-N cut; the reduce-scatter of the embeddings'
 gradient in backward, B·Ds·4 bytes. No pair similarity is communicated.
 """
@@ -81,13 +83,17 @@ gradient in backward, B·Ds·4 bytes. No pair similarity is communicated.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import hashlib
+import math
+import struct
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import EKDConfig
+from .config import NEGATIVE_SELECTIONS, RANK_LOSSES, EKDConfig
 from .reference import (autocast_off, critical_mask, draw_random_negatives, ema_update, normalize_rows,
                         pair_rank_loss)
 from .result import EKDResult, EKDStats
@@ -138,6 +144,186 @@ def _all_gather_sizes(count: int, device, group) -> List[int]:
     return [int(s.item()) for s in sizes]
 
 
+# ----------------------------------------------------------------------------- agreement of the ranks
+#
+# Every call starts with one all-gather of a small int64 vector per rank (it replaces the
+# all-gather of the per-rank row counts, which it carries): whether the rank's own input checks
+# failed, its row count, and what every rank must share (widths, dtypes, options, train/eval,
+# threshold state...). Every rank reads the same table, so that every rank raises the same
+# ValueError, before any later collective, when one rank's input was refused or the ranks
+# disagree: never a hang, a gloo abort or silently different results per rank.
+
+
+class _Field(NamedTuple):
+    """One entry of the vector the ranks exchange: what it is (for the message), how a value
+    reads (None: a fingerprint, shown as "value #n"), whether the ranks must agree on it, and a
+    hint appended to the message when they do not."""
+
+    what: str
+    show: Optional[Callable[[int], str]] = str
+    compared: bool = True
+    hint: str = ""
+
+
+def _hash64(text: str) -> int:
+    """A deterministic signed 64-bit hash (Python's hash() of a str differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else _hash64(str(dtype))
+
+
+def _show_dtype(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else f"another dtype (code {code})"
+
+
+def _show_bool(value: int) -> str:
+    return str(bool(value))
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _show_float(bits: int) -> str:
+    return repr(struct.unpack("<d", struct.pack("<q", bits))[0])
+
+
+#: the prime modulus of ``fingerprint``'s two sums
+_PRIME = (1 << 31) - 1
+
+
+def fingerprint(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 62-bit fingerprint (int64, 0-d, in [0, 2^62), on the tensors' device: no host sync) of
+    the exact bytes of `tensors`, in order: two sums of the bytes times pseudo-random position
+    multipliers in [1, p), modulo the prime p = 2^31 - 1. A difference in a single byte always
+    changes both sums (p is prime); other differences collide with a chance of about 2^-62.
+    Every term is reduced modulo p before the sum: no int64 overflow below 2^32 bytes."""
+    data = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]).to(torch.int64)
+    position = torch.arange(1, data.numel() + 1, device=data.device, dtype=torch.int64) % _PRIME
+    square = position * position % _PRIME
+    sums = []
+    for a, b in ((48271, 16807), (69621, 39373)):
+        multiplier = (square * a + position * b) % (_PRIME - 1) + 1
+        sums.append((data * multiplier % _PRIME).sum() % _PRIME)
+    return sums[0] * (1 << 31) + sums[1]
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    """"rank 3", "ranks 0, 2-5"."""
+    spans: List[List[int]] = []
+    for r in ranks:
+        if spans and spans[-1][1] == r - 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+def _disagreements(fields: Sequence[_Field], table: Sequence[Sequence[int]]) -> List[str]:
+    """What the ranks (rows of `table`) disagree on, one text per compared field: its values and
+    the ranks holding each, in the order they first appear."""
+    out = []
+    for field, column in zip(fields, zip(*table)):
+        if not field.compared or len(set(column)) == 1:
+            continue
+        holders: dict = {}
+        for rank, value in enumerate(column):
+            holders.setdefault(value, []).append(rank)
+        parts = []
+        for n, (value, ranks) in enumerate(holders.items()):
+            shown = field.show(value) if field.show is not None else f"value #{n + 1}"
+            parts.append(f"{_ranks_text(ranks)} {'has' if len(ranks) == 1 else 'have'} {shown}")
+        out.append(f"{field.what}: {', '.join(parts)}" + (f" ({field.hint})" if field.hint else ""))
+    return out
+
+
+def _exchange_device(tensors: Sequence, group) -> torch.device:
+    """Where this rank's exchange vector lives: the first given tensor's device (the embeddings'),
+    else the current CUDA device for a process group without a CPU backend, else the CPU."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    if "gloo" not in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequence[int], device_values: Sequence,
+           device, group, what: str) -> List[int]:
+    """The one exchange at the start of a call; returns the per-rank row counts.
+
+    error: the ValueError of this rank's own input checks, or None. fields / values: what this
+    rank holds (values[0] its row count), host integers; device_values: 0-d int64 tensors on
+    `device` (fingerprints), their fields last in `fields`. Ignored when `error` is set: the
+    rank sends its error flag and zeros. Raises on every rank alike: this rank's own error; a
+    ValueError naming the ranks whose input was refused; a ValueError naming each value the
+    ranks disagree on and which rank holds which."""
+    if error is not None:
+        local = torch.zeros(1 + len(fields), dtype=torch.int64, device=device)
+        local[0] = 1
+    else:
+        host = torch.tensor([0, *values], dtype=torch.int64, device=device)
+        local = torch.cat([host] + [v.view(1) for v in device_values]) if device_values else host
+    world, _ = _world(group)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    table = torch.stack(parts).tolist()     # the host read the row counts always needed
+    if error is not None:
+        raise error
+    refused = [r for r, row in enumerate(table) if row[0]]
+    if refused:
+        whose = "that rank's error" if len(refused) == 1 else "those ranks' errors"
+        raise ValueError(f"{what}: {_ranks_text(refused)}'s input was refused: see {whose} (nothing was computed "
+                         "on any rank)")
+    differ = _disagreements(fields, [row[1:] for row in table])
+    if differ:
+        raise ValueError(f"{what} needs every rank of its process group to agree, but the ranks disagree on "
+                         + "; on ".join(differ) + ". Nothing was computed on any rank.")
+    return [row[1] for row in table]
+
+
+def _gather_rows(x: torch.Tensor, sizes: Sequence[int], autograd: bool, group) -> torch.Tensor:
+    """All-gather `x` (this rank's sizes[rank] rows) in rank order: padded to the largest part,
+    gathered, the padding dropped. autograd: through torch's autograd-aware all-gather."""
+    padded_rows = max(sizes)
+    pad = padded_rows - x.shape[0]
+    x_padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
+    if autograd:
+        full = _autograd_all_gather(x_padded, group)
+    else:
+        parts = [torch.empty_like(x_padded) for _ in sizes]
+        dist.all_gather(parts, x_padded.contiguous(), group=group)
+        full = torch.cat(parts)
+    keep = torch.cat([torch.arange(n, device=x.device) + r * padded_rows for r, n in enumerate(sizes)])
+    return full.index_select(0, keep)
+
+
+def _gradient_flows(student: torch.Tensor) -> bool:
+    """Whether the student's gather must carry a gradient (its backward is a collective too)."""
+    return student.requires_grad and torch.is_grad_enabled()
+
+
+_GATHER_FIELDS = [
+    _Field("the row count", compared=False),
+    _Field("the student's elements per row"), _Field("the student dtype", _show_dtype),
+    _Field("the teacher's elements per row"), _Field("the teacher dtype", _show_dtype),
+    _Field("the labels' elements per row"),
+    _Field("whether the student's gradient is computed (requires_grad, grad mode)", _show_bool,
+           hint="the gather's backward is a collective: every rank or none"),
+]
+
+
+def _per_row(x: torch.Tensor) -> int:
+    return math.prod(x.shape[1:])
+
+
 # torch.compile runs gather_batch and the sharded loss eagerly (a clean graph break): both read
 # counts on the host (per-rank sizes; the selection's counts), which split a traced version into
 # many graphs, compiled again whenever a batch size changes (about 10 s a call for the sharded
@@ -153,25 +339,28 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     on the result, computed identically on every rank, sends each rank's own rows W times their
     single-process gradient (the backward of the gather sums the W identical contributions), so
     that after DDP's gradient averaging the parameters see exactly single-process training on the
-    concatenated batch (module docstring). Teacher and labels are gathered without gradient.
+    concatenated batch (module docstring). Teacher and labels are gathered without gradient;
+    labels of any integer dtype are gathered as int64.
+
+    The ranks first exchange their row counts with the shapes and dtypes of their parts: if a
+    rank's three tensors differ in row count, or the ranks disagree on the elements per row or
+    the dtype of a tensor, or on whether the student's gradient is computed, every rank raises
+    a ValueError saying so (instead of a gloo abort or a hang).
     """
-    sizes = _all_gather_sizes(student.shape[0], student.device, group)
-    padded_rows = max(sizes)
-
-    def gather(x: torch.Tensor, autograd: bool) -> torch.Tensor:
-        pad = padded_rows - x.shape[0]
-        x_padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)) if pad else x
-        if autograd:
-            full = _autograd_all_gather(x_padded, group)
-        else:
-            parts = [torch.empty_like(x_padded) for _ in sizes]
-            dist.all_gather(parts, x_padded.contiguous(), group=group)
-            full = torch.cat(parts)
-        keep = torch.cat([torch.arange(n, device=x.device) + r * padded_rows for r, n in enumerate(sizes)])
-        return full.index_select(0, keep)
-
-    return (gather(student, autograd=student.requires_grad), gather(teacher.detach(), autograd=False),
-            gather(labels, autograd=False), sizes)
+    error = None
+    if min(x.dim() for x in (student, teacher, labels)) == 0:
+        error = ValueError("gather_batch: student, teacher and labels must have a first (batch) dimension, got shapes "
+                           f"{tuple(student.shape)}, {tuple(teacher.shape)} and {tuple(labels.shape)}")
+    elif not (student.shape[0] == teacher.shape[0] == labels.shape[0]):
+        error = ValueError(f"gather_batch: student, teacher and labels must have the same number of rows, got "
+                           f"{student.shape[0]}, {teacher.shape[0]} and {labels.shape[0]}")
+    autograd = error is None and _gradient_flows(student)
+    values = [] if error is not None else [
+        student.shape[0], _per_row(student), _dtype_code(student.dtype), _per_row(teacher),
+        _dtype_code(teacher.dtype), _per_row(labels), int(autograd)]
+    sizes = _agree(error, _GATHER_FIELDS, values, [], student.device, group, "gather_batch")
+    return (_gather_rows(student, sizes, autograd, group), _gather_rows(teacher.detach(), sizes, False, group),
+            _gather_rows(labels.to(torch.int64), sizes, False, group), sizes)
 
 
 # ----------------------------------------------------------------------------- work split
@@ -701,22 +890,113 @@ def select_hardest(candidates: PassB, num_selected: int, hardest_cut: Optional[t
 # ----------------------------------------------------------------------------- the sharded loss
 
 
+def _local_input_error(student, teacher, labels, student_thresholds, teacher_thresholds, config: EKDConfig,
+                       generator) -> Optional[ValueError]:
+    """The ValueError of this rank's own input checks (raised by ``_agree`` once every rank knows
+    of it), or None."""
+    from .validation import check_embeddings_and_labels, check_generator, check_thresholds
+
+    try:
+        check_embeddings_and_labels(student, teacher, labels, min_rows=0)
+        check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
+        check_generator(generator)
+        if student.dtype == torch.float64:
+            raise ValueError("the sharded EKD computes in fp32; for fp64 inputs use gather_batch + EKDLoss")
+    except ValueError as error:
+        return error
+    return None
+
+
+_KNOWN_STRINGS = {_hash64(s): repr(s) for s in RANK_LOSSES + NEGATIVE_SELECTIONS}
+
+
+def _show_string(code: int) -> str:
+    return _KNOWN_STRINGS.get(code, f"another string (hash {code})")
+
+
+def _sharded_fields(config: EKDConfig) -> List[_Field]:
+    """What the ranks of the sharded loss exchange (``_sharded_values``): row count, widths,
+    dtypes, whether the gradient flows, train/eval, whether a generator is given (random
+    selection), every field of the EKDConfig, the thresholds' dtype and their fingerprint."""
+    fields = [
+        _Field("the row count", compared=False), _Field("the student width Ds"), _Field("the teacher width Dt"),
+        _Field("the student dtype", _show_dtype), _Field("the teacher dtype", _show_dtype),
+        _Field("whether the student's gradient is computed (requires_grad, grad mode)", _show_bool,
+               hint="the loss's backward is a collective: every rank or none"),
+        _Field("update_thresholds (training mode)", _show_bool,
+               hint="call .train() or .eval() on every rank's EKDLoss alike"),
+        _Field('whether a generator is given (negative_selection="random")', _show_bool,
+               hint="pass an identically seeded generator on every rank"),
+    ]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, bool):
+            fields.append(_Field(f"the option {field.name}", _show_bool))
+        elif isinstance(value, int):
+            fields.append(_Field(f"the option {field.name}"))
+        elif isinstance(value, float):
+            fields.append(_Field(f"the option {field.name}", _show_float))
+        elif isinstance(value, str):
+            fields.append(_Field(f"the option {field.name}", _show_string))
+        else:  # fprs: its length, and a hash of its values
+            fields += [_Field(f"the length of the option {field.name}"), _Field(f"the option {field.name}", None)]
+    hint = "load the same checkpoint on every rank, or broadcast the buffers from one rank"
+    return fields + [_Field("the threshold dtype", _show_dtype),
+                     _Field("the threshold state (student_thresholds and teacher_thresholds, bit for bit)", None,
+                            hint=hint)]
+
+
+def _sharded_values(student, teacher, labels, student_thresholds, teacher_thresholds, config: EKDConfig,
+                    update_thresholds: bool, generator) -> Tuple[List[int], List[torch.Tensor]]:
+    """This rank's values of ``_sharded_fields``: host integers, and the thresholds' fingerprint
+    (on their device, no host sync)."""
+    random = config.negative_selection == "random"
+    values = [student.shape[0], student.shape[1], teacher.shape[1], _dtype_code(student.dtype),
+              _dtype_code(teacher.dtype), int(_gradient_flows(student)), int(bool(update_thresholds)),
+              int(random and generator is not None)]
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, (bool, int)):
+            values.append(int(value))
+        elif isinstance(value, float):
+            values.append(_float_bits(value))
+        elif isinstance(value, str):
+            values.append(_hash64(value))
+        else:
+            values += [len(value), _hash64(repr(tuple(value)))]
+    values.append(_dtype_code(student_thresholds.dtype))
+    return values, [fingerprint([student_thresholds, teacher_thresholds])]
+
+
 def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, config: EKDConfig,
                 update_thresholds: bool = True, generator: Optional[torch.Generator] = None,
                 group=None) -> EKDResult:
     """EKD of the global batch (the concatenation of every rank's rows), computed sharded.
 
-    Inputs are this rank's rows. The result, thresholds and statistics are the single-process
-    ones on the global batch and identical on every rank; the gradient of this rank's student
-    rows is W times the single-process one (module docstring). Computes in fp32 (bf16/fp16 are
-    read and computed in fp32); fp64 is not supported here (use the gather path for gradcheck).
+    Inputs are this rank's rows. Each rank checks its own inputs, then the ranks exchange their
+    row counts with what they must agree on (``_sharded_fields``): a rank whose input was refused,
+    or ranks that disagree, make every rank raise a ValueError before any later collective
+    (``_agree``); with random selection, ranks whose draws differ raise alike, in the selection.
+    The result, thresholds and statistics are the single-process ones on the global batch and
+    identical on every rank; the gradient of this rank's student rows is W times the
+    single-process one (module docstring). Computes in fp32 (bf16/fp16 are read and computed in
+    fp32); fp64 is not supported here (use the gather path for gradcheck). Labels of any integer
+    dtype are gathered as int64.
     """
-    if student.dtype == torch.float64:
-        raise ValueError("the sharded EKD computes in fp32; for fp64 inputs use gather_batch + EKDLoss")
     world, rank = _world(group)
+    error = _local_input_error(student, teacher, labels, student_thresholds, teacher_thresholds, config, generator)
+    fields = _sharded_fields(config)
+    values, fingerprints = [], []
+    if error is None:
+        values, fingerprints = _sharded_values(student, teacher, labels, student_thresholds, teacher_thresholds,
+                                               config, update_thresholds, generator)
+    sizes = _agree(error, fields, values, fingerprints, _exchange_device((student,), group), group,
+                   "EKDLoss(process_group=...)")
     device = student.device
-    student_all, teacher_all, labels_all, _ = gather_batch(student, teacher, labels, group)
+    student_all = _gather_rows(student, sizes, _gradient_flows(student), group)
+    teacher_all = _gather_rows(teacher.detach(), sizes, False, group)
+    labels_all = _gather_rows(labels.to(torch.int64), sizes, False, group)
     batch = labels_all.shape[0]
     if batch < 2:
         raise ValueError(f"EKD needs a global batch of at least 2 embeddings, got B={batch}")
@@ -784,9 +1064,19 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
             tables[0, lowest:SPARE_BUCKET] |= HARD
         # the values in the wanted buckets are kept unless some rank holds more than VALUE_BUDGET
         # (every rank decides alike, from the all-reduced maximum of their counts from pass A)
-        held = _all_reduce_max(listed.hist[models, wanted].sum().view(1), group)
+        held = listed.hist[models, wanted].sum().view(1)
+        if random and num_selected > 0:
+            # the ranks' draws must agree (the same generator state everywhere): the maximum of
+            # their fingerprints and of their negations, in the same all-reduce
+            drawn_print = fingerprint([ranks]).view(1)
+            held = torch.cat([held, drawn_print, -drawn_print])
+        held = _all_reduce_max(held, group).tolist()
+        if len(held) > 1 and held[1] != -held[2]:
+            raise ValueError('EKDLoss(process_group=...) with negative_selection="random": the ranks drew different '
+                             "negatives (their generators were in different states); seed the generator identically "
+                             "on every rank (e.g. torch.Generator().manual_seed(step) on each) and draw from it alike")
         slots = None
-        if int(held.item()) > VALUE_BUDGET:
+        if held[0] > VALUE_BUDGET:
             slots = torch.full((2, SPARE_BUCKET + 1), -1, dtype=torch.int64, device=device)
             slots[models, wanted] = torch.arange(len(slot_buckets), device=device)
         hard = gather_candidates(chunks, positives, tables[0], tables[1], num_selected, s_hat, slots)
@@ -861,15 +1151,15 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 @torch.compiler.disable  # eager under torch.compile: see gather_batch
 def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                         update_thresholds=True, generator=None, group=None) -> EKDResult:
-    """``ekd_sharded`` after the input checks (each rank's part may hold any number of rows)."""
-    from .validation import check_embeddings_and_labels, check_generator, check_thresholds
-
+    """``ekd_sharded`` (whose input checks cover each rank's part, of any number of rows, and the
+    ranks' agreement) once torch.distributed is initialised; `group` None is the default group,
+    as everywhere in torch.distributed."""
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("EKDLoss(process_group=...) needs torch.distributed to be initialised "
-                           "(torch.distributed.init_process_group)")
-    check_embeddings_and_labels(student, teacher, labels, min_rows=0)
-    check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
-    check_generator(generator)
-    with autocast_off(student.device):  # as ekd_loss: low precision is computed in fp32
+        raise RuntimeError("EKDLoss(process_group=...) computes the loss across the ranks of a torch.distributed "
+                           "process group (process_group=None or dist.group.WORLD: the default group, resolved at "
+                           "each call), so torch.distributed must be initialised first "
+                           "(torch.distributed.init_process_group); for one process, build EKDLoss() without "
+                           "process_group")
+    with autocast_off(_exchange_device((student,), group)):  # as ekd_loss: low precision is computed in fp32
         return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                            update_thresholds=update_thresholds, generator=generator, group=group)

@@ -17,6 +17,22 @@ _THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
 _EXTRA_STATE = "_extra_state"
 
 
+class _NotSharded:
+    """The default of ``EKDLoss(process_group=...)``: one process. (None is not that default:
+    ``dist.group.WORLD`` reads None until ``init_process_group``, so a module built before it
+    would silently compute per-rank losses; None means the default group, as in torch.distributed.)
+    Copies and pickles keep the one instance."""
+
+    def __repr__(self) -> str:
+        return "<no process group: one process>"
+
+    def __reduce__(self) -> str:
+        return "_NOT_SHARDED"
+
+
+_NOT_SHARDED = _NotSharded()
+
+
 class EKDLoss(nn.Module):
     """Evaluation-oriented Knowledge Distillation loss (Huang et al., CVPR 2022).
 
@@ -33,7 +49,13 @@ class EKDLoss(nn.Module):
 
     ``process_group``: compute the loss of the global batch (every rank's rows concatenated)
     sharded over the ranks of this torch.distributed group; each rank passes its own rows
-    (see ``ekd_kernels.distributed`` for the gradient convention).
+    (see ``ekd_kernels.distributed`` for the gradient convention). ``None`` or
+    ``dist.group.WORLD`` (which is None until ``init_process_group``) is the default group,
+    resolved at each call, so the module may be built before torch.distributed is initialised;
+    a call before it raises a ``RuntimeError``. Without the argument the loss is single-process.
+    Every call checks that the ranks agree (options, train/eval mode, threshold state, embedding
+    widths and dtypes, whether each rank's input passed its checks) and raises the same
+    ``ValueError`` on every rank when they do not.
 
     Example::
 
@@ -45,7 +67,7 @@ class EKDLoss(nn.Module):
                  num_hard_negatives: int = 2000, momentum: float = 0.01, positive_weight: float = 0.02,
                  negative_weight: float = 0.01, critical_only: bool = False, rank_loss: str = "soft_rank",
                  negative_selection: str = "hardest", compute_critical_ratio: bool = False,
-                 backend: str = "auto", generator: Optional[torch.Generator] = None, process_group=None):
+                 backend: str = "auto", generator: Optional[torch.Generator] = None, process_group=_NOT_SHARDED):
         super().__init__()
         self.config = EKDConfig(fprs=fprs, temperature=temperature, num_hard_negatives=num_hard_negatives,
                                 momentum=momentum, positive_weight=positive_weight,
@@ -57,7 +79,8 @@ class EKDLoss(nn.Module):
         preload(backend)
         self.backend = backend
         self.generator = generator
-        # Sharded across the ranks of this group (ekd_kernels.distributed); None: one process.
+        # Sharded across the ranks of this group (ekd_kernels.distributed; None: the default group,
+        # resolved at each call); _NOT_SHARDED (the default): one process.
         self.process_group = process_group
         self.register_buffer("student_thresholds", initial_thresholds(self.config))
         self.register_buffer("teacher_thresholds", initial_thresholds(self.config))
@@ -75,11 +98,13 @@ class EKDLoss(nn.Module):
                 "recomputation: it updates its thresholds in forward, so the recomputed loss would use the "
                 "updated state and give a wrong gradient. Call the loss outside the checkpointed region (its "
                 "backward keeps no B x B activations to free), or checkpoint ekd_loss with explicit thresholds")
-        if isinstance(student, torch.Tensor) and self.student_thresholds.device != student.device:
+        # (sharded: the same check runs inside the ranks' agreement exchange, so every rank raises)
+        if self.process_group is _NOT_SHARDED and isinstance(student, torch.Tensor) \
+                and self.student_thresholds.device != student.device:
             raise ValueError(
                 f"the EKDLoss thresholds are on {self.student_thresholds.device} but the embeddings are on "
                 f"{student.device}: move the loss module with .to(device)")
-        if self.process_group is not None:
+        if self.process_group is not _NOT_SHARDED:
             from .distributed import ekd_sharded_checked
             result = ekd_sharded_checked(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
                                          self.config, update_thresholds=self.training,

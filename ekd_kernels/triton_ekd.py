@@ -74,6 +74,7 @@ fp64 inputs are rejected (use the reference backend for gradcheck): the kernels 
 """
 
 import contextlib
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -487,6 +488,201 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
             sorted_labels)
 
 
+# --------------------------------------------------------------------------- argument checks
+# The custom ops are public (torch.ops.ekd_kernels.*): ekd_forward below validates before it calls
+# them, but a direct call with a malformed argument must fail here, naming it, rather than hand a
+# kernel an index past a buffer.  Shapes, dtypes and devices are checked on every device (and in
+# the fake implementations); the VALUES that index memory (random_pairs, order, the selected
+# pairs) only for CPU tensors, which the interpreter runs: on CUDA reading them would synchronise
+# with the host, which the forward and backward never do, so there the ops check shapes only (an
+# index value out of range on CUDA is not detected: pass the forward's own outputs).
+_EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_index_values(device: torch.device) -> bool:
+    """Whether the ops read their index arguments' values to check them: for CPU tensors, which
+    only the interpreter runs (no host synchronisation to avoid there).  Not on CUDA, and not
+    for CPU tensors handed to natively compiled kernels (a compile-only harness: they never run)."""
+    return device.type == "cpu" and _interpreter_requested()
+
+
+def _host_values(x: torch.Tensor):
+    """The values of a CPU tensor as a numpy view, read without an ATen op.  The value checks run
+    for CPU tensors only, so they can never synchronise a device; reading through numpy keeps them
+    out of the profiler's aten::_local_scalar_dense count, with which the tests check on CPU that
+    the code path CUDA takes reads nothing back to the host."""
+    return x.detach().numpy()
+
+
+def _require(condition, message, error=ValueError) -> None:
+    """`error(message())` unless `condition` (a bool, or a SymBool in a fake implementation:
+    a runtime assertion then, not a guard).  Plain bools take the short way: these checks run on
+    every call, where the host time of a launch-bound forward is what a small batch costs."""
+    if condition is True:
+        return
+    if condition is False:
+        raise error(message())
+    torch._check_with(error, condition, message)
+
+
+def _is_index_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _check_same_device(op: str, device: torch.device, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.device != device:
+            raise ValueError(f"{op}: {name} must be on the student's device {device}, got {x.device}")
+
+
+def _check_embeddings(op: str, student_name: str, student, teacher_name: str, teacher) -> None:
+    """2-D fp32/fp16/bf16 rows of the same count B >= 2, at least one column each."""
+    for name, x in ((student_name, student), (teacher_name, teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D (B x D), got shape {tuple(x.shape)}")
+        if x.dtype not in _EMBEDDING_DTYPES:
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16 (the kernels compute in fp32), "
+                             f"got {x.dtype}")
+        _require(x.shape[1] >= 1, lambda: f"{op}: {name} needs at least one column, got shape {tuple(x.shape)}")
+    batch = student.shape[0]
+    _require(batch >= 2, lambda: f"{op}: {student_name} needs B >= 2 rows, got shape {tuple(student.shape)}")
+    _require(teacher.shape[0] == batch, lambda: f"{op}: {teacher_name} must have B = {batch} rows (as "
+                                                f"{student_name}), got shape {tuple(teacher.shape)}")
+
+
+def _check_vector(op: str, name: str, x, length, dtypes=None, what: str = "") -> None:
+    """1-D of `length` (a dtype among `dtypes`, or a predicate on the dtype)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    def message():
+        return f"{op}: {name} must be 1-D of length {length}{what}, got shape {tuple(x.shape)}"
+
+    _require(x.dim() == 1, message)
+    _require(x.shape[0] == length, message)
+    if callable(dtypes):
+        if not dtypes(x.dtype):
+            raise ValueError(f"{op}: {name} must be an integer tensor, got {x.dtype}")
+    elif dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} must be {' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
+
+
+def _check_scalar(op: str, name: str, x, dtypes=None) -> None:
+    """One value (the forward's 0-d outputs), floating."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    _require(x.numel() == 1, lambda: f"{op}: {name} must hold one value, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} must be {' or '.join(str(d) for d in dtypes)}, got {x.dtype}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: {name} must be floating, got {x.dtype}")
+
+
+def _check_forward_args(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                        num_thresholds: int, check_values: bool) -> None:
+    """triton_ekd_forward's tensors: student B x Ds and teacher B x Dt (fp32/fp16/bf16), labels B
+    integers, the two thresholds K = len(fprs) floats, random_pairs None or 2 x n int64 with
+    n <= B(B-1)/2 and (check_values: CPU tensors) every index in [0, B); one device."""
+    op = "triton_ekd_forward"
+    _check_embeddings(op, "student", student, "teacher", teacher)
+    batch = student.shape[0]
+    _check_vector(op, "labels", labels, batch, _is_index_dtype, " (B)")
+    for name, x in (("student_thresholds", student_thresholds), ("teacher_thresholds", teacher_thresholds)):
+        _check_vector(op, name, x, num_thresholds, what=" (K, one per FPR)")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be floating, got {x.dtype}")
+    if random_pairs is not None:
+        if not isinstance(random_pairs, torch.Tensor):
+            raise ValueError(f"{op}: random_pairs must be a torch.Tensor or None, got {type(random_pairs).__name__}")
+        if random_pairs.dtype != torch.int64:
+            raise ValueError(f"{op}: random_pairs must be int64, got {random_pairs.dtype}")
+        def message():
+            return (f"{op}: random_pairs must be 2 x n with n <= B(B-1)/2 = {batch * (batch - 1) // 2}, got shape "
+                    f"{tuple(random_pairs.shape)}")
+
+        _require(random_pairs.dim() == 2, message)
+        _require(random_pairs.shape[0] == 2, message)
+        _require(random_pairs.shape[1] <= batch * (batch - 1) // 2, message)
+    _check_same_device(op, student.device, teacher=teacher, labels=labels, student_thresholds=student_thresholds,
+                       teacher_thresholds=teacher_thresholds, random_pairs=random_pairs)
+    if check_values and random_pairs is not None and random_pairs.numel() > 0:
+        pairs = _host_values(random_pairs)
+        outside = ((pairs < 0) | (pairs >= batch)).any(axis=0)
+        if outside.any():
+            bad = pairs[:, int(outside.argmax())].tolist()
+            raise ValueError(f"{op}: random_pairs holds a pair {tuple(bad)} with an index outside [0, B = {batch})")
+
+
+def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         rank_loss, check_values: bool) -> None:
+    """triton_ekd_backward's tensors, as the forward leaves them: s_sorted B x Ds and t_sorted
+    B x Dt (fp32/fp16/bf16), sorted_labels B integers, order B int64, s_inv and t_inv B fp32,
+    thresholds_used 2 x K fp32 (K >= 1), positive_coefficient and grad_loss one float,
+    selected_rows / selected_cols n int64 and selected_coefficient n fp32 (n <= B(B-1)/2); one
+    device.  check_values (CPU tensors): order a permutation of [0, B), sorted_labels ascending,
+    each selected pair two rows in [0, B) or the unfilled slot (B, B)."""
+    op = "triton_ekd_backward"
+    _check_embeddings(op, "s_sorted", s, "t_sorted", t)
+    batch = s.shape[0]
+    _check_scalar(op, "grad_loss", grad_loss)
+    _check_vector(op, "sorted_labels", sorted_labels, batch, _is_index_dtype, " (B)")
+    _check_vector(op, "order", order, batch, (torch.int64,), " (B)")
+    _check_vector(op, "s_inv", s_inv, batch, (torch.float32,), " (B)")
+    _check_vector(op, "t_inv", t_inv, batch, (torch.float32,), " (B)")
+    if not isinstance(thresholds_used, torch.Tensor):
+        raise ValueError(f"{op}: thresholds_used must be a torch.Tensor, got {type(thresholds_used).__name__}")
+    def thresholds_message():
+        return f"{op}: thresholds_used must be 2 x K (K >= 1), got shape {tuple(thresholds_used.shape)}"
+
+    _require(thresholds_used.dim() == 2, thresholds_message)
+    _require(thresholds_used.shape[0] == 2, thresholds_message)
+    _require(thresholds_used.shape[1] >= 1, thresholds_message)
+    if thresholds_used.dtype != torch.float32:
+        raise ValueError(f"{op}: thresholds_used must be torch.float32, got {thresholds_used.dtype}")
+    _check_scalar(op, "positive_coefficient", positive_coefficient, (torch.float32,))
+    if not isinstance(selected_rows, torch.Tensor):
+        raise ValueError(f"{op}: selected_rows must be a torch.Tensor, got {type(selected_rows).__name__}")
+    def slots_message():
+        return (f"{op}: selected_rows must be 1-D with n <= B(B-1)/2 = {batch * (batch - 1) // 2} slots, got shape "
+                f"{tuple(selected_rows.shape)}")
+
+    _require(selected_rows.dim() == 1, slots_message)
+    _require(selected_rows.shape[0] <= batch * (batch - 1) // 2, slots_message)
+    num_slots = selected_rows.shape[0]
+    _check_vector(op, "selected_rows", selected_rows, num_slots, (torch.int64,))
+    _check_vector(op, "selected_cols", selected_cols, num_slots, (torch.int64,), " (n, as selected_rows)")
+    _check_vector(op, "selected_coefficient", selected_coefficient, num_slots, (torch.float32,),
+                  " (n, as selected_rows)")
+    if rank_loss not in _RANK_LOSS_CODES:
+        raise ValueError(f"{op}: rank_loss must be one of {tuple(_RANK_LOSS_CODES)}, got {rank_loss!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+    _check_same_device(op, s.device, grad_loss=grad_loss, t_sorted=t, sorted_labels=sorted_labels, order=order,
+                       s_inv=s_inv, t_inv=t_inv, thresholds_used=thresholds_used,
+                       positive_coefficient=positive_coefficient, selected_rows=selected_rows,
+                       selected_cols=selected_cols, selected_coefficient=selected_coefficient)
+    if not check_values:
+        return
+    # O(B + n), CPU tensors only (see _host_values).
+    import numpy
+
+    positions = _host_values(order)
+    if ((positions < 0) | (positions >= batch)).any() or (numpy.bincount(positions, minlength=batch) != 1).any():
+        raise ValueError(f"{op}: order must be a permutation of [0, B = {batch}) (the forward's label order)")
+    labels = _host_values(sorted_labels)
+    if (labels[1:] < labels[:-1]).any():
+        raise ValueError(f"{op}: sorted_labels must be in ascending order (the forward's label-sorted labels)")
+    rows, cols = _host_values(selected_rows), _host_values(selected_cols)
+    filled = (rows >= 0) & (rows < batch) & (cols >= 0) & (cols < batch)
+    ok = filled | ((rows == batch) & (cols == batch))
+    if not ok.all():
+        slot = int(ok.argmin())
+        raise ValueError(f"{op}: selected_rows / selected_cols slot {slot} = ({int(rows[slot])}, {int(cols[slot])}) "
+                         f"is neither a pair of sorted rows in [0, B = {batch}) nor the unfilled slot (B, B)")
+
+
 # --------------------------------------------------------------------------- forward op
 def _on_device(device: torch.device):
     """Triton launches on the *current* CUDA device: tensors on cuda:1 while cuda:0 is current
@@ -520,6 +716,11 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     their coefficients, and the label-sorted student rows, teacher rows and labels."""
     config = _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                           critical_only, rank_loss, compute_critical_ratio)
+    _check_forward_args(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                        config.num_thresholds, check_values=_check_index_values(student.device))
+    _check_limits(student.shape[0], config)
+    if random_pairs is not None:
+        random_pairs = random_pairs.contiguous()  # the kernels read each of its rows as one contiguous run
     with _on_device(student.device):
         return _forward_impl(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
                              config, update_thresholds)
@@ -529,6 +730,8 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 def _forward_fake(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, fprs,
                   temperature, num_hard_negatives, momentum, positive_weight, negative_weight, critical_only,
                   rank_loss, compute_critical_ratio, update_thresholds):
+    _check_forward_args(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, len(fprs),
+                        check_values=False)
     batch = student.shape[0]
     if random_pairs is not None:
         num_slots = random_pairs.shape[1]
@@ -557,6 +760,15 @@ def _backward_op(grad_loss: torch.Tensor, s_sorted: torch.Tensor, t_sorted: torc
                  critical_only: bool, rank_loss: str) -> torch.Tensor:
     """d loss / d student (in the student's dtype and shape, contiguous), from the forward's
     label-sorted rows and what it saved."""
+    _check_backward_args(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         rank_loss, check_values=_check_index_values(s_sorted.device))
+    # The kernels index every tensor but the thresholds as a contiguous run (no-ops for the
+    # forward's outputs, which are contiguous).
+    (s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used, selected_rows, selected_cols,
+     selected_coefficient) = (x.contiguous() for x in (s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv,
+                                                       thresholds_used, selected_rows, selected_cols,
+                                                       selected_coefficient))
     with _on_device(s_sorted.device):
         return _backward_impl(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
                               positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
@@ -603,7 +815,12 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_loss, s_sorted, *args):
+def _backward_fake(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                   positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                   critical_only, rank_loss):
+    _check_backward_args(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         rank_loss, check_values=False)
     return torch.empty(s_sorted.shape, dtype=s_sorted.dtype, device=s_sorted.device)
 
 

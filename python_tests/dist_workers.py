@@ -38,6 +38,12 @@ AUTOCAST_PATHS = ("sharded_in_autocast",)
 COMPILED_PATHS = ("sharded_compiled",)
 
 
+def sharded_over(group):
+    """EKDLoss's keyword for a loss sharded over `group`, or none (one process) when `group` is
+    None: process_group=None would mean the default group."""
+    return {} if group is None else dict(process_group=group)
+
+
 def rank_sizes(world):
     return {2: [9, 14], 3: [12, 1, 10]}[world]
 
@@ -91,7 +97,7 @@ def _run_scenarios(world, rank, path):
     sharded = path in SHARDED_PATHS
     results = {}
     for name, options, labels_kind in SCENARIOS:
-        crit = EKDLoss(**options, process_group=group if sharded else None)
+        crit = EKDLoss(**options, **sharded_over(group if sharded else None))
         call = torch.compile(crit, backend="eager") if path in COMPILED_PATHS else crit
         steps = []
         for step in range(STEPS):
@@ -124,7 +130,7 @@ def ddp_step(world, rank, path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    crit = EKDLoss(process_group=dist.group.WORLD if path == "sharded" else None)
+    crit = EKDLoss(**sharded_over(dist.group.WORLD if path == "sharded" else None))
     grads = []
     for step in range(2):
         inputs, teacher, labels = (local_part(x, world, rank) for x in global_batch(step, world, "mixed"))
@@ -140,13 +146,13 @@ def ddp_step(world, rank, path):
 
 
 @contextlib.contextmanager
-def gloo_process_group(rank, world, port):
+def gloo_process_group(rank, world, port, timeout_s=60):
     """This process as rank `rank` of a local gloo group of `world`, one thread each (the ranks
     share the machine's cores)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield
     finally:
@@ -370,3 +376,156 @@ def big_worker(rank, world, port, out_dir):
         out["collapsed"] = run_collapsed(world, rank)
         out["collapsed_histograms"] = run_collapsed(world, rank, VALUE_BUDGET=COLLAPSED_VALUE_BUDGET)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+# ----------------------------------------------------------------------------- ranks that disagree
+
+#: the process group's timeout in the agreement run: a case that hangs (ranks left waiting in
+#: different collectives) fails within this, not the default 60 s or 30 min
+AGREEMENT_TIMEOUT_S = 20
+
+
+def agreement_batch(world, rank, step=0):
+    """This rank's part of the small global batch of the agreement cases (rank_sizes)."""
+    return [local_part(x, world, rank) for x in global_batch(step, world, "mixed")]
+
+
+def sharded_call(rank, world, options=None, change=None, crit_hook=None, generator=None, step=0):
+    """One sharded EKDLoss step on this rank's part; change(rank, student, teacher, labels) may
+    alter the part, crit_hook(rank, crit) the module. Returns the step's results."""
+    student, teacher, labels = agreement_batch(world, rank, step)
+    student = student.clone().requires_grad_(True)
+    if change is not None:
+        student, teacher, labels = change(rank, student, teacher, labels)
+    crit = EKDLoss(**(options(rank) if options else {}), process_group=dist.group.WORLD)
+    if crit_hook is not None:
+        crit_hook(rank, crit)
+    loss = crit(student, teacher, labels, generator=generator(rank) if generator else None)
+    if loss.requires_grad:
+        loss.backward()
+    return step_result(crit, loss, student)
+
+
+def on_rank(which, value, default=None):
+    """options(rank): `value` on rank `which`, `default` (or nothing) on the others."""
+    return lambda rank: value if rank == which else (default or {})
+
+
+def seeded(rank):
+    return torch.Generator().manual_seed(0)
+
+
+def _ulp_up(rank, crit):
+    if rank == 1:
+        crit.student_thresholds[3] = torch.nextafter(crit.student_thresholds[3], torch.tensor(1.0))
+
+
+def _threshold_state(rank, crit):
+    if rank == 1:
+        crit.student_thresholds.fill_(0.3)
+        crit.teacher_thresholds.fill_(0.3)
+
+
+def _gather_call(rank, world, change):
+    student, teacher, labels = agreement_batch(world, rank)
+    student = student.clone().requires_grad_(True)
+    student, teacher, labels = change(rank, student, teacher, labels)
+    s_all, t_all, l_all, sizes = gather_batch(student, teacher, labels)
+    return dict(student=s_all.detach(), teacher=t_all, labels=l_all, sizes=sizes)
+
+
+def _wider(student):
+    """Two more columns."""
+    return torch.cat([student, student[:, :2]], 1)
+
+
+def _on1(fn):
+    """change(rank, s, t, l) applying fn(s, t, l) on rank 1 only."""
+    return lambda rank, s, t, l: fn(s, t, l) if rank == 1 else (s, t, l)
+
+
+#: (name, call(rank, world)) of the agreement run, every rank in this order. Cases whose name
+#: starts with "ok_" must succeed (and match single-process EKD on the global batch); the others
+#: must raise a ValueError on every rank (test_distributed.AGREEMENT_EXPECTED says which)
+AGREEMENT_CASES = [
+    ("student_width", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (_wider(s), t, l)))),
+    ("teacher_width", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s, t[:, :8], l)))),
+    ("student_dtype", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s.bfloat16(), t, l)))),
+    ("teacher_dtype", lambda r, w: sharded_call(
+        r, w, change=lambda rank, s, t, l: (s, t.half() if rank == 0 else t, l))),
+    ("momentum", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(momentum=0.5)))),
+    ("temperature", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(temperature=0.05)))),
+    ("critical_only", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(critical_only=True)))),
+    # one rank making pass C's extra collectives: a hang until the timeout without the check
+    ("compute_critical_ratio", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(compute_critical_ratio=True)))),
+    ("rank_loss", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(rank_loss="eq8")))),
+    ("positive_weight", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(positive_weight=1.0)))),
+    ("num_hard_negatives", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(num_hard_negatives=5)))),
+    ("negative_selection", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(negative_selection="random")),
+                                                     generator=seeded)),
+    ("fprs_length", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(fprs=(0.1, 0.01))))),
+    ("fprs_values", lambda r, w: sharded_call(r, w, options=on_rank(1, dict(fprs=(0.2, 0.02, 2e-3, 2e-4, 2e-5,
+                                                                                  2e-6))))),
+    ("eval_on_one_rank", lambda r, w: sharded_call(r, w, crit_hook=lambda rank, crit: crit.train(rank != 1))),
+    ("threshold_state", lambda r, w: sharded_call(r, w, crit_hook=_threshold_state)),
+    ("threshold_one_ulp", lambda r, w: sharded_call(r, w, crit_hook=_ulp_up)),
+    ("generator_on_one_rank", lambda r, w: sharded_call(
+        r, w, options=lambda rank: dict(negative_selection="random", num_hard_negatives=9),
+        generator=lambda rank: torch.Generator().manual_seed(0) if rank == 0 else None)),
+    ("gradient_on_one_rank", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s.detach(), t, l)))),
+    # an empty part still has its widths: a 0 x 1 part beside 12 and 10 columns is refused
+    ("empty_part_width", lambda r, w: sharded_call(
+        r, w, change=_on1(lambda s, t, l: (s[:0, :1], t[:0, :1], l[:0])))),
+    # A4: every rank draws its own negatives from its generator; different seeds, different draws
+    ("random_seeds", lambda r, w: sharded_call(r, w, options=lambda rank: dict(negative_selection="random",
+                                                                               num_hard_negatives=9),
+                                               generator=lambda rank: torch.Generator().manual_seed(100 * rank))),
+    # one rank's input refused by its own checks: it raises that error, the others say so
+    ("labels_refused", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s, t, l.view(-1, 1))))),
+    ("rows_refused", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s, t[:-1], l)))),
+    ("fp64_refused", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s.double(), t, l)))),
+    ("thresholds_refused", lambda r, w: sharded_call(
+        r, w, crit_hook=lambda rank, crit: setattr(crit, "student_thresholds", crit.student_thresholds.half())
+        if rank == 1 else None)),
+    # B2: labels of any integer dtype (int16 is not a gloo type), also different per rank
+    ("ok_labels_int16", lambda r, w: sharded_call(r, w, change=lambda rank, s, t, l: (s, t, l.to(torch.int16)))),
+    ("ok_labels_mixed_dtypes", lambda r, w: sharded_call(r, w, change=_on1(lambda s, t, l: (s, t, l.int())))),
+    # the same seed everywhere: the check of the draws lets it through
+    ("ok_random_same_seed", lambda r, w: sharded_call(r, w, options=lambda rank: dict(negative_selection="random",
+                                                                                      num_hard_negatives=9),
+                                                      generator=seeded)),
+    # gather_batch: the same exchange (shapes, dtypes, gradient), labels gathered as int64
+    ("gather_width", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (_wider(s), t, l)))),
+    ("gather_gradient_on_one_rank", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s.detach(), t, l)))),
+    ("gather_rows_refused", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l[:-1])))),
+    ("ok_gather_labels_int16", lambda r, w: _gather_call(r, w, lambda rank, s, t, l: (s, t, l.to(torch.int16)))),
+    # after all the refusals, the ranks are still in step: a plain call gives the global loss
+    ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
+]
+
+
+def outcome(call):
+    try:
+        return dict(ok=True, value=call())
+    except Exception as error:  # noqa: BLE001 - recorded for the test to judge
+        return dict(ok=False, type=type(error).__name__, message=str(error))
+
+
+def agreement_worker(rank, world, port, out_dir):
+    # built before init_process_group, as a model and its loss often are: dist.group.WORLD is None
+    # then, and so is process_group=None; both mean the default group, resolved at each call
+    early = {"world_before_init": EKDLoss(process_group=dist.group.WORLD), "none": EKDLoss(process_group=None)}
+    with gloo_process_group(rank, world, port, timeout_s=AGREEMENT_TIMEOUT_S):
+        out = {}
+        for name, crit in early.items():
+            student, teacher, labels = agreement_batch(world, rank)
+            student = student.clone().requires_grad_(True)
+            out[name] = outcome(lambda: _step(crit, student, teacher, labels))
+        out["cases"] = {name: outcome(lambda: call(rank, world)) for name, call in AGREEMENT_CASES}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _step(crit, student, teacher, labels):
+    loss = crit(student, teacher, labels)
+    loss.backward()
+    return step_result(crit, loss, student)

@@ -88,6 +88,27 @@ def test_opcheck_forward_random_ranks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, match", [
+    ("labels_complex", "labels must be 1-D integers"), ("labels_bool", "labels must be 1-D integers"),
+    ("labels_float", "labels must be 1-D integers"), ("student_no_column", "at least one column"),
+    ("teacher_no_column", "at least one column"),
+])
+def test_raw_forward_refuses_malformed_argument(device, case, match):
+    """The raw forward op, called directly, refuses what the Python wrapper would have refused."""
+    config = EKDConfig(num_hard_negatives=10)
+    student, teacher, labels = make_batch(12, 6, 4, 4, seed=5, device=device)
+    state = (torch.zeros(6, device=device), torch.zeros(6, device=device))
+    bad = {"labels_complex": lambda: (student, teacher, labels.to(torch.complex64)),
+           "labels_bool": lambda: (student, teacher, labels > 1),
+           "labels_float": lambda: (student, teacher, labels.float()),
+           "student_no_column": lambda: (student[:, :0], teacher, labels),
+           "teacher_no_column": lambda: (student, teacher[:, :0], labels)}[case]()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.ekd_kernels.ekd_forward(*op_args(*bad, config, state))
+    torch.ops.ekd_kernels.ekd_forward(*op_args(student, teacher, labels, config, state))  # the valid call
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     config = EKDConfig(num_hard_negatives=30)
     student, teacher, labels = make_batch(24, 12, 6, 6, seed=3, device=device)
@@ -322,3 +343,184 @@ def test_cuda_deterministic_across_runs():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- malformed raw-op arguments
+# torch.ops.ekd_kernels.ekd_backward is public: called directly with a malformed argument it must
+# refuse it, naming the argument, rather than index past a buffer.  Each case corrupts one
+# argument of a valid call (what csrc_ops._backward passes).  Shapes, dtypes and devices are
+# checked on every device and in the fake implementation; the values of selected_pairs on the CPU
+# (ValueError), while the CUDA op, which must not read them on the host, skips a pair with an
+# index outside [0, B).
+_RAW_BATCH = 8
+
+
+def _raw_backward_args(device):
+    """A valid ekd_backward call (B = 8, 24 negatives in 28 slots: 4 are -1 padded), and the
+    gradient autograd gives for it through the wrapper."""
+    student, teacher, _ = make_batch(_RAW_BATCH, 4, 5, seed=21, device=device)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
+    config = EKDConfig(num_hard_negatives=2000)
+    state = (torch.zeros(6, device=device), torch.zeros(6, device=device))
+    out = torch.ops.ekd_kernels.ekd_forward(*op_args(student, teacher, labels, config, state))
+    args = dict(grad_loss=torch.ones((), device=device), student=student, teacher=teacher, labels=labels,
+                student_thresholds=out[1], teacher_thresholds=out[2], selected_pairs=out[7], selected_grads=out[8],
+                positive_scale=out[9], temperature=config.temperature, critical_only=False, rank_loss=0)
+    leaf = student.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(call(leaf, teacher, labels, config, state=state).loss, leaf)
+    return args, expected
+
+
+def _replace(**changes):
+    """A corruption: each keyword maps an argument name to a function of the valid arguments."""
+    return lambda a: {**a, **{name: fn(a) for name, fn in changes.items()}}
+
+
+def _pairs_with(index, value):
+    def corrupt(a):
+        pairs = a["selected_pairs"].clone()
+        pairs[index] = value
+        return pairs
+    return _replace(selected_pairs=corrupt)
+
+
+_FEWER_ROWS = _replace(student=lambda a: a["student"][:3], teacher=lambda a: a["teacher"][:3],
+                       labels=lambda a: a["labels"][:3])
+# name: (corruption, exception, the argument the message names)
+_BACKWARD_SHAPE_CASES = {
+    "grad_loss_empty": (_replace(grad_loss=lambda a: a["grad_loss"].new_empty(0)), RuntimeError, "grad_loss"),
+    "grad_loss_vector": (_replace(grad_loss=lambda a: a["grad_loss"].new_ones(3)), RuntimeError, "grad_loss"),
+    "grad_loss_int": (_replace(grad_loss=lambda a: a["grad_loss"].long()), RuntimeError, "grad_loss"),
+    "student_1d": (_replace(student=lambda a: a["student"][0]), RuntimeError, "student"),
+    "student_3d": (_replace(student=lambda a: a["student"][None]), RuntimeError, "student"),
+    "student_int": (_replace(student=lambda a: a["student"].long()), RuntimeError, "student"),
+    "student_fp16": (_replace(student=lambda a: a["student"].half()), RuntimeError, "student"),
+    "student_one_row": (_replace(student=lambda a: a["student"][:1], teacher=lambda a: a["teacher"][:1],
+                                 labels=lambda a: a["labels"][:1]), RuntimeError, "student"),
+    # the probe's case: the pairs refer to rows 3..7 (more slots than 3 rows have pairs)
+    "student_fewer_rows_than_pairs": (_FEWER_ROWS, RuntimeError, "selected_pairs"),
+    "teacher_fewer_rows": (_replace(teacher=lambda a: a["teacher"][:2]), RuntimeError, "teacher"),
+    "teacher_1d": (_replace(teacher=lambda a: a["teacher"][0]), RuntimeError, "teacher"),
+    "teacher_int": (_replace(teacher=lambda a: a["teacher"].long()), RuntimeError, "teacher"),
+    "labels_shorter": (_replace(labels=lambda a: a["labels"][:3]), RuntimeError, "labels"),
+    "labels_longer": (_replace(labels=lambda a: torch.arange(100, device=a["labels"].device)), RuntimeError,
+                      "labels"),
+    "labels_float": (_replace(labels=lambda a: a["labels"].float() + 0.5), RuntimeError, "labels"),
+    "labels_2d": (_replace(labels=lambda a: a["labels"][:, None]), RuntimeError, "labels"),
+    "student_thresholds_shorter": (_replace(student_thresholds=lambda a: a["student_thresholds"][:2]), RuntimeError,
+                                   "student_thresholds"),
+    "thresholds_empty": (_replace(student_thresholds=lambda a: a["student_thresholds"][:0],
+                                  teacher_thresholds=lambda a: a["teacher_thresholds"][:0]), RuntimeError,
+                         "student_thresholds"),
+    "student_thresholds_int": (_replace(student_thresholds=lambda a: a["student_thresholds"].long()), RuntimeError,
+                               "student_thresholds"),
+    "teacher_thresholds_shorter": (_replace(teacher_thresholds=lambda a: a["teacher_thresholds"][:2]), RuntimeError,
+                                   "teacher_thresholds"),
+    "teacher_thresholds_2d": (_replace(teacher_thresholds=lambda a: a["teacher_thresholds"][None]), RuntimeError,
+                              "teacher_thresholds"),
+    "selected_pairs_1d": (_replace(selected_pairs=lambda a: a["selected_pairs"].reshape(-1)), RuntimeError,
+                          "selected_pairs"),
+    "selected_pairs_n_by_3": (_replace(selected_pairs=lambda a: a["selected_pairs"].new_zeros(4, 3),
+                                       selected_grads=lambda a: a["selected_grads"][:4]), RuntimeError,
+                              "selected_pairs"),
+    "selected_pairs_int32": (_replace(selected_pairs=lambda a: a["selected_pairs"].int()), RuntimeError,
+                             "selected_pairs"),
+    "selected_pairs_too_many": (_replace(selected_pairs=lambda a: a["selected_pairs"].new_full((29, 2), -1),
+                                         selected_grads=lambda a: a["selected_grads"].new_zeros(29)), RuntimeError,
+                                "selected_pairs"),
+    "selected_grads_shorter": (_replace(selected_grads=lambda a: a["selected_grads"][:1]), RuntimeError,
+                               "selected_grads"),
+    "selected_grads_empty": (_replace(selected_grads=lambda a: a["selected_grads"][:0]), RuntimeError,
+                             "selected_grads"),
+    "selected_grads_int": (_replace(selected_grads=lambda a: a["selected_grads"].long()), RuntimeError,
+                           "selected_grads"),
+    "positive_scale_empty": (_replace(positive_scale=lambda a: a["positive_scale"].new_empty(0)), RuntimeError,
+                             "positive_scale"),
+    "positive_scale_int": (_replace(positive_scale=lambda a: a["positive_scale"].long()), RuntimeError,
+                           "positive_scale"),
+    "rank_loss_9": (_replace(rank_loss=lambda a: 9), ValueError, "rank_loss"),
+    "rank_loss_negative": (_replace(rank_loss=lambda a: -3), ValueError, "rank_loss"),
+    "temperature_0": (_replace(temperature=lambda a: 0.0), ValueError, "temperature"),
+    "temperature_nan": (_replace(temperature=lambda a: float("nan")), ValueError, "temperature"),
+}
+# Values of selected_pairs that index no row: ValueError on the CPU, skipped pairs on CUDA.
+_BACKWARD_VALUE_CASES = {
+    "index_eq_B": _pairs_with((0, 1), _RAW_BATCH),
+    "index_big": _pairs_with((0, 0), 10**6),
+    "second_index_negative": _pairs_with((0, 1), -5),
+    "all_first_indices_huge": _pairs_with((slice(None), 0), 2**40),
+    "half_padded_slot": _pairs_with((0, 1), -1),
+    "padding_with_a_row": _pairs_with((-1, 1), 3),
+    # 4 rows have 6 pairs: the first 6 slots, which refer to rows up to 7
+    "student_fewer_rows_than_indices": _replace(
+        student=lambda a: a["student"][:4], teacher=lambda a: a["teacher"][:4], labels=lambda a: a["labels"][:4],
+        selected_pairs=lambda a: a["selected_pairs"][:6], selected_grads=lambda a: a["selected_grads"][:6]),
+}
+_BACKWARD_TENSORS = ["grad_loss", "teacher", "labels", "student_thresholds", "teacher_thresholds", "selected_pairs",
+                     "selected_grads", "positive_scale"]
+
+
+def _backward(args):
+    return torch.ops.ekd_kernels.ekd_backward(*args.values())
+
+
+def _other_device(device):
+    return "meta" if device == "cpu" else "cpu"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_backward_valid_call_matches_autograd(device):
+    args, expected = _raw_backward_args(device)
+    assert bool((args["selected_pairs"] == -1).all(dim=1).any()), "the valid call should hold padded slots"
+    torch.testing.assert_close(_backward(args), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(_BACKWARD_SHAPE_CASES))
+def test_raw_backward_refuses_malformed_argument(device, case):
+    corrupt, error, name = _BACKWARD_SHAPE_CASES[case]
+    args, _ = _raw_backward_args(device)
+    with pytest.raises(error, match=rf"\b{name}\b"):
+        _backward(corrupt(args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", _BACKWARD_TENSORS)
+def test_raw_backward_refuses_argument_on_another_device(device, name):
+    args, _ = _raw_backward_args(device)
+    args[name] = args[name].to(_other_device(device))
+    with pytest.raises(RuntimeError, match=rf"\b{name}\b.*device"):
+        _backward(args)
+
+
+@pytest.mark.parametrize("case", list(_BACKWARD_SHAPE_CASES))
+def test_raw_backward_fake_refuses_malformed_argument(case):
+    """The fake (meta) implementation checks the same shapes, dtypes and options."""
+    corrupt, error, name = _BACKWARD_SHAPE_CASES[case]
+    args, _ = _raw_backward_args("cpu")
+    meta = {key: value.to("meta") if isinstance(value, torch.Tensor) else value for key, value in args.items()}
+    assert _backward(meta).shape == args["student"].shape
+    with pytest.raises(error, match=rf"\b{name}\b"):
+        _backward(corrupt(meta))
+
+
+@pytest.mark.parametrize("case", list(_BACKWARD_VALUE_CASES))
+def test_raw_backward_refuses_pair_index_out_of_range_cpu(case):
+    args, _ = _raw_backward_args("cpu")
+    with pytest.raises(ValueError, match=r"\bselected_pairs\b.*\[0, B"):
+        _backward(_BACKWARD_VALUE_CASES[case](args))
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=f"csrc on CUDA: {CUDA_REASON}")
+@pytest.mark.parametrize("case", list(_BACKWARD_VALUE_CASES))
+def test_raw_backward_skips_pair_index_out_of_range_cuda(case):
+    """CUDA cannot read the indices on the host (no sync): a pair with an index outside [0, B)
+    contributes nothing, as if its slot were padding."""
+    args, _ = _raw_backward_args("cuda")
+    bad = _BACKWARD_VALUE_CASES[case](args)
+    batch = bad["student"].shape[0]
+    pairs = bad["selected_pairs"]
+    inside = ((pairs >= 0) & (pairs < batch)).all(dim=1, keepdim=True)
+    assert not bool(inside.all())
+    padded = {**bad, "selected_pairs": torch.where(inside, pairs, torch.full_like(pairs, -1))}
+    torch.testing.assert_close(_backward(bad), _backward(padded), rtol=0, atol=0)

@@ -384,3 +384,180 @@ def test_chunk_plan_covers_the_rows_within_the_budget():
             for s, e in plan:
                 width = batch - 1 - rows[s]
                 assert (e - s) * width <= max(budget, width), (batch, world, rank, s, e)
+
+
+# ----------------------------------------------------------------------------- ranks that disagree
+
+REFUSED_BY_RANK_1 = "rank 1's input was refused: see that rank's error"
+#: per failing case of dist_workers.AGREEMENT_CASES: what every rank's ValueError must say (a
+#: string: the same message on every rank; a list: per rank, the one rank's own error and what
+#: the others say)
+AGREEMENT_EXPECTED = {
+    "student_width": "the student width Ds: rank 0 has 12, rank 1 has 14",
+    "teacher_width": "the teacher width Dt: rank 0 has 10, rank 1 has 8",
+    "student_dtype": "the student dtype: rank 0 has torch.float32, rank 1 has torch.bfloat16",
+    "teacher_dtype": "the teacher dtype: rank 0 has torch.float16, rank 1 has torch.float32",
+    "momentum": "the option momentum: rank 0 has 0.01, rank 1 has 0.5",
+    "temperature": "the option temperature: rank 0 has 0.01, rank 1 has 0.05",
+    "critical_only": "the option critical_only: rank 0 has False, rank 1 has True",
+    "compute_critical_ratio": "the option compute_critical_ratio: rank 0 has False, rank 1 has True",
+    "rank_loss": "the option rank_loss: rank 0 has 'soft_rank', rank 1 has 'eq8'",
+    "positive_weight": "the option positive_weight: rank 0 has 0.02, rank 1 has 1.0",
+    "num_hard_negatives": "the option num_hard_negatives: rank 0 has 2000, rank 1 has 5",
+    "negative_selection": "the option negative_selection: rank 0 has 'hardest', rank 1 has 'random'",
+    "fprs_length": "the length of the option fprs: rank 0 has 6, rank 1 has 2",
+    "fprs_values": "the option fprs: rank 0 has value #1, rank 1 has value #2",
+    "eval_on_one_rank": "update_thresholds (training mode): rank 0 has True, rank 1 has False",
+    "threshold_state": "the threshold state (student_thresholds and teacher_thresholds, bit for bit): rank 0 has "
+                       "value #1, rank 1 has value #2",
+    "threshold_one_ulp": "the threshold state",
+    "generator_on_one_rank": "whether a generator is given (negative_selection=\"random\"): rank 0 has True, "
+                             "rank 1 has False",
+    "gradient_on_one_rank": "whether the student's gradient is computed (requires_grad, grad mode): rank 0 has True, "
+                            "rank 1 has False",
+    "empty_part_width": "the student width Ds: rank 0 has 12, rank 1 has 1; on the teacher width Dt: rank 0 has 10, "
+                        "rank 1 has 1",
+    "random_seeds": "the ranks drew different negatives (their generators were in different states); seed the "
+                    "generator identically on every rank",
+    "labels_refused": [REFUSED_BY_RANK_1, "labels must be 1-D of length B=14, got shape (14, 1)"],
+    "rows_refused": [REFUSED_BY_RANK_1, "student and teacher must have the same number of rows, got 14 and 13"],
+    "fp64_refused": [REFUSED_BY_RANK_1, "the sharded EKD computes in fp32"],
+    "thresholds_refused": [REFUSED_BY_RANK_1, "student_thresholds must be float32 (or float64), got torch.float16"],
+    "gather_width": "gather_batch needs every rank of its process group to agree, but the ranks disagree on the "
+                    "student's elements per row: rank 0 has 12, rank 1 has 14",
+    "gather_gradient_on_one_rank": "whether the student's gradient is computed (requires_grad, grad mode): rank 0 has "
+                                   "True, rank 1 has False",
+    "gather_rows_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
+                            "student, teacher and labels must have the same number of rows, got 14, 14 and 13"],
+}
+AGREEMENT_WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def agreement_results(tmp_path_factory):
+    """Every rank's outcome of each case of dist_workers.AGREEMENT_CASES, in one launch of 2
+    workers whose process group times out after AGREEMENT_TIMEOUT_S: a case that left the ranks
+    in different collectives fails within that (or the launch dies with a gloo abort)."""
+    return run_workers(dist_workers.agreement_worker, AGREEMENT_WORLD, tmp_path_factory.mktemp("agreement"))
+
+
+def test_every_agreement_case_is_expected():
+    names = [name for name, _ in dist_workers.AGREEMENT_CASES]
+    assert len(set(names)) == len(names)
+    assert sorted(n for n in names if not n.startswith("ok_")) == sorted(AGREEMENT_EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(AGREEMENT_EXPECTED))
+def test_ranks_that_disagree_all_raise_the_same_value_error(agreement_results, name):
+    """Ranks that disagree (options, train/eval, threshold state, widths, dtypes, gradient, a
+    generator on one rank, different random draws) or whose input one rank refused: every rank
+    raises a ValueError saying what and where, before any later collective (no gloo abort, no
+    hang, and the next call still works: ok_after_refusals)."""
+    expected = AGREEMENT_EXPECTED[name]
+    outcomes = [results["cases"][name] for results in agreement_results]
+    for rank, got in enumerate(outcomes):
+        want = expected if isinstance(expected, str) else expected[rank]
+        assert not got["ok"], f"{name}: rank {rank} returned a result"
+        assert got["type"] == "ValueError", f"{name}: rank {rank}: {got['type']}: {got['message']}"
+        assert want in got["message"], f"{name}: rank {rank}: {got['message']}"
+    if isinstance(expected, str):  # the ranks disagree: the same message everywhere
+        assert len({got["message"] for got in outcomes}) == 1, outcomes
+
+
+def agreement_reference(options=None, labels_dtype=torch.int64, generator_seed=None):
+    student, teacher, labels = dist_workers.global_batch(0, AGREEMENT_WORLD, "mixed")
+    student = student.clone().requires_grad_(True)
+    crit = EKDLoss(**(options or {}))
+    generator = None if generator_seed is None else torch.Generator().manual_seed(generator_seed)
+    loss = crit(student, teacher, labels.to(labels_dtype), generator=generator)
+    loss.backward()
+    return dict(loss=loss.detach(), grad=student.grad, student_thresholds=crit.student_thresholds.clone(),
+                teacher_thresholds=crit.teacher_thresholds.clone(), stats=crit.last_stats)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("ok_labels_int16", dict(labels_dtype=torch.int16)),
+    ("ok_labels_mixed_dtypes", dict()),
+    ("ok_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9), generator_seed=0)),
+    ("ok_after_refusals", dict()),
+])
+def test_agreeing_ranks_get_the_single_process_result(agreement_results, name, reference):
+    """Labels of any integer dtype (int16: no gloo type; or a different dtype per rank) are
+    gathered as int64; random selection with the same seed everywhere passes the draws' check;
+    after all the refused calls the ranks are still in step."""
+    want = agreement_reference(**reference)
+    for rank, results in enumerate(agreement_results):
+        got = results["cases"][name]
+        assert got["ok"], f"{name}: rank {rank}: {got.get('type')}: {got.get('message')}"
+        assert_step_matches(got["value"], want, AGREEMENT_WORLD,
+                            dist_workers.local_part(want["grad"], AGREEMENT_WORLD, rank), f"{name} rank {rank}")
+
+
+def test_gather_batch_gathers_labels_of_any_integer_dtype_as_int64(agreement_results):
+    student, teacher, labels = dist_workers.global_batch(0, AGREEMENT_WORLD, "mixed")
+    for rank, results in enumerate(agreement_results):
+        got = results["cases"]["ok_gather_labels_int16"]
+        assert got["ok"], got
+        assert got["value"]["labels"].dtype == torch.int64 and torch.equal(got["value"]["labels"], labels)
+        assert torch.equal(got["value"]["student"], student) and torch.equal(got["value"]["teacher"], teacher)
+        assert got["value"]["sizes"] == dist_workers.rank_sizes(AGREEMENT_WORLD)
+
+
+@pytest.mark.parametrize("name", ["world_before_init", "none"])
+def test_module_built_before_init_process_group_is_sharded(agreement_results, name):
+    """EKDLoss(process_group=dist.group.WORLD) built before init_process_group (WORLD is None
+    then), or process_group=None: the default group, resolved at the call, so the loss is the
+    global batch's on every rank (before the fix: each rank's own single-process loss)."""
+    want = agreement_reference()
+    for rank, results in enumerate(agreement_results):
+        got = results[name]
+        assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
+        assert_step_matches(got["value"], want, AGREEMENT_WORLD,
+                            dist_workers.local_part(want["grad"], AGREEMENT_WORLD, rank), f"{name} rank {rank}")
+
+
+def test_process_group_none_without_torch_distributed_raises():
+    """process_group=None (or dist.group.WORLD, None before init) needs torch.distributed; the
+    default EKDLoss() is single-process, also after a copy or a pickle."""
+    import copy
+    import pickle
+
+    assert not dist.is_initialized()
+    student, teacher, labels = dist_workers.global_batch(0, 2, "mixed")
+    for group in (None, dist.group.WORLD):
+        with pytest.raises(RuntimeError, match="torch.distributed must be initialised"):
+            EKDLoss(process_group=group)(student, teacher, labels)
+    crit = EKDLoss()
+    clones = [copy.deepcopy(crit), pickle.loads(pickle.dumps(crit))]
+    want = crit(student, teacher, labels)
+    for clone in clones:
+        assert torch.equal(clone(student, teacher, labels), want)
+
+
+def test_disagreement_messages_group_the_ranks():
+    fields = [distributed._Field("the row count", compared=False), distributed._Field("the student width Ds"),
+              distributed._Field("the option momentum", distributed._show_float),
+              distributed._Field("the threshold state", None, hint="load the same checkpoint")]
+    momentum = distributed._float_bits(0.01)
+    table = [[5, 16, momentum, 7], [3, 12, momentum, 7], [9, 16, momentum, 8], [5, 16, momentum, 7],
+             [5, 16, momentum, 7], [0, 12, momentum, 7]]
+    assert distributed._disagreements(fields, table) == [
+        "the student width Ds: ranks 0, 2-4 have 16, ranks 1, 5 have 12",
+        "the threshold state: ranks 0-1, 3-5 have value #1, rank 2 has value #2 (load the same checkpoint)"]
+    assert distributed._disagreements(fields, [table[0]] * 3) == []
+
+
+def test_fingerprint_sees_every_bit():
+    g = torch.Generator().manual_seed(0)
+    state = [torch.rand(6, generator=g), torch.rand(6, generator=g)]
+    base = distributed.fingerprint(state)
+    assert base.dtype == torch.int64 and 0 <= base.item() < 2**62
+    assert distributed.fingerprint([x.clone() for x in state]).item() == base.item()
+    for which in range(2):
+        for k in range(6):
+            changed = [x.clone() for x in state]
+            changed[which][k] = torch.nextafter(changed[which][k], torch.tensor(2.0))
+            assert distributed.fingerprint(changed).item() != base.item(), (which, k)
+    swapped = [state[1], state[0]]
+    assert distributed.fingerprint(swapped).item() != base.item()
+    assert distributed.fingerprint([x.double() for x in state]).item() != base.item()

@@ -502,3 +502,217 @@ def test_memory_stays_linear():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - baseline
     assert extra < 128 * 2**20, f"peak extra memory {extra / 2**20:.1f} MiB at B={batch}, D={dim}"
+
+
+# --------------------------------------------------------------------------- malformed raw-op arguments
+# torch.ops.ekd_kernels.triton_ekd_forward / triton_ekd_backward are public: called directly with
+# a malformed argument they must refuse it (ValueError naming it) rather than hand a kernel an
+# index past a buffer.  Each case corrupts one argument of a valid call (what ekd_forward and the
+# autograd backward pass).  Shapes, dtypes and devices are checked everywhere, in the fake
+# implementations too; the values that index memory (random_pairs, order, the selected pairs)
+# only for CPU tensors (on CUDA that would be a host synchronisation).
+_RAW_FPRS = [0.1, 0.01, 1e-3, 1e-4, 1e-5, 1e-6]
+_RAW_BATCH = 8
+_FORWARD_NAMES = ["student", "teacher", "labels", "student_thresholds", "teacher_thresholds", "random_pairs", "fprs",
+                  "temperature", "num_hard_negatives", "momentum", "positive_weight", "negative_weight",
+                  "critical_only", "rank_loss", "compute_critical_ratio", "update_thresholds"]
+_BACKWARD_NAMES = ["grad_loss", "s_sorted", "t_sorted", "sorted_labels", "order", "s_inv", "t_inv",
+                   "thresholds_used", "positive_coefficient", "selected_rows", "selected_cols",
+                   "selected_coefficient", "temperature", "critical_only", "rank_loss"]
+_OTHER_DEVICE = "cpu" if ON_GPU else "meta"
+
+
+@pytest.fixture(scope="module")
+def raw_calls():
+    """A valid call of each op (B = 8, 24 negatives in 28 slots: 4 unfilled), the backward's
+    arguments taken from the forward's outputs as the autograd backward takes them."""
+    student, teacher, _ = helpers.make_batch(_RAW_BATCH, 4, 5, seed=31, device=DEVICE)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=DEVICE)
+    zeros = torch.zeros(6, device=DEVICE)
+    forward = dict(zip(_FORWARD_NAMES, (student, teacher, labels, zeros, zeros.clone(), None, _RAW_FPRS, 0.01, 2000,
+                                        0.01, 0.02, 0.01, False, "soft_rank", False, True)))
+    outputs = torch.ops.ekd_kernels.triton_ekd_forward(*forward.values())
+    saved = [t for part in triton_ekd._SAVED_OUTPUTS for t in outputs[part]]
+    backward = dict(zip(_BACKWARD_NAMES, [torch.ones((), device=DEVICE), *saved, 0.01, False, "soft_rank"]))
+    random_pairs = triton_ekd._random_negative_pairs(labels, 10, torch.Generator().manual_seed(0))
+    return forward, outputs, backward, random_pairs
+
+
+def _change(**changes):
+    """A corruption: each keyword maps an argument name to a function of the valid arguments."""
+    return lambda a: {**a, **{name: fn(a) for name, fn in changes.items()}}
+
+
+def _with_random_pairs(fn):
+    return lambda a, pairs: {**a, "random_pairs": fn(pairs)}
+
+
+def _set_element(tensor, index, value):
+    tensor = tensor.clone()
+    tensor[index] = value
+    return tensor
+
+
+_F = lambda name, fn: _change(**{name: lambda a: fn(a[name])})  # noqa: E731  one argument, mapped
+# name: (corruption of the forward's arguments, the argument the message names)
+_TRITON_FORWARD_CASES = {
+    "labels_short": (_F("labels", lambda x: x[:3]), "labels"),
+    "labels_long": (_F("labels", lambda x: torch.arange(100, device=x.device)), "labels"),
+    "labels_float": (_F("labels", lambda x: x.float()), "labels"),
+    "labels_bool": (_F("labels", lambda x: x > 1), "labels"),
+    "labels_2d": (_F("labels", lambda x: x[:, None]), "labels"),
+    "teacher_fewer_rows": (_F("teacher", lambda x: x[:3].clone()), "teacher"),
+    "teacher_1d": (_F("teacher", lambda x: x[0]), "teacher"),
+    "teacher_fp64": (_F("teacher", lambda x: x.double()), "teacher"),
+    "student_fp64": (_change(student=lambda a: a["student"].double(), teacher=lambda a: a["teacher"].double()),
+                     "student"),
+    "student_int": (_F("student", lambda x: x.long()), "student"),
+    "student_1d": (_F("student", lambda x: x[0]), "student"),
+    "student_one_row": (_change(student=lambda a: a["student"][:1], teacher=lambda a: a["teacher"][:1],
+                                labels=lambda a: a["labels"][:1]), "student"),
+    "student_no_columns": (_F("student", lambda x: x[:, :0]), "student"),
+    "student_thresholds_short": (_F("student_thresholds", lambda x: x[:2].clone()), "student_thresholds"),
+    "student_thresholds_2d": (_F("student_thresholds", lambda x: x[None]), "student_thresholds"),
+    "student_thresholds_int": (_F("student_thresholds", lambda x: x.long()), "student_thresholds"),
+    "teacher_thresholds_short": (_F("teacher_thresholds", lambda x: x[:2].clone()), "teacher_thresholds"),
+    "random_pairs_1d": (_F("random_pairs", lambda x: x[0]), "random_pairs"),
+    "random_pairs_3_rows": (_F("random_pairs", lambda x: torch.cat([x, x[:1]])), "random_pairs"),
+    "random_pairs_int32": (_F("random_pairs", lambda x: x.int()), "random_pairs"),
+    "random_pairs_too_many": (_F("random_pairs", lambda x: x.new_zeros(2, 29)), "random_pairs"),
+}
+# Values that index memory: refused for CPU tensors (corruptions of a valid random_pairs).
+_TRITON_FORWARD_VALUE_CASES = {
+    "random_pairs_index_eq_B": lambda p: _set_element(p, (1, 0), _RAW_BATCH),
+    "random_pairs_index_big": lambda p: _set_element(p, (0, -1), 10**6),
+    "random_pairs_negative": lambda p: _set_element(p, (0, 2), -1),
+}
+_TRITON_BACKWARD_CASES = {
+    "grad_loss_empty": (_F("grad_loss", lambda x: x.new_empty(0)), "grad_loss"),
+    "grad_loss_int": (_F("grad_loss", lambda x: x.long()), "grad_loss"),
+    "s_sorted_1d": (_F("s_sorted", lambda x: x[0]), "s_sorted"),
+    "s_sorted_fp64": (_F("s_sorted", lambda x: x.double()), "s_sorted"),
+    "t_sorted_fewer_rows": (_F("t_sorted", lambda x: x[:3]), "t_sorted"),
+    "t_sorted_int": (_F("t_sorted", lambda x: x.long()), "t_sorted"),
+    "sorted_labels_short": (_F("sorted_labels", lambda x: x[:3]), "sorted_labels"),
+    "sorted_labels_float": (_F("sorted_labels", lambda x: x.float()), "sorted_labels"),
+    "order_short": (_F("order", lambda x: x[:2].clone()), "order"),  # the probe's segfault
+    "order_int32": (_F("order", lambda x: x.int()), "order"),
+    "s_inv_short": (_F("s_inv", lambda x: x[:2].clone()), "s_inv"),
+    "s_inv_fp64": (_F("s_inv", lambda x: x.double()), "s_inv"),
+    "t_inv_short": (_F("t_inv", lambda x: x[:2].clone()), "t_inv"),
+    "thresholds_used_1d": (_F("thresholds_used", lambda x: x[0]), "thresholds_used"),
+    "thresholds_used_3_rows": (_F("thresholds_used", lambda x: torch.cat([x, x[:1]])), "thresholds_used"),
+    "thresholds_used_fp64": (_F("thresholds_used", lambda x: x.double()), "thresholds_used"),
+    "positive_coefficient_empty": (_F("positive_coefficient", lambda x: x.new_empty(0)), "positive_coefficient"),
+    "selected_rows_2d": (_F("selected_rows", lambda x: x[None]), "selected_rows"),
+    "selected_rows_int32": (_F("selected_rows", lambda x: x.int()), "selected_rows"),
+    "selected_rows_too_many": (_change(**{name: (lambda n: lambda a: torch.cat([a[n], a[n][:1]]))(name) for name in
+                                          ("selected_rows", "selected_cols", "selected_coefficient")}),
+                               "selected_rows"),
+    "selected_cols_short": (_F("selected_cols", lambda x: x[:3]), "selected_cols"),
+    "selected_coefficient_short": (_F("selected_coefficient", lambda x: x[:3]), "selected_coefficient"),
+    "selected_coefficient_fp64": (_F("selected_coefficient", lambda x: x.double()), "selected_coefficient"),
+    "rank_loss_bogus": (_change(rank_loss=lambda a: "bogus"), "rank_loss"),
+    "temperature_0": (_change(temperature=lambda a: 0.0), "temperature"),
+}
+_TRITON_BACKWARD_VALUE_CASES = {
+    "order_out_of_range": (_F("order", lambda x: _set_element(x, 0, 10**6)), "order"),
+    "order_negative": (_F("order", lambda x: _set_element(x, 3, -1)), "order"),
+    "order_duplicate": (_F("order", lambda x: _set_element(x, 0, x[1])), "order"),
+    "sorted_labels_unsorted": (_F("sorted_labels", lambda x: x.flip(0)), "sorted_labels"),
+    "selected_rows_out_of_range": (_F("selected_rows", lambda x: torch.full_like(x, 10**6)), "selected_rows"),
+    "selected_cols_negative": (_F("selected_cols", lambda x: torch.full_like(x, -7)), "selected_cols"),
+    "selected_col_unfilled_with_a_row": (_F("selected_cols", lambda x: _set_element(x, 0, _RAW_BATCH)),
+                                         "selected_cols"),
+    "selected_row_unfilled_with_a_col": (_F("selected_rows", lambda x: _set_element(x, -1, 0)), "selected_rows"),
+}
+_TRITON_FORWARD_TENSORS = ["teacher", "labels", "student_thresholds", "teacher_thresholds", "random_pairs"]
+_TRITON_BACKWARD_TENSORS = [name for name in _BACKWARD_NAMES[:12] if name != "s_sorted"]
+
+
+def _raw_forward(args):
+    return torch.ops.ekd_kernels.triton_ekd_forward(*args.values())
+
+
+def _raw_backward(args):
+    return torch.ops.ekd_kernels.triton_ekd_backward(*args.values())
+
+
+def _to_meta(args):
+    return {name: x.to("meta") if isinstance(x, torch.Tensor) else x for name, x in args.items()}
+
+
+def test_raw_ops_valid_calls_match_the_wrapper(raw_calls):
+    """The checks pass the forward's own outputs (unfilled slots included) and the reference's
+    random pairs, and change nothing: the raw ops give what the autograd path gives."""
+    forward, outputs, backward, random_pairs = raw_calls
+    assert bool((backward["selected_rows"] == _RAW_BATCH).any()), "the valid call should hold unfilled slots"
+    leaf = forward["student"].detach().clone().requires_grad_(True)
+    config = EKDConfig(fprs=tuple(_RAW_FPRS), num_hard_negatives=2000)
+    result = triton_ekd.ekd_forward(leaf, forward["teacher"], forward["labels"], forward["student_thresholds"],
+                                    forward["teacher_thresholds"], config)
+    (expected,) = torch.autograd.grad(result.loss, leaf)
+    assert torch.equal(outputs[0], result.loss.detach())
+    assert torch.equal(_raw_backward(backward), expected)
+    with_random = _raw_forward({**forward, "random_pairs": random_pairs, "num_hard_negatives": 10})
+    order = with_random[7]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(_RAW_BATCH, device=order.device)
+    assert torch.equal(with_random[12], position[random_pairs[0]])  # the pairs, in label-sorted rows
+    assert torch.equal(with_random[13], position[random_pairs[1]])
+
+
+@pytest.mark.parametrize("case", list(_TRITON_FORWARD_CASES))
+def test_raw_forward_refuses_malformed_argument(raw_calls, case):
+    corrupt, name = _TRITON_FORWARD_CASES[case]
+    forward, _, _, random_pairs = raw_calls
+    args = {**forward, "random_pairs": random_pairs} if name == "random_pairs" else forward
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _raw_forward(corrupt(args))
+    # the fake implementation checks the same shapes and dtypes
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _raw_forward(corrupt(_to_meta(args)))
+
+
+@pytest.mark.skipif(ON_GPU, reason="index values are checked for CPU tensors only (on CUDA it would sync)")
+@pytest.mark.parametrize("case", list(_TRITON_FORWARD_VALUE_CASES))
+def test_raw_forward_refuses_random_pair_out_of_range(raw_calls, case):
+    forward, _, _, random_pairs = raw_calls
+    pairs = _TRITON_FORWARD_VALUE_CASES[case](random_pairs)
+    with pytest.raises(ValueError, match=r"\brandom_pairs\b.*\[0, B"):
+        _raw_forward({**forward, "random_pairs": pairs, "num_hard_negatives": 10})
+
+
+@pytest.mark.parametrize("name", _TRITON_FORWARD_TENSORS)
+def test_raw_forward_refuses_argument_on_another_device(raw_calls, name):
+    forward, _, _, random_pairs = raw_calls
+    args = {**forward, "random_pairs": random_pairs}
+    args[name] = args[name].to(_OTHER_DEVICE)
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*device"):
+        _raw_forward(args)
+
+
+@pytest.mark.parametrize("case", list(_TRITON_BACKWARD_CASES))
+def test_raw_backward_refuses_malformed_argument(raw_calls, case):
+    corrupt, name = _TRITON_BACKWARD_CASES[case]
+    backward = raw_calls[2]
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _raw_backward(corrupt(backward))
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _raw_backward(corrupt(_to_meta(backward)))
+
+
+@pytest.mark.skipif(ON_GPU, reason="index values are checked for CPU tensors only (on CUDA it would sync)")
+@pytest.mark.parametrize("case", list(_TRITON_BACKWARD_VALUE_CASES))
+def test_raw_backward_refuses_index_out_of_range(raw_calls, case):
+    corrupt, name = _TRITON_BACKWARD_VALUE_CASES[case]
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _raw_backward(corrupt(raw_calls[2]))
+
+
+@pytest.mark.parametrize("name", _TRITON_BACKWARD_TENSORS)
+def test_raw_backward_refuses_argument_on_another_device(raw_calls, name):
+    backward = dict(raw_calls[2])
+    backward[name] = backward[name].to(_OTHER_DEVICE)
+    with pytest.raises(ValueError, match=rf"\b{name}\b.*device"):
+        _raw_backward(backward)
