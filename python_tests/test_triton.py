@@ -662,16 +662,20 @@ def test_raw_ops_valid_calls_match_the_wrapper(raw_calls):
     assert torch.equal(with_random[13], position[random_pairs[1]])
 
 
+def _refused_by_op_and_fake(call, corrupt, args, name):
+    """`call` refuses the corrupted arguments naming `name`, on real tensors and on meta ones
+    (the fake implementation checks the same shapes and dtypes)."""
+    for given in (args, _to_meta(args)):
+        with pytest.raises(ValueError, match=rf"\b{name}\b"):
+            call(corrupt(given))
+
+
 @pytest.mark.parametrize("case", list(_TRITON_FORWARD_CASES))
 def test_raw_forward_refuses_malformed_argument(raw_calls, case):
     corrupt, name = _TRITON_FORWARD_CASES[case]
     forward, _, _, random_pairs = raw_calls
     args = {**forward, "random_pairs": random_pairs} if name == "random_pairs" else forward
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        _raw_forward(corrupt(args))
-    # the fake implementation checks the same shapes and dtypes
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        _raw_forward(corrupt(_to_meta(args)))
+    _refused_by_op_and_fake(_raw_forward, corrupt, args, name)
 
 
 @pytest.mark.skipif(ON_GPU, reason="index values are checked for CPU tensors only (on CUDA it would sync)")
@@ -695,11 +699,7 @@ def test_raw_forward_refuses_argument_on_another_device(raw_calls, name):
 @pytest.mark.parametrize("case", list(_TRITON_BACKWARD_CASES))
 def test_raw_backward_refuses_malformed_argument(raw_calls, case):
     corrupt, name = _TRITON_BACKWARD_CASES[case]
-    backward = raw_calls[2]
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        _raw_backward(corrupt(backward))
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        _raw_backward(corrupt(_to_meta(backward)))
+    _refused_by_op_and_fake(_raw_backward, corrupt, raw_calls[2], name)
 
 
 @pytest.mark.skipif(ON_GPU, reason="index values are checked for CPU tensors only (on CUDA it would sync)")
