@@ -98,19 +98,64 @@ struct TileParams {
   ull* critical_count;
 };
 
+//! kHistogram: the bin of a key, i.e. its bits above the next digit (the known prefix, then the
+//! digit): pairs with the same bin add to the same histogram counters.
 template <typename T>
-__device__ __forceinline__ void histogram_epilogue(const TileParams<T>& p, T value) {
-  constexpr int bits = KeyOf<T>::bits;
-  const uint64_t key = uint64_t(order_key(value));
-  const int next_shift = bits - p.prefix_bits - kRadixBits;
-  const int64_t digit = int64_t((key >> next_shift) & uint64_t(kRadixBins - 1));
+__device__ __forceinline__ uint64_t histogram_bin(const TileParams<T>& p, T value) {
+  return uint64_t(order_key(value)) >> (KeyOf<T>::bits - p.prefix_bits - kRadixBits);
+}
+
+//! Adds `count` pairs of one bin to the histogram (to each request whose prefix it matches).
+template <typename T>
+__device__ __forceinline__ void histogram_add(const TileParams<T>& p, uint64_t bin, ull count) {
+  const int64_t digit = int64_t(bin & uint64_t(kRadixBins - 1));
   if (p.prefix_bits == 0) {
-    atomicAdd(p.histogram + digit, ull(1));
+    atomicAdd(p.histogram + digit, count);
     return;
   }
-  const uint64_t known = key >> (bits - p.prefix_bits);
+  const uint64_t known = bin >> kRadixBits;
   for (int64_t r = 0; r < p.num_requests; ++r) {
-    if (p.residual[r] >= 0 && p.prefix[r] == known) atomicAdd(p.histogram + r * kRadixBins + digit, ull(1));
+    if (p.residual[r] >= 0 && p.prefix[r] == known) atomicAdd(p.histogram + r * kRadixBins + digit, count);
+  }
+}
+
+//! A thread's run of pairs in one histogram bin: pairs are counted here and added in one atomic
+//! when the bin changes.  Why: atomics to one address serialise (about one per clock), and
+//! collapsed similarities (a dead student, zero rows) put every pair in one bin, B^2 atomics a
+//! pass; runs, then one atomic per warp when its runs share a bin (histogram_flush_warp), make a
+//! collapsed tile cost 8.  Counts are integers: the histogram is the same in any order.
+struct HistogramRun {
+  uint64_t bin = 0;
+  unsigned count = 0;
+};
+
+template <typename T>
+__device__ __forceinline__ void histogram_count(const TileParams<T>& p, HistogramRun& run, T value) {
+  const uint64_t bin = histogram_bin(p, value);
+  if (run.count > 0 && bin != run.bin) {
+    histogram_add(p, run.bin, ull(run.count));
+    run.count = 0;
+  }
+  run.bin = bin;
+  ++run.count;
+}
+
+//! The last run of every thread of the warp (all 32 lanes call this together): one atomic for the
+//! warp when every lane's run is in the same bin, else one per lane with a run.
+template <typename T>
+__device__ __forceinline__ void histogram_flush_warp(const TileParams<T>& p, const HistogramRun& run) {
+  constexpr unsigned kFullWarp = 0xffffffffu;
+  // A lane without a run shows the bin ~0 (a real bin too, for fp64 keys at 48 known bits: then
+  // its count of 0 changes nothing); the first lane with a run adds the warp's total.
+  const uint64_t bin = run.count > 0 ? run.bin : ~uint64_t(0);
+  int same = 0;
+  __match_all_sync(kFullWarp, bin, &same);
+  const unsigned total = __reduce_add_sync(kFullWarp, run.count);  // <= 32 x 16
+  const unsigned with_run = __ballot_sync(kFullWarp, run.count > 0);
+  if (same) {
+    if (with_run != 0 && int(threadIdx.x % 32) == __ffs(with_run) - 1) histogram_add(p, bin, ull(total));
+  } else if (run.count > 0) {
+    histogram_add(p, run.bin, ull(run.count));
   }
 }
 
@@ -192,6 +237,7 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
+  HistogramRun run;
   // Fully unrolled: a runtime index into acc / acc_y would put both in local memory (a stack
   // frame), and the Gram loop above would then update its accumulators through memory.
 #pragma unroll
@@ -208,10 +254,13 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
         continue;
       }
       if (p.labels[i] == p.labels[j]) continue;
-      if (p.pass == kHistogram) histogram_epilogue(p, acc[u][v]);
+      if (p.pass == kHistogram) histogram_count(p, run, acc[u][v]);
       else boundary_epilogue(p, i, j, acc[u][v]);
     }
   }
+  // Every lane of every warp gets here (no early exit above: the block-wide return happens
+  // before the tile loads), as the warp-wide flush needs.
+  if (p.pass == kHistogram) histogram_flush_warp(p, run);
   if (p.pass == kCritical && critical > 0) atomicAdd(p.critical_count, critical);
 }
 

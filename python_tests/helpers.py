@@ -41,6 +41,26 @@ def make_batch(batch, student_dim=32, teacher_dim=None, num_identities=None, see
     return (student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype), labels.to(device))
 
 
+def uniform_tiles_batch():
+    """A 150-row batch (fp64) whose 64 x 64 pair tiles hold every kind the histogram passes
+    aggregate differently, with exact similarities.  Rows are +-1 (Ds = 16, Dt = 4: norms 4 and
+    2, so every similarity is an exact multiple of 1/D whatever the order a dot sums in, and 0
+    for a zero row).  Rows 0-63 (tile 0) are copies of one row: tile (0, 0) collapses into one
+    bin, positives excluded; in rows 64-127 every third row is zero (its similarities all 0:
+    uniform rows among mixed ones); the rest are random signs, rows 128-149 with a few more
+    copies.  Labels are sorted, so a backend that orders rows by label keeps these tiles."""
+    generator = torch.Generator().manual_seed(11)
+    batch = 150
+    student, teacher = (torch.randint(0, 2, (batch, dim), generator=generator).double() * 2 - 1 for dim in (16, 4))
+    student[:64] = student[0]
+    student[64:128:3] = 0.0
+    student[130:150:5] = student[0]
+    teacher[:64] = teacher[3]
+    teacher[65:128:3] = 0.0
+    labels = torch.randint(0, 100, (batch,), generator=generator).sort().values
+    return student, teacher, labels
+
+
 def rel_norm(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 

@@ -14,11 +14,13 @@ import textwrap
 import pytest
 import torch
 
-from ekd_kernels import EKDConfig
+from ekd_kernels import EKDConfig, EKDLoss
 from ekd_kernels.config import fpr_fraction
 from ekd_kernels.reference import ekd_reference
 
-from helpers import THRESHOLD_ATOL, assert_grad_close, assert_loss_close, load_setup_module, make_batch
+import helpers
+from helpers import (THRESHOLD_ATOL, assert_grad_close, assert_loss_close, load_setup_module, make_batch,
+                     run_ekd)
 
 csrc_ops = pytest.importorskip("ekd_kernels.csrc_ops")
 
@@ -85,6 +87,23 @@ def test_opcheck_forward_random_ranks(device):
     state = (torch.zeros(6, device=device), torch.zeros(6, device=device))
     torch.library.opcheck(torch.ops.ekd_kernels.ekd_forward.default,
                           op_args(student, teacher, labels, config, state, ranks=ranks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_uniform_tiles_and_zero_rows_give_the_references_thresholds(device):
+    """The CUDA op counts each thread's run of pairs in one histogram bin with one atomic, and a
+    warp's runs with one when they share the bin (histogram_flush_warp in ekd_cuda.cu); the CPU
+    op counts directly.  On helpers.uniform_tiles_batch (collapsed tiles, zero rows, mixed ones;
+    exact similarities) every batch threshold of 63 FPRs must be the reference's bit for bit,
+    and the pair counts equal: a miscounted bin shifts a rank."""
+    student, teacher, labels = (x.to(device) for x in helpers.uniform_tiles_batch())
+    options = dict(fprs=tuple(k / 64 for k in range(1, 64)), num_hard_negatives=student.shape[0] ** 2)
+    got, want = (run_ekd(EKDLoss(backend=backend, **options).to(device), student.float(), teacher.float(),
+                         labels).result.stats for backend in ("csrc", "reference"))
+    for name in ("batch_student_thresholds", "batch_teacher_thresholds"):
+        assert torch.equal(getattr(got, name).cpu(), getattr(want, name).cpu()), name
+    assert int(got.num_negative_pairs) == int(want.num_negative_pairs)
+    assert int(got.num_selected_negatives) == int(want.num_selected_negatives)
 
 
 @pytest.mark.parametrize("device", DEVICES)

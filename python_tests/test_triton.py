@@ -124,12 +124,6 @@ def test_duplicated_rows_and_zero_row():
     compare(student, teacher, labels, steps=2, num_hard_negatives=333)
 
 
-def _sign_rows(count, dim, generator):
-    """Rows of +-1: norm sqrt(dim), a power of 2 for dim = 4^k, so every similarity is an exact
-    multiple of 1/dim whatever the order the dot sums in (and 0 for a zero row)."""
-    return torch.randint(0, 2, (count, dim), generator=generator).double() * 2 - 1
-
-
 def _descending_keys(similarity):
     """kernels._descending_key of fp32 values, as int64 in [0, 2^32)."""
     bits = similarity.float().view(torch.int32).long() & 0xFFFFFFFF
@@ -140,20 +134,11 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
     (kernels._histogram_add), per element elsewhere.  A batch with all three kinds, exact
     similarities: both passes' histograms must be the counts of the negatives' keys exactly.
-    Rows 0-63 (tile 0) are copies of one row: tile (0, 0) collapses into one bin, positives
-    excluded; in rows 64-127 every third row is zero (its similarities all 0: uniform rows among
-    mixed ones); the rest are random signs, and rows 128-149 hold a few more copies.  Checked to
-    fail when any of the three kinds of atomic adds a wrong count."""
-    generator = torch.Generator().manual_seed(11)
-    batch = 150
-    student, teacher = _sign_rows(batch, 16, generator), _sign_rows(batch, 4, generator)
-    student[:64] = student[0]
-    student[64:128:3] = 0.0
-    student[130:150:5] = student[0]
-    teacher[:64] = teacher[3]
-    teacher[65:128:3] = 0.0
-    # sorted: the kernels' row order (a stable label sort) is the batch's, and tiles are as above
-    labels = torch.randint(0, 100, (batch,), generator=generator).sort().values
+    The batch is helpers.uniform_tiles_batch (sorted labels: the kernels' row order is the
+    batch's, so its tiles are as described there).  Checked to fail when any of the three kinds
+    of atomic adds a wrong count."""
+    student, teacher, labels = helpers.uniform_tiles_batch()
+    batch = student.shape[0]
     scratch = []
     carve = triton_ekd._carve
 
