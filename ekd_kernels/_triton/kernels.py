@@ -257,9 +257,9 @@ def _histogram_add(hist_ptr, bins, mask):
     One atomic for the whole tile when its counted elements all share one bin, one per row for
     the rows whose counted elements do, one per element elsewhere.  Why: atomics to the same
     address serialise where they land (about one per clock), and collapsed similarities (a dead
-    or freshly initialised student, zero rows) put every pair in one bin, i.e. B^2 same-address
-    atomics a pass; this way a collapsed tile costs one.  The counts are integers, exact in any
-    order: the histogram is the same as per-element atomics give.
+    student, zero rows) put every pair in one bin, i.e. B^2 same-address atomics a pass; this
+    way a collapsed tile costs one.  The counts are integers, exact in any order: the histogram
+    is the same as per-element atomics give.
     """
     lowest = tl.min(tl.where(mask, bins, NUM_BUCKETS), axis=1)
     highest = tl.max(tl.where(mask, bins, -1), axis=1)
