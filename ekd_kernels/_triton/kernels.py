@@ -267,8 +267,12 @@ def _histogram_add(hist_ptr, bins, mask):
     row_uniform = lowest == highest  # a row with nothing counted has lowest > highest
     tile_lowest = tl.min(lowest, axis=0)
     tile_uniform = tile_lowest == tl.max(highest, axis=0)
-    tl.atomic_add(hist_ptr + tile_lowest, tl.sum(row_count, axis=0), mask=tile_uniform, sem="relaxed")
-    tl.atomic_add(hist_ptr + lowest, row_count, mask=row_uniform & (tile_uniform == 0), sem="relaxed")
+    # The tile's one atomic rides on its first row, in the same (vector) atomic as the rows': a
+    # scalar atomic's mask is ignored by triton 3.2's interpreter.
+    per_tile = (tl.arange(0, bins.shape[0]) == 0) & tile_uniform
+    per_row = row_uniform & (tile_uniform == 0)
+    tl.atomic_add(hist_ptr + tl.where(per_tile, tile_lowest, lowest),
+                  tl.where(per_tile, tl.sum(row_count, axis=0), row_count), mask=per_tile | per_row, sem="relaxed")
     tl.atomic_add(hist_ptr + bins, 1, mask=mask & (row_uniform == 0)[:, None], sem="relaxed")
 
 
