@@ -914,36 +914,48 @@ def _show_string(code: int) -> str:
     return _KNOWN_STRINGS.get(code, f"another string (hash {code})")
 
 
+def _config_entries(config: EKDConfig) -> List[Tuple[_Field, int]]:
+    """Every field of the EKDConfig as (field, host integer): bools and ints as such, floats by
+    their bits, strings by a hash, the FPR list by its length and a hash of its values."""
+    entries = []
+    for field in dataclasses.fields(config):
+        value, what = getattr(config, field.name), f"the option {field.name}"
+        if isinstance(value, bool):
+            entries.append((_Field(what, _show_bool), int(value)))
+        elif isinstance(value, int):
+            entries.append((_Field(what), value))
+        elif isinstance(value, float):
+            entries.append((_Field(what, _show_float), _float_bits(value)))
+        elif isinstance(value, str):
+            entries.append((_Field(what, _show_string), _hash64(value)))
+        else:  # fprs
+            entries += [(_Field(f"the length of the option {field.name}"), len(value)),
+                        (_Field(what, None), _hash64(repr(tuple(value))))]
+    return entries
+
+
+_SHARDED_INPUT_FIELDS = [
+    _Field("the row count", compared=False), _Field("the student width Ds"), _Field("the teacher width Dt"),
+    _Field("the student dtype", _show_dtype), _Field("the teacher dtype", _show_dtype),
+    _Field("whether the student's gradient is computed (requires_grad, grad mode)", _show_bool,
+           hint="the loss's backward is a collective: every rank or none"),
+    _Field("update_thresholds (training mode)", _show_bool,
+           hint="call .train() or .eval() on every rank's EKDLoss alike"),
+    _Field('whether a generator is given (negative_selection="random")', _show_bool,
+           hint="pass an identically seeded generator on every rank"),
+]
+_SHARDED_STATE_FIELDS = [
+    _Field("the threshold dtype", _show_dtype),
+    _Field("the threshold state (student_thresholds and teacher_thresholds, bit for bit)", None,
+           hint="load the same checkpoint on every rank, or broadcast the buffers from one rank"),
+]
+
+
 def _sharded_fields(config: EKDConfig) -> List[_Field]:
     """What the ranks of the sharded loss exchange (``_sharded_values``): row count, widths,
     dtypes, whether the gradient flows, train/eval, whether a generator is given (random
     selection), every field of the EKDConfig, the thresholds' dtype and their fingerprint."""
-    fields = [
-        _Field("the row count", compared=False), _Field("the student width Ds"), _Field("the teacher width Dt"),
-        _Field("the student dtype", _show_dtype), _Field("the teacher dtype", _show_dtype),
-        _Field("whether the student's gradient is computed (requires_grad, grad mode)", _show_bool,
-               hint="the loss's backward is a collective: every rank or none"),
-        _Field("update_thresholds (training mode)", _show_bool,
-               hint="call .train() or .eval() on every rank's EKDLoss alike"),
-        _Field('whether a generator is given (negative_selection="random")', _show_bool,
-               hint="pass an identically seeded generator on every rank"),
-    ]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, bool):
-            fields.append(_Field(f"the option {field.name}", _show_bool))
-        elif isinstance(value, int):
-            fields.append(_Field(f"the option {field.name}"))
-        elif isinstance(value, float):
-            fields.append(_Field(f"the option {field.name}", _show_float))
-        elif isinstance(value, str):
-            fields.append(_Field(f"the option {field.name}", _show_string))
-        else:  # fprs: its length, and a hash of its values
-            fields += [_Field(f"the length of the option {field.name}"), _Field(f"the option {field.name}", None)]
-    hint = "load the same checkpoint on every rank, or broadcast the buffers from one rank"
-    return fields + [_Field("the threshold dtype", _show_dtype),
-                     _Field("the threshold state (student_thresholds and teacher_thresholds, bit for bit)", None,
-                            hint=hint)]
+    return _SHARDED_INPUT_FIELDS + [field for field, _ in _config_entries(config)] + _SHARDED_STATE_FIELDS
 
 
 def _sharded_values(student, teacher, labels, student_thresholds, teacher_thresholds, config: EKDConfig,
@@ -954,16 +966,7 @@ def _sharded_values(student, teacher, labels, student_thresholds, teacher_thresh
     values = [student.shape[0], student.shape[1], teacher.shape[1], _dtype_code(student.dtype),
               _dtype_code(teacher.dtype), int(_gradient_flows(student)), int(bool(update_thresholds)),
               int(random and generator is not None)]
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, (bool, int)):
-            values.append(int(value))
-        elif isinstance(value, float):
-            values.append(_float_bits(value))
-        elif isinstance(value, str):
-            values.append(_hash64(value))
-        else:
-            values += [len(value), _hash64(repr(tuple(value)))]
+    values += [value for _, value in _config_entries(config)]
     values.append(_dtype_code(student_thresholds.dtype))
     return values, [fingerprint([student_thresholds, teacher_thresholds])]
 
