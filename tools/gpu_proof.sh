@@ -28,12 +28,18 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python}
 
 build() {
-  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-  EKD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; exit 1; }
+  # sm_90 only on the lease (Hopper; half the compile of the default 8.0;9.0+PTX). When the CUDA
+  # ops fail to build, say so and go on without them: the Triton kernels still get their run.
+  nvidia-smi > "$OUT/summary.txt" 2>&1
+  if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} EKD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+       $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    echo "CUDA BUILD FAILED (build.log); going on without the CUDA ops" | tee -a "$OUT/summary.txt"
+    tail -40 "$OUT/build.log"
+    EKD_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_cpu.log" 2>&1 || exit 1
+  fi
 }
 
-stage=${1:?stage: first | build-test | sanitize TOOL | consistency | large | bench | ncu}
+stage=${1:?stage: lease [SECONDS] | first | build-test | sanitize TOOL | consistency | large | bench | ncu}
 build
 case "$stage" in
   build-test)
@@ -68,5 +74,36 @@ case "$stage" in
     timeout 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss_first.jsonl" > "$OUT/bench.log" 2>&1
     echo "bench rc $?" | tee -a "$OUT/summary.txt"
     tail -25 "$OUT/bench.log"; cat "$OUT/summary.txt" ;;
+  lease)
+    # One lease of a few minutes, most valuable first, each step cut to the time left before
+    # ${2:-540} s (the call's own limit minus the transfers): the CUDA cases of the suite, the loss
+    # benchmark, the consistency check at 1024 and 8192, the training step, then the CPU cases.
+    # At most 8 files come back.
+    deadline=${2:-540}
+    left() { echo $(( deadline - SECONDS )); }
+    step() {  # step NAME MAX_SECONDS COMMAND...: runs when >= 20 s are left, under min(MAX, left)
+      local name=$1 max=$2; shift 2
+      local t=$(( $(left) < max ? $(left) : max ))
+      if (( t < 20 )); then echo "$name: skipped, ${t} s left" >> "$OUT/summary.txt"; return; fi
+      local start=$SECONDS; timeout "$t" "$@"; local rc=$?
+      echo "$name: rc $rc in $(( SECONDS - start )) s (limit $t s)" >> "$OUT/summary.txt"
+    }
+    { echo "build took ${SECONDS} s"; git log -1 --format='commit %H %s' 2>/dev/null
+      $PY -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
+        "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
+      $PY -c 'import ekd_kernels.backends as b, torch; print("backends on cuda:", b.available_backends(torch.device("cuda")))'
+    } >> "$OUT/summary.txt" 2>&1
+    step pytest-cuda 200 $PY -m pytest python_tests -q -rs -k cuda --durations=15 -p no:cacheprovider \
+      > "$OUT/pytest_cuda.log" 2>&1
+    tail -4 "$OUT/pytest_cuda.log" >> "$OUT/summary.txt"
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > "$OUT/bench.log" 2>&1
+    step consistency 100 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 --out "$OUT/consistency.json" \
+      > /tmp/consistency.log 2>&1
+    grep -v ": ok$\|: True$" /tmp/consistency.log | tail -10 >> "$OUT/summary.txt"
+    step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" >> "$OUT/bench.log" 2>&1
+    step pytest-cpu 400 $PY -m pytest python_tests -q -rs -k "not cuda" -p no:cacheprovider \
+      > "$OUT/pytest_cpu.log" 2>&1
+    tail -3 "$OUT/pytest_cpu.log" >> "$OUT/summary.txt"
+    cat "$OUT/summary.txt"; tail -30 "$OUT/bench.log" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
