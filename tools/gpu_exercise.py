@@ -17,6 +17,9 @@
         invariants: exact pair counts from the labels, min(N, L) selected, finite loss and
         gradient, and each batch threshold's rank among the negatives, counted by a chunked fp64
         Gram (1024 rows at a time: under 1 GiB).  Peak memory per call is reported.
+    python tools/gpu_exercise.py profile --sizes 64 1024 8192 --out profile.json
+        where each backend's forward+backward time goes: wall time, the host's time to issue the
+        call, the device's busy time, kernel launches per call, the top kernels (torch.profiler).
 
 Issue 9's checklist; needs CUDA (``--device cpu`` runs the same code on CPU tensors for a dry run).
 """
@@ -254,9 +257,74 @@ def large(sizes, device, out):
     return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------- where a call's time goes
+def profile(sizes, device, out, calls=5):
+    """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
+    time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
+    busy time per call, and the kernels that take the most.  When the wall time is far above the
+    busy time the call is bound by its launches and Python (the GPU idles between kernels); when
+    they are close, the top kernels are the ones to speed up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    backends = [b for b in available_backends(device) if b != "reference"] + ["reference"]
+    report = []
+    for size in sizes:
+        for dtype in (torch.float32, torch.bfloat16):
+            student, teacher, labels = batch_of(size, dtype, device, seed=size)
+            for backend in backends:
+                crit = EKDLoss(backend=backend).to(device)
+
+                def step():
+                    x = student.detach().requires_grad_(True)
+                    crit(x, teacher, labels).backward()
+
+                for _ in range(3):  # compile, warm the allocator
+                    step()
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step()
+                issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
+                sync()
+                wall = (time.perf_counter() - start) / calls
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with torch_profile(activities=activities) as prof:
+                    for _ in range(calls):
+                        step()
+                    sync()
+                kernels = {}
+                for e in prof.key_averages():
+                    busy = getattr(e, "self_device_time_total", None)
+                    if busy is None:
+                        busy = getattr(e, "self_cuda_time_total", 0)
+                    if cuda and busy > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                        kernels[e.key] = (e.count / calls, busy / calls)
+                launches = sum(n for n, _ in kernels.values())
+                busy_us = sum(us for _, us in kernels.values())
+                top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+                row = {"B": size, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+                       "wall_ms": round(wall * 1e3, 3), "host_issue_ms": round(issued * 1e3, 3),
+                       "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
+                       "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
+                                       for k, (n, us) in top]}
+                report.append(row)
+                print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
+                      f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
+                for k in row["top_kernels"][:6]:
+                    print(f"    {k['us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
+            del student, teacher, labels
+    if out:
+        pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                                 "torch": torch.__version__, "report": report}, indent=1))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sanitize", "consistency", "large"])
+    parser.add_argument("what", choices=["sanitize", "consistency", "large", "profile"])
     parser.add_argument("--sizes", type=int, nargs="+", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reference-max", type=int, default=8192, help="largest B the reference judges")
@@ -268,6 +336,8 @@ def main():
         return 0
     if args.what == "large":
         return large(args.sizes, device, args.out)
+    if args.what == "profile":
+        return profile(args.sizes, device, args.out)
     return consistency(args.sizes, device, args.reference_max, args.out)
 
 

@@ -1,0 +1,193 @@
+"""Why a refusal raised inside the compiled op kills the process on the GPU machine.
+
+On the first GPU run (2026-11-26, H200 image: Python 3.12, torch 2.11.0+cu130) every argument
+check that fails *inside* the C++/CUDA op (``TORCH_CHECK`` in csrc/) ended in a segmentation
+fault instead of a RuntimeError / ValueError, on CPU and CUDA tensors alike, while a device
+mismatch refused by the same check function raised normally.  Here (Debian, gcc 12, Python
+3.11, torch 2.11 and 2.14) every one of them raises.  This script gathers what tells the causes
+apart, each case in its own process so that a crash costs only that case:
+
+    python tools/diagnose_throw.py [--inline] [--gdb]
+
+- the toolchain: ``c++ --version``, torch's C++ ABI flag, the TORCH_* environment, the
+  library's dynamic dependencies and x86 feature notes (CET);
+- raw-op refusals that crashed there (CPU and CUDA: a bad temperature, float labels, a 1-D
+  student) and the one that did not (CUDA with an argument on the CPU), each with
+  TORCH_SHOW_CPP_STACKTRACES unset and set;
+- ``--inline``: a minimal extension built on the spot (torch.utils.cpp_extension.load_inline)
+  whose op fails a TORCH_CHECK, with this package's flags (-O3 -fopenmp) and without: whether
+  any extension's throw crashes, or only this package's build;
+- ``--gdb``: the native backtrace of the first crashing case under cuda-gdb (the GPU image has
+  no gdb; cuda-gdb debugs host code too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Each case: (name, device, python statement that calls the op; it must raise).
+_SETUP = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    import ekd_kernels.csrc_ops  # loads the library
+    from test_csrc import _raw_backward_args, op_args, make_batch
+    from ekd_kernels import EKDConfig
+    device = {device!r}
+""")
+_CASES = [
+    ("backward_temperature_0", "cpu", "a, _ = _raw_backward_args(device); a['temperature'] = 0.0; "
+                                      "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
+    ("backward_student_1d", "cpu", "a, _ = _raw_backward_args(device); a['student'] = a['student'][0]; "
+                                   "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
+    ("forward_labels_float", "cpu", "s, t, y = make_batch(12, 6, 4, 4, seed=5, device=device); "
+                                    "st = (torch.zeros(6, device=device), torch.zeros(6, device=device)); "
+                                    "torch.ops.ekd_kernels.ekd_forward(*op_args(s, t, y.float(), "
+                                    "EKDConfig(num_hard_negatives=10), st))"),
+    ("backward_temperature_0", "cuda", None),
+    ("backward_grad_loss_on_cpu", "cuda", "a, _ = _raw_backward_args(device); a['grad_loss'] = a['grad_loss'].cpu(); "
+                                          "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
+]
+_INLINE_CPP = r"""
+#include <torch/library.h>
+#include <ATen/ATen.h>
+at::Tensor refuse(const at::Tensor& x, double temperature) {
+  TORCH_CHECK(x.dim() == 2, "refuse: x must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(temperature > 0, "refuse: temperature must be > 0, got ", temperature);
+  return x.clone();
+}
+TORCH_LIBRARY(ekd_diagnose_NAME, m) { m.def("refuse(Tensor x, float temperature) -> Tensor"); }
+TORCH_LIBRARY_IMPL(ekd_diagnose_NAME, CPU, m) { m.impl("refuse", &refuse); }
+"""
+
+
+def run(cmd, env=None, timeout=300):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def outcome(rc, text):
+    if rc < 0:
+        return f"CRASHED (signal {-rc})"
+    said = [line for line in text.splitlines() if line.startswith(("raised", "did not raise"))]
+    said = said or [line for line in text.splitlines() if line.strip()][-1:]
+    return f"exit {rc}: {said[0][:160] if said else ''}"
+
+
+def case_program(device, statement):
+    body = _SETUP.format(tests=str(REPO / "python_tests"), device=device)
+    return body + textwrap.dedent(f"""
+        try:
+            {statement}
+        except (RuntimeError, ValueError) as exc:
+            print("raised", type(exc).__name__, str(exc).splitlines()[0][:120])
+        else:
+            print("did not raise")
+    """)
+
+
+def environment():
+    print("== toolchain and environment", flush=True)
+    for cmd in (["c++", "--version"], ["nvcc", "--version"]):
+        if shutil.which(cmd[0]):
+            print(" ", " ".join(cmd), "->", run(cmd)[1].splitlines()[0])
+    code = ("import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, "
+            "'cxx11abi', torch._C._GLIBCXX_USE_CXX11_ABI, 'cuda', torch.cuda.is_available())")
+    print(" ", run([sys.executable, "-c", code])[1])
+    print("  TORCH_* env:", {k: v for k, v in os.environ.items() if k.startswith("TORCH")})
+    libs = sorted((REPO / "ekd_kernels").glob("_C*.so"))
+    for lib in libs:
+        print("  library", lib.name, f"{lib.stat().st_size / 2**20:.1f} MiB")
+        if shutil.which("readelf"):
+            notes = [line.strip() for line in run(["readelf", "-n", str(lib)])[1].splitlines() if "x86" in line]
+            print("   x86 notes:", notes or "none")
+        if shutil.which("ldd"):
+            for line in run(["ldd", str(lib)])[1].splitlines():
+                if any(k in line for k in ("stdc++", "gcc_s", "gomp", "c10", "torch_cpu", "libc.so")):
+                    print("   ", line.strip())
+
+
+def raw_op_cases(cuda):
+    print("== raw-op refusals, each in its own process", flush=True)
+    crashed = []
+    for name, device, statement in _CASES:
+        if device == "cuda" and not cuda:
+            print(f"  {name} [{device}]: skipped (no CUDA)")
+            continue
+        if statement is None:  # the same statement as the CPU case of that name
+            statement = next(s for n, d, s in _CASES if n == name and s is not None)
+        program = case_program(device, statement)
+        for show in ("0", "1"):
+            env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": show}
+            rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], env=env)
+            print(f"  {name} [{device}] TORCH_SHOW_CPP_STACKTRACES={show}: {outcome(rc, text)}", flush=True)
+            if rc < 0:
+                crashed.append(program)
+    return crashed
+
+
+def inline_cases():
+    print("== a minimal extension's TORCH_CHECK (load_inline)", flush=True)
+    for label, flags in (("-O3 -fopenmp (this package's)", ["-O3", "-fopenmp"]), ("-O2", ["-O2"])):
+        name = "o3omp" if "-fopenmp" in flags else "o2"
+        program = textwrap.dedent(f"""
+            import torch
+            from torch.utils.cpp_extension import load_inline
+            load_inline("ekd_diagnose_{name}", cpp_sources=[{_INLINE_CPP.replace('NAME', name)!r}],
+                        extra_cflags={flags!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r},
+                        is_python_module=False, verbose=False)
+            op = torch.ops.ekd_diagnose_{name}.refuse
+            for args in ((torch.zeros(3), 1.0), (torch.zeros(2, 2), 0.0)):
+                try:
+                    op(*args)
+                except (RuntimeError, ValueError) as exc:
+                    print("raised", type(exc).__name__, str(exc).splitlines()[0][:100])
+        """)
+        rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], timeout=600)
+        print(f"  {label}: {outcome(rc, text)}", flush=True)
+        for line in text.splitlines():
+            if line.startswith("raised"):
+                print("    ", line)
+
+
+def native_backtrace(program):
+    gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if gdb is None:
+        print("== native backtrace: no cuda-gdb or gdb here")
+        return
+    path = pathlib.Path("/tmp/ekd_diagnose_case.py")
+    path.write_text(program)
+    print(f"== native backtrace of the first crash ({pathlib.Path(gdb).name})", flush=True)
+    rc, text = run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info registers rip",
+                    "--args", sys.executable, str(path)], timeout=300)
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if "SIGSEGV" in line or "signal" in line.lower()), 0)
+    print("\n".join(lines[max(0, start - 2):start + 60]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inline", action="store_true", help="also build and try a minimal extension")
+    parser.add_argument("--gdb", action="store_true", help="native backtrace of the first crash (cuda-gdb)")
+    args = parser.parse_args()
+    import torch
+
+    environment()
+    crashed = raw_op_cases(torch.cuda.is_available())
+    if args.inline:
+        inline_cases()
+    if args.gdb and crashed:
+        native_backtrace(crashed[0])
+    print(f"== {len(crashed)} crashing case runs", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
