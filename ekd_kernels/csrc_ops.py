@@ -134,6 +134,7 @@ def _fake_backward(grad_loss, student, teacher, labels, student_thresholds, teac
 
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # only the loss carries a gradient: no zero fill for the 9 others
     student, teacher, labels = inputs[:3]
     ctx.options = (inputs[8], inputs[13], inputs[14])  # temperature, critical_only, rank_loss
     _, new_student, new_teacher, _, _, _, _, selected_pairs, selected_grads, positive_scale = output
@@ -148,6 +149,8 @@ def _backward(ctx, grad_loss, *unused_grads):
     temperature, critical_only, rank_loss = ctx.options
     grad_student = None
     if ctx.needs_input_grad[0]:
+        if grad_loss is None:  # a backward through another output only (grads are not materialised)
+            grad_loss = torch.zeros((), dtype=positive_scale.dtype, device=student.device)
         grad_student = torch.ops.ekd_kernels.ekd_backward(
             grad_loss, student, teacher.detach(), labels, new_student.to(student.dtype), new_teacher.to(student.dtype),
             selected_pairs, selected_grads, positive_scale, temperature, critical_only, rank_loss)

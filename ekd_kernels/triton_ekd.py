@@ -74,6 +74,7 @@ fp64 inputs are rejected (use the reference backend for gradcheck): the kernels 
 """
 
 import contextlib
+import functools
 import math
 import os
 from typing import List, Optional, Tuple
@@ -692,9 +693,20 @@ def _on_device(device: torch.device):
 
 def _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                  critical_only, rank_loss, compute_critical_ratio) -> EKDConfig:
-    return EKDConfig(fprs=tuple(fprs), temperature=temperature, num_hard_negatives=num_hard_negatives,
-                     momentum=momentum, positive_weight=positive_weight, negative_weight=negative_weight,
-                     critical_only=critical_only, rank_loss=rank_loss, compute_critical_ratio=compute_critical_ratio)
+    return _cached_config(tuple(fprs), temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
+                          critical_only, rank_loss, compute_critical_ratio)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _cached_config(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight, critical_only,
+                   rank_loss, compute_critical_ratio) -> EKDConfig:
+    """The op's options rebuilt into a validated EKDConfig, once per distinct set: validation
+    costs more host time than the launches of a small batch.  EKDConfig is frozen; a set that
+    fails validation raises and is not cached.  Keyed by value *and type* (typed=True): 1 and
+    1.0 or True and 1 are different options to the validation."""
+    return EKDConfig(fprs=fprs, temperature=temperature, num_hard_negatives=num_hard_negatives, momentum=momentum,
+                     positive_weight=positive_weight, negative_weight=negative_weight, critical_only=critical_only,
+                     rank_loss=rank_loss, compute_critical_ratio=compute_critical_ratio)
 
 
 _ForwardOutputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -832,6 +844,10 @@ _SAVED_OUTPUTS = (slice(15, 18), slice(7, 15))
 
 
 def _setup_context(ctx, inputs, output):
+    # Only the loss (output 0) carries a gradient: without this, autograd would fill a zero
+    # tensor for each of the 17 other outputs on every backward (two of them B x D), 17 fill
+    # launches that the backward never reads.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]))
     ctx.temperature = inputs[7]
     ctx.critical_only = inputs[12]
