@@ -62,3 +62,13 @@ loss.backward()
 print(f"{backend} B={B} {opts}: forward {sum(fw.values())} glue ops + {sum(fl.values())} kernels; backward {sum(counter.c.values())} glue ops + {sum(launches.values())} kernels")
 print("fw", fw.most_common(), "kernels", fl)
 print("bw", counter.c.most_common(), "kernels", dict(launches))
+# The whole call as a training step makes it (EKDLoss.forward, then loss.backward()): adds the
+# module's glue (EMA state copies) and what autograd dispatches around the ops.
+te._forward_impl, te._backward_impl = fi, bi
+counter.c.clear(); launches.clear()
+x = s.clone().requires_grad_(True)
+with counter:
+    crit(x, t, l, **kw).backward()
+outside = {k: v for k, v in counter.c.items() if not k.startswith(("triton_ekd_", "ekd_"))}  # the ops: counted above
+print(f"outside the ops (module + autograd, ones_like is backward()'s seed): {sum(outside.values())} glue ops",
+      sorted(outside.items()))
