@@ -488,6 +488,21 @@ def _other_device(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_backward_through_another_output_than_the_loss(device):
+    """Autograd hands the backward no zero gradients for the outputs that carry none
+    (set_materialize_grads(False)): a backward started from another output (the new EMA state)
+    reaches it with no loss gradient, and the student's gradient is zero (the SPEC's thresholds
+    carry none), rather than an error."""
+    config = EKDConfig(num_hard_negatives=10)
+    student, teacher, labels = make_batch(12, 6, 4, 4, seed=5, device=device)
+    state = (torch.zeros(6, device=device), torch.zeros(6, device=device))
+    leaf = student.detach().clone().requires_grad_(True)
+    outputs = torch.ops.ekd_kernels.ekd_forward(*op_args(leaf, teacher, labels, config, state))
+    (grad,) = torch.autograd.grad(outputs[1].sum(), leaf)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_raw_backward_valid_call_matches_autograd(device):
     args, expected = _raw_backward_args(device)
     assert bool((args["selected_pairs"] == -1).all(dim=1).any()), "the valid call should hold padded slots"

@@ -647,6 +647,17 @@ def test_raw_ops_valid_calls_match_the_wrapper(raw_calls):
     assert torch.equal(with_random[13], position[random_pairs[1]])
 
 
+def test_raw_forward_backward_through_another_output_than_the_loss(raw_calls):
+    """Autograd hands the backward no zero gradients for the outputs that carry none
+    (set_materialize_grads(False)): a backward started from another output (the new EMA state)
+    reaches it with no loss gradient, and the student's gradient is zero, as the SPEC's
+    thresholds carry none, rather than an error or garbage."""
+    forward = dict(raw_calls[0])
+    forward["student"] = forward["student"].detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_raw_forward(forward)[1].sum(), forward["student"])
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def _refused_by_op_and_fake(call, corrupt, args, name):
     """`call` refuses the corrupted arguments naming `name`, on real tensors and on meta ones
     (the fake implementation checks the same shapes and dtypes)."""
