@@ -7,7 +7,7 @@ mismatch refused by the same check function raised normally.  Here (Debian, gcc 
 3.11, torch 2.11 and 2.14) every one of them raises.  This script gathers what tells the causes
 apart, each case in its own process so that a crash costs only that case:
 
-    python tools/diagnose_throw.py [--inline] [--gdb]
+    python tools/diagnose_throw.py [--inline] [--cpu-build] [--gdb]
 
 - the toolchain: ``c++ --version``, torch's C++ ABI flag, the TORCH_* environment, the
   library's dynamic dependencies and x86 feature notes (CET);
@@ -17,6 +17,8 @@ apart, each case in its own process so that a crash costs only that case:
 - ``--inline``: a minimal extension built on the spot (torch.utils.cpp_extension.load_inline)
   whose op fails a TORCH_CHECK, with this package's flags (-O3 -fopenmp) and without: whether
   any extension's throw crashes, or only this package's build;
+- ``--cpu-build``: the same sources built without the CUDA ops, in a copy, and the CPU cases on
+  that library: whether the crash comes with the nvcc-compiled objects linked in;
 - ``--gdb``: the native backtrace of the first crashing case under cuda-gdb (the GPU image has
   no gdb; cuda-gdb debugs host code too).
 """
@@ -68,8 +70,8 @@ TORCH_LIBRARY_IMPL(ekd_diagnose_NAME, CPU, m) { m.impl("refuse", &refuse); }
 """
 
 
-def run(cmd, env=None, timeout=300):
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+def run(cmd, env=None, timeout=300, cwd=None):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
@@ -81,8 +83,8 @@ def outcome(rc, text):
     return f"exit {rc}: {said[0][:160] if said else ''}"
 
 
-def case_program(device, statement):
-    body = _SETUP.format(tests=str(REPO / "python_tests"), device=device)
+def case_program(device, statement, repo=REPO):
+    body = _SETUP.format(tests=str(repo / "python_tests"), device=device)
     return body + textwrap.dedent(f"""
         try:
             {statement}
@@ -114,8 +116,8 @@ def environment():
                     print("   ", line.strip())
 
 
-def raw_op_cases(cuda):
-    print("== raw-op refusals, each in its own process", flush=True)
+def raw_op_cases(cuda, repo=REPO, label="this build"):
+    print(f"== raw-op refusals ({label}), each in its own process", flush=True)
     crashed = []
     for name, device, statement in _CASES:
         if device == "cuda" and not cuda:
@@ -123,10 +125,12 @@ def raw_op_cases(cuda):
             continue
         if statement is None:  # the same statement as the CPU case of that name
             statement = next(s for n, d, s in _CASES if n == name and s is not None)
-        program = case_program(device, statement)
+        program = case_program(device, statement, repo)
         for show in ("0", "1"):
             env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": show}
-            rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], env=env)
+            if repo != REPO:
+                env["PYTHONPATH"] = str(repo)
+            rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], env=env, cwd=repo)
             print(f"  {name} [{device}] TORCH_SHOW_CPP_STACKTRACES={show}: {outcome(rc, text)}", flush=True)
             if rc < 0:
                 crashed.append(program)
@@ -157,6 +161,26 @@ def inline_cases():
                 print("    ", line)
 
 
+def cpu_only_build():
+    """The same sources built without the CUDA ops (EKD_BUILD_CUDA=0) in a copy: whether the crash
+    comes with the nvcc-compiled objects and CUDA libraries linked into the library."""
+    copy = pathlib.Path("/tmp/ekd_diagnose_cpu_only")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.so", "bench", "shared",
+                                                              "*.egg-info", "__pycache__"))
+    env = {**os.environ, "EKD_BUILD_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "16")}
+    rc, text = run([sys.executable, "setup.py", "build_ext", "--inplace"], env=env, timeout=600, cwd=copy)
+    if rc != 0:
+        print("== CPU-only build failed:", text.splitlines()[-3:] if text else "")
+        return None
+    code = ("import ekd_kernels._C as c, ekd_kernels.csrc_ops as o, torch; "
+            "print(c.__file__, o.unavailable_reason(torch.device('cuda')))")
+    # cwd and PYTHONPATH: `python -c` puts the working folder first on sys.path
+    print("== CPU-only build:", run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(copy)},
+                                    cwd=copy)[1])
+    return copy
+
+
 def native_backtrace(program):
     gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
     if gdb is None:
@@ -176,11 +200,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inline", action="store_true", help="also build and try a minimal extension")
     parser.add_argument("--gdb", action="store_true", help="native backtrace of the first crash (cuda-gdb)")
+    parser.add_argument("--cpu-build", action="store_true",
+                        help="also build the sources without the CUDA ops in a copy and run the CPU cases on it")
     args = parser.parse_args()
     import torch
 
     environment()
     crashed = raw_op_cases(torch.cuda.is_available())
+    if args.cpu_build:
+        copy = cpu_only_build()
+        if copy is not None:
+            raw_op_cases(False, repo=copy, label="the same sources, CPU ops only")
     if args.inline:
         inline_cases()
     if args.gdb and crashed:

@@ -20,6 +20,8 @@
     python tools/gpu_exercise.py profile --sizes 64 1024 8192 --out profile.json
         where each backend's forward+backward time goes: wall time, the host's time to issue the
         call, the device's busy time, kernel launches per call, the top kernels (torch.profiler).
+    python tools/gpu_exercise.py once --sizes 8192 --backend triton --dtype bfloat16
+        one warm forward+backward inside an NVTX range "ekd", for ncu --nvtx --nvtx-include "ekd/".
 
 Issue 9's checklist; needs CUDA (``--device cpu`` runs the same code on CPU tensors for a dry run).
 """
@@ -322,13 +324,35 @@ def profile(sizes, device, out, calls=5):
     return 0
 
 
+def once(sizes, device, backend, dtype_name):
+    """One forward+backward per B after two warm-up calls, the measured one inside an NVTX range
+    "ekd" (CUDA), for Nsight Compute: ncu --nvtx --nvtx-include "ekd/" profiles its kernels only."""
+    dtype = getattr(torch, dtype_name)
+    for size in sizes:
+        student, teacher, labels = batch_of(size, dtype, device, seed=size)
+        crit = EKDLoss(backend=backend).to(device)
+        for _ in range(2):
+            call(crit, student, teacher, labels, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_push("ekd")
+        call(crit, student, teacher, labels, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.nvtx.range_pop()
+        print(f"once: B={size} {dtype_name} {backend} done", flush=True)
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sanitize", "consistency", "large", "profile"])
+    parser.add_argument("what", choices=["sanitize", "consistency", "large", "profile", "once"])
     parser.add_argument("--sizes", type=int, nargs="+", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reference-max", type=int, default=8192, help="largest B the reference judges")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--backend", default="triton", help="once: the backend")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="once: the dtype")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.what == "sanitize":
@@ -338,6 +362,8 @@ def main():
         return large(args.sizes, device, args.out)
     if args.what == "profile":
         return profile(args.sizes, device, args.out)
+    if args.what == "once":
+        return once(args.sizes, device, args.backend, args.dtype)
     return consistency(args.sizes, device, args.reference_max, args.out)
 
 

@@ -29,10 +29,11 @@ build() {
   # ops fail to build, say so and go on without them: the Triton kernels still get their run.
   nvidia-smi > "$OUT/summary.txt" 2>&1
   if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} EKD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-       $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    echo "CUDA BUILD FAILED (build.log); going on without the CUDA ops" | tee -a "$OUT/summary.txt"
-    tail -40 "$OUT/build.log"
-    EKD_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build_cpu.log" 2>&1 || exit 1
+       $PY -m pip install --no-build-isolation --no-deps -e . > /tmp/ekd_build.log 2>&1; then
+    echo "CUDA BUILD FAILED; going on without the CUDA ops" | tee -a "$OUT/summary.txt"
+    tail -40 /tmp/ekd_build.log | tee -a "$OUT/summary.txt"
+    EKD_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e . > /tmp/ekd_build_cpu.log 2>&1 \
+      || { tail -40 /tmp/ekd_build_cpu.log | tee -a "$OUT/summary.txt"; exit 1; }
   fi
 }
 
@@ -57,16 +58,19 @@ case "$stage" in
     $PY bench/bench_loss.py && $PY bench/bench_train_step.py && $PY bench/plot.py
     tar czf "$OUT/bench_results.tgz" bench/results ;;
   ncu)
-    ncu --clock-control none --set full --kernel-name regex:'ekd|_kernel' --launch-count 40 -o "$OUT/ekd_b8192" \
-      $PY bench/bench_loss.py --sizes 8192 --methods ekd/triton ekd/csrc --repeats 1 --out /tmp/ncu_rows.jsonl \
-      > "$OUT/ncu.log" 2>&1
+    # the kernels of one warm forward+backward per backend (NVTX range "ekd"), full sections
+    for backend in triton csrc; do
+      ncu --clock-control none --set full --nvtx --nvtx-include "ekd/" -o "$OUT/ekd_${backend}_b8192" \
+        $PY tools/gpu_exercise.py once --sizes 8192 --backend $backend --dtype bfloat16 >> "$OUT/ncu.log" 2>&1
+    done
     tail -20 "$OUT/ncu.log" ;;
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): why op-side refusals crash there
     # (tools/diagnose_throw.py), where a call's time goes (gpu_exercise.py profile), the CUDA
-    # cases of the suite, the consistency check up to B = 32768, the loss benchmark, the training
-    # step, then the CPU cases. Exactly 8 files come back (the device tool's limit).
+    # cases of the suite, the consistency check up to B = 32768, Nsight Compute on the Triton
+    # kernels at B = 8192, the loss benchmark, the training step, then the CPU cases. At most 8 files
+    # come back (the device tool's limit): the build's log goes to the summary when it fails.
     deadline=${2:-540}
     left() { echo $(( deadline - SECONDS )); }
     step() {  # step NAME MAX_SECONDS COMMAND...: runs when >= 20 s are left, under min(MAX, left)
@@ -83,7 +87,7 @@ case "$stage" in
     } >> "$OUT/summary.txt" 2>&1
     # pytest-xdist when present (the GPU image has it): a crashing case then costs one worker, not the run
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
-    step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb > "$OUT/diagnose.log" 2>&1
+    step diagnose 150 $PY tools/diagnose_throw.py --inline --cpu-build --gdb > "$OUT/diagnose.log" 2>&1
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > /tmp/profile.log 2>&1
     grep "^B=" /tmp/profile.log >> "$OUT/summary.txt"
@@ -93,6 +97,10 @@ case "$stage" in
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > /tmp/consistency.log 2>&1
     grep -v ": ok$\|: True$" /tmp/consistency.log | tail -10 >> "$OUT/summary.txt"
+    # why the top kernels take what they take: speed of light, occupancy, stall reasons (text)
+    step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py once --sizes 8192 \
+      --backend triton --dtype bfloat16 > "$OUT/ncu.log" 2>&1
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 32768 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
     step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" >> /tmp/bench.log 2>&1
     grep "^|\|ratios\|^  " /tmp/bench.log >> "$OUT/summary.txt"
