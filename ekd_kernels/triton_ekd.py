@@ -127,6 +127,11 @@ INTERPRETER_CANDIDATE_CHUNK = 1024
 #: tensor cores; "ieee" is the slower exact fallback.  Plain "tf32" is not accurate enough.
 FP32_DOT_PRECISION = os.environ.get("EKD_TRITON_FP32_PRECISION", "tf32x3")
 NUM_BUCKETS = 1 << 16
+#: Copies of pass 1's histograms (coarse_histogram_kernel): one per this many tile programs, at
+#: most MAX_COARSE_COPIES.  Below a few waves of programs the atomics do not queue, and every
+#: copy costs its zeroing (256 KiB a model) and coarse_select's scan.
+COARSE_TILES_PER_COPY = 512
+MAX_COARSE_COPIES = 16
 #: Top-N candidate buffer: max(CANDIDATE_FACTOR * N, MIN_CANDIDATE_CAPACITY) slots.
 CANDIDATE_FACTOR = 4
 MIN_CANDIDATE_CAPACITY = 8192
@@ -229,6 +234,13 @@ def _tile_grid(batch: int) -> Tuple[int, int]:
     """Grid of the tile passes (1-3): program (m, n) is the tile of row block m and column
     block n; the lower triangle returns at once."""
     return _num_tiles(batch), _num_tiles(batch)
+
+
+def _coarse_copies(batch: int) -> int:
+    """Copies of each coarse histogram (see coarse_histogram_kernel): 1 at B <= 2048, 4 at 4096,
+    16 from 8192 on."""
+    tiles = _num_tiles(batch) * (_num_tiles(batch) + 1) // 2
+    return max(1, min(MAX_COARSE_COPIES, tiles // COARSE_TILES_PER_COPY))
 
 
 def _histogram_dtype(num_pairs: int) -> torch.dtype:
@@ -387,9 +399,10 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # int64, see _histogram_dtype); `fine` comes first so that both views are 8-byte aligned.
     histogram_dtype = _histogram_dtype(num_pairs)
     words = histogram_dtype.itemsize // 4
-    zeroed_size = 2 * NUM_BUCKETS * words + 2 * batch + 1
+    copies = _coarse_copies(batch)
+    zeroed_size = 2 * copies * NUM_BUCKETS * words + 2 * batch + 1
     int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words),
-                               coarse=(2, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
+                               coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
                                candidate_count=(1,), bucket=(2, num_targets), candidate_rows=(candidate_size,),
                                candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,))
     zeroed = int32_buffer[w32["fine"].numel():]
@@ -435,9 +448,9 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # candidates when they fit; else passes 3 and 4 select, decided on the device).
     coarse, fine = w32["coarse"].view(histogram_dtype), w32["fine"].view(histogram_dtype)
     bucket, state = w32["bucket"], w64["state"]
-    kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, **options)
+    kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, **options)
     kernels.coarse_select_kernel[(num_targets, 2)](
-        coarse, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds, num_targets,
+        coarse, copies, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds, num_targets,
         config.num_hard_negatives, capacity, bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks,
         HARDEST=hardest, SCAN_BLOCK=scan_block)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)

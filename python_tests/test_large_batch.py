@@ -193,14 +193,16 @@ def test_pass4_tie_prefix_below_the_clamp_still_places_ties():
 @needs_triton
 def test_radix_select_with_int64_counts():
     """coarse_select and fine_select on int64 histograms holding more than 2^31 (and 2^32)
-    elements in one bin, L = 8e9 (B = 131072 has 8.6e9 pairs): exact buckets, ranks, keys and
-    the top-N overflow decision."""
+    elements in one bin, L = 8e9 (B = 131072 has 8.6e9 pairs), split between two copies as pass 1
+    spreads its atomics: exact buckets, ranks, keys and the top-N overflow decision."""
     kernels = _kernels()
     num_negative = 8 * 10**9
-    coarse = torch.zeros(2, 65536, dtype=torch.int64, device=DEVICE)
+    # two copies of each model's histogram (coarse_histogram_kernel's), the counts split between them
+    coarse = torch.zeros(2, 2, 65536, dtype=torch.int64, device=DEVICE)
     high, low, teacher_bin = (descending_key(x) >> 16 for x in (0.9, 0.5, 0.3))  # high < low: from the top
-    coarse[0, high], coarse[0, low] = 3 * 10**9, 5 * 10**9  # student
-    coarse[1, teacher_bin] = num_negative                   # teacher: one bin holds all
+    coarse[0, 0, high], coarse[0, 1, high] = 10**9, 2 * 10**9  # student: 3e9 in bin `high`
+    coarse[0, 0, low], coarse[0, 1, low] = 4 * 10**9, 10**9     # and 5e9 in bin `low`
+    coarse[1, 1, teacher_bin] = num_negative                   # teacher: one bin (of copy 1) holds all
     fprs = (0.1, 0.5)
     num_thresholds, num_targets = len(fprs), len(fprs) + 1
     fine = torch.full((2, num_targets, 65536), -1, dtype=torch.int64, device=DEVICE)
@@ -211,8 +213,8 @@ def test_radix_select_with_int64_counts():
     target_state = torch.zeros(2, num_targets, 2, dtype=torch.int64, device=DEVICE)
     nonfinite = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     kernels.coarse_select_kernel[(num_targets, 2)](
-        coarse, fine, state, fractions, num_thresholds, num_targets, 2000, 8192, bucket, target_state, nonfinite, 4,
-        HARDEST=True, SCAN_BLOCK=4096)
+        coarse, 2, fine, state, fractions, num_thresholds, num_targets, 2000, 8192, bucket, target_state, nonfinite,
+        4, HARDEST=True, SCAN_BLOCK=4096)
     # student: rank 8e8 and the N-th (rank 1999) in bin `high`, rank 4e9 in bin `low` after 3e9
     assert bucket[0].tolist() == [high, low, high]
     assert target_state[0].tolist() == [[8 * 10**8, 0], [10**9, 3 * 10**9], [1999, 0]]
@@ -257,7 +259,7 @@ def test_nonfinite_count_past_int32():
     bucket = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
     target_state = torch.zeros(2, 1, 2, dtype=torch.int64, device=DEVICE)
     kernels.coarse_select_kernel[(1, 2)](
-        coarse, fine, state, fractions, 1, 1, 0, 0, bucket, target_state, nonfinite, nonfinite.numel(),
+        coarse, 1, fine, state, fractions, 1, 1, 0, 0, bucket, target_state, nonfinite, nonfinite.numel(),
         HARDEST=False, SCAN_BLOCK=scan_block)
     assert state[NONFINITE].item() == 2**32
 

@@ -130,13 +130,18 @@ def _descending_keys(similarity):
     return torch.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
 
 
-def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch):
+@pytest.mark.parametrize("tiles_per_copy", [None, 1], ids=["copies_as_default", "a_copy_per_tile"])
+def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, tiles_per_copy):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
     (kernels._histogram_add), per element elsewhere.  A batch with all three kinds, exact
     similarities: both passes' histograms must be the counts of the negatives' keys exactly.
     The batch is helpers.uniform_tiles_batch (sorted labels: the kernels' row order is the
     batch's, so its tiles are as described there).  Checked to fail when any of the three kinds
-    of atomic adds a wrong count."""
+    of atomic adds a wrong count.  Pass 1 spreads its atomics over copies of its histograms
+    (one copy at this B by default; with a copy per tile program, as many as allowed): their
+    sum must be the counts, and more than one copy must have been used."""
+    if tiles_per_copy is not None:
+        monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", tiles_per_copy)
     student, teacher, labels = helpers.uniform_tiles_batch()
     batch = student.shape[0]
     scratch = []
@@ -159,7 +164,11 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch):
     for model, (x, targets) in enumerate(((student, num_targets), (teacher, crit.config.num_thresholds))):
         x = torch.nn.functional.normalize(x, dim=1)
         keys = _descending_keys(x @ x.t())[negative]
-        assert torch.equal(coarse[model], torch.bincount(keys >> 16, minlength=1 << 16).int()), f"model {model}"
+        assert coarse.shape[1] == triton_ekd._coarse_copies(batch)
+        assert torch.equal(coarse[model].sum(0, dtype=torch.int32), torch.bincount(keys >> 16, minlength=1 << 16).int()), \
+            f"model {model}"
+        if tiles_per_copy is not None:
+            assert coarse.shape[1] > 1 and int((coarse[model].sum(1) > 0).sum()) > 1, "one copy took every atomic"
         for target in range(targets):
             inside = keys >> 16 == int(buckets[model, target])
             want = torch.bincount(keys[inside] & 0xFFFF, minlength=1 << 16).int()
@@ -242,6 +251,21 @@ def top_n_path(request, monkeypatch):
 def test_top_n_paths(top_n_path, num_hard_negatives):
     student, teacher, labels = make_batch(80, 20, 12, 15, seed=15)
     compare(student, teacher, labels, num_hard_negatives=num_hard_negatives, compute_critical_ratio=True)
+
+
+@pytest.mark.parametrize("capacity", ["default", "tight"])
+def test_coarse_histogram_copies_against_the_reference(monkeypatch, capacity):
+    """Pass 1's histograms in copies (forced: a copy per tile program, as many as allowed) give
+    the reference's results over consecutive calls: coarse_select scans the copies' sum, and sums
+    them to decide whether the top-N candidates overflow their buffer ("tight": a buffer of
+    exactly N slots, so only the whole sum shows that the boundary bucket holds more)."""
+    monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
+    if capacity == "tight":
+        monkeypatch.setattr(triton_ekd, "MIN_CANDIDATE_CAPACITY", 0)
+        monkeypatch.setattr(triton_ekd, "CANDIDATE_FACTOR", 1)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=21)
+    assert triton_ekd._coarse_copies(150) > 1
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True, rank_loss="eq7")], ids=["default", "critical"])
@@ -403,6 +427,10 @@ for dtype in (torch.float32, torch.bfloat16):
         result = ekd_loss(student, teacher, labels, backend="triton", generator=torch.Generator().manual_seed(1),
                           **options)
         result.loss.backward()
+# pass 1 in several histogram copies (the large-B variant: num_copies > 1 is not specialised to 1)
+default_tiles_per_copy, triton_ekd.COARSE_TILES_PER_COPY = triton_ekd.COARSE_TILES_PER_COPY, 1
+ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
+triton_ekd.COARSE_TILES_PER_COPY = default_tiles_per_copy
 # the same shapes as views: expanded (stride 0), transposed, and 4 bytes off the allocation
 launched["normalise_kernel"].clear()
 for make in (lambda r, c: torch.randn(r, c), lambda r, c: torch.randn(1, c).expand(r, c),

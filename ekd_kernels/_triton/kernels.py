@@ -278,14 +278,20 @@ def _histogram_add(hist_ptr, bins, mask):
 
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
-                            hist_s_ptr, hist_t_ptr, state_ptr,
+                            hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
     one bin may hold nearly every pair when the embeddings collapse): the histogram pointers'
-    dtype, chosen by triton_ekd._histogram_dtype, specialises the atomics and every scan."""
+    dtype, chosen by triton_ekd._histogram_dtype, specialises the atomics and every scan.
+
+    Each model's histogram has `num_copies` copies (triton_ekd._coarse_copies), a program adding
+    to copy (pid_m + pid_n) mod num_copies; coarse_select sums them.  Why: a random batch's
+    similarities fall into a narrow band of bins (on the benchmark's batch, 13 cache lines of
+    bins take half of the pairs, the hottest 5%), so the atomics of the whole pass queue at the
+    few L2 slices that hold those lines; copies spread them over as many more lines."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -294,24 +300,28 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    _histogram_add(hist_s_ptr, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
-    _histogram_add(hist_t_ptr, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
+    copy = ((pid_m + pid_n) % num_copies).to(tl.int64) * NUM_BUCKETS
+    _histogram_add(hist_s_ptr + copy, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
+    _histogram_add(hist_t_ptr + copy, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
     num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
 
 
 @triton.jit
-def _histogram_rank(hist_ptr, rank, SCAN_BLOCK: tl.constexpr):
+def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
     """(bin, count before it) of the element of descending rank `rank` in a 65536-bin histogram
     counted from the top: searchsorted(cumsum(hist), rank, right=True) clamped to the last bin,
     i.e. the number of bins whose running total is <= rank.  A blocked scan in bin order that
     stops after the first block where a bin's running total passes `rank` (no later bin can
-    count); until then every bin counted, so the count before the block is the running total."""
+    count); until then every bin counted, so the count before the block is the running total.
+    The histogram is the sum of `num_copies` copies, NUM_BUCKETS apart (integer sums: exact)."""
     index = rank * 0
     above = index
     start = index
     while (start < NUM_BUCKETS) & (index == start):
         counts = tl.load(hist_ptr + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64)
+        for copy in range(1, num_copies):
+            counts += tl.load(hist_ptr + copy * NUM_BUCKETS + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64)
         before = above + tl.cumsum(counts, axis=0) <= rank
         index += tl.sum(before.to(tl.int64), axis=0)
         above += tl.sum(tl.where(before, counts, 0), axis=0)
@@ -320,7 +330,7 @@ def _histogram_rank(hist_ptr, rank, SCAN_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def coarse_select_kernel(coarse_ptr, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
+def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
                          HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
@@ -355,8 +365,8 @@ def coarse_select_kernel(coarse_ptr, fine_ptr, state_ptr, fractions_ptr, num_thr
     denominator = tl.load(fractions_ptr + num_thresholds + target, mask=is_threshold, other=1)
     rank = tl.where(is_threshold, num_negative * numerator // denominator, num_selected - 1)
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
-    hist_ptr = coarse_ptr + model * NUM_BUCKETS
-    bucket, above = _histogram_rank(hist_ptr, rank, SCAN_BLOCK)
+    hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
+    bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK)
     tl.store(bucket_ptr + slot, bucket.to(tl.int32))
     tl.store(target_state_ptr + 2 * slot, rank - above)
     tl.store(target_state_ptr + 2 * slot + 1, above)
@@ -364,7 +374,9 @@ def coarse_select_kernel(coarse_ptr, fine_ptr, state_ptr, fractions_ptr, num_thr
         if target == num_thresholds:
             # Every candidate (a negative in the boundary's bucket or above) fits, or pass 2
             # gathers none and passes 3 and 4 select from recomputed tiles.
-            at_or_above = above + tl.load(hist_ptr + bucket)
+            at_or_above = above
+            for copy in range(0, num_copies):
+                at_or_above += tl.load(hist_ptr + copy * NUM_BUCKETS + bucket)
             tl.store(state_ptr + OVERFLOW, (at_or_above > capacity).to(tl.int64))
             tl.store(state_ptr + NUM_SELECTED, num_selected)
     fine_row = fine_ptr + slot.to(tl.int64) * NUM_BUCKETS
@@ -474,7 +486,7 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
     bucket = tl.load(bucket_ptr + slot).to(tl.int64)
     rank_in_bucket = tl.load(target_state_ptr + 2 * slot)
     above = tl.load(target_state_ptr + 2 * slot + 1)
-    low, above_in_bucket = _histogram_rank(fine_ptr + slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, SCAN_BLOCK)
+    low, above_in_bucket = _histogram_rank(fine_ptr + slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, 1, SCAN_BLOCK)
     key = bucket * NUM_BUCKETS + low
     num_negative = tl.load(state_ptr + NUM_NEGATIVE)
     if target < num_thresholds:
