@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 
 import torch
 
-from common import REPO, PeakMemory, Progress, append_rows, environment, summary, time_calls
+from common import REPO, PeakMemory, Progress, append_rows, environment, host_issue_times, summary, time_calls
 
 sys.path.insert(0, str(REPO))
 
@@ -85,22 +84,6 @@ def make_step(student, teacher, head, optimizer, loss_fn, images, labels, genera
         optimizer.step()
 
     return step
-
-
-def host_issue_times(fn, device, repeats):
-    """Seconds until `fn` returns, before the device finishes (synchronised between calls).  Close
-    to the step's time: the host's issuing bounds the step, and every host microsecond a loss adds
-    shows in it; far below: the device's work bounds it and host time is hidden."""
-    fn()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        sync()
-    return times
 
 
 def loss_only(loss_fn, batch, device, dtype):

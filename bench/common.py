@@ -164,6 +164,21 @@ def time_calls(fn, device: torch.device, repeats: int):
     return times
 
 
+def host_issue_times(fn, device: torch.device, repeats: int):
+    """Seconds until `fn` returns, before the device finishes (synchronised between calls), after
+    one warm-up call.  Close to time_calls': the host's issuing bounds the call, and every host
+    microsecond shows in it; far below: the device's work bounds it and host time is hidden."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        sync(device)
+    return times
+
+
 def summary(times) -> dict:
     """Median and the 20th/80th percentiles (the spread) of repeated timings, in seconds."""
     ordered = sorted(times)

@@ -47,6 +47,11 @@ VARIANTS = [dict(), dict(critical_only=True, compute_critical_ratio=True), dict(
 COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected")
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def batch_of(size, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(size, 512, generator=g)
@@ -270,7 +275,6 @@ def profile(sizes, device, out, calls=5):
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     backends = [b for b in available_backends(device) if b != "reference"] + ["reference"]
     report = []
     for size in sizes:
@@ -285,18 +289,18 @@ def profile(sizes, device, out, calls=5):
 
                 for _ in range(3):  # compile, warm the allocator
                     step()
-                sync()
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(calls):
                     step()
                 issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
-                sync()
+                sync(device)
                 wall = (time.perf_counter() - start) / calls
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
                 with torch_profile(activities=activities) as prof:
                     for _ in range(calls):
                         step()
-                    sync()
+                    sync(device)
                 kernels = {}
                 for e in prof.key_averages():
                     busy = getattr(e, "self_device_time_total", None)
@@ -333,12 +337,12 @@ def once(sizes, device, backend, dtype_name):
         crit = EKDLoss(backend=backend).to(device)
         for _ in range(2):
             call(crit, student, teacher, labels, 0)
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.nvtx.range_push("ekd")
         call(crit, student, teacher, labels, 0)
+        sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.nvtx.range_pop()
         print(f"once: B={size} {dtype_name} {backend} done", flush=True)
     return 0
