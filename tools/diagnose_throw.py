@@ -14,9 +14,14 @@ apart, each case in its own process so that a crash costs only that case:
 - raw-op refusals that crashed there (CPU and CUDA: a bad temperature, float labels, a 1-D
   student) and the one that did not (CUDA with an argument on the CPU), each with
   TORCH_SHOW_CPP_STACKTRACES unset and set;
+- torch's own refusals (``torch.mm`` of mismatched shapes, CPU and CUDA) and glibc's
+  ``backtrace()`` (the unwinder c10::Error runs to record its stack), each with the library not
+  loaded, loaded, and loaded after one valid call of the op: whether every C++ throw in such a
+  process dies, or only the throws from this library, and whether loading it is what breaks them;
 - ``--inline``: a minimal extension built on the spot (torch.utils.cpp_extension.load_inline)
-  whose op fails a TORCH_CHECK, with this package's flags (-O3 -fopenmp) and without: whether
-  any extension's throw crashes, or only this package's build;
+  whose op fails a TORCH_CHECK or throws a plain std::runtime_error (no stack recorded), with
+  this package's flags (-O3 -fopenmp) and without: whether any extension's throw crashes, or
+  only this package's build, and whether recording the stack is what crashes;
 - ``--cpu-build``: the same sources built without the CUDA ops, in a copy, and the CPU cases on
   that library: whether the crash comes with the nvcc-compiled objects linked in;
 - ``--gdb``: the native backtrace of the first crashing case under cuda-gdb (the GPU image has
@@ -60,13 +65,24 @@ _CASES = [
 _INLINE_CPP = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <stdexcept>
 at::Tensor refuse(const at::Tensor& x, double temperature) {
   TORCH_CHECK(x.dim() == 2, "refuse: x must be 2-D, got shape ", x.sizes());
   TORCH_CHECK_VALUE(temperature > 0, "refuse: temperature must be > 0, got ", temperature);
   return x.clone();
 }
-TORCH_LIBRARY(ekd_diagnose_NAME, m) { m.def("refuse(Tensor x, float temperature) -> Tensor"); }
-TORCH_LIBRARY_IMPL(ekd_diagnose_NAME, CPU, m) { m.impl("refuse", &refuse); }
+at::Tensor refuse_plain(const at::Tensor& x) {
+  if (x.dim() != 2) throw std::runtime_error("refuse_plain: x must be 2-D");  // no c10 backtrace
+  return x.clone();
+}
+TORCH_LIBRARY(ekd_diagnose_NAME, m) {
+  m.def("refuse(Tensor x, float temperature) -> Tensor");
+  m.def("refuse_plain(Tensor x) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(ekd_diagnose_NAME, CPU, m) {
+  m.impl("refuse", &refuse);
+  m.impl("refuse_plain", &refuse_plain);
+}
 """
 
 
@@ -137,6 +153,36 @@ def raw_op_cases(cuda, repo=REPO, label="this build"):
     return crashed
 
 
+# Does a throw that is not this library's die too?  (name, statement before the check, check)
+_LOAD = {"not loaded": "",
+         "loaded": "import ekd_kernels.csrc_ops",
+         "loaded, one valid call": ("import ekd_kernels.csrc_ops; from test_csrc import make_batch, op_args; "
+                                    "from ekd_kernels import EKDConfig; "
+                                    "s, t, y = make_batch(12, 6, 4, 4, seed=5, device=device); "
+                                    "st = (torch.zeros(6, device=device), torch.zeros(6, device=device)); "
+                                    "torch.ops.ekd_kernels.ekd_forward(*op_args(s, t, y, EKDConfig(num_hard_negatives=10), st))")}
+_OTHER_THROWS = {
+    "torch.mm refusal": ("try:\n    torch.mm(torch.ones(2, 3, device=device), torch.ones(2, 3, device=device))\n"
+                         "except RuntimeError as exc:\n    print('raised', type(exc).__name__, str(exc)[:80])\n"
+                         "else:\n    print('did not raise')"),
+    "glibc backtrace()": ("import ctypes\nframes = (ctypes.c_void_p * 64)()\n"
+                          "print('raised nothing: backtrace() returned', ctypes.CDLL(None).backtrace(frames, 64), 'frames')"),
+}
+
+
+def other_throw_cases(cuda):
+    print("== torch's own refusal and glibc backtrace(), each in its own process", flush=True)
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        for load_name, load in _LOAD.items():
+            for check_name, check in _OTHER_THROWS.items():
+                if check_name == "glibc backtrace()" and device == "cuda":
+                    continue  # the same call whatever the device: once is enough
+                program = (f"import sys, torch\nsys.path.insert(0, {str(REPO / 'python_tests')!r})\n"
+                           f"device = {device!r}\n{load}\n{check}\n")
+                rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], cwd=REPO)
+                print(f"  {check_name} [{device}], library {load_name}: {outcome(rc, text)}", flush=True)
+
+
 def inline_cases():
     print("== a minimal extension's TORCH_CHECK (load_inline)", flush=True)
     for label, flags in (("-O3 -fopenmp (this package's)", ["-O3", "-fopenmp"]), ("-O2", ["-O2"])):
@@ -147,12 +193,14 @@ def inline_cases():
             load_inline("ekd_diagnose_{name}", cpp_sources=[{_INLINE_CPP.replace('NAME', name)!r}],
                         extra_cflags={flags!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r},
                         is_python_module=False, verbose=False)
-            op = torch.ops.ekd_diagnose_{name}.refuse
-            for args in ((torch.zeros(3), 1.0), (torch.zeros(2, 2), 0.0)):
+            ops = torch.ops.ekd_diagnose_{name}
+            # The plain throw first: it records no stack, so it can pass where TORCH_CHECK dies.
+            for op, args in ((ops.refuse_plain, (torch.zeros(3),)), (ops.refuse, (torch.zeros(3), 1.0)),
+                             (ops.refuse, (torch.zeros(2, 2), 0.0))):
                 try:
                     op(*args)
                 except (RuntimeError, ValueError) as exc:
-                    print("raised", type(exc).__name__, str(exc).splitlines()[0][:100])
+                    print("raised", type(exc).__name__, str(exc).splitlines()[0][:100], flush=True)
         """)
         rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], timeout=600)
         print(f"  {label}: {outcome(rc, text)}", flush=True)
@@ -206,15 +254,17 @@ def main():
     import torch
 
     environment()
+    # Cheapest and most telling first: a lease may cut the run short (the output is flushed as it goes).
     crashed = raw_op_cases(torch.cuda.is_available())
+    other_throw_cases(torch.cuda.is_available())
+    if args.gdb and crashed:
+        native_backtrace(crashed[0])
+    if args.inline:
+        inline_cases()
     if args.cpu_build:
         copy = cpu_only_build()
         if copy is not None:
             raw_op_cases(False, repo=copy, label="the same sources, CPU ops only")
-    if args.inline:
-        inline_cases()
-    if args.gdb and crashed:
-        native_backtrace(crashed[0])
     print(f"== {len(crashed)} crashing case runs", flush=True)
     return 0
 
