@@ -14,10 +14,12 @@
 //                        pass collects the elements above it and the ties of the first rows (the
 //                        row-major tie order of the CPU kernel), sorted by pair index afterwards so
 //                        that the result does not depend on the atomics' order.
-//   rank loss          : positives from the label groups and the selected negatives, one thread
-//                        each, with the per-pair math of ekd_math.h shared with the CPU; the sums
-//                        run in a fixed order (fixed strides, then a fixed tree) in one block.
-//   backward           : one thread per row, ekd_math.h's row_gradient (the CPU's code).
+//   rank loss          : positives from the label groups and the selected negatives, one warp a
+//                        row or a pair (WarpLanes: the lanes split the features, so a row's reads
+//                        coalesce), with the per-pair math of ekd_math.h shared with the CPU; the
+//                        sums run in a fixed order (fixed strides, then a fixed tree) in one block.
+//   backward           : one warp per row, ekd_math.h's row_gradient (the CPU's code) over the
+//                        warp's lanes.
 //
 // Limits as B grows: pair counts, ranks, histogram bins (unsigned 64-bit atomics), pair offsets
 // i * B + j, tie counts and their prefix sums are 64-bit, so the results are exact at any B the
@@ -45,6 +47,9 @@ constexpr int kTile = 64;        // output tile: kTile x kTile pairs per block
 constexpr int kTileDepth = 16;   // feature chunk staged in shared memory
 constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kRowThreads = 128;
+constexpr int kWarpSize = 32;
+//! Rows (or pairs) of a kRowThreads block in the warp-per-row kernels.
+constexpr int kRowWarps = kRowThreads / kWarpSize;
 
 using ull = unsigned long long;
 
@@ -540,38 +545,81 @@ Selection random_negatives(const PreparedInputs& prep, const at::Tensor& ranks, 
   return s;
 }
 
-// ----------------------------------------------------------------------------- rank loss
+// ----------------------------------------------------------------------------- warp per row
+//! ekd_math.h's Lanes for one warp on one row: lane l takes features l, l + 32, ... (a warp
+//! reads 32 consecutive values of a row at a time: coalesced, where a thread per row read 32
+//! rows' scattered values and ran its D-long loops alone: milliseconds at B = 1024, whose
+//! rows hold a dozen pairs each).  dot: per-lane partial sums, then a butterfly of shuffles;
+//! each step adds the same two operands in both lanes of a pair, so every lane ends with the
+//! same value, and the value is symmetric in (x, y) (a pair gets one similarity from either of
+//! its rows, and the forward and the backward agree on which pairs are critical).
 template <typename T>
-__global__ void positive_rows_kernel(const T* student_hat, int64_t ds, const T* teacher_hat, int64_t dt,
-                                     LabelGroups groups, PairMath<T> math, int64_t batch, double* loss_sum,
-                                     double* critical_loss_sum, int64_t* num_critical) {
-  const int64_t row = blockIdx.x * blockDim.x + threadIdx.x;
-  if (row >= batch) return;
-  const PositiveRowSums<T> s = positive_row_sums(row, student_hat, ds, teacher_hat, dt, groups, math);
-  loss_sum[row] = s.loss_sum;
-  critical_loss_sum[row] = s.critical_loss_sum;
-  num_critical[row] = s.num_critical;
+struct WarpLanes {
+  int lane;
+  __device__ __forceinline__ int64_t first() const { return lane; }
+  __device__ __forceinline__ int64_t stride() const { return kWarpSize; }
+  __device__ __forceinline__ T dot(const T* x, const T* y, int64_t n) const {
+    T sum = T(0);
+    for (int64_t d = lane; d < n; d += kWarpSize) sum += x[d] * y[d];
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    return sum;
+  }
+};
+
+//! Blocks of a warp-per-item kernel over `count` items, kRowWarps a block; the kernels loop
+//! grid-stride, so a count past the grid's x limit still runs (a warp takes several items).
+inline int64_t warp_blocks(int64_t count) { return std::max<int64_t>(1, std::min(blocks_for(count, kRowWarps), kMaxGridX)); }
+
+//! Loop of a warp-per-item kernel: `item` takes the warp's items; the whole warp runs each
+//! iteration together (its items are warp-uniform), as the shuffles of WarpLanes need.
+#define EKD_FOR_EACH_WARP_ITEM(item, count)                                                          \
+  for (int64_t item = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarpSize; item < (count);   \
+       item += int64_t(gridDim.x) * kRowWarps)
+
+// ----------------------------------------------------------------------------- rank loss
+//! A warp per row: the sums over the positive pairs the row opens.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads)
+    positive_rows_kernel(const T* student_hat, int64_t ds, const T* teacher_hat, int64_t dt, LabelGroups groups,
+                         PairMath<T> math, int64_t batch, double* loss_sum, double* critical_loss_sum,
+                         int64_t* num_critical) {
+  const WarpLanes<T> lanes{int(threadIdx.x % kWarpSize)};
+  EKD_FOR_EACH_WARP_ITEM(row, batch) {
+    const PositiveRowSums<T> s = positive_row_sums(row, student_hat, ds, teacher_hat, dt, groups, math, lanes);
+    if (lanes.lane == 0) {
+      loss_sum[row] = s.loss_sum;
+      critical_loss_sum[row] = s.critical_loss_sum;
+      num_critical[row] = s.num_critical;
+    }
+  }
 }
 
-//! Per selected pair: a (given, or recomputed when random), b, its loss, criticality, d loss / d a.
+//! A warp per selected pair: a (given, or recomputed when random), b, its loss, criticality,
+//! d loss / d a.
 template <typename T>
-__global__ void selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
-                                      const T* teacher_hat, int64_t dt, PairMath<T> math, int64_t count,
-                                      double* loss, int64_t* critical, T* loss_grad) {
-  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= count) return;
-  const int64_t i = pairs[2 * e], j = pairs[2 * e + 1];
-  if (i < 0 || j < 0) {
-    loss[e] = 0.0;
-    critical[e] = -1;  // padding
-    loss_grad[e] = T(0);
-    return;
+__global__ void __launch_bounds__(kRowThreads)
+    selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
+                          const T* teacher_hat, int64_t dt, PairMath<T> math, int64_t count, double* loss,
+                          int64_t* critical, T* loss_grad) {
+  const WarpLanes<T> lanes{int(threadIdx.x % kWarpSize)};
+  EKD_FOR_EACH_WARP_ITEM(e, count) {
+    const int64_t i = pairs[2 * e], j = pairs[2 * e + 1];
+    if (i < 0 || j < 0) {  // padding (the same for the whole warp)
+      if (lanes.lane == 0) {
+        loss[e] = 0.0;
+        critical[e] = -1;
+        loss_grad[e] = T(0);
+      }
+      continue;
+    }
+    const T a = given_student != nullptr ? given_student[e] : lanes.dot(student_hat + i * ds, student_hat + j * ds, ds);
+    const T b = lanes.dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
+    if (lanes.lane == 0) {
+      loss[e] = double(pair_loss(a, b, math));
+      critical[e] = is_critical(a, b, math) ? 1 : 0;
+      loss_grad[e] = pair_loss_grad(a, b, math);
+    }
   }
-  const T a = given_student != nullptr ? given_student[e] : dot_product(student_hat + i * ds, student_hat + j * ds, ds);
-  const T b = dot_product(teacher_hat + i * dt, teacher_hat + j * dt, dt);
-  loss[e] = double(pair_loss(a, b, math));
-  critical[e] = is_critical(a, b, math) ? 1 : 0;
-  loss_grad[e] = pair_loss_grad(a, b, math);
 }
 
 template <typename T>
@@ -712,7 +760,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor pos_loss = at::empty({batch}, double_options);
   at::Tensor pos_critical_loss = at::empty({batch}, double_options);
   at::Tensor pos_critical = at::empty({batch}, long_options);
-  positive_rows_kernel<T><<<blocks_for(batch, kRowThreads), kRowThreads, 0, stream>>>(
+  positive_rows_kernel<T><<<warp_blocks(batch), kRowThreads, 0, stream>>>(
       prep.student_hat.data_ptr<T>(), ds, prep.teacher_hat.data_ptr<T>(), dt, prep.groups(), math, batch,
       pos_loss.data_ptr<double>(), pos_critical_loss.data_ptr<double>(), pos_critical.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -722,7 +770,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor neg_critical = at::full({slots}, -1, long_options);
   at::Tensor neg_loss_grad = at::zeros({slots}, compute_options);
   if (n_max > 0) {
-    selected_pairs_kernel<T><<<blocks_for(n_max, kRowThreads), kRowThreads, 0, stream>>>(
+    selected_pairs_kernel<T><<<warp_blocks(n_max), kRowThreads, 0, stream>>>(
         selection.pairs.data_ptr<int64_t>(), hardest ? selection.student.data_ptr<T>() : nullptr,
         prep.student_hat.data_ptr<T>(), ds, prep.teacher_hat.data_ptr<T>(), dt, math, n_max,
         neg_loss.data_ptr<double>(), neg_critical.data_ptr<int64_t>(), neg_loss_grad.data_ptr<T>());
@@ -774,11 +822,11 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
 }
 
 // ----------------------------------------------------------------------------- backward
+//! A warp per row: ekd_math.h's row_gradient over the warp's lanes.
 template <typename T>
-__global__ void row_gradient_kernel(RowGradientInputs<T> in, int64_t batch, T* grad) {
-  const int64_t row = blockIdx.x * blockDim.x + threadIdx.x;
-  if (row >= batch) return;
-  row_gradient(row, in, grad + row * in.student_dim);
+__global__ void __launch_bounds__(kRowThreads) row_gradient_kernel(RowGradientInputs<T> in, int64_t batch, T* grad) {
+  const WarpLanes<T> lanes{int(threadIdx.x % kWarpSize)};
+  EKD_FOR_EACH_WARP_ITEM(row, batch) row_gradient(row, in, grad + row * in.student_dim, lanes);
 }
 
 template <typename T>
@@ -811,7 +859,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_loss, const PreparedInputs& prep
                           /*precomputed_positive_grad=*/nullptr,
                           /*precomputed_min_group=*/0};
   at::Tensor grad = at::empty_like(prep.student_hat);
-  row_gradient_kernel<T><<<blocks_for(batch, kRowThreads), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  row_gradient_kernel<T><<<warp_blocks(batch), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       in, batch, grad.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad;

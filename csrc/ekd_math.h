@@ -143,6 +143,19 @@ EKD_HD T dot_product(const T* x, const T* y, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
+//! How the per-row functions below (positive_row_sums, row_gradient) share out a row's
+//! features: `stride()` workers, this one taking features first(), first() + stride(), ...;
+//! `dot` hands every worker the whole <x, y>.  On the CPU one worker does a row (SerialLanes,
+//! the serial dot_product); on CUDA a warp does (WarpLanes in ekd_cuda.cu: lane l takes features
+//! l, l + 32, ..., so the warp's reads of a row coalesce, and the dot ends in a shuffle
+//! butterfly).  The control flow, the pair order and every per-feature sum are the same code.
+template <typename T>
+struct SerialLanes {
+  EKD_HD int64_t first() const { return 0; }
+  EKD_HD int64_t stride() const { return 1; }
+  EKD_HD T dot(const T* x, const T* y, int64_t n) const { return dot_product(x, y, n); }
+};
+
 // ----------------------------------------------------------------------------- thresholds
 //! floor(num_negatives * numerator / denominator) without overflow (EKDConfig.threshold_indices).
 EKD_HD int64_t threshold_index(int64_t num_negatives, int64_t numerator, int64_t denominator) {
@@ -262,16 +275,17 @@ struct PositiveRowSums {
   int64_t num_critical;
 };
 
-template <typename T>
+//! Every worker of `lanes` gets the same sums (the dots are whole on each).
+template <typename T, typename Lanes = SerialLanes<T>>
 EKD_HD PositiveRowSums<T> positive_row_sums(int64_t row, const T* student_hat, int64_t student_dim,
                                             const T* teacher_hat, int64_t teacher_dim, const LabelGroups& groups,
-                                            const PairMath<T>& m) {
+                                            const PairMath<T>& m, const Lanes& lanes = Lanes()) {
   PositiveRowSums<T> out{0.0, 0.0, 0};
   const int64_t p = groups.position[row];
   for (int64_t q = p + 1; q < groups.group_end[p]; ++q) {
     const int64_t other = groups.order[q];
-    const T a = dot_product(student_hat + row * student_dim, student_hat + other * student_dim, student_dim);
-    const T b = dot_product(teacher_hat + row * teacher_dim, teacher_hat + other * teacher_dim, teacher_dim);
+    const T a = lanes.dot(student_hat + row * student_dim, student_hat + other * student_dim, student_dim);
+    const T b = lanes.dot(teacher_hat + row * teacher_dim, teacher_hat + other * teacher_dim, teacher_dim);
     const T loss = pair_loss(a, b, m);
     out.loss_sum += double(loss);
     if (is_critical(a, b, m)) {
@@ -306,52 +320,55 @@ struct RowGradientInputs {
   int64_t precomputed_min_group;
 };
 
-template <typename T>
-EKD_HD void axpy(T alpha, const T* x, T* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+//! y += alpha x over this worker's features.
+template <typename T, typename Lanes>
+EKD_HD void axpy(T alpha, const T* x, T* y, int64_t n, const Lanes& lanes) {
+  for (int64_t d = lanes.first(); d < n; d += lanes.stride()) y[d] += alpha * x[d];
 }
 
 //! d loss / d student[row]: sum_j g_ij * s_hat_j over the row's positives (recomputed here with
-//! the forward's dot_product, so the same pairs are critical) and its selected negatives (g from
-//! the forward, in pair order), then through x / max(||x||, eps).  `out` holds Ds values and
-//! is used as the accumulator.
-template <typename T>
-EKD_HD void row_gradient(int64_t row, const RowGradientInputs<T>& in, T* out) {
+//! the forward's dot, so the same pairs are critical) and its selected negatives (g from the
+//! forward, in pair order), then through x / max(||x||, eps).  `out` holds Ds values and is used
+//! as the accumulator; each worker of `lanes` writes and reads back only its own features of it,
+//! so the workers need no synchronisation beyond their dots.
+template <typename T, typename Lanes = SerialLanes<T>>
+EKD_HD void row_gradient(int64_t row, const RowGradientInputs<T>& in, T* out, const Lanes& lanes = Lanes()) {
   const int64_t ds = in.student_dim;
   const int64_t dt = in.teacher_dim;
   const T* s_row = in.student_hat + row * ds;
   const T* t_row = in.teacher_hat + row * dt;
-  for (int64_t d = 0; d < ds; ++d) out[d] = T(0);
+  const int64_t first = lanes.first(), stride = lanes.stride();
+  for (int64_t d = first; d < ds; d += stride) out[d] = T(0);
 
   const int64_t p = in.groups.position[row];
   const T positive_scale = *in.positive_scale;
   const bool precomputed = in.precomputed_positive_grad != nullptr &&
                            in.groups.group_end[p] - in.groups.group_start[p] >= in.precomputed_min_group;
   if (precomputed) {
-    for (int64_t d = 0; d < ds; ++d) out[d] = in.precomputed_positive_grad[row * ds + d];
+    for (int64_t d = first; d < ds; d += stride) out[d] = in.precomputed_positive_grad[row * ds + d];
   } else if (positive_scale != T(0)) {
     for (int64_t q = in.groups.group_start[p]; q < in.groups.group_end[p]; ++q) {
       if (q == p) continue;
       const int64_t other = in.groups.order[q];
       const T* s_other = in.student_hat + other * ds;
-      const T a = dot_product(s_row, s_other, ds);
-      const T b = dot_product(t_row, in.teacher_hat + other * dt, dt);
+      const T a = lanes.dot(s_row, s_other, ds);
+      const T b = lanes.dot(t_row, in.teacher_hat + other * dt, dt);
       if (in.critical_only && !is_critical(a, b, in.math)) continue;
-      axpy(positive_scale * pair_loss_grad(a, b, in.math), s_other, out, ds);
+      axpy(positive_scale * pair_loss_grad(a, b, in.math), s_other, out, ds, lanes);
     }
   }
   for (int64_t e = in.negative_offsets[row]; e < in.negative_offsets[row + 1]; ++e) {
-    axpy(in.negative_grads[e], in.student_hat + in.negative_other[e] * ds, out, ds);
+    axpy(in.negative_grads[e], in.student_hat + in.negative_other[e] * ds, out, ds, lanes);
   }
 
   const T grad_loss = *in.grad_loss;
   const T norm = in.student_norms[row];
   if (norm > T(kNormEps)) {
-    const T radial = dot_product(s_row, out, ds);
-    for (int64_t d = 0; d < ds; ++d) out[d] = grad_loss * (out[d] - s_row[d] * radial) / norm;
+    const T radial = lanes.dot(s_row, out, ds);
+    for (int64_t d = first; d < ds; d += stride) out[d] = grad_loss * (out[d] - s_row[d] * radial) / norm;
   } else {
     // Clamped norm: the row is divided by the constant eps, whose gradient is g / eps.
-    for (int64_t d = 0; d < ds; ++d) out[d] = grad_loss * out[d] / T(kNormEps);
+    for (int64_t d = first; d < ds; d += stride) out[d] = grad_loss * out[d] / T(kNormEps);
   }
 }
 
