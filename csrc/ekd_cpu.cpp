@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "ekd_common.h"
+#include "lane_emulation.h"
 
 namespace ekd {
 namespace {
@@ -580,11 +581,19 @@ TermSums positive_sums(const PreparedInputs& prep, const PairMath<T>& math, int6
   const int64_t dt = prep.teacher_hat.size(1);
   const LabelGroups groups = prep.groups();
   std::vector<PositiveRowSums<T>> rows(static_cast<size_t>(batch), PositiveRowSums<T>{0.0, 0.0, 0});
+  const int lanes = emulated_lanes();  // the tests' emulation of the CUDA op's warp per row
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t p = groups.position[row];
-      if (groups.group_end[p] - groups.group_start[p] < kLargeGroup)
+      if (groups.group_end[p] - groups.group_start[p] >= kLargeGroup) continue;
+      if (lanes == 0) {
         rows[row] = positive_row_sums(row, s_hat, ds, t_hat, dt, groups, math);
+        continue;
+      }
+      run_emulated_lanes<T>(lanes, [&](const EmulatedLanes<T>& l) {
+        const PositiveRowSums<T> sums = positive_row_sums(row, s_hat, ds, t_hat, dt, groups, math, l);
+        if (l.lane == 0) rows[row] = sums;  // as the CUDA kernel: lane 0 writes
+      });
     }
   });
   TermSums sums;
@@ -892,8 +901,16 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, 
     in.precomputed_positive_grad = large.data_ptr<T>();
     in.precomputed_min_group = kLargeGroup;
   }
+  const int lanes = emulated_lanes();  // the tests' emulation of the CUDA op's warp per row
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) row_gradient(row, in, out + row * in.student_dim);
+    for (int64_t row = begin; row < end; ++row) {
+      if (lanes == 0) {
+        row_gradient(row, in, out + row * in.student_dim);
+      } else {
+        run_emulated_lanes<T>(lanes,
+                              [&](const EmulatedLanes<T>& l) { row_gradient(row, in, out + row * in.student_dim, l); });
+      }
+    }
   });
   return grad;
 }

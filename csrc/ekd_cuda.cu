@@ -552,7 +552,8 @@ Selection random_negatives(const PreparedInputs& prep, const at::Tensor& ranks, 
 //! rows hold a dozen pairs each).  dot: per-lane partial sums, then a butterfly of shuffles;
 //! each step adds the same two operands in both lanes of a pair, so every lane ends with the
 //! same value, and the value is symmetric in (x, y) (a pair gets one similarity from either of
-//! its rows, and the forward and the backward agree on which pairs are critical).
+//! its rows, and the forward and the backward agree on which pairs are critical).  CI, without a
+//! GPU, runs the same per-row code on emulated lanes (lane_emulation.h, the CPU op's testing aid).
 template <typename T>
 struct WarpLanes {
   int lane;

@@ -232,6 +232,37 @@ def test_large_identity_groups(device, variant):
     compare_with_reference(student, teacher, labels, EKDConfig(compute_critical_ratio=True, **variant), steps=2)
 
 
+@pytest.mark.parametrize("lanes", [32, 8])
+@pytest.mark.parametrize("variant", [{}, {"critical_only": True}, {"rank_loss": "eq7"},
+                                     {"negative_selection": "random"}],
+                         ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "default")
+def test_emulated_warp_lanes_against_reference(monkeypatch, lanes, variant):
+    """The CUDA op runs a row's positive sums and gradient on a warp, its lanes splitting the
+    features (ekd_math.h's Lanes; WarpLanes in ekd_cuda.cu).  CI has no GPU: with
+    EKD_CPU_EMULATE_LANES the CPU op runs that per-row code with a thread per lane
+    (csrc/lane_emulation.h).  Feature counts below, at and past a multiple of the lanes (idle
+    lanes, tails), groups of 1 to 9 (rows without positives, rows with many); the results must
+    be the reference's, and near the serial CPU op's (only the dots' summation order differs)."""
+    for student_dim, teacher_dim in ((45, 20), (32, 37)):
+        student, teacher, labels = make_batch(40, student_dim, teacher_dim, 9, seed=student_dim, device="cpu")
+        config = EKDConfig(num_hard_negatives=150, **variant)
+        serial = forward_backward(student, teacher, labels, config)
+        monkeypatch.setenv("EKD_CPU_EMULATE_LANES", str(lanes))
+        compare_with_reference(student, teacher, labels, config, steps=2)
+        emulated = forward_backward(student, teacher, labels, config)
+        monkeypatch.delenv("EKD_CPU_EMULATE_LANES")
+        assert_loss_close(emulated[0].loss, serial[0].loss, rtol=1e-6)
+        torch.testing.assert_close(emulated[1], serial[1], rtol=1e-5, atol=1e-7)
+
+
+def test_emulated_warp_lanes_setting_is_checked(monkeypatch):
+    student, teacher, labels = make_batch(12, 6, 4, 4, seed=5)
+    for bad in ("3", "64", "0", "x"):
+        monkeypatch.setenv("EKD_CPU_EMULATE_LANES", bad)
+        with pytest.raises(ValueError, match="EKD_CPU_EMULATE_LANES must be a power of two"):
+            forward_backward(student, teacher, labels, EKDConfig(num_hard_negatives=10))
+
+
 def test_gradcheck_float64_large_group():
     student, teacher, _ = make_batch(36, 4, 3, seed=13, dtype=torch.float64)
     labels = torch.tensor([0] * 33 + [1, 2, 3])
