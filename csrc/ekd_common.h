@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "check.h"
 #include "ekd_math.h"
 
 namespace ekd {

@@ -60,7 +60,7 @@ double physical_memory_bytes() {
 void check_cpu_memory(int64_t batch, double bytes, const char* what) {
   const double physical = physical_memory_bytes();
   constexpr double kGiB = double(int64_t(1) << 30);
-  TORCH_CHECK_VALUE(physical == 0.0 || bytes <= physical, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
+  EKD_CHECK_VALUE(physical == 0.0 || bytes <= physical, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
                     " GiB for ", what, ", more than this machine's ", physical / kGiB,
                     " GiB of memory (the CPU op holds a B x B similarity buffer: B^2 * 4 bytes in fp32); "
                     "the CUDA and Triton backends hold no B x B buffer");
@@ -265,7 +265,7 @@ Histograms negative_histograms(const ModelViews<T>& views) {
   std::vector<int64_t> per_thread(static_cast<size_t>(threads * stride), 0);
   for_each_chunk(model_chunks(views[0].batch), [&](int64_t, const Chunk& chunk) {
     const int64_t thread = at::get_thread_num();
-    TORCH_CHECK(thread < threads, "ekd_forward: thread ", thread, " outside the pool of ", threads);
+    EKD_CHECK(thread < threads, "ekd_forward: thread ", thread, " outside the pool of ", threads);
     int64_t* histogram = per_thread.data() + thread * stride + chunk.model * kRadixBins;
     for (int64_t row = chunk.begin; row < chunk.end; ++row) {
       views[chunk.model].for_each_negative(
@@ -514,7 +514,7 @@ std::vector<std::array<int64_t, 2>> negatives_at_ranks(const at::Tensor& ranks, 
   const int64_t* rank_data = r.data_ptr<int64_t>();
   for (int64_t e = 0; e < r.size(0); ++e) {
     const int64_t rank = rank_data[e];
-    TORCH_CHECK(rank >= 0 && rank < row_start[batch], "ekd_forward: random negative rank ", rank, " out of range");
+    EKD_CHECK(rank >= 0 && rank < row_start[batch], "ekd_forward: random negative rank ", rank, " out of range");
     int64_t row = 0, col = 0;
     negative_at_rank(rank, row_start.data(), labels, batch, &row, &col);
     selected.push_back({row, col});
@@ -840,7 +840,7 @@ NegativesByRow<T> negatives_by_row_cpu(const at::Tensor& selected_pairs, const a
     // The values index the rows: a pair of rows in [0, B), or -1 -1 (an unfilled slot).
     const int64_t i = pair[2 * p], j = pair[2 * p + 1];
     const bool padding = i == -1 && j == -1;
-    TORCH_CHECK_VALUE(padding || (i >= 0 && i < batch && j >= 0 && j < batch), "ekd_backward: selected_pairs[", p,
+    EKD_CHECK_VALUE(padding || (i >= 0 && i < batch && j >= 0 && j < batch), "ekd_backward: selected_pairs[", p,
                       "] = (", i, ", ", j, ") is neither a pair of rows in [0, B = ", batch,
                       ") nor the unfilled slot (-1, -1)");
   }

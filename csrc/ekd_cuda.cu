@@ -273,7 +273,7 @@ template <typename T>
 void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params) {
   const int64_t blocks = tile_blocks(params.batch);
   // ekd_forward_cuda refuses B > kMaxBatch; a larger grid would be truncated to 32 bits.
-  TORCH_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
+  EKD_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
   similarity_tile_kernel<T><<<blocks, kTileThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -873,11 +873,11 @@ ForwardOutputs ekd_forward_cuda(const at::Tensor& student, const at::Tensor& tea
                        options);
   // check_forward_inputs does not look at the optional ranks: one on another device (or a CUDA
   // ranks tensor with CPU embeddings, which dispatches here) would hand a foreign pointer to a kernel.
-  TORCH_CHECK(student.is_cuda(), "ekd_forward: the CUDA kernel got embeddings on ", student.device());
-  TORCH_CHECK_VALUE(student.size(0) <= kMaxBatch, "the csrc EKD backend on CUDA takes batches of at most B=", kMaxBatch,
+  EKD_CHECK(student.is_cuda(), "ekd_forward: the CUDA kernel got embeddings on ", student.device());
+  EKD_CHECK_VALUE(student.size(0) <= kMaxBatch, "the csrc EKD backend on CUDA takes batches of at most B=", kMaxBatch,
                     " (its tile passes launch cdiv(B, ", kTile, ")^2 / 2 blocks on a grid's x dimension, which stops "
                     "at 2^31 - 1), got B=", student.size(0));
-  TORCH_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
+  EKD_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
               "ekd_forward: random_negative_ranks must be on ", student.device(), ", got ",
               random_negative_ranks.has_value() ? random_negative_ranks->device() : student.device());
   const c10::cuda::CUDAGuard guard(student.device());
@@ -898,7 +898,7 @@ at::Tensor ekd_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& stud
   check_backward_inputs(grad_loss, student, teacher, labels, student_thresholds, teacher_thresholds, selected_pairs,
                         selected_grads, positive_scale, temperature, rank_loss);
   // A CUDA argument with CPU embeddings dispatches here too (check_backward_inputs refuses it).
-  TORCH_CHECK(student.is_cuda(), "ekd_backward: the CUDA kernel got student on ", student.device());
+  EKD_CHECK(student.is_cuda(), "ekd_backward: the CUDA kernel got student on ", student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   const PreparedInputs prep = prepare_inputs(student, teacher.to(student.scalar_type()), labels);
   if (student.scalar_type() == at::kDouble)

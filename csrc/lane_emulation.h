@@ -12,7 +12,7 @@
 // with an error instead.  A testing aid, slow (a thread per lane per row): never for real use.
 #pragma once
 
-#include <c10/util/Exception.h>
+#include "check.h"
 
 #include <chrono>
 #include <condition_variable>
@@ -32,7 +32,7 @@ inline int emulated_lanes() {
   if (setting == nullptr || *setting == '\0') return 0;
   char* end = nullptr;
   const long lanes = std::strtol(setting, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0,
+  EKD_CHECK_VALUE(*end == '\0' && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0,
                     "EKD_CPU_EMULATE_LANES must be a power of two from 1 to 32, got '", setting, "'");
   return int(lanes);
 }
@@ -50,7 +50,7 @@ class LaneGroup {
   //! control flow diverged) or does not come within the timeout.
   void arrive_and_wait() {
     std::unique_lock<std::mutex> lock(mutex_);
-    TORCH_CHECK(!diverged_, "emulated lanes diverged: a lane left the row while others wait at a dot");
+    EKD_CHECK(!diverged_, "emulated lanes diverged: a lane left the row while others wait at a dot");
     const int64_t generation = generation_;
     if (++arrived_ == count_) {
       arrived_ = 0;
@@ -60,7 +60,7 @@ class LaneGroup {
     }
     const bool met = changed_.wait_for(lock, std::chrono::seconds(30),
                                        [&] { return generation_ != generation || diverged_; });
-    TORCH_CHECK(met && generation_ != generation,
+    EKD_CHECK(met && generation_ != generation,
                 "emulated lanes diverged: not every lane reached the same dot (on a GPU, a hang)");
   }
 

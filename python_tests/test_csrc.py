@@ -550,6 +550,28 @@ def test_raw_backward_refuses_malformed_argument(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change, error, text", [
+    ({"grad_loss": lambda a: a["grad_loss"].new_ones(3)}, RuntimeError, "got shape [3] and dtype Float"),
+    ({"student": lambda a: a["student"][None]}, RuntimeError, "got shape [1, 8, 4]"),
+    ({"selected_pairs": lambda a: a["selected_pairs"].new_full((29, 2), -1),
+      "selected_grads": lambda a: a["selected_grads"].new_zeros(29)}, RuntimeError,
+     "n <= B(B-1)/2 = 28, got shape [29, 2]"),
+    ({"rank_loss": lambda a: -3}, ValueError, "unknown rank_loss -3 (expected 0, 1 or 2)"),
+    ({"temperature": lambda a: -0.25}, ValueError, "temperature must be > 0, got -0.25"),
+    ({"temperature": lambda a: 1e-300 * -1e-300}, ValueError, "temperature must be > 0, got -0"),
+    ({"temperature": lambda a: float("nan")}, ValueError, "temperature must be > 0, got nan"),
+])
+def test_raw_refusal_messages_print_their_numbers(device, change, error, text):
+    """The ops build their refusals' text in csrc/check.h (numbers by std::to_string and %g, not
+    an ostream: on the first GPU image, a refusal that streamed a number crashed the process);
+    the text stays what c10::str printed: shapes as [2, 3], floats at 6 significant digits."""
+    args, _ = _raw_backward_args(device)
+    with pytest.raises(error) as caught:
+        _backward(_replace(**change)(args))
+    assert text in str(caught.value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", _BACKWARD_TENSORS)
 def test_raw_backward_refuses_argument_on_another_device(device, name):
     args, _ = _raw_backward_args(device)

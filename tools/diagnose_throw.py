@@ -19,9 +19,11 @@ apart, each case in its own process so that a crash costs only that case:
   loaded, loaded, and loaded after one valid call of the op: whether every C++ throw in such a
   process dies, or only the throws from this library, and whether loading it is what breaks them;
 - ``--inline``: a minimal extension built on the spot (torch.utils.cpp_extension.load_inline)
-  whose op fails a TORCH_CHECK or throws a plain std::runtime_error (no stack recorded), with
-  this package's flags (-O3 -fopenmp) and without: whether any extension's throw crashes, or
-  only this package's build, and whether recording the stack is what crashes;
+  whose ops refuse with a plain std::runtime_error (no stack recorded) or a TORCH_CHECK whose
+  message holds text only, an int, a double or a shape (through c10::str's ostream), and one
+  that formats numbers through an ostringstream without throwing, with this package's flags
+  (-O3 -fopenmp) and without: whether any extension's throw crashes or only this package's
+  build, and whether recording the stack or printing a number is what crashes;
 - ``--cpu-build``: the same sources built without the CUDA ops, in a copy, and the CPU cases on
   that library: whether the crash comes with the nvcc-compiled objects linked in;
 - ``--gdb``: the native backtrace of the first crashing case under cuda-gdb (the GPU image has
@@ -58,6 +60,15 @@ _CASES = [
                                     "st = (torch.zeros(6, device=device), torch.zeros(6, device=device)); "
                                     "torch.ops.ekd_kernels.ekd_forward(*op_args(s, t, y.float(), "
                                     "EKDConfig(num_hard_negatives=10), st))"),
+    # The first GPU run's pattern: every refusal whose message printed a number crashed, those
+    # with only text, dtypes and devices raised.  Since csrc/check.h prints numbers without an
+    # ostream: a pair of each kind.
+    ("backward_grad_loss_int (text only)", "cpu", "a, _ = _raw_backward_args(device); "
+                                                  "a['grad_loss'] = a['grad_loss'].long(); "
+                                                  "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
+    ("backward_grad_loss_vector (a shape)", "cpu", "a, _ = _raw_backward_args(device); "
+                                                   "a['grad_loss'] = a['grad_loss'].new_ones(3); "
+                                                   "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
     ("backward_temperature_0", "cuda", None),
     ("backward_grad_loss_on_cpu", "cuda", "a, _ = _raw_backward_args(device); a['grad_loss'] = a['grad_loss'].cpu(); "
                                           "torch.ops.ekd_kernels.ekd_backward(*a.values())"),
@@ -65,23 +76,47 @@ _CASES = [
 _INLINE_CPP = r"""
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <sstream>
 #include <stdexcept>
-at::Tensor refuse(const at::Tensor& x, double temperature) {
-  TORCH_CHECK(x.dim() == 2, "refuse: x must be 2-D, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(temperature > 0, "refuse: temperature must be > 0, got ", temperature);
-  return x.clone();
-}
+// Each refuse_* op refuses x unless it is 2-D, its message built another way.
 at::Tensor refuse_plain(const at::Tensor& x) {
   if (x.dim() != 2) throw std::runtime_error("refuse_plain: x must be 2-D");  // no c10 backtrace
   return x.clone();
 }
+at::Tensor refuse_text(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "refuse_text: x must be 2-D, got dtype ", x.scalar_type());
+  return x.clone();
+}
+at::Tensor refuse_int(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "refuse_int: x must be 2-D, got ", x.dim(), " dimensions");
+  return x.clone();
+}
+at::Tensor refuse_double(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "refuse_double: x must be 2-D, got ", 0.5 * x.dim());
+  return x.clone();
+}
+at::Tensor refuse_shape(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "refuse_shape: x must be 2-D, got shape ", x.sizes());
+  return x.clone();
+}
+// No throw at all: a number through an ostringstream (as c10::str formats), its text's length.
+at::Tensor format_numbers(const at::Tensor& x) {
+  std::ostringstream text;
+  text << x.dim() << " " << 0.5 << " " << x.sizes();
+  return at::full({}, int64_t(text.str().size()), at::kLong);
+}
 TORCH_LIBRARY(ekd_diagnose_NAME, m) {
-  m.def("refuse(Tensor x, float temperature) -> Tensor");
-  m.def("refuse_plain(Tensor x) -> Tensor");
+  for (const char* name : {"refuse_plain", "refuse_text", "refuse_int", "refuse_double", "refuse_shape",
+                           "format_numbers"})
+    m.def((std::string(name) + "(Tensor x) -> Tensor").c_str());
 }
 TORCH_LIBRARY_IMPL(ekd_diagnose_NAME, CPU, m) {
-  m.impl("refuse", &refuse);
   m.impl("refuse_plain", &refuse_plain);
+  m.impl("refuse_text", &refuse_text);
+  m.impl("refuse_int", &refuse_int);
+  m.impl("refuse_double", &refuse_double);
+  m.impl("refuse_shape", &refuse_shape);
+  m.impl("format_numbers", &format_numbers);
 }
 """
 
@@ -184,29 +219,28 @@ def other_throw_cases(cuda):
 
 
 def inline_cases():
-    print("== a minimal extension's TORCH_CHECK (load_inline)", flush=True)
+    """A minimal extension, each op in its own process (the first builds it, the others load the
+    build): which way of building a refusal's message crashes, if any, and whether formatting a
+    number alone does."""
+    print("== a minimal extension's refusals (load_inline), each in its own process", flush=True)
     for label, flags in (("-O3 -fopenmp (this package's)", ["-O3", "-fopenmp"]), ("-O2", ["-O2"])):
         name = "o3omp" if "-fopenmp" in flags else "o2"
-        program = textwrap.dedent(f"""
-            import torch
-            from torch.utils.cpp_extension import load_inline
-            load_inline("ekd_diagnose_{name}", cpp_sources=[{_INLINE_CPP.replace('NAME', name)!r}],
-                        extra_cflags={flags!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r},
-                        is_python_module=False, verbose=False)
-            ops = torch.ops.ekd_diagnose_{name}
-            # The plain throw first: it records no stack, so it can pass where TORCH_CHECK dies.
-            for op, args in ((ops.refuse_plain, (torch.zeros(3),)), (ops.refuse, (torch.zeros(3), 1.0)),
-                             (ops.refuse, (torch.zeros(2, 2), 0.0))):
+        for op in ("format_numbers", "refuse_plain", "refuse_text", "refuse_int", "refuse_double", "refuse_shape"):
+            program = textwrap.dedent(f"""
+                import torch
+                from torch.utils.cpp_extension import load_inline
+                load_inline("ekd_diagnose_{name}", cpp_sources=[{_INLINE_CPP.replace('NAME', name)!r}],
+                            extra_cflags={flags!r}, extra_ldflags={['-fopenmp'] if '-fopenmp' in flags else []!r},
+                            is_python_module=False, verbose=False)
                 try:
-                    op(*args)
+                    out = torch.ops.ekd_diagnose_{name}.{op}(torch.zeros(3))
                 except (RuntimeError, ValueError) as exc:
-                    print("raised", type(exc).__name__, str(exc).splitlines()[0][:100], flush=True)
-        """)
-        rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], timeout=600)
-        print(f"  {label}: {outcome(rc, text)}", flush=True)
-        for line in text.splitlines():
-            if line.startswith("raised"):
-                print("    ", line)
+                    print("raised", type(exc).__name__, str(exc).splitlines()[0][:100])
+                else:
+                    print("raised nothing: returned", out.tolist())
+            """)
+            rc, text = run([sys.executable, "-X", "faulthandler", "-c", program], timeout=600)
+            print(f"  {label} {op}: {outcome(rc, text)}", flush=True)
 
 
 def cpu_only_build():
