@@ -67,7 +67,8 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): the CUDA cases of the suite, where a
-    # call's time goes (gpu_exercise.py profile), the loss benchmark, why op-side refusals crash
+    # call's time goes (gpu_exercise.py profile), the loss benchmark, compute-sanitizer memcheck at
+    # B = 33, why op-side refusals crash
     # there when they still do (tools/diagnose_throw.py), the consistency check up to B = 32768,
     # Nsight Compute on the Triton kernels at B = 8192, the training step, then the CPU cases. At most 8 files
     # come back (the device tool's limit): the build's log goes to the summary when it fails.
@@ -95,6 +96,11 @@ case "$stage" in
     grep "^B=" /tmp/profile.log >> "$OUT/summary.txt"
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 32768 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
     grep "^|\|ratios\|^  " /tmp/bench.log >> "$OUT/summary.txt"
+    # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
+    step memcheck 90 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
+      --sizes 33 > /tmp/memcheck.log 2>&1
+    { echo "memcheck B=33:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" /tmp/memcheck.log | head -12
+      tail -2 /tmp/memcheck.log; } >> "$OUT/summary.txt"
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
     if grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
