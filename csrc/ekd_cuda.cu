@@ -569,7 +569,9 @@ struct WarpLanes {
 
 //! Blocks of a warp-per-item kernel over `count` items, kRowWarps a block; the kernels loop
 //! grid-stride, so a count past the grid's x limit still runs (a warp takes several items).
-inline int64_t warp_blocks(int64_t count) { return std::max<int64_t>(1, std::min(blocks_for(count, kRowWarps), kMaxGridX)); }
+inline int64_t warp_blocks(int64_t count) {
+  return std::max<int64_t>(1, std::min(blocks_for(count, kRowWarps), kMaxGridX));
+}
 
 //! Loop of a warp-per-item kernel: `item` takes the warp's items; the whole warp runs each
 //! iteration together (its items are warp-uniform), as the shuffles of WarpLanes need.
@@ -613,7 +615,8 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       continue;
     }
-    const T a = given_student != nullptr ? given_student[e] : lanes.dot(student_hat + i * ds, student_hat + j * ds, ds);
+    const T a =
+        given_student != nullptr ? given_student[e] : lanes.dot(student_hat + i * ds, student_hat + j * ds, ds);
     const T b = lanes.dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
     if (lanes.lane == 0) {
       loss[e] = double(pair_loss(a, b, math));
