@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <vector>
 
 #include "ekd_common.h"
@@ -581,11 +582,13 @@ TermSums positive_sums(const PreparedInputs& prep, const PairMath<T>& math, int6
   const int64_t dt = prep.teacher_hat.size(1);
   const LabelGroups groups = prep.groups();
   std::vector<PositiveRowSums<T>> rows(static_cast<size_t>(batch), PositiveRowSums<T>{0.0, 0.0, 0});
-  const int lanes = emulated_lanes();  // the tests' emulation of the CUDA op's warp per row
+  // The tests' emulation of the CUDA op's warp per row takes every group by the pair loop, as CUDA does.
+  const int lanes = emulated_lanes();
+  const int64_t large_group = lanes == 0 ? kLargeGroup : std::numeric_limits<int64_t>::max();
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t p = groups.position[row];
-      if (groups.group_end[p] - groups.group_start[p] >= kLargeGroup) continue;
+      if (groups.group_end[p] - groups.group_start[p] >= large_group) continue;
       if (lanes == 0) {
         rows[row] = positive_row_sums(row, s_hat, ds, t_hat, dt, groups, math);
         continue;
@@ -603,7 +606,8 @@ TermSums positive_sums(const PreparedInputs& prep, const PairMath<T>& math, int6
     sums.critical_loss_sum += r.critical_loss_sum;
     sums.num_critical += r.num_critical;
   }
-  for (const auto& range : large_groups(prep)) {  // group order, then member order: deterministic
+  for (const auto& range : lanes == 0 ? large_groups(prep) : std::vector<std::array<int64_t, 2>>{}) {
+    // group order, then member order: deterministic
     const GroupSimilarities g = group_similarities(prep, range);
     const int64_t n = range[1] - range[0];
     const T* a = g.student.data_ptr<T>();
@@ -896,12 +900,14 @@ at::Tensor backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student, 
                                 /*precomputed_min_group=*/0};
   at::Tensor grad = at::empty_like(prep.student_hat);
   T* out = grad.data_ptr<T>();
-  const at::Tensor large = large_group_positive_grad<T>(prep, in.math, positive_scale_value, critical_only);
+  // The tests' emulation of the CUDA op's warp per row takes every group by the pair loop, as CUDA does.
+  const int lanes = emulated_lanes();
+  const at::Tensor large = lanes == 0 ? large_group_positive_grad<T>(prep, in.math, positive_scale_value, critical_only)
+                                      : at::Tensor();
   if (large.defined()) {
     in.precomputed_positive_grad = large.data_ptr<T>();
     in.precomputed_min_group = kLargeGroup;
   }
-  const int lanes = emulated_lanes();  // the tests' emulation of the CUDA op's warp per row
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       if (lanes == 0) {

@@ -240,11 +240,16 @@ def test_emulated_warp_lanes_against_reference(monkeypatch, lanes, variant):
     """The CUDA op runs a row's positive sums and gradient on a warp, its lanes splitting the
     features (ekd_math.h's Lanes; WarpLanes in ekd_cuda.cu).  CI has no GPU: with
     EKD_CPU_EMULATE_LANES the CPU op runs that per-row code with a thread per lane
-    (csrc/lane_emulation.h).  Feature counts below, at and past a multiple of the lanes (idle
-    lanes, tails), groups of 1 to 9 (rows without positives, rows with many); the results must
-    be the reference's, and near the serial CPU op's (only the dots' summation order differs)."""
-    for student_dim, teacher_dim in ((45, 20), (32, 37)):
-        student, teacher, labels = make_batch(40, student_dim, teacher_dim, 9, seed=student_dim, device="cpu")
+    (csrc/lane_emulation.h), every group by the pair loop as on CUDA.  Feature counts below, at
+    and past a multiple of the lanes (idle lanes, tails); groups of 1 to 9 (rows without
+    positives, rows with many), then (at 8 lanes: 32 threads a row make it slow here) groups of
+    40 and 30 (which the serial CPU op does by matmuls); the results must be the reference's,
+    and near the serial CPU op's (only the summation orders of the dots and of the large groups
+    differ)."""
+    shapes = [(40, 45, 20, 9), (40, 32, 37, 9)] + ([(70, 24, 33, 2)] if lanes == 8 else [])
+    for batch, student_dim, teacher_dim, identities in shapes:
+        student, teacher, labels = make_batch(batch, student_dim, teacher_dim, identities, seed=student_dim,
+                                              device="cpu")
         config = EKDConfig(num_hard_negatives=150, **variant)
         serial = forward_backward(student, teacher, labels, config)
         monkeypatch.setenv("EKD_CPU_EMULATE_LANES", str(lanes))
