@@ -21,42 +21,42 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
                           const at::Tensor& student_thresholds, const at::Tensor& teacher_thresholds,
                           const c10::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options) {
   EKD_CHECK(student.dim() == 2 && teacher.dim() == 2, "ekd_forward: student and teacher must be 2-D, got ",
-              student.sizes(), " and ", teacher.sizes());
+            student.sizes(), " and ", teacher.sizes());
   EKD_CHECK(student.size(0) == teacher.size(0) && student.size(0) >= 2,
-              "ekd_forward: student and teacher need the same number (>= 2) of rows, got ", student.size(0), " and ",
-              teacher.size(0));
+            "ekd_forward: student and teacher need the same number (>= 2) of rows, got ", student.size(0), " and ",
+            teacher.size(0));
   EKD_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
-              "ekd_forward: student must be float32 or float64 (the Python wrapper converts), got ",
-              student.scalar_type());
+            "ekd_forward: student must be float32 or float64 (the Python wrapper converts), got ",
+            student.scalar_type());
   EKD_CHECK(teacher.scalar_type() == student.scalar_type(), "ekd_forward: teacher dtype ", teacher.scalar_type(),
-              " differs from student dtype ", student.scalar_type());
+            " differs from student dtype ", student.scalar_type());
   EKD_CHECK(student.size(1) >= 1 && teacher.size(1) >= 1,
-              "ekd_forward: student and teacher need at least one column, got ", student.sizes(), " and ",
-              teacher.sizes());
+            "ekd_forward: student and teacher need at least one column, got ", student.sizes(), " and ",
+            teacher.sizes());
   EKD_CHECK(labels.dim() == 1 && labels.size(0) == student.size(0) &&
-                  at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-              "ekd_forward: labels must be 1-D integers of length B = ", student.size(0), ", got ", labels.sizes(),
-              " ", labels.scalar_type());
+                at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+            "ekd_forward: labels must be 1-D integers of length B = ", student.size(0), ", got ", labels.sizes(),
+            " ", labels.scalar_type());
   const int64_t k = options.num_thresholds();
   EKD_CHECK(k >= 1 && int64_t(options.fpr_denominators.size()) == k, "ekd_forward: need K >= 1 FPR fractions");
   for (int64_t i = 0; i < k; ++i) {
     EKD_CHECK(options.fpr_numerators[i] >= 0 && options.fpr_denominators[i] > options.fpr_numerators[i],
-                "ekd_forward: FPR fraction ", options.fpr_numerators[i], "/", options.fpr_denominators[i],
-                " is not in [0, 1)");
+              "ekd_forward: FPR fraction ", options.fpr_numerators[i], "/", options.fpr_denominators[i],
+              " is not in [0, 1)");
   }
   EKD_CHECK(student_thresholds.dim() == 1 && student_thresholds.size(0) == k && teacher_thresholds.dim() == 1 &&
-                  teacher_thresholds.size(0) == k && student_thresholds.is_floating_point() &&
-                  teacher_thresholds.scalar_type() == student_thresholds.scalar_type(),
-              "ekd_forward: thresholds must be two floating tensors of K = ", k, " values of one dtype");
+                teacher_thresholds.size(0) == k && student_thresholds.is_floating_point() &&
+                teacher_thresholds.scalar_type() == student_thresholds.scalar_type(),
+            "ekd_forward: thresholds must be two floating tensors of K = ", k, " values of one dtype");
   EKD_CHECK(options.rank_loss >= kSoftRank && options.rank_loss <= kEq8, "ekd_forward: unknown rank_loss ",
-              options.rank_loss);
+            options.rank_loss);
   EKD_CHECK(options.num_hard_negatives >= 0, "ekd_forward: num_hard_negatives must be >= 0");
   EKD_CHECK(options.temperature > 0, "ekd_forward: temperature must be > 0");
   if (random_negative_ranks.has_value()) {
     const auto& ranks = *random_negative_ranks;
     EKD_CHECK(ranks.dim() == 1 && ranks.scalar_type() == at::kLong &&
-                    ranks.size(0) <= max_selected(student.size(0), options.num_hard_negatives),
-                "ekd_forward: random_negative_ranks must be 1-D int64 with at most n_max entries");
+                  ranks.size(0) <= max_selected(student.size(0), options.num_hard_negatives),
+              "ekd_forward: random_negative_ranks must be 1-D int64 with at most n_max entries");
   }
   for (const at::Tensor* t : {&teacher, &labels, &student_thresholds, &teacher_thresholds}) {
     EKD_CHECK(t->device() == student.device(), "ekd_forward: every tensor must be on ", student.device());
@@ -70,45 +70,45 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& studen
                            int64_t rank_loss) {
   EKD_CHECK(student.dim() == 2, "ekd_backward: student must be 2-D (B x Ds), got shape ", student.sizes());
   EKD_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
-              "ekd_backward: student must be float32 or float64, got ", student.scalar_type());
+            "ekd_backward: student must be float32 or float64, got ", student.scalar_type());
   const int64_t batch = student.size(0);
   EKD_CHECK(batch >= 2, "ekd_backward: student needs B >= 2 rows, got shape ", student.sizes());
   EKD_CHECK(teacher.dim() == 2 && teacher.size(0) == batch, "ekd_backward: teacher must be 2-D with B = ", batch,
-              " rows (as student), got shape ", teacher.sizes());
+            " rows (as student), got shape ", teacher.sizes());
   EKD_CHECK(teacher.is_floating_point(), "ekd_backward: teacher must be a floating tensor, got ",
-              teacher.scalar_type());
+            teacher.scalar_type());
   EKD_CHECK(labels.dim() == 1 && labels.size(0) == batch, "ekd_backward: labels must be 1-D of length B = ", batch,
-              ", got shape ", labels.sizes());
+            ", got shape ", labels.sizes());
   EKD_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/true),
-              "ekd_backward: labels must be integers, got ", labels.scalar_type());
+            "ekd_backward: labels must be integers, got ", labels.scalar_type());
   EKD_CHECK(student_thresholds.dim() == 1 && student_thresholds.size(0) >= 1,
-              "ekd_backward: student_thresholds must be 1-D with K >= 1 values, got shape ",
-              student_thresholds.sizes());
+            "ekd_backward: student_thresholds must be 1-D with K >= 1 values, got shape ",
+            student_thresholds.sizes());
   EKD_CHECK(teacher_thresholds.dim() == 1 && teacher_thresholds.size(0) == student_thresholds.size(0),
-              "ekd_backward: student_thresholds and teacher_thresholds must be 1-D with the same K values (one per "
-              "FPR), got shapes ", student_thresholds.sizes(), " and ", teacher_thresholds.sizes());
+            "ekd_backward: student_thresholds and teacher_thresholds must be 1-D with the same K values (one per "
+            "FPR), got shapes ", student_thresholds.sizes(), " and ", teacher_thresholds.sizes());
   EKD_CHECK(student_thresholds.is_floating_point() && teacher_thresholds.is_floating_point(),
-              "ekd_backward: student_thresholds and teacher_thresholds must be floating, got ",
-              student_thresholds.scalar_type(), " and ", teacher_thresholds.scalar_type());
+            "ekd_backward: student_thresholds and teacher_thresholds must be floating, got ",
+            student_thresholds.scalar_type(), " and ", teacher_thresholds.scalar_type());
   const int64_t max_pairs = batch * (batch - 1) / 2;
   EKD_CHECK(selected_pairs.dim() == 2 && selected_pairs.size(1) == 2 && selected_pairs.size(0) <= max_pairs,
-              "ekd_backward: selected_pairs must be n x 2 with n <= B(B-1)/2 = ", max_pairs, ", got shape ",
-              selected_pairs.sizes());
+            "ekd_backward: selected_pairs must be n x 2 with n <= B(B-1)/2 = ", max_pairs, ", got shape ",
+            selected_pairs.sizes());
   EKD_CHECK(selected_pairs.scalar_type() == at::kLong, "ekd_backward: selected_pairs must be int64, got ",
-              selected_pairs.scalar_type());
+            selected_pairs.scalar_type());
   EKD_CHECK(selected_grads.dim() == 1 && selected_grads.size(0) == selected_pairs.size(0),
-              "ekd_backward: selected_grads must be 1-D with one value per row of selected_pairs (",
-              selected_pairs.size(0), "), got shape ", selected_grads.sizes());
+            "ekd_backward: selected_grads must be 1-D with one value per row of selected_pairs (",
+            selected_pairs.size(0), "), got shape ", selected_grads.sizes());
   EKD_CHECK(selected_grads.is_floating_point(), "ekd_backward: selected_grads must be floating, got ",
-              selected_grads.scalar_type());
+            selected_grads.scalar_type());
   EKD_CHECK(grad_loss.numel() == 1 && grad_loss.is_floating_point(),
-              "ekd_backward: grad_loss must be one floating value (the gradient of the 0-d loss), got shape ",
-              grad_loss.sizes(), " and dtype ", grad_loss.scalar_type());
+            "ekd_backward: grad_loss must be one floating value (the gradient of the 0-d loss), got shape ",
+            grad_loss.sizes(), " and dtype ", grad_loss.scalar_type());
   EKD_CHECK(positive_scale.numel() == 1 && positive_scale.is_floating_point(),
-              "ekd_backward: positive_scale must be one floating value (the forward's 0-d output), got shape ",
-              positive_scale.sizes(), " and dtype ", positive_scale.scalar_type());
+            "ekd_backward: positive_scale must be one floating value (the forward's 0-d output), got shape ",
+            positive_scale.sizes(), " and dtype ", positive_scale.scalar_type());
   EKD_CHECK_VALUE(rank_loss >= kSoftRank && rank_loss <= kEq8, "ekd_backward: unknown rank_loss ", rank_loss,
-                    " (expected 0, 1 or 2)");
+                  " (expected 0, 1 or 2)");
   EKD_CHECK_VALUE(temperature > 0, "ekd_backward: temperature must be > 0, got ", temperature);
   const std::pair<const char*, const at::Tensor*> named[] = {
       {"grad_loss", &grad_loss},          {"teacher", &teacher},
@@ -117,7 +117,7 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& studen
       {"selected_grads", &selected_grads}, {"positive_scale", &positive_scale}};
   for (const auto& [name, t] : named) {
     EKD_CHECK(t->device() == student.device(), "ekd_backward: ", name, " must be on the student's device ",
-                student.device(), ", got ", t->device());
+              student.device(), ", got ", t->device());
   }
 }
 

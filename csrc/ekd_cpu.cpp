@@ -62,9 +62,9 @@ void check_cpu_memory(int64_t batch, double bytes, const char* what) {
   const double physical = physical_memory_bytes();
   constexpr double kGiB = double(int64_t(1) << 30);
   EKD_CHECK_VALUE(physical == 0.0 || bytes <= physical, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
-                    " GiB for ", what, ", more than this machine's ", physical / kGiB,
-                    " GiB of memory (the CPU op holds a B x B similarity buffer: B^2 * 4 bytes in fp32); "
-                    "the CUDA and Triton backends hold no B x B buffer");
+                  " GiB for ", what, ", more than this machine's ", physical / kGiB,
+                  " GiB of memory (the CPU op holds a B x B similarity buffer: B^2 * 4 bytes in fp32); "
+                  "the CUDA and Triton backends hold no B x B buffer");
 }
 
 // ----------------------------------------------------------------------------- work splitting
@@ -845,8 +845,8 @@ NegativesByRow<T> negatives_by_row_cpu(const at::Tensor& selected_pairs, const a
     const int64_t i = pair[2 * p], j = pair[2 * p + 1];
     const bool padding = i == -1 && j == -1;
     EKD_CHECK_VALUE(padding || (i >= 0 && i < batch && j >= 0 && j < batch), "ekd_backward: selected_pairs[", p,
-                      "] = (", i, ", ", j, ") is neither a pair of rows in [0, B = ", batch,
-                      ") nor the unfilled slot (-1, -1)");
+                    "] = (", i, ", ", j, ") is neither a pair of rows in [0, B = ", batch,
+                    ") nor the unfilled slot (-1, -1)");
   }
   for (int64_t p = 0; p < count; ++p) {
     if (pair[2 * p] < 0) continue;  // padding

@@ -33,7 +33,7 @@ inline int emulated_lanes() {
   char* end = nullptr;
   const long lanes = std::strtol(setting, &end, 10);
   EKD_CHECK_VALUE(*end == '\0' && lanes >= 1 && lanes <= 32 && (lanes & (lanes - 1)) == 0,
-                    "EKD_CPU_EMULATE_LANES must be a power of two from 1 to 32, got '", setting, "'");
+                  "EKD_CPU_EMULATE_LANES must be a power of two from 1 to 32, got '", setting, "'");
   return int(lanes);
 }
 
@@ -61,7 +61,7 @@ class LaneGroup {
     const bool met = changed_.wait_for(lock, std::chrono::seconds(30),
                                        [&] { return generation_ != generation || diverged_; });
     EKD_CHECK(met && generation_ != generation,
-                "emulated lanes diverged: not every lane reached the same dot (on a GPU, a hang)");
+              "emulated lanes diverged: not every lane reached the same dot (on a GPU, a hang)");
   }
 
   //! A lane is done with the row: the ones still waiting at a dot cannot be met any more.

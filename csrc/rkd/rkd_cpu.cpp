@@ -360,14 +360,14 @@ std::tuple<double, at::Tensor> angle_term(const at::Tensor& q_s, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> rkd_forward_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                   double distance_weight, double angle_weight, bool compute_grad) {
   EKD_CHECK(student_in.dim() == 2 && teacher_in.dim() == 2, "rkd_forward: student and teacher must be 2-D, got ",
-              student_in.sizes(), " and ", teacher_in.sizes());
+            student_in.sizes(), " and ", teacher_in.sizes());
   EKD_CHECK(student_in.size(0) == teacher_in.size(0), "rkd_forward: student and teacher row counts differ (",
-              student_in.size(0), " vs ", teacher_in.size(0), ")");
+            student_in.size(0), " vs ", teacher_in.size(0), ")");
   EKD_CHECK(student_in.size(0) >= 2, "rkd_forward: needs at least 2 rows, got ", student_in.size(0));
   EKD_CHECK(student_in.scalar_type() == at::kFloat || student_in.scalar_type() == at::kDouble,
-              "rkd_forward: float32 or float64 embeddings expected, got ", student_in.scalar_type());
+            "rkd_forward: float32 or float64 embeddings expected, got ", student_in.scalar_type());
   EKD_CHECK(teacher_in.scalar_type() == student_in.scalar_type(),
-              "rkd_forward: teacher dtype must equal the student's, got ", teacher_in.scalar_type());
+            "rkd_forward: teacher dtype must equal the student's, got ", teacher_in.scalar_type());
   const at::Tensor student = student_in.contiguous();
   const at::Tensor teacher = teacher_in.contiguous();
   const int64_t batch = student.size(0);
