@@ -123,7 +123,9 @@ def growth_exponent(method):
 # ----------------------------------------------------------------------------- driver
 
 
-def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env):
+def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None):
+    """The measured rows and why methods stopped; `on_row(row)` as each row is measured (a run cut
+    short by a time limit keeps what it measured)."""
     rows, stopped = [], {}
     memory = available_memory_bytes(device)
     progress = Progress(len(sizes) * len(dtypes) * len(methods), "bench loss")
@@ -172,6 +174,8 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env):
                              "backend": name.split("/")[1] if "/" in name else None, "name": name,
                              "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
                              "forward_backward": fb, "forward": fw, "peak_memory_bytes": peak.bytes})
+                if on_row is not None:
+                    on_row(rows[-1])
                 last_time[name] = (batch, fb["median_s"])
             inputs = None  # free this size before making the next
     return rows, stopped
@@ -250,13 +254,23 @@ def main(argv=None):
     env = environment(device)
     print(f"ekd_kernels @ {env['commit']}, torch {env['torch']}, {env['device']}, D={args.dim}, "
           f"B={sizes}, {[str(d).replace('torch.', '') for d in dtypes]}", flush=True)
-    rows, stopped = run(methods, sizes, args.dim, dtypes, device, repeats, budget_s, env)
+    def measured(row):
+        # Each row is appended (and printed) as soon as it is measured: a run cut short by a time
+        # limit (a GPU lease) keeps every row it finished.
+        append_rows([row], "loss", device, args.out)
+        peak = row["peak_memory_bytes"]
+        print(f"  measured {row['name']} B={row['batch']} {row['dtype']}: "
+              f"{row['forward_backward']['median_s'] * 1e3:.3f} ms forward+backward, "
+              f"{row['forward']['median_s'] * 1e3:.3f} ms forward"
+              + (f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""), flush=True)
+
+    rows, stopped = run(methods, sizes, args.dim, dtypes, device, repeats, budget_s, env, on_row=measured)
     ratio_rows = ratios(rows)
     print_report(rows, ratio_rows, skipped, stopped, env["device"])
     notes = [{**env, "benchmark": "loss", "note": "skipped", "name": k, "why": v} for k, v in skipped.items()]
     notes += [{**env, "benchmark": "loss", "note": "stopped", "name": k, "dtype": str(d).replace("torch.", ""),
                "why": v} for (k, d), v in stopped.items()]
-    path = append_rows(rows + notes, "loss", device, args.out)
+    path = append_rows(notes, "loss", device, args.out)
     print(f"\nappended {len(rows)} rows to {path}")
     return rows
 

@@ -37,6 +37,24 @@ def test_loss_bench_quick(tmp_path):
     assert "ratios" in stdout and "| B |" in stdout
 
 
+def test_loss_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """Each row is appended as soon as it is measured: a run stopped by a time limit (a GPU lease
+    kills it) keeps every row it finished, not none.  Here the run dies after the last one."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the lease's time limit")
+
+    monkeypatch.setattr(bench_loss, "print_report", killed)
+    out = tmp_path / "loss.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        bench_loss.main(["--quick", "--device", "cpu", "--methods", "ekd/reference", "floor", "--out", str(out)])
+    rows = [r for r in read_rows(out) if "note" not in r]
+    assert sorted((r["name"], r["batch"]) for r in rows) == [("ekd/reference", 64), ("ekd/reference", 128),
+                                                            ("floor", 64), ("floor", 128)]
+
+
 def test_train_step_bench_quick(tmp_path):
     out = tmp_path / "train.jsonl"
     run_script("bench_train_step.py", "--quick", "--batches", "2", "--methods", "baseline", "ekd/reference",
