@@ -321,10 +321,10 @@ def profile(sizes, device, out, calls=5):
                       f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
                 for k in row["top_kernels"][:6]:
                     print(f"    {k['us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
+                if out:  # rewritten after every row: a run cut by a time limit keeps what it measured
+                    pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                                             "torch": torch.__version__, "report": report}, indent=1))
             del student, teacher, labels
-    if out:
-        pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
-                                                 "torch": torch.__version__, "report": report}, indent=1))
     return 0
 
 

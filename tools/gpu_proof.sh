@@ -93,7 +93,7 @@ case "$stage" in
     grep "^FAILED\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > /tmp/profile.log 2>&1
-    grep "^B=" /tmp/profile.log >> "$OUT/summary.txt"
+    grep "^B=\|^    " /tmp/profile.log >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
     grep "^|\|ratios\|^  " /tmp/bench.log >> "$OUT/summary.txt"
