@@ -265,7 +265,7 @@ def large(sizes, device, out):
 
 
 # --------------------------------------------------------------------------- where a call's time goes
-def profile(sizes, device, out, calls=5):
+def profile(sizes, device, out, calls=5, backends=None):
     """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
     time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
     busy time per call, and the kernels that take the most.  When the wall time is far above the
@@ -275,7 +275,7 @@ def profile(sizes, device, out, calls=5):
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
-    backends = [b for b in available_backends(device) if b != "reference"] + ["reference"]
+    backends = backends or [b for b in available_backends(device) if b != "reference"] + ["reference"]
     report = []
     for size in sizes:
         for dtype in (torch.float32, torch.bfloat16):
@@ -357,15 +357,24 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--backend", default="triton", help="once: the backend")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="once: the dtype")
+    parser.add_argument("--backends", nargs="+", default=None, help="profile: these backends only")
+    parser.add_argument("--triton-max-copies", type=int, default=None,
+                        help="profile, once: cap the Triton pass 1's histogram copies (triton_ekd.MAX_COARSE_COPIES; "
+                             "1 is the single histogram of before), to compare with the default in the same lease")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.triton_max_copies is not None:
+        from ekd_kernels import triton_ekd
+
+        triton_ekd.MAX_COARSE_COPIES = args.triton_max_copies
+        print(f"triton: at most {args.triton_max_copies} copies of each pass-1 histogram", flush=True)
     if args.what == "sanitize":
         sanitize(args.sizes, device)
         return 0
     if args.what == "large":
         return large(args.sizes, device, args.out)
     if args.what == "profile":
-        return profile(args.sizes, device, args.out)
+        return profile(args.sizes, device, args.out, backends=args.backends)
     if args.what == "once":
         return once(args.sizes, device, args.backend, args.dtype)
     return consistency(args.sizes, device, args.reference_max, args.out)

@@ -94,6 +94,10 @@ case "$stage" in
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > /tmp/profile.log 2>&1
     grep "^B=\|^    " /tmp/profile.log >> "$OUT/summary.txt"
+    # the same machine with pass 1's histogram copies capped at 1 (the code before them): their effect
+    step copies-ab 45 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton --triton-max-copies 1 \
+      > /tmp/copies_ab.log 2>&1
+    { echo "Triton with one pass-1 histogram copy:"; grep "^B=\|^    " /tmp/copies_ab.log; } >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
     grep "^|\|ratios\|^  " /tmp/bench.log >> "$OUT/summary.txt"
