@@ -549,12 +549,12 @@ struct TermSums {
 // similarities by the same matmuls, so they agree on every value and every critical mask.
 constexpr int64_t kLargeGroup = 32;
 
-//! Sorted-position ranges [first, last) of the groups with at least kLargeGroup members.
-std::vector<std::array<int64_t, 2>> large_groups(const PreparedInputs& prep) {
+//! Sorted-position ranges [first, last) of the groups with at least `min_size` members.
+std::vector<std::array<int64_t, 2>> large_groups(const PreparedInputs& prep, int64_t min_size = kLargeGroup) {
   std::vector<std::array<int64_t, 2>> out;
   const LabelGroups g = prep.groups();
   for (int64_t q = 0; q < prep.batch(); q = g.group_end[q])
-    if (g.group_end[q] - q >= kLargeGroup) out.push_back({q, g.group_end[q]});
+    if (g.group_end[q] - q >= min_size) out.push_back({q, g.group_end[q]});
   return out;
 }
 
@@ -606,8 +606,7 @@ TermSums positive_sums(const PreparedInputs& prep, const PairMath<T>& math, int6
     sums.critical_loss_sum += r.critical_loss_sum;
     sums.num_critical += r.num_critical;
   }
-  for (const auto& range : lanes == 0 ? large_groups(prep) : std::vector<std::array<int64_t, 2>>{}) {
-    // group order, then member order: deterministic
+  for (const auto& range : large_groups(prep, large_group)) {  // group order, then member order: deterministic
     const GroupSimilarities g = group_similarities(prep, range);
     const int64_t n = range[1] - range[0];
     const T* a = g.student.data_ptr<T>();

@@ -86,6 +86,7 @@ case "$stage" in
         "cuda", torch.version.cuda, "triton", triton.__version__, torch.cuda.get_device_name())'
       $PY -c 'import ekd_kernels.backends as b, torch; print("backends on cuda:", b.available_backends(torch.device("cuda")))'
     } >> "$OUT/summary.txt" 2>&1
+    bench_lines() { grep "^|\|ratios\|^  " "$1" >> "$OUT/summary.txt"; }  # a benchmark log's tables and rows
     # pytest-xdist when present (the GPU image has it): a crashing case then costs one worker, not the run
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
     step pytest-cuda 150 $PY -m pytest python_tests -q -rfEs -k cuda $xdist -p no:cacheprovider \
@@ -100,7 +101,7 @@ case "$stage" in
     { echo "Triton with one pass-1 histogram copy:"; grep "^B=\|^    " /tmp/copies_ab.log; } >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
-    grep "^|\|ratios\|^  " /tmp/bench.log >> "$OUT/summary.txt"
+    bench_lines /tmp/bench.log
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
     step memcheck 90 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
       --sizes 33 > /tmp/memcheck.log 2>&1
@@ -121,9 +122,9 @@ case "$stage" in
     # reference would take most of the step's time)
     step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc floor \
       --out "$OUT/loss.jsonl" > /tmp/bench_large.log 2>&1
-    grep "^|\|ratios\|^  " /tmp/bench_large.log >> "$OUT/summary.txt"
+    bench_lines /tmp/bench_large.log
     step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > /tmp/bench_train.log 2>&1
-    grep "^|\|ratios\|^  " /tmp/bench_train.log >> "$OUT/summary.txt"
+    bench_lines /tmp/bench_train.log
     step pytest-cpu 300 $PY -m pytest python_tests -q -rfE -k "not cuda" ${xdist:+-n 12} -p no:cacheprovider \
       >> "$OUT/pytest.log" 2>&1
     tail -3 "$OUT/pytest.log" >> "$OUT/summary.txt"
