@@ -132,11 +132,18 @@ NUM_BUCKETS = 1 << 16
 #: copy costs its zeroing (256 KiB a model) and coarse_select's scan.
 COARSE_TILES_PER_COPY = 512
 MAX_COARSE_COPIES = 16
+#: Pass 1 counts the head of the order first (coarse_histogram_kernel) from this B on, where the
+#: pass's B^2 atomics, not launches, set the forward's time.  The cutoff is the bucket of the
+#: sample's descending rank CUTOFF_SAFETY x (the largest target fraction: the largest FPR, or
+#: N / pairs); none when that passes CUTOFF_MAX_FRACTION (the head would hold most pairs).
+CUTOFF_MIN_BATCH = 4096
+CUTOFF_SAFETY = 2.0
+CUTOFF_MAX_FRACTION = 0.5
 #: Top-N candidate buffer: max(CANDIDATE_FACTOR * N, MIN_CANDIDATE_CAPACITY) slots.
 CANDIDATE_FACTOR = 4
 MIN_CANDIDATE_CAPACITY = 8192
 #: Length of the int64 selection state (kernels.STATE_SIZE).
-STATE_SIZE = 8
+STATE_SIZE = 16
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
 INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1
@@ -241,6 +248,21 @@ def _coarse_copies(batch: int) -> int:
     16 from 8192 on."""
     tiles = _num_tiles(batch) * (_num_tiles(batch) + 1) // 2
     return max(1, min(MAX_COARSE_COPIES, tiles // COARSE_TILES_PER_COPY))
+
+
+def _cutoff_fraction(batch: int, config: EKDConfig, hardest: bool) -> Optional[float]:
+    """The sample fraction that places pass 1's cutoff (cutoff_select_kernel), or None: pass 1
+    counts every bucket at once (below CUTOFF_MIN_BATCH, or when the targets reach too deep).
+    The targets' ranks are fractions of L: at most the largest FPR, and N / L for the top-N
+    (L is not known on the host; N over all pairs stands for it, the safety factor and the
+    fallback cover the positives).  Any value gives the same results, only more or less work."""
+    if batch < CUTOFF_MIN_BATCH:
+        return None
+    deepest = max(config.fprs)
+    if hardest:
+        deepest = max(deepest, config.num_hard_negatives / (batch * (batch - 1) // 2))
+    fraction = CUTOFF_SAFETY * deepest
+    return fraction if fraction <= CUTOFF_MAX_FRACTION else None
 
 
 def _histogram_dtype(num_pairs: int) -> torch.dtype:
@@ -400,10 +422,14 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     histogram_dtype = _histogram_dtype(num_pairs)
     words = histogram_dtype.itemsize // 4
     copies = _coarse_copies(batch)
-    zeroed_size = 2 * copies * NUM_BUCKETS * words + 2 * batch + 1
-    int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words),
-                               coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
-                               candidate_count=(1,), bucket=(2, num_targets), candidate_rows=(candidate_size,),
+    cutoff_fraction = _cutoff_fraction(batch, config, hardest)
+    counters = dict(coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
+                    candidate_count=(1,))
+    if cutoff_fraction is not None:
+        counters["probe"] = (2, NUM_BUCKETS)  # the sample's histograms (int32: TILE x B pairs)
+    zeroed_size = sum(math.prod(shape) for shape in counters.values())
+    int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words), **counters,
+                               bucket=(2, num_targets), candidate_rows=(candidate_size,),
                                candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,))
     zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
@@ -445,14 +471,27 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     tiles = _tile_grid(batch)
 
     # batch_thresholds: pass 1, the wanted buckets, pass 2 (which also gathers the top-N
-    # candidates when they fit; else passes 3 and 4 select, decided on the device).
+    # candidates when they fit; else passes 3 and 4 select, decided on the device).  At large B,
+    # pass 1 counts the head of the order first, and the rest only when a target lies in it.
     coarse, fine = w32["coarse"].view(histogram_dtype), w32["fine"].view(histogram_dtype)
     bucket, state = w32["bucket"], w64["state"]
-    kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, **options)
-    kernels.coarse_select_kernel[(num_targets, 2)](
-        coarse, copies, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds, num_targets,
-        config.num_hard_negatives, capacity, bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks,
-        HARDEST=hardest, SCAN_BLOCK=scan_block)
+    select_args = (coarse, copies, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds,
+                   num_targets, config.num_hard_negatives, capacity, bucket, w64["target_state"], w32["nonfinite"],
+                   2 * row_blocks)
+    if cutoff_fraction is None:
+        kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, **options)
+        kernels.coarse_select_kernel[(num_targets, 2)](*select_args, HARDEST=hardest, SCAN_BLOCK=scan_block)
+    else:
+        probe = w32["probe"]
+        kernels.probe_histogram_kernel[(row_blocks,)](*models, max(1, batch // TILE), probe[0], probe[1], state,
+                                                      **options)
+        kernels.cutoff_select_kernel[(2,)](probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
+        parts = ((kernels.HEAD_BUCKETS, kernels.CHECK_CUTOFF), (kernels.TAIL_BUCKETS, kernels.AFTER_FALLBACK))
+        for part, mode in parts:
+            kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, PART=part.value,
+                                                   **options)
+            kernels.coarse_select_kernel[(num_targets, 2)](*select_args, HARDEST=hardest, SCAN_BLOCK=scan_block,
+                                                           CUTOFF_MODE=mode.value)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
     kernels.fine_histogram_kernel[tiles](
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,

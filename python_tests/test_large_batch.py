@@ -272,9 +272,10 @@ from triton.compiler import ASTSource
 from ekd_kernels._triton import kernels
 
 tile = dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", T_PRECISION="tf32x3")
-cases = [
-    (kernels.coarse_histogram_kernel, tile),
-    (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096)),
+# pass 1 and its select in every part and cutoff mode: int64 bins come with B > 65536, where pass 1
+# counts the head of the order first (triton_ekd.CUTOFF_MIN_BATCH)
+cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part)) for part in (0, 1, 2)] + [
+    (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096, CUTOFF_MODE=mode)) for mode in (0, 1, 2)] + [
     (kernels.fine_histogram_kernel, dict(tile, COLLECT=True)),
     (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024)),
 ]

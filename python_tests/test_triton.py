@@ -268,6 +268,114 @@ def test_coarse_histogram_copies_against_the_reference(monkeypatch, capacity):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
+@pytest.fixture(params=["head", "fallback"])
+def pass1_cutoff(request, monkeypatch):
+    """Pass 1 in two parts (coarse_histogram_kernel), forced at a small B: the head of the order
+    up to a cutoff placed by a sample, which holds every target ("head"), or a cutoff at the
+    sample's very top, so that every target lies past it and the tail is counted too
+    ("fallback").  Returns a recorder of the forward's scratch views, for the checks of what
+    pass 1 counted."""
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    if request.param == "fallback":
+        monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
+    scratch = []
+    carve = triton_ekd._carve
+
+    def recording_carve(dtype, device, **shapes):
+        buffer, views = carve(dtype, device, **shapes)
+        scratch.append(views)
+        return buffer, views
+
+    monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
+    return request.param, scratch
+
+
+def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, **options):
+    """What pass 1 counts in a forward on this batch, against pass 1 in one part: with "head",
+    the same counts up to each model's cutoff and none past it, fewer than the L negatives (the
+    cutoff spared work), and no fallback; with "fallback", the same counts in every bucket, some
+    past the cutoff."""
+    from ekd_kernels._triton import kernels
+
+    def forward():
+        scratch.clear()
+        with torch.no_grad():
+            EKDLoss(backend="triton", **options)(student, teacher, labels, generator=torch.Generator().manual_seed(0))
+        w32 = next(views for views in scratch if "coarse" in views)
+        state = next(views["state"] for views in scratch if "state" in views).cpu()
+        return w32, state
+
+    w32, state = forward()
+    with monkeypatch.context() as one_part:
+        one_part.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 2**62)
+        whole, _ = forward()
+    assert "probe" not in whole
+    num_negative = int(state[kernels.NUM_NEGATIVE.value])
+    sample = int(state[kernels.SAMPLE_NEGATIVE.value])
+    assert 0 < sample <= triton_ekd.TILE * student.shape[0]
+    assert int(state[kernels.FALLBACK.value]) == (path == "fallback")
+    for model in range(2):
+        counts, want = w32["coarse"][model].sum(0).cpu(), whole["coarse"][model].sum(0).cpu()
+        cutoff = int(state[kernels.CUTOFF.value + model])
+        assert int(w32["probe"][model].sum()) == sample, f"model {model}: the probe's histogram"
+        assert int(want.sum()) == num_negative
+        if path == "head":
+            assert torch.equal(counts[:cutoff + 1], want[:cutoff + 1]), f"model {model}: head up to {cutoff}"
+            assert int(counts[cutoff + 1:].sum()) == 0 and int(want[cutoff + 1:].sum()) > 0, f"model {model}"
+        else:
+            assert torch.equal(counts, want) and int(want[cutoff + 1:].sum()) > 0, f"model {model}: cutoff {cutoff}"
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_hard_negatives=150, compute_critical_ratio=True),
+    dict(num_hard_negatives=40, critical_only=True, rank_loss="eq8"),
+    dict(negative_selection="random", num_hard_negatives=100),
+    dict(fprs=(0.2, 1e-3), num_hard_negatives=0),
+], ids=["hardest", "critical", "random", "thresholds_only"])
+def test_pass1_cutoff_against_the_reference(pass1_cutoff, monkeypatch, options):
+    """Pass 1 counting the head first gives the reference's results over consecutive calls, when
+    the head holds every target and when it does not (the tail counted after all)."""
+    path, scratch = pass1_cutoff
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    compare(student, teacher, labels, steps=2, **options)
+    _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, **options)
+
+
+def test_pass1_cutoff_with_an_overflowing_candidate_buffer(pass1_cutoff, monkeypatch):
+    """The top-N overflow decision (coarse_select sums the boundary bucket) after either part:
+    a buffer of exactly N slots, so that only the whole boundary bucket shows it overflows."""
+    monkeypatch.setattr(triton_ekd, "MIN_CANDIDATE_CAPACITY", 0)
+    monkeypatch.setattr(triton_ekd, "CANDIDATE_FACTOR", 1)
+    path, scratch = pass1_cutoff
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=23)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150)
+    _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, num_hard_negatives=150)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
+def test_pass1_cutoff_with_a_non_finite_batch(pass1_cutoff):
+    """A non-finite batch through pass 1's two parts: NaN loss, the EMA state kept."""
+    student, teacher, labels = make_batch(90, 8, 8, 20, seed=24)
+    student[3, 2] = float("inf")
+    previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
+    result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
+    assert torch.isnan(result.loss)
+    assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
+
+
+def test_pass1_cutoff_fraction():
+    """Where pass 1 counts in two parts: from CUTOFF_MIN_BATCH on, at twice the deepest target
+    fraction (the largest FPR, or N over the pairs), and not when that passes one half."""
+    fraction = triton_ekd._cutoff_fraction
+    config = EKDConfig()
+    assert fraction(triton_ekd.CUTOFF_MIN_BATCH - 1, config, True) is None
+    assert fraction(8192, config, True) == pytest.approx(triton_ekd.CUTOFF_SAFETY * max(config.fprs))
+    assert fraction(4096, EKDConfig(num_hard_negatives=10**6), True) == pytest.approx(2 * 10**6 / (4096 * 4095 // 2))
+    assert fraction(4096, EKDConfig(num_hard_negatives=10**6), False) == pytest.approx(0.2)  # random selection
+    assert fraction(4096, EKDConfig(num_hard_negatives=3 * 10**6), True) is None
+    assert fraction(8192, EKDConfig(fprs=(0.3, 1e-4)), True) is None
+
+
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True, rank_loss="eq7")], ids=["default", "critical"])
 def test_backward_in_feature_chunks(monkeypatch, options):
     """A student wider than the backward's feature chunk (BACKWARD_MAX_BLOCK_D, 512 on a GPU) is
@@ -431,6 +539,14 @@ for dtype in (torch.float32, torch.bfloat16):
 default_tiles_per_copy, triton_ekd.COARSE_TILES_PER_COPY = triton_ekd.COARSE_TILES_PER_COPY, 1
 ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
 triton_ekd.COARSE_TILES_PER_COPY = default_tiles_per_copy
+# pass 1 in two parts, in copies, as at large B (the probe, the cutoff, the head and tail launches
+# and coarse_select's two cutoff modes), in both dtypes' dot precisions
+default_min_batch, triton_ekd.CUTOFF_MIN_BATCH = triton_ekd.CUTOFF_MIN_BATCH, 0
+triton_ekd.COARSE_TILES_PER_COPY = 1
+for dtype in (torch.float32, torch.bfloat16):
+    ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels,
+             backend="triton").loss.backward()
+triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = default_min_batch, default_tiles_per_copy
 # the same shapes as views: expanded (stride 0), transposed, and 4 bytes off the allocation
 launched["normalise_kernel"].clear()
 for make in (lambda r, c: torch.randn(r, c), lambda r, c: torch.randn(1, c).expand(r, c),
@@ -440,7 +556,8 @@ json.dump({"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in
            "normalise_variants": len(set(launched["normalise_kernel"]))}, sys.stdout)
 """
 
-ALL_KERNELS = {"normalise_kernel", "coarse_histogram_kernel", "coarse_select_kernel", "fine_histogram_kernel",
+ALL_KERNELS = {"normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "coarse_histogram_kernel",
+               "coarse_select_kernel", "fine_histogram_kernel",
                "fine_select_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",
                "finalize_kernel", "positive_backward_kernel", "backward_rows_kernel"}
 

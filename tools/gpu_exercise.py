@@ -45,6 +45,10 @@ LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/
 VARIANTS = [dict(), dict(critical_only=True, compute_critical_ratio=True), dict(rank_loss="eq7"),
             dict(rank_loss="eq8", num_hard_negatives=100), dict(negative_selection="random")]
 COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected")
+# The Triton forward's large-B variants, forced at any B (triton_ekd settings): pass 1's histogram
+# in copies and counted in two parts, with every target in the head, and with the tail counted too.
+LARGE_B_TRITON = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
+                  "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12)}
 
 
 def sync(device):
@@ -58,6 +62,24 @@ def batch_of(size, dtype, device, seed):
     teacher = student + 0.5 * torch.randn(size, 512, generator=g)
     labels = torch.cat([torch.randint(0, 10**6, (size // 2,), generator=g), 10**6 + torch.arange(size - size // 2) // 4])
     return student.to(device, dtype), teacher.to(device, dtype), labels.to(device)
+
+
+class triton_settings:
+    """Set triton_ekd module settings for a block (the forced large-B variants, the A/B switches)."""
+
+    def __init__(self, **settings):
+        from ekd_kernels import triton_ekd
+
+        self.module, self.settings = triton_ekd, settings
+
+    def __enter__(self):
+        self.saved = {name: getattr(self.module, name) for name in self.settings}
+        for name, value in self.settings.items():
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
 
 
 def call(crit, student, teacher, labels, seed):
@@ -79,6 +101,13 @@ def sanitize(sizes, device):
                     for step in range(2):
                         call(crit, student, teacher, labels, step)
                     print(f"ok B={size} {dtype} {backend} {options}", flush=True)
+            if "triton" in fast:
+                for name, settings in LARGE_B_TRITON.items():
+                    with triton_settings(**settings):
+                        crit = EKDLoss(backend="triton").to(device)
+                        for step in range(2):
+                            call(crit, student, teacher, labels, step)
+                    print(f"ok B={size} {dtype} triton {name}", flush=True)
     from ekd_kernels.metrics import verify_all_pairs
     from ekd_kernels.rkd_fast import fast_rkd_loss
     student, teacher, labels = batch_of(min(sizes), torch.float32, device, seed=0)
@@ -361,13 +390,19 @@ def main():
     parser.add_argument("--triton-max-copies", type=int, default=None,
                         help="profile, once: cap the Triton pass 1's histogram copies (triton_ekd.MAX_COARSE_COPIES; "
                              "1 is the single histogram of before), to compare with the default in the same lease")
+    parser.add_argument("--triton-cutoff", choices=["on", "off"], default="on",
+                        help="profile, once: off makes the Triton pass 1 count every bucket at once at any B "
+                             "(triton_ekd.CUTOFF_MIN_BATCH), the code before its head/tail split, for an A/B")
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.triton_max_copies is not None:
-        from ekd_kernels import triton_ekd
+    from ekd_kernels import triton_ekd
 
+    if args.triton_max_copies is not None:
         triton_ekd.MAX_COARSE_COPIES = args.triton_max_copies
         print(f"triton: at most {args.triton_max_copies} copies of each pass-1 histogram", flush=True)
+    if args.triton_cutoff == "off":
+        triton_ekd.CUTOFF_MIN_BATCH = 2**62
+        print("triton: pass 1 counts every bucket at once (no cutoff)", flush=True)
     if args.what == "sanitize":
         sanitize(args.sizes, device)
         return 0

@@ -11,7 +11,9 @@ Stages and kernels, in launch order:
                          elements; it also zeroes the counters the later kernels add to)
     similarity tiles     _similarity_tile (shared by every tile pass)
     batch_thresholds     coarse_histogram_kernel, coarse_select_kernel, fine_histogram_kernel
-                         (radix select, 2 x 16 bits)
+                         (radix select, 2 x 16 bits); at large B, probe_histogram_kernel and
+                         cutoff_select_kernel first, and pass 1 in two parts (head, then the
+                         tail only when a target lies in it)
     ema_update           fine_select_kernel (exact keys -> batch thresholds -> EMA, on the device)
     select_negatives     fine_histogram_kernel also gathers the top-N candidates, which
                          hardest_negatives_kernel ranks; after a candidate-buffer overflow,
@@ -59,7 +61,22 @@ BOUNDARY: tl.constexpr = tl.constexpr(3)      # key of the N-th hardest negative
 NUM_NEGATIVE: tl.constexpr = tl.constexpr(4)  # L
 CRITICAL_ALL: tl.constexpr = tl.constexpr(5)  # critical pairs among all pairs (on request)
 NONFINITE: tl.constexpr = tl.constexpr(6)     # non-finite embedding elements (0: the batch is finite)
-STATE_SIZE: tl.constexpr = tl.constexpr(8)
+# Pass 1's cutoff (large B, triton_ekd._cutoff_fraction; see coarse_histogram_kernel):
+SAMPLE_NEGATIVE: tl.constexpr = tl.constexpr(7)  # negatives among the probe's sample pairs
+CUTOFF: tl.constexpr = tl.constexpr(8)           # 8, 9: the last bucket pass 1 counts first, per model
+FALLBACK: tl.constexpr = tl.constexpr(10)        # 1: a target lies past a cutoff, pass 1 counts the rest
+STATE_SIZE: tl.constexpr = tl.constexpr(16)
+
+# coarse_histogram_kernel's PART: every bucket; the buckets up to the cutoff (the head); the
+# buckets past it (the tail), only after FALLBACK was set.
+ALL_BUCKETS: tl.constexpr = tl.constexpr(0)
+HEAD_BUCKETS: tl.constexpr = tl.constexpr(1)
+TAIL_BUCKETS: tl.constexpr = tl.constexpr(2)
+# coarse_select_kernel's CUTOFF_MODE: no cutoff; check that every target lies in the head (else
+# set FALLBACK); run again over the whole histogram, only after FALLBACK was set.
+NO_CUTOFF: tl.constexpr = tl.constexpr(0)
+CHECK_CUTOFF: tl.constexpr = tl.constexpr(1)
+AFTER_FALLBACK: tl.constexpr = tl.constexpr(2)
 
 # Bits of the per-slot flags of the selected pairs.
 FILLED: tl.constexpr = tl.constexpr(1)
@@ -277,10 +294,49 @@ def _histogram_add(hist_ptr, bins, mask):
 
 
 @triton.jit
+def probe_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, row_step,
+                           probe_s_ptr, probe_t_ptr, state_ptr,
+                           TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+    """Before pass 1 at large B, program n: the coarse histograms of a sample of the negatives,
+    the pairs of TILE sample rows (0, row_step, 2 row_step, ...: spread over the label-sorted
+    batch) with column block n, and their number (SAMPLE_NEGATIVE).  A pair of two sample rows
+    is counted in both orders: the sample only places the cutoff (cutoff_select_kernel), which
+    changes the work of pass 1 but none of its results."""
+    pid_n = tl.program_id(0)
+    rows = tl.arange(0, TILE) * row_step
+    cols = pid_n * TILE + tl.arange(0, TILE)
+    row_mask = rows < batch
+    col_mask = cols < batch
+    label_i = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    label_j = tl.load(labels_ptr + cols, mask=col_mask, other=0)
+    negative = row_mask[:, None] & col_mask[None, :] & (label_i[:, None] != label_j[None, :])
+    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+    _histogram_add(probe_s_ptr, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
+    _histogram_add(probe_t_ptr, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
+    num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(state_ptr + SAMPLE_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexpr):
+    """Program (model): pass 1's cutoff, the bucket of descending rank floor(S * fraction) among
+    the probe's S sample negatives, or the last bucket (no cutoff) when the sample has none."""
+    model = tl.program_id(0)
+    num_sample = tl.load(state_ptr + SAMPLE_NEGATIVE)
+    rank = (num_sample.to(tl.float32) * fraction).to(tl.int64)
+    rank = tl.maximum(tl.minimum(rank, num_sample - 1), 0)
+    bucket, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, rank, 1, SCAN_BLOCK)
+    tl.store(state_ptr + CUTOFF + model, tl.where(num_sample > 0, bucket, NUM_BUCKETS - 1).to(tl.int64))
+
+
+@triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                             hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                            S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+                            S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+                            PART: tl.constexpr = ALL_BUCKETS):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
@@ -291,20 +347,43 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     to copy (pid_m + pid_n) mod num_copies; coarse_select sums them.  Why: a random batch's
     similarities fall into a narrow band of bins (on the benchmark's batch, 13 cache lines of
     bins take half of the pairs, the hottest 5%), so the atomics of the whole pass queue at the
-    few L2 slices that hold those lines; copies spread them over as many more lines."""
+    few L2 slices that hold those lines; copies spread them over as many more lines.
+
+    At large B the pass counts in two parts (PART).  Every target rank lies in the top of the
+    descending order (at most the largest FPR, or N, of the L negatives), but most pairs, and
+    the hottest bins, lie below it.  So the pass first counts only the buckets up to a cutoff
+    placed by a sample (HEAD_BUCKETS, cutoff_select_kernel): every counted bucket is complete,
+    and coarse_select finds in them every target that lies at or above the cutoff, exactly as in
+    the whole histogram.  Should a target lie past it, coarse_select sets FALLBACK, and the
+    launch with TAIL_BUCKETS counts the buckets past the cutoff (its programs return at once
+    when FALLBACK is not set): the histogram is then whole, and coarse_select runs again."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
         return
+    if PART == TAIL_BUCKETS:
+        if tl.load(state_ptr + FALLBACK) == 0:
+            return
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+    bins_a = (_descending_key(a) >> RADIX_BITS).to(tl.int32)
+    bins_b = (_descending_key(b) >> RADIX_BITS).to(tl.int32)
+    counted_a = negative
+    counted_b = negative
+    if PART == HEAD_BUCKETS:
+        counted_a = negative & (bins_a <= tl.load(state_ptr + CUTOFF))
+        counted_b = negative & (bins_b <= tl.load(state_ptr + CUTOFF + 1))
+    if PART == TAIL_BUCKETS:
+        counted_a = negative & (bins_a > tl.load(state_ptr + CUTOFF))
+        counted_b = negative & (bins_b > tl.load(state_ptr + CUTOFF + 1))
     copy = ((pid_m + pid_n) % num_copies).to(tl.int64) * NUM_BUCKETS
-    _histogram_add(hist_s_ptr + copy, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
-    _histogram_add(hist_t_ptr + copy, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
-    num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
-    tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
+    _histogram_add(hist_s_ptr + copy, bins_a, counted_a)
+    _histogram_add(hist_t_ptr + copy, bins_b, counted_b)
+    if PART != TAIL_BUCKETS:  # L is counted once, in the first launch
+        num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
 
 
 @triton.jit
@@ -332,7 +411,7 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 @triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
-                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = NO_CUTOFF):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
 
@@ -344,9 +423,16 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
 
     Program (0, 0) also sums normalise_kernel's per-program counts of non-finite elements into
     the selection state (NONFINITE), which the EMA update and the loss read.
+
+    After pass 1 counted only the head buckets (CHECK_CUTOFF), a program whose target lies past
+    its model's cutoff sets FALLBACK; its outputs are then rewritten by the launch with
+    AFTER_FALLBACK, whose programs return at once unless FALLBACK is set (coarse_histogram_kernel).
     """
     target = tl.program_id(0)
     model = tl.program_id(1)
+    if CUTOFF_MODE == AFTER_FALLBACK:
+        if tl.load(state_ptr + FALLBACK) == 0:
+            return
     if (target == 0) & (model == 0):
         # int64 lanes: B * (Ds + Dt) non-finite elements can pass 2^32, and a wrap to exactly 0
         # would read as a finite batch (and update the EMA state).
@@ -367,6 +453,11 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
     hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
     bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK)
+    if CUTOFF_MODE == CHECK_CUTOFF:
+        # Every bucket up to the cutoff is complete; past it the counts are missing (and with no
+        # negative at all, the whole-histogram answer is the same empty scan).
+        if (bucket > tl.load(state_ptr + CUTOFF + model)) & (num_negative > 0):
+            tl.atomic_max(state_ptr + FALLBACK, 1, sem="relaxed")
     tl.store(bucket_ptr + slot, bucket.to(tl.int32))
     tl.store(target_state_ptr + 2 * slot, rank - above)
     tl.store(target_state_ptr + 2 * slot + 1, above)
