@@ -12,6 +12,12 @@ T @ T.T by torch.mm (fp32 at "highest" precision): what any exact EKD must at le
 Ratios are taken within this run. A method stops at the first B where one call would exceed the
 time budget (extrapolated from the previous size) or the memory it needs would not fit; the
 output says where and why. Backends that cannot run are listed with their reason.
+
+On CUDA, "ekd/triton+graph" and "ekd/csrc+graph" are those backends captured in CUDA graphs (one
+forward+backward, one forward, captured at a method's first call after two warm-up calls) and
+replayed after copying each call's inputs into the graphs' static tensors: the loss inside a
+training step captured whole, where no Python runs and nothing is launched but the graph, i.e.
+the device's time. Their peak memory includes the graphs' private pools.
 """
 
 from __future__ import annotations
@@ -58,6 +64,46 @@ def ekd_method(backend, device):
     return forward_backward, forward
 
 
+def ekd_graph_method(backend, device, crit=None):
+    """EKD captured in CUDA graphs and replayed (module docstring); `crit`: the module to capture
+    (default: a fresh EKDLoss of `backend`)."""
+    crit = crit if crit is not None else EKDLoss(backend=backend).to(device)
+    graphs = {}
+
+    def run_once(with_grad, student, teacher, labels):
+        if with_grad:
+            crit(student, teacher, labels).backward()
+        else:
+            with torch.no_grad():
+                crit(student, teacher, labels)
+
+    def capture(with_grad, student, teacher, labels):
+        static = (student.detach().clone().requires_grad_(with_grad), teacher.clone(), labels.clone())
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture (compiles, allocates the one-time constants)
+            for _ in range(2):
+                run_once(with_grad, *static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        static[0].grad = None  # else every replay would add to the warm-up's gradient
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_once(with_grad, *static)
+        return graph, static
+
+    def replay(with_grad, student, teacher, labels):
+        if with_grad not in graphs:
+            graphs[with_grad] = capture(with_grad, student, teacher, labels)
+        graph, (static_student, static_teacher, static_labels) = graphs[with_grad]
+        with torch.no_grad():
+            static_student.copy_(student)
+            static_teacher.copy_(teacher)
+            static_labels.copy_(labels)
+        graph.replay()
+
+    return (lambda *inputs: replay(True, *inputs)), (lambda *inputs: replay(False, *inputs))
+
+
 def rkd_method(loss_fn):
     def forward_backward(student, teacher, labels):
         student = student.detach().requires_grad_(True)
@@ -96,6 +142,10 @@ def all_methods(device):
             methods[f"ekd/{name}"] = lambda n=name: ekd_method(n, device)
         except RuntimeError as exc:
             skipped[f"ekd/{name}"] = str(exc)
+    if device.type == "cuda":  # the fast backends run no host synchronisation: capturable
+        for name in ("triton", "csrc"):
+            if f"ekd/{name}" in methods:
+                methods[f"ekd/{name}+graph"] = lambda n=name: ekd_graph_method(n, device)
     methods["rkd/reference"] = lambda: rkd_method(RKDLoss())
     fast, why = fast_rkd()
     if fast is not None:
@@ -223,7 +273,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CI-sized: two small batches, two repeats")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes B")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="subset of: ekd/reference ekd/triton ekd/csrc rkd/reference rkd/fast floor")
+                        help="subset of: ekd/reference ekd/triton ekd/csrc rkd/reference rkd/fast floor "
+                             "(CUDA: ekd/triton+graph ekd/csrc+graph)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 
@@ -53,6 +54,35 @@ def test_loss_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     rows = [r for r in read_rows(out) if "note" not in r]
     assert sorted((r["name"], r["batch"]) for r in rows) == [("ekd/reference", 64), ("ekd/reference", 128),
                                                             ("floor", 64), ("floor", 128)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "csrc"])
+def test_loss_bench_graph_method_replays_the_eager_steps(monkeypatch, backend):
+    """The benchmark's graphed method runs the loss it claims to time: its first forward+backward
+    (two warm-up calls, the capture, one replay) and one more on another batch leave the module's
+    EMA state bitwise where the same four calls leave an eager module's.  Fails when a replay
+    runs nothing, or a call's inputs are not copied in."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+    from ekd_kernels import EKDLoss
+    from ekd_kernels.backends import available_backends
+
+    device = torch.device("cuda")
+    if backend not in available_backends(device):
+        pytest.skip(f"the {backend} backend is not built here")
+    student, teacher, labels = bench_loss.make_inputs(256, 64, torch.float32, device, seed=3)
+    other = bench_loss.make_inputs(256, 64, torch.float32, device, seed=4)
+    captured, eager = EKDLoss(backend=backend).to(device), EKDLoss(backend=backend).to(device)
+    forward_backward, _ = bench_loss.ekd_graph_method(backend, device, crit=captured)
+    forward_backward(student, teacher, labels)
+    forward_backward(*other)
+    for inputs in (student, teacher, labels), (student, teacher, labels), (student, teacher, labels), other:
+        leaf = inputs[0].detach().clone().requires_grad_(True)
+        eager(leaf, *inputs[1:]).backward()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.student_thresholds, eager.student_thresholds)
+    assert torch.equal(captured.teacher_thresholds, eager.teacher_thresholds)
 
 
 def test_train_step_bench_quick(tmp_path):

@@ -92,6 +92,13 @@ case "$stage" in
     step pytest-cuda 150 $PY -m pytest python_tests -q -rfEs -k cuda $xdist -p no:cacheprovider \
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
+    # the Triton large-B variants (histogram copies, pass 1's head/tail split) and the graphed
+    # benchmark method on CUDA tensors: their tests' names do not say cuda, the last step runs them
+    # all, but it may be cut by the lease's end
+    step pytest-triton 60 $PY -m pytest python_tests/test_triton.py python_tests/test_bench.py -q -rfEs \
+      -k "copies or cutoff or aggregate or graph_method or host_synchronisation or memory_stays" \
+      -p no:cacheprovider >> "$OUT/pytest.log" 2>&1
+    tail -1 "$OUT/pytest.log" >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > /tmp/profile.log 2>&1
     grep "^B=\|^    " /tmp/profile.log >> "$OUT/summary.txt"
