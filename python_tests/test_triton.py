@@ -268,16 +268,21 @@ def test_coarse_histogram_copies_against_the_reference(monkeypatch, capacity):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
-@pytest.fixture(params=["head", "fallback"])
+@pytest.fixture(params=["head", "fallback", "head+copies", "fallback+copies"])
 def pass1_cutoff(request, monkeypatch):
     """Pass 1 in two parts (coarse_histogram_kernel), forced at a small B: the head of the order
     up to a cutoff placed by a sample, which holds every target ("head"), or a cutoff at the
     sample's very top, so that every target lies past it and the tail is counted too
-    ("fallback").  Returns a recorder of the forward's scratch views, for the checks of what
-    pass 1 counted."""
+    ("fallback"); into one histogram, or into copies (a copy per tile program, as many as
+    allowed), as at the large B where the split is the default.  Returns the path ("head" or
+    "fallback") and a recorder of the forward's scratch views, for the checks of what pass 1
+    counted."""
+    path, _, copies = request.param.partition("+")
     monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
-    if request.param == "fallback":
+    if path == "fallback":
         monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
+    if copies:
+        monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
     scratch = []
     carve = triton_ekd._carve
 
@@ -287,7 +292,7 @@ def pass1_cutoff(request, monkeypatch):
         return buffer, views
 
     monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
-    return request.param, scratch
+    return path, scratch
 
 
 def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, **options):
@@ -309,7 +314,7 @@ def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, 
     with monkeypatch.context() as one_part:
         one_part.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 2**62)
         whole, _ = forward()
-    assert "probe" not in whole
+    assert "probe" not in whole and w32["coarse"].shape[1] == triton_ekd._coarse_copies(student.shape[0])
     num_negative = int(state[kernels.NUM_NEGATIVE.value])
     sample = int(state[kernels.SAMPLE_NEGATIVE.value])
     assert 0 < sample <= triton_ekd.TILE * student.shape[0]
