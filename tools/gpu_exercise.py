@@ -20,6 +20,8 @@
     python tools/gpu_exercise.py profile --sizes 64 1024 8192 --out profile.json
         where each backend's forward+backward time goes: wall time, the host's time to issue the
         call, the device's busy time, kernel launches per call, the top kernels (torch.profiler).
+    python tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-cutoff triton:one-copy
+        the Triton forward against its earlier states, one after the other in one process (A/B).
     python tools/gpu_exercise.py once --sizes 8192 --backend triton --dtype bfloat16
         one warm forward+backward inside an NVTX range "ekd", for ncu --nvtx --nvtx-include "ekd/".
 
@@ -49,6 +51,11 @@ COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", 
 # in copies and counted in two parts, with every target in the head, and with the tail counted too.
 LARGE_B_TRITON = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
                   "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12)}
+# Earlier states of the Triton forward, for A/B runs on one machine (profile/once --backends
+# triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
+# code of the first GPU run).
+TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
+                   "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1)}
 
 
 def sync(device):
@@ -80,6 +87,17 @@ class triton_settings:
     def __exit__(self, *exc):
         for name, value in self.saved.items():
             setattr(self.module, name, value)
+
+
+def backend_variant(name):
+    """("triton", its settings) for "triton:VARIANT" (TRITON_VARIANTS), (name, {}) otherwise."""
+    backend, _, variant = name.partition(":")
+    if not variant:
+        return backend, {}
+    if backend != "triton" or variant not in TRITON_VARIANTS:
+        raise SystemExit(f"unknown backend variant {name!r}; known: "
+                         + ", ".join(f"triton:{v}" for v in TRITON_VARIANTS))
+    return backend, TRITON_VARIANTS[variant]
 
 
 def call(crit, student, teacher, labels, seed):
@@ -310,26 +328,28 @@ def profile(sizes, device, out, calls=5, backends=None):
         for dtype in (torch.float32, torch.bfloat16):
             student, teacher, labels = batch_of(size, dtype, device, seed=size)
             for backend in backends:
-                crit = EKDLoss(backend=backend).to(device)
+                name, settings = backend_variant(backend)
+                crit = EKDLoss(backend=name).to(device)
 
                 def step():
                     x = student.detach().requires_grad_(True)
                     crit(x, teacher, labels).backward()
 
-                for _ in range(3):  # compile, warm the allocator
-                    step()
-                sync(device)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step()
-                issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
-                sync(device)
-                wall = (time.perf_counter() - start) / calls
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                with torch_profile(activities=activities) as prof:
-                    for _ in range(calls):
+                with triton_settings(**settings):
+                    for _ in range(3):  # compile, warm the allocator
                         step()
                     sync(device)
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        step()
+                    issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
+                    sync(device)
+                    wall = (time.perf_counter() - start) / calls
+                    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                    with torch_profile(activities=activities) as prof:
+                        for _ in range(calls):
+                            step()
+                        sync(device)
                 kernels = {}
                 for e in prof.key_averages():
                     busy = getattr(e, "self_device_time_total", None)
@@ -361,18 +381,20 @@ def once(sizes, device, backend, dtype_name):
     """One forward+backward per B after two warm-up calls, the measured one inside an NVTX range
     "ekd" (CUDA), for Nsight Compute: ncu --nvtx --nvtx-include "ekd/" profiles its kernels only."""
     dtype = getattr(torch, dtype_name)
+    backend, settings = backend_variant(backend)
     for size in sizes:
         student, teacher, labels = batch_of(size, dtype, device, seed=size)
         crit = EKDLoss(backend=backend).to(device)
-        for _ in range(2):
+        with triton_settings(**settings):
+            for _ in range(2):
+                call(crit, student, teacher, labels, 0)
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.nvtx.range_push("ekd")
             call(crit, student, teacher, labels, 0)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.nvtx.range_push("ekd")
-        call(crit, student, teacher, labels, 0)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.nvtx.range_pop()
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.nvtx.range_pop()
         print(f"once: B={size} {dtype_name} {backend} done", flush=True)
     return 0
 
@@ -384,25 +406,13 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reference-max", type=int, default=8192, help="largest B the reference judges")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--backend", default="triton", help="once: the backend")
+    parser.add_argument("--backend", default="triton", help="once: the backend (or triton:VARIANT, as --backends)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="once: the dtype")
-    parser.add_argument("--backends", nargs="+", default=None, help="profile: these backends only")
-    parser.add_argument("--triton-max-copies", type=int, default=None,
-                        help="profile, once: cap the Triton pass 1's histogram copies (triton_ekd.MAX_COARSE_COPIES; "
-                             "1 is the single histogram of before), to compare with the default in the same lease")
-    parser.add_argument("--triton-cutoff", choices=["on", "off"], default="on",
-                        help="profile, once: off makes the Triton pass 1 count every bucket at once at any B "
-                             "(triton_ekd.CUTOFF_MIN_BATCH), the code before its head/tail split, for an A/B")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="profile: these backends only; triton:VARIANT is an earlier state of the Triton "
+                             f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)})")
     args = parser.parse_args()
     device = torch.device(args.device)
-    from ekd_kernels import triton_ekd
-
-    if args.triton_max_copies is not None:
-        triton_ekd.MAX_COARSE_COPIES = args.triton_max_copies
-        print(f"triton: at most {args.triton_max_copies} copies of each pass-1 histogram", flush=True)
-    if args.triton_cutoff == "off":
-        triton_ekd.CUTOFF_MIN_BATCH = 2**62
-        print("triton: pass 1 counts every bucket at once (no cutoff)", flush=True)
     if args.what == "sanitize":
         sanitize(args.sizes, device)
         return 0
