@@ -11,7 +11,9 @@ with the launch path, and with the kernels replaced at `kernel[grid]` (no Triton
 all): their difference is Triton's per-launch Python.  CPU tensors stand in for CUDA ones.
 Then, kernels still replaced, where the rest goes: the module's forward with and without
 autograd, the forward custom op called directly, its implementation (_forward_impl) alone, the
-backward op and its implementation.
+backward op and its implementation; and the op pair's forward+backward through the autograd that
+torch.library registers for it, against a plain torch.autograd.Function calling the same two ops
+(what replacing that registration would save).
 
     python tools/host_cost.py            # B = 64, D = 512
     python tools/host_cost.py 1024
@@ -128,7 +130,32 @@ def breakdown(crit, student, teacher, labels, repeats):
         "backward custom op": lambda: torch.ops.ekd_kernels.triton_ekd_backward(*backward_args),
         "_backward_impl": lambda: triton_ekd._backward_impl(*backward_args),
     }
+    forward_op, backward_op = torch.ops.ekd_kernels.triton_ekd_forward, torch.ops.ekd_kernels.triton_ekd_backward
+
+    class PlainFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, student):
+            outputs = forward_op(student, teacher, labels, *thresholds, None, *options)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(*outputs[15:18], *outputs[7:15])
+            ctx.mark_non_differentiable(*outputs[1:])
+            return outputs
+
+        @staticmethod
+        def backward(ctx, grad_loss, *unused):
+            return backward_op(grad_loss, *ctx.saved_tensors, config.temperature, config.critical_only,
+                               config.rank_loss)
+
+    def through_registered_autograd():
+        forward_op(leaf, teacher, labels, *thresholds, None, *options)[0].backward()
+
+    def through_plain_function():
+        PlainFunction.apply(leaf)[0].backward()
+
+    pieces["op pair forward+backward, torch.library's autograd"] = through_registered_autograd
+    pieces["op pair forward+backward, a plain autograd.Function"] = through_plain_function
     for name, piece in pieces.items():
+        leaf.grad = None
         print(f"  {name}: {per_call_ms(piece, 4 * repeats) * 1e3:.0f} us")
 
 
