@@ -350,11 +350,12 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     few L2 slices that hold those lines; copies spread them over as many more lines.
 
     At large B the pass counts in two parts (PART).  Every target rank lies in the top of the
-    descending order (at most the largest FPR, or N, of the L negatives), but most pairs, and
-    the hottest bins, lie below it.  So the pass first counts only the buckets up to a cutoff
-    placed by a sample (HEAD_BUCKETS, cutoff_select_kernel): every counted bucket is complete,
-    and coarse_select finds in them every target that lies at or above the cutoff, exactly as in
-    the whole histogram.  Should a target lie past it, coarse_select sets FALLBACK, and the
+    descending order (at most the largest FPR, or N, of the L negatives), but most pairs lie
+    below it (a random batch's hottest bins do not: they sit near one standard deviation of the
+    similarities, in the head; the copies spread those).  So the pass first counts only the
+    buckets up to a cutoff placed by a sample (HEAD_BUCKETS, cutoff_select_kernel): every
+    counted bucket is complete, and coarse_select finds in them every target that lies at or
+    above the cutoff, exactly as in the whole histogram.  Should a target lie past it, coarse_select sets FALLBACK, and the
     launch with TAIL_BUCKETS counts the buckets past the cutoff (its programs return at once
     when FALLBACK is not set): the histogram is then whole, and coarse_select runs again."""
     pid_m = tl.program_id(0)
