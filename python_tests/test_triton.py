@@ -130,8 +130,24 @@ def _descending_keys(similarity):
     return torch.where(bits >> 31 == 1, bits, bits ^ 0x7FFFFFFF)
 
 
+@pytest.fixture
+def scratch_views(monkeypatch):
+    """The named views of every scratch buffer the forward carves (triton_ekd._carve), in order,
+    for the tests that check what a pass left in them."""
+    scratch = []
+    carve = triton_ekd._carve
+
+    def recording_carve(dtype, device, **shapes):
+        buffer, views = carve(dtype, device, **shapes)
+        scratch.append(views)
+        return buffer, views
+
+    monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
+    return scratch
+
+
 @pytest.mark.parametrize("tiles_per_copy", [None, 1], ids=["copies_as_default", "a_copy_per_tile"])
-def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, tiles_per_copy):
+def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views, tiles_per_copy):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
     (kernels._histogram_add), per element elsewhere.  A batch with all three kinds, exact
     similarities: both passes' histograms must be the counts of the negatives' keys exactly.
@@ -144,18 +160,9 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, tiles_per_copy
         monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", tiles_per_copy)
     student, teacher, labels = helpers.uniform_tiles_batch()
     batch = student.shape[0]
-    scratch = []
-    carve = triton_ekd._carve
-
-    def recording_carve(dtype, device, **shapes):
-        buffer, views = carve(dtype, device, **shapes)
-        scratch.append(views)
-        return buffer, views
-
-    monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
     crit = EKDLoss(backend="triton")
     crit(student.float().to(DEVICE), teacher.float().to(DEVICE), labels.to(DEVICE))
-    w32 = next(views for views in scratch if "coarse" in views)
+    w32 = next(views for views in scratch_views if "coarse" in views)
     coarse, fine, buckets = (w32[name].cpu() for name in ("coarse", "fine", "bucket"))
 
     upper = torch.ones(batch, batch, dtype=torch.bool).triu(1)
@@ -269,7 +276,7 @@ def test_coarse_histogram_copies_against_the_reference(monkeypatch, capacity):
 
 
 @pytest.fixture(params=["head", "fallback", "head+copies", "fallback+copies"])
-def pass1_cutoff(request, monkeypatch):
+def pass1_cutoff(request, monkeypatch, scratch_views):
     """Pass 1 in two parts (coarse_histogram_kernel), forced at a small B: the head of the order
     up to a cutoff placed by a sample, which holds every target ("head"), or a cutoff at the
     sample's very top, so that every target lies past it and the tail is counted too
@@ -283,16 +290,7 @@ def pass1_cutoff(request, monkeypatch):
         monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
     if copies:
         monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
-    scratch = []
-    carve = triton_ekd._carve
-
-    def recording_carve(dtype, device, **shapes):
-        buffer, views = carve(dtype, device, **shapes)
-        scratch.append(views)
-        return buffer, views
-
-    monkeypatch.setattr(triton_ekd, "_carve", recording_carve)
-    return path, scratch
+    return path, scratch_views
 
 
 def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, **options):
@@ -495,26 +493,12 @@ import json
 import sys
 
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
+sys.path.insert(0, sys.argv[1])  # tools/
+import sm90_stand_in
 
-class Sm90WithoutGpu:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-driver.set_active(Sm90WithoutGpu())
+sm90_stand_in.install()
 launched = {}
 _run = JITFunction.run
 
@@ -575,12 +559,14 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     program whatever the input's strides and alignment (so views sum their norms in the order
     of contiguous copies, bitwise)."""
     import json
+    import pathlib
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    done = subprocess.run([sys.executable, "-c", _LAUNCH_SCRIPT], env=env, capture_output=True, text=True,
+    tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
+    done = subprocess.run([sys.executable, "-c", _LAUNCH_SCRIPT, tools], env=env, capture_output=True, text=True,
                           timeout=900)
     last_line = (done.stderr.strip().splitlines() or [""])[-1]
     if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
