@@ -219,14 +219,18 @@ def test_low_precision_inputs(dtype):
             grad_tol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
-def test_non_finite_input():
-    student, teacher, labels = make_batch(16, 8, 8, 4, seed=8)
+def _assert_non_finite_batch_keeps_state(student, teacher, labels):
+    """One inf in the student: NaN loss, the EMA state kept."""
     student[3, 2] = float("inf")
     previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
     result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
     assert torch.isnan(result.loss)
     assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
+def test_non_finite_input():
+    _assert_non_finite_batch_keeps_state(*make_batch(16, 8, 8, 4, seed=8))
 
 
 def test_eval_mode_leaves_thresholds():
@@ -358,12 +362,7 @@ def test_pass1_cutoff_with_an_overflowing_candidate_buffer(pass1_cutoff, monkeyp
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
 def test_pass1_cutoff_with_a_non_finite_batch(pass1_cutoff):
     """A non-finite batch through pass 1's two parts: NaN loss, the EMA state kept."""
-    student, teacher, labels = make_batch(90, 8, 8, 20, seed=24)
-    student[3, 2] = float("inf")
-    previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
-    result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
-    assert torch.isnan(result.loss)
-    assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds, previous[1])
+    _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
 
 
 def test_pass1_cutoff_fraction():
