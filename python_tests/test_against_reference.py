@@ -109,6 +109,24 @@ def test_no_host_reads_in_forward_and_backward(fast_backend, device, options):
     assert count_host_reads(lambda: crit(student, teacher, labels).backward()) == 0
 
 
+@pytest.mark.parametrize("tail", [False, True], ids=["head", "head_and_tail"])
+def test_no_host_reads_in_the_triton_large_b_variants(device, monkeypatch, tail):
+    """The Triton forward's large-B variants, forced at a small B (pass 1 in histogram copies and
+    in two parts, the tail counted or not, which the device decides), read nothing to the host."""
+    from ekd_kernels import triton_ekd
+
+    require_backend("triton", device)
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
+    if tail:
+        monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
+    crit = EKDLoss(backend="triton").to(device)
+    student, teacher, labels = make_batch(150, 16, 16, 30, seed=2, device=device)
+    crit(student, teacher, labels)  # first call: one-time setup may read scalars
+    student = student.detach().requires_grad_(True)
+    assert count_host_reads(lambda: crit(student, teacher, labels).backward()) == 0
+
+
 # CUDA devices only (none on a machine without a GPU: pytest then reports the empty set as one
 # skip), rather than CPU variants that skip: a GPU run's `-k cuda` selects no skipped case.
 @pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"], indirect=True)
