@@ -68,7 +68,9 @@ FALLBACK: tl.constexpr = tl.constexpr(10)        # 1: a target lies past a cutof
 STATE_SIZE: tl.constexpr = tl.constexpr(16)
 
 # coarse_histogram_kernel's PART: every bucket; the buckets up to the cutoff (the head); the
-# buckets past it (the tail), only after FALLBACK was set.
+# buckets past it (the tail), only after FALLBACK was set.  The kernels' parameters default to
+# the first value of each, written as a plain 0: triton 3.2 refuses a constexpr object as a
+# parameter's default ("Callable constexpr ... is not supported").
 ALL_BUCKETS: tl.constexpr = tl.constexpr(0)
 HEAD_BUCKETS: tl.constexpr = tl.constexpr(1)
 TAIL_BUCKETS: tl.constexpr = tl.constexpr(2)
@@ -336,7 +338,7 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
                             hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                            PART: tl.constexpr = ALL_BUCKETS):
+                            PART: tl.constexpr = 0):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
@@ -355,9 +357,10 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     similarities, in the head; the copies spread those).  So the pass first counts only the
     buckets up to a cutoff placed by a sample (HEAD_BUCKETS, cutoff_select_kernel): every
     counted bucket is complete, and coarse_select finds in them every target that lies at or
-    above the cutoff, exactly as in the whole histogram.  Should a target lie past it, coarse_select sets FALLBACK, and the
-    launch with TAIL_BUCKETS counts the buckets past the cutoff (its programs return at once
-    when FALLBACK is not set): the histogram is then whole, and coarse_select runs again."""
+    above the cutoff, exactly as in the whole histogram.  Should a target lie past it,
+    coarse_select sets FALLBACK, and the launch with TAIL_BUCKETS counts the buckets past the
+    cutoff (its programs return at once when FALLBACK is not set): the histogram is then whole,
+    and coarse_select runs again."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -412,7 +415,7 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 @triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
-                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = NO_CUTOFF):
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
 
