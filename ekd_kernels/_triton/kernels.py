@@ -313,9 +313,10 @@ def probe_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch
     label_i = tl.load(labels_ptr + rows, mask=row_mask, other=0)
     label_j = tl.load(labels_ptr + cols, mask=col_mask, other=0)
     negative = row_mask[:, None] & col_mask[None, :] & (label_i[:, None] != label_j[None, :])
+    # One model's tile at a time (fewer live registers: the strided sample rows cost some).
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
-    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
     _histogram_add(probe_s_ptr, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative)
+    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
     _histogram_add(probe_t_ptr, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative)
     num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
     tl.atomic_add(state_ptr + SAMPLE_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
@@ -331,6 +332,18 @@ def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexp
     rank = tl.maximum(tl.minimum(rank, num_sample - 1), 0)
     bucket, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, rank, 1, SCAN_BLOCK)
     tl.store(state_ptr + CUTOFF + model, tl.where(num_sample > 0, bucket, NUM_BUCKETS - 1).to(tl.int64))
+
+
+@triton.jit
+def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constexpr):
+    """Pass 1's histogram add for one model's tile: every negative, or those up to the model's
+    cutoff (HEAD_BUCKETS), or past it (TAIL_BUCKETS)."""
+    counted = negative
+    if PART == HEAD_BUCKETS:
+        counted = negative & (bins <= tl.load(state_ptr + CUTOFF + model))
+    if PART == TAIL_BUCKETS:
+        counted = negative & (bins > tl.load(state_ptr + CUTOFF + model))
+    _histogram_add(hist_ptr, bins, counted)
 
 
 @triton.jit
@@ -370,21 +383,12 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
             return
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
-    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
-    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    bins_a = (_descending_key(a) >> RADIX_BITS).to(tl.int32)
-    bins_b = (_descending_key(b) >> RADIX_BITS).to(tl.int32)
-    counted_a = negative
-    counted_b = negative
-    if PART == HEAD_BUCKETS:
-        counted_a = negative & (bins_a <= tl.load(state_ptr + CUTOFF))
-        counted_b = negative & (bins_b <= tl.load(state_ptr + CUTOFF + 1))
-    if PART == TAIL_BUCKETS:
-        counted_a = negative & (bins_a > tl.load(state_ptr + CUTOFF))
-        counted_b = negative & (bins_b > tl.load(state_ptr + CUTOFF + 1))
     copy = ((pid_m + pid_n) % num_copies).to(tl.int64) * NUM_BUCKETS
-    _histogram_add(hist_s_ptr + copy, bins_a, counted_a)
-    _histogram_add(hist_t_ptr + copy, bins_b, counted_b)
+    # One model's tile at a time: fewer live registers than both tiles at once.
+    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+    _histogram_part(hist_s_ptr + copy, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative, state_ptr, 0, PART)
+    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+    _histogram_part(hist_t_ptr + copy, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative, state_ptr, 1, PART)
     if PART != TAIL_BUCKETS:  # L is counted once, in the first launch
         num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
         tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
