@@ -53,7 +53,7 @@ LARGE_B_TRITON = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=
                   "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12)}
 # Earlier states of the Triton forward, for A/B runs on one machine (profile/once --backends
 # triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
-# code of the first GPU run).
+# first GPU run's pass-1 structure; both keep the later change to one model's tile at a time).
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1)}
 

@@ -103,7 +103,7 @@ case "$stage" in
       > /tmp/profile.log 2>&1
     grep "^B=\|^    " /tmp/profile.log >> "$OUT/summary.txt"
     # the Triton forward at B = 8192 against its earlier states, back to back in one process: pass 1
-    # without its head/tail split, then without its histogram copies too (the first run's code)
+    # without its head/tail split, then without its histogram copies too (the first run's pass-1 structure)
     step triton-ab 60 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-cutoff \
       triton:one-copy --out /tmp/triton_ab.json > /tmp/triton_ab.log 2>&1
     { echo "Triton A/B (default, no cutoff, one copy):"; grep "^B=\|^    " /tmp/triton_ab.log; } >> "$OUT/summary.txt"
