@@ -475,23 +475,21 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # pass 1 counts the head of the order first, and the rest only when a target lies in it.
     coarse, fine = w32["coarse"].view(histogram_dtype), w32["fine"].view(histogram_dtype)
     bucket, state = w32["bucket"], w64["state"]
-    select_args = (coarse, copies, fine, state, _rank_fractions(config, num_pairs, device), num_thresholds,
-                   num_targets, config.num_hard_negatives, capacity, bucket, w64["target_state"], w32["nonfinite"],
-                   2 * row_blocks)
-    if cutoff_fraction is None:
-        kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, **options)
-        kernels.coarse_select_kernel[(num_targets, 2)](*select_args, HARDEST=hardest, SCAN_BLOCK=scan_block)
-    else:
+    fractions = _rank_fractions(config, num_pairs, device)
+    parts = ((kernels.ALL_BUCKETS, kernels.NO_CUTOFF),)
+    if cutoff_fraction is not None:
         probe = w32["probe"]
         kernels.probe_histogram_kernel[(row_blocks,)](*models, max(1, batch // TILE), probe[0], probe[1], state,
                                                       **options)
         kernels.cutoff_select_kernel[(2,)](probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
         parts = ((kernels.HEAD_BUCKETS, kernels.CHECK_CUTOFF), (kernels.TAIL_BUCKETS, kernels.AFTER_FALLBACK))
-        for part, mode in parts:
-            kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, PART=part.value,
-                                                   **options)
-            kernels.coarse_select_kernel[(num_targets, 2)](*select_args, HARDEST=hardest, SCAN_BLOCK=scan_block,
-                                                           CUTOFF_MODE=mode.value)
+    for part, mode in parts:
+        kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, PART=part.value,
+                                               **options)
+        kernels.coarse_select_kernel[(num_targets, 2)](
+            coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
+            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
+            CUTOFF_MODE=mode.value)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
     kernels.fine_histogram_kernel[tiles](
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,

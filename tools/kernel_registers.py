@@ -1,0 +1,71 @@
+"""Registers and spills of every Triton kernel variant a forward+backward launches, compiled for an
+H100 (sm_90a) without a GPU: the launches go through the stand-in driver (tools/sm90_stand_in.py)
+and compile only; each distinct PTX goes through Triton's bundled `ptxas -v`.  Variants: fp32
+and bf16, at a small B (one pass-1 histogram) and with the large-B pass 1 forced (histogram
+copies, head and tail).  Run with the triton whose figures you want (the GPU machine's is 3.6:
+tools/check_torch_version.sh 2.11.0 leaves a venv with it).
+
+    python tools/kernel_registers.py
+"""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # native compiles, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import sm90_stand_in  # noqa: E402  (tools/, this script's folder)
+
+
+def main():
+    sm90_stand_in.install()
+    run = JITFunction.run
+    launched = {}  # (label, kernel) -> distinct PTX texts, in launch order
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        launched.setdefault((label, self.__name__), {})[kernel.asm["ptx"]] = None
+        return kernel
+
+    JITFunction.run = compile_only
+    from ekd_kernels import ekd_loss, triton_ekd
+
+    triton_ekd.unavailable_reason = lambda device: None  # CPU tensors: nothing runs, all compiles
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(300, 512, generator=generator), torch.randn(300, 512, generator=generator)
+    labels = torch.arange(300) // 4
+    for large_b in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            label = f"{str(dtype).replace('torch.', '')}{', large-B pass 1' if large_b else ''}"
+            saved = triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY
+            if large_b:
+                triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = 0, 1
+            leaf = student.to(dtype).requires_grad_(True)
+            ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
+            triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = saved
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    print(f"triton {triton.__version__}, {ptxas}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for (label, name), ptxs in launched.items():
+            for index, ptx in enumerate(ptxs):
+                path = pathlib.Path(tmp) / f"{name}_{index}.ptx"
+                path.write_text(ptx)
+                done = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
+                                      capture_output=True, text=True)
+                registers = re.search(r"Used (\d+) registers", done.stderr)
+                spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+                print(f"  {label:24s} {name:26s} variant {index}: "
+                      f"{registers.group(1) if registers else '?'} registers, "
+                      f"{spills.group(1) if spills else '?'} B spill stores")
+
+
+if __name__ == "__main__":
+    main()
