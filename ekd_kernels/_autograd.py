@@ -40,3 +40,15 @@ def first_order_only(backend: str):
         return wrapper
 
     return decorate
+
+
+def eager_call(*tensors) -> bool:
+    """Whether a loss op may be called through its eager twin (a plain torch.autograd.Function
+    running the same checks, kernels and backward) rather than through the registered op: only
+    plain tensors (None allowed) in plain eager mode.  torch.compile and export trace the op (its
+    fake implementation gives them shapes); tensor subclasses (FakeTensor, DTensor), active
+    dispatch modes (make_fx, FakeTensorMode) and torch.func transforms see the op too."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)

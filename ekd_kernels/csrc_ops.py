@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._autograd import first_order_only
+from ._autograd import eager_call, first_order_only
 from .config import EKDConfig, fpr_fraction
 from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -142,25 +142,51 @@ def _setup_context(ctx, inputs, output):
                           positive_scale)
 
 
-@first_order_only("csrc")
-def _backward(ctx, grad_loss, *unused_grads):
+def _student_gradient(ctx, grad_loss) -> Optional[torch.Tensor]:
+    if not ctx.needs_input_grad[0]:
+        return None
     student, teacher, labels, new_student, new_teacher, selected_pairs, selected_grads, positive_scale = \
         ctx.saved_tensors
     temperature, critical_only, rank_loss = ctx.options
-    grad_student = None
-    if ctx.needs_input_grad[0]:
-        if grad_loss is None:  # a backward through another output only (grads are not materialised)
-            grad_loss = torch.zeros((), dtype=positive_scale.dtype, device=student.device)
-        grad_student = torch.ops.ekd_kernels.ekd_backward(
-            grad_loss, student, teacher.detach(), labels, new_student.to(student.dtype), new_teacher.to(student.dtype),
-            selected_pairs, selected_grads, positive_scale, temperature, critical_only, rank_loss)
-    return (grad_student,) + (None,) * 16
+    if grad_loss is None:  # a backward through another output only (grads are not materialised)
+        grad_loss = torch.zeros((), dtype=positive_scale.dtype, device=student.device)
+    return torch.ops.ekd_kernels.ekd_backward(
+        grad_loss, student, teacher.detach(), labels, new_student.to(student.dtype), new_teacher.to(student.dtype),
+        selected_pairs, selected_grads, positive_scale, temperature, critical_only, rank_loss)
+
+
+@first_order_only("csrc")
+def _backward(ctx, grad_loss, *unused_grads):
+    return (_student_gradient(ctx, grad_loss),) + (None,) * 16
 
 
 if _LOAD_ERROR is None:
     torch.library.register_fake(_FORWARD_OP)(_fake_forward)
     torch.library.register_fake(_BACKWARD_OP)(_fake_backward)
     torch.library.register_autograd(_FORWARD_OP, _backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """The forward op's eager path: the same op and backward, with the op called below autograd
+    instead of through the autograd that torch.library registered for it (option defaults filled,
+    every output's grad_fn), which costs about as much host time as the op itself at small B
+    (tools/host_cost.py).  torch.compile, export, dispatch modes and torch.func transforms take
+    the registered op (see _autograd.eager_call)."""
+
+    # forward(ctx, ...) rather than a setup_context: apply() binds a setup_context style forward's
+    # arguments through inspect.signature on every call; this class never runs under torch.func.
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.ekd_kernels.ekd_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    @first_order_only("csrc")
+    def backward(ctx, grad_loss, *unused_grads):
+        return (_student_gradient(ctx, grad_loss),) + (None,) * 16
 
 
 # --------------------------------------------------------------------------- the backend
@@ -188,13 +214,15 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     if config.negative_selection == "random":
         random_ranks = _random_negative_ranks(labels, config, generator)
     fractions = [fpr_fraction(f) for f in config.fprs]
-    (loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms, _, _, _) = \
-        torch.ops.ekd_kernels.ekd_forward(
-            student.to(dtype), teacher.detach().to(dtype), labels, student_thresholds, teacher_thresholds,
-            random_ranks, [q.numerator for q in fractions], [q.denominator for q in fractions],
-            float(config.temperature), int(config.num_hard_negatives), float(config.momentum),
-            float(config.positive_weight), float(config.negative_weight), bool(config.critical_only),
-            _RANK_LOSS_CODES[config.rank_loss], bool(update_thresholds), bool(config.compute_critical_ratio))
+    student, teacher = student.to(dtype), teacher.detach().to(dtype)
+    forward = (_EagerForward.apply if eager_call(student, teacher, labels, student_thresholds, teacher_thresholds,
+                                                 random_ranks) else torch.ops.ekd_kernels.ekd_forward)
+    (loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms, _, _, _) = forward(
+        student, teacher, labels, student_thresholds, teacher_thresholds, random_ranks,
+        [q.numerator for q in fractions], [q.denominator for q in fractions], float(config.temperature),
+        int(config.num_hard_negatives), float(config.momentum), float(config.positive_weight),
+        float(config.negative_weight), bool(config.critical_only), _RANK_LOSS_CODES[config.rank_loss],
+        bool(update_thresholds), bool(config.compute_critical_ratio))
     batch = student.shape[0]
     critical_ratio = (counts[4].to(torch.float32) / (batch * (batch - 1) // 2)
                       if config.compute_critical_ratio else None)

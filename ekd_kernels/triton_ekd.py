@@ -81,7 +81,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._autograd import first_order_only
+from ._autograd import eager_call, first_order_only
 from .config import EKDConfig, fpr_fraction
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -778,6 +778,14 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     their coefficients, and the label-sorted student rows, teacher rows and labels."""
     config = _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                           critical_only, rank_loss, compute_critical_ratio)
+    return _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, config,
+                            update_thresholds)
+
+
+def _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                     config: EKDConfig, update_thresholds: bool) -> _ForwardOutputs:
+    """The forward op's body once its options are an EKDConfig (also the eager path's forward,
+    see _EagerForward): the argument checks, then the kernels on the tensors' device."""
     _check_forward_args(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
                         config.num_thresholds, check_values=_check_index_values(student.device))
     _check_limits(student.shape[0], config)
@@ -822,6 +830,15 @@ def _backward_op(grad_loss: torch.Tensor, s_sorted: torch.Tensor, t_sorted: torc
                  critical_only: bool, rank_loss: str) -> torch.Tensor:
     """d loss / d student (in the student's dtype and shape, contiguous), from the forward's
     label-sorted rows and what it saved."""
+    return _backward_checked(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                             positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                             critical_only, rank_loss)
+
+
+def _backward_checked(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
+                      positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                      critical_only, rank_loss) -> torch.Tensor:
+    """The backward op's body (also the eager path's backward): the argument checks, then the kernels."""
     _check_backward_args(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
                          positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
                          rank_loss, check_values=_check_index_values(s_sorted.device))
@@ -893,29 +910,59 @@ _FORWARD_INPUTS = 16
 _SAVED_OUTPUTS = (slice(15, 18), slice(7, 15))
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, output, temperature: float, critical_only: bool, rank_loss: str) -> None:
     # Only the loss (output 0) carries a gradient: without this, autograd would fill a zero
     # tensor for each of the 17 other outputs on every backward (two of them B x D), 17 fill
     # launches that the backward never reads.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]))
-    ctx.temperature = inputs[7]
-    ctx.critical_only = inputs[12]
-    ctx.rank_loss = inputs[13]
+    ctx.temperature, ctx.critical_only, ctx.rank_loss = temperature, critical_only, rank_loss
+
+
+def _student_gradient(ctx, grad_loss, backward) -> Optional[torch.Tensor]:
+    """d loss / d student through `backward` (the op, or its body on the eager path)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    saved = ctx.saved_tensors
+    if grad_loss is None:  # a backward through another output only (grads are not materialised)
+        grad_loss = torch.zeros((), dtype=torch.float32, device=saved[0].device)
+    return backward(grad_loss, *saved, ctx.temperature, ctx.critical_only, ctx.rank_loss)
+
+
+def _setup_context(ctx, inputs, output):
+    _save_for_backward(ctx, output, temperature=inputs[7], critical_only=inputs[12], rank_loss=inputs[13])
 
 
 @first_order_only("triton")
 def _backward(ctx, grad_loss, *unused_grads):
-    saved = ctx.saved_tensors
-    grad_student = None
-    if ctx.needs_input_grad[0]:
-        if grad_loss is None:
-            grad_loss = torch.zeros((), dtype=torch.float32, device=saved[0].device)
-        grad_student = _backward_op(grad_loss, *saved, ctx.temperature, ctx.critical_only, ctx.rank_loss)
-    return (grad_student,) + (None,) * (_FORWARD_INPUTS - 1)
+    return (_student_gradient(ctx, grad_loss, _backward_op),) + (None,) * (_FORWARD_INPUTS - 1)
 
 
 torch.library.register_autograd("ekd_kernels::triton_ekd_forward", _backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """The forward op's eager twin: the same checks, kernels and backward, called without the
+    custom op's dispatch and the autograd that torch.library wraps around it (option defaults
+    filled, every output's grad_fn), which cost about a quarter of a small batch's host time
+    (tools/host_cost.py).  torch.compile, export and dispatch modes take the op (see
+    _autograd.eager_call)."""
+
+    # forward(ctx, ...) rather than a setup_context: apply() binds a setup_context style forward's
+    # arguments through inspect.signature on every call; this class never runs under torch.func.
+    @staticmethod
+    def forward(ctx, student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, config,
+                update_thresholds):
+        output = _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                                  config, update_thresholds)
+        _save_for_backward(ctx, output, config.temperature, config.critical_only, config.rank_loss)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    @first_order_only("triton")
+    def backward(ctx, grad_loss, *unused_grads):
+        return (_student_gradient(ctx, grad_loss, _backward_checked),) + (None,) * 7
 
 
 # --------------------------------------------------------------------------- entry point
@@ -936,10 +983,15 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     random_pairs = None
     if config.negative_selection == "random":
         random_pairs = _random_negative_pairs(labels, config.num_hard_negatives, generator)
-    outputs = _forward_op(student, teacher.detach(), labels, student_thresholds, teacher_thresholds, random_pairs,
-                          list(config.fprs), config.temperature, config.num_hard_negatives, config.momentum,
-                          config.positive_weight, config.negative_weight, config.critical_only, config.rank_loss,
-                          config.compute_critical_ratio, bool(update_thresholds))
+    teacher = teacher.detach()
+    if eager_call(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs):
+        outputs = _EagerForward.apply(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                                      config, bool(update_thresholds))
+    else:
+        outputs = _forward_op(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                              list(config.fprs), config.temperature, config.num_hard_negatives, config.momentum,
+                              config.positive_weight, config.negative_weight, config.critical_only, config.rank_loss,
+                              config.compute_critical_ratio, bool(update_thresholds))
     loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms = outputs[:7]
     stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms,
                                  terms[2] if config.compute_critical_ratio else None)

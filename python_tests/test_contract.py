@@ -656,3 +656,85 @@ def test_auto_picks_the_first_available(monkeypatch):
     monkeypatch.setitem(backends_module._REGISTRY, "csrc", fast)
     EKDLoss()(*make_batch(6))
     assert calls == [1]
+
+
+# ----------------------------------------------------------------------------- eager path
+_FAST_MODULES = {"triton": "ekd_kernels.triton_ekd", "csrc": "ekd_kernels.csrc_ops"}
+
+
+@pytest.mark.parametrize("options", [{}, dict(negative_selection="random", num_hard_negatives=7),
+                                     dict(compute_critical_ratio=True, critical_only=True, num_hard_negatives=9)],
+                         ids=["hardest", "random", "critical"])
+def test_eager_path_equals_the_registered_op_bitwise(fast_backend, device, options, monkeypatch):
+    """In plain eager mode the fast backends call their forward through a plain autograd.Function
+    (_EagerForward: less host time), elsewhere through the registered op; both run the same
+    kernels, so loss, gradient, state and statistics agree bit for bit over consecutive calls.
+    The grad_fn says which path ran: each path is really taken."""
+    import importlib
+
+    module = importlib.import_module(_FAST_MODULES[fast_backend])
+    runs = {}
+    for path in ("eager", "op"):
+        if path == "op":
+            monkeypatch.setattr(module, "eager_call", lambda *tensors: False)
+        crit = EKDLoss(backend=fast_backend, generator=torch.Generator().manual_seed(5), **options).to(device)
+        results = []
+        for seed in (1, 2, 3):
+            student, teacher, labels = make_batch(24, seed=seed, device=device)
+            leaf = student.clone().requires_grad_()
+            loss = crit(leaf, teacher, labels)
+            assert ("_EagerForward" in type(loss.grad_fn).__name__) == (path == "eager"), type(loss.grad_fn)
+            loss.backward()
+            results.append((loss, leaf.grad, crit.student_thresholds.clone(), crit.teacher_thresholds.clone(),
+                            crit.last_stats.as_dict()))
+        runs[path] = results
+    for eager, op in zip(runs["eager"], runs["op"]):
+        for a, b in zip(eager[:4], op[:4]):
+            assert torch.equal(a, b)
+        assert repr(eager[4]) == repr(op[4])  # (NaN-safe: the batch thresholds may hold NaN)
+
+
+def test_eager_call_only_for_plain_tensors_in_plain_eager_mode():
+    """Where the registered op must be seen (a dispatch mode such as make_fx or FakeTensorMode, a
+    torch.func transform, a tensor subclass), the eager path is not taken."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ekd_kernels._autograd import eager_call
+
+    x = torch.ones(3)
+    assert eager_call(x, None, x)
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert not eager_call(x, x.as_subclass(Subclass))
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        assert not eager_call(x)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        assert not eager_call(torch.ones(3))  # (a FakeTensor, and a mode)
+    seen = []
+    torch.func.grad(lambda y: (seen.append(eager_call(x)) or y).sum())(torch.ones(2))
+    assert seen == [False]
+
+
+def test_dispatch_mode_sees_the_registered_op(fast_backend, device):
+    """Under a dispatch mode (what make_fx and non-strict export trace with) the loss is one op
+    call, not the kernels' launches that the mode cannot see."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    student, teacher, labels = make_batch(12, seed=4, device=device)
+    with Record():
+        ekd_loss(student, teacher, labels, backend=fast_backend)
+    assert {"triton": "ekd_kernels::triton_ekd_forward", "csrc": "ekd_kernels::ekd_forward"}[fast_backend] in seen

@@ -11,9 +11,11 @@ with the launch path, and with the kernels replaced at `kernel[grid]` (no Triton
 all): their difference is Triton's per-launch Python.  CPU tensors stand in for CUDA ones.
 Then, kernels still replaced, where the rest goes: the module's forward with and without
 autograd, the forward custom op called directly, its implementation (_forward_impl) alone, the
-backward op and its implementation; and the op pair's forward+backward through the autograd that
-torch.library registers for it, against a plain torch.autograd.Function calling the same two ops
-(what replacing that registration would save).
+backward op and its implementation; and the module's forward+backward through the eager path (a
+plain autograd.Function, what eager calls take) against the same through the registered op and
+the autograd torch.library wraps around it (what torch.compile traces), in one run.  Last, the
+same pair for the csrc backend's Python side, on meta tensors (the ops' fake kernels stand in for
+the compiled ones, so only the wrappers and autograd are timed).
 
     python tools/host_cost.py            # B = 64, D = 512
     python tools/host_cost.py 1024
@@ -87,6 +89,7 @@ def main(batch: int, repeats: int = 300):
           f"({per_call:.0f} launches), {without:.3f} ms with the kernels replaced at kernel[grid]: "
           f"{(with_launch_path - without) / per_call * 1e3:.0f} us of Python a launch")
     breakdown(crit, student, teacher, labels, repeats)
+    csrc_paths(batch, repeats)
 
 
 def breakdown(crit, student, teacher, labels, repeats):
@@ -115,33 +118,39 @@ def breakdown(crit, student, teacher, labels, repeats):
         "backward custom op": lambda: torch.ops.ekd_kernels.triton_ekd_backward(*backward_args),
         "_backward_impl": lambda: triton_ekd._backward_impl(*backward_args),
     }
-    forward_op, backward_op = torch.ops.ekd_kernels.triton_ekd_forward, torch.ops.ekd_kernels.triton_ekd_backward
-
-    class PlainFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, student):
-            outputs = forward_op(student, teacher, labels, *thresholds, None, *options)
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(*outputs[15:18], *outputs[7:15])
-            ctx.mark_non_differentiable(*outputs[1:])
-            return outputs
-
-        @staticmethod
-        def backward(ctx, grad_loss, *unused):
-            return backward_op(grad_loss, *ctx.saved_tensors, config.temperature, config.critical_only,
-                               config.rank_loss)
-
-    def through_registered_autograd():
-        forward_op(leaf, teacher, labels, *thresholds, None, *options)[0].backward()
-
-    def through_plain_function():
-        PlainFunction.apply(leaf)[0].backward()
-
-    pieces["op pair forward+backward, torch.library's autograd"] = through_registered_autograd
-    pieces["op pair forward+backward, a plain autograd.Function"] = through_plain_function
     for name, piece in pieces.items():
         leaf.grad = None
         print(f"  {name}: {per_call_ms(piece, 4 * repeats) * 1e3:.0f} us")
+    print("  module forward+backward, eager path against the registered op (alternating, best of 5):")
+    print_paths(triton_ekd, lambda: crit(leaf, teacher, labels).backward(), repeats)
+
+
+def print_paths(backend_module, step, repeats):
+    """The eager path's time against the registered op's (eager_call forced False), alternating
+    the two five times and keeping each one's best: one run, one ratio."""
+    eager_call = backend_module.eager_call
+    best = {"eager": float("inf"), "op": float("inf")}
+    for _ in range(5):
+        for path in best:
+            backend_module.eager_call = eager_call if path == "eager" else (lambda *tensors: False)
+            best[path] = min(best[path], per_call_ms(step, repeats))
+    backend_module.eager_call = eager_call
+    print(f"    eager path {best['eager'] * 1e3:.0f} us, registered op {best['op'] * 1e3:.0f} us "
+          f"({best['op'] / best['eager']:.2f}x)")
+
+
+def csrc_paths(batch, repeats):
+    from ekd_kernels import EKDConfig, csrc_ops
+
+    if csrc_ops.unavailable_reason(torch.device("cpu")) is not None:
+        print("  csrc: not built")
+        return
+    student, teacher = torch.ones(batch, 512, device="meta"), torch.ones(batch, 512, device="meta")
+    labels, thresholds = torch.zeros(batch, dtype=torch.int64, device="meta"), torch.zeros(6, device="meta")
+    leaf, config = student.clone().requires_grad_(True), EKDConfig()
+    print("  csrc backend, forward+backward on meta tensors (fake kernels), eager path against the registered op:")
+    print_paths(csrc_ops, lambda: csrc_ops.ekd_forward(leaf, teacher, labels, thresholds, thresholds,
+                                                       config).loss.backward(), repeats)
 
 
 if __name__ == "__main__":

@@ -507,7 +507,7 @@ def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_co
     flat_wanted = tl.reshape(wanted.to(tl.int32), (TILE * TILE,))
     base = tl.atomic_add(candidate_count_ptr, tl.sum(flat_wanted, axis=0), sem="relaxed")
     slot = base + tl.cumsum(flat_wanted, axis=0) - flat_wanted
-    write = (flat_wanted != 0) & (slot < capacity)
+    write = (flat_wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
     tl.store(candidate_key_ptr + slot, tl.reshape(key, (TILE * TILE,)).to(tl.int64), mask=write)
     tl.store(candidate_rows_ptr + slot, tl.reshape(tl.broadcast_to(rows[:, None], (TILE, TILE)), (TILE * TILE,)),
              mask=write)
