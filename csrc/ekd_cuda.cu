@@ -155,7 +155,12 @@ __device__ __forceinline__ void histogram_flush_warp(const TileParams<T>& p, con
   const uint64_t bin = run.count > 0 ? run.bin : ~uint64_t(0);
   int same = 0;
   __match_all_sync(kFullWarp, bin, &same);
+#if __CUDA_ARCH__ >= 800
   const unsigned total = __reduce_add_sync(kFullWarp, run.count);  // <= 32 x 16
+#else  // (no redux.sync before sm_80, e.g. a TORCH_CUDA_ARCH_LIST naming 7.5: an exact integer butterfly)
+  unsigned total = run.count;
+  for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(kFullWarp, total, offset);
+#endif
   const unsigned with_run = __ballot_sync(kFullWarp, run.count > 0);
   if (same) {
     if (with_run != 0 && int(threadIdx.x % 32) == __ffs(with_run) - 1) histogram_add(p, bin, ull(total));
@@ -366,7 +371,7 @@ __global__ void __launch_bounds__(kLocateThreads) locate_requests_kernel(const i
 
 template <typename T>
 __global__ void request_values_kernel(const uint64_t* prefix, const int64_t* residual, int64_t count, T* values) {
-  const int64_t r = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (64-bit: no wrap past 2^32)
   if (r >= count) return;
   values[r] = residual[r] >= 0 ? value_of_key<T>(key_t<T>(prefix[r])) : T(NAN);
 }
@@ -514,7 +519,7 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
 
 __global__ void random_pairs_kernel(const int64_t* ranks, int64_t count, const int64_t* row_start,
                                     const int64_t* labels, int64_t batch, int64_t* pairs) {
-  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (64-bit: no wrap past 2^32)
   if (e >= count) return;
   negative_at_rank(ranks[e], row_start, labels, batch, pairs + 2 * e, pairs + 2 * e + 1);
   // A rank outside [0, L) finds no column: make the whole pair padding, else the backward's CSR
@@ -711,7 +716,7 @@ __global__ void __launch_bounds__(kTermThreads) terms_kernel(TermInputs<T> in, T
 template <typename T>
 __global__ void selected_grads_kernel(const int64_t* critical, const T* loss_grad, const T* negative_scale,
                                       bool critical_only, int64_t count, T* grads) {
-  const int64_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (64-bit: no wrap past 2^32)
   if (e >= count) return;
   const bool included = critical[e] == 1 || (!critical_only && critical[e] == 0);
   grads[e] = included ? *negative_scale * loss_grad[e] : T(0);

@@ -63,7 +63,10 @@ print(f"{backend} B={B} {opts}: forward {sum(fw.values())} glue ops + {sum(fl.va
 print("fw", fw.most_common(), "kernels", fl)
 print("bw", counter.c.most_common(), "kernels", dict(launches))
 # The whole call as a training step makes it (EKDLoss.forward, then loss.backward()): adds the
-# module's glue (EMA state copies) and what autograd dispatches around the ops.
+# module's glue (EMA state copies) and what autograd dispatches around the ops.  Under the counting
+# mode the call takes the registered op (a dispatch mode sees the op, _autograd.eager_call); the
+# eager path runs no torch op around the kernels' either (teacher.detach and the stats' detach
+# are views), so the glue counted here is what an eager call dispatches too.
 te._forward_impl, te._backward_impl = fi, bi
 counter.c.clear(); launches.clear()
 x = s.clone().requires_grad_(True)
