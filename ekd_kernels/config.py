@@ -39,6 +39,11 @@ def fpr_fraction(fpr: float) -> Fraction:
     return Fraction(fpr).limit_denominator(10**12)
 
 
+def _ratios(fprs) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    fractions = [fpr_fraction(f) for f in fprs]
+    return tuple(q.numerator for q in fractions), tuple(q.denominator for q in fractions)
+
+
 def _real(name: str, value) -> float:
     """`value` as a finite float; ValueError naming `name` for anything else (bool, str, None, a
     tensor: ``float()`` would take some of those silently)."""
@@ -94,6 +99,7 @@ class EKDConfig:
                                  "denominator of at most 10^12, which is 1 here")
         set_field = functools.partial(object.__setattr__, self)
         set_field("fprs", fprs)
+        set_field("_fpr_ratios", _ratios(fprs))
         temperature = _real("temperature", self.temperature)
         if not temperature >= MIN_TEMPERATURE:
             raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:.8g} (the smallest normal "
@@ -125,10 +131,17 @@ class EKDConfig:
     def num_thresholds(self) -> int:
         return len(self.fprs)
 
+    @property
+    def fpr_ratios(self) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(numerators, denominators) of the FPRs' exact rationals (``fpr_fraction``), in FPR order.
+        Computed once, at construction: the ops take them as integers, and a step traced by
+        torch.compile then reads two tuples instead of tracing Fraction arithmetic."""
+        ratios = self.__dict__.get("_fpr_ratios")
+        if ratios is None:  # unpickled from a version without them (unpickling skips __post_init__)
+            ratios = _ratios(self.fprs)
+            object.__setattr__(self, "_fpr_ratios", ratios)
+        return ratios
+
     def threshold_indices(self, num_negatives: int) -> Tuple[int, ...]:
         """0-based positions, in the descending order of negatives, of the K batch thresholds."""
-        out = []
-        for f in self.fprs:
-            q = fpr_fraction(f)
-            out.append(num_negatives * q.numerator // q.denominator)
-        return tuple(out)
+        return tuple(num_negatives * p // q for p, q in zip(*self.fpr_ratios))

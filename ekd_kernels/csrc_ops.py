@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ._autograd import eager_call, first_order_only
-from .config import EKDConfig, fpr_fraction
+from .config import EKDConfig
 from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
 
@@ -213,13 +213,13 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     random_ranks = None
     if config.negative_selection == "random":
         random_ranks = _random_negative_ranks(labels, config, generator)
-    fractions = [fpr_fraction(f) for f in config.fprs]
+    numerators, denominators = config.fpr_ratios
     student, teacher = student.to(dtype), teacher.detach().to(dtype)
     forward = (_EagerForward.apply if eager_call(student, teacher, labels, student_thresholds, teacher_thresholds,
                                                  random_ranks) else torch.ops.ekd_kernels.ekd_forward)
     (loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms, _, _, _) = forward(
         student, teacher, labels, student_thresholds, teacher_thresholds, random_ranks,
-        [q.numerator for q in fractions], [q.denominator for q in fractions], float(config.temperature),
+        list(numerators), list(denominators), float(config.temperature),
         int(config.num_hard_negatives), float(config.momentum), float(config.positive_weight),
         float(config.negative_weight), bool(config.critical_only), _RANK_LOSS_CODES[config.rank_loss],
         bool(update_thresholds), bool(config.compute_critical_ratio))

@@ -82,7 +82,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ._autograd import eager_call, first_order_only
-from .config import EKDConfig, fpr_fraction
+from .config import EKDConfig
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
 from .validation import check_batch_limit
@@ -313,12 +313,11 @@ def _device_constant(key, values, dtype, device: torch.device) -> torch.Tensor:
 def _rank_fractions(config: EKDConfig, num_pairs: int, device: torch.device) -> torch.Tensor:
     """int64 [[numerators], [denominators]] of the FPRs: coarse_select_kernel computes
     m_k = floor(L * fpr_k) with them exactly (as EKDConfig.threshold_indices)."""
-    fractions = [fpr_fraction(f) for f in config.fprs]
-    if max(q.numerator for q in fractions) * num_pairs >= 2**63:
+    numerators, denominators = config.fpr_ratios
+    if max(numerators) * num_pairs >= 2**63:
         raise ValueError(f"fprs={config.fprs}: L * numerator would overflow int64 at {num_pairs} pairs; use FPRs "
                          "with small rational forms (such as 1e-3) or the reference backend")
-    return _device_constant(("fprs", config.fprs), [[q.numerator for q in fractions],
-                                                    [q.denominator for q in fractions]], torch.int64, device)
+    return _device_constant(("fprs", config.fprs), [list(numerators), list(denominators)], torch.int64, device)
 
 
 def _ema_constants(momentum: float, device: torch.device) -> torch.Tensor:

@@ -318,6 +318,18 @@ def test_options_are_stored_as_python_values():
     assert config.critical_only is True
 
 
+def test_fpr_ratios_are_the_exact_rationals():
+    """The integers the ops read the FPRs as (1e-6 is 1/1000000, though the float lies below it),
+    also for a config unpickled from a version that did not store them."""
+    import pickle
+
+    config = EKDConfig(fprs=(1e-6, 0.1, 3e-4))
+    assert config.fpr_ratios == ((1, 1, 3), (1000000, 10, 10000))
+    assert config.threshold_indices(10**6 - 1) == (0, 99999, 299)
+    del config.__dict__["_fpr_ratios"]
+    assert pickle.loads(pickle.dumps(config)).fpr_ratios == ((1, 1, 3), (1000000, 10, 10000))
+
+
 def test_no_positive_pair_gives_zero_positive_term(backend, device):
     student, teacher, _ = make_batch(10, device=device)
     crit = EKDLoss(backend=backend).to(device)
@@ -738,3 +750,33 @@ def test_dispatch_mode_sees_the_registered_op(fast_backend, device):
     with Record():
         ekd_loss(student, teacher, labels, backend=fast_backend)
     assert {"triton": "ekd_kernels::triton_ekd_forward", "csrc": "ekd_kernels::ekd_forward"}[fast_backend] in seen
+
+
+def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
+    """torch.compile(dynamic=True) of a step (a layer, then the loss): the graph compiled for the
+    first batch serves batches of two other sizes (a short last batch of an epoch) without a
+    recompile, and each step equals the eager one bitwise (loss, the layer's gradient, the EMA
+    state)."""
+    import torch._dynamo
+
+    def step(model, crit, x, t, y):
+        return crit(model(x), t, y)
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Linear(16, 10).to(device), EKDLoss(backend=fast_backend, num_hard_negatives=50).to(device)
+
+    (eager_model, eager_crit), (compiled_model, compiled_crit) = make(), make()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (24, 32, 20):
+        x, t, y = make_batch(batch, 16, 12, seed=batch, device=device)
+        want = step(eager_model, eager_crit, x, t, y)
+        want.backward()
+        with torch._dynamo.config.patch(error_on_recompile=batch != 24):
+            got = compiled(compiled_model, compiled_crit, x, t, y)
+        got.backward()
+        assert torch.equal(got, want)
+        assert torch.equal(compiled_model.weight.grad, eager_model.weight.grad)
+        assert torch.equal(compiled_crit.student_thresholds, eager_crit.student_thresholds)
+        assert torch.equal(compiled_crit.teacher_thresholds, eager_crit.teacher_thresholds)
