@@ -503,16 +503,16 @@ def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_co
     selection deterministic.  Called only when pass 1 showed that every candidate fits in
     `capacity`.
     """
-    wanted = negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)
-    flat_wanted = tl.reshape(wanted.to(tl.int32), (TILE * TILE,))
-    base = tl.atomic_add(candidate_count_ptr, tl.sum(flat_wanted, axis=0), sem="relaxed")
-    slot = base + tl.cumsum(flat_wanted, axis=0) - flat_wanted
-    write = (flat_wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
-    tl.store(candidate_key_ptr + slot, tl.reshape(key, (TILE * TILE,)).to(tl.int64), mask=write)
-    tl.store(candidate_rows_ptr + slot, tl.reshape(tl.broadcast_to(rows[:, None], (TILE, TILE)), (TILE * TILE,)),
-             mask=write)
-    tl.store(candidate_cols_ptr + slot, tl.reshape(tl.broadcast_to(cols[None, :], (TILE, TILE)), (TILE * TILE,)),
-             mask=write)
+    wanted = (negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)).to(tl.int32)
+    # Row-major slots: the wanted before a row, plus those before it in the row (the flat
+    # tile's exclusive prefix sum, without flattening it: no layout conversion, fewer registers).
+    per_row = tl.sum(wanted, axis=1)
+    base = tl.atomic_add(candidate_count_ptr, tl.sum(per_row, axis=0), sem="relaxed")
+    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(wanted, axis=1) - wanted
+    write = (wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
+    tl.store(candidate_key_ptr + slot, key.to(tl.int64), mask=write)
+    tl.store(candidate_rows_ptr + slot, tl.broadcast_to(rows[:, None], (TILE, TILE)), mask=write)
+    tl.store(candidate_cols_ptr + slot, tl.broadcast_to(cols[None, :], (TILE, TILE)), mask=write)
 
 
 @triton.jit
