@@ -602,8 +602,22 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-//! A warp per selected pair: a (given, or recomputed when random), b, its loss, criticality,
-//! d loss / d a.
+//! <x, y> in the order of gram_tile: one fused multiply-add per feature, from the first, so a
+//! pair's similarity has the bits the tile passes gave it.  Why: the thresholds are the tile
+//! passes' values, and with momentum = 1 each one is some negative's similarity; recomputed in
+//! another order (WarpLanes' butterfly) that pair could land an ulp above its own threshold and
+//! count as critical where the reference finds it equal.  Every lane of the warp computes the
+//! whole sum (the same addresses: broadcast loads); it runs on the N selected pairs only.
+template <typename T>
+__device__ __forceinline__ T tile_order_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  T acc = T(0);
+#pragma unroll 8
+  for (int64_t d = 0; d < n; ++d) acc = fma(x[d], y[d], acc);
+  return acc;
+}
+
+//! A warp per selected pair: a (given: the tile pass's value, or recomputed when random), b, in
+//! the tile passes' order (tile_order_dot), its loss, criticality, d loss / d a.
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
     selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
@@ -621,8 +635,8 @@ __global__ void __launch_bounds__(kRowThreads)
       continue;
     }
     const T a =
-        given_student != nullptr ? given_student[e] : lanes.dot(student_hat + i * ds, student_hat + j * ds, ds);
-    const T b = lanes.dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
+        given_student != nullptr ? given_student[e] : tile_order_dot(student_hat + i * ds, student_hat + j * ds, ds);
+    const T b = tile_order_dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
     if (lanes.lane == 0) {
       loss[e] = double(pair_loss(a, b, math));
       critical[e] = is_critical(a, b, math) ? 1 : 0;

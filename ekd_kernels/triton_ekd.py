@@ -101,7 +101,8 @@ BLOCK_K = 32
 INTERPRETER_BLOCK_K = 128
 #: Feature chunk of the positive backward's g @ s_hat update.
 BLOCK_D = 64
-#: Pairs per program of the selected-pairs part of rank_loss_kernel.
+#: Pairs per program of the selected-pairs part of rank_loss_kernel (a multiple of TILE: the
+#: pairs' similarities are taken TILE at a time from similarity tiles, kernels._pair_similarities).
 BLOCK_PAIRS = 64
 #: Rows per program of the backward's per-row kernel, and its widest feature chunk: a block of
 #: 16 x 512 fp32 stays in registers on an H100 (sm_90 compile: no spills); wider students are

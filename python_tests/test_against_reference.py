@@ -41,6 +41,20 @@ def test_random_selection(fast_backend, device):
     compare_with_reference(fast_backend, batches, generator_seed=7, **options)
 
 
+@pytest.mark.parametrize("selection", ["hardest", "random"])
+def test_thresholds_that_are_pairs_of_the_batch(fast_backend, device, selection):
+    """momentum = 1: every EMA threshold is a negative pair's similarity of this very batch, and
+    that pair is among the selected ones (all pairs are, B = 12; the random draw takes them all,
+    in random order and orientation).  At its own threshold a == t (not above): a backend whose
+    selected pairs' similarities round differently from the pass that chose the thresholds
+    counts it critical, which changes the counts and the critical_only loss (Triton did, 14 of
+    40 seeds)."""
+    batches = [make_batch(12, 7, 5, 12, seed=s, device=device) for s in range(16)]
+    compare_with_reference(fast_backend, batches, generator_seed=0 if selection == "random" else None,
+                           momentum=1.0, critical_only=True, compute_critical_ratio=True,
+                           negative_selection=selection)
+
+
 @pytest.mark.parametrize("labels_kind", ["all_distinct", "all_equal", "two_identities"])
 def test_label_extremes(fast_backend, device, labels_kind):
     student, teacher, _ = make_batch(45, 10, 10, seed=1, device=device)

@@ -872,50 +872,56 @@ def _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, 
 
 
 @triton.jit
-def _pair_dot(x_ptr, inv_norm_ptr, i, j, mask, dim, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """<x_hat_i, x_hat_j> for a list of pairs (gathered rows, fp32 products)."""
-    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    offset_i = i.to(tl.int64) * dim
-    offset_j = j.to(tl.int64) * dim
-    for k0 in range(0, dim, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        m = mask[:, None] & (ks < dim)[None, :]
-        x_i = tl.load(x_ptr + offset_i[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        x_j = tl.load(x_ptr + offset_j[:, None] + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(x_i * x_j, axis=1)
-    inv_i = tl.load(inv_norm_ptr + i, mask=mask, other=0.0)
-    inv_j = tl.load(inv_norm_ptr + j, mask=mask, other=0.0)
-    return acc * inv_i * inv_j
+def _pair_similarities(x_ptr, inv_norm_ptr, i, j, valid, dim, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """<x_hat_i[p], x_hat_j[p]> for TILE pairs: the diagonal of the TILE x TILE similarity tile of
+    rows i against rows j, i.e. the very _similarity_tile the tile passes run.  Why not a plain
+    gathered dot: a pair's similarity must have the same bits here as in the passes that chose
+    the thresholds and the hardest negatives.  A dot with another summation order rounds
+    differently, and then the pair that is a threshold (momentum = 1: every batch threshold is
+    some negative's similarity) would sit an ulp above or below itself and read as critical
+    (a > t) where the reference reads it equal: another loss under critical_only.  The tile
+    costs TILE times the dot's arithmetic, on N pairs (2000 by default): a few tile programs."""
+    tile = _similarity_tile(x_ptr, inv_norm_ptr, i, j, valid, valid, dim, TILE, BLOCK_K, PRECISION)
+    diagonal = tl.arange(0, TILE)[:, None] == tl.arange(0, TILE)[None, :]
+    return tl.sum(tl.where(diagonal, tile, 0.0), axis=1)
 
 
 @triton.jit
 def _selected_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
                     selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr, random_cols_ptr,
                     st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
-                    RANK_LOSS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                    RANK_LOSS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_P: tl.constexpr, TILE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
     """Negative term: per selected pair (slot), the loss, d loss / d a and its flags (FILLED,
-    CRITICAL).  Unfilled slots (row index == batch) give zeros.  With RANDOM the slots are the
-    reference's random draw, in original indices: mapped to sorted rows here and written out."""
-    slots = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    slot_mask = slots < num_slots
-    if RANDOM:
-        i = tl.load(position_ptr + tl.load(random_rows_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
-                    other=batch)
-        j = tl.load(position_ptr + tl.load(random_cols_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
-                    other=batch)
-        tl.store(selected_rows_ptr + slots, i, mask=slot_mask)
-        tl.store(selected_cols_ptr + slots, j, mask=slot_mask)
-    else:
-        i = tl.load(selected_rows_ptr + slots, mask=slot_mask, other=batch)
-        j = tl.load(selected_cols_ptr + slots, mask=slot_mask, other=batch)
-    valid = (i < batch) & (j < batch)
-    a = _pair_dot(s_ptr, s_inv_ptr, i, j, valid, dim_s, BLOCK_P, BLOCK_K)
-    b = _pair_dot(t_ptr, t_inv_ptr, i, j, valid, dim_t, BLOCK_P, BLOCK_K)
-    loss, loss_grad, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
-    tl.store(pair_loss_ptr + slots, tl.where(valid, loss, 0.0), mask=slot_mask)
-    tl.store(pair_grad_ptr + slots, tl.where(valid, loss_grad, 0.0), mask=slot_mask)
-    flags = valid.to(tl.int32) * FILLED + (valid & critical).to(tl.int32) * CRITICAL
-    tl.store(pair_flags_ptr + slots, flags, mask=slot_mask)
+    CRITICAL), TILE slots at a time (BLOCK_P, a multiple of TILE, per program).  Unfilled slots
+    (row index == batch) give zeros.  With RANDOM the slots are the reference's random draw, in
+    original indices: mapped to sorted rows here and written out."""
+    for start in range(0, BLOCK_P, TILE):
+        slots = pid * BLOCK_P + start + tl.arange(0, TILE)
+        slot_mask = slots < num_slots
+        if RANDOM:
+            i = tl.load(position_ptr + tl.load(random_rows_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
+                        other=batch)
+            j = tl.load(position_ptr + tl.load(random_cols_ptr + slots, mask=slot_mask, other=0), mask=slot_mask,
+                        other=batch)
+            tl.store(selected_rows_ptr + slots, i, mask=slot_mask)
+            tl.store(selected_cols_ptr + slots, j, mask=slot_mask)
+        else:
+            i = tl.load(selected_rows_ptr + slots, mask=slot_mask, other=batch)
+            j = tl.load(selected_cols_ptr + slots, mask=slot_mask, other=batch)
+        valid = (i < batch) & (j < batch)
+        # The tile passes hold a pair as (row, column) = (lower, higher sorted index); the random
+        # draw may give it the other way round, and tf32x3's split terms are not symmetric.
+        first = tl.minimum(i, j)
+        second = tl.maximum(i, j)
+        a = _pair_similarities(s_ptr, s_inv_ptr, first, second, valid, dim_s, TILE, BLOCK_K, S_PRECISION)
+        b = _pair_similarities(t_ptr, t_inv_ptr, first, second, valid, dim_t, TILE, BLOCK_K, T_PRECISION)
+        loss, loss_grad, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
+        tl.store(pair_loss_ptr + slots, tl.where(valid, loss, 0.0), mask=slot_mask)
+        tl.store(pair_grad_ptr + slots, tl.where(valid, loss_grad, 0.0), mask=slot_mask)
+        flags = valid.to(tl.int32) * FILLED + (valid & critical).to(tl.int32) * CRITICAL
+        tl.store(pair_flags_ptr + slots, flags, mask=slot_mask)
 
 
 @triton.jit
@@ -938,7 +944,7 @@ def rank_loss_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_
         _selected_block(pid - num_row_blocks, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
                         selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr,
                         random_cols_ptr, st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr,
-                        pair_flags_ptr, RANK_LOSS, RANDOM, BLOCK_P, BLOCK_K)
+                        pair_flags_ptr, RANK_LOSS, RANDOM, BLOCK_P, TILE, BLOCK_K, S_PRECISION, T_PRECISION)
 
 
 @triton.jit
