@@ -16,11 +16,16 @@ from .reference import ekd_reference
 
 BACKEND_NAMES = ("reference", "triton", "csrc")
 
-# Fastest first, per device type: "auto" takes the first one available.
+# Fastest first, per device type: "auto" takes the first one available (that takes the dtypes).
+# On meta tensors (shape propagation) only the csrc op computes anything: its fake kernels.
 _AUTO_ORDER = {
     "cuda": ("triton", "csrc", "reference"),
     "cpu": ("csrc", "reference"),
+    "meta": ("csrc", "reference"),
 }
+#: Backends that compute in fp32 and refuse float64 embeddings: "auto" passes over them for
+#: fp64 inputs (gradcheck), which the others compute in fp64.
+_NO_FLOAT64 = ("triton",)
 
 
 class Backend:
@@ -114,15 +119,26 @@ def available_backends(device) -> tuple:
     return tuple(n for n in order if _REGISTRY[n].unavailable_reason(device) is None)
 
 
-def resolve_backend(name: str, device) -> Backend:
+def resolve_backend(name: str, device, dtypes=()) -> Backend:
     """The backend to run on `device`: the named one (error saying why if it cannot run there),
-    or for "auto" the fastest available one."""
+    or for "auto" the fastest available one that takes the embeddings' `dtypes` (fp64: not
+    triton)."""
     check_backend_name(name)
     device = torch.device(device)
     if name == "auto":
-        return _REGISTRY[available_backends(device)[0]]
-    backend = _REGISTRY[name]
-    reason = backend.unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"EKD backend {name!r} cannot run on {device}: {reason}")
+        names = available_backends(device)
+        if torch.float64 in tuple(dtypes):
+            names = tuple(n for n in names if n not in _NO_FLOAT64)
+        name = names[0]  # the reference is always available
+        backend = _REGISTRY[name]
+    else:
+        backend = _REGISTRY[name]
+        reason = backend.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"EKD backend {name!r} cannot run on {device}: {reason}")
+    if name == "reference" and device.type == "meta":
+        # (its selection reads values: nonzero, sort indices; it would fail deep inside torch)
+        raise ValueError("meta tensors hold no values, and the reference EKD backend needs them (its selection of "
+                         "thresholds and pairs is data-dependent); the csrc backend's ops have meta (fake) "
+                         "implementations: backend='csrc' or 'auto' with the compiled ops built")
     return backend

@@ -51,7 +51,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     device = torch.device(device)
     if _LOAD_ERROR is not None:
         return _LOAD_ERROR
-    if device.type == "cpu":
+    if device.type in ("cpu", "meta"):  # meta: the ops' fake implementations (shapes only)
         return None
     if device.type == "cuda":
         if not cuda_ops_built():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -40,11 +41,19 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         fp64 for fp64 inputs), the thresholds after this call, and the detached statistics.
     """
     if config is None:
+        unknown = sorted(set(options) - {field.name for field in dataclasses.fields(EKDConfig)})
+        if unknown:
+            raise ValueError(f"unknown EKD option(s) {unknown}; the options are the fields of EKDConfig: "
+                             f"{[field.name for field in dataclasses.fields(EKDConfig)]}")
         config = EKDConfig(**options)
     elif options:
         raise ValueError(f"pass either config= or option keywords, not both (got {sorted(options)})")
     elif not isinstance(config, EKDConfig):
         raise ValueError(f"config must be an EKDConfig (or pass the options as keywords), got {type(config).__name__}")
+    if not isinstance(update_thresholds, bool):
+        # (a string "False" is truthy, 0 and None are not bools: the backends would read them apart)
+        raise ValueError(f"update_thresholds must be True or False, got {update_thresholds!r} "
+                         f"({type(update_thresholds).__name__})")
     check_generator(generator)
     check_embeddings_and_labels(student, teacher, labels)
     if student_thresholds is None:
@@ -52,7 +61,7 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
     if teacher_thresholds is None:
         teacher_thresholds = initial_thresholds(config, student.device)
     check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
-    impl = resolve_backend(backend, student.device)
+    impl = resolve_backend(backend, student.device, (student.dtype, teacher.dtype))
     with autocast_off(student.device):
         return impl(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                     update_thresholds=update_thresholds, generator=generator)

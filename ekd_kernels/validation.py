@@ -18,6 +18,8 @@ def check_embeddings_and_labels(student: torch.Tensor, teacher: torch.Tensor, la
     for name, x in (("student", student), ("teacher", teacher), ("labels", labels)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: call .to_dense() first")
     for name, x in (("student", student), ("teacher", teacher)):
         if x.dim() != 2:
             raise ValueError(f"{name} embeddings must be 2-D (B x D), got shape {tuple(x.shape)}")

@@ -15,6 +15,7 @@ from ekd_kernels import backends as backends_module
 from ekd_kernels import reference
 from ekd_kernels.reference import draw_random_negatives
 
+from conftest import require_backend
 from helpers import assert_grad_close, make_batch
 from loop_oracle import oracle
 
@@ -243,6 +244,10 @@ def test_teacher_gets_no_gradient(backend, device):
      "same device"),
     (lambda d: (torch.ones(4, 4, dtype=torch.long), torch.randn(4, 4), torch.zeros(4, dtype=torch.long)),
      "float"),
+    (lambda d: (torch.randn(4, 4).to_sparse(), torch.randn(4, 4), torch.zeros(4, dtype=torch.long)),
+     "student must be a dense .strided. tensor, got layout torch.sparse_coo"),
+    (lambda d: (torch.randn(4, 4), torch.randn(4, 4).to_sparse(), torch.zeros(4, dtype=torch.long)),
+     "teacher must be a dense .strided. tensor, got layout torch.sparse_coo"),
 ])
 def test_bad_input_raises_value_error_naming_it(make, match):
     student, teacher, labels = make(None)
@@ -290,6 +295,20 @@ def test_option_types_are_checked(options, match):
         EKDConfig(**options)
     with pytest.raises(ValueError, match=match):
         EKDLoss(**options)
+
+
+@pytest.mark.parametrize("value", ["False", "True", 0, 1, None, torch.tensor(True)], ids=repr)
+def test_update_thresholds_must_be_a_bool(backend, device, value):
+    """The backends read a non-bool apart (a truthy "False" updated the state on the fused ones, the
+    reference failed deep inside torch): every backend refuses it first, naming it."""
+    student, teacher, labels = make_batch(8, device=device)
+    with pytest.raises(ValueError, match="update_thresholds must be True or False, got"):
+        ekd_loss(student, teacher, labels, backend=backend, update_thresholds=value)
+
+
+def test_unknown_option_keyword_is_named():
+    with pytest.raises(ValueError, match=r"unknown EKD option\(s\) \['critical', 'tau'\]; the options are"):
+        ekd_loss(*make_batch(8), tau=0.01, critical=True)
 
 
 def test_generator_and_config_types_are_checked():
@@ -659,6 +678,38 @@ def test_unavailable_backend_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="'csrc' cannot run on cpu: the extension was not built"):
         EKDLoss(backend="csrc")(*make_batch(6))
     assert "csrc" not in backends_module.available_backends("cpu")
+
+
+def test_auto_passes_over_backends_without_float64(monkeypatch):
+    """The Triton kernels compute in fp32 and refuse fp64: "auto" (Triton first on CUDA) takes the
+    next backend for fp64 inputs (gradcheck) instead of raising."""
+    monkeypatch.setattr(backends_module, "available_backends", lambda device: ("triton", "csrc", "reference"))
+    assert backends_module.resolve_backend("auto", "cuda", (torch.float32, torch.float32)).name == "triton"
+    assert backends_module.resolve_backend("auto", "cuda", (torch.float64, torch.float32)).name == "csrc"
+    assert backends_module.resolve_backend("auto", "cuda", (torch.bfloat16, torch.float64)).name == "csrc"
+    monkeypatch.setattr(backends_module, "available_backends", lambda device: ("triton", "reference"))
+    assert backends_module.resolve_backend("auto", "cuda", (torch.float64, torch.float64)).name == "reference"
+
+
+def test_auto_computes_float64_inputs_in_float64(device):
+    student, teacher, labels = make_batch(40, 12, 10, 10, seed=5, device=device, dtype=torch.float64)
+    got = ekd_loss(student, teacher, labels)
+    want = ekd_loss(student, teacher, labels, backend="reference")
+    assert got.loss.dtype == torch.float64
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-9, atol=0)
+
+
+def test_meta_tensors():
+    """Shape propagation on meta tensors: "auto" takes the csrc op (its fake implementation); the
+    reference, whose selection reads values, refuses them naming why."""
+    require_backend("csrc", "cpu")
+    student, teacher, labels = (x.to("meta") for x in make_batch(8))
+    loss = EKDLoss().to("meta")(student.requires_grad_(True), teacher, labels)
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+    loss.backward()
+    assert student.grad.shape == student.shape and student.grad.device.type == "meta"
+    with pytest.raises(ValueError, match="meta tensors hold no values, and the reference EKD backend needs them"):
+        EKDLoss(backend="reference").to("meta")(student, teacher, labels)
 
 
 def test_auto_picks_the_first_available(monkeypatch):
