@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import math
 import struct
@@ -256,7 +257,7 @@ def _exchange_device(tensors: Sequence, group) -> torch.device:
 
 
 def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequence[int], device_values: Sequence,
-           device, group, what: str) -> List[int]:
+           device, group, what: str, gate: Optional[int] = None) -> List[int]:
     """The one exchange at the start of a call; returns the per-rank row counts.
 
     error: the ValueError of this rank's own input checks, or None. fields / values: what this
@@ -264,7 +265,9 @@ def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequenc
     `device` (fingerprints), their fields last in `fields`. Ignored when `error` is set: the
     rank sends its error flag and zeros. Raises on every rank alike: this rank's own error; a
     ValueError naming the ranks whose input was refused; a ValueError naming each value the
-    ranks disagree on and which rank holds which."""
+    ranks disagree on and which rank holds which.  gate: the index of a field that decides what the
+    others mean (whether gather_batch was given the loss): when the ranks disagree on it, only it
+    is named (the others then compare a loss's values with a missing one's zeros)."""
     if error is not None:
         local = torch.zeros(1 + len(fields), dtype=torch.int64, device=device)
         local[0] = 1
@@ -282,7 +285,10 @@ def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequenc
         whose = "that rank's error" if len(refused) == 1 else "those ranks' errors"
         raise ValueError(f"{what}: {_ranks_text(refused)}'s input was refused: see {whose} (nothing was computed "
                          "on any rank)")
-    differ = _disagreements(fields, [row[1:] for row in table])
+    rows = [row[1:] for row in table]
+    if gate is not None and len({row[gate] for row in rows}) > 1:
+        fields, rows = [fields[gate]], [[row[gate]] for row in rows]
+    differ = _disagreements(fields, rows)
     if differ:
         raise ValueError(f"{what} needs every rank of its process group to agree, but the ranks disagree on "
                          + "; on ".join(differ) + ". Nothing was computed on any rank.")
@@ -320,6 +326,44 @@ _GATHER_FIELDS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def _gather_fields() -> Tuple[_Field, ...]:
+    """What gather_batch exchanges: _GATHER_FIELDS, whether the loss was given, then (zeros when
+    not) its options (the fields of any EKDConfig), its mode, threshold dtype and fingerprint."""
+    return tuple(_GATHER_FIELDS
+            + [_Field("whether gather_batch was given the loss", _show_bool, hint="pass loss= on every rank or none")]
+            + [field for field, _ in _config_entries(EKDConfig())]
+            + [_Field("the loss's training mode", _show_bool, hint="call .train() or .eval() on every rank's EKDLoss alike")]
+            + _SHARDED_STATE_FIELDS)
+
+
+def _gather_loss_error(loss, device) -> Optional[ValueError]:
+    """Why `loss` cannot be compared across the ranks (gather_batch's loss=), or None."""
+    from .module import EKDLoss, _NOT_SHARDED
+
+    if not isinstance(loss, EKDLoss):
+        return ValueError(f"gather_batch: loss must be the EKDLoss applied to the gathered batch, got "
+                          f"{type(loss).__name__}")
+    if loss.process_group is not _NOT_SHARDED:
+        return ValueError("gather_batch: loss must be a single-process EKDLoss; one built with process_group= "
+                          "gathers by itself (call it on each rank's own rows)")
+    if loss.student_thresholds.device != device:
+        return ValueError(f"gather_batch: the loss's thresholds are on {loss.student_thresholds.device} but the "
+                          f"embeddings are on {device}: move the loss module with .to(device)")
+    return None
+
+
+def _gather_loss_values(loss, device) -> Tuple[List[int], List[torch.Tensor]]:
+    """This rank's values of the loss fields of _gather_fields (zeros without a loss)."""
+    if loss is None:
+        width = len(_gather_fields()) - len(_GATHER_FIELDS) - 1
+        return [0] * width, [torch.zeros((), dtype=torch.int64, device=device)]
+    thresholds = (loss.student_thresholds, loss.teacher_thresholds)
+    values = ([1] + [value for _, value in _config_entries(loss.config)] + [int(loss.training)]
+              + [_dtype_code(loss.student_thresholds.dtype)])
+    return values, [fingerprint(thresholds)]
+
+
 def _per_row(x: torch.Tensor) -> int:
     return math.prod(x.shape[1:])
 
@@ -331,7 +375,7 @@ def _per_row(x: torch.Tensor) -> int:
 # traced graphs left unwaited.  Nothing is lost: the work is collectives and host-driven
 # selection, and the single-process backends behind the gather are compilable ops.
 @torch.compiler.disable
-def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, group=None):
+def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, group=None, loss=None):
     """All-gather the global batch from every rank of `group` (per-rank sizes may differ).
 
     Returns ``(student, teacher, labels, sizes)``: the concatenation in rank order, and the
@@ -346,6 +390,12 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     rank's three tensors differ in row count, or the ranks disagree on the elements per row or
     the dtype of a tensor, or on whether the student's gradient is computed, every rank raises
     a ValueError saying so (instead of a gloo abort or a hang).
+
+    ``loss``: the (single-process) ``EKDLoss`` every rank then applies to the gathered batch.
+    Given, the same exchange also compares what the sharded loss compares of it: every option of
+    its ``EKDConfig``, train/eval mode and its threshold buffers bit for bit (a fingerprint), so
+    ranks holding differently built or differently restored losses raise instead of silently
+    computing different losses (and drifting EMA states). Give it on every rank or on none.
     """
     error = None
     if min(x.dim() for x in (student, teacher, labels)) == 0:
@@ -354,11 +404,15 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     elif not (student.shape[0] == teacher.shape[0] == labels.shape[0]):
         error = ValueError(f"gather_batch: student, teacher and labels must have the same number of rows, got "
                            f"{student.shape[0]}, {teacher.shape[0]} and {labels.shape[0]}")
+    if error is None and loss is not None:
+        error = _gather_loss_error(loss, student.device)
     autograd = error is None and _gradient_flows(student)
     values = [] if error is not None else [
         student.shape[0], _per_row(student), _dtype_code(student.dtype), _per_row(teacher),
         _dtype_code(teacher.dtype), _per_row(labels), int(autograd)]
-    sizes = _agree(error, _GATHER_FIELDS, values, [], student.device, group, "gather_batch")
+    loss_values, fingerprints = ([], []) if error is not None else _gather_loss_values(loss, student.device)
+    sizes = _agree(error, _gather_fields(), values + loss_values, fingerprints, student.device, group, "gather_batch",
+                   gate=len(_GATHER_FIELDS))
     return (_gather_rows(student, sizes, autograd, group), _gather_rows(teacher.detach(), sizes, False, group),
             _gather_rows(labels.to(torch.int64), sizes, False, group), sizes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -88,7 +89,8 @@ class EKDLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The loss of one batch (0-d, fp32); updates the thresholds in training mode."""
+        """The loss of one batch (0-d, fp32; fp64 for fp64 inputs); updates the thresholds in
+        training mode."""
         if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             # A forward inside a backward pass: activation checkpointing recomputing this call.
             # It would see the thresholds this call already updated (and update them again), so
@@ -119,6 +121,36 @@ class EKDLoss(nn.Module):
                 self.teacher_thresholds.copy_(result.teacher_thresholds)
         self.last_stats = result.stats
         return result.loss
+
+    # ------------------------------------------------------------------ copies
+    def __deepcopy__(self, memo):
+        """A copy that shares the process group: a group is a handle to this process's
+        communicators, not state (and cannot be copied); everything else is copied as usual."""
+        group = self.process_group
+        if group is not None and group is not _NOT_SHARDED:
+            memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
+        return copied
+
+    def __getstate__(self):
+        """Pickling (torch.save of the module or of a model holding it): the default group,
+        ``dist.group.WORLD``, is saved as None, which means the same (resolved at each call, in
+        the process that loads it); another group cannot be: a TypeError (as pickle raises for
+        what it cannot pickle) says what to do."""
+        state = super().__getstate__()
+        group = self.process_group
+        if group is not None and group is not _NOT_SHARDED:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized() and group is dist.group.WORLD):
+                raise TypeError(
+                    "this EKDLoss computes over a torch.distributed group made by new_group(), which cannot be "
+                    "pickled (a group is a handle to this process's communicators); save its state_dict() "
+                    "instead, and build the loss with the group again where you load it")
+            state["process_group"] = None
+        return state
 
     # ------------------------------------------------------------------ state
     #: 2: the state_dict holds _extra_state (FPRs, generator state); 1 (or none): thresholds only.

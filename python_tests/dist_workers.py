@@ -1,8 +1,11 @@
 """Worker processes of test_distributed.py (spawned; each is one rank of a gloo group)."""
 
 import contextlib
+import copy
 import datetime
+import io
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -108,7 +111,7 @@ def _run_scenarios(world, rank, path):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path in AUTOCAST_PATHS):
                     loss = call(student, teacher, labels, generator=generator)
             else:
-                s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group)
+                s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group, loss=crit)
                 loss = crit(s_all, t_all, l_all, generator=generator)
             loss.backward()
             steps.append(step_result(crit, loss, student))
@@ -434,6 +437,18 @@ def _gather_call(rank, world, change):
     return dict(student=s_all.detach(), teacher=t_all, labels=l_all, sizes=sizes)
 
 
+def _gather_loss_call(rank, world, options=None, crit_hook=None, given=lambda rank: True):
+    """gather_batch with loss= (the EKDLoss built from options(rank), altered by crit_hook, and
+    given on the ranks where given(rank)), then the loss of the gathered batch."""
+    student, teacher, labels = agreement_batch(world, rank)
+    student = student.clone().requires_grad_(True)
+    crit = EKDLoss(**(options(rank) if options else {}))
+    if crit_hook is not None:
+        crit_hook(rank, crit)
+    s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, loss=crit if given(rank) else None)
+    return _step(crit, s_all, t_all, l_all, student)
+
+
 def _wider(student):
     """Two more columns."""
     return torch.cat([student, student[:, :2]], 1)
@@ -499,6 +514,18 @@ AGREEMENT_CASES = [
     ("gather_gradient_on_one_rank", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s.detach(), t, l)))),
     ("gather_rows_refused", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l[:-1])))),
     ("ok_gather_labels_int16", lambda r, w: _gather_call(r, w, lambda rank, s, t, l: (s, t, l.to(torch.int16)))),
+    # gather_batch(loss=crit): the loss's options, mode and state join the exchange
+    ("gather_loss_num_hard_negatives", lambda r, w: _gather_loss_call(
+        r, w, options=on_rank(1, dict(num_hard_negatives=5)))),
+    ("gather_loss_fprs", lambda r, w: _gather_loss_call(r, w, options=on_rank(1, dict(fprs=(0.2, 0.02))))),
+    ("gather_loss_eval_on_one_rank", lambda r, w: _gather_loss_call(
+        r, w, crit_hook=lambda rank, crit: crit.train(rank != 1))),
+    ("gather_loss_threshold_one_ulp", lambda r, w: _gather_loss_call(r, w, crit_hook=_ulp_up)),
+    ("gather_loss_on_one_rank", lambda r, w: _gather_loss_call(
+        r, w, options=on_rank(1, dict(momentum=0.5)), given=lambda rank: rank == 0)),
+    ("gather_loss_sharded_refused", lambda r, w: _gather_loss_call(
+        r, w, crit_hook=lambda rank, crit: setattr(crit, "process_group", None) if rank == 1 else None)),
+    ("ok_gather_with_loss", lambda r, w: _gather_loss_call(r, w)),
     # after all the refusals, the ranks are still in step: a plain call gives the global loss
     ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
 ]
@@ -522,10 +549,38 @@ def agreement_worker(rank, world, port, out_dir):
             student = student.clone().requires_grad_(True)
             out[name] = outcome(lambda: _step(crit, student, teacher, labels))
         out["cases"] = {name: outcome(lambda: call(rank, world)) for name, call in AGREEMENT_CASES}
+        out["copies"] = outcome(lambda: _copies(rank, world))
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _step(crit, student, teacher, labels):
+def _step(crit, student, teacher, labels, leaf=None):
+    """One call and its backward; the result's gradient is that of `leaf` (default: student)."""
     loss = crit(student, teacher, labels)
     loss.backward()
-    return step_result(crit, loss, student)
+    return step_result(crit, loss, student if leaf is None else leaf)
+
+
+def _copies(rank, world):
+    """A sharded EKDLoss after one step, deep-copied and pickled (torch.save of the module):
+    each copy's next step against the original's; and a new_group loss (deep copy: the same
+    group; pickling refused)."""
+    crit = EKDLoss(process_group=dist.group.WORLD)
+    student, teacher, labels = agreement_batch(world, rank)
+    _step(crit, student.clone().requires_grad_(True), teacher, labels)
+    buffer = io.BytesIO()
+    torch.save(crit, buffer)
+    buffer.seek(0)
+    copies = {"original": crit, "deepcopy": copy.deepcopy(crit), "pickled": torch.load(buffer, weights_only=False)}
+    student, teacher, labels = agreement_batch(world, rank, step=1)
+    steps = {name: _step(module, student.clone().requires_grad_(True), teacher, labels)
+             for name, module in copies.items()}
+    subgroup = dist.new_group(list(range(world)))
+    sub = EKDLoss(process_group=subgroup)
+    try:
+        pickle.dumps(sub)
+        refused = None
+    except TypeError as error:
+        refused = str(error)
+    return dict(steps=steps, deepcopy_shares_group=copies["deepcopy"].process_group is crit.process_group,
+                pickled_group=copies["pickled"].process_group, refused=refused,
+                subgroup_deepcopy_shares_group=copy.deepcopy(sub).process_group is subgroup)

@@ -429,6 +429,18 @@ AGREEMENT_EXPECTED = {
                                    "True, rank 1 has False",
     "gather_rows_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
                             "student, teacher and labels must have the same number of rows, got 14, 14 and 13"],
+    "gather_loss_num_hard_negatives": "gather_batch needs every rank of its process group to agree, but the ranks "
+                                      "disagree on the option num_hard_negatives: rank 0 has 2000, rank 1 has 5. "
+                                      "Nothing was computed",
+    "gather_loss_fprs": "the length of the option fprs: rank 0 has 6, rank 1 has 2; on the option fprs: rank 0 has "
+                        "value #1, rank 1 has value #2",
+    "gather_loss_eval_on_one_rank": "the loss's training mode: rank 0 has True, rank 1 has False",
+    "gather_loss_threshold_one_ulp": "the threshold state (student_thresholds and teacher_thresholds, bit for bit)",
+    # only the gate is named, not the options that a missing loss reads as zeros
+    "gather_loss_on_one_rank": "but the ranks disagree on whether gather_batch was given the loss: rank 0 has True, "
+                               "rank 1 has False (pass loss= on every rank or none). Nothing was computed",
+    "gather_loss_sharded_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
+                                    "gather_batch: loss must be a single-process EKDLoss"],
 }
 AGREEMENT_WORLD = 2
 
@@ -480,6 +492,7 @@ def agreement_reference(options=None, labels_dtype=torch.int64, generator_seed=N
     ("ok_labels_mixed_dtypes", dict()),
     ("ok_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9), generator_seed=0)),
     ("ok_after_refusals", dict()),
+    ("ok_gather_with_loss", dict()),
 ])
 def test_agreeing_ranks_get_the_single_process_result(agreement_results, name, reference):
     """Labels of any integer dtype (int16: no gloo type; or a different dtype per rank) are
@@ -501,6 +514,26 @@ def test_gather_batch_gathers_labels_of_any_integer_dtype_as_int64(agreement_res
         assert got["value"]["labels"].dtype == torch.int64 and torch.equal(got["value"]["labels"], labels)
         assert torch.equal(got["value"]["student"], student) and torch.equal(got["value"]["teacher"], teacher)
         assert got["value"]["sizes"] == dist_workers.rank_sizes(AGREEMENT_WORLD)
+
+
+def test_copies_of_a_sharded_loss(agreement_results):
+    """copy.deepcopy (an EMA or SWA copy of a model holding the loss) and torch.save of the whole
+    module work on a loss built with a process group: the copies share the group (the pickled
+    one holds None, the same default group) and their next step equals the original's, bit for
+    bit; a new_group loss deep-copies sharing its group, and pickling it raises a TypeError
+    saying what to do (before: torch's "cannot pickle ProcessGroup", also for the default group)."""
+    for rank, results in enumerate(agreement_results):
+        got = results["copies"]
+        assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
+        value = got["value"]
+        assert value["deepcopy_shares_group"] and value["pickled_group"] is None
+        assert value["subgroup_deepcopy_shares_group"]
+        assert value["refused"] is not None and "new_group" in value["refused"] and "state_dict" in value["refused"]
+        original = value["steps"]["original"]
+        for name in ("deepcopy", "pickled"):
+            step = value["steps"][name]
+            for key in ("loss", "grad", "student_thresholds", "teacher_thresholds"):
+                assert torch.equal(step[key], original[key]), f"rank {rank} {name}: {key}"
 
 
 @pytest.mark.parametrize("name", ["world_before_init", "none"])
