@@ -196,6 +196,9 @@ def _random_negative_ranks(labels: torch.Tensor, config: EKDConfig, generator: O
     reference has)."""
     if generator is None:
         raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...)')
+    if labels.device.type == "meta":
+        raise ValueError('negative_selection="random" counts the negatives from the labels\' values (the draw '
+                         'needs L on the host): not on meta tensors, which hold none')
     batch = labels.shape[0]
     group_sizes = torch.unique(labels, return_counts=True)[1]
     num_negatives = batch * (batch - 1) // 2 - int((group_sizes * (group_sizes - 1) // 2).sum())

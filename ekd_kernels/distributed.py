@@ -945,12 +945,13 @@ def select_hardest(candidates: PassB, num_selected: int, hardest_cut: Optional[t
 
 
 def _local_input_error(student, teacher, labels, student_thresholds, teacher_thresholds, config: EKDConfig,
-                       generator) -> Optional[ValueError]:
+                       generator, update_thresholds=True) -> Optional[ValueError]:
     """The ValueError of this rank's own input checks (raised by ``_agree`` once every rank knows
     of it), or None."""
-    from .validation import check_embeddings_and_labels, check_generator, check_thresholds
+    from .validation import check_embeddings_and_labels, check_flag, check_generator, check_thresholds
 
     try:
+        check_flag("update_thresholds", update_thresholds)
         check_embeddings_and_labels(student, teacher, labels, min_rows=0)
         check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
         check_generator(generator)
@@ -1042,7 +1043,8 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     dtype are gathered as int64.
     """
     world, rank = _world(group)
-    error = _local_input_error(student, teacher, labels, student_thresholds, teacher_thresholds, config, generator)
+    error = _local_input_error(student, teacher, labels, student_thresholds, teacher_thresholds, config, generator,
+                               update_thresholds)
     fields = _sharded_fields(config)
     values, fingerprints = [], []
     if error is None:

@@ -11,7 +11,7 @@ from .backends import resolve_backend
 from .config import EKDConfig
 from .reference import autocast_off
 from .result import EKDResult
-from .validation import check_embeddings_and_labels, check_generator, check_thresholds
+from .validation import check_embeddings_and_labels, check_flag, check_generator, check_thresholds
 
 
 def initial_thresholds(config: EKDConfig, device=None) -> torch.Tensor:
@@ -50,10 +50,7 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"pass either config= or option keywords, not both (got {sorted(options)})")
     elif not isinstance(config, EKDConfig):
         raise ValueError(f"config must be an EKDConfig (or pass the options as keywords), got {type(config).__name__}")
-    if not isinstance(update_thresholds, bool):
-        # (a string "False" is truthy, 0 and None are not bools: the backends would read them apart)
-        raise ValueError(f"update_thresholds must be True or False, got {update_thresholds!r} "
-                         f"({type(update_thresholds).__name__})")
+    update_thresholds = check_flag("update_thresholds", update_thresholds)
     check_generator(generator)
     check_embeddings_and_labels(student, teacher, labels)
     if student_thresholds is None:

@@ -134,6 +134,13 @@ class EKDLoss(nn.Module):
         copied.__setstate__(copy.deepcopy(nn.Module.__getstate__(self), memo))
         return copied
 
+    def __copy__(self):
+        """A shallow copy, as the default one but without __getstate__'s pickling rule below:
+        it shares everything, the process group included."""
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(nn.Module.__getstate__(self))
+        return copied
+
     def __getstate__(self):
         """Pickling (torch.save of the module or of a model holding it): the default group,
         ``dist.group.WORLD``, is saved as None, which means the same (resolved at each call, in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,6 +88,14 @@ def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch
         # one state dtype for both models: the compiled ops take a single one
         raise ValueError(f"student_thresholds and teacher_thresholds must have the same dtype, got "
                          f"{student_thresholds.dtype} and {teacher_thresholds.dtype}")
+
+
+def check_flag(name: str, value) -> bool:
+    """A True/False argument (Python or numpy bool, as EKDConfig's flags), as a bool.  Why: a
+    string "False" is truthy and 0 or None are not bools; backends would read them apart."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_generator(generator) -> None:

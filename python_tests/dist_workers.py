@@ -449,6 +449,16 @@ def _gather_loss_call(rank, world, options=None, crit_hook=None, given=lambda ra
     return _step(crit, s_all, t_all, l_all, student)
 
 
+def _sharded_function_call(rank, world, update_thresholds):
+    """distributed.ekd_sharded on this rank's part, with the given update_thresholds."""
+    from ekd_kernels import EKDConfig
+    student, teacher, labels = agreement_batch(world, rank)
+    zeros = torch.zeros(len(EKDConfig().fprs))
+    result = distributed.ekd_sharded(student, teacher, labels, zeros, zeros.clone(), EKDConfig(),
+                                     update_thresholds=update_thresholds)
+    return result.loss
+
+
 def _wider(student):
     """Two more columns."""
     return torch.cat([student, student[:, :2]], 1)
@@ -526,6 +536,8 @@ AGREEMENT_CASES = [
     ("gather_loss_sharded_refused", lambda r, w: _gather_loss_call(
         r, w, crit_hook=lambda rank, crit: setattr(crit, "process_group", None) if rank == 1 else None)),
     ("ok_gather_with_loss", lambda r, w: _gather_loss_call(r, w)),
+    # the public ekd_sharded with a non-bool update_thresholds on one rank: refused, by name
+    ("update_thresholds_refused", lambda r, w: _sharded_function_call(r, w, "False" if r == 1 else True)),
     # after all the refusals, the ranks are still in step: a plain call gives the global loss
     ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
 ]
@@ -583,4 +595,5 @@ def _copies(rank, world):
         refused = str(error)
     return dict(steps=steps, deepcopy_shares_group=copies["deepcopy"].process_group is crit.process_group,
                 pickled_group=copies["pickled"].process_group, refused=refused,
-                subgroup_deepcopy_shares_group=copy.deepcopy(sub).process_group is subgroup)
+                subgroup_deepcopy_shares_group=copy.deepcopy(sub).process_group is subgroup,
+                subgroup_copy_shares_group=copy.copy(sub).process_group is subgroup)

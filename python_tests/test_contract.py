@@ -7,6 +7,7 @@ import functools
 import io
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -304,6 +305,15 @@ def test_update_thresholds_must_be_a_bool(backend, device, value):
     student, teacher, labels = make_batch(8, device=device)
     with pytest.raises(ValueError, match="update_thresholds must be True or False, got"):
         ekd_loss(student, teacher, labels, backend=backend, update_thresholds=value)
+
+
+def test_update_thresholds_takes_numpy_bools(backend, device):
+    """As EKDConfig's flags: numpy.bool_ reads as the bool it is."""
+    student, teacher, labels = make_batch(8, device=device)
+    kept = ekd_loss(student, teacher, labels, backend=backend, update_thresholds=numpy.bool_(False))
+    moved = ekd_loss(student, teacher, labels, backend=backend, update_thresholds=numpy.bool_(True))
+    assert torch.equal(kept.student_thresholds, torch.zeros_like(kept.student_thresholds))
+    assert not torch.equal(moved.student_thresholds, kept.student_thresholds)
 
 
 def test_unknown_option_keyword_is_named():
@@ -710,6 +720,8 @@ def test_meta_tensors():
     assert student.grad.shape == student.shape and student.grad.device.type == "meta"
     with pytest.raises(ValueError, match="meta tensors hold no values, and the reference EKD backend needs them"):
         EKDLoss(backend="reference").to("meta")(student, teacher, labels)
+    with pytest.raises(ValueError, match='negative_selection="random" counts the negatives .* not on meta tensors'):
+        EKDLoss(negative_selection="random").to("meta")(student, teacher, labels, generator=torch.Generator())
 
 
 def test_auto_picks_the_first_available(monkeypatch):

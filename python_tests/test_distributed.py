@@ -441,6 +441,7 @@ AGREEMENT_EXPECTED = {
                                "rank 1 has False (pass loss= on every rank or none). Nothing was computed",
     "gather_loss_sharded_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
                                     "gather_batch: loss must be a single-process EKDLoss"],
+    "update_thresholds_refused": [REFUSED_BY_RANK_1, "update_thresholds must be True or False, got 'False' (str)"],
 }
 AGREEMENT_WORLD = 2
 
@@ -520,14 +521,14 @@ def test_copies_of_a_sharded_loss(agreement_results):
     """copy.deepcopy (an EMA or SWA copy of a model holding the loss) and torch.save of the whole
     module work on a loss built with a process group: the copies share the group (the pickled
     one holds None, the same default group) and their next step equals the original's, bit for
-    bit; a new_group loss deep-copies sharing its group, and pickling it raises a TypeError
+    bit; a new_group loss copies (deep or shallow) sharing its group, and pickling it raises a TypeError
     saying what to do (before: torch's "cannot pickle ProcessGroup", also for the default group)."""
     for rank, results in enumerate(agreement_results):
         got = results["copies"]
         assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
         value = got["value"]
         assert value["deepcopy_shares_group"] and value["pickled_group"] is None
-        assert value["subgroup_deepcopy_shares_group"]
+        assert value["subgroup_deepcopy_shares_group"] and value["subgroup_copy_shares_group"]
         assert value["refused"] is not None and "new_group" in value["refused"] and "state_dict" in value["refused"]
         original = value["steps"]["original"]
         for name in ("deepcopy", "pickled"):
