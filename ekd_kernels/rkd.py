@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses._common import compute_dtypes
+from .losses._common import check_has_values, check_number, compute_dtypes, fp32_under_autocast
 from .validation import check_embedding_pair
 
 PDIST_EPS = 1e-12
@@ -40,10 +40,19 @@ def triplet_angles(x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(differences, differences.transpose(1, 2)).view(-1)
 
 
+def check_rkd_weights(distance_weight, angle_weight) -> None:
+    """The two weights: finite, non-negative numbers (a negative weight would reward a worse relation)."""
+    check_number("distance_weight", distance_weight, non_negative=True)
+    check_number("angle_weight", angle_weight, non_negative=True)
+
+
+@fp32_under_autocast
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> torch.Tensor:
     """RKD loss of one batch (0-d); gradient to `student` only."""
     check_embedding_pair(student, teacher, what="rkd_loss")
+    check_has_values(student, "rkd_loss")
+    check_rkd_weights(distance_weight, angle_weight)
     student, teacher = compute_dtypes(student, teacher)
     with torch.no_grad():
         teacher_distances = mean_normalised_distances(teacher)
@@ -58,6 +67,7 @@ class RKDLoss(nn.Module):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
+        check_rkd_weights(distance_weight, angle_weight)
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 

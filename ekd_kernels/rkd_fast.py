@@ -10,8 +10,8 @@ and k is the Gram/law-of-cosines form
 
 evaluated triplet by triplet in tiles of anchors (csrc/rkd/rkd_cpu.cpp; the per-triplet math is
 csrc/rkd/rkd_math.h).  The op returns d loss / d student with the loss, so the backward is a
-multiply.  Peak extra memory is about 20 B^2 values (measured: 21 MiB at B = 512, 67 MiB at
-B = 1024 in fp32) against the reference's ~6 B^2 D values (3 GiB at B = 512, 12 GiB at 1024).
+multiply.  Peak extra memory is about 20 B^2 values (measured: 19 MiB at B = 512, 51 MiB at
+B = 1024 in fp32, bench/results/losses_cpu.jsonl at commit 21e1ac4) against the reference's ~6 B^2 D values (3 GiB at B = 512, 12 GiB at 1024).
 
 Where the op comes from: the package extension ``ekd_kernels._C`` when it was built with
 ``csrc/rkd/*.cpp``; otherwise it is compiled once with ``torch.utils.cpp_extension.load``
@@ -51,7 +51,8 @@ import torch
 from torch import nn
 
 from ._autograd import first_order_only
-from .losses._common import compute_dtypes
+from .losses._common import check_has_values, compute_dtypes, fp32_under_autocast
+from .rkd import check_rkd_weights
 from .validation import check_embedding_pair
 
 _OP_NAME = "ekd_kernels::rkd_forward"
@@ -262,6 +263,7 @@ def _rkd_tiled(student: torch.Tensor, teacher: torch.Tensor, distance_weight: fl
 BACKENDS = ("auto", "op", "torch")
 
 
+@fp32_under_autocast
 def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
                   angle_weight: float = 50.0, backend: str = "auto") -> torch.Tensor:
     """RKD loss of one batch (0-d), equal to ``rkd_loss``; gradient to ``student`` only.
@@ -276,6 +278,8 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
     fast paths' is rounding residue of the same terms): see the module docstring.
     """
     check_embedding_pair(student, teacher, what="fast_rkd_loss")
+    check_has_values(student, "fast_rkd_loss")
+    check_rkd_weights(distance_weight, angle_weight)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -303,6 +307,7 @@ class FastRKDLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_rkd_weights(distance_weight, angle_weight)
         if backend != "torch":
             preload()
         self.distance_weight = distance_weight

@@ -534,3 +534,131 @@ def test_unified_non_finite_batch_does_not_poison_the_bank(enqueue, where, value
         assert torch.isfinite(got) and got.item() == expected.item()
     for k, v in hit.state_dict().items():
         assert torch.equal(v, spared.state_dict()[k]), k
+
+
+# ----------------------------------------------------------------------------- autocast, option types, state checks
+from ekd_kernels.rkd import RKDLoss, rkd_loss  # noqa: E402
+from ekd_kernels.rkd_fast import FastRKDLoss, fast_rkd_loss  # noqa: E402
+
+AUTOCAST_CASES = [
+    ("sp", similarity_preserving_loss), ("cc", correlation_congruence_loss), ("darkrank", hard_darkrank_loss),
+    ("fitnet", fitnet_loss), ("cosine", cosine_distill_loss), ("pwr", pwr_loss), ("hinton", hinton_kd_loss),
+    ("unified", lambda s, t: unified_kd_loss(s, t, torch.arange(s.shape[0]) % 7)),
+    ("rkd", rkd_loss), ("fast_rkd_op", fast_rkd_loss),
+    ("fast_rkd_torch", lambda s, t: fast_rkd_loss(s, t, backend="torch")),
+]
+
+
+@pytest.mark.parametrize("name,fn", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
+def test_autocast_changes_nothing(name, fn):
+    """Called inside torch.autocast (an AMP training step), every loss computes as outside it:
+    fp32 loss and gradient, bitwise (before: the Gram matrices ran in bf16, the gradient off by
+    up to 1.6e-1 relative; the fast RKD op's own matmul too)."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g)
+    results = []
+    for enabled in (False, True):
+        x = student.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = fn(x, teacher)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert results[1][0].dtype == torch.float32
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: RKDLoss(distance_weight="25"), "distance_weight must be a real number"),
+    (lambda: RKDLoss(angle_weight=float("nan")), "angle_weight must be finite"),
+    (lambda: RKDLoss(distance_weight=-1), "distance_weight must be a non-negative number"),
+    (lambda: FastRKDLoss(distance_weight=None), "distance_weight must be a real number"),
+    (lambda: rkd_loss(torch.randn(4, 3), torch.randn(4, 3), angle_weight=True), "angle_weight must be a real"),
+    (lambda: fast_rkd_loss(torch.randn(4, 3), torch.randn(4, 3), distance_weight=-2), "non-negative"),
+    (lambda: HintonKDLoss(temperature=0), "temperature must be positive"),
+    (lambda: HintonKDLoss(temperature="4"), "temperature must be a real number"),
+    (lambda: hinton_kd_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=float("inf")), "temperature must be finite"),
+    (lambda: CorrelationCongruenceLoss(gamma="a"), "gamma must be a real number"),
+    (lambda: CorrelationCongruenceLoss(order=-1), "order must be an integer >= 0"),
+    (lambda: CorrelationCongruenceLoss(order=True), "order must be an integer >= 0"),
+    (lambda: HardDarkRankLoss(alpha=-3), "alpha must be positive"),
+    (lambda: HardDarkRankLoss(beta=0), "beta must be positive"),
+    (lambda: HardDarkRankLoss(list_length=0), "list_length must be an integer >= 1"),
+    (lambda: hard_darkrank_loss(torch.randn(6, 3), torch.randn(6, 3), alpha=float("nan")), "alpha must be finite"),
+    (lambda: PWRLoss(power=True), "power must be a real number"),
+    (lambda: PWRLoss(beta=float("inf")), "beta must be finite"),
+    (lambda: PWRLoss(margin_value=True), "margin_value must be a real number"),
+    (lambda: UnifiedKDLoss(4, hard_fraction=True), "hard_fraction must be a real number"),
+    (lambda: UnifiedKDLoss(4, num_mined_pairs=True), "num_mined_pairs .* must be an integer >= 1"),
+    (lambda: UnifiedKDLoss(4, iled_weight=-1), "iled_weight must be a non-negative number"),
+    (lambda: UnifiedKDLoss(True), "dim .* must be an integer >= 1"),
+    (lambda: unified_kd_loss(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6), torch.randn(3, 4), [0, 1, 2]),
+     "bank_labels must be a tensor of 3 integer labels"),
+    (lambda: unified_kd_loss(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6), torch.randn(3, 4),
+                             torch.ones(3, dtype=torch.bool)), "bank_labels must be a tensor of 3 integer labels"),
+    (lambda: unified_kd_loss(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6), torch.randn(3, 4),
+                             torch.arange(3), [0] * 6), "own_index must be 6 bank rows"),
+])
+def test_option_types_and_values_are_checked(make, match):
+    """Options are checked by type and value, naming the option, when the module is built (or the
+    function called): no TypeError from deep inside, no silent NaN or reversed ranking."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("fn", [rkd_loss, fast_rkd_loss, pwr_loss], ids=lambda f: f.__name__)
+def test_meta_inputs_are_refused_by_name(fn):
+    with pytest.raises(ValueError, match=f"{fn.__name__} selects by the values .* meta tensors hold none"):
+        fn(torch.randn(6, 4, device="meta"), torch.randn(6, 4, device="meta"))
+
+
+def test_hinton_refuses_sparse_logits():
+    with pytest.raises(ValueError, match="student_logits must be a dense .strided. tensor"):
+        hinton_kd_loss(torch.randn(4, 5).to_sparse(), torch.randn(4, 5))
+
+
+def test_unified_refuses_activation_checkpointing():
+    """Recomputed under checkpoint, a training-mode call would write its batch into the bank twice
+    (and read another bank): refused, as EKDLoss refuses it."""
+    from torch.utils.checkpoint import checkpoint
+
+    crit, layer = UnifiedKDLoss(8, bank_size=40), torch.nn.Linear(8, 8)
+    x, teacher, labels = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3
+    loss = checkpoint(lambda a: crit(layer(a), teacher, labels), x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="UnifiedKDLoss ran in training mode inside a backward pass"):
+        loss.backward()
+    crit.eval()  # eval mode writes nothing: checkpointing is fine there
+    checkpoint(lambda a: crit(layer(a), teacher, labels), x, use_reentrant=False).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unified_16_bit_cast_keeps_an_fp32_bank(dtype):
+    crit = UnifiedKDLoss(8, bank_size=40).to(dtype)
+    assert crit.bank_embeddings.dtype == torch.float32
+    s, t = torch.randn(6, 8).to(dtype), torch.randn(6, 8).to(dtype)
+    loss = crit(s.requires_grad_(True), t, torch.arange(6) % 3)
+    loss.backward()
+    assert int(crit.bank_count) == 6 and torch.isfinite(loss)
+    assert crit.double().bank_embeddings.dtype == torch.float64  # other casts apply as usual
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(bank_count=torch.tensor(999)), "bank_count in the checkpoint is 999, outside"),
+    (dict(bank_count=torch.tensor(-3)), "bank_count in the checkpoint is -3, outside"),
+    (dict(bank_pointer=torch.tensor(-5)), "bank_pointer in the checkpoint is -5, outside"),
+    (dict(bank_pointer=torch.tensor(40)), "bank_pointer in the checkpoint is 40, outside"),
+    ("nan_row", "bank_embeddings in the checkpoint are not finite"),
+])
+def test_unified_refuses_a_ring_state_it_cannot_hold(change, match):
+    source = UnifiedKDLoss(8, bank_size=40)
+    source(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    if change == "nan_row":
+        state["bank_embeddings"][2, 0] = float("nan")
+    else:
+        state.update(change)
+    target = UnifiedKDLoss(8, bank_size=40)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        target.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing copied
+    target.load_state_dict({k: v.clone() for k, v in source.state_dict().items()})  # a good one loads

@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..reference import compute_dtype, normalize_rows
+from ..config import _real
+from ..reference import autocast_off, compute_dtype, normalize_rows
 from ..validation import check_embedding_pair
 
 # the package's one normalisation and one input check, with the dtype rule below
-__all__ = ["all_finite", "check_embedding_pair", "compute_dtypes", "nan_unless_finite", "normalize_rows"]
+__all__ = ["all_finite", "check_embedding_pair", "compute_dtypes", "fp32_under_autocast", "nan_unless_finite",
+           "normalize_rows", "check_has_values", "check_integer", "check_number"]
+
+
+def fp32_under_autocast(loss_fn):
+    """Run a functional loss ``loss_fn(student, teacher, ...)`` with any enclosing ``torch.autocast``
+    off on the inputs' device, as ``ekd_loss`` does.  Why: the losses read fp16/bf16 inputs and
+    compute in fp32 (compute_dtypes); inside autocast their matmuls would run in 16 bits anyway,
+    changing the loss by 1e-3 and the gradient by up to 1e-1 (and a compiled op's internal ATen
+    calls would too)."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(student, teacher, *args, **kwargs):
+        device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+        with autocast_off(device):
+            return loss_fn(student, teacher, *args, **kwargs)
+
+    return wrapper
+
+
+def check_number(name: str, value, *, positive: bool = False, non_negative: bool = False,
+                 at_most_one: bool = False) -> float:
+    """A loss option that is a finite real number (not a bool, str, None or tensor), optionally
+    > 0, >= 0 or <= 1; ValueError naming it otherwise.  Returns it as a float."""
+    value = _real(name, value)
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if non_negative and not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if at_most_one and not value <= 1:
+        raise ValueError(f"{name} must be at most 1, got {value!r}")
+    return value
+
+
+def check_has_values(x: torch.Tensor, what: str) -> None:
+    """Losses whose selection reads values (sorts into masks, nonzero, unique) cannot run on meta
+    tensors: a ValueError naming the loss, not an error from deep inside torch."""
+    if x.device.type == "meta":
+        raise ValueError(f"{what} selects by the values (sorts, masks of nonzero entries): meta tensors hold none")
+
+
+def check_integer(name: str, value, minimum: int) -> int:
+    """A loss option that is an integer (not a bool) >= minimum; ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def compute_dtypes(student: torch.Tensor, teacher: torch.Tensor):

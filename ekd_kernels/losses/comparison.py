@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
+from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
+                      fp32_under_autocast, nan_unless_finite, normalize_rows)
 
 # ----------------------------------------------------------------------------- SP
 
 
+@fp32_under_autocast
 def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor,
                                normalize: str = "features") -> torch.Tensor:
     """Similarity-preserving KD (Tung and Mori, ICCV 2019) on embeddings.
@@ -79,6 +81,7 @@ class SimilarityPreservingLoss(nn.Module):
 # ----------------------------------------------------------------------------- CC
 
 
+@fp32_under_autocast
 def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, gamma: float = 0.4,
                                 order: int = 2) -> torch.Tensor:
     """Correlation congruence (Peng et al., ICCV 2019), the EKD authors' version.
@@ -94,10 +97,7 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     bilinear or MMD kernel instead.  Cost O(B^2 D), memory O(B^2).
     """
     check_embedding_pair(student, teacher, what="correlation_congruence_loss")
-    if not (isinstance(order, int) and order >= 0):
-        raise ValueError(f"order must be a non-negative integer, got {order!r}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be positive, got {gamma!r}")
+    _check_cc_options(gamma, order)
     student, teacher = compute_dtypes(student, teacher)
 
     def correlation(x):
@@ -111,11 +111,17 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     return nan_unless_finite((correlation(student) - correlation(teacher)).pow(2).mean(), all_finite(student, teacher))
 
 
+def _check_cc_options(gamma, order):
+    check_number("gamma", gamma, positive=True)
+    check_integer("order", order, 0)
+
+
 class CorrelationCongruenceLoss(nn.Module):
     """Module form of :func:`correlation_congruence_loss` (gamma 0.4, order 2)."""
 
     def __init__(self, gamma: float = 0.4, order: int = 2):
         super().__init__()
+        _check_cc_options(gamma, order)
         self.gamma, self.order = gamma, order
 
     def forward(self, student, teacher):
@@ -134,6 +140,7 @@ def _euclidean_distances(x: torch.Tensor) -> torch.Tensor:
     return (squared.unsqueeze(1) + squared.unsqueeze(0) - 2 * (x @ x.t())).clamp_min(1e-12).sqrt()
 
 
+@fp32_under_autocast
 def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3.0, beta: float = 3.0,
                        list_length: int = 3) -> torch.Tensor:
     """Hard DarkRank (Chen, Wang and Zhang, AAAI 2018), the EKD authors' version.
@@ -152,8 +159,7 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     broken by ``torch.sort`` (unspecified).  Needs B > list_length.  Cost O(B^2 D + B^2 log B).
     """
     check_embedding_pair(student, teacher, what="hard_darkrank_loss")
-    if not (isinstance(list_length, int) and list_length >= 1):
-        raise ValueError(f"list_length must be a positive integer, got {list_length!r}")
+    _check_darkrank_options(alpha, beta, list_length)
     if student.shape[0] <= list_length:
         raise ValueError(f"hard_darkrank_loss needs more than list_length={list_length} rows (each anchor ranks "
                          f"{list_length} others), got B={student.shape[0]}")
@@ -172,11 +178,19 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     return nan_unless_finite(-(listed - suffix).sum(1).mean(), all_finite(student, teacher))
 
 
+def _check_darkrank_options(alpha, beta, list_length):
+    # alpha <= 0 would reverse (or flatten) the ranking the scores encode
+    check_number("alpha", alpha, positive=True)
+    check_number("beta", beta, positive=True)
+    check_integer("list_length", list_length, 1)
+
+
 class HardDarkRankLoss(nn.Module):
     """Module form of :func:`hard_darkrank_loss` (alpha 3, beta 3, lists of 3)."""
 
     def __init__(self, alpha: float = 3.0, beta: float = 3.0, list_length: int = 3):
         super().__init__()
+        _check_darkrank_options(alpha, beta, list_length)
         self.alpha, self.beta, self.list_length = alpha, beta, list_length
 
     def forward(self, student, teacher):
@@ -189,6 +203,7 @@ class HardDarkRankLoss(nn.Module):
 # ----------------------------------------------------------------------------- FitNet
 
 
+@fp32_under_autocast
 def fitnet_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """FitNet hint loss (Romero et al., ICLR 2015) on embeddings: mean over B x D of
     (s - t)^2 on the raw features, as the EKD authors use it (no regressor: the widths must
@@ -208,6 +223,7 @@ class FitNetLoss(nn.Module):
 # ----------------------------------------------------------------------------- Hinton KD
 
 
+@fp32_under_autocast
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    temperature: float = 4.0) -> torch.Tensor:
     """Classic KD (Hinton, Vinyals and Dean, 2015) on logits, the EKD authors' version:
@@ -219,6 +235,8 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: call .to_dense() first")
         if x.dim() != 2:
             raise ValueError(f"{name} must be 2-D (B x C), got shape {tuple(x.shape)}")
         if not x.dtype.is_floating_point:
@@ -230,8 +248,7 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"logits must be non-empty, got shape {tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student and teacher logits are on {student_logits.device} and {teacher_logits.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    check_number("temperature", temperature, positive=True)
     student_logits, teacher_logits = compute_dtypes(student_logits, teacher_logits)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -246,6 +263,7 @@ class HintonKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
+        check_number("temperature", temperature, positive=True)
         self.temperature = temperature
 
     def forward(self, student_logits, teacher_logits):
@@ -258,6 +276,7 @@ class HintonKDLoss(nn.Module):
 # ----------------------------------------------------------------------------- cosine
 
 
+@fp32_under_autocast
 def cosine_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Feature-to-feature cosine distance, the EKD authors' "cosine" baseline:
     loss = 1 - mean_i cos(s_i, t_i) (a zero row has cosine 0).  Widths must match.  Cost O(B D)."""

@@ -44,7 +44,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
+from ._common import (all_finite, check_embedding_pair, check_has_values, check_number, compute_dtypes,
+                      fp32_under_autocast, nan_unless_finite, normalize_rows)
 
 SCORES = ("l2", "cosine")
 LOSS_TYPES = ("diff_exp", "diff_power", "ranknet")
@@ -203,14 +204,12 @@ def _check_options(score, loss_type, margin_type, margin, power, beta, algorithm
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if margin_type not in MARGINS:
         raise ValueError(f"margin must be one of {MARGINS} (with margin_value for 'const'), got {margin_type!r}")
-    if not power > 0:
-        raise ValueError(f"power must be positive, got {power!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta!r}")
-    if not isinstance(margin, (int, float)):
-        raise ValueError(f"margin_value must be a number, got {type(margin).__name__}")
+    check_number("power", power, positive=True)
+    check_number("beta", beta, positive=True)
+    check_number("margin_value", margin)
 
 
+@fp32_under_autocast
 def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", loss_type: str = "diff_exp",
              margin: str = "teacher_diff", margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0,
              chunk: int = None, algorithm: str = "auto") -> torch.Tensor:
@@ -222,6 +221,7 @@ def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", lo
     (default: about 4M couples per block).
     """
     check_embedding_pair(student, teacher, what="pwr_loss")
+    check_has_values(student, "pwr_loss")
     _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
     student, teacher = compute_dtypes(student, teacher)
     with torch.no_grad():

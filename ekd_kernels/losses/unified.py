@@ -46,7 +46,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ._common import all_finite, check_embedding_pair, compute_dtypes, nan_unless_finite, normalize_rows
+from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
+                      fp32_under_autocast, nan_unless_finite, normalize_rows)
 
 PAIR_FILTERS = ("all", "positive", "negative")
 
@@ -60,17 +61,16 @@ class UnifiedKDResult(NamedTuple):
 
 
 def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight):
-    if not (isinstance(hard_fraction, (int, float)) and 0 < hard_fraction <= 1):
-        raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction!r}")
-    if num_mined_pairs is not None and not (isinstance(num_mined_pairs, int) and num_mined_pairs >= 1):
-        raise ValueError(f"num_mined_pairs must be a positive integer or None (all), got {num_mined_pairs!r}")
+    check_number("hard_fraction", hard_fraction, positive=True, at_most_one=True)
+    if num_mined_pairs is not None:
+        check_integer("num_mined_pairs (or None: all)", num_mined_pairs, 1)
     if pair_filter not in PAIR_FILTERS:
         raise ValueError(f"pair_filter must be one of {PAIR_FILTERS}, got {pair_filter!r}")
     for name, w in (("iled_weight", iled_weight), ("rpsd_weight", rpsd_weight)):
-        if not (isinstance(w, (int, float)) and w >= 0):
-            raise ValueError(f"{name} must be a non-negative number, got {w!r}")
+        check_number(name, w, non_negative=True)
 
 
+@fp32_under_autocast
 def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                      bank_embeddings: Optional[torch.Tensor] = None, bank_labels: Optional[torch.Tensor] = None,
                      own_index: Optional[torch.Tensor] = None, *, hard_fraction: float = 0.5,
@@ -94,15 +94,20 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
             raise ValueError(f"bank_embeddings must be M x {teacher.shape[1]}, got "
                              f"{getattr(bank_embeddings, 'shape', type(bank_embeddings).__name__)}")
         size = bank_embeddings.shape[0]
-        if bank_labels is None or bank_labels.shape != (size,) or bank_labels.dtype.is_floating_point:
-            raise ValueError(f"bank_labels must be {size} integer labels, got "
-                             f"{getattr(bank_labels, 'shape', None)}")
+        if not isinstance(bank_labels, torch.Tensor) or bank_labels.shape != (size,) \
+                or bank_labels.dtype.is_floating_point or bank_labels.dtype.is_complex \
+                or bank_labels.dtype == torch.bool:
+            raise ValueError(f"bank_labels must be a tensor of {size} integer labels, got "
+                             f"{getattr(bank_labels, 'dtype', type(bank_labels).__name__)} "
+                             f"{tuple(getattr(bank_labels, 'shape', ()))}")
         if own_index is None:
             own_index = torch.full((batch,), -1, dtype=torch.int64, device=student.device)
-        elif own_index.shape != (batch,) or own_index.dtype.is_floating_point or \
-                bool(((own_index < -1) | (own_index >= size)).any()):
+        elif not isinstance(own_index, torch.Tensor) or own_index.shape != (batch,) \
+                or own_index.dtype.is_floating_point or bool(((own_index < -1) | (own_index >= size)).any()):
+            shown = (own_index if not isinstance(own_index, torch.Tensor) else
+                     own_index.tolist() if own_index.numel() <= 16 else tuple(own_index.shape))
             raise ValueError(f"own_index must be {batch} bank rows in [0, {size}) or -1 (not in the bank), got "
-                             f"{own_index.tolist() if own_index.numel() <= 16 else tuple(own_index.shape)}")
+                             f"{shown!r}")
         if bank_embeddings.device != student.device or bank_labels.device != student.device:
             raise ValueError(f"the bank is on {bank_embeddings.device}, the embeddings on {student.device}")
 
@@ -160,10 +165,8 @@ class UnifiedKDLoss(nn.Module):
                  num_mined_pairs: Optional[int] = 4096, pair_filter: str = "all", iled_weight: float = 1.0,
                  rpsd_weight: float = 1.0, enqueue: str = "before"):
         super().__init__()
-        if not (isinstance(dim, int) and dim >= 1):
-            raise ValueError(f"dim (the teacher embedding width) must be a positive integer, got {dim!r}")
-        if not (isinstance(bank_size, int) and bank_size >= 1):
-            raise ValueError(f"bank_size must be a positive integer, got {bank_size!r}")
+        check_integer("dim (the teacher embedding width)", dim, 1)
+        check_integer("bank_size", bank_size, 1)
         if enqueue not in ("before", "after"):
             raise ValueError(f"enqueue must be 'before' or 'after', got {enqueue!r}")
         _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
@@ -196,6 +199,14 @@ class UnifiedKDLoss(nn.Module):
         return own
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            # activation checkpointing recomputing this call: it would write the batch into the
+            # bank a second time (and the recomputed loss would read the bank this call wrote)
+            raise RuntimeError(
+                "UnifiedKDLoss ran in training mode inside a backward pass, as under torch.utils.checkpoint's "
+                "recomputation: it writes the batch into its memory bank in forward, so the recomputation would "
+                "write it twice and see another bank (a wrong gradient). Call the loss outside the checkpointed "
+                "region, or checkpoint unified_kd_loss with an explicit bank")
         check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="UnifiedKDLoss")
         if teacher.shape[1] != self.dim:
             raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
@@ -215,6 +226,42 @@ class UnifiedKDLoss(nn.Module):
             self._enqueue(teacher, labels, finite)
         self.last_terms = result
         return result.loss
+
+    def _apply(self, fn, recurse=True):
+        """Casts to 16 bits (``.half()``, ``.bfloat16()``, say with the model the loss sits in)
+        leave the bank in fp32, on the new device: it holds normalised fp32 embeddings, and the
+        ring writes fp32 rows into it.  Every other cast applies as usual."""
+        bank = self._buffers.get("bank_embeddings")
+
+        def keep_bank_precision(t):
+            out = fn(t)
+            if t is bank and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_bank_precision, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A checkpoint whose ring state cannot be this module's is refused, nothing copied: a
+        count or pointer outside the bank (a negative count would silently shrink the part read),
+        or non-finite bank rows (every later loss would read NaN)."""
+        problems = []
+        count, pointer = state_dict.get(prefix + "bank_count"), state_dict.get(prefix + "bank_pointer")
+        bank = state_dict.get(prefix + "bank_embeddings")
+        if isinstance(count, torch.Tensor) and not count.is_meta and not 0 <= int(count) <= self.bank_size:
+            problems.append(f"{prefix}bank_count in the checkpoint is {int(count)}, outside [0, {self.bank_size}]")
+        if isinstance(pointer, torch.Tensor) and not pointer.is_meta and not 0 <= int(pointer) < self.bank_size:
+            problems.append(f"{prefix}bank_pointer in the checkpoint is {int(pointer)}, outside [0, {self.bank_size})")
+        if isinstance(bank, torch.Tensor) and not bank.is_meta and bank.is_floating_point() \
+                and not torch.isfinite(bank).all():
+            problems.append(f"{prefix}bank_embeddings in the checkpoint are not finite; an UnifiedKDLoss never "
+                            "writes such rows (a corrupted checkpoint?)")
+        if problems:
+            error_msgs.extend(problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
