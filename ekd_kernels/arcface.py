@@ -43,8 +43,12 @@ class ArcFace(nn.Module):
     def __init__(self, embedding_size: int, num_classes: int, scale: float = 64.0, margin: float = 0.5,
                  easy_margin: bool = False, clamp_eps: float = 1e-7):
         super().__init__()
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}")
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(clamp_eps, bool) or not isinstance(clamp_eps, (int, float)) or not 0 <= clamp_eps < 1:
+            # the target cosine is clamped to [-1 + eps, 1 - eps]: eps >= 1 empties that interval
+            raise ValueError(f"clamp_eps must be a number in [0, 1), got {clamp_eps!r}")
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a finite positive number, got {scale!r}")
         if not (0.0 <= margin < math.pi / 2):

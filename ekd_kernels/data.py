@@ -45,7 +45,9 @@ class SyntheticFaces(Dataset):
     Args:
         num_identities, images_per_identity: size of the set.
         image_size: side of the square RGB images (112 like aligned face crops).
-        seed: the whole set is a function of the seed (and the identity and image indices).
+        seed: the whole set is a function of the seed, the identity and image indices and
+            ``images_per_identity`` (an identity's images are drawn together: the same identity
+            with another image count has other images; its pattern stays the same).
         first_identity: global index of the first identity (disjoint ranges = disjoint identities).
         family_size: identities per family; they share ``family_weight`` of their pattern's variance.
         expression: weight of each image's own random pattern (the within-identity variation).
@@ -59,6 +61,8 @@ class SyntheticFaces(Dataset):
         if num_identities < 1 or images_per_identity < 1 or image_size < 8:
             raise ValueError(f"need num_identities >= 1, images_per_identity >= 1 and image_size >= 8, got "
                              f"{num_identities}, {images_per_identity}, {image_size}")
+        if isinstance(family_size, bool) or not isinstance(family_size, int) or family_size < 1:
+            raise ValueError(f"family_size must be a positive integer, got {family_size!r}")
         if not (0.0 <= family_weight < 1.0):
             raise ValueError(f"family_weight must lie in [0, 1), got {family_weight!r}")
         self.num_identities = num_identities
@@ -133,6 +137,9 @@ class FaceFolder(Dataset):
     """
 
     def __init__(self, root, image_size: Optional[int] = None):
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < 1):
+            raise ValueError(f"image_size must be a positive integer or None (keep the files' size), got {image_size!r}")
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder {self.root} does not exist")
@@ -170,7 +177,9 @@ class FaceFolder(Dataset):
 def read_pairs(path, dataset: FaceFolder) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A verification pairs list: one pair per line, ``<image a> <image b> <1 same | 0 different>``,
     image paths relative to the dataset root (``identity/file``); blank lines and lines starting
-    with '#' are skipped.  Returns (index_a, index_b, is_same) into ``dataset``.
+    with '#' are skipped.  Returns (index_a, index_b, is_same) into ``dataset``.  A pair whose flag
+    contradicts the folders (1 for two identities, 0 for one) is refused: the list and the
+    dataset disagree on who is who, and the TPR would count it on the wrong side.
     """
     index_a, index_b, same = [], [], []
     for number, line in enumerate(pathlib.Path(path).read_text().splitlines(), start=1):
@@ -183,9 +192,14 @@ def read_pairs(path, dataset: FaceFolder) -> Tuple[torch.Tensor, torch.Tensor, t
         for name in parts[:2]:
             if name not in dataset.index:
                 raise ValueError(f"{path}:{number}: {name} is not an image under {dataset.root}")
-        index_a.append(dataset.index[parts[0]])
-        index_b.append(dataset.index[parts[1]])
-        same.append(parts[2] == "1")
+        a, b, is_same = dataset.index[parts[0]], dataset.index[parts[1]], parts[2] == "1"
+        if (int(dataset.labels[a]) == int(dataset.labels[b])) != is_same:
+            raise ValueError(f"{path}:{number}: the pair is marked {parts[2]} ({'same' if is_same else 'different'}) "
+                             f"but its images are of {'two identities' if is_same else 'one identity'} "
+                             f"({dataset.classes[int(dataset.labels[a])]!r}, {dataset.classes[int(dataset.labels[b])]!r})")
+        index_a.append(a)
+        index_b.append(b)
+        same.append(is_same)
     if not same:
         raise ValueError(f"{path}: no pairs")
     return torch.tensor(index_a), torch.tensor(index_b), torch.tensor(same)

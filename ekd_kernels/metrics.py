@@ -38,6 +38,7 @@ Two entry points:
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -70,11 +71,24 @@ class VerificationResult:
         return dataclasses.asdict(self)
 
     def tpr(self, fpr: float) -> float:
-        """The TPR at one of the evaluated FPRs."""
+        """The TPR at one of the evaluated FPRs (matched to 1e-6 relative: an FPR given in fp32,
+        0.0010000000474974513 for 1e-3, is found by 1e-3)."""
         for f, t in zip(self.fprs, self.tprs):
-            if f == fpr:
+            if math.isclose(f, float(fpr), rel_tol=1e-6):
                 return t
         raise KeyError(f"FPR {fpr!r} was not evaluated (evaluated: {self.fprs})")
+
+
+def _fpr_tuple(fprs) -> Tuple[float, ...]:
+    """The FPRs as a tuple of floats: a sequence, or one number."""
+    if isinstance(fprs, numbers.Real) and not isinstance(fprs, bool):
+        return (float(fprs),)
+    if isinstance(fprs, torch.Tensor):
+        fprs = fprs.reshape(-1).tolist()
+    try:
+        return tuple(float(f) for f in fprs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"fprs must be false-positive rates (a number or a sequence of them), got {fprs!r}") from error
 
 
 def threshold_indices(num_negatives: int, fprs: Sequence[float]) -> Tuple[int, ...]:
@@ -102,17 +116,20 @@ def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     """
     pos = torch.as_tensor(positive_scores).detach().reshape(-1)
     neg = torch.as_tensor(negative_scores).detach().reshape(-1)
-    # One dtype for both, so that "positive > threshold" compares the scores as given.
-    dtype = torch.promote_types(pos.dtype, neg.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.float64
+    for name, s in (("positive_scores", pos), ("negative_scores", neg)):
+        if s.dtype.is_complex or s.dtype == torch.bool:
+            raise ValueError(f"{name} must be real scores, got {s.dtype}")
+    # One dtype for both, so that "positive > threshold" compares the scores as given: their own
+    # dtype when they share a float one, else fp64 (exact for every fp16/bf16/fp32 value and for
+    # integers below 2^53; torch's promotion would round an int64 16777217 to fp32's 16777216).
+    dtype = pos.dtype if pos.dtype == neg.dtype and pos.dtype.is_floating_point else torch.float64
     pos, neg = pos.to(dtype), neg.to(dtype)
     for name, s in (("positive_scores", pos), ("negative_scores", neg)):
         if s.numel() == 0:
             raise ValueError(f"{name} is empty: TPR at FPR needs at least one positive and one negative pair")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"{name} holds a non-finite score")
-    fprs = tuple(float(f) for f in fprs)
+    fprs = _fpr_tuple(fprs)
     indices = threshold_indices(neg.numel(), fprs)
     num_negatives = neg.numel()
     thresholds, tprs = [], []
@@ -199,6 +216,10 @@ class _SortedPairs:
         self.group_end = torch.repeat_interleave(ends, counts).tolist()
         self.tile_rows, self.tile_cols = tile
         self.size = embeddings.shape[0]
+        # With check_finite, tiles() also notes whether every counted score (j > i) was finite:
+        # raw dot products (normalize=False) can overflow fp32 though the embeddings are finite.
+        self.check_finite = False
+        self.all_finite = torch.ones((), dtype=torch.bool, device=embeddings.device)
 
     def tiles(self):
         """Yields (scores, r0, r1, c0, c1) for row block [r0, r1) x column block [c0, c1), c0 >= r0.
@@ -213,6 +234,13 @@ class _SortedPairs:
                 c1 = min(c0 + self.tile_cols, n)
                 scores = rows @ e[c0:c1].t()
                 scores.add_(0.0)
+                if self.check_finite:
+                    finite = torch.isfinite(scores)
+                    lower = self.lower_mask(r0, r1, c0, c1)
+                    if lower is not None:
+                        width, mask = lower
+                        finite[:, :width] |= mask  # pairs j <= i are not counted
+                    self.all_finite &= finite.all()
                 yield scores, r0, r1, c0, c1
 
     def positive_band(self, r0: int, r1: int, c0: int, c1: int) -> Tuple[int, int]:
@@ -365,7 +393,7 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
         if not (isinstance(tile, (tuple, list)) and len(tile) == 2
                 and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1 for t in tile)):
             raise ValueError(f"tile must be two positive integers (rows, columns), got {tile!r}")
-    fprs = tuple(float(f) for f in fprs)
+    fprs = _fpr_tuple(fprs)
 
     with torch.no_grad():
         e = embeddings.detach().float()
@@ -389,7 +417,12 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
             histogram_pass, refine_pass = PAIR_HISTOGRAM_KERNELS[e.device.type]
 
         # Pass 1: which top-16-bit bucket holds each target index.
+        pairs.check_finite = not normalize
         negative_high, positive_high = histogram_pass(pairs)
+        pairs.check_finite = False
+        if not bool(pairs.all_finite):
+            raise ValueError("a pair score is not finite: with normalize=False the dot products of these embeddings "
+                             "overflow fp32 (|x_i . x_j| > 3.4e38); scale the embeddings down, or normalize=True")
         located = [_locate(negative_high, m) for m in indices]
         buckets = sorted({b for b, _, _ in located})
         # Pass 2: the low 16 bits inside those buckets: together they are the exact key.

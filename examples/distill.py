@@ -88,7 +88,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="within-identity variation of the synthetic faces (higher = harder)")
     # models and training
     p.add_argument("--student", default="mobilefacenet")
-    p.add_argument("--teacher", help="teacher backbone: ir18, ir34, ir50, ir100")
+    p.add_argument("--teacher", choices=("ir18", "ir34", "ir50", "ir100"), help="teacher backbone")
     p.add_argument("--teacher-width", type=int, help="channels of the teacher's first stage (64 = published)")
     p.add_argument("--teacher-checkpoint", default=None, help="state_dict of the teacher (skips its training)")
     p.add_argument("--teacher-epochs", type=int)
@@ -111,7 +111,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    check_args(p, args)
     return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what would fail later (some of it after the teacher's training) or be ignored."""
+    if args.data is None and (args.pairs is not None or args.eval_data is not None):
+        parser.error("--pairs and --eval-data evaluate real data: they need --data (without it the run is synthetic)")
+    for name in ("threads",):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1, got {value}")
+    for name in ("epochs", "teacher_epochs", "image_size", "train_identities", "train_images", "test_identities",
+                 "test_images", "teacher_width", "identities_per_batch", "images_per_identity"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.general_size is not None and args.general_size < 0:
+        parser.error(f"--general-size must be at least 0, got {args.general_size}")
+    for name in ("lr", "teacher_lr", "scale"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for path in (args.data, args.eval_data, args.pairs, args.teacher_checkpoint):
+        if path is not None and not pathlib.Path(path).exists():
+            parser.error(f"{path} does not exist")
 
 
 # --------------------------------------------------------------------------- data
@@ -137,6 +162,10 @@ def load_data(args):
     if args.eval_data is not None:
         return train, Split(FaceFolder(args.eval_data, image_size=args.image_size))
     # Hold out every tenth identity for all-pairs verification.
+    if len(train.classes) < 20:
+        raise ValueError(f"{args.data} holds {len(train.classes)} identities: holding out every tenth for the "
+                         "evaluation needs at least 20 (two test identities, so that there are negative pairs); "
+                         "give --eval-data or --pairs instead")
     held_out = (train.labels % 10) == 9
     train_index = torch.nonzero(~held_out).squeeze(1)
     test_index = torch.nonzero(held_out).squeeze(1)
@@ -360,7 +389,7 @@ def _svg_plot(path: pathlib.Path, runs: Dict[str, list]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Denormal floats make CPU convolutions many times slower in the first steps of training.
     torch.set_flush_denormal(True)

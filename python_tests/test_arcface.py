@@ -140,3 +140,14 @@ def test_compiles_with_fullgraph():
     head = ArcFace(8, 5)
     x, labels = torch.randn(6, 8), torch.randint(0, 5, (6,))
     torch.testing.assert_close(torch.compile(head, fullgraph=True)(x, labels), head(x, labels))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(embedding_size=True, num_classes=10), "embedding_size must be a positive integer"),
+    (dict(embedding_size=8, num_classes=2.5), "num_classes must be a positive integer"),
+    (dict(embedding_size=8, num_classes=10, clamp_eps=2.0), r"clamp_eps must be a number in \[0, 1\)"),
+    (dict(embedding_size=8, num_classes=10, clamp_eps=-1), r"clamp_eps must be a number in \[0, 1\)"),
+])
+def test_sizes_and_clamp_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        ArcFace(**options)

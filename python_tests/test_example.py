@@ -101,3 +101,58 @@ def test_example_on_a_folder_with_pairs_list(tmp_path):
                  "--ekd-warm-start", "--out", str(out)], tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final_student_tpr"]) == {"ekd"}
+
+
+def test_pairs_flag_must_match_the_folders(tmp_path):
+    """A pair marked 1 across two identities (or 0 within one) contradicts the dataset: the TPR
+    would count it on the wrong side, so read_pairs refuses it, naming the line."""
+    write_folder(tmp_path / "faces")
+    dataset = FaceFolder(tmp_path / "faces")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("person0/0.npy person0/1.npy 1\nperson0/0.npy person1/0.npy 1\n")
+    with pytest.raises(ValueError, match=r"pairs.txt:2: the pair is marked 1 \(same\) but its images are of two "
+                                         r"identities \('person0', 'person1'\)"):
+        read_pairs(pairs, dataset)
+    pairs.write_text("person2/0.npy person2/2.npy 0\n")
+    with pytest.raises(ValueError, match="marked 0 .different. but its images are of one identity"):
+        read_pairs(pairs, dataset)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda root: FaceFolder(root, image_size=0), "image_size must be a positive integer or None"),
+    (lambda root: SyntheticFaces(3, 2, 16, family_size=0), "family_size must be a positive integer"),
+])
+def test_data_options_are_checked(tmp_path, make, match):
+    write_folder(tmp_path / "faces")
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path / "faces")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quick", "--pairs", "pairs.txt"], "--pairs and --eval-data evaluate real data: they need --data"),
+    (["--quick", "--eval-data", "faces"], "--pairs and --eval-data evaluate real data: they need --data"),
+    (["--quick", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--quick", "--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--quick", "--teacher", "mobilefacenet"], "invalid choice: 'mobilefacenet'"),
+    (["--quick", "--lr", "-1"], "--lr must be positive"),
+    (["--quick", "--data", "missing_folder"], "missing_folder does not exist"),
+])
+def test_example_refuses_bad_arguments_before_training(tmp_path, args, message):
+    """Arguments that would fail later (after the teacher's training) or be silently ignored are
+    refused by the parser, at once."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_example_needs_twenty_identities_to_hold_out_a_tenth(tmp_path):
+    write_folder(tmp_path / "faces", identities=5, images=3)
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import distill
+        args = distill.parse_args(["--quick", "--data", str(tmp_path / "faces")])
+        with pytest.raises(ValueError, match="holds 5 identities: holding out every tenth .* needs at least 20"):
+            distill.load_data(args)
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))

@@ -264,3 +264,35 @@ def test_fpr_that_rounds_to_one_is_refused(fpr):
         threshold_indices(100, (fpr,))
     # the largest FPR still read below 1 keeps working (index L - 1: the smallest negative)
     assert tpr_at_fpr(torch.rand(10), torch.arange(100.0), fprs=(1 - 1e-11,)).thresholds == (0.0,)
+
+
+def test_all_pairs_refuses_scores_that_overflow():
+    """normalize=False: finite embeddings whose dot products overflow fp32 gave a wrong threshold
+    silently (-0.0 for +-inf); the counted pairs' scores are checked."""
+    embeddings = torch.tensor([[1e20], [1e20], [-1e20], [1e20]])
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="a pair score is not finite: with normalize=False"):
+        verify_all_pairs(embeddings, labels, fprs=(0.5, 0.01), normalize=False)
+    # the same rows normalised, and overflow only on the diagonal (not a counted pair): fine
+    verify_all_pairs(embeddings, labels, fprs=(0.5,))
+    diagonal_only = torch.tensor([[3e19, 0.0], [0.0, 3e19], [1.0, 1.0], [1.0, 2.0]])
+    verify_all_pairs(diagonal_only, torch.tensor([0, 1, 0, 1]), fprs=(0.5,), normalize=False, tile=(4, 4))
+
+
+def test_tpr_at_fpr_scores_of_mixed_dtypes_compare_exactly():
+    """int64 16777217 against an fp32 16777216: torch's promotion (fp32) made them equal."""
+    assert tpr_at_fpr(torch.tensor([16777217]), torch.tensor([16777216.0])).tprs == (1.0, 1.0, 1.0)
+    for bad in (torch.rand(3) + 0j, torch.ones(3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="positive_scores must be real scores"):
+            tpr_at_fpr(bad, torch.rand(4))
+
+
+def test_fprs_as_one_number_or_fp32():
+    positive, negative = torch.rand(50, generator=torch.Generator().manual_seed(0)), torch.rand(400)
+    assert tpr_at_fpr(positive, negative, fprs=0.1).fprs == (0.1,)
+    r = tpr_at_fpr(positive, negative, fprs=torch.tensor([1e-1, 1e-2]))  # fp32 values
+    assert r.tpr(1e-2) == r.tprs[1] and r.tpr(0.1) == r.tprs[0]
+    with pytest.raises(KeyError):
+        r.tpr(1e-3)
+    with pytest.raises(ValueError, match="fprs must be false-positive rates"):
+        tpr_at_fpr(positive, negative, fprs="0.1")

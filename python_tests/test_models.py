@@ -41,3 +41,9 @@ def test_rejects_bad_options():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("resnet50")
     assert set(IR_STAGES) == {18, 34, 50, 100}
+
+
+def test_build_backbone_names_an_unknown_one():
+    for name in ("ir²", "resnet50", "ir"):
+        with pytest.raises(ValueError, match="unknown backbone"):
+            build_backbone(name)

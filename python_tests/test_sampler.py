@@ -142,3 +142,19 @@ def test_rejects_bad_labels():
         BalancedBatchSampler(np.zeros((3, 2), dtype=int), 1, 1)
     with pytest.raises(ValueError, match="labels"):
         BalancedBatchSampler([0.5, 1.5], 1, 1)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
+def test_seed_is_checked_when_built(seed):
+    """numpy's seed sequences take non-negative integers: refused at construction, not at the
+    first batch."""
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        BalancedBatchSampler(np.repeat(np.arange(10), 4), general_size=4, num_identities=2, seed=seed)
+
+
+def test_epoch_is_checked():
+    sampler = BalancedBatchSampler(np.repeat(np.arange(10), 4), general_size=4, num_identities=2)
+    with pytest.raises(ValueError, match="epoch must be a non-negative integer"):
+        sampler.set_epoch(-1)
+    sampler.set_epoch(np.int64(3))
+    assert sampler.epoch == 3
