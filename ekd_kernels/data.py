@@ -144,12 +144,15 @@ class FaceFolder(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset folder {self.root} does not exist")
         suffixes = IMAGE_SUFFIXES + ARRAY_SUFFIXES
-        self.classes: List[str] = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        # Identities are the folders that hold images: an empty folder takes no label (labels
+        # stay 0 ... C - 1, as a classifier head expects).
+        self.classes: List[str] = []
         self.samples: List[Tuple[pathlib.Path, int]] = []
-        for label, name in enumerate(self.classes):
-            for f in sorted((self.root / name).iterdir()):
-                if f.suffix.lower() in suffixes:
-                    self.samples.append((f, label))
+        for name in sorted(p.name for p in self.root.iterdir() if p.is_dir()):
+            files = [f for f in sorted((self.root / name).iterdir()) if f.suffix.lower() in suffixes]
+            if files:
+                self.samples.extend((f, len(self.classes)) for f in files)
+                self.classes.append(name)
         if not self.samples:
             raise ValueError(f"no images ({', '.join(suffixes)}) under {self.root}/<identity>/")
         self.labels = torch.tensor([label for _, label in self.samples])

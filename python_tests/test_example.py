@@ -156,3 +156,11 @@ def test_example_needs_twenty_identities_to_hold_out_a_tenth(tmp_path):
             distill.load_data(args)
     finally:
         sys.path.remove(str(EXAMPLE.parent))
+
+
+def test_empty_identity_folder_takes_no_label(tmp_path):
+    write_folder(tmp_path / "faces", identities=3, images=2)
+    (tmp_path / "faces" / "aaa_empty").mkdir()
+    dataset = FaceFolder(tmp_path / "faces")
+    assert dataset.classes == ["person0", "person1", "person2"]
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 2, 2]
