@@ -12,7 +12,7 @@ from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
 from .result import EKDStats
-from .validation import check_generator
+from .validation import check_generator, refuse_stateful_recomputation
 
 _THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
 _EXTRA_STATE = "_extra_state"
@@ -91,15 +91,8 @@ class EKDLoss(nn.Module):
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The loss of one batch (0-d, fp32; fp64 for fp64 inputs); updates the thresholds in
         training mode."""
-        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            # A forward inside a backward pass: activation checkpointing recomputing this call.
-            # It would see the thresholds this call already updated (and update them again), so
-            # its gradient would belong to another loss: refuse rather than corrupt it silently.
-            raise RuntimeError(
-                "EKDLoss ran in training mode inside a backward pass, as under torch.utils.checkpoint's "
-                "recomputation: it updates its thresholds in forward, so the recomputed loss would use the "
-                "updated state and give a wrong gradient. Call the loss outside the checkpointed region (its "
-                "backward keeps no B x B activations to free), or checkpoint ekd_loss with explicit thresholds")
+        # (its backward keeps no B x B activations: nothing to gain from checkpointing it)
+        refuse_stateful_recomputation(self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds")
         # (sharded: the same check runs inside the ranks' agreement exchange, so every rank raises)
         if self.process_group is _NOT_SHARDED and isinstance(student, torch.Tensor) \
                 and self.student_thresholds.device != student.device:

@@ -98,6 +98,19 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
+def refuse_stateful_recomputation(module: torch.nn.Module, what_it_updates: str, advice: str) -> None:
+    """RuntimeError when a module that updates state in its forward runs in training mode inside
+    a backward pass, i.e. activation checkpointing recomputing the call: the recomputation would
+    update the state again and see the state the first call left, so its gradient would belong
+    to another loss.  Refused rather than corrupted silently."""
+    if module.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        name = type(module).__name__
+        raise RuntimeError(
+            f"{name} ran in training mode inside a backward pass, as under torch.utils.checkpoint's recomputation: "
+            f"it {what_it_updates} in forward, so the recomputed loss would see another state (and update it "
+            f"again): a wrong gradient. Call the loss outside the checkpointed region, or {advice}")
+
+
 def check_generator(generator) -> None:
     """The random source of negative_selection="random": None or a torch.Generator."""
     if generator is not None and not isinstance(generator, torch.Generator):

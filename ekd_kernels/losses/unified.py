@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from ..validation import refuse_stateful_recomputation
 from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
@@ -199,14 +200,8 @@ class UnifiedKDLoss(nn.Module):
         return own
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-            # activation checkpointing recomputing this call: it would write the batch into the
-            # bank a second time (and the recomputed loss would read the bank this call wrote)
-            raise RuntimeError(
-                "UnifiedKDLoss ran in training mode inside a backward pass, as under torch.utils.checkpoint's "
-                "recomputation: it writes the batch into its memory bank in forward, so the recomputation would "
-                "write it twice and see another bank (a wrong gradient). Call the loss outside the checkpointed "
-                "region, or checkpoint unified_kd_loss with an explicit bank")
+        refuse_stateful_recomputation(self, "writes the batch into its memory bank",
+                                      "checkpoint unified_kd_loss with an explicit bank")
         check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="UnifiedKDLoss")
         if teacher.shape[1] != self.dim:
             raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
