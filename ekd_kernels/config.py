@@ -13,7 +13,7 @@ import numbers
 from fractions import Fraction
 from typing import Tuple
 
-import numpy
+from .validation import check_flag
 
 #: False-positive rates of the thresholds, 1e-1 first (the authors' anchors 10 ... 1e6).
 DEFAULT_FPRS: Tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -117,10 +117,7 @@ class EKDConfig:
         for name in ("positive_weight", "negative_weight"):
             set_field(name, _real(name, getattr(self, name)))
         for name in ("critical_only", "compute_critical_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (bool, numpy.bool_)):
-                raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-            set_field(name, bool(value))
+            set_field(name, check_flag(name, getattr(self, name)))
         if not isinstance(self.rank_loss, str) or self.rank_loss not in RANK_LOSSES:
             raise ValueError(f"rank_loss must be one of {RANK_LOSSES}, got {self.rank_loss!r}")
         if not isinstance(self.negative_selection, str) or self.negative_selection not in NEGATIVE_SELECTIONS:

@@ -14,6 +14,10 @@ from .result import EKDResult
 from .validation import check_embeddings_and_labels, check_flag, check_generator, check_thresholds
 
 
+#: The option keywords ekd_loss takes: the fields of EKDConfig.
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(EKDConfig))
+
+
 def initial_thresholds(config: EKDConfig, device=None) -> torch.Tensor:
     """The EMA state before the first call: K zeros (fp32), as the authors initialise it."""
     return torch.zeros(config.num_thresholds, dtype=torch.float32, device=device)
@@ -41,10 +45,10 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         fp64 for fp64 inputs), the thresholds after this call, and the detached statistics.
     """
     if config is None:
-        unknown = sorted(set(options) - {field.name for field in dataclasses.fields(EKDConfig)})
+        unknown = sorted(set(options) - set(_OPTION_NAMES))
         if unknown:
             raise ValueError(f"unknown EKD option(s) {unknown}; the options are the fields of EKDConfig: "
-                             f"{[field.name for field in dataclasses.fields(EKDConfig)]}")
+                             f"{list(_OPTION_NAMES)}")
         config = EKDConfig(**options)
     elif options:
         raise ValueError(f"pass either config= or option keywords, not both (got {sorted(options)})")

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ._buffers import keep_precision_under_16_bit_casts
 from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
@@ -204,15 +205,7 @@ class EKDLoss(nn.Module):
         """Casts to 16 bits leave the thresholds in fp32 (on the new device): a 16-bit EMA would
         stall (0.01 x a step is below bf16's resolution near 0.3), and rounding them would
         change the state a checkpoint resumes from.  Every other cast applies as usual."""
-        thresholds = {id(self._buffers[name]) for name in _THRESHOLD_BUFFERS if self._buffers.get(name) is not None}
-
-        def keep_threshold_precision(t):
-            out = fn(t)
-            if id(t) in thresholds and out.dtype in (torch.float16, torch.bfloat16) and t.is_floating_point():
-                return t.to(device=out.device)
-            return out
-
-        return super()._apply(keep_threshold_precision, recurse)
+        return super()._apply(keep_precision_under_16_bit_casts(self, _THRESHOLD_BUFFERS, fn), recurse)
 
     def extra_repr(self) -> str:
         c = self.config

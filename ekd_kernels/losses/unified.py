@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .._buffers import keep_precision_under_16_bit_casts
 from ..validation import refuse_stateful_recomputation
 from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
@@ -226,15 +227,7 @@ class UnifiedKDLoss(nn.Module):
         """Casts to 16 bits (``.half()``, ``.bfloat16()``, say with the model the loss sits in)
         leave the bank in fp32, on the new device: it holds normalised fp32 embeddings, and the
         ring writes fp32 rows into it.  Every other cast applies as usual."""
-        bank = self._buffers.get("bank_embeddings")
-
-        def keep_bank_precision(t):
-            out = fn(t)
-            if t is bank and out.dtype in (torch.float16, torch.bfloat16):
-                return t.to(device=out.device)
-            return out
-
-        return super()._apply(keep_bank_precision, recurse)
+        return super()._apply(keep_precision_under_16_bit_casts(self, ("bank_embeddings",), fn), recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
