@@ -76,6 +76,8 @@ case "$stage" in
     left() { echo $(( deadline - SECONDS )); }
     step() {  # step NAME MAX_SECONDS COMMAND...: runs when >= 20 s are left, under min(MAX, left)
       local name=$1 max=$2; shift 2
+      # EKD_LEASE_ONLY="ncu bench-train ...": a follow-up call on the warm machine runs only those
+      if [[ -n "${EKD_LEASE_ONLY:-}" && " $EKD_LEASE_ONLY " != *" $name "* ]]; then return; fi
       local t=$(( $(left) < max ? $(left) : max ))
       if (( t < 20 )); then echo "$name: skipped, ${t} s left" >> "$OUT/summary.txt"; return; fi
       local start=$SECONDS; timeout "$t" "$@"; local rc=$?
