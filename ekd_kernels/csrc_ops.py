@@ -41,9 +41,15 @@ except ImportError as exc:
     _LOAD_ERROR = f"the C++ extension was not built: {exc} (run `make install`)"
 
 
+# Asked once, when the library loads (which registers every kernel it was compiled with): the
+# dispatcher query is a torch._C call that torch.compile cannot trace (a graph break, an error
+# under fullgraph=True), and backend resolution asks on every call.
+_CUDA_OPS_BUILT = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, "CUDA")
+
+
 def cuda_ops_built() -> bool:
     """Whether the extension was compiled with its CUDA kernels (whatever this machine's GPUs)."""
-    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, "CUDA")
+    return _CUDA_OPS_BUILT
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:

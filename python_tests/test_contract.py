@@ -815,6 +815,24 @@ def test_dispatch_mode_sees_the_registered_op(fast_backend, device):
     assert {"triton": "ekd_kernels::triton_ekd_forward", "csrc": "ekd_kernels::ekd_forward"}[fast_backend] in seen
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
+def test_backend_resolution_traces_under_compile(device_type):
+    """Choosing a backend asks each one whether it can run on the device (for CUDA: whether the
+    extension has CUDA kernels, a dispatcher query); under torch.compile(fullgraph=True) that
+    must trace, whatever this machine has.  It did not for CUDA while the csrc backend asked the
+    dispatcher on every call (a graph break, so an error under fullgraph: seen on an H200)."""
+    import torch._dynamo
+
+    device = torch.device(device_type)
+
+    def count(x):
+        return x + len(backends_module.available_backends(device))
+
+    backends_module.preload("auto")  # as EKDLoss and ekd_loss do: no import traced
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(count, fullgraph=True, backend="eager")(torch.zeros(2)), count(torch.zeros(2)))
+
+
 def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
     """torch.compile(dynamic=True) of a step (a layer, then the loss): the graph compiled for the
     first batch serves batches of two other sizes (a short last batch of an epoch) without a
