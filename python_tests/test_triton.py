@@ -36,6 +36,12 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend una
 make_batch = functools.partial(helpers.make_batch, device=DEVICE)
 
 
+def triton_loss(**options):
+    """EKDLoss on the Triton backend, on DEVICE (a module left on the CPU refuses CUDA inputs:
+    four tests built one without .to and failed on the H200 only, never under the interpreter)."""
+    return EKDLoss(backend="triton", **options).to(DEVICE)
+
+
 def compare(student, teacher, labels, steps=1, **kwargs):
     """Triton against the reference (helpers.compare_with_reference) over `steps` consecutive
     calls, the EMA state carried; call k sees the student features rotated by k positions, so
@@ -160,7 +166,7 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views,
         monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", tiles_per_copy)
     student, teacher, labels = helpers.uniform_tiles_batch()
     batch = student.shape[0]
-    crit = EKDLoss(backend="triton")
+    crit = triton_loss()
     crit(student.float().to(DEVICE), teacher.float().to(DEVICE), labels.to(DEVICE))
     w32 = next(views for views in scratch_views if "coarse" in views)
     coarse, fine, buckets = (w32[name].cpu() for name in ("coarse", "fine", "bucket"))
@@ -307,7 +313,7 @@ def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, 
     def forward():
         scratch.clear()
         with torch.no_grad():
-            EKDLoss(backend="triton", **options)(student, teacher, labels, generator=torch.Generator().manual_seed(0))
+            triton_loss(**options)(student, teacher, labels, generator=torch.Generator().manual_seed(0))
         w32 = next(views for views in scratch if "coarse" in views)
         state = next(views["state"] for views in scratch if "state" in views).cpu()
         return w32, state
@@ -385,9 +391,9 @@ def test_backward_in_feature_chunks(monkeypatch, options):
     the reference, and against the one-chunk gradient, which may differ only in the rounding of
     the chunked <x, G> sum."""
     student, teacher, labels = make_batch(90, 40, 24, 20, seed=16)
-    whole = run_ekd(EKDLoss(backend="triton", **options), student, teacher, labels).grad
+    whole = run_ekd(triton_loss(**options), student, teacher, labels).grad
     monkeypatch.setattr(triton_ekd, "BACKWARD_MAX_BLOCK_D", 16)
-    chunked = run_ekd(EKDLoss(backend="triton", **options), student, teacher, labels).grad
+    chunked = run_ekd(triton_loss(**options), student, teacher, labels).grad
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-9)
     compare(student, teacher, labels, steps=2, **options)
 
