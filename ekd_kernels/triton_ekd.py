@@ -133,6 +133,10 @@ NUM_BUCKETS = 1 << 16
 #: copy costs its zeroing (256 KiB a model) and coarse_select's scan.
 COARSE_TILES_PER_COPY = 512
 MAX_COARSE_COPIES = 16
+#: Whether pass 2 (fine_histogram_kernel) skips, tile by tile, the targets whose bucket holds
+#: none of the tile's pairs.  Same histograms either way; False is the earlier pass 2, kept for
+#: the benchmark's A/B (tools/gpu_exercise.py profile --backends triton triton:no-skip).
+PASS2_SKIP_EMPTY_TARGETS = True
 #: Pass 1 counts the head of the order first (coarse_histogram_kernel) from this B on, where the
 #: pass's B^2 atomics, not launches, set the forward's time.  The cutoff is the bucket of the
 #: sample's descending rank CUTOFF_SAFETY x (the largest target fraction: the largest FPR, or
@@ -493,7 +497,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
     kernels.fine_histogram_kernel[tiles](
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
-        COLLECT=hardest, **options)
+        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an

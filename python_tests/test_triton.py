@@ -264,6 +264,16 @@ def top_n_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("skip_empty", [True, False], ids=["skip_empty_targets", "every_target"])
+def test_pass2_target_skipping_against_the_reference(monkeypatch, skip_empty):
+    """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
+    tile's pairs (the default, and the benchmark's A/B variant triton:no-skip): the reference's
+    results over consecutive calls."""
+    monkeypatch.setattr(triton_ekd, "PASS2_SKIP_EMPTY_TARGETS", skip_empty)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=25)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
+
+
 @pytest.mark.parametrize("num_hard_negatives", [1, 150, 5000])
 def test_top_n_paths(top_n_path, num_hard_negatives):
     student, teacher, labels = make_batch(80, 20, 12, 15, seed=15)

@@ -20,7 +20,7 @@
     python tools/gpu_exercise.py profile --sizes 64 1024 8192 --out profile.json
         where each backend's forward+backward time goes: wall time, the host's time to issue the
         call, the device's busy time, kernel launches per call, the top kernels (torch.profiler).
-    python tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-cutoff triton:one-copy
+    python tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip triton:no-cutoff triton:one-copy
         the Triton forward against its earlier states, one after the other in one process (A/B).
     python tools/gpu_exercise.py once --sizes 8192 --backend triton --dtype bfloat16
         one warm forward+backward inside an NVTX range "ekd", for ncu --nvtx --nvtx-include "ekd/".
@@ -55,7 +55,8 @@ LARGE_B_TRITON = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=
 # triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
 # first GPU run's pass-1 structure; both keep the later change to one model's tile at a time).
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
-                   "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1)}
+                   "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
+                   "no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False)}
 
 
 def sync(device):

@@ -484,21 +484,25 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
 
 
 @triton.jit
-def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative):
+def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SKIP_EMPTY: tl.constexpr):
     """For each target rank: histogram of the low 16 key bits of the elements in its bucket."""
     high = (key >> RADIX_BITS).to(tl.int32)
     low = (key & 0xFFFF).to(tl.int32)
     for target in range(num_targets):
         bucket = tl.load(target_bucket_ptr + target)
         counted = negative & (high == bucket)
-        # Most tiles hold no pair of a deep target's bucket (at B = 8192, D = 512, about 1 in 7
-        # for FPR 1e-3, fewer below): one count of the tile skips the aggregation's reductions
-        # and atomics there.  On the H200 this pass was instruction-bound (ncu: 51% SM
-        # throughput, no memory bound), 2.5 of the forward's 4.7 ms in fp32 at B = 8192.
-        if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
-            # (where: the bins, hence their pointers, then depend on the target; with it pass 2
-            # no longer spills on sm_90a, 20-32 B without: tools/kernel_registers.py)
-            _histogram_add(hist_ptr + target * NUM_BUCKETS, tl.where(counted, low, 0), counted)
+        # (where: the bins, hence their pointers, then depend on the target; with it pass 2 no
+        # longer spills on sm_90a, 20-32 B without: tools/kernel_registers.py)
+        bins = tl.where(counted, low, 0)
+        if SKIP_EMPTY:
+            # Most tiles hold no pair of a deep target's bucket (at B = 8192, D = 512, about 1 in
+            # 7 for FPR 1e-3, fewer below): one count of the tile skips the aggregation's
+            # reductions and atomics there.  On the H200 this pass was instruction-bound (ncu:
+            # 51% SM throughput, no memory bound), 2.5 of the forward's 4.7 ms in fp32 at 8192.
+            if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
+                _histogram_add(hist_ptr + target * NUM_BUCKETS, bins, counted)
+        else:
+            _histogram_add(hist_ptr + target * NUM_BUCKETS, bins, counted)
 
 
 @triton.jit
@@ -529,7 +533,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
                           selection_state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
                           candidate_cols_ptr, capacity,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr = True):
     """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
@@ -544,14 +548,14 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     key_a = _descending_key(a)
-    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative)
+    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY)
     if COLLECT:
         if tl.load(selection_state_ptr + OVERFLOW) == 0:
             boundary_bucket = tl.load(s_bucket_ptr + num_s_targets - 1)
             _collect_candidates(key_a, rows, cols, negative, boundary_bucket, candidate_count_ptr,
                                 candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative)
+    _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative, SKIP_EMPTY)
 
 
 # --------------------------------------------------------------------------- stage 3b: EMA
