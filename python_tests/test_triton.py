@@ -274,6 +274,25 @@ def test_pass2_target_skipping_against_the_reference(monkeypatch, skip_empty):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
+def test_pass2_target_skipping_keeps_the_histograms(monkeypatch, scratch_views):
+    """The skip changes no bin: pass 2's fine histograms with and without it are equal, every
+    target of both models (the teacher has no top-N slot: that row is never written)."""
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
+    fine = {}
+    for skip_empty in (True, False):
+        monkeypatch.setattr(triton_ekd, "PASS2_SKIP_EMPTY_TARGETS", skip_empty)
+        scratch_views.clear()
+        with torch.no_grad():
+            crit = triton_loss(num_hard_negatives=150)
+            crit(student, teacher, labels)
+        w32 = next(views for views in scratch_views if "fine" in views)
+        num_thresholds = crit.config.num_thresholds
+        fine[skip_empty] = (w32["fine"][0].cpu(), w32["fine"][1, :num_thresholds].cpu())
+    for model in range(2):
+        assert torch.equal(fine[True][model], fine[False][model]), f"model {model}"
+        assert int(fine[True][model].sum()) > 0
+
+
 @pytest.mark.parametrize("num_hard_negatives", [1, 150, 5000])
 def test_top_n_paths(top_n_path, num_hard_negatives):
     student, teacher, labels = make_batch(80, 20, 12, 15, seed=15)

@@ -52,8 +52,10 @@ COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", 
 LARGE_B_TRITON = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
                   "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12)}
 # Earlier states of the Triton forward, for A/B runs on one machine (profile/once --backends
-# triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
-# first GPU run's pass-1 structure; both keep the later change to one model's tile at a time).
+# triton:NAME): pass 2 without skipping the targets a tile has no pair of (the second GPU run's
+# pass 2); pass 1 without its head/tail split, and without its histogram copies too (the first
+# GPU run's pass-1 structure; both keep the later change to one model's tile at a time, and
+# the pass-2 skip, so they compare with the default, not with the earlier runs' figures).
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    "no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False)}

@@ -72,13 +72,20 @@ case "$stage" in
     # (tools/diagnose_throw.py), the consistency check up to B = 32768, B = 65537 (past int32 pair
     # counts), Nsight Compute on the Triton kernels at B = 8192, the loss benchmark at 32768, the
     # training step, then memcheck at B = 4096. At most 8 files
-    # come back (the device tool's limit): the build's log goes to the summary when it fails.
+    # come back (the device tool's limit), and this stage writes exactly 8 to $OUT (summary.txt,
+    # pytest.log, profile.json, loss.jsonl, consistency.json, ncu.log, train.jsonl and, after a
+    # crash, diagnose.log): anything more goes to $T. The build's log goes to the summary when it fails.
     deadline=${2:-540}
+    # this call's own logs: on a warm machine /tmp keeps the last call's, which a follow-up call
+    # (EKD_LEASE_ONLY) must not report as its own
+    T=$(mktemp -d)
     left() { echo $(( deadline - SECONDS )); }
     step() {  # step NAME MAX_SECONDS COMMAND...: runs when >= 20 s are left, under min(MAX, left)
       local name=$1 max=$2; shift 2
       # EKD_LEASE_ONLY="ncu bench-train ...": a follow-up call on the warm machine runs only those
-      if [[ -n "${EKD_LEASE_ONLY:-}" && " $EKD_LEASE_ONLY " != *" $name "* ]]; then return; fi
+      if [[ -n "${EKD_LEASE_ONLY:-}" && " $EKD_LEASE_ONLY " != *" $name "* ]]; then
+        echo "$name: not selected" >> "$OUT/summary.txt"; return
+      fi
       local t=$(( $(left) < max ? $(left) : max ))
       if (( t < 20 )); then echo "$name: skipped, ${t} s left" >> "$OUT/summary.txt"; return; fi
       local start=$SECONDS; timeout "$t" "$@"; local rc=$?
@@ -94,41 +101,43 @@ case "$stage" in
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
     # Every test that runs on the GPU, in one xdist run whose failures come back with their
     # tracebacks: the cases named cuda, all of test_triton.py (its tests run on CUDA tensors where
-    # a GPU is, and their names do not say so) and the graphed benchmark method's.  (The second
+    # a GPU is, and their names do not say so), test_large_batch.py's (its int64 and past-int32
+    # kernel cases likewise) and the graphed benchmark method's.  (The second
     # lease ran test_triton.py's large-B variants in a step of their own, without xdist: the
     # step's limit cut it before pytest printed why 22 of them failed.)
-    gpu_cases="cuda or test_triton or graph_method"
+    gpu_cases="cuda or test_triton or test_large_batch or graph_method"
     step pytest-cuda 200 $PY -m pytest python_tests -q -rfEs --tb=short -k "$gpu_cases" $xdist -p no:cacheprovider \
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
-      > /tmp/profile.log 2>&1
-    grep "^B=\|^    " /tmp/profile.log >> "$OUT/summary.txt"
+      > $T/profile.log 2>&1
+    grep "^B=\|^    " $T/profile.log >> "$OUT/summary.txt"
     # the Triton forward at B = 8192 against its earlier states, back to back in one process: pass 2
     # without skipping empty targets (the second run's pass 2), pass 1 without its head/tail split,
     # then without its histogram copies too (the first run's pass-1 structure)
     step triton-ab 75 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip \
-      triton:no-cutoff triton:one-copy --out /tmp/triton_ab.json > /tmp/triton_ab.log 2>&1
-    { echo "Triton A/B (default, no skip, no cutoff, one copy):"; grep "^B=\|^    " /tmp/triton_ab.log; } >> "$OUT/summary.txt"
+      triton:no-cutoff triton:one-copy --out $T/triton_ab.json > $T/triton_ab.log 2>&1
+    { echo "Triton A/B (default, no skip, no cutoff, one copy):"; grep "^B=\|^    " $T/triton_ab.log; } >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > /tmp/bench.log 2>&1
-    bench_lines /tmp/bench.log
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
+    bench_lines $T/bench.log
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
     step memcheck 90 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-      --sizes 33 > /tmp/memcheck.log 2>&1
-    { echo "memcheck B=33:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" /tmp/memcheck.log | head -12
-      tail -2 /tmp/memcheck.log; } >> "$OUT/summary.txt"
+      --sizes 33 > $T/memcheck.log 2>&1
+    { echo "memcheck B=33:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" $T/memcheck.log | head -12
+      tail -2 $T/memcheck.log; } >> "$OUT/summary.txt"
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
-    if grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
+    if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
     fi
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
-      --out "$OUT/consistency.json" > /tmp/consistency.log 2>&1
-    grep -v ": ok$\|: True$" /tmp/consistency.log | tail -10 >> "$OUT/summary.txt"
+      --out "$OUT/consistency.json" > $T/consistency.log 2>&1
+    grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
     # past int32 pair counts (B(B-1)/2 > 2^31 from B = 65537): the fast backends against each other
     # and the exact invariants (never run on a GPU before the third lease)
-    step large 150 $PY tools/gpu_exercise.py large --sizes 65537 --out /tmp/large.json > /tmp/large.log 2>&1
-    grep "^B=\|skipped\|Error" /tmp/large.log | tail -12 >> "$OUT/summary.txt"
+    step large 150 $PY tools/gpu_exercise.py large --sizes 65537 --out $T/large.json > $T/large.log 2>&1
+    # every line (9 at one size: 3 variants x 2 backends and their comparison; misses are listed in theirs)
+    grep "^B=\|skipped\|Error" $T/large.log | head -40 >> "$OUT/summary.txt"
     # why the top kernels take what they take: speed of light, occupancy, stall reasons (text)
     step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py once --sizes 8192 \
@@ -136,15 +145,15 @@ case "$stage" in
     # B = 32768: the fast backends and the floor only (the 20x target is at B = 1024; the
     # reference would take most of the step's time)
     step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc floor \
-      --out "$OUT/loss.jsonl" > /tmp/bench_large.log 2>&1
-    bench_lines /tmp/bench_large.log
-    step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > /tmp/bench_train.log 2>&1
-    bench_lines /tmp/bench_train.log
+      --out "$OUT/loss.jsonl" > $T/bench_large.log 2>&1
+    bench_lines $T/bench_large.log
+    step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
+    bench_lines $T/bench_train.log
     # (the CPU cases are CI's: the GPU machine's time goes to what only it can run)
     step memcheck-4096 120 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-      --sizes 4096 > /tmp/memcheck_4096.log 2>&1
-    { echo "memcheck B=4096:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" /tmp/memcheck_4096.log | head -12
-      tail -2 /tmp/memcheck_4096.log; } >> "$OUT/summary.txt"
+      --sizes 4096 > $T/memcheck_4096.log 2>&1
+    { echo "memcheck B=4096:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" $T/memcheck_4096.log | head -12
+      tail -2 $T/memcheck_4096.log; } >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -495,10 +495,10 @@ def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SK
         # longer spills on sm_90a, 20-32 B without: tools/kernel_registers.py)
         bins = tl.where(counted, low, 0)
         if SKIP_EMPTY:
-            # Most tiles hold no pair of a deep target's bucket (at B = 8192, D = 512, about 1 in
-            # 7 for FPR 1e-3, fewer below): one count of the tile skips the aggregation's
-            # reductions and atomics there.  On the H200 this pass took 2.5 of the forward's 4.7
-            # ms in fp32 at B = 8192, latency-bound at 12.5% occupancy (ncu: 51% SM throughput).
+            # Most tiles hold no pair of a deep target's bucket (at B = 8192, D = 512, about one
+            # tile in four holds a pair of the FPR-1e-3 bucket, fewer below): one count of the
+            # tile skips the aggregation's reductions and atomics there, the bulk of this pass's
+            # work (bench/NOTES.md, the second GPU run's ncu).
             if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
                 _histogram_add(hist_ptr + target * NUM_BUCKETS, bins, counted)
         else:
@@ -533,7 +533,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
                           selection_state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
                           candidate_cols_ptr, capacity,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr = True):
+                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr):
     """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
