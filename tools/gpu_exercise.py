@@ -315,6 +315,18 @@ def large(sizes, device, out):
 
 
 # --------------------------------------------------------------------------- where a call's time goes
+def host_op_times(prof, calls):
+    """{op: (count, self CPU us)} per call, from a torch.profiler run: the host-side ops (aten
+    ops, CUDA runtime and driver calls such as cudaLaunchKernel / cuLaunchKernel, the caching
+    allocator's).  Self times do not overlap; what they leave of the host's issue time is Python
+    between the ops."""
+    ops = {}
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0:
+            ops[e.key] = (e.count / calls, e.self_cpu_time_total / calls)
+    return ops
+
+
 def profile(sizes, device, out, calls=5, backends=None):
     """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
     time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
@@ -363,16 +375,24 @@ def profile(sizes, device, out, calls=5, backends=None):
                 launches = sum(n for n, _ in kernels.values())
                 busy_us = sum(us for _, us in kernels.values())
                 top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
+                host_ops = host_op_times(prof, calls)
                 row = {"B": size, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
                        "wall_ms": round(wall * 1e3, 3), "host_issue_ms": round(issued * 1e3, 3),
                        "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
                        "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
-                                       for k, (n, us) in top]}
+                                       for k, (n, us) in top],
+                       "host_ops_ms": round(sum(us for _, us in host_ops.values()) / 1e3, 3),
+                       "top_host_ops": [{"name": k[:120], "per_call": round(n, 1), "self_us": round(us, 1)}
+                                        for k, (n, us) in sorted(host_ops.items(), key=lambda kv: -kv[1][1])[:12]]}
                 report.append(row)
                 print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
                       f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
                 for k in row["top_kernels"][:6]:
                     print(f"    {k['us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
+                # the host's side: where issuing the call goes, beyond Python between the ops
+                print(f"  host: {row['host_ops_ms']} ms inside profiled ops (self time), top:", flush=True)
+                for k in row["top_host_ops"][:5]:
+                    print(f"  {k['self_us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
                 if out:  # rewritten after every row: a run cut by a time limit keeps what it measured
                     pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
                                                              "torch": torch.__version__, "report": report}, indent=1))

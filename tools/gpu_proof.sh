@@ -111,7 +111,7 @@ case "$stage" in
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > $T/profile.log 2>&1
-    grep "^B=\|^    " $T/profile.log >> "$OUT/summary.txt"
+    grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # the Triton forward at B = 8192 against its earlier states, back to back in one process: pass 2
     # without skipping empty targets (the second run's pass 2), pass 1 without its head/tail split,
     # then without its histogram copies too (the first run's pass-1 structure)
