@@ -137,6 +137,11 @@ MAX_COARSE_COPIES = 16
 #: none of the tile's pairs.  Same histograms either way; False is the earlier pass 2, kept for
 #: the benchmark's A/B (tools/gpu_exercise.py profile --backends triton triton:no-skip).
 PASS2_SKIP_EMPTY_TARGETS = True
+#: Whether pass 2 adds all its targets' histograms in one aggregation a tile (kernels.
+#: _fine_histograms) instead of one per target.  Same thresholds either way; off until a GPU run
+#: measures it against the per-target pass (tools/gpu_exercise.py profile --backends triton
+#: triton:one-aggregation).  Used only while num_targets x 65536 bins fit in int32.
+PASS2_ONE_AGGREGATION = False
 #: Pass 1 counts the head of the order first (coarse_histogram_kernel) from this B on, where the
 #: pass's B^2 atomics, not launches, set the forward's time.  The cutoff is the bucket of the
 #: sample's descending rank CUTOFF_SAFETY x (the largest target fraction: the largest FPR, or
@@ -495,9 +500,11 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
             bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
             CUTOFF_MODE=mode.value)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
+    # (pass 2 and its select must agree on where a target's histogram is)
+    one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     kernels.fine_histogram_kernel[tiles](
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
-        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, **options)
+        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an
@@ -507,7 +514,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         student_thresholds, student_thresholds.stride(0), teacher_thresholds, teacher_thresholds.stride(0),
         new_student, new_teacher, batch_student, batch_teacher, thresholds_used,
         _ema_constants(config.momentum, device), rows_arg, cols_arg, num_slots if hardest else 0, batch,
-        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK, enable_fp_fusion=False)
+        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK, ONE_AGGREGATION=one_aggregation, enable_fp_fusion=False)
 
     # select_negatives: pass 3 (critical pairs among all pairs on request; boundary counts after
     # an overflow only), then the hardest negatives from the candidates or from pass 4.

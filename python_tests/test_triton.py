@@ -152,8 +152,9 @@ def scratch_views(monkeypatch):
     return scratch
 
 
+@pytest.mark.parametrize("pass2", ["skip_empty_targets", "one_aggregation"])
 @pytest.mark.parametrize("tiles_per_copy", [None, 1], ids=["copies_as_default", "a_copy_per_tile"])
-def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views, tiles_per_copy):
+def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views, tiles_per_copy, pass2):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
     (kernels._histogram_add), per element elsewhere.  A batch with all three kinds, exact
     similarities: both passes' histograms must be the counts of the negatives' keys exactly.
@@ -161,7 +162,9 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views,
     batch's, so its tiles are as described there).  Checked to fail when any of the three kinds
     of atomic adds a wrong count.  Pass 1 spreads its atomics over copies of its histograms
     (one copy at this B by default; with a copy per tile program, as many as allowed): their
-    sum must be the counts, and more than one copy must have been used."""
+    sum must be the counts, and more than one copy must have been used.  Pass 2 adds per target
+    or in one aggregation for all targets (its bins then row x 65536 + low)."""
+    _set_pass2_mode(monkeypatch, pass2)
     if tiles_per_copy is not None:
         monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", tiles_per_copy)
     student, teacher, labels = helpers.uniform_tiles_batch()
@@ -169,7 +172,8 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views,
     crit = triton_loss()
     crit(student.float().to(DEVICE), teacher.float().to(DEVICE), labels.to(DEVICE))
     w32 = next(views for views in scratch_views if "coarse" in views)
-    coarse, fine, buckets = (w32[name].cpu() for name in ("coarse", "fine", "bucket"))
+    coarse, buckets = (w32[name].cpu() for name in ("coarse", "bucket"))
+    fine = _target_histograms(w32, (crit.config.num_thresholds + 1, crit.config.num_thresholds), PASS2_MODES[pass2][1])
 
     upper = torch.ones(batch, batch, dtype=torch.bool).triu(1)
     negative = upper & (labels[:, None] != labels[None, :])
@@ -185,7 +189,7 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views,
         for target in range(targets):
             inside = keys >> 16 == int(buckets[model, target])
             want = torch.bincount(keys[inside] & 0xFFFF, minlength=1 << 16).int()
-            assert torch.equal(fine[model, target], want), f"model {model}, target {target}"
+            assert torch.equal(fine[model][target], want), f"model {model}, target {target}"
 
 
 def test_non_contiguous_and_expanded_inputs():
@@ -264,33 +268,65 @@ def top_n_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("skip_empty", [True, False], ids=["skip_empty_targets", "every_target"])
-def test_pass2_target_skipping_against_the_reference(monkeypatch, skip_empty):
-    """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
-    tile's pairs (the default, and the benchmark's A/B variant triton:no-skip): the reference's
-    results over consecutive calls."""
+# Pass 2's ways of adding its histograms: (PASS2_SKIP_EMPTY_TARGETS, PASS2_ONE_AGGREGATION).
+PASS2_MODES = {"skip_empty_targets": (True, False), "every_target": (False, False),
+               "one_aggregation": (True, True), "one_aggregation_every_tile": (False, True)}
+
+
+def _set_pass2_mode(monkeypatch, mode):
+    skip_empty, one_aggregation = PASS2_MODES[mode]
     monkeypatch.setattr(triton_ekd, "PASS2_SKIP_EMPTY_TARGETS", skip_empty)
+    monkeypatch.setattr(triton_ekd, "PASS2_ONE_AGGREGATION", one_aggregation)
+
+
+def _target_histograms(w32, num_targets_of, one_aggregation):
+    """Each target's fine histogram, per model: its own row, or with one aggregation the row of
+    the first target with its bucket (where fine_select_kernel reads it)."""
+    fine, buckets = w32["fine"].cpu(), w32["bucket"].cpu()
+    histograms = []
+    for model, count in enumerate(num_targets_of):
+        rows = []
+        for target in range(count):
+            row = target
+            if one_aggregation:
+                row = next(t for t in range(count) if int(buckets[model, t]) == int(buckets[model, target]))
+            rows.append(fine[model, row])
+        histograms.append(torch.stack(rows))
+    return histograms
+
+
+@pytest.mark.parametrize("mode", list(PASS2_MODES))
+def test_pass2_modes_against_the_reference(monkeypatch, mode):
+    """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
+    tile's pairs, and with one aggregation for all targets (the default and the benchmark's A/B
+    variants triton:no-skip, triton:one-aggregation): the reference's results over consecutive
+    calls."""
+    _set_pass2_mode(monkeypatch, mode)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=25)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
-def test_pass2_target_skipping_keeps_the_histograms(monkeypatch, scratch_views):
-    """The skip changes no bin: pass 2's fine histograms with and without it are equal, every
-    target of both models (the teacher has no top-N slot: that row is never written)."""
+def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
+    """No mode changes a bin: every target's fine histogram (both models; the teacher has no
+    top-N slot) is the same in all four, on a batch where targets share a bucket (FPRs 1e-5 and
+    1e-6 both rank 0 among its ~10^4 negatives), which one aggregation adds once."""
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
-    fine = {}
-    for skip_empty in (True, False):
-        monkeypatch.setattr(triton_ekd, "PASS2_SKIP_EMPTY_TARGETS", skip_empty)
+    histograms = {}
+    for mode, (_, one_aggregation) in PASS2_MODES.items():
+        _set_pass2_mode(monkeypatch, mode)
         scratch_views.clear()
         with torch.no_grad():
             crit = triton_loss(num_hard_negatives=150)
             crit(student, teacher, labels)
         w32 = next(views for views in scratch_views if "fine" in views)
         num_thresholds = crit.config.num_thresholds
-        fine[skip_empty] = (w32["fine"][0].cpu(), w32["fine"][1, :num_thresholds].cpu())
-    for model in range(2):
-        assert torch.equal(fine[True][model], fine[False][model]), f"model {model}"
-        assert int(fine[True][model].sum()) > 0
+        histograms[mode] = _target_histograms(w32, (num_thresholds + 1, num_thresholds), one_aggregation)
+        buckets = w32["bucket"][0].cpu()
+        assert len(set(buckets.tolist())) < buckets.numel(), "no two targets share a bucket: the case is not covered"
+    for mode in PASS2_MODES:
+        for model in range(2):
+            assert torch.equal(histograms[mode][model], histograms["every_target"][model]), f"{mode}, model {model}"
+            assert int(histograms[mode][model].sum()) > 0
 
 
 @pytest.mark.parametrize("num_hard_negatives", [1, 150, 5000])

@@ -113,11 +113,12 @@ case "$stage" in
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # the Triton forward at B = 8192 against its earlier states, back to back in one process: pass 2
-    # without skipping empty targets (the second run's pass 2), pass 1 without its head/tail split,
+    # without skipping empty targets (the second run's pass 2), pass 2 in one aggregation for all
+    # targets (off by default until this measures it), pass 1 without its head/tail split,
     # then without its histogram copies too (the first run's pass-1 structure)
-    step triton-ab 75 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip \
-      triton:no-cutoff triton:one-copy --out $T/triton_ab.json > $T/triton_ab.log 2>&1
-    { echo "Triton A/B (default, no skip, no cutoff, one copy):"; grep "^B=\|^    " $T/triton_ab.log; } >> "$OUT/summary.txt"
+    step triton-ab 90 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip \
+      triton:one-aggregation triton:no-cutoff triton:one-copy --out $T/triton_ab.json > $T/triton_ab.log 2>&1
+    { echo "Triton A/B (default, no skip, one aggregation, no cutoff, one copy):"; grep "^B=\|^    " $T/triton_ab.log; } >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log

@@ -40,6 +40,9 @@ SIGMOID_CLAMP: tl.constexpr = tl.constexpr(50.0)
 #: Radix digit: the 32-bit keys are selected 16 bits at a time, in two passes.
 RADIX_BITS: tl.constexpr = tl.constexpr(16)
 NUM_BUCKETS: tl.constexpr = tl.constexpr(65536)
+# Above every bin a histogram add can take (pass 2's one aggregation adds at row x 65536 + low):
+# _histogram_add's "nothing counted" value.
+NO_BIN: tl.constexpr = tl.constexpr(2**31 - 1)
 INF: tl.constexpr = tl.constexpr(float("inf"))
 # No NaN global: at every launch Triton checks that the globals a kernel uses still equal their
 # values at compile time, and NaN != NaN fails that check on every call (the interpreter skips
@@ -271,7 +274,7 @@ def _group_end(labels_ptr, row, batch, BLOCK: tl.constexpr):
 # --------------------------------------------------------------------------- stage 3: thresholds
 @triton.jit
 def _histogram_add(hist_ptr, bins, mask):
-    """hist[bins] += 1 where `mask`, for a tile of bins (values in [0, NUM_BUCKETS)).
+    """hist[bins] += 1 where `mask`, for a tile of bins (values in [0, NO_BIN)).
 
     One atomic for the whole tile when its counted elements all share one bin, one per row for
     the rows whose counted elements do, one per element elsewhere.  Why: atomics to the same
@@ -280,7 +283,7 @@ def _histogram_add(hist_ptr, bins, mask):
     way a collapsed tile costs one.  The counts are integers, exact in any order: the histogram
     is the same as per-element atomics give.
     """
-    lowest = tl.min(tl.where(mask, bins, NUM_BUCKETS), axis=1)
+    lowest = tl.min(tl.where(mask, bins, NO_BIN), axis=1)
     highest = tl.max(tl.where(mask, bins, -1), axis=1)
     row_count = tl.sum(mask.to(tl.int32), axis=1)
     row_uniform = lowest == highest  # a row with nothing counted has lowest > highest
@@ -484,10 +487,30 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
 
 
 @triton.jit
-def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SKIP_EMPTY: tl.constexpr):
-    """For each target rank: histogram of the low 16 key bits of the elements in its bucket."""
+def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SKIP_EMPTY: tl.constexpr,
+                     ONE_AGGREGATION: tl.constexpr):
+    """For each target rank: histogram of the low 16 key bits of the elements in its bucket.
+
+    ONE_AGGREGATION: one histogram add for all targets instead of one per target.  A pair lies
+    in one bucket, so it belongs to the histogram row of the first target with that bucket
+    (targets sharing a bucket share that row: fine_select_kernel reads it); the per-target work
+    shrinks to a compare and a select, and the aggregation's reductions and atomics run once a
+    tile (bins row x 65536 + low: the host keeps num_targets x 65536 within int32)."""
     high = (key >> RADIX_BITS).to(tl.int32)
     low = (key & 0xFFFF).to(tl.int32)
+    if ONE_AGGREGATION:
+        row = tl.zeros_like(high) - 1
+        for target in range(num_targets):
+            bucket = tl.load(target_bucket_ptr + target)
+            row = tl.where((row < 0) & (high == bucket), target, row)
+        counted = negative & (row >= 0)
+        bins = tl.where(counted, row * NUM_BUCKETS + low, 0)
+        if SKIP_EMPTY:
+            if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
+                _histogram_add(hist_ptr, bins, counted)
+        else:
+            _histogram_add(hist_ptr, bins, counted)
+        return
     for target in range(num_targets):
         bucket = tl.load(target_bucket_ptr + target)
         counted = negative & (high == bucket)
@@ -533,7 +556,8 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
                           selection_state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
                           candidate_cols_ptr, capacity,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+                          ONE_AGGREGATION: tl.constexpr):
     """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
@@ -548,14 +572,15 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     key_a = _descending_key(a)
-    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY)
+    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY, ONE_AGGREGATION)
     if COLLECT:
         if tl.load(selection_state_ptr + OVERFLOW) == 0:
             boundary_bucket = tl.load(s_bucket_ptr + num_s_targets - 1)
             _collect_candidates(key_a, rows, cols, negative, boundary_bucket, candidate_count_ptr,
                                 candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative, SKIP_EMPTY)
+    _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative, SKIP_EMPTY,
+                     ONE_AGGREGATION)
 
 
 # --------------------------------------------------------------------------- stage 3b: EMA
@@ -580,7 +605,7 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
                        previous_s_ptr, previous_s_stride, previous_t_ptr, previous_t_stride,
                        new_s_ptr, new_t_ptr, batch_s_ptr, batch_t_ptr, used_ptr, ema_ptr,
                        selected_rows_ptr, selected_cols_ptr, num_slots, batch,
-                       SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr):
+                       SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, ONE_AGGREGATION: tl.constexpr):
     """After pass 2, program (target, model): the exact key of the target's rank, then
 
     - a threshold target: the batch threshold (NaN when L = 0 or the batch is not finite), the EMA update of that
@@ -597,7 +622,15 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
     bucket = tl.load(bucket_ptr + slot).to(tl.int64)
     rank_in_bucket = tl.load(target_state_ptr + 2 * slot)
     above = tl.load(target_state_ptr + 2 * slot + 1)
-    low, above_in_bucket = _histogram_rank(fine_ptr + slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, 1, SCAN_BLOCK)
+    histogram_slot = slot
+    if ONE_AGGREGATION:  # the row of the first target with this bucket (_fine_histograms)
+        first = target
+        for earlier in range(0, target):
+            same = tl.load(bucket_ptr + model * num_targets + earlier).to(tl.int64) == bucket
+            first = tl.where(same & (first == target), earlier, first)
+        histogram_slot = model * num_targets + first
+    low, above_in_bucket = _histogram_rank(fine_ptr + histogram_slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, 1,
+                                           SCAN_BLOCK)
     key = bucket * NUM_BUCKETS + low
     num_negative = tl.load(state_ptr + NUM_NEGATIVE)
     if target < num_thresholds:
