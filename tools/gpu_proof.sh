@@ -11,7 +11,11 @@
 #   tools/gpu_proof.sh ncu                   Nsight Compute on the fast kernels at B = 8192
 #
 # The device tool gives a machine back after 30 s idle and a fresh one takes minutes to start, so
-# `lease` packs what matters most into one call; the other stages then go deeper.
+# `lease` packs what matters most into one call; the other stages then go deeper. With 15 minutes
+# of device time a session, the second lease ran `OUT=$OUT bash tools/gpu_proof.sh lease 555`
+# (timeout_s 595; about 9 minutes after a 1-2 minute start), then at once, on the still warm
+# machine, the three other sanitizer tools at B = 33 (racecheck alone needs about 150 s).
+# EKD_LEASE_ONLY="step names" makes `lease` run only those steps (a follow-up call).
 #
 # Every stage builds first (ninja makes that a no-op when nothing changed). The golden figures
 # live in ../shared, which does not travel to the GPU machine: copy them into the checkout
