@@ -191,10 +191,13 @@ def test_pass4_tie_prefix_below_the_clamp_still_places_ties():
 
 
 @needs_triton
-def test_radix_select_with_int64_counts():
+@pytest.mark.parametrize("one_aggregation", [False, True], ids=["per_target", "one_aggregation"])
+def test_radix_select_with_int64_counts(one_aggregation):
     """coarse_select and fine_select on int64 histograms holding more than 2^31 (and 2^32)
     elements in one bin, L = 8e9 (B = 131072 has 8.6e9 pairs), split between two copies as pass 1
-    spreads its atomics: exact buckets, ranks, keys and the top-N overflow decision."""
+    spreads its atomics: exact buckets, ranks, keys and the top-N overflow decision.  With pass 2
+    in one aggregation, targets sharing a bucket (here the student's 0 and 2, the teacher's 0
+    and 1) have their histogram in the first one's row only, where fine_select must read it."""
     kernels = _kernels()
     num_negative = 8 * 10**9
     # two copies of each model's histogram (coarse_histogram_kernel's), the counts split between them
@@ -228,6 +231,9 @@ def test_radix_select_with_int64_counts():
     fine[0, 1, 0] = 5 * 10**9
     fine[0, 2, 10], fine[0, 2, 20] = 2 * 10**9, 10**9
     fine[1, 0, 3] = fine[1, 1, 3] = num_negative
+    if one_aggregation:  # the later rows of a shared bucket stay as coarse_select zeroed them
+        fine[0, 2] = 0
+        fine[1, 1] = 0
     ema = torch.tensor([0.01, 0.99], dtype=torch.float64, device=DEVICE)
     previous = torch.zeros(num_thresholds, dtype=torch.float32, device=DEVICE)
     outputs = [torch.empty(num_thresholds, dtype=torch.float32, device=DEVICE) for _ in range(4)]
@@ -235,7 +241,7 @@ def test_radix_select_with_int64_counts():
     slots = torch.empty(4, dtype=torch.int64, device=DEVICE)
     kernels.fine_select_kernel[(num_targets, 2)](
         fine, bucket, target_state, state, num_thresholds, num_targets, 1, previous, 1, previous, 1, *outputs, used,
-        ema, slots, slots.clone(), 4, 128, SCAN_BLOCK=4096, FILL_BLOCK=1024)
+        ema, slots, slots.clone(), 4, 128, SCAN_BLOCK=4096, FILL_BLOCK=1024, ONE_AGGREGATION=one_aggregation)
     assert state[BOUNDARY].item() == high * 65536 + 10
     batch_student, batch_teacher = outputs[2], outputs[3]
     assert batch_student.tolist() == [key_to_float(high * 65536 + 10), key_to_float(low * 65536)]
