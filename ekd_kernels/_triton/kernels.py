@@ -487,6 +487,20 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
 
 
 @triton.jit
+def _histogram_add_if_any(hist_ptr, bins, mask, SKIP_EMPTY: tl.constexpr):
+    """_histogram_add, which SKIP_EMPTY skips when nothing in the tile is counted: one count of
+    the tile instead of the aggregation's reductions and atomics.  In pass 2 most tiles hold no
+    pair of a deep target's bucket (at B = 8192, D = 512, about one tile in four holds a pair of
+    the FPR-1e-3 bucket, fewer below), and the per-target aggregation was the bulk of the pass's
+    work (bench/NOTES.md, the second GPU run's ncu)."""
+    if SKIP_EMPTY:
+        if tl.sum(tl.sum(mask.to(tl.int32), axis=1), axis=0) > 0:
+            _histogram_add(hist_ptr, bins, mask)
+    else:
+        _histogram_add(hist_ptr, bins, mask)
+
+
+@triton.jit
 def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SKIP_EMPTY: tl.constexpr,
                      ONE_AGGREGATION: tl.constexpr):
     """For each target rank: histogram of the low 16 key bits of the elements in its bucket.
@@ -504,28 +518,14 @@ def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SK
             bucket = tl.load(target_bucket_ptr + target)
             row = tl.where((row < 0) & (high == bucket), target, row)
         counted = negative & (row >= 0)
-        bins = tl.where(counted, row * NUM_BUCKETS + low, 0)
-        if SKIP_EMPTY:
-            if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
-                _histogram_add(hist_ptr, bins, counted)
-        else:
-            _histogram_add(hist_ptr, bins, counted)
+        _histogram_add_if_any(hist_ptr, tl.where(counted, row * NUM_BUCKETS + low, 0), counted, SKIP_EMPTY)
         return
     for target in range(num_targets):
         bucket = tl.load(target_bucket_ptr + target)
         counted = negative & (high == bucket)
         # (where: the bins, hence their pointers, then depend on the target; with it pass 2 no
         # longer spills on sm_90a, 20-32 B without: tools/kernel_registers.py)
-        bins = tl.where(counted, low, 0)
-        if SKIP_EMPTY:
-            # Most tiles hold no pair of a deep target's bucket (at B = 8192, D = 512, about one
-            # tile in four holds a pair of the FPR-1e-3 bucket, fewer below): one count of the
-            # tile skips the aggregation's reductions and atomics there, the bulk of this pass's
-            # work (bench/NOTES.md, the second GPU run's ncu).
-            if tl.sum(tl.sum(counted.to(tl.int32), axis=1), axis=0) > 0:
-                _histogram_add(hist_ptr + target * NUM_BUCKETS, bins, counted)
-        else:
-            _histogram_add(hist_ptr + target * NUM_BUCKETS, bins, counted)
+        _histogram_add_if_any(hist_ptr + target * NUM_BUCKETS, tl.where(counted, low, 0), counted, SKIP_EMPTY)
 
 
 @triton.jit
