@@ -47,23 +47,24 @@ LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/
 VARIANTS = [dict(), dict(critical_only=True, compute_critical_ratio=True), dict(rank_loss="eq7"),
             dict(rank_loss="eq8", num_hard_negatives=100), dict(negative_selection="random")]
 COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected")
-# The Triton forward's other paths, forced at any B (triton_ekd settings): pass 1's histogram in
-# copies and counted in two parts, with every target in the head, and with the tail counted too
-# (the large-B default); pass 2 in one aggregation for all targets, and without its skip.
+# Pass 2's other ways (triton_ekd settings): without skipping the targets a tile has no pair of
+# (the second GPU run's pass 2), and in one aggregation for all targets (off by default until
+# measured).  Both are A/B variants and forced paths below.
+PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregation": dict(PASS2_ONE_AGGREGATION=True)}
+# The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
+# two parts, with every target in the head, and with the tail counted too (the large-B default);
+# pass 2's variants.
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
-                  "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
-                  "one-aggregation": dict(PASS2_ONE_AGGREGATION=True),
-                  "no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False)}
-# Earlier states of the Triton forward, for A/B runs on one machine (profile/once --backends
-# triton:NAME): pass 2 without skipping the targets a tile has no pair of (the second GPU run's
-# pass 2), or (a later state, off by default until measured) with one aggregation for all its
-# targets; pass 1 without its head/tail split, and without its histogram copies too (the first
-# GPU run's pass-1 structure; both keep the later change to one model's tile at a time, and
-# the pass-2 skip, so they compare with the default, not with the earlier runs' figures).
+                       "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
+                       **PASS2_VARIANTS}
+# Other states of the Triton forward, for A/B runs on one machine (profile/once --backends
+# triton:NAME): pass 2's variants; pass 1 without its head/tail split, and without its histogram
+# copies too (the first GPU run's pass-1 structure; both keep the later change to one model's
+# tile at a time, and the pass-2 skip, so they compare with the default, not with the earlier
+# runs' figures).
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
-                   "no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False),
-                   "one-aggregation": dict(PASS2_ONE_AGGREGATION=True)}
+                   **PASS2_VARIANTS}
 
 
 def sync(device):
