@@ -101,6 +101,12 @@ case "$stage" in
       $PY -c 'import ekd_kernels.backends as b, torch; print("backends on cuda:", b.available_backends(torch.device("cuda")))'
     } >> "$OUT/summary.txt" 2>&1
     bench_lines() { grep "^|\|ratios\|^  " "$1" >> "$OUT/summary.txt"; }  # a benchmark log's tables and rows
+    memcheck() {  # memcheck B MAX_SECONDS: compute-sanitizer memcheck over gpu_exercise's sanitize run, verdict to the summary
+      step memcheck-$1 "$2" compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
+        --sizes "$1" > "$T/memcheck_$1.log" 2>&1
+      { echo "memcheck B=$1:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" "$T/memcheck_$1.log" | head -12
+        tail -2 "$T/memcheck_$1.log"; } >> "$OUT/summary.txt"
+    }
     # pytest-xdist when present (the GPU image has it): a crashing case then costs one worker, not the run
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
     # Every test that runs on the GPU, in one xdist run whose failures come back with their
@@ -127,10 +133,7 @@ case "$stage" in
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
-    step memcheck 90 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-      --sizes 33 > $T/memcheck.log 2>&1
-    { echo "memcheck B=33:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" $T/memcheck.log | head -12
-      tail -2 $T/memcheck.log; } >> "$OUT/summary.txt"
+    memcheck 33 90
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
     if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
@@ -155,10 +158,7 @@ case "$stage" in
     step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
     bench_lines $T/bench_train.log
     # (the CPU cases are CI's: the GPU machine's time goes to what only it can run)
-    step memcheck-4096 120 compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-      --sizes 4096 > $T/memcheck_4096.log 2>&1
-    { echo "memcheck B=4096:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" $T/memcheck_4096.log | head -12
-      tail -2 $T/memcheck_4096.log; } >> "$OUT/summary.txt"
+    memcheck 4096 120
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
