@@ -77,7 +77,7 @@ import contextlib
 import functools
 import math
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -154,6 +154,12 @@ CANDIDATE_FACTOR = 4
 MIN_CANDIDATE_CAPACITY = 8192
 #: Length of the int64 selection state (kernels.STATE_SIZE).
 STATE_SIZE = 16
+#: Launch options by kernel name (num_warps, num_stages, maxnreg); a kernel not named takes
+#: Triton's defaults (4 warps, 3 stages, no register cap).  Same results for any setting (the
+#: kernels' reductions and scans are written per block, not per warp).  Empty until a GPU A/B
+#: measures another setting faster (tools/gpu_exercise.py profile --backends triton
+#: triton:warps8-tiles ...); the interpreter ignores them.
+LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {}
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
 INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1
@@ -390,6 +396,13 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
 
 
 # --------------------------------------------------------------------------- forward stages
+def _launch(kernel, grid):
+    """``kernel[grid]`` with the kernel's LAUNCH_OPTIONS."""
+    launcher = kernel[grid]
+    options = LAUNCH_OPTIONS.get(kernel.__name__) if LAUNCH_OPTIONS else None
+    return functools.partial(launcher, **options) if options else launcher
+
+
 def _carve(dtype: torch.dtype, device: torch.device, **shapes) -> Tuple[torch.Tensor, dict]:
     """One uninitialised allocation split into named views (no fill: the kernels that use a
     buffer write it first, or normalise_kernel zeroes it)."""
@@ -470,7 +483,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # normalise: rows gathered in label order (stable sort: equal labels keep their order), so
     # each row's positives are one column range; inverse norms; counters zeroed.
     sorted_labels, order = torch.sort(labels, stable=True)
-    kernels.normalise_kernel[(row_blocks, 2)](
+    _launch(kernels.normalise_kernel, (row_blocks, 2))(
         student, teacher, order, batch, dim_s, dim_t, student.stride(0), student.stride(1), teacher.stride(0),
         teacher.stride(1), s_sorted, t_sorted, s_inv, t_inv, w64["position"], w32["nonfinite"], zeroed,
         zeroed_size, w64["state"], BLOCK_R=TILE, BLOCK_K=_block_k(), ZERO_BLOCK=scan_block)
@@ -488,28 +501,28 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     parts = ((kernels.ALL_BUCKETS, kernels.NO_CUTOFF),)
     if cutoff_fraction is not None:
         probe = w32["probe"]
-        kernels.probe_histogram_kernel[(row_blocks,)](*models, max(1, batch // TILE), probe[0], probe[1], state,
-                                                      **options)
-        kernels.cutoff_select_kernel[(2,)](probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
+        _launch(kernels.probe_histogram_kernel, (row_blocks,))(*models, max(1, batch // TILE), probe[0], probe[1],
+                                                               state, **options)
+        _launch(kernels.cutoff_select_kernel, (2,))(probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
         parts = ((kernels.HEAD_BUCKETS, kernels.CHECK_CUTOFF), (kernels.TAIL_BUCKETS, kernels.AFTER_FALLBACK))
     for part, mode in parts:
-        kernels.coarse_histogram_kernel[tiles](*models, coarse[0], coarse[1], state, copies, PART=part.value,
-                                               **options)
-        kernels.coarse_select_kernel[(num_targets, 2)](
+        _launch(kernels.coarse_histogram_kernel, tiles)(*models, coarse[0], coarse[1], state, copies,
+                                                        PART=part.value, **options)
+        _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
             bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
             CUTOFF_MODE=mode.value)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
-    kernels.fine_histogram_kernel[tiles](
+    _launch(kernels.fine_histogram_kernel, tiles)(
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
         COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an
     # fma, one rounding fewer than the reference's order, so the EMA state would drift from it.
-    kernels.fine_select_kernel[(num_targets, 2)](
+    _launch(kernels.fine_select_kernel, (num_targets, 2))(
         fine, bucket, w64["target_state"], state, num_thresholds, num_targets, int(update_thresholds),
         student_thresholds, student_thresholds.stride(0), teacher_thresholds, teacher_thresholds.stride(0),
         new_student, new_teacher, batch_student, batch_teacher, thresholds_used,
@@ -519,12 +532,12 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # select_negatives: pass 3 (critical pairs among all pairs on request; boundary counts after
     # an overflow only), then the hardest negatives from the candidates or from pass 4.
     if hardest or config.compute_critical_ratio:
-        kernels.boundary_count_kernel[tiles](
+        _launch(kernels.boundary_count_kernel, tiles)(
             *models, state, w32["row_greater"], w32["row_equal"], thresholds_used[0], thresholds_used[1],
             num_thresholds, COUNT_HARD=hardest, COUNT_CRITICAL=config.compute_critical_ratio, **options)
     if hardest:
         block_c, chunk = _candidate_blocks()
-        kernels.hardest_negatives_kernel[(max(row_blocks, triton.cdiv(candidate_size, block_c)),)](
+        _launch(kernels.hardest_negatives_kernel, (max(row_blocks, triton.cdiv(candidate_size, block_c)),))(
             s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
             rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
             CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK)
@@ -534,13 +547,13 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     random = random_pairs is not None and num_slots > 0
     random_rows, random_cols = (random_pairs[0], random_pairs[1]) if random else (w64["spare_rows"], w64["spare_cols"])
     block_pairs = _block_pairs()
-    kernels.rank_loss_kernel[(row_blocks + triton.cdiv(num_slots, block_pairs),)](
+    _launch(kernels.rank_loss_kernel, (row_blocks + triton.cdiv(num_slots, block_pairs),))(
         *models, thresholds_used[0], thresholds_used[1], num_thresholds, config.temperature, row_blocks,
         wf["partial_loss"],
         w64["partial_critical"], rows_arg, cols_arg, num_slots, w64["position"], random_rows, random_cols,
         wf["pair_loss"], grad_arg, w32["pair_flags"], RANK_LOSS=_RANK_LOSS_CODES[config.rank_loss],
         CRITICAL_ONLY=config.critical_only, RANDOM=random, BLOCK_P=block_pairs, LABEL_BLOCK=LABEL_BLOCK, **options)
-    kernels.finalize_kernel[(1,)](
+    _launch(kernels.finalize_kernel, (1,))(
         wf["partial_loss"], w64["partial_critical"], row_blocks, wf["pair_loss"], w32["pair_flags"], num_slots, state,
         num_pairs, float(num_pairs), config.positive_weight, config.negative_weight, loss, counts, terms,
         positive_coefficient, grad_arg,
@@ -883,7 +896,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # writes every row of grad_hat); its programs also write the selected entries' sort keys.
     grad_hat = torch.empty((batch, dim_s), dtype=torch.float32, device=device)
     entry_keys = torch.empty(num_entries, dtype=torch.int64, device=device)
-    kernels.positive_backward_kernel[(_num_tiles(batch),)](
+    _launch(kernels.positive_backward_kernel, (_num_tiles(batch),))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
         selected_cols, num_slots, entry_keys, num_entries, RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
@@ -897,7 +910,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     sorted_keys, entry_index = torch.sort(entry_keys, stable=True)
     grad = torch.empty((batch, dim_s), dtype=s.dtype, device=device)
     block_rows = _backward_block_rows()
-    kernels.backward_rows_kernel[(triton.cdiv(batch, block_rows),)](
+    _launch(kernels.backward_rows_kernel, (triton.cdiv(batch, block_rows),))(
         s, s_inv, grad_hat, order, sorted_keys, entry_index, num_entries, num_entries.bit_length(),
         selected_coefficient, num_slots, grad_loss, grad, batch, dim_s, BLOCK_R=block_rows,
         BLOCK_D=min(triton.next_power_of_2(dim_s), BACKWARD_MAX_BLOCK_D))

@@ -648,6 +648,85 @@ def test_every_launch_compiles_for_sm90(tmp_path):
     assert report["normalise_variants"] == 1
 
 
+# The GPU lease's A/B variants of triton_ekd.LAUNCH_OPTIONS (tools/gpu_exercise.py LAUNCH_VARIANTS),
+# each compiled for sm_90 as above: per variant and kernel, the (num_warps, .maxnreg) pairs its
+# launches compiled with (the PTX's .maxnreg directive is what ptxas obeys).
+_LAUNCH_OPTIONS_SCRIPT = r"""
+import json
+import re
+import sys
+
+import torch
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, sys.argv[1])  # tools/
+import sm90_stand_in
+
+sm90_stand_in.install()
+from gpu_exercise import LAUNCH_VARIANTS, triton_settings
+
+compiled = {}
+_run = JITFunction.run
+
+
+def compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    cap = re.search(r"\.maxnreg\s+(\d+)", kernel.asm["ptx"])
+    compiled[variant].setdefault(self.__name__, set()).add((kernel.metadata.num_warps, cap and int(cap.group(1))))
+    return kernel
+
+
+JITFunction.run = compile_only
+
+from ekd_kernels import ekd_loss, triton_ekd
+
+triton_ekd.unavailable_reason = lambda device: None  # CPU tensors: nothing runs, all compiles
+generator = torch.Generator().manual_seed(0)
+student, teacher = torch.randn(300, 64, generator=generator), torch.randn(300, 48, generator=generator)
+labels = torch.randint(0, 60, (300,), generator=generator)
+for variant in ["default", *LAUNCH_VARIANTS]:
+    compiled[variant] = {}
+    # fp32 at a small B, and bf16 with the large-B pass 1 forced (probe, cutoff, head and tail)
+    for dtype, forced in ((torch.float32, {}), (torch.bfloat16, dict(CUTOFF_MIN_BATCH=0, COARSE_TILES_PER_COPY=1))):
+        with triton_settings(LAUNCH_OPTIONS=LAUNCH_VARIANTS.get(variant, {}), **forced):
+            leaf = student.to(dtype).requires_grad_(True)
+            ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
+print(json.dumps({"variants": {v: {k: sorted(s) for k, s in kernels.items()} for v, kernels in compiled.items()},
+                  "options": LAUNCH_VARIANTS}))
+"""
+
+
+def test_launch_variants_compile_for_sm90_with_their_options(tmp_path):
+    """Every A/B variant of the kernels' launch options that the GPU lease measures compiles for
+    an H100 (sm_90) and reaches the compiled kernels: the named kernels with their warps and
+    register cap, every other kernel with Triton's defaults (4 warps, no cap); and the default
+    (LAUNCH_OPTIONS empty) is Triton's defaults throughout."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
+    done = subprocess.run([sys.executable, "-c", _LAUNCH_OPTIONS_SCRIPT, tools], env=env, capture_output=True,
+                          text=True, timeout=900)
+    last_line = (done.stderr.strip().splitlines() or [""])[-1]
+    if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
+        pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert triton_ekd.LAUNCH_OPTIONS == {}  # the shipped default, which the "default" run compiles
+    assert len(report["options"]) >= 1
+    for variant, kernels in report["variants"].items():
+        options = report["options"].get(variant, {})
+        assert set(kernels) == ALL_KERNELS, variant
+        assert set(options) <= ALL_KERNELS, variant  # no option for a kernel that does not exist
+        for name, settings in kernels.items():
+            wanted = options.get(name, {})
+            assert settings == [[wanted.get("num_warps", 4), wanted.get("maxnreg")]], (variant, name)
+
+
 # --------------------------------------------------------------------------- availability
 def test_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

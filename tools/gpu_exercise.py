@@ -21,7 +21,10 @@
         where each backend's forward+backward time goes: wall time, the host's time to issue the
         call, the device's busy time, kernel launches per call, the top kernels (torch.profiler).
     python tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip triton:one-aggregation triton:no-cutoff triton:one-copy
-        the Triton forward against its earlier states, one after the other in one process (A/B).
+        the Triton forward against its earlier states, one after the other in one process (A/B);
+        each variant's loss and gradient are compared with those of the first variant listed.
+    python tools/gpu_exercise.py profile --sizes 1024 8192 --backends triton triton:warps8 triton:pass1-maxnreg168
+        likewise, the kernels' launch settings (LAUNCH_VARIANTS: warps, register caps).
     python tools/gpu_exercise.py once --sizes 8192 --backend triton --dtype bfloat16
         one warm forward+backward inside an NVTX range "ekd", for ncu --nvtx --nvtx-include "ekd/".
 
@@ -62,9 +65,34 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_B
 # copies too (the first GPU run's pass-1 structure; both keep the later change to one model's
 # tile at a time, and the pass-2 skip, so they compare with the default, not with the earlier
 # runs' figures).
+# Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, no register
+# cap).  sm_90a registers a thread (tools/kernel_registers.py, triton 3.6) in brackets, fp32 / bf16:
+# - warps8-tiles: 8 warps for the kernels that compute similarity tiles.  At B <= 1024 each is a
+#   few programs whose dot loops are latency chains; at 4 warps most hold 255 registers and
+#   three spill (rank_loss, hardest_negatives: none at 8 warps; positive_backward: fewer).
+#   Pass 1 (204 -> 181 / 128 registers) then fits two 8-warp programs an SM where it fitted two
+#   of 4 warps; pass 2 (255 -> 212 / 186) one of 8 where two of 4.
+# - warps8-rest: 8 warps for the others: the one-program scans over 65536 bins (194 -> 128),
+#   the gathers, fills and the backward's rows.
+# - warps8: both.
+# - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers, three programs an SM (no spill
+#   in bf16; 8-32 B in fp32).
+# - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers, two
+#   programs an SM: twice the warps of the default's pass 2 (24-32 B spilled).
+TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "fine_histogram_kernel", "boundary_count_kernel",
+                "hardest_negatives_kernel", "rank_loss_kernel", "positive_backward_kernel")
+OTHER_KERNELS = ("normalise_kernel", "cutoff_select_kernel", "coarse_select_kernel", "fine_select_kernel",
+                 "finalize_kernel", "backward_rows_kernel")
+LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KERNELS},
+                   "warps8-rest": {name: dict(num_warps=8) for name in OTHER_KERNELS},
+                   "warps8": {name: dict(num_warps=8) for name in TILE_KERNELS + OTHER_KERNELS},
+                   "pass1-maxnreg168": {"coarse_histogram_kernel": dict(maxnreg=168)},
+                   "histograms-warps8-maxnreg128": {name: dict(num_warps=8, maxnreg=128)
+                                                    for name in ("coarse_histogram_kernel", "fine_histogram_kernel")}}
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
-                   **PASS2_VARIANTS}
+                   **PASS2_VARIANTS,
+                   **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 
 
 def sync(device):
@@ -333,6 +361,18 @@ def host_op_times(prof, calls):
     return ops
 
 
+def compare_with_first(first_results, name, label, loss, grad):
+    """How far `label`'s loss and gradient lie from those of the first variant of backend `name`
+    in the run (None for that first one, which is recorded)."""
+    if name not in first_results:
+        first_results[name] = (label, loss, grad)
+        return None
+    first, first_loss, first_grad = first_results[name]
+    return {"backend": first, "bitwise": bool(torch.equal(loss, first_loss) and torch.equal(grad, first_grad)),
+            "loss_abs_diff": float((loss.double() - first_loss.double()).abs()),
+            "grad_max_abs_diff": float((grad.double() - first_grad.double()).abs().max())}
+
+
 def profile(sizes, device, out, calls=5, backends=None):
     """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
     time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
@@ -348,6 +388,7 @@ def profile(sizes, device, out, calls=5, backends=None):
     for size in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             student, teacher, labels = batch_of(size, dtype, device, seed=size)
+            first_results = {}  # backend name -> (label, loss, gradient) of its first variant in the list
             for backend in backends:
                 name, settings = backend_variant(backend)
                 crit = EKDLoss(backend=name).to(device)
@@ -357,6 +398,10 @@ def profile(sizes, device, out, calls=5, backends=None):
                     crit(x, teacher, labels).backward()
 
                 with triton_settings(**settings):
+                    # one call from a fresh module, compared with the first variant of the same
+                    # backend: an A/B variant must compute the same loss and gradient
+                    loss, grad, _ = call(EKDLoss(backend=name).to(device), student, teacher, labels, 0)
+                    agreement = compare_with_first(first_results, name, backend, loss, grad)
                     for _ in range(3):  # compile, warm the allocator
                         step()
                     sync(device)
@@ -385,6 +430,7 @@ def profile(sizes, device, out, calls=5, backends=None):
                 row = {"B": size, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
                        "wall_ms": round(wall * 1e3, 3), "host_issue_ms": round(issued * 1e3, 3),
                        "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
+                       **({"same_as": agreement} if agreement else {}),
                        "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
                                        for k, (n, us) in top],
                        "host_ops_ms": round(sum(us for _, us in host_ops.values()) / 1e3, 3),
@@ -393,6 +439,10 @@ def profile(sizes, device, out, calls=5, backends=None):
                 report.append(row)
                 print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
                       f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
+                if agreement:
+                    print(f"  against {agreement['backend']}: {'bitwise equal' if agreement['bitwise'] else 'differs'}, "
+                          f"loss {agreement['loss_abs_diff']:.3g}, gradient {agreement['grad_max_abs_diff']:.3g} "
+                          "(max abs differences)", flush=True)
                 for k in row["top_kernels"][:6]:
                     print(f"    {k['us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
                 # the host's side: where issuing the call goes, beyond Python between the ops

@@ -104,6 +104,7 @@ case "$stage" in
     memcheck() {  # memcheck B MAX_SECONDS: compute-sanitizer memcheck over gpu_exercise's sanitize run, verdict to the summary
       step memcheck-$1 "$2" compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
         --sizes "$1" > "$T/memcheck_$1.log" 2>&1
+      [[ -s "$T/memcheck_$1.log" ]] || return 0  # not selected, or skipped
       { echo "memcheck B=$1:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" "$T/memcheck_$1.log" | head -12
         tail -2 "$T/memcheck_$1.log"; } >> "$OUT/summary.txt"
     }
@@ -122,13 +123,21 @@ case "$stage" in
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
-    # the Triton forward at B = 8192 against its earlier states, back to back in one process: pass 2
-    # without skipping empty targets (the second run's pass 2), pass 2 in one aggregation for all
-    # targets (off by default until this measures it), pass 1 without its head/tail split,
-    # then without its histogram copies too (the first run's pass-1 structure)
-    step triton-ab 90 $PY tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip \
-      triton:one-aggregation triton:no-cutoff triton:one-copy --out $T/triton_ab.json > $T/triton_ab.log 2>&1
-    { echo "Triton A/B (default, no skip, one aggregation, no cutoff, one copy):"; grep "^B=\|^    " $T/triton_ab.log; } >> "$OUT/summary.txt"
+    # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
+    # gradient compared with the default's.  Pass 2 at B = 8192: without skipping empty targets
+    # (the second run's pass 2), and in one aggregation for all targets (off by default until this
+    # measures it).  Launch settings (gpu_exercise.LAUNCH_VARIANTS: warps, register caps) at
+    # B = 1024, where a call is a chain of few-program kernels, and at 8192.
+    ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
+      local name=$1 max=$2 sizes=$3; shift 3
+      step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" \
+        --out $T/$name.json > $T/$name.log 2>&1
+      [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
+      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against" $T/$name.log; } >> "$OUT/summary.txt"
+    }
+    ab triton-ab 60 8192 triton:no-skip triton:one-aggregation
+    ab launch-ab 120 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
+      triton:histograms-warps8-maxnreg128
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log

@@ -6,6 +6,8 @@ copies, head and tail).  Run with the triton whose figures you want (the GPU mac
 tools/check_torch_version.sh 2.11.0 leaves a venv with it).
 
     python tools/kernel_registers.py
+    python tools/kernel_registers.py warps8-tiles pass1-maxnreg168   # and these A/B variants
+                                                                   # (gpu_exercise.TRITON_VARIANTS)
 """
 import os
 import pathlib
@@ -25,14 +27,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import sm90_stand_in  # noqa: E402  (tools/, this script's folder)
 
 
-def main():
+def main(variants):
+    from gpu_exercise import backend_variant, triton_settings  # (tools/)
+
+    settings = {name: backend_variant(f"triton:{name}")[1] for name in variants}  # unknown names exit here
     sm90_stand_in.install()
     run = JITFunction.run
-    launched = {}  # (label, kernel) -> distinct PTX texts, in launch order
+    launched = {}  # (label, variant, kernel) -> distinct PTX texts, in launch order
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launched.setdefault((label, self.__name__), {})[kernel.asm["ptx"]] = None
+        launched.setdefault((label, variant, self.__name__), {})[kernel.asm["ptx"]] = None
         return kernel
 
     JITFunction.run = compile_only
@@ -42,19 +47,21 @@ def main():
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(300, 512, generator=generator), torch.randn(300, 512, generator=generator)
     labels = torch.arange(300) // 4
-    for large_b in (False, True):
-        for dtype in (torch.float32, torch.bfloat16):
-            label = f"{str(dtype).replace('torch.', '')}{', large-B pass 1' if large_b else ''}"
-            saved = triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY
-            if large_b:
-                triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = 0, 1
-            leaf = student.to(dtype).requires_grad_(True)
-            ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
-            triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = saved
+    for variant in [None, *variants]:
+        for large_b in (False, True):
+            for dtype in (torch.float32, torch.bfloat16):
+                label = f"{str(dtype).replace('torch.', '')}{', large-B pass 1' if large_b else ''}"
+                forced = dict(CUTOFF_MIN_BATCH=0, COARSE_TILES_PER_COPY=1) if large_b else {}
+                with triton_settings(**forced, **settings.get(variant, {})):
+                    leaf = student.to(dtype).requires_grad_(True)
+                    ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     print(f"triton {triton.__version__}, {ptxas}")
     with tempfile.TemporaryDirectory() as tmp:
-        for (label, name), ptxs in launched.items():
+        for (label, variant, name), ptxs in launched.items():
+            if variant is not None:  # a variant's kernels that compile as the default's are not listed again
+                ptxs = [ptx for ptx in ptxs if ptx not in launched.get((label, None, name), {})]
+                label = f"{label}, {variant}"
             for index, ptx in enumerate(ptxs):
                 path = pathlib.Path(tmp) / f"{name}_{index}.ptx"
                 path.write_text(ptx)
@@ -62,10 +69,10 @@ def main():
                                       capture_output=True, text=True)
                 registers = re.search(r"Used (\d+) registers", done.stderr)
                 spills = re.search(r"(\d+) bytes spill stores", done.stderr)
-                print(f"  {label:24s} {name:26s} variant {index}: "
+                print(f"  {label:40s} {name:26s} variant {index}: "
                       f"{registers.group(1) if registers else '?'} registers, "
                       f"{spills.group(1) if spills else '?'} B spill stores")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
