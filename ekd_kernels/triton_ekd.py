@@ -142,6 +142,11 @@ PASS2_SKIP_EMPTY_TARGETS = True
 #: measures it against the per-target pass (tools/gpu_exercise.py profile --backends triton
 #: triton:one-aggregation).  Used only while num_targets x 65536 bins fit in int32.
 PASS2_ONE_AGGREGATION = False
+#: Pass 2 adds a tile's pairs of a target bucket by per-element atomics, without the
+#: aggregation's reductions, when they are at most this many (kernels._histogram_add_if_any; 0:
+#: always the aggregation).  Needs PASS2_SKIP_EMPTY_TARGETS (the tile's count).  Same histograms
+#: either way; 0 until a GPU run measures it (tools/gpu_exercise.py triton:direct-atomics).
+PASS2_DIRECT_MAX = 0
 #: Pass 1 counts the head of the order first (coarse_histogram_kernel) from this B on, where the
 #: pass's B^2 atomics, not launches, set the forward's time.  The cutoff is the bucket of the
 #: sample's descending rank CUTOFF_SAFETY x (the largest target fraction: the largest FPR, or
@@ -517,7 +522,8 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     _launch(kernels.fine_histogram_kernel, tiles)(
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
-        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation, **options)
+        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
+        DIRECT_MAX=PASS2_DIRECT_MAX if PASS2_SKIP_EMPTY_TARGETS else 0, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an

@@ -282,10 +282,11 @@ tile = dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", T_PRECISION="tf32x3")
 # counts the head of the order first (triton_ekd.CUTOFF_MIN_BATCH)
 cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part)) for part in (0, 1, 2)] + [
     (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096, CUTOFF_MODE=mode)) for mode in (0, 1, 2)] + [
-    # pass 2 and its select, per target and in one aggregation (triton_ekd.PASS2_ONE_AGGREGATION)
-    (kernel, dict(constants, ONE_AGGREGATION=one)) for one in (False, True)
-    for kernel, constants in ((kernels.fine_histogram_kernel, dict(tile, COLLECT=True, SKIP_EMPTY=True)),
-                              (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024)))
+    # pass 2, per target and in one aggregation (triton_ekd.PASS2_ONE_AGGREGATION), sparse tiles
+    # by the aggregation or per-element atomics (PASS2_DIRECT_MAX), and its select
+    (kernels.fine_histogram_kernel, dict(tile, COLLECT=True, SKIP_EMPTY=True, ONE_AGGREGATION=one, DIRECT_MAX=direct))
+    for one in (False, True) for direct in (0, 256)] + [
+    (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024, ONE_AGGREGATION=one)) for one in (False, True)
 ]
 int64 = ("hist_", "coarse_ptr", "fine_", "labels_ptr", "state_ptr", "candidate_key_ptr", "selected_", "target_state",
          "fractions_ptr")

@@ -152,7 +152,7 @@ def scratch_views(monkeypatch):
     return scratch
 
 
-@pytest.mark.parametrize("pass2", ["skip_empty_targets", "one_aggregation"])
+@pytest.mark.parametrize("pass2", ["skip_empty_targets", "one_aggregation", "direct_atomics"])
 @pytest.mark.parametrize("tiles_per_copy", [None, 1], ids=["copies_as_default", "a_copy_per_tile"])
 def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views, tiles_per_copy, pass2):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
@@ -163,7 +163,8 @@ def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views,
     of atomic adds a wrong count.  Pass 1 spreads its atomics over copies of its histograms
     (one copy at this B by default; with a copy per tile program, as many as allowed): their
     sum must be the counts, and more than one copy must have been used.  Pass 2 adds per target
-    or in one aggregation for all targets (its bins then row x 65536 + low)."""
+    or in one aggregation for all targets (its bins then row x 65536 + low), and by per-element
+    atomics in tiles with few pairs in a bucket."""
     _set_pass2_mode(monkeypatch, pass2)
     if tiles_per_copy is not None:
         monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", tiles_per_copy)
@@ -268,15 +269,19 @@ def top_n_path(request, monkeypatch):
     return request.param
 
 
-# Pass 2's ways of adding its histograms: (PASS2_SKIP_EMPTY_TARGETS, PASS2_ONE_AGGREGATION).
-PASS2_MODES = {"skip_empty_targets": (True, False), "every_target": (False, False),
-               "one_aggregation": (True, True), "one_aggregation_every_tile": (False, True)}
+# Pass 2's ways of adding its histograms: (PASS2_SKIP_EMPTY_TARGETS, PASS2_ONE_AGGREGATION,
+# PASS2_DIRECT_MAX).  The direct modes' limit is small here, so that the tests' batches have
+# tiles on both of its sides (per-element atomics at most 3 pairs, the aggregation above).
+PASS2_MODES = {"skip_empty_targets": (True, False, 0), "every_target": (False, False, 0),
+               "one_aggregation": (True, True, 0), "one_aggregation_every_tile": (False, True, 0),
+               "direct_atomics": (True, False, 3), "one_aggregation_direct_atomics": (True, True, 3)}
 
 
 def _set_pass2_mode(monkeypatch, mode):
-    skip_empty, one_aggregation = PASS2_MODES[mode]
+    skip_empty, one_aggregation, direct_max = PASS2_MODES[mode]
     monkeypatch.setattr(triton_ekd, "PASS2_SKIP_EMPTY_TARGETS", skip_empty)
     monkeypatch.setattr(triton_ekd, "PASS2_ONE_AGGREGATION", one_aggregation)
+    monkeypatch.setattr(triton_ekd, "PASS2_DIRECT_MAX", direct_max)
 
 
 def _target_histograms(w32, num_targets_of, one_aggregation):
@@ -298,9 +303,9 @@ def _target_histograms(w32, num_targets_of, one_aggregation):
 @pytest.mark.parametrize("mode", list(PASS2_MODES))
 def test_pass2_modes_against_the_reference(monkeypatch, mode):
     """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
-    tile's pairs, and with one aggregation for all targets (the default and the benchmark's A/B
-    variants triton:no-skip, triton:one-aggregation): the reference's results over consecutive
-    calls."""
+    tile's pairs, with one aggregation for all targets, and with per-element atomics for a tile's
+    few pairs (the default and the benchmark's A/B variants triton:no-skip, triton:one-aggregation,
+    triton:direct-atomics ...): the reference's results over consecutive calls."""
     _set_pass2_mode(monkeypatch, mode)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=25)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
@@ -308,11 +313,11 @@ def test_pass2_modes_against_the_reference(monkeypatch, mode):
 
 def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
     """No mode changes a bin: every target's fine histogram (both models; the teacher has no
-    top-N slot) is the same in all four, on a batch where targets share a bucket (FPRs 1e-5 and
-    1e-6 both rank 0 among its ~10^4 negatives), which one aggregation adds once."""
+    top-N slot) is the same in all of them, on a batch where targets share a bucket (FPRs 1e-5
+    and 1e-6 both rank 0 among its ~10^4 negatives), which one aggregation adds once."""
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     histograms = {}
-    for mode, (_, one_aggregation) in PASS2_MODES.items():
+    for mode, (_, one_aggregation, _) in PASS2_MODES.items():
         _set_pass2_mode(monkeypatch, mode)
         scratch_views.clear()
         with torch.no_grad():

@@ -50,10 +50,14 @@ LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/
 VARIANTS = [dict(), dict(critical_only=True, compute_critical_ratio=True), dict(rank_loss="eq7"),
             dict(rank_loss="eq8", num_hard_negatives=100), dict(negative_selection="random")]
 COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected")
-# Pass 2's other ways (triton_ekd settings): without skipping the targets a tile has no pair of
-# (the second GPU run's pass 2), and in one aggregation for all targets (off by default until
-# measured).  Both are A/B variants and forced paths below.
-PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregation": dict(PASS2_ONE_AGGREGATION=True)}
+# Pass 2's other ways (triton_ekd settings): without skipping the targets (and the top-N
+# candidates) a tile has no pair of (the second GPU run's pass 2), in one aggregation for all
+# targets, and by per-element atomics for a tile's few pairs of a bucket (at most 256), per target
+# or in one aggregation (the last three off by default until measured).  All are A/B variants
+# and forced paths below.
+PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregation": dict(PASS2_ONE_AGGREGATION=True),
+                  "direct-atomics": dict(PASS2_DIRECT_MAX=256),
+                  "one-aggregation-direct": dict(PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=256)}
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
 # pass 2's variants.

@@ -487,22 +487,34 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
 
 
 @triton.jit
-def _histogram_add_if_any(hist_ptr, bins, mask, SKIP_EMPTY: tl.constexpr):
+def _histogram_add_if_any(hist_ptr, bins, mask, SKIP_EMPTY: tl.constexpr, DIRECT_MAX: tl.constexpr):
     """_histogram_add, which SKIP_EMPTY skips when nothing in the tile is counted: one count of
     the tile instead of the aggregation's reductions and atomics.  In pass 2 most tiles hold no
     pair of a deep target's bucket (at B = 8192, D = 512, about one tile in four holds a pair of
     the FPR-1e-3 bucket, fewer below), and the per-target aggregation was the bulk of the pass's
-    work (bench/NOTES.md, the second GPU run's ncu)."""
+    work (bench/NOTES.md, the second GPU run's ncu).
+
+    DIRECT_MAX > 0 (with SKIP_EMPTY): a tile counting at most that many elements adds them by
+    per-element atomics without the aggregation's reductions (a handful of pairs a tile is pass
+    2's usual case); above it, the aggregation keeps a tile of equal bins (collapsed
+    similarities) at one atomic.  The same counts either way."""
     if SKIP_EMPTY:
-        if tl.sum(tl.sum(mask.to(tl.int32), axis=1), axis=0) > 0:
-            _histogram_add(hist_ptr, bins, mask)
+        count = tl.sum(tl.sum(mask.to(tl.int32), axis=1), axis=0)
+        if DIRECT_MAX == 0:
+            if count > 0:
+                _histogram_add(hist_ptr, bins, mask)
+        else:
+            if count > DIRECT_MAX:
+                _histogram_add(hist_ptr, bins, mask)
+            elif count > 0:
+                tl.atomic_add(hist_ptr + bins, 1, mask=mask, sem="relaxed")
     else:
         _histogram_add(hist_ptr, bins, mask)
 
 
 @triton.jit
 def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SKIP_EMPTY: tl.constexpr,
-                     ONE_AGGREGATION: tl.constexpr):
+                     ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr):
     """For each target rank: histogram of the low 16 key bits of the elements in its bucket.
 
     ONE_AGGREGATION: one histogram add for all targets instead of one per target.  A pair lies
@@ -518,30 +530,47 @@ def _fine_histograms(hist_ptr, target_bucket_ptr, num_targets, key, negative, SK
             bucket = tl.load(target_bucket_ptr + target)
             row = tl.where((row < 0) & (high == bucket), target, row)
         counted = negative & (row >= 0)
-        _histogram_add_if_any(hist_ptr, tl.where(counted, row * NUM_BUCKETS + low, 0), counted, SKIP_EMPTY)
+        _histogram_add_if_any(hist_ptr, tl.where(counted, row * NUM_BUCKETS + low, 0), counted, SKIP_EMPTY,
+                              DIRECT_MAX)
         return
     for target in range(num_targets):
         bucket = tl.load(target_bucket_ptr + target)
         counted = negative & (high == bucket)
         # (where: the bins, hence their pointers, then depend on the target; with it pass 2 no
         # longer spills on sm_90a, 20-32 B without: tools/kernel_registers.py)
-        _histogram_add_if_any(hist_ptr + target * NUM_BUCKETS, tl.where(counted, low, 0), counted, SKIP_EMPTY)
+        _histogram_add_if_any(hist_ptr + target * NUM_BUCKETS, tl.where(counted, low, 0), counted, SKIP_EMPTY,
+                              DIRECT_MAX)
 
 
 @triton.jit
 def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_count_ptr, candidate_key_ptr,
-                        candidate_rows_ptr, candidate_cols_ptr, capacity, TILE: tl.constexpr):
+                        candidate_rows_ptr, candidate_cols_ptr, capacity, TILE: tl.constexpr,
+                        SKIP_EMPTY: tl.constexpr):
     """Append the tile's negatives at or above the top-N boundary bucket to the candidate buffer.
 
     Slots come from one integer atomic per tile, so their order varies from run to run;
     hardest_negatives_kernel ranks the candidates by (key class, row, col), which makes the
     selection deterministic.  Called only when pass 1 showed that every candidate fits in
-    `capacity`.
+    `capacity`.  SKIP_EMPTY: a tile without a candidate (most: the top N lie in the first few
+    buckets) skips the atomic, whose return the tile would wait for, and the prefix sums.
     """
     wanted = (negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)).to(tl.int32)
+    per_row = tl.sum(wanted, axis=1)
+    if SKIP_EMPTY:
+        if tl.sum(per_row, axis=0) > 0:
+            _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr,
+                               candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
+    else:
+        _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr,
+                           candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
+
+
+@triton.jit
+def _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                       candidate_cols_ptr, capacity, TILE: tl.constexpr):
+    """_collect_candidates' slots and stores for the `wanted` elements (`per_row` a row)."""
     # Row-major slots: the wanted before a row, plus those before it in the row (the flat
     # tile's exclusive prefix sum, without flattening it: no layout conversion, fewer registers).
-    per_row = tl.sum(wanted, axis=1)
     base = tl.atomic_add(candidate_count_ptr, tl.sum(per_row, axis=0), sem="relaxed")
     slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(wanted, axis=1) - wanted
     write = (wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
@@ -557,7 +586,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
                           candidate_cols_ptr, capacity,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-                          ONE_AGGREGATION: tl.constexpr):
+                          ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr):
     """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
@@ -572,15 +601,16 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
     key_a = _descending_key(a)
-    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY, ONE_AGGREGATION)
+    _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY, ONE_AGGREGATION,
+                     DIRECT_MAX)
     if COLLECT:
         if tl.load(selection_state_ptr + OVERFLOW) == 0:
             boundary_bucket = tl.load(s_bucket_ptr + num_s_targets - 1)
             _collect_candidates(key_a, rows, cols, negative, boundary_bucket, candidate_count_ptr,
-                                candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
+                                candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE, SKIP_EMPTY)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
     _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative, SKIP_EMPTY,
-                     ONE_AGGREGATION)
+                     ONE_AGGREGATION, DIRECT_MAX)
 
 
 # --------------------------------------------------------------------------- stage 3b: EMA
