@@ -134,8 +134,9 @@ NUM_BUCKETS = 1 << 16
 COARSE_TILES_PER_COPY = 512
 MAX_COARSE_COPIES = 16
 #: Whether pass 2 (fine_histogram_kernel) skips, tile by tile, the targets whose bucket holds
-#: none of the tile's pairs.  Same histograms either way; False is the earlier pass 2, kept for
-#: the benchmark's A/B (tools/gpu_exercise.py profile --backends triton triton:no-skip).
+#: none of the tile's pairs, and the top-N candidates' slot atomic and prefix sums in a tile
+#: without a candidate.  Same histograms and candidates either way; False is the earlier pass 2,
+#: kept for the benchmark's A/B (tools/gpu_exercise.py profile --backends triton triton:no-skip).
 PASS2_SKIP_EMPTY_TARGETS = True
 #: Whether pass 2 adds all its targets' histograms in one aggregation a tile (kernels.
 #: _fine_histograms) instead of one per target.  Same thresholds either way; off until a GPU run
@@ -160,9 +161,10 @@ MIN_CANDIDATE_CAPACITY = 8192
 #: Length of the int64 selection state (kernels.STATE_SIZE).
 STATE_SIZE = 16
 #: Launch options by kernel name (num_warps, num_stages, maxnreg); a kernel not named takes
-#: Triton's defaults (4 warps, 3 stages, no register cap).  Same results for any setting (the
-#: kernels' reductions and scans are written per block, not per warp).  Empty until a GPU A/B
-#: measures another setting faster (tools/gpu_exercise.py profile --backends triton
+#: Triton's defaults (4 warps, 3 stages, no register cap).  Any setting gives the same counts,
+#: thresholds and selection, and float sums that agree up to rounding (the warps split a block's
+#: reductions differently); each setting is bitwise deterministic run to run.  Empty until a GPU
+#: A/B measures another setting faster (tools/gpu_exercise.py profile --backends triton
 #: triton:warps8-tiles ...); the interpreter ignores them.
 LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {}
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit

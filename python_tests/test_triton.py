@@ -152,7 +152,8 @@ def scratch_views(monkeypatch):
     return scratch
 
 
-@pytest.mark.parametrize("pass2", ["skip_empty_targets", "one_aggregation", "direct_atomics"])
+@pytest.mark.parametrize("pass2", ["skip_empty_targets", "one_aggregation", "direct_atomics",
+                                   "one_aggregation_direct_atomics"])
 @pytest.mark.parametrize("tiles_per_copy", [None, 1], ids=["copies_as_default", "a_copy_per_tile"])
 def test_histograms_aggregate_uniform_tiles_and_rows(monkeypatch, scratch_views, tiles_per_copy, pass2):
     """The histogram passes add one atomic per tile or per row whose counted pairs share a bin
@@ -300,6 +301,23 @@ def _target_histograms(w32, num_targets_of, one_aggregation):
     return histograms
 
 
+def _tile_bucket_counts(x, labels, buckets):
+    """Per tile of pass 2's grid (rows in label order, TILE x TILE tiles of the upper triangle)
+    and per target bucket: how many of the tile's negatives lie in it (keys from an fp32 Gram
+    here: a pair on a bucket's edge may count on the other side of it than in the kernel)."""
+    order = torch.sort(labels.cpu(), stable=True).indices
+    x, sorted_labels = torch.nn.functional.normalize(x.cpu().float()[order], dim=1), labels.cpu()[order]
+    high = _descending_keys(x @ x.t()) >> 16
+    batch, tile = x.shape[0], triton_ekd.TILE
+    negative = torch.ones(batch, batch, dtype=torch.bool).triu(1) & (sorted_labels[:, None] != sorted_labels[None, :])
+    counts = []
+    for row in range(0, batch, tile):
+        for col in range(row, batch, tile):
+            in_tile = (slice(row, row + tile), slice(col, col + tile))
+            counts += [int((negative[in_tile] & (high[in_tile] == int(bucket))).sum()) for bucket in buckets]
+    return counts
+
+
 @pytest.mark.parametrize("mode", list(PASS2_MODES))
 def test_pass2_modes_against_the_reference(monkeypatch, mode):
     """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
@@ -328,6 +346,11 @@ def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
         histograms[mode] = _target_histograms(w32, (num_thresholds + 1, num_thresholds), one_aggregation)
         buckets = w32["bucket"][0].cpu()
         assert len(set(buckets.tolist())) < buckets.numel(), "no two targets share a bucket: the case is not covered"
+    # the direct modes' limit has tiles on both sides: per-element atomics and the aggregation
+    direct_max = PASS2_MODES["direct_atomics"][2]
+    counts = [c for model, x in enumerate((student, teacher))
+              for c in _tile_bucket_counts(x, labels, w32["bucket"][model, :(num_thresholds + 1, num_thresholds)[model]])]
+    assert any(0 < c <= direct_max for c in counts) and any(c > direct_max for c in counts), counts
     for mode in PASS2_MODES:
         for model in range(2):
             assert torch.equal(histograms[mode][model], histograms["every_target"][model]), f"{mode}, model {model}"
@@ -568,27 +591,17 @@ import json
 import sys
 
 import torch
-from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, sys.argv[1])  # tools/
 import sm90_stand_in
 
-sm90_stand_in.install()
 launched = {}
-_run = JITFunction.run
-
-
-def compile_only(self, *args, grid, warmup, **kwargs):
-    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
-    launched.setdefault(self.__name__, []).append(kernel.asm["ptx"])
-    return kernel
-
-
-JITFunction.run = compile_only
+# CPU tensors: nothing runs, every launch compiles
+sm90_stand_in.compile_launches(lambda function, kernel: launched.setdefault(function.__name__, []).append(
+    kernel.asm["ptx"]))
 
 from ekd_kernels import ekd_loss, triton_ekd
 
-triton_ekd.unavailable_reason = lambda device: None  # CPU tensors: nothing runs, all compiles
 generator = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16):
     for options in (dict(), dict(critical_only=True, compute_critical_ratio=True, rank_loss="eq7"),
@@ -662,50 +675,44 @@ import re
 import sys
 
 import torch
-from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, sys.argv[1])  # tools/
 import sm90_stand_in
-
-sm90_stand_in.install()
-from gpu_exercise import LAUNCH_VARIANTS, triton_settings
+from gpu_exercise import FORCED_TRITON_PATHS, LAUNCH_VARIANTS, triton_settings
 
 compiled = {}
-_run = JITFunction.run
 
 
-def compile_only(self, *args, grid, warmup, **kwargs):
-    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+def record(function, kernel):
     cap = re.search(r"\.maxnreg\s+(\d+)", kernel.asm["ptx"])
-    compiled[variant].setdefault(self.__name__, set()).add((kernel.metadata.num_warps, cap and int(cap.group(1))))
-    return kernel
+    compiled[variant].setdefault(function.__name__, set()).add((kernel.metadata.num_warps, cap and int(cap.group(1))))
 
 
-JITFunction.run = compile_only
-
+sm90_stand_in.compile_launches(record)  # CPU tensors: nothing runs, every launch compiles
 from ekd_kernels import ekd_loss, triton_ekd
 
-triton_ekd.unavailable_reason = lambda device: None  # CPU tensors: nothing runs, all compiles
+variants = {"shipped": triton_ekd.LAUNCH_OPTIONS, **LAUNCH_VARIANTS}
 generator = torch.Generator().manual_seed(0)
 student, teacher = torch.randn(300, 64, generator=generator), torch.randn(300, 48, generator=generator)
 labels = torch.randint(0, 60, (300,), generator=generator)
-for variant in ["default", *LAUNCH_VARIANTS]:
+for variant, options in variants.items():
     compiled[variant] = {}
     # fp32 at a small B, and bf16 with the large-B pass 1 forced (probe, cutoff, head and tail)
-    for dtype, forced in ((torch.float32, {}), (torch.bfloat16, dict(CUTOFF_MIN_BATCH=0, COARSE_TILES_PER_COPY=1))):
-        with triton_settings(LAUNCH_OPTIONS=LAUNCH_VARIANTS.get(variant, {}), **forced):
+    for dtype, forced in ((torch.float32, {}), (torch.bfloat16, FORCED_TRITON_PATHS["copies+head"])):
+        with triton_settings(LAUNCH_OPTIONS=options, **forced):
             leaf = student.to(dtype).requires_grad_(True)
             ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
 print(json.dumps({"variants": {v: {k: sorted(s) for k, s in kernels.items()} for v, kernels in compiled.items()},
-                  "options": LAUNCH_VARIANTS}))
+                  "options": variants}))
 """
 
 
+@pytest.mark.skipif(ON_GPU, reason="compile-only check for machines without a GPU (a GPU runs the settings)")
 def test_launch_variants_compile_for_sm90_with_their_options(tmp_path):
-    """Every A/B variant of the kernels' launch options that the GPU lease measures compiles for
-    an H100 (sm_90) and reaches the compiled kernels: the named kernels with their warps and
-    register cap, every other kernel with Triton's defaults (4 warps, no cap); and the default
-    (LAUNCH_OPTIONS empty) is Triton's defaults throughout."""
+    """The shipped launch options (triton_ekd.LAUNCH_OPTIONS) and every A/B variant that the GPU
+    lease measures compile for an H100 (sm_90) and reach the compiled kernels: the named kernels
+    with their warps and register cap, every other kernel with Triton's defaults (4 warps, no
+    cap); no option names a kernel that does not exist."""
     import json
     import pathlib
     import subprocess
@@ -721,8 +728,7 @@ def test_launch_variants_compile_for_sm90_with_their_options(tmp_path):
         pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert triton_ekd.LAUNCH_OPTIONS == {}  # the shipped default, which the "default" run compiles
-    assert len(report["options"]) >= 1
+    assert report["options"]["shipped"] == triton_ekd.LAUNCH_OPTIONS and len(report["options"]) > 1
     for variant, kernels in report["variants"].items():
         options = report["options"].get(variant, {})
         assert set(kernels) == ALL_KERNELS, variant

@@ -64,25 +64,18 @@ PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregat
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
                        "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
                        **PASS2_VARIANTS}
-# Other states of the Triton forward, for A/B runs on one machine (profile/once --backends
-# triton:NAME): pass 2's variants; pass 1 without its head/tail split, and without its histogram
-# copies too (the first GPU run's pass-1 structure; both keep the later change to one model's
-# tile at a time, and the pass-2 skip, so they compare with the default, not with the earlier
-# runs' figures).
-# Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, no register
-# cap).  sm_90a registers a thread (tools/kernel_registers.py, triton 3.6) in brackets, fp32 / bf16:
+# Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
+# register cap), for A/B runs; sm_90a registers and spills of each: bench/NOTES.md
+# (tools/kernel_registers.py VARIANT):
 # - warps8-tiles: 8 warps for the kernels that compute similarity tiles.  At B <= 1024 each is a
 #   few programs whose dot loops are latency chains; at 4 warps most hold 255 registers and
-#   three spill (rank_loss, hardest_negatives: none at 8 warps; positive_backward: fewer).
-#   Pass 1 (204 -> 181 / 128 registers) then fits two 8-warp programs an SM where it fitted two
-#   of 4 warps; pass 2 (255 -> 212 / 186) one of 8 where two of 4.
-# - warps8-rest: 8 warps for the others: the one-program scans over 65536 bins (194 -> 128),
-#   the gathers, fills and the backward's rows.
+#   three spill.
+# - warps8-rest: 8 warps for the others: the scans over 65536 bins (a program per target and
+#   model), the gathers, fills and the backward's rows.
 # - warps8: both.
-# - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers, three programs an SM (no spill
-#   in bf16; 8-32 B in fp32).
-# - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers, two
-#   programs an SM: twice the warps of the default's pass 2 (24-32 B spilled).
+# - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers: three programs an SM.
+# - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers: two
+#   programs an SM, twice the default's warps for pass 2.
 TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "fine_histogram_kernel", "boundary_count_kernel",
                 "hardest_negatives_kernel", "rank_loss_kernel", "positive_backward_kernel")
 OTHER_KERNELS = ("normalise_kernel", "cutoff_select_kernel", "coarse_select_kernel", "fine_select_kernel",
@@ -93,6 +86,11 @@ LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KER
                    "pass1-maxnreg168": {"coarse_histogram_kernel": dict(maxnreg=168)},
                    "histograms-warps8-maxnreg128": {name: dict(num_warps=8, maxnreg=128)
                                                     for name in ("coarse_histogram_kernel", "fine_histogram_kernel")}}
+# Other states of the Triton forward, for A/B runs on one machine (profile/once --backends
+# triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
+# first GPU run's pass-1 structure; both keep the later change to one model's tile at a time,
+# and the pass-2 skip, so they compare with the default, not with the earlier runs' figures);
+# pass 2's variants; the launch settings.
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    **PASS2_VARIANTS,
@@ -452,7 +450,7 @@ def profile(sizes, device, out, calls=5, backends=None):
                 # the host's side: where issuing the call goes, beyond Python between the ops
                 print(f"  host: {row['host_ops_ms']} ms inside profiled ops (self time), top:", flush=True)
                 for k in row["top_host_ops"][:5]:
-                    print(f"  {k['self_us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
+                    print(f"  host op {k['self_us']:8.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
                 if out:  # rewritten after every row: a run cut by a time limit keeps what it measured
                     pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
                                                              "torch": torch.__version__, "report": report}, indent=1))

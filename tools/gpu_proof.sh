@@ -70,12 +70,13 @@ case "$stage" in
     tail -20 "$OUT/ncu.log" ;;
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
-    # ${2:-540} s (the call's own limit minus the transfers): the CUDA cases of the suite, where a
-    # call's time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192,
-    # compute-sanitizer memcheck at B = 33, why op-side refusals crash there when they still do
-    # (tools/diagnose_throw.py), the consistency check up to B = 32768, B = 65537 (past int32 pair
-    # counts), Nsight Compute on the Triton kernels at B = 8192, the loss benchmark at 32768, the
-    # training step, then memcheck at B = 4096. At most 8 files
+    # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
+    # A/B runs of the Triton variants (pass 2's ways, launch settings), compute-sanitizer memcheck
+    # at B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
+    # the consistency check up to B = 32768, B = 65537 (past int32 pair counts), where a call's
+    # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192, Nsight Compute on
+    # the Triton kernels at B = 8192, the loss benchmark at 32768, the training step, then
+    # memcheck at B = 4096. At most 8 files
     # come back (the device tool's limit), and this stage writes exactly 8 to $OUT (summary.txt,
     # pytest.log, profile.json, loss.jsonl, consistency.json, ncu.log, train.jsonl and, after a
     # crash, diagnose.log): anything more goes to $T. The build's log goes to the summary when it fails.
@@ -120,9 +121,6 @@ case "$stage" in
     step pytest-cuda 200 $PY -m pytest python_tests -q -rfEs --tb=short -k "$gpu_cases" $xdist -p no:cacheprovider \
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
-    step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
-      > $T/profile.log 2>&1
-    grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
     # gradient compared with the default's.  Pass 2 at B = 8192: without skipping empty targets
     # (the second run's pass 2), in one aggregation for all targets, by per-element atomics in
@@ -136,12 +134,9 @@ case "$stage" in
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against" $T/$name.log; } >> "$OUT/summary.txt"
     }
-    ab triton-ab 60 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct
-    ab launch-ab 120 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
+    ab triton-ab 90 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct
+    ab launch-ab 150 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
       triton:histograms-warps8-maxnreg128
-    # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
-    bench_lines $T/bench.log
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
     memcheck 33 90
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
@@ -156,6 +151,12 @@ case "$stage" in
     step large 150 $PY tools/gpu_exercise.py large --sizes 65537 --out $T/large.json > $T/large.log 2>&1
     # every line (9 at one size: 3 variants x 2 backends and their comparison; misses are listed in theirs)
     grep "^B=\|skipped\|Error" $T/large.log | head -40 >> "$OUT/summary.txt"
+    step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
+      > $T/profile.log 2>&1
+    grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
+    # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
+    bench_lines $T/bench.log
     # why the top kernels take what they take: speed of light, occupancy, stall reasons (text)
     step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py once --sizes 8192 \

@@ -20,7 +20,6 @@ os.environ.pop("TRITON_INTERPRET", None)  # native compiles, not the interpreter
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -30,20 +29,17 @@ import sm90_stand_in  # noqa: E402  (tools/, this script's folder)
 def main(variants):
     from gpu_exercise import backend_variant, triton_settings  # (tools/)
 
+    from gpu_exercise import FORCED_TRITON_PATHS
+
     settings = {name: backend_variant(f"triton:{name}")[1] for name in variants}  # unknown names exit here
-    sm90_stand_in.install()
-    run = JITFunction.run
     launched = {}  # (label, variant, kernel) -> distinct PTX texts, in launch order
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launched.setdefault((label, variant, self.__name__), {})[kernel.asm["ptx"]] = None
-        return kernel
+    def record(function, kernel):
+        launched.setdefault((label, variant, function.__name__), {})[kernel.asm["ptx"]] = None
 
-    JITFunction.run = compile_only
-    from ekd_kernels import ekd_loss, triton_ekd
+    sm90_stand_in.compile_launches(record)  # CPU tensors: nothing runs, all compiles
+    from ekd_kernels import ekd_loss
 
-    triton_ekd.unavailable_reason = lambda device: None  # CPU tensors: nothing runs, all compiles
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(300, 512, generator=generator), torch.randn(300, 512, generator=generator)
     labels = torch.arange(300) // 4
@@ -51,8 +47,8 @@ def main(variants):
         for large_b in (False, True):
             for dtype in (torch.float32, torch.bfloat16):
                 label = f"{str(dtype).replace('torch.', '')}{', large-B pass 1' if large_b else ''}"
-                forced = dict(CUTOFF_MIN_BATCH=0, COARSE_TILES_PER_COPY=1) if large_b else {}
-                with triton_settings(**forced, **settings.get(variant, {})):
+                forced = FORCED_TRITON_PATHS["copies+head"] if large_b else {}
+                with triton_settings(**{**forced, **settings.get(variant, {})}):  # the variant's win
                     leaf = student.to(dtype).requires_grad_(True)
                     ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"

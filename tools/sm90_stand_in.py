@@ -1,9 +1,11 @@
 """A stand-in for Triton's active CUDA driver on a machine without a GPU: it reports an H100
 (sm_90) so that launches compile for it with Triton's bundled ptxas, while no kernel runs.  Used
-by tools/host_cost.py and by test_every_launch_compiles_for_sm90 (python_tests/test_triton.py)."""
+by tools/host_cost.py, tools/kernel_registers.py and the sm_90 compile tests of
+python_tests/test_triton.py."""
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
 
 class Sm90WithoutGpu:
@@ -23,3 +25,23 @@ class Sm90WithoutGpu:
 def install():
     """Make the stand-in Triton's active driver (before any launch)."""
     driver.set_active(Sm90WithoutGpu())
+
+
+def compile_launches(record):
+    """Install the stand-in and make every Triton launch compile only, calling
+    ``record(jit_function, compiled_kernel)`` for each; the triton backend then takes CPU tensors
+    (they stand in for CUDA ones: nothing runs).  Returns the original ``JITFunction.run``, for
+    a caller that restores the real launch path."""
+    install()
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        record(self, kernel)
+        return kernel
+
+    JITFunction.run = compile_only
+    from ekd_kernels import triton_ekd
+
+    triton_ekd.unavailable_reason = lambda device: None
+    return run

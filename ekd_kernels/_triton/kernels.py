@@ -500,13 +500,10 @@ def _histogram_add_if_any(hist_ptr, bins, mask, SKIP_EMPTY: tl.constexpr, DIRECT
     similarities) at one atomic.  The same counts either way."""
     if SKIP_EMPTY:
         count = tl.sum(tl.sum(mask.to(tl.int32), axis=1), axis=0)
-        if DIRECT_MAX == 0:
+        if count > DIRECT_MAX:
+            _histogram_add(hist_ptr, bins, mask)
+        elif DIRECT_MAX > 0:  # (a constexpr test: at 0 nothing is compiled here)
             if count > 0:
-                _histogram_add(hist_ptr, bins, mask)
-        else:
-            if count > DIRECT_MAX:
-                _histogram_add(hist_ptr, bins, mask)
-            elif count > 0:
                 tl.atomic_add(hist_ptr + bins, 1, mask=mask, sem="relaxed")
     else:
         _histogram_add(hist_ptr, bins, mask)
@@ -556,22 +553,21 @@ def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_co
     """
     wanted = (negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)).to(tl.int32)
     per_row = tl.sum(wanted, axis=1)
-    if SKIP_EMPTY:
-        if tl.sum(per_row, axis=0) > 0:
-            _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr,
-                               candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
-    else:
-        _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr,
+    total = tl.sum(per_row, axis=0)
+    # (without SKIP_EMPTY the condition is constant true and the branch folds away)
+    if (total > 0) | (SKIP_EMPTY == 0):
+        _append_candidates(key, rows, cols, wanted, per_row, total, candidate_count_ptr, candidate_key_ptr,
                            candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
 
 
 @triton.jit
-def _append_candidates(key, rows, cols, wanted, per_row, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                       candidate_cols_ptr, capacity, TILE: tl.constexpr):
-    """_collect_candidates' slots and stores for the `wanted` elements (`per_row` a row)."""
+def _append_candidates(key, rows, cols, wanted, per_row, total, candidate_count_ptr, candidate_key_ptr,
+                       candidate_rows_ptr, candidate_cols_ptr, capacity, TILE: tl.constexpr):
+    """_collect_candidates' slots and stores for the `wanted` elements (`per_row` a row, `total`
+    in the tile)."""
+    base = tl.atomic_add(candidate_count_ptr, total, sem="relaxed")
     # Row-major slots: the wanted before a row, plus those before it in the row (the flat
     # tile's exclusive prefix sum, without flattening it: no layout conversion, fewer registers).
-    base = tl.atomic_add(candidate_count_ptr, tl.sum(per_row, axis=0), sem="relaxed")
     slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(wanted, axis=1) - wanted
     write = (wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
     tl.store(candidate_key_ptr + slot, key.to(tl.int64), mask=write)
