@@ -554,8 +554,14 @@ def _collect_candidates(key, rows, cols, negative, boundary_bucket, candidate_co
     wanted = (negative & ((key >> RADIX_BITS).to(tl.int32) <= boundary_bucket)).to(tl.int32)
     per_row = tl.sum(wanted, axis=1)
     total = tl.sum(per_row, axis=0)
-    # (without SKIP_EMPTY the condition is constant true and the branch folds away)
-    if (total > 0) | (SKIP_EMPTY == 0):
+    # Two call sites, not one `if (total > 0) | (SKIP_EMPTY == 0)`: triton 3.2's interpreter
+    # cannot turn the constexpr into a tensor (no get_int1_ty), and without SKIP_EMPTY this
+    # compiles to the earlier pass 2's code, without a branch.
+    if SKIP_EMPTY:
+        if total > 0:
+            _append_candidates(key, rows, cols, wanted, per_row, total, candidate_count_ptr, candidate_key_ptr,
+                               candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
+    else:
         _append_candidates(key, rows, cols, wanted, per_row, total, candidate_count_ptr, candidate_key_ptr,
                            candidate_rows_ptr, candidate_cols_ptr, capacity, TILE)
 
