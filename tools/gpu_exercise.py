@@ -60,10 +60,10 @@ PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregat
                   "one-aggregation-direct": dict(PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=256)}
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
-# pass 2's variants.
+# pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides).
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
                        "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
-                       **PASS2_VARIANTS}
+                       **PASS2_VARIANTS, "direct-limit-1": dict(PASS2_DIRECT_MAX=1)}
 # Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
 # register cap), for A/B runs; sm_90a registers and spills of each: bench/NOTES.md
 # (tools/kernel_registers.py VARIANT):
