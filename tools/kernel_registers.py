@@ -8,7 +8,12 @@ tools/check_torch_version.sh 2.11.0 leaves a venv with it).
     python tools/kernel_registers.py
     python tools/kernel_registers.py warps8-tiles pass1-maxnreg168   # and these A/B variants
                                                                    # (gpu_exercise.TRITON_VARIANTS)
+
+Each line ends with a short hash of the kernel's PTX without its debug lines (.loc, .file, the
+debug sections: file paths and line numbers), so that two commits' outputs show which kernels
+compile to other code (diff them).
 """
+import hashlib
 import os
 import pathlib
 import re
@@ -67,7 +72,14 @@ def main(variants):
                 spills = re.search(r"(\d+) bytes spill stores", done.stderr)
                 print(f"  {label:40s} {name:26s} variant {index}: "
                       f"{registers.group(1) if registers else '?'} registers, "
-                      f"{spills.group(1) if spills else '?'} B spill stores")
+                      f"{spills.group(1) if spills else '?'} B spill stores, ptx {code_hash(ptx)}")
+
+
+def code_hash(ptx):
+    """12 hex digits of the PTX's code: its debug lines and sections left out."""
+    code = ptx.split(".section\t.debug")[0]
+    lines = (line for line in code.splitlines() if not line.strip().startswith(("//", ".loc", ".file", "$L__")))
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
 
 
 if __name__ == "__main__":
