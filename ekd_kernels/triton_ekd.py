@@ -148,6 +148,25 @@ PASS2_ONE_AGGREGATION = False
 #: always the aggregation).  Needs PASS2_SKIP_EMPTY_TARGETS (the tile's count).  Same histograms
 #: either way; 0 until a GPU run measures it (tools/gpu_exercise.py triton:direct-atomics).
 PASS2_DIRECT_MAX = 0
+#: Pass 1 also keeps the keys in a window of buckets around each target, placed by the cutoff's
+#: sample (kernels.window_select_kernel), and the top-N candidates at or above the top-N window;
+#: when every target's exact bucket lies in its window and the buffers held (decided on the
+#: device), pass 2 histograms those keys instead of recomputing every tile.  Only with the cutoff
+#: (B >= CUTOFF_MIN_BATCH, whose sample places the windows) and int32 counts.  A window spans
+#: WINDOW_Z sqrt(r + 1) + WINDOW_SLACK sample ranks each side of the target's sample rank r;
+#: each model's buffer holds pairs / WINDOW_CAPACITY_DIVISOR keys (within WINDOW_CAPACITY_RANGE),
+#: the candidates' WINDOW_CANDIDATE_FACTOR x the top-N candidate buffer's slots.  Same results
+#: either way; off until a GPU run measures it (tools/gpu_exercise.py triton:windows).
+PASS1_WINDOWS = False
+WINDOW_Z = 8.0
+WINDOW_SLACK = 16.0
+WINDOW_CAPACITY_DIVISOR = 32
+WINDOW_CAPACITY_RANGE = (2**16, 2**22)
+WINDOW_CANDIDATE_FACTOR = 4
+#: Programs per model of window_histogram_kernel, and the side of its blocks of keys (32 x 32 keys
+#: at a time: no spills on sm_90a, where 64 x 64 spilled 200 B).
+WINDOW_HISTOGRAM_PROGRAMS = 132
+WINDOW_HISTOGRAM_BLOCK = 32
 #: Pass 1 counts the head of the order first (coarse_histogram_kernel) from this B on, where the
 #: pass's B^2 atomics, not launches, set the forward's time.  The cutoff is the bucket of the
 #: sample's descending rank CUTOFF_SAFETY x (the largest target fraction: the largest FPR, or
@@ -286,6 +305,20 @@ def _cutoff_fraction(batch: int, config: EKDConfig, hardest: bool) -> Optional[f
         deepest = max(deepest, config.num_hard_negatives / (batch * (batch - 1) // 2))
     fraction = CUTOFF_SAFETY * deepest
     return fraction if fraction <= CUTOFF_MAX_FRACTION else None
+
+
+def _window_capacity(num_pairs: int) -> int:
+    """Keys a model's window buffer holds (PASS1_WINDOWS)."""
+    low, high = WINDOW_CAPACITY_RANGE
+    return max(low, min(high, num_pairs // WINDOW_CAPACITY_DIVISOR))
+
+
+def _window_fractions(config: EKDConfig, num_pairs: int, device: torch.device) -> torch.Tensor:
+    """fp32 target fractions that place the windows in the sample: the FPRs, then N over the pairs
+    (L is not known on the host; the window's width covers the positives)."""
+    fractions = list(config.fprs) + [config.num_hard_negatives / num_pairs]
+    return _device_constant(("window fractions", config.fprs, config.num_hard_negatives, num_pairs), fractions,
+                            torch.float32, device)
 
 
 def _histogram_dtype(num_pairs: int) -> torch.dtype:
@@ -438,8 +471,15 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # Wanted ranks per model: the K thresholds, plus (hardest) the N-th hardest student negative.
     num_targets = num_thresholds + int(hardest)
     capacity = _candidate_capacity(num_slots) if hardest else 0
+    cutoff_fraction = _cutoff_fraction(batch, config, hardest)
+    # Pass 1's windows (PASS1_WINDOWS) need the cutoff's sample and int32 counters and slots; their
+    # top-N candidates (all at or above the top-N window) get WINDOW_CANDIDATE_FACTOR times the slots.
+    windows = (PASS1_WINDOWS and cutoff_fraction is not None and num_pairs <= INT32_HISTOGRAM_MAX_PAIRS
+               and WINDOW_CANDIDATE_FACTOR * capacity < 2**31)
+    window_capacity = _window_capacity(num_pairs) if windows else 1
+    window_candidate_capacity = WINDOW_CANDIDATE_FACTOR * capacity if windows else 0
     # At least one element everywhere: never a zero-size (null) pointer argument.
-    candidate_size = max(capacity, num_slots, 1)
+    candidate_size = max(capacity, window_candidate_capacity, num_slots, 1)
     slot_size = max(num_slots, 1)
     row_blocks = _num_tiles(batch)
     scan_block = _scan_block()
@@ -451,19 +491,20 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     histogram_dtype = _histogram_dtype(num_pairs)
     words = histogram_dtype.itemsize // 4
     copies = _coarse_copies(batch)
-    cutoff_fraction = _cutoff_fraction(batch, config, hardest)
+    # candidate_count: [pass 2's candidates, pass 1's window candidates]
     counters = dict(coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
-                    candidate_count=(1,))
+                    candidate_count=(2,), window_count=(2,))
     if cutoff_fraction is not None:
         counters["probe"] = (2, NUM_BUCKETS)  # the sample's histograms (int32: TILE x B pairs)
     zeroed_size = sum(math.prod(shape) for shape in counters.values())
     int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words), **counters,
                                bucket=(2, num_targets), candidate_rows=(candidate_size,),
-                               candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,))
+                               candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,),
+                               window=(2, num_targets, 2))
     zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
-                    spare_rows=(1,), spare_cols=(1,))
+                    spare_rows=(1,), spare_cols=(1,), window_keys=(2, window_capacity))
     _, wf = _carve(f32, device, partial_loss=(row_blocks,), pair_loss=(slot_size,), spare_grad=(1,))
 
     # Outputs (each its own allocation: the op's outputs must not alias).
@@ -512,20 +553,33 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
                                                                state, **options)
         _launch(kernels.cutoff_select_kernel, (2,))(probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
         parts = ((kernels.HEAD_BUCKETS, kernels.CHECK_CUTOFF), (kernels.TAIL_BUCKETS, kernels.AFTER_FALLBACK))
+        if windows:
+            _launch(kernels.window_select_kernel, (num_targets, 2))(
+                probe, state, _window_fractions(config, num_pairs, device), num_thresholds, num_targets, w32["window"],
+                WINDOW_Z, WINDOW_SLACK, SCAN_BLOCK=scan_block)
+    candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
+    window_count, window_keys = w32["window_count"], w64["window_keys"]
     for part, mode in parts:
-        _launch(kernels.coarse_histogram_kernel, tiles)(*models, coarse[0], coarse[1], state, copies,
-                                                        PART=part.value, **options)
+        _launch(kernels.coarse_histogram_kernel, tiles)(
+            *models, coarse[0], coarse[1], state, copies, w32["window"], num_targets, num_thresholds, window_count,
+            window_keys, window_capacity, w32["candidate_count"][1:], *candidates[1:4], window_candidate_capacity,
+            PART=part.value, WINDOWS=windows, COLLECT=windows and hardest, **options)
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
-            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
-            CUTOFF_MODE=mode.value)
-    candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
+            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, w32["window"], window_count,
+            window_capacity, w32["candidate_count"][1:], window_candidate_capacity, HARDEST=hardest, SCAN_BLOCK=scan_block,
+            CUTOFF_MODE=mode.value, WINDOWS=windows)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
+    pass2 = dict(SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
+                 DIRECT_MAX=PASS2_DIRECT_MAX if PASS2_SKIP_EMPTY_TARGETS else 0)
+    if windows:  # pass 2 from the window buffers, unless a target lay outside its window
+        _launch(kernels.window_histogram_kernel, (2 * WINDOW_HISTOGRAM_PROGRAMS,))(
+            state, window_count, window_keys, window_capacity, bucket[0], num_targets, bucket[1], num_thresholds,
+            fine[0], fine[1], BLOCK=WINDOW_HISTOGRAM_BLOCK, **pass2)
     _launch(kernels.fine_histogram_kernel, tiles)(
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
-        COLLECT=hardest, SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
-        DIRECT_MAX=PASS2_DIRECT_MAX if PASS2_SKIP_EMPTY_TARGETS else 0, **options)
+        COLLECT=hardest, WINDOWS=windows, **pass2, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an
@@ -546,9 +600,9 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     if hardest:
         block_c, chunk = _candidate_blocks()
         _launch(kernels.hardest_negatives_kernel, (max(row_blocks, triton.cdiv(candidate_size, block_c)),))(
-            s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
-            rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
-            CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK)
+            s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates[:4],
+            candidate_size, rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
+            CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows)
 
     # rank loss: the positive row blocks and the selected pairs in one launch ("random" maps the
     # reference's draw to sorted rows there), then the fixed-order sums.

@@ -217,7 +217,7 @@ def test_radix_select_with_int64_counts(one_aggregation):
     nonfinite = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     kernels.coarse_select_kernel[(num_targets, 2)](
         coarse, 2, fine, state, fractions, num_thresholds, num_targets, 2000, 8192, bucket, target_state, nonfinite,
-        4, HARDEST=True, SCAN_BLOCK=4096)
+        4, nonfinite, nonfinite, 1, nonfinite, 0, HARDEST=True, SCAN_BLOCK=4096)  # (no windows: spares)
     # student: rank 8e8 and the N-th (rank 1999) in bin `high`, rank 4e9 in bin `low` after 3e9
     assert bucket[0].tolist() == [high, low, high]
     assert target_state[0].tolist() == [[8 * 10**8, 0], [10**9, 3 * 10**9], [1999, 0]]
@@ -266,7 +266,7 @@ def test_nonfinite_count_past_int32():
     target_state = torch.zeros(2, 1, 2, dtype=torch.int64, device=DEVICE)
     kernels.coarse_select_kernel[(1, 2)](
         coarse, 1, fine, state, fractions, 1, 1, 0, 0, bucket, target_state, nonfinite, nonfinite.numel(),
-        HARDEST=False, SCAN_BLOCK=scan_block)
+        bucket, bucket, 1, bucket, 0, HARDEST=False, SCAN_BLOCK=scan_block)  # (no windows: spares)
     assert state[NONFINITE].item() == 2**32
 
 
@@ -289,8 +289,8 @@ cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part)) for part in (0
     (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024, ONE_AGGREGATION=one)) for one in (False, True)
 ]
 int64 = ("hist_", "coarse_ptr", "fine_", "labels_ptr", "state_ptr", "candidate_key_ptr", "selected_", "target_state",
-         "fractions_ptr")
-int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite")
+         "fractions_ptr", "window_key")
+int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite", "window_ptr", "window_count")
 float64 = ("ema_ptr",)
 for kernel, constants in cases:
     def arg_type(name):

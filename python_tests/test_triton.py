@@ -464,6 +464,120 @@ def test_pass1_cutoff_with_a_non_finite_batch(pass1_cutoff):
     _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
 
 
+@pytest.fixture(params=["hit", "miss", "hit+fallback", "narrow"])
+def pass1_windows(request, monkeypatch, scratch_views):
+    """Pass 1 keeping the keys in windows around the targets (triton_ekd.PASS1_WINDOWS), forced
+    at a small B with the cutoff's sample that places them: windows wide enough that every target
+    lies in its own ("hit": pass 2 then reads the window buffers, not the tiles), window buffers of
+    no key ("miss": pass 2 recomputes the tiles), a hit after pass 1's fallback to the tail
+    ("hit+fallback"), and windows of one sample rank (z = slack = 0: "narrow", some targets out).
+    Returns the path and a function that gives, after a forward, (WINDOW_MISS, pass 2's
+    candidate count, pass 1's window candidate count)."""
+    from ekd_kernels._triton import kernels
+
+    path = request.param
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
+    if path == "miss":
+        monkeypatch.setattr(triton_ekd, "WINDOW_CAPACITY_RANGE", (0, 0))
+    if path == "hit+fallback":
+        monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
+    if path == "narrow":
+        monkeypatch.setattr(triton_ekd, "WINDOW_Z", 0.0)
+        monkeypatch.setattr(triton_ekd, "WINDOW_SLACK", 0.0)
+
+    def outcome():
+        w32 = next(views for views in scratch_views if "window" in views)
+        state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+        counts = w32["candidate_count"].cpu().tolist()
+        return int(state[kernels.WINDOW_MISS.value]), counts[0], counts[1], int(state[kernels.FALLBACK.value])
+
+    return path, outcome
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_hard_negatives=150, compute_critical_ratio=True),
+    dict(num_hard_negatives=40, critical_only=True, rank_loss="eq8"),
+    dict(negative_selection="random", num_hard_negatives=100),
+    dict(fprs=(0.2, 1e-3), num_hard_negatives=0),
+], ids=["hardest", "critical", "random", "thresholds_only"])
+def test_pass1_windows_against_the_reference(pass1_windows, options):
+    """Pass 2 from pass 1's window buffers, or from the tiles after a miss: the reference's
+    results over consecutive calls (its second call sees the first's EMA state).  The hardest
+    negatives, when the window held them, come from pass 1's candidates, which include negatives
+    below the boundary's bucket."""
+    path, outcome = pass1_windows
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    compare(student, teacher, labels, steps=2, **options)
+    miss, pass2_candidates, window_candidates, fallback = outcome()
+    hardest = options.get("negative_selection") != "random" and options["num_hard_negatives"] > 0
+    if path.startswith("hit"):
+        assert miss == 0 and pass2_candidates == 0, "pass 2 recomputed the tiles after a hit"
+        assert (window_candidates > options["num_hard_negatives"]) == hardest, window_candidates
+        assert fallback == (path == "hit+fallback")
+    if path == "miss":
+        assert miss == 1 and (pass2_candidates > 0) == hardest
+
+
+def test_pass1_windows_narrow_misses_some_target(monkeypatch, scratch_views):
+    """The "narrow" windows (one sample rank wide) do leave a target out on the tests' batch, so
+    that the parametrised test above takes the miss after windows that were placed (not only
+    after an empty buffer)."""
+    from ekd_kernels._triton import kernels
+
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_SLACK", 0.0)):
+        monkeypatch.setattr(triton_ekd, name, value)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    with torch.no_grad():
+        triton_loss(num_hard_negatives=150)(student, teacher, labels)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == 1
+
+
+@pytest.mark.parametrize("mode", ["skip_empty_targets", "every_target", "one_aggregation", "direct_atomics"])
+def test_pass1_windows_keep_the_histograms(monkeypatch, scratch_views, mode):
+    """A hit changes no bin: every target's fine histogram, built from the window buffers, is the
+    one pass 2 builds from the tiles, in each of pass 2's ways of adding them (on a batch where
+    targets share a bucket, as test_pass2_modes_keep_the_histograms)."""
+    from ekd_kernels._triton import kernels
+
+    _set_pass2_mode(monkeypatch, mode)
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
+    histograms = {}
+    for windows in (False, True):
+        monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", windows)
+        scratch_views.clear()
+        with torch.no_grad():
+            crit = triton_loss(num_hard_negatives=150)
+            crit(student, teacher, labels)
+        w32 = next(views for views in scratch_views if "fine" in views)
+        state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+        assert int(state[kernels.WINDOW_MISS.value]) == 0
+        num_thresholds = crit.config.num_thresholds
+        histograms[windows] = _target_histograms(w32, (num_thresholds + 1, num_thresholds),
+                                                 PASS2_MODES[mode][1])
+    assert int(w32["window_count"][0]) > 0 and int(w32["candidate_count"][0]) == 0  # the hit's path
+    for model in range(2):
+        assert torch.equal(histograms[True][model], histograms[False][model]), f"model {model}"
+        assert int(histograms[True][model].sum()) > 0
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
+def test_pass1_windows_with_a_non_finite_batch(pass1_windows):
+    """A non-finite batch through the windows: NaN loss, the EMA state kept."""
+    _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
+
+
+def test_pass1_window_capacity():
+    """Each model's window buffer: pairs / WINDOW_CAPACITY_DIVISOR keys within
+    WINDOW_CAPACITY_RANGE (16 MiB of int64 keys a model at most)."""
+    low, high = triton_ekd.WINDOW_CAPACITY_RANGE
+    assert triton_ekd._window_capacity(10) == low
+    assert triton_ekd._window_capacity(8192 * 8191 // 2) == 8192 * 8191 // 2 // triton_ekd.WINDOW_CAPACITY_DIVISOR
+    assert triton_ekd._window_capacity(2**40) == high
+
+
 def test_pass1_cutoff_fraction():
     """Where pass 1 counts in two parts: from CUTOFF_MIN_BATCH on, at twice the deepest target
     fraction (the largest FPR, or N over the pairs), and not when that passes one half."""
@@ -623,6 +737,14 @@ triton_ekd.COARSE_TILES_PER_COPY = 1
 for dtype in (torch.float32, torch.bfloat16):
     ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels,
              backend="triton").loss.backward()
+# and with pass 1's windows (their select, the window buffers, pass 2 from them), the hardest
+# negatives and the random selection
+triton_ekd.PASS1_WINDOWS = True
+for dtype in (torch.float32, torch.bfloat16):
+    for options in (dict(), dict(negative_selection="random")):
+        ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels, backend="triton",
+                 generator=torch.Generator().manual_seed(1), **options).loss.backward()
+triton_ekd.PASS1_WINDOWS = False
 triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = default_min_batch, default_tiles_per_copy
 # the same shapes as views: expanded (stride 0), transposed, and 4 bytes off the allocation
 launched["normalise_kernel"].clear()
@@ -633,7 +755,8 @@ json.dump({"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in
            "normalise_variants": len(set(launched["normalise_kernel"]))}, sys.stdout)
 """
 
-ALL_KERNELS = {"normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "coarse_histogram_kernel",
+ALL_KERNELS = {"normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "window_select_kernel",
+               "coarse_histogram_kernel", "window_histogram_kernel",
                "coarse_select_kernel", "fine_histogram_kernel",
                "fine_select_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",
                "finalize_kernel", "positive_backward_kernel", "backward_rows_kernel"}
@@ -698,7 +821,8 @@ labels = torch.randint(0, 60, (300,), generator=generator)
 for variant, options in variants.items():
     compiled[variant] = {}
     # fp32 at a small B, and bf16 with the large-B pass 1 forced (probe, cutoff, head and tail)
-    for dtype, forced in ((torch.float32, {}), (torch.bfloat16, FORCED_TRITON_PATHS["copies+head"])):
+    # and its windows (their select, and pass 2 from the window buffers)
+    for dtype, forced in ((torch.float32, {}), (torch.bfloat16, FORCED_TRITON_PATHS["copies+windows"])):
         with triton_settings(LAUNCH_OPTIONS=options, **forced):
             leaf = student.to(dtype).requires_grad_(True)
             ekd_loss(leaf, teacher.to(dtype), labels, backend="triton").loss.backward()

@@ -58,12 +58,20 @@ COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", 
 PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregation": dict(PASS2_ONE_AGGREGATION=True),
                   "direct-atomics": dict(PASS2_DIRECT_MAX=256),
                   "one-aggregation-direct": dict(PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=256)}
+# Pass 1 keeping the keys in windows around the targets, so that pass 2 reads them instead of
+# recomputing the tiles when every target lies in its window (triton_ekd.PASS1_WINDOWS, off until
+# measured; at B >= triton_ekd.CUTOFF_MIN_BATCH, where the cutoff's sample places the windows).
+PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True),
+                  "windows-warps8": dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS={"coarse_histogram_kernel": dict(num_warps=8)})}
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
-# pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides).
+# pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides);
+# pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
                        "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
-                       **PASS2_VARIANTS, "direct-limit-1": dict(PASS2_DIRECT_MAX=1)}
+                       **PASS2_VARIANTS, "direct-limit-1": dict(PASS2_DIRECT_MAX=1),
+                       "copies+windows": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, PASS1_WINDOWS=True),
+                       "windows-missed": dict(CUTOFF_MIN_BATCH=0, PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0))}
 # Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
 # register cap), for A/B runs; sm_90a registers and spills of each: bench/NOTES.md
 # (tools/kernel_registers.py VARIANT):
@@ -90,10 +98,10 @@ LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KER
 # triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
 # first GPU run's pass-1 structure; both keep the later change to one model's tile at a time,
 # and the pass-2 skip, so they compare with the default, not with the earlier runs' figures);
-# pass 2's variants; the launch settings.
+# pass 2's variants; pass 1's windows; the launch settings.
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
-                   **PASS2_VARIANTS,
+                   **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 
 

@@ -125,7 +125,9 @@ case "$stage" in
     # gradient compared with the default's.  Pass 2 at B = 8192: without skipping empty targets
     # (the second run's pass 2), in one aggregation for all targets, by per-element atomics in
     # sparse tiles, and both (gpu_exercise.PASS2_VARIANTS; off by default until this measures
-    # them).  Launch settings (gpu_exercise.LAUNCH_VARIANTS: warps, register caps) at
+    # them); and pass 1 keeping the keys in windows around the targets (PASS1_WINDOWS: pass 2
+    # then histograms them instead of recomputing the tiles; also off until this measures it).
+    # Launch settings (gpu_exercise.LAUNCH_VARIANTS: warps, register caps) at
     # B = 1024, where a call is a chain of few-program kernels, and at 8192.
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
       local name=$1 max=$2 sizes=$3; shift 3
@@ -134,7 +136,8 @@ case "$stage" in
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against" $T/$name.log; } >> "$OUT/summary.txt"
     }
-    ab triton-ab 90 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct
+    ab triton-ab 100 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
+      triton:windows
     ab launch-ab 150 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
       triton:histograms-warps8-maxnreg128
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary

@@ -68,6 +68,8 @@ NONFINITE: tl.constexpr = tl.constexpr(6)     # non-finite embedding elements (0
 SAMPLE_NEGATIVE: tl.constexpr = tl.constexpr(7)  # negatives among the probe's sample pairs
 CUTOFF: tl.constexpr = tl.constexpr(8)           # 8, 9: the last bucket pass 1 counts first, per model
 FALLBACK: tl.constexpr = tl.constexpr(10)        # 1: a target lies past a cutoff, pass 1 counts the rest
+# Pass 1's windows (triton_ekd.PASS1_WINDOWS; see window_select_kernel):
+WINDOW_MISS: tl.constexpr = tl.constexpr(11)     # 1: a target lies outside its window, or a window buffer overflowed
 STATE_SIZE: tl.constexpr = tl.constexpr(16)
 
 # coarse_histogram_kernel's PART: every bucket; the buckets up to the cutoff (the head); the
@@ -338,6 +340,58 @@ def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexp
 
 
 @triton.jit
+def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets, window_ptr, z, slack,
+                         SCAN_BLOCK: tl.constexpr):
+    """Program (target, model), with PASS1_WINDOWS: the window of buckets [lo, hi] in which the
+    probe's sample places the target, from which pass 1 keeps every negative's key (and, for the
+    top-N target, every negative at or above the window as a candidate) so that pass 2 need not
+    recompute the tiles.
+
+    The target's sample rank r = S x fraction (S sample negatives; fraction: its FPR, or N over
+    the pairs for the top-N), widened by z sqrt(r + 1) + slack sample ranks each way: the
+    window runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for
+    the top-N target, whose candidates are everything above it) to the bucket of rank r + m (the
+    last bucket when the sample has fewer).  Whether the target's exact bucket lies in its window
+    is decided by coarse_select_kernel (WINDOW_MISS): the window changes the work, never the
+    results."""
+    target = tl.program_id(0)
+    model = tl.program_id(1)
+    if (model == 1) & (target >= num_thresholds):  # the teacher has no top-N target
+        return
+    num_sample = tl.load(state_ptr + SAMPLE_NEGATIVE)
+    rank = num_sample.to(tl.float32) * tl.load(fractions_ptr + target)
+    margin = z * tl.sqrt(rank + 1.0) + slack
+    first = (rank - margin).to(tl.int64)
+    last = (rank + margin).to(tl.int64)
+    lo, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.maximum(first, 0), 1, SCAN_BLOCK)
+    hi, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.minimum(last, num_sample - 1), 1, SCAN_BLOCK)
+    lo = tl.where((first < 0) | (target >= num_thresholds), 0, lo)
+    hi = tl.where(last >= num_sample, NUM_BUCKETS - 1, hi)
+    slot = 2 * (model * num_targets + target)
+    tl.store(window_ptr + slot, lo.to(tl.int32))
+    tl.store(window_ptr + slot + 1, hi.to(tl.int32))
+
+
+@triton.jit
+def _window_keys(key, bins, negative, window_ptr, num_targets, count_ptr, key_ptr, capacity):
+    """Pass 1 with windows: append the keys of the tile's negatives whose bucket lies in any of
+    the model's target windows (window_select_kernel) to the model's window buffer; tiles
+    without one skip the atomic.  The buffer's order varies from run to run, which nothing
+    reads: pass 2 only histograms it."""
+    inside = bins < 0
+    for target in range(num_targets):
+        lo = tl.load(window_ptr + 2 * target)
+        hi = tl.load(window_ptr + 2 * target + 1)
+        inside = inside | ((bins >= lo) & (bins <= hi))
+    wanted = (negative & inside).to(tl.int32)
+    per_row = tl.sum(wanted, axis=1)
+    total = tl.sum(per_row, axis=0)
+    if total > 0:
+        slot, write = _append_slots(wanted, per_row, total, count_ptr, capacity)
+        tl.store(key_ptr + slot, key.to(tl.int64), mask=write)
+
+
+@triton.jit
 def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constexpr):
     """Pass 1's histogram add for one model's tile: every negative, or those up to the model's
     cutoff (HEAD_BUCKETS), or past it (TAIL_BUCKETS)."""
@@ -352,9 +406,12 @@ def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constex
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                             hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
+                            window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
+                            window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                            candidate_cols_ptr, capacity,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                            PART: tl.constexpr = 0):
+                            PART: tl.constexpr = 0, WINDOWS: tl.constexpr = 0, COLLECT: tl.constexpr = 0):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
@@ -376,7 +433,13 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     above the cutoff, exactly as in the whole histogram.  Should a target lie past it,
     coarse_select sets FALLBACK, and the launch with TAIL_BUCKETS counts the buckets past the
     cutoff (its programs return at once when FALLBACK is not set): the histogram is then whole,
-    and coarse_select runs again."""
+    and coarse_select runs again.
+
+    WINDOWS (triton_ekd.PASS1_WINDOWS, with the cutoff's probe): the first launch also keeps
+    each model's keys in its targets' windows (window_select_kernel) and, with COLLECT (hardest
+    negatives), the student's negatives at or above the top-N window as candidates, so that pass
+    2 histograms those buffers instead of recomputing the tiles when every target lies in its
+    window (coarse_select_kernel decides)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -389,9 +452,25 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     copy = ((pid_m + pid_n) % num_copies).to(tl.int64) * NUM_BUCKETS
     # One model's tile at a time: fewer live registers than both tiles at once.
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
-    _histogram_part(hist_s_ptr + copy, (_descending_key(a) >> RADIX_BITS).to(tl.int32), negative, state_ptr, 0, PART)
+    key = _descending_key(a)
+    bins = (key >> RADIX_BITS).to(tl.int32)
+    _histogram_part(hist_s_ptr + copy, bins, negative, state_ptr, 0, PART)
+    if WINDOWS:
+        if PART != TAIL_BUCKETS:  # (the first launch sees every tile)
+            _window_keys(key, bins, negative, window_ptr, num_s_targets, window_count_ptr, window_key_ptr,
+                         window_capacity)
+            if COLLECT:  # the top-N window (the student's last target) and above
+                _collect_candidates(key, rows, cols, negative, tl.load(window_ptr + 2 * num_s_targets - 1),
+                                    candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr,
+                                    capacity, TILE, True)
     b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
-    _histogram_part(hist_t_ptr + copy, (_descending_key(b) >> RADIX_BITS).to(tl.int32), negative, state_ptr, 1, PART)
+    key = _descending_key(b)
+    bins = (key >> RADIX_BITS).to(tl.int32)
+    _histogram_part(hist_t_ptr + copy, bins, negative, state_ptr, 1, PART)
+    if WINDOWS:
+        if PART != TAIL_BUCKETS:
+            _window_keys(key, bins, negative, window_ptr + 2 * num_s_targets, num_t_targets, window_count_ptr + 1,
+                         window_key_ptr + window_capacity, window_capacity)
     if PART != TAIL_BUCKETS:  # L is counted once, in the first launch
         num_negative = tl.sum(tl.sum(negative.to(tl.int32), axis=1), axis=0)
         tl.atomic_add(state_ptr + NUM_NEGATIVE, num_negative.to(tl.int64), sem="relaxed")
@@ -422,7 +501,9 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 @triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
-                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0):
+                         window_ptr, window_count_ptr, window_capacity, window_candidate_count_ptr,
+                         window_candidate_capacity, HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
+                         WINDOWS: tl.constexpr = 0):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
 
@@ -438,6 +519,11 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     After pass 1 counted only the head buckets (CHECK_CUTOFF), a program whose target lies past
     its model's cutoff sets FALLBACK; its outputs are then rewritten by the launch with
     AFTER_FALLBACK, whose programs return at once unless FALLBACK is set (coarse_histogram_kernel).
+
+    WINDOWS: a program whose bucket lies outside its target's window, or whose model's window
+    buffer (the top-N program: the candidates of its window) overflowed, sets WINDOW_MISS, and
+    pass 2 then recomputes the tiles; a miss is never cleared, so after a fallback the second
+    launch's exact buckets decide as well.
     """
     target = tl.program_id(0)
     model = tl.program_id(1)
@@ -464,11 +550,23 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
     hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
     bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK)
+    if WINDOWS:
+        miss = (bucket < tl.load(window_ptr + 2 * slot)) | (bucket > tl.load(window_ptr + 2 * slot + 1))
     if CUTOFF_MODE == CHECK_CUTOFF:
         # Every bucket up to the cutoff is complete; past it the counts are missing (and with no
         # negative at all, the whole-histogram answer is the same empty scan).
-        if (bucket > tl.load(state_ptr + CUTOFF + model)) & (num_negative > 0):
+        past_cutoff = (bucket > tl.load(state_ptr + CUTOFF + model)) & (num_negative > 0)
+        if past_cutoff:
             tl.atomic_max(state_ptr + FALLBACK, 1, sem="relaxed")
+        if WINDOWS:  # (that bucket is not known yet: the launch after the fallback checks it)
+            miss = miss & (past_cutoff == 0)
+    if WINDOWS:
+        miss = miss | (tl.load(window_count_ptr + model) > window_capacity)
+        if HARDEST:
+            if target == num_thresholds:
+                miss = miss | (tl.load(window_candidate_count_ptr) > window_candidate_capacity)
+        if miss:
+            tl.atomic_max(state_ptr + WINDOW_MISS, 1, sem="relaxed")
     tl.store(bucket_ptr + slot, bucket.to(tl.int32))
     tl.store(target_state_ptr + 2 * slot, rank - above)
     tl.store(target_state_ptr + 2 * slot + 1, above)
@@ -571,14 +669,51 @@ def _append_candidates(key, rows, cols, wanted, per_row, total, candidate_count_
                        candidate_rows_ptr, candidate_cols_ptr, capacity, TILE: tl.constexpr):
     """_collect_candidates' slots and stores for the `wanted` elements (`per_row` a row, `total`
     in the tile)."""
-    base = tl.atomic_add(candidate_count_ptr, total, sem="relaxed")
-    # Row-major slots: the wanted before a row, plus those before it in the row (the flat
-    # tile's exclusive prefix sum, without flattening it: no layout conversion, fewer registers).
-    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(wanted, axis=1) - wanted
-    write = (wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
+    slot, write = _append_slots(wanted, per_row, total, candidate_count_ptr, capacity)
     tl.store(candidate_key_ptr + slot, key.to(tl.int64), mask=write)
     tl.store(candidate_rows_ptr + slot, tl.broadcast_to(rows[:, None], (TILE, TILE)), mask=write)
     tl.store(candidate_cols_ptr + slot, tl.broadcast_to(cols[None, :], (TILE, TILE)), mask=write)
+
+
+@triton.jit
+def _append_slots(wanted, per_row, total, count_ptr, capacity):
+    """Buffer slots of a tile's `wanted` elements (int32 0/1; `per_row` of them a row, `total` in
+    the tile) from one atomic on the buffer's count, and which of them fit (slot < capacity)."""
+    base = tl.atomic_add(count_ptr, total, sem="relaxed")
+    # Row-major slots: the wanted before a row, plus those before it in the row (the flat
+    # tile's exclusive prefix sum, without flattening it: no layout conversion, fewer registers).
+    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(wanted, axis=1) - wanted
+    return slot, (wanted != 0) & (slot >= 0) & (slot < capacity)  # (>= 0: never below the buffer, even wrapped)
+
+
+@triton.jit
+def window_histogram_kernel(state_ptr, window_count_ptr, window_key_ptr, window_capacity, s_bucket_ptr,
+                            num_s_targets, t_bucket_ptr, num_t_targets, fine_s_ptr, fine_t_ptr,
+                            BLOCK: tl.constexpr, SKIP_EMPTY: tl.constexpr, ONE_AGGREGATION: tl.constexpr,
+                            DIRECT_MAX: tl.constexpr):
+    """Pass 2 from pass 1's window buffers (PASS1_WINDOWS), launched before fine_histogram_kernel:
+    when every target lay in its window (no WINDOW_MISS), program p histograms the keys of
+    model (p mod 2) in BLOCK x BLOCK blocks p // 2, p // 2 + P / 2, ... (P programs) through a
+    tile's per-target histograms (_fine_histograms): every key of every target's bucket is there.
+    After a miss the programs return at once and pass 2 recomputes the tiles."""
+    if tl.load(state_ptr + WINDOW_MISS) != 0:
+        return
+    model = tl.program_id(0) % 2
+    fine_ptr = fine_s_ptr
+    bucket_ptr = s_bucket_ptr
+    num_targets = num_s_targets
+    if model == 1:
+        fine_ptr = fine_t_ptr
+        bucket_ptr = t_bucket_ptr
+        num_targets = num_t_targets
+    filled = tl.minimum(tl.load(window_count_ptr + model), window_capacity)
+    key_ptr = window_key_ptr + model * window_capacity
+    offsets = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    for block in range(tl.program_id(0) // 2, tl.cdiv(filled, BLOCK * BLOCK), tl.num_programs(0) // 2):
+        index = block * BLOCK * BLOCK + offsets
+        valid = index < filled
+        key = tl.load(key_ptr + index, mask=valid, other=0)
+        _fine_histograms(fine_ptr, bucket_ptr, num_targets, key, valid, SKIP_EMPTY, ONE_AGGREGATION, DIRECT_MAX)
 
 
 @triton.jit
@@ -588,17 +723,23 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
                           candidate_cols_ptr, capacity,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-                          ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr):
+                          ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr, WINDOWS: tl.constexpr = 0):
     """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
     With COLLECT (hardest negatives), it also gathers the top-N candidates when they fit the
     buffer (no OVERFLOW), which makes passes 3 and 4 unnecessary.
+
+    WINDOWS: the programs return at once when every target lay in its window (no WINDOW_MISS):
+    window_histogram_kernel has built the histograms from pass 1's window buffers.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:
         return
+    if WINDOWS:
+        if tl.load(selection_state_ptr + WINDOW_MISS) == 0:
+            return
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
@@ -843,11 +984,18 @@ def hardest_negatives_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_p
                              candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity,
                              selected_rows_ptr, selected_cols_ptr,
                              TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
-                             BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
+                             BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr,
+                             WINDOWS: tl.constexpr = 0):
     """The N hardest negatives (i, j) in their slots (fine_select_kernel set them empty first):
     ranked from the candidates, or after an overflow (decided on the device) pass 4 from
-    recomputed tiles.  One launch for both paths: the programs of the other path return."""
+    recomputed tiles.  One launch for both paths: the programs of the other path return.
+
+    WINDOWS: without a WINDOW_MISS the candidates are pass 1's (counted in the second counter),
+    which may include negatives below the boundary's bucket: ranked after every candidate at or
+    above the boundary, they are never taken."""
     pid = tl.program_id(0)
+    if WINDOWS:
+        candidate_count_ptr += (tl.load(state_ptr + WINDOW_MISS) == 0).to(tl.int32)
     if tl.load(state_ptr + OVERFLOW) != 0:
         if pid * TILE < batch:
             _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr,
