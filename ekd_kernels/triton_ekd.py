@@ -17,7 +17,11 @@ The stages, under the reference's names (kernels in ``_triton/kernels.py``, in l
                       K thresholds from the FPRs' exact rationals, plus the N-th hardest);
                       pass 2 (fine_histogram) histograms the low 16 bits inside each wanted
                       bucket.  The key found is the bits of the element the sort-based reference
-                      picks, for any rank.
+                      picks, for any rank.  With PASS1_WINDOWS (off until measured), pass 1
+                      also keeps the keys in a window of buckets around each target, placed by
+                      the cutoff's sample (window_select), and when every exact bucket lies in its
+                      window, window_histogram builds pass 2's histograms from them and pass 2
+                      returns at once (decided on the device).
     ema_update        fine_select, one program per rank: the exact key, the batch threshold
                       (NaN when L = 0) and the EMA update where the batch is finite, L > 0 and
                       update_thresholds, all on the device: no host synchronisation.
@@ -54,8 +58,10 @@ order: the results are bitwise reproducible.  fp32 dots run as "tf32x3" unless
 EKD_TRITON_FP32_PRECISION=ieee.
 Buffers, all allocated uninitialised (the kernels write or zero what they read): 2 + (2K + 1)
 histograms of 65536 int32 (int64 for B > 65536), the candidate buffer (16 bytes a slot), B-, K-
-and N-sized vectors; the label-sorted copies of the embeddings and labels are outputs the
-backward reuses, where it adds an fp32 B x Ds gradient accumulator.
+and N-sized vectors (with PASS1_WINDOWS, two window buffers of pairs / 32 int64 keys within
+[2^16, 2^22], 17 MB at B = 8192, and 4x the candidate slots); the label-sorted copies of the
+embeddings and labels are outputs the backward reuses, where it adds an fp32 B x Ds gradient
+accumulator.
 
 Limits, as B grows (checked at the entry, ValueError naming the limit and the B given):
 B <= MAX_BATCH = 65535 * 64 = 4194240 (the tile passes' grid is cdiv(B, 64) on axis 1, which

@@ -464,13 +464,14 @@ def test_pass1_cutoff_with_a_non_finite_batch(pass1_cutoff):
     _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
 
 
-@pytest.fixture(params=["hit", "miss", "hit+fallback", "narrow"])
+@pytest.fixture(params=["hit", "miss", "hit+fallback", "narrow", "candidates-overflow"])
 def pass1_windows(request, monkeypatch, scratch_views):
     """Pass 1 keeping the keys in windows around the targets (triton_ekd.PASS1_WINDOWS), forced
     at a small B with the cutoff's sample that places them: windows wide enough that every target
     lies in its own ("hit": pass 2 then reads the window buffers, not the tiles), window buffers of
     no key ("miss": pass 2 recomputes the tiles), a hit after pass 1's fallback to the tail
-    ("hit+fallback"), and windows of one sample rank (z = slack = 0: "narrow", some targets out).
+    ("hit+fallback"), windows of one sample rank (z = slack = 0: "narrow", some targets out), and
+    wide windows whose top-N candidates overflow their slots ("candidates-overflow": N slots).
     Returns the path and a function that gives, after a forward, (WINDOW_MISS, pass 2's
     candidate count, pass 1's window candidate count)."""
     from ekd_kernels._triton import kernels
@@ -485,6 +486,9 @@ def pass1_windows(request, monkeypatch, scratch_views):
     if path == "narrow":
         monkeypatch.setattr(triton_ekd, "WINDOW_Z", 0.0)
         monkeypatch.setattr(triton_ekd, "WINDOW_SLACK", 0.0)
+    if path == "candidates-overflow":
+        for name in ("MIN_CANDIDATE_CAPACITY", "CANDIDATE_FACTOR", "WINDOW_CANDIDATE_FACTOR"):
+            monkeypatch.setattr(triton_ekd, name, int(name != "MIN_CANDIDATE_CAPACITY"))
 
     def outcome():
         w32 = next(views for views in scratch_views if "window" in views)
@@ -517,6 +521,8 @@ def test_pass1_windows_against_the_reference(pass1_windows, options):
         assert fallback == (path == "hit+fallback")
     if path == "miss":
         assert miss == 1 and (pass2_candidates > 0) == hardest
+    if path == "candidates-overflow":  # (the thresholds' windows are as wide as in "hit")
+        assert miss == hardest and window_candidates > (options["num_hard_negatives"] if hardest else -1)
 
 
 def test_pass1_windows_narrow_misses_some_target(monkeypatch, scratch_views):
@@ -532,6 +538,27 @@ def test_pass1_windows_narrow_misses_some_target(monkeypatch, scratch_views):
         triton_loss(num_hard_negatives=150)(student, teacher, labels)
     state = next(views["state"] for views in scratch_views if "state" in views).cpu()
     assert int(state[kernels.WINDOW_MISS.value]) == 1
+
+
+def test_pass1_windows_one_bucket_wide(monkeypatch, scratch_views):
+    """Windows of exactly one bucket, each holding its target: at B <= TILE the probe's sample is
+    every negative twice (both orders), so with z = slack = 0 a threshold's window is the bucket
+    of its own rank, and with distinct labels (L = all pairs) the top-N window reaches rank N.
+    Pass 1 must keep the keys of a window's both edges (a window [lo, hi] taken as [lo, hi)
+    would hold nothing here) for the reference's results."""
+    from ekd_kernels._triton import kernels
+
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_SLACK", 0.0)):
+        monkeypatch.setattr(triton_ekd, name, value)
+    student, teacher, _ = make_batch(60, 20, 12, 60, seed=27)
+    labels = torch.arange(60, device=DEVICE)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=100)
+    w32 = next(views for views in scratch_views if "window" in views)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    windows = w32["window"].cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == 0 and int(w32["candidate_count"][0]) == 0
+    num_thresholds = len(EKDConfig().fprs)
+    assert torch.equal(windows[:, :num_thresholds, 0], windows[:, :num_thresholds, 1]), windows
 
 
 @pytest.mark.parametrize("mode", ["skip_empty_targets", "every_target", "one_aggregation", "direct_atomics"])

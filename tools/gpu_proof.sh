@@ -136,8 +136,8 @@ case "$stage" in
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against" $T/$name.log; } >> "$OUT/summary.txt"
     }
-    ab triton-ab 100 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
-      triton:windows
+    ab triton-ab 120 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
+      triton:windows triton:windows-warps8
     ab launch-ab 150 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
       triton:histograms-warps8-maxnreg128
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary

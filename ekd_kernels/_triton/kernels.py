@@ -13,7 +13,9 @@ Stages and kernels, in launch order:
     batch_thresholds     coarse_histogram_kernel, coarse_select_kernel, fine_histogram_kernel
                          (radix select, 2 x 16 bits); at large B, probe_histogram_kernel and
                          cutoff_select_kernel first, and pass 1 in two parts (head, then the
-                         tail only when a target lies in it)
+                         tail only when a target lies in it); with pass 1's windows,
+                         window_select_kernel before pass 1 and window_histogram_kernel before
+                         pass 2 (which it then spares)
     ema_update           fine_select_kernel (exact keys -> batch thresholds -> EMA, on the device)
     select_negatives     fine_histogram_kernel also gathers the top-N candidates, which
                          hardest_negatives_kernel ranks; after a candidate-buffer overflow,
