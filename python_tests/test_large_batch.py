@@ -289,8 +289,9 @@ cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part)) for part in (0
     (kernels.fine_select_kernel, dict(SCAN_BLOCK=4096, FILL_BLOCK=1024, ONE_AGGREGATION=one)) for one in (False, True)
 ]
 int64 = ("hist_", "coarse_ptr", "fine_", "labels_ptr", "state_ptr", "candidate_key_ptr", "selected_", "target_state",
-         "fractions_ptr", "window_key")
-int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite", "window_ptr", "window_count")
+         "fractions_ptr")
+int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite", "window_ptr", "window_count",
+         "window_key")
 float64 = ("ema_ptr",)
 for kernel, constants in cases:
     def arg_type(name):

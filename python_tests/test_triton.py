@@ -470,7 +470,7 @@ def pass1_windows(request, monkeypatch, scratch_views):
     at a small B with the cutoff's sample that places them: windows wide enough that every target
     lies in its own ("hit": pass 2 then reads the window buffers, not the tiles), window buffers of
     no key ("miss": pass 2 recomputes the tiles), a hit after pass 1's fallback to the tail
-    ("hit+fallback"), windows of one sample rank (z = slack = 0: "narrow", some targets out), and
+    ("hit+fallback"), windows of one sample rank (no margin: "narrow", some targets out), and
     wide windows whose top-N candidates overflow their slots ("candidates-overflow": N slots).
     Returns the path and a function that gives, after a forward, (WINDOW_MISS, pass 2's
     candidate count, pass 1's window candidate count)."""
@@ -484,8 +484,8 @@ def pass1_windows(request, monkeypatch, scratch_views):
     if path == "hit+fallback":
         monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
     if path == "narrow":
-        monkeypatch.setattr(triton_ekd, "WINDOW_Z", 0.0)
-        monkeypatch.setattr(triton_ekd, "WINDOW_SLACK", 0.0)
+        for name in ("WINDOW_Z", "WINDOW_RELATIVE", "WINDOW_SLACK"):
+            monkeypatch.setattr(triton_ekd, name, 0.0)
     if path == "candidates-overflow":
         for name in ("MIN_CANDIDATE_CAPACITY", "CANDIDATE_FACTOR", "WINDOW_CANDIDATE_FACTOR"):
             monkeypatch.setattr(triton_ekd, name, int(name != "MIN_CANDIDATE_CAPACITY"))
@@ -531,7 +531,8 @@ def test_pass1_windows_narrow_misses_some_target(monkeypatch, scratch_views):
     after an empty buffer)."""
     from ekd_kernels._triton import kernels
 
-    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_SLACK", 0.0)):
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_RELATIVE", 0.0),
+                        ("WINDOW_SLACK", 0.0)):
         monkeypatch.setattr(triton_ekd, name, value)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
     with torch.no_grad():
@@ -542,13 +543,15 @@ def test_pass1_windows_narrow_misses_some_target(monkeypatch, scratch_views):
 
 def test_pass1_windows_one_bucket_wide(monkeypatch, scratch_views):
     """Windows of exactly one bucket, each holding its target: at B <= TILE the probe's sample is
-    every negative twice (both orders), so with z = slack = 0 a threshold's window is the bucket
-    of its own rank, and with distinct labels (L = all pairs) the top-N window reaches rank N.
+    every negative twice (both orders), so without a margin a threshold's window is the bucket
+    of its own rank (no margin), and with distinct labels (L = all pairs) the top-N window reaches
+    rank N.
     Pass 1 must keep the keys of a window's both edges (a window [lo, hi] taken as [lo, hi)
     would hold nothing here) for the reference's results."""
     from ekd_kernels._triton import kernels
 
-    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_SLACK", 0.0)):
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_RELATIVE", 0.0),
+                        ("WINDOW_SLACK", 0.0)):
         monkeypatch.setattr(triton_ekd, name, value)
     student, teacher, _ = make_batch(60, 20, 12, 60, seed=27)
     labels = torch.arange(60, device=DEVICE)
@@ -559,6 +562,36 @@ def test_pass1_windows_one_bucket_wide(monkeypatch, scratch_views):
     assert int(state[kernels.WINDOW_MISS.value]) == 0 and int(w32["candidate_count"][0]) == 0
     num_thresholds = len(EKDConfig().fprs)
     assert torch.equal(windows[:, :num_thresholds, 0], windows[:, :num_thresholds, 1]), windows
+
+
+@pytest.mark.parametrize("scale", [2.0, 0.5], ids=["target_above_its_window", "target_below_its_window"])
+def test_pass1_windows_miss_on_either_side(monkeypatch, scratch_views, scale):
+    """One-bucket windows as above, but the first FPR's window placed at twice (half) its rank:
+    the target's bucket lies above (below) its window, which coarse_select must call a miss, so
+    that pass 2 recomputes the tiles and the results stay the reference's."""
+    from ekd_kernels._triton import kernels
+
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_RELATIVE", 0.0),
+                        ("WINDOW_SLACK", 0.0)):
+        monkeypatch.setattr(triton_ekd, name, value)
+    window_fractions = triton_ekd._window_fractions
+
+    def moved(config, num_pairs, device):
+        fractions = window_fractions(config, num_pairs, device).clone()
+        fractions[0] *= scale
+        return fractions
+
+    monkeypatch.setattr(triton_ekd, "_window_fractions", moved)
+    student, teacher, _ = make_batch(60, 20, 12, 60, seed=27)
+    labels = torch.arange(60, device=DEVICE)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=100)
+    w32 = next(views for views in scratch_views if "window" in views)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    bucket, window = w32["bucket"].cpu(), w32["window"].cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == 1
+    for model in range(2):  # the first target is outside its window, on the side asked for
+        outside = bucket[model, 0] < window[model, 0, 0] if scale > 1 else bucket[model, 0] > window[model, 0, 1]
+        assert bool(outside), (model, bucket[model], window[model])
 
 
 @pytest.mark.parametrize("mode", ["skip_empty_targets", "every_target", "one_aggregation", "direct_atomics"])
@@ -598,7 +631,7 @@ def test_pass1_windows_with_a_non_finite_batch(pass1_windows):
 
 def test_pass1_window_capacity():
     """Each model's window buffer: pairs / WINDOW_CAPACITY_DIVISOR keys within
-    WINDOW_CAPACITY_RANGE (16 MiB of int64 keys a model at most)."""
+    WINDOW_CAPACITY_RANGE (64 MiB of 32-bit keys a model at most)."""
     low, high = triton_ekd.WINDOW_CAPACITY_RANGE
     assert triton_ekd._window_capacity(10) == low
     assert triton_ekd._window_capacity(8192 * 8191 // 2) == 8192 * 8191 // 2 // triton_ekd.WINDOW_CAPACITY_DIVISOR

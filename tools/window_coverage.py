@@ -7,6 +7,9 @@ against theirs.  Needs B x B floats twice (2 GiB at B = 16384).
 
     python tools/window_coverage.py 8192            # the lease's A/B size
     python tools/window_coverage.py 4096 --z 4      # narrower windows
+    python tools/window_coverage.py 8192 --hub 1.0  # rows that differ (synthetic, see hub_batch)
+    python tools/window_coverage.py 0 --embeddings batch.pt   # a saved batch of a real run:
+        # torch.save({"student": S, "teacher": T, "labels": y}, "batch.pt")
 """
 import argparse
 import math
@@ -31,8 +34,30 @@ def bucket_of(cumulative, rank):
     return min(int((cumulative <= rank).sum()), 65535)
 
 
-def main(batch, z, slack, config=EKDConfig()):
-    student, teacher, labels = batch_of(batch, torch.float32, torch.device("cpu"), seed=batch)
+def hub_batch(batch, strength, dim=512, identities=2000, seed=0):
+    """Rows whose similarities differ from row to row, as a trained model's do (some identities
+    near many others): 2000 class centres plus noise plus a shared direction, weighted per row by
+    `strength` x a normal draw.  The benchmark's batch (gpu_exercise.batch_of) has alike rows."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, identities, (batch,), generator=g)
+    centres = torch.randn(identities, dim, generator=g)
+    direction = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+    shared = strength * dim ** 0.5 * torch.randn(batch, 1, generator=g) * direction
+    student = centres[labels] + 0.8 * torch.randn(batch, dim, generator=g) + shared
+    teacher = centres[labels] + 0.5 * torch.randn(batch, dim, generator=g) + shared
+    return student, teacher, labels
+
+
+def main(batch, z, relative, slack, embeddings=None, hub=None, config=EKDConfig()):
+    if hub is not None:
+        student, teacher, labels = hub_batch(batch, hub)
+    elif embeddings:
+        saved = torch.load(embeddings, map_location="cpu")
+        student, teacher, labels = (saved[name].float() if name != "labels" else saved[name]
+                                    for name in ("student", "teacher", "labels"))
+        batch = student.shape[0]
+    else:
+        student, teacher, labels = batch_of(batch, torch.float32, torch.device("cpu"), seed=batch)
     order = torch.sort(labels, stable=True).indices
     labels = labels[order]
     negative = torch.ones(batch, batch, dtype=torch.bool).triu(1) & (labels[:, None] != labels[None, :])
@@ -60,7 +85,7 @@ def main(batch, z, slack, config=EKDConfig()):
         inside, hits = torch.zeros(65536, dtype=torch.bool), []
         for target, (fraction, rank) in enumerate(zip(fractions, ranks)):
             r = sample.numel() * fraction
-            margin = z * math.sqrt(r + 1) + slack
+            margin = z * math.sqrt(r + 1) + relative * r + slack
             first, last = int(r - margin), int(r + margin)
             top_n = target == len(config.fprs)
             lo = 0 if first < 0 or top_n else bucket_of(sample_cumulative, first)
@@ -79,8 +104,11 @@ def main(batch, z, slack, config=EKDConfig()):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("batch", type=int)
+    parser.add_argument("batch", type=int, help="B of the benchmark's batch (ignored with --embeddings)")
+    parser.add_argument("--embeddings", help="a torch.save'd dict of student, teacher (B x D) and labels (B)")
+    parser.add_argument("--hub", type=float, help="a synthetic batch of rows that differ this much (hub_batch)")
     parser.add_argument("--z", type=float, default=triton_ekd.WINDOW_Z)
+    parser.add_argument("--relative", type=float, default=triton_ekd.WINDOW_RELATIVE)
     parser.add_argument("--slack", type=float, default=triton_ekd.WINDOW_SLACK)
     args = parser.parse_args()
-    main(args.batch, args.z, args.slack)
+    main(args.batch, args.z, args.relative, args.slack, args.embeddings, args.hub)

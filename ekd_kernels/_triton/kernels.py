@@ -342,16 +342,16 @@ def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexp
 
 
 @triton.jit
-def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets, window_ptr, z, slack,
-                         SCAN_BLOCK: tl.constexpr):
+def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets, window_ptr, z, relative,
+                         slack, SCAN_BLOCK: tl.constexpr):
     """Program (target, model), with PASS1_WINDOWS: the window of buckets [lo, hi] in which the
     probe's sample places the target, from which pass 1 keeps every negative's key (and, for the
     top-N target, every negative at or above the window as a candidate) so that pass 2 need not
     recompute the tiles.
 
     The target's sample rank r = S x fraction (S sample negatives; fraction: its FPR, or N over
-    the pairs for the top-N), widened by z sqrt(r + 1) + slack sample ranks each way: the
-    window runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for
+    the pairs for the top-N), widened by m = z sqrt(r + 1) + relative r + slack sample ranks each
+    way (the relative part for the sample's rows: 64 rows, not independent pairs): the window runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for
     the top-N target, whose candidates are everything above it) to the bucket of rank r + m (the
     last bucket when the sample has fewer).  Whether the target's exact bucket lies in its window
     is decided by coarse_select_kernel (WINDOW_MISS): the window changes the work, never the
@@ -362,7 +362,7 @@ def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, nu
         return
     num_sample = tl.load(state_ptr + SAMPLE_NEGATIVE)
     rank = num_sample.to(tl.float32) * tl.load(fractions_ptr + target)
-    margin = z * tl.sqrt(rank + 1.0) + slack
+    margin = z * tl.sqrt(rank + 1.0) + relative * rank + slack
     first = (rank - margin).to(tl.int64)
     last = (rank + margin).to(tl.int64)
     lo, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.maximum(first, 0), 1, SCAN_BLOCK)
@@ -390,7 +390,7 @@ def _window_keys(key, bins, negative, window_ptr, num_targets, count_ptr, key_pt
     total = tl.sum(per_row, axis=0)
     if total > 0:
         slot, write = _append_slots(wanted, per_row, total, count_ptr, capacity)
-        tl.store(key_ptr + slot, key.to(tl.int64), mask=write)
+        tl.store(key_ptr + slot, key.to(tl.int32, bitcast=True), mask=write)  # (the uint32 key's bits)
 
 
 @triton.jit
@@ -714,7 +714,7 @@ def window_histogram_kernel(state_ptr, window_count_ptr, window_key_ptr, window_
     for block in range(tl.program_id(0) // 2, tl.cdiv(filled, BLOCK * BLOCK), tl.num_programs(0) // 2):
         index = block * BLOCK * BLOCK + offsets
         valid = index < filled
-        key = tl.load(key_ptr + index, mask=valid, other=0)
+        key = tl.load(key_ptr + index, mask=valid, other=0).to(tl.uint32, bitcast=True)
         _fine_histograms(fine_ptr, bucket_ptr, num_targets, key, valid, SKIP_EMPTY, ONE_AGGREGATION, DIRECT_MAX)
 
 
