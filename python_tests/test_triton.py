@@ -564,6 +564,45 @@ def test_pass1_windows_one_bucket_wide(monkeypatch, scratch_views):
     assert torch.equal(windows[:, :num_thresholds, 0], windows[:, :num_thresholds, 1]), windows
 
 
+def test_window_select_places_the_windows(monkeypatch, scratch_views):
+    """window_select_kernel's windows against their definition, from the probe's histograms:
+    around sample rank r = S x fraction (S sample negatives), from the bucket of rank r - m to
+    that of r + m, m = z sqrt(r + 1) + relative r + slack in fp32; the top bucket for the top-N
+    target and where r - m < 0, the last where r + m passes the sample."""
+    from ekd_kernels._triton import kernels
+
+    z, relative, slack = 2.0, 0.25, 3.0
+    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", z),
+                        ("WINDOW_RELATIVE", relative), ("WINDOW_SLACK", slack)):
+        monkeypatch.setattr(triton_ekd, name, value)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    config = EKDConfig(num_hard_negatives=150)
+    with torch.no_grad():
+        triton_loss(num_hard_negatives=150)(student, teacher, labels)
+    w32 = next(views for views in scratch_views if "window" in views)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    num_sample = int(state[kernels.SAMPLE_NEGATIVE.value])
+    fractions = triton_ekd._window_fractions(config, 150 * 149 // 2, torch.device("cpu"))
+    f32 = functools.partial(torch.tensor, dtype=torch.float32)
+    edges = {"lo": 0, "hi": 0}
+    for model in range(2):
+        cumulative = w32["probe"][model].cpu().long().cumsum(0)
+
+        def bucket(rank):
+            return min(int((cumulative <= rank).sum()), 65535)
+
+        for target in range(config.num_thresholds + (model == 0)):
+            rank = f32(num_sample) * fractions[target]
+            margin = f32(z) * torch.sqrt(rank + f32(1.0)) + f32(relative) * rank + f32(slack)
+            first, last = int((rank - margin).long()), int((rank + margin).long())
+            lo = 0 if first < 0 or target == config.num_thresholds else bucket(max(first, 0))
+            hi = 65535 if last >= num_sample else bucket(min(last, num_sample - 1))
+            assert w32["window"][model, target].tolist() == [lo, hi], (model, target, first, last)
+            edges["lo"] += 0 < lo
+            edges["hi"] += hi < 65535
+    assert edges["lo"] > 0 and edges["hi"] > 0  # windows bounded on both sides were checked
+
+
 @pytest.mark.parametrize("scale", [2.0, 0.5], ids=["target_above_its_window", "target_below_its_window"])
 def test_pass1_windows_miss_on_either_side(monkeypatch, scratch_views, scale):
     """One-bucket windows as above, but the first FPR's window placed at twice (half) its rank:
