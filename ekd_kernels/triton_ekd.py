@@ -162,9 +162,9 @@ PASS2_DIRECT_MAX = 0
 #: WINDOW_Z sqrt(r + 1) + WINDOW_RELATIVE r + WINDOW_SLACK sample ranks each side of the target's
 #: sample rank r (the relative part: the sample is 64 rows, and where rows differ, as a trained
 #: model's do, its fat targets' ranks stray by 10-20%: tools/window_coverage.py); each model's
-#: buffer holds pairs / WINDOW_CAPACITY_DIVISOR keys (within WINDOW_CAPACITY_RANGE),
-#: the candidates' WINDOW_CANDIDATE_FACTOR x the top-N candidate buffer's slots.  Same results
-#: either way; off until a GPU run measures it (tools/gpu_exercise.py triton:windows).
+#: buffer holds pairs / WINDOW_CAPACITY_DIVISOR keys (within WINDOW_CAPACITY_RANGE), and the
+#: top-N candidate buffer gets WINDOW_CANDIDATE_FACTOR x its slots (both passes use them).  Same
+#: results either way; off until a GPU run measures it (tools/gpu_exercise.py triton:windows).
 PASS1_WINDOWS = False
 WINDOW_Z = 8.0
 WINDOW_RELATIVE = 0.25
@@ -481,14 +481,14 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     num_targets = num_thresholds + int(hardest)
     capacity = _candidate_capacity(num_slots) if hardest else 0
     cutoff_fraction = _cutoff_fraction(batch, config, hardest)
-    # Pass 1's windows (PASS1_WINDOWS) need the cutoff's sample and int32 counters and slots; their
-    # top-N candidates (all at or above the top-N window) get WINDOW_CANDIDATE_FACTOR times the slots.
+    # Pass 1's windows (PASS1_WINDOWS) need the cutoff's sample and int32 counters and slots.
     windows = (PASS1_WINDOWS and cutoff_fraction is not None and num_pairs <= INT32_HISTOGRAM_MAX_PAIRS
                and WINDOW_CANDIDATE_FACTOR * capacity < 2**31)
+    if windows:  # pass 1's top-N candidates are all at or above the top-N window: more slots
+        capacity *= WINDOW_CANDIDATE_FACTOR
     window_capacity = _window_capacity(num_pairs) if windows else 1
-    window_candidate_capacity = WINDOW_CANDIDATE_FACTOR * capacity if windows else 0
     # At least one element everywhere: never a zero-size (null) pointer argument.
-    candidate_size = max(capacity, window_candidate_capacity, num_slots, 1)
+    candidate_size = max(capacity, num_slots, 1)
     slot_size = max(num_slots, 1)
     row_blocks = _num_tiles(batch)
     scan_block = _scan_block()
@@ -571,13 +571,13 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     for part, mode in parts:
         _launch(kernels.coarse_histogram_kernel, tiles)(
             *models, coarse[0], coarse[1], state, copies, w32["window"], num_targets, num_thresholds, window_count,
-            window_keys, window_capacity, w32["candidate_count"][1:], *candidates[1:4], window_candidate_capacity,
-            PART=part.value, WINDOWS=windows, COLLECT=windows and hardest, **options)
+            window_keys, window_capacity, w32["candidate_count"][1:], *candidates[1:], PART=part.value,
+            WINDOWS=windows, COLLECT=windows and hardest, **options)
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
             bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, w32["window"], window_count,
-            window_capacity, w32["candidate_count"][1:], window_candidate_capacity, HARDEST=hardest, SCAN_BLOCK=scan_block,
-            CUTOFF_MODE=mode.value, WINDOWS=windows)
+            window_capacity, w32["candidate_count"][1:], HARDEST=hardest, SCAN_BLOCK=scan_block, CUTOFF_MODE=mode.value,
+            WINDOWS=windows)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     pass2 = dict(SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
@@ -609,8 +609,8 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     if hardest:
         block_c, chunk = _candidate_blocks()
         _launch(kernels.hardest_negatives_kernel, (max(row_blocks, triton.cdiv(candidate_size, block_c)),))(
-            s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates[:4],
-            candidate_size, rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
+            s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
+            rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
             CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows)
 
     # rank loss: the positive row blocks and the selected pairs in one launch ("random" maps the

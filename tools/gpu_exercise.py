@@ -60,18 +60,23 @@ PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregat
                   "one-aggregation-direct": dict(PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=256)}
 # Pass 1 keeping the keys in windows around the targets, so that pass 2 reads them instead of
 # recomputing the tiles when every target lies in its window (triton_ekd.PASS1_WINDOWS, off until
-# measured; at B >= triton_ekd.CUTOFF_MIN_BATCH, where the cutoff's sample places the windows).
+# measured; at B >= triton_ekd.CUTOFF_MIN_BATCH, where the cutoff's sample places the windows);
+# windows-warps8 runs pass 1 at 8 warps, where its appends do not spill (bench/NOTES.md, 2b).
 PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True),
-                  "windows-warps8": dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS={"coarse_histogram_kernel": dict(num_warps=8)})}
+                  "windows-warps8": dict(PASS1_WINDOWS=True,
+                                         LAUNCH_OPTIONS={"coarse_histogram_kernel": dict(num_warps=8)})}
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
 # pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides);
-# pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).
-FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0),
-                       "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12),
+# pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).  The
+# cutoff at any B and N (at B = 33 the default N = 2000 exceeds the pairs, where the host would
+# not place a cutoff; there it sits at the last bucket, and the windows hold every negative).
+CUTOFF_AT_ANY_B = dict(CUTOFF_MIN_BATCH=0, CUTOFF_MAX_FRACTION=float("inf"))
+FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_ANY_B),
+                       "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_SAFETY=1e-12, **CUTOFF_AT_ANY_B),
                        **PASS2_VARIANTS, "direct-limit-1": dict(PASS2_DIRECT_MAX=1),
-                       "copies+windows": dict(COARSE_TILES_PER_COPY=1, CUTOFF_MIN_BATCH=0, PASS1_WINDOWS=True),
-                       "windows-missed": dict(CUTOFF_MIN_BATCH=0, PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0))}
+                       "copies+windows": dict(COARSE_TILES_PER_COPY=1, PASS1_WINDOWS=True, **CUTOFF_AT_ANY_B),
+                       "windows-missed": dict(PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0), **CUTOFF_AT_ANY_B)}
 # Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
 # register cap), for A/B runs; sm_90a registers and spills of each: bench/NOTES.md
 # (tools/kernel_registers.py VARIANT):
@@ -383,6 +388,35 @@ def compare_with_first(first_results, name, label, loss, grad):
             "grad_max_abs_diff": float((grad.double() - first_grad.double()).abs().max())}
 
 
+def windows_outcome(run):
+    """What pass 1's windows did in the Triton forward(s) of `run()` (PASS1_WINDOWS on): whether
+    every target lay in its window (else pass 2 recomputed the tiles), and the keys and top-N
+    candidates the windows held, read from the last forward's scratch (a host sync)."""
+    from ekd_kernels import triton_ekd
+    from ekd_kernels._triton import kernels
+
+    scratch, carve = [], triton_ekd._carve
+
+    def recording_carve(dtype, device, **shapes):
+        buffer, views = carve(dtype, device, **shapes)
+        scratch.append(views)
+        return buffer, views
+
+    triton_ekd._carve = recording_carve
+    try:
+        run()
+    finally:
+        triton_ekd._carve = carve
+    w32 = next((views for views in reversed(scratch) if "window_keys" in views), None)
+    state = next((views["state"] for views in reversed(scratch) if "state" in views), None)
+    if w32 is None or state is None:
+        return None
+    if w32["window_keys"].shape[1] == 1:  # not used (below CUTOFF_MIN_BATCH): a one-key spare buffer
+        return {"used": False}
+    return {"used": True, "hit": int(state[kernels.WINDOW_MISS.value]) == 0, "keys": w32["window_count"].tolist(),
+            "capacity": w32["window_keys"].shape[1], "candidates": int(w32["candidate_count"][1])}
+
+
 def profile(sizes, device, out, calls=5, backends=None):
     """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
     time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
@@ -412,6 +446,7 @@ def profile(sizes, device, out, calls=5, backends=None):
                     # backend: an A/B variant must compute the same loss and gradient
                     loss, grad, _ = call(EKDLoss(backend=name).to(device), student, teacher, labels, 0)
                     agreement = compare_with_first(first_results, name, backend, loss, grad)
+                    windows = windows_outcome(step) if settings.get("PASS1_WINDOWS") else None
                     for _ in range(3):  # compile, warm the allocator
                         step()
                     sync(device)
@@ -441,6 +476,7 @@ def profile(sizes, device, out, calls=5, backends=None):
                        "wall_ms": round(wall * 1e3, 3), "host_issue_ms": round(issued * 1e3, 3),
                        "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
                        **({"same_as": agreement} if agreement else {}),
+                       **({"windows": windows} if windows else {}),
                        "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
                                        for k, (n, us) in top],
                        "host_ops_ms": round(sum(us for _, us in host_ops.values()) / 1e3, 3),
@@ -453,6 +489,12 @@ def profile(sizes, device, out, calls=5, backends=None):
                     print(f"  against {agreement['backend']}: {'bitwise equal' if agreement['bitwise'] else 'differs'}, "
                           f"loss {agreement['loss_abs_diff']:.3g}, gradient {agreement['grad_max_abs_diff']:.3g} "
                           "(max abs differences)", flush=True)
+                if windows and not windows["used"]:
+                    print("  windows: not used at this B", flush=True)
+                elif windows:  # (a miss: pass 2 recomputed the tiles, the timing is of that path)
+                    print(f"  windows: {'every target in its window' if windows['hit'] else 'MISSED'}, keys "
+                          f"{windows['keys']} of {windows['capacity']} a model, {windows['candidates']} candidates",
+                          flush=True)
                 for k in row["top_kernels"][:6]:
                     print(f"    {k['us']:10.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
                 # the host's side: where issuing the call goes, beyond Python between the ops

@@ -134,7 +134,7 @@ case "$stage" in
       step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" \
         --out $T/$name.json > $T/$name.log 2>&1
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
-      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against" $T/$name.log; } >> "$OUT/summary.txt"
+      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows" $T/$name.log; } >> "$OUT/summary.txt"
     }
     ab triton-ab 120 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
       triton:windows triton:windows-warps8

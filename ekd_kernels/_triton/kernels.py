@@ -351,9 +351,10 @@ def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, nu
 
     The target's sample rank r = S x fraction (S sample negatives; fraction: its FPR, or N over
     the pairs for the top-N), widened by m = z sqrt(r + 1) + relative r + slack sample ranks each
-    way (the relative part for the sample's rows: 64 rows, not independent pairs): the window runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for
-    the top-N target, whose candidates are everything above it) to the bucket of rank r + m (the
-    last bucket when the sample has fewer).  Whether the target's exact bucket lies in its window
+    way (the relative part for the sample's rows: 64 rows, not independent pairs): the window
+    runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for the
+    top-N target, whose candidates are everything above it) to the bucket of rank r + m (the last
+    bucket when the sample has fewer).  Whether the target's exact bucket lies in its window
     is decided by coarse_select_kernel (WINDOW_MISS): the window changes the work, never the
     results."""
     target = tl.program_id(0)
@@ -504,7 +505,7 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
                          window_ptr, window_count_ptr, window_capacity, window_candidate_count_ptr,
-                         window_candidate_capacity, HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
                          WINDOWS: tl.constexpr = 0):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
@@ -566,7 +567,7 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
         miss = miss | (tl.load(window_count_ptr + model) > window_capacity)
         if HARDEST:
             if target == num_thresholds:
-                miss = miss | (tl.load(window_candidate_count_ptr) > window_candidate_capacity)
+                miss = miss | (tl.load(window_candidate_count_ptr) > capacity)
         if miss:
             tl.atomic_max(state_ptr + WINDOW_MISS, 1, sem="relaxed")
     tl.store(bucket_ptr + slot, bucket.to(tl.int32))
