@@ -502,14 +502,16 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     copies = _coarse_copies(batch)
     # candidate_count: [pass 2's candidates, pass 1's window candidates]
     counters = dict(coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
-                    candidate_count=(2,), window_count=(2,))
+                    candidate_count=(2,))
+    if windows:
+        counters["window_count"] = (2,)
     if cutoff_fraction is not None:
         counters["probe"] = (2, NUM_BUCKETS)  # the sample's histograms (int32: TILE x B pairs)
     zeroed_size = sum(math.prod(shape) for shape in counters.values())
     int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words), **counters,
                                bucket=(2, num_targets), candidate_rows=(candidate_size,),
                                candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,),
-                               window=(2, num_targets, 2), window_keys=(2, window_capacity))
+                               **(dict(window=(2, num_targets, 2), window_keys=(2, window_capacity)) if windows else {}))
     zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
@@ -567,25 +569,27 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
                 probe, state, _window_fractions(config, num_pairs, device), num_thresholds, num_targets, w32["window"],
                 WINDOW_Z, WINDOW_RELATIVE, WINDOW_SLACK, SCAN_BLOCK=scan_block)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
-    window_count, window_keys = w32["window_count"], w32["window_keys"]
     for part, mode in parts:
-        _launch(kernels.coarse_histogram_kernel, tiles)(
-            *models, coarse[0], coarse[1], state, copies, w32["window"], num_targets, num_thresholds, window_count,
-            window_keys, window_capacity, w32["candidate_count"][1:], *candidates[1:], PART=part.value,
-            WINDOWS=windows, COLLECT=windows and hardest, **options)
+        if windows:  # (a kernel of its own: the default launch takes none of the windows' arguments)
+            _launch(kernels.coarse_histogram_windows_kernel, tiles)(
+                *models, coarse[0], coarse[1], state, copies, w32["window"], num_targets, num_thresholds,
+                w32["window_count"], w32["window_keys"], window_capacity, w32["candidate_count"][1:], *candidates[1:],
+                PART=part.value, COLLECT=hardest, **options)
+        else:
+            _launch(kernels.coarse_histogram_kernel, tiles)(*models, coarse[0], coarse[1], state, copies,
+                                                            PART=part.value, **options)
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
-            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, w32["window"], window_count,
-            window_capacity, w32["candidate_count"][1:], HARDEST=hardest, SCAN_BLOCK=scan_block, CUTOFF_MODE=mode.value,
-            WINDOWS=windows)
+            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
+            CUTOFF_MODE=mode.value)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     pass2 = dict(SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
                  DIRECT_MAX=PASS2_DIRECT_MAX if PASS2_SKIP_EMPTY_TARGETS else 0)
     if windows:  # pass 2 from the window buffers, unless a target lay outside its window
         _launch(kernels.window_histogram_kernel, (2 * WINDOW_HISTOGRAM_PROGRAMS,))(
-            state, window_count, window_keys, window_capacity, bucket[0], num_targets, bucket[1], num_thresholds,
-            fine[0], fine[1], BLOCK=WINDOW_HISTOGRAM_BLOCK, **pass2)
+            state, w32["window"], w32["window_count"], w32["window_keys"], window_capacity, w32["candidate_count"],
+            capacity, bucket, num_targets, fine[0], fine[1], BLOCK=WINDOW_HISTOGRAM_BLOCK, HARDEST=hardest, **pass2)
     _launch(kernels.fine_histogram_kernel, tiles)(
         *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
         COLLECT=hardest, WINDOWS=windows, **pass2, **options)

@@ -217,7 +217,7 @@ def test_radix_select_with_int64_counts(one_aggregation):
     nonfinite = torch.zeros(4, dtype=torch.int32, device=DEVICE)
     kernels.coarse_select_kernel[(num_targets, 2)](
         coarse, 2, fine, state, fractions, num_thresholds, num_targets, 2000, 8192, bucket, target_state, nonfinite,
-        4, nonfinite, nonfinite, 1, nonfinite, HARDEST=True, SCAN_BLOCK=4096)  # (no windows: spares)
+        4, HARDEST=True, SCAN_BLOCK=4096)
     # student: rank 8e8 and the N-th (rank 1999) in bin `high`, rank 4e9 in bin `low` after 3e9
     assert bucket[0].tolist() == [high, low, high]
     assert target_state[0].tolist() == [[8 * 10**8, 0], [10**9, 3 * 10**9], [1999, 0]]
@@ -266,7 +266,7 @@ def test_nonfinite_count_past_int32():
     target_state = torch.zeros(2, 1, 2, dtype=torch.int64, device=DEVICE)
     kernels.coarse_select_kernel[(1, 2)](
         coarse, 1, fine, state, fractions, 1, 1, 0, 0, bucket, target_state, nonfinite, nonfinite.numel(),
-        bucket, bucket, 1, bucket, HARDEST=False, SCAN_BLOCK=scan_block)  # (no windows: spares)
+        HARDEST=False, SCAN_BLOCK=scan_block)
     assert state[NONFINITE].item() == 2**32
 
 
@@ -280,13 +280,11 @@ from ekd_kernels._triton import kernels
 tile = dict(TILE=64, BLOCK_K=32, S_PRECISION="tf32x3", T_PRECISION="tf32x3")
 # pass 1 and its select in every part and cutoff mode: int64 bins come with B > 65536, where pass 1
 # counts the head of the order first (triton_ekd.CUTOFF_MIN_BATCH)
-# (pass 1's windows need int32 counts, so they never meet int64 bins: WINDOWS off)
-cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part, WINDOWS=False, COLLECT=False))
-         for part in (0, 1, 2)] + [
-    (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096, CUTOFF_MODE=mode, WINDOWS=False))
-    for mode in (0, 1, 2)] + [
+cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part)) for part in (0, 1, 2)] + [
+    (kernels.coarse_select_kernel, dict(HARDEST=True, SCAN_BLOCK=4096, CUTOFF_MODE=mode)) for mode in (0, 1, 2)] + [
     # pass 2, per target and in one aggregation (triton_ekd.PASS2_ONE_AGGREGATION), sparse tiles
     # by the aggregation or per-element atomics (PASS2_DIRECT_MAX), and its select
+    # (pass 1's windows need int32 counts, so they never meet int64 bins: WINDOWS off)
     (kernels.fine_histogram_kernel, dict(tile, COLLECT=True, SKIP_EMPTY=True, ONE_AGGREGATION=one, DIRECT_MAX=direct,
                                          WINDOWS=False))
     for one in (False, True) for direct in (0, 256)] + [
@@ -294,8 +292,7 @@ cases = [(kernels.coarse_histogram_kernel, dict(tile, PART=part, WINDOWS=False, 
 ]
 int64 = ("hist_", "coarse_ptr", "fine_", "labels_ptr", "state_ptr", "candidate_key_ptr", "selected_", "target_state",
          "fractions_ptr")
-int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite", "window_ptr", "window_count",
-         "window_key")
+int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite")
 float64 = ("ema_ptr",)
 for kernel, constants in cases:
     def arg_type(name):

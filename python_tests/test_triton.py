@@ -855,7 +855,7 @@ json.dump({"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in
 """
 
 ALL_KERNELS = {"normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "window_select_kernel",
-               "coarse_histogram_kernel", "window_histogram_kernel",
+               "coarse_histogram_kernel", "coarse_histogram_windows_kernel", "window_histogram_kernel",
                "coarse_select_kernel", "fine_histogram_kernel",
                "fine_select_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",
                "finalize_kernel", "positive_backward_kernel", "backward_rows_kernel"}

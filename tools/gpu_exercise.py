@@ -64,7 +64,7 @@ PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregat
 # windows-warps8 runs pass 1 at 8 warps, where its appends do not spill (bench/NOTES.md, 2b).
 PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True),
                   "windows-warps8": dict(PASS1_WINDOWS=True,
-                                         LAUNCH_OPTIONS={"coarse_histogram_kernel": dict(num_warps=8)})}
+                                         LAUNCH_OPTIONS={"coarse_histogram_windows_kernel": dict(num_warps=8)})}
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
 # pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides);
@@ -89,10 +89,11 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_
 # - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers: three programs an SM.
 # - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers: two
 #   programs an SM, twice the default's warps for pass 2.
-TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "fine_histogram_kernel", "boundary_count_kernel",
-                "hardest_negatives_kernel", "rank_loss_kernel", "positive_backward_kernel")
-OTHER_KERNELS = ("normalise_kernel", "cutoff_select_kernel", "coarse_select_kernel", "fine_select_kernel",
-                 "finalize_kernel", "backward_rows_kernel")
+TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "coarse_histogram_windows_kernel",
+                "fine_histogram_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",
+                "positive_backward_kernel")
+OTHER_KERNELS = ("normalise_kernel", "cutoff_select_kernel", "window_select_kernel", "coarse_select_kernel",
+                 "window_histogram_kernel", "fine_select_kernel", "finalize_kernel", "backward_rows_kernel")
 LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KERNELS},
                    "warps8-rest": {name: dict(num_warps=8) for name in OTHER_KERNELS},
                    "warps8": {name: dict(num_warps=8) for name in TILE_KERNELS + OTHER_KERNELS},
@@ -407,11 +408,11 @@ def windows_outcome(run):
         run()
     finally:
         triton_ekd._carve = carve
-    w32 = next((views for views in reversed(scratch) if "window_keys" in views), None)
+    w32 = next((views for views in reversed(scratch) if "bucket" in views), None)
     state = next((views["state"] for views in reversed(scratch) if "state" in views), None)
     if w32 is None or state is None:
         return None
-    if w32["window_keys"].shape[1] == 1:  # not used (below CUTOFF_MIN_BATCH): a one-key spare buffer
+    if "window_keys" not in w32:  # not used (below CUTOFF_MIN_BATCH, or no cutoff for these options)
         return {"used": False}
     return {"used": True, "hit": int(state[kernels.WINDOW_MISS.value]) == 0, "keys": w32["window_count"].tolist(),
             "capacity": w32["window_keys"].shape[1], "candidates": int(w32["candidate_count"][1])}

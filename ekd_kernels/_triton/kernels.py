@@ -14,8 +14,8 @@ Stages and kernels, in launch order:
                          (radix select, 2 x 16 bits); at large B, probe_histogram_kernel and
                          cutoff_select_kernel first, and pass 1 in two parts (head, then the
                          tail only when a target lies in it); with pass 1's windows,
-                         window_select_kernel before pass 1 and window_histogram_kernel before
-                         pass 2 (which it then spares)
+                         window_select_kernel, coarse_histogram_windows_kernel for pass 1, and
+                         window_histogram_kernel before pass 2 (which it then spares)
     ema_update           fine_select_kernel (exact keys -> batch thresholds -> EMA, on the device)
     select_negatives     fine_histogram_kernel also gathers the top-N candidates, which
                          hardest_negatives_kernel ranks; after a candidate-buffer overflow,
@@ -355,7 +355,7 @@ def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, nu
     runs from the bucket of rank r - m (the top bucket, 0, when r - m < 0, and always for the
     top-N target, whose candidates are everything above it) to the bucket of rank r + m (the last
     bucket when the sample has fewer).  Whether the target's exact bucket lies in its window
-    is decided by coarse_select_kernel (WINDOW_MISS): the window changes the work, never the
+    is decided by window_histogram_kernel (WINDOW_MISS): the window changes the work, never the
     results."""
     target = tl.program_id(0)
     model = tl.program_id(1)
@@ -409,12 +409,41 @@ def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constex
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                             hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
-                            window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
-                            window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                            candidate_cols_ptr, capacity,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                            PART: tl.constexpr = 0, WINDOWS: tl.constexpr = 0, COLLECT: tl.constexpr = 0):
+                            PART: tl.constexpr = 0):
+    """Pass 1 (_coarse_histogram) without windows: the launch takes only what it reads (each
+    argument costs host time at every launch, which bounds a small batch's call)."""
+    _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
+                      state_ptr, num_copies, state_ptr, 0, 0, state_ptr, state_ptr, 0, state_ptr, state_ptr,
+                      state_ptr, state_ptr, 0, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART, False, False)
+
+
+@triton.jit
+def coarse_histogram_windows_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
+                                    hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
+                                    window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
+                                    window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                                    candidate_cols_ptr, capacity,
+                                    TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                                    S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+                                    PART: tl.constexpr = 0, COLLECT: tl.constexpr = 0):
+    """Pass 1 (_coarse_histogram) with windows (PASS1_WINDOWS)."""
+    _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
+                      state_ptr, num_copies, window_ptr, num_s_targets, num_t_targets, window_count_ptr,
+                      window_key_ptr, window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                      candidate_cols_ptr, capacity, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART, True, COLLECT)
+
+
+@triton.jit
+def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
+                      hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
+                      window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
+                      window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
+                      candidate_cols_ptr, capacity,
+                      TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+                      PART: tl.constexpr, WINDOWS: tl.constexpr, COLLECT: tl.constexpr):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
@@ -442,7 +471,7 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     each model's keys in its targets' windows (window_select_kernel) and, with COLLECT (hardest
     negatives), the student's negatives at or above the top-N window as candidates, so that pass
     2 histograms those buffers instead of recomputing the tiles when every target lies in its
-    window (coarse_select_kernel decides)."""
+    window (window_histogram_kernel decides)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
@@ -504,9 +533,7 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 @triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
-                         window_ptr, window_count_ptr, window_capacity, window_candidate_count_ptr,
-                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
-                         WINDOWS: tl.constexpr = 0):
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
 
@@ -522,11 +549,6 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     After pass 1 counted only the head buckets (CHECK_CUTOFF), a program whose target lies past
     its model's cutoff sets FALLBACK; its outputs are then rewritten by the launch with
     AFTER_FALLBACK, whose programs return at once unless FALLBACK is set (coarse_histogram_kernel).
-
-    WINDOWS: a program whose bucket lies outside its target's window, or whose model's window
-    buffer (the top-N program: the candidates of its window) overflowed, sets WINDOW_MISS, and
-    pass 2 then recomputes the tiles; a miss is never cleared, so after a fallback the second
-    launch's exact buckets decide as well.
     """
     target = tl.program_id(0)
     model = tl.program_id(1)
@@ -553,23 +575,11 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
     hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
     bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK)
-    if WINDOWS:
-        miss = (bucket < tl.load(window_ptr + 2 * slot)) | (bucket > tl.load(window_ptr + 2 * slot + 1))
     if CUTOFF_MODE == CHECK_CUTOFF:
         # Every bucket up to the cutoff is complete; past it the counts are missing (and with no
         # negative at all, the whole-histogram answer is the same empty scan).
-        past_cutoff = (bucket > tl.load(state_ptr + CUTOFF + model)) & (num_negative > 0)
-        if past_cutoff:
+        if (bucket > tl.load(state_ptr + CUTOFF + model)) & (num_negative > 0):
             tl.atomic_max(state_ptr + FALLBACK, 1, sem="relaxed")
-        if WINDOWS:  # (that bucket is not known yet: the launch after the fallback checks it)
-            miss = miss & (past_cutoff == 0)
-    if WINDOWS:
-        miss = miss | (tl.load(window_count_ptr + model) > window_capacity)
-        if HARDEST:
-            if target == num_thresholds:
-                miss = miss | (tl.load(window_candidate_count_ptr) > capacity)
-        if miss:
-            tl.atomic_max(state_ptr + WINDOW_MISS, 1, sem="relaxed")
     tl.store(bucket_ptr + slot, bucket.to(tl.int32))
     tl.store(target_state_ptr + 2 * slot, rank - above)
     tl.store(target_state_ptr + 2 * slot + 1, above)
@@ -690,25 +700,54 @@ def _append_slots(wanted, per_row, total, count_ptr, capacity):
 
 
 @triton.jit
-def window_histogram_kernel(state_ptr, window_count_ptr, window_key_ptr, window_capacity, s_bucket_ptr,
-                            num_s_targets, t_bucket_ptr, num_t_targets, fine_s_ptr, fine_t_ptr,
-                            BLOCK: tl.constexpr, SKIP_EMPTY: tl.constexpr, ONE_AGGREGATION: tl.constexpr,
-                            DIRECT_MAX: tl.constexpr):
-    """Pass 2 from pass 1's window buffers (PASS1_WINDOWS), launched before fine_histogram_kernel:
-    when every target lay in its window (no WINDOW_MISS), program p histograms the keys of
-    model (p mod 2) in BLOCK x BLOCK blocks p // 2, p // 2 + P / 2, ... (P programs) through a
-    tile's per-target histograms (_fine_histograms): every key of every target's bucket is there.
-    After a miss the programs return at once and pass 2 recomputes the tiles."""
-    if tl.load(state_ptr + WINDOW_MISS) != 0:
+def _window_miss(window_ptr, bucket_ptr, num_targets, window_count_ptr, window_capacity, candidate_count_ptr,
+                 capacity, HARDEST: tl.constexpr):
+    """Whether some target's exact bucket (coarse_select_kernel's, final after any fallback) lies
+    outside its window, or a window buffer overflowed: the window keys of either model, or (with
+    HARDEST) the top-N candidates of the student's window (counted in candidate_count_ptr[1])."""
+    miss = (tl.load(window_count_ptr) > window_capacity) | (tl.load(window_count_ptr + 1) > window_capacity)
+    teacher_targets = num_targets
+    if HARDEST:
+        miss = miss | (tl.load(candidate_count_ptr + 1) > capacity)
+        teacher_targets = num_targets - 1  # (the teacher has no top-N target)
+    for slot in range(num_targets):  # the student's, then the teacher's
+        miss = miss | _outside_window(window_ptr, bucket_ptr, slot)
+    for slot in range(num_targets, num_targets + teacher_targets):
+        miss = miss | _outside_window(window_ptr, bucket_ptr, slot)
+    return miss
+
+
+@triton.jit
+def _outside_window(window_ptr, bucket_ptr, slot):
+    bucket = tl.load(bucket_ptr + slot)
+    return (bucket < tl.load(window_ptr + 2 * slot)) | (bucket > tl.load(window_ptr + 2 * slot + 1))
+
+
+@triton.jit
+def window_histogram_kernel(state_ptr, window_ptr, window_count_ptr, window_key_ptr, window_capacity,
+                            candidate_count_ptr, capacity, bucket_ptr, num_targets, fine_s_ptr, fine_t_ptr,
+                            BLOCK: tl.constexpr, HARDEST: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+                            ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr):
+    """Pass 2 from pass 1's window buffers (PASS1_WINDOWS), launched between coarse_select_kernel
+    and fine_histogram_kernel.  Every program decides whether every target lay in its window
+    (_window_miss, the same answer in all; program 0 records a miss as WINDOW_MISS for pass 2 and
+    the selection).  Then, without a miss, program p histograms the keys of model (p mod 2) in
+    BLOCK x BLOCK blocks p // 2, p // 2 + P / 2, ... (P programs) through a tile's per-target
+    histograms (_fine_histograms): every key of every target's bucket is there.  After a miss the
+    programs return and pass 2 recomputes the tiles."""
+    miss = _window_miss(window_ptr, bucket_ptr, num_targets, window_count_ptr, window_capacity, candidate_count_ptr,
+                        capacity, HARDEST)
+    if miss:
+        if tl.program_id(0) == 0:
+            tl.store(state_ptr + WINDOW_MISS, 1)
         return
     model = tl.program_id(0) % 2
     fine_ptr = fine_s_ptr
-    bucket_ptr = s_bucket_ptr
-    num_targets = num_s_targets
+    model_targets = num_targets
     if model == 1:
         fine_ptr = fine_t_ptr
-        bucket_ptr = t_bucket_ptr
-        num_targets = num_t_targets
+        if HARDEST:  # (the teacher has no top-N target)
+            model_targets = num_targets - 1
     filled = tl.minimum(tl.load(window_count_ptr + model), window_capacity)
     key_ptr = window_key_ptr + model * window_capacity
     offsets = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -716,7 +755,8 @@ def window_histogram_kernel(state_ptr, window_count_ptr, window_key_ptr, window_
         index = block * BLOCK * BLOCK + offsets
         valid = index < filled
         key = tl.load(key_ptr + index, mask=valid, other=0).to(tl.uint32, bitcast=True)
-        _fine_histograms(fine_ptr, bucket_ptr, num_targets, key, valid, SKIP_EMPTY, ONE_AGGREGATION, DIRECT_MAX)
+        _fine_histograms(fine_ptr, bucket_ptr + model * num_targets, model_targets, key, valid, SKIP_EMPTY,
+                         ONE_AGGREGATION, DIRECT_MAX)
 
 
 @triton.jit
