@@ -668,6 +668,31 @@ def test_pass1_windows_with_a_non_finite_batch(pass1_windows):
     _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
 
 
+@pytest.mark.parametrize("larger", [0, 1], ids=["student_overflows", "teacher_overflows"])
+def test_pass1_windows_one_buffer_overflows(monkeypatch, scratch_views, larger):
+    """A window buffer of exactly the smaller model's keys: only the other model's overflows,
+    which must count as a miss on its own (pass 2 then recomputes the tiles) for the reference's
+    results.  (Random selection: no top-N window; the batch's models swap places so that each
+    holds the more keys once.)"""
+    from ekd_kernels._triton import kernels
+
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
+    options = dict(negative_selection="random", num_hard_negatives=100, fprs=(0.2, 1e-3))
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    if larger:
+        student, teacher = teacher, student
+    with torch.no_grad():
+        triton_loss(**options)(student, teacher, labels, generator=torch.Generator().manual_seed(0))
+    counts = next(views for views in scratch_views if "window" in views)["window_count"].tolist()
+    assert counts[larger] > counts[1 - larger], counts
+    monkeypatch.setattr(triton_ekd, "WINDOW_CAPACITY_RANGE", (counts[1 - larger],) * 2)
+    scratch_views.clear()
+    compare(student, teacher, labels, steps=1, **options)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == 1
+
+
 def test_pass1_window_capacity():
     """Each model's window buffer: pairs / WINDOW_CAPACITY_DIVISOR keys within
     WINDOW_CAPACITY_RANGE (64 MiB of 32-bit keys a model at most)."""
