@@ -606,7 +606,7 @@ def test_window_select_places_the_windows(monkeypatch, scratch_views):
 @pytest.mark.parametrize("scale", [2.0, 0.5], ids=["target_above_its_window", "target_below_its_window"])
 def test_pass1_windows_miss_on_either_side(monkeypatch, scratch_views, scale):
     """One-bucket windows as above, but the first FPR's window placed at twice (half) its rank:
-    the target's bucket lies above (below) its window, which coarse_select must call a miss, so
+    the target's bucket lies above (below) its window, which window_histogram must call a miss, so
     that pass 2 recomputes the tiles and the results stay the reference's."""
     from ekd_kernels._triton import kernels
 
@@ -666,6 +666,105 @@ def test_pass1_windows_keep_the_histograms(monkeypatch, scratch_views, mode):
 def test_pass1_windows_with_a_non_finite_batch(pass1_windows):
     """A non-finite batch through the windows: NaN loss, the EMA state kept."""
     _assert_non_finite_batch_keeps_state(*make_batch(90, 8, 8, 20, seed=24))
+
+
+def _windows_on_and_off(monkeypatch, student, teacher, labels, **options):
+    """Two calls with the windows as set (the second for determinism) and one without them: every
+    output a caller sees, for bitwise comparison."""
+    import dataclasses
+
+    def observed():
+        call = run_ekd(ekd_loss, student, teacher, labels, backend="triton", generator=torch.Generator().manual_seed(0),
+                       **options)
+        stats = [getattr(call.result.stats, f.name) for f in dataclasses.fields(call.result.stats)]
+        return [call.result.loss, call.grad, call.result.student_thresholds, call.result.teacher_thresholds, *stats]
+
+    first, second = observed(), observed()
+    with monkeypatch.context() as off:
+        off.setattr(triton_ekd, "PASS1_WINDOWS", False)
+        without = observed()
+    return first, second, without
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_hard_negatives=500, compute_critical_ratio=True),
+    dict(negative_selection="random", num_hard_negatives=300),
+], ids=["hardest", "random"])
+def test_pass1_windows_bitwise_as_without(pass1_windows, monkeypatch, options):
+    """On every path (hit, miss, after the fallback, narrow, overflowing candidates) the windows
+    change no bit of what a caller sees: loss, gradient, thresholds and every statistic equal those
+    of the call without windows, and of a second call; on a batch with ties at the top-N boundary
+    (duplicated rows), whose tie order the selection must keep."""
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=11)
+    student, teacher = torch.cat([student, student[:30]]), torch.cat([teacher, teacher[:30]])
+    labels = torch.cat([labels, labels[:30] + 1000])
+    first, second, without = _windows_on_and_off(monkeypatch, student, teacher, labels, **options)
+    for index, (a, b, c) in enumerate(zip(first, second, without)):
+        if a is None:
+            assert b is None and c is None
+            continue
+        assert torch.equal(a, b), f"output {index} differs between two calls"
+        assert torch.equal(a, c), f"output {index} differs from the call without windows"
+
+
+def test_pass1_windows_teacher_target_outside_its_window(monkeypatch, scratch_views):
+    """Only the teacher's first target outside its window (its window moved to the last bucket
+    after window_select_kernel placed it; every student window holds its target): a miss, decided
+    on the teacher's targets alone, for the reference's results."""
+    from ekd_kernels._triton import kernels
+
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
+    window_select = kernels.window_select_kernel
+
+    class MovedTeacherWindow:  # window_select_kernel, then the teacher's first window moved
+        __name__ = window_select.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                window_select[grid](*args, **kwargs)
+                window = args[5]  # (2, targets, 2): [model, target] -> (lo, hi)
+                window[1, 0] = 65535
+            return launch
+
+    monkeypatch.setattr(kernels, "window_select_kernel", MovedTeacherWindow())
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    compare(student, teacher, labels, steps=1, num_hard_negatives=150)
+    w32 = next(views for views in scratch_views if "window" in views)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == 1
+    bucket, window = w32["bucket"].cpu(), w32["window"].cpu()
+    assert all(window[0, t, 0] <= bucket[0, t] <= window[0, t, 1] for t in range(bucket.shape[1])), (bucket, window)
+    assert bucket[1, 0] < 65535
+
+
+@pytest.mark.parametrize("buffer", ["keys", "candidates"])
+@pytest.mark.parametrize("room", [0, -1], ids=["exactly_full", "one_short"])
+def test_pass1_windows_at_the_buffers_capacity(monkeypatch, scratch_views, buffer, room):
+    """A window buffer (each model's keys, or the top-N candidates) of exactly its count holds it
+    (a hit), one slot fewer does not (a miss: pass 2 recomputes the tiles, where the candidates of
+    the boundary's bucket alone still fit, so the selection takes pass 2's candidates, not passes
+    3 and 4): the reference's results either way."""
+    from ekd_kernels._triton import kernels
+
+    monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=22)
+    with torch.no_grad():
+        triton_loss(num_hard_negatives=150)(student, teacher, labels)
+    w32 = next(views for views in scratch_views if "window" in views)
+    if buffer == "keys":
+        size = max(w32["window_count"].tolist()) + room
+        monkeypatch.setattr(triton_ekd, "WINDOW_CAPACITY_RANGE", (size, size))
+    else:
+        size = int(w32["candidate_count"][1]) + room
+        for name, value in (("MIN_CANDIDATE_CAPACITY", size), ("CANDIDATE_FACTOR", 0), ("WINDOW_CANDIDATE_FACTOR", 1)):
+            monkeypatch.setattr(triton_ekd, name, value)
+    scratch_views.clear()
+    compare(student, teacher, labels, steps=1, num_hard_negatives=150)
+    state = next(views["state"] for views in scratch_views if "state" in views).cpu()
+    assert int(state[kernels.WINDOW_MISS.value]) == (room < 0)
+    assert int(state[kernels.OVERFLOW.value]) == 0
 
 
 @pytest.mark.parametrize("larger", [0, 1], ids=["student_overflows", "teacher_overflows"])

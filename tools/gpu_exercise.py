@@ -61,10 +61,10 @@ PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregat
 # Pass 1 keeping the keys in windows around the targets, so that pass 2 reads them instead of
 # recomputing the tiles when every target lies in its window (triton_ekd.PASS1_WINDOWS, off until
 # measured; at B >= triton_ekd.CUTOFF_MIN_BATCH, where the cutoff's sample places the windows);
-# windows-warps8 runs pass 1 at 8 warps, where its appends do not spill (bench/NOTES.md, 2b).
-PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True),
-                  "windows-warps8": dict(PASS1_WINDOWS=True,
-                                         LAUNCH_OPTIONS={"coarse_histogram_windows_kernel": dict(num_warps=8)})}
+# windows-warps8 runs them with every tile kernel at 8 warps (warps8-tiles), where pass 1's
+# appends do not spill (bench/NOTES.md, 2b): all tile passes at one warp count, as every launch
+# variant keeps them, since the passes must compute a pair's similarity to the same bits.
+PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True)}  # (windows-warps8: after LAUNCH_VARIANTS)
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
 # pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides);
@@ -100,6 +100,7 @@ LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KER
                    "pass1-maxnreg168": {"coarse_histogram_kernel": dict(maxnreg=168)},
                    "histograms-warps8-maxnreg128": {name: dict(num_warps=8, maxnreg=128)
                                                     for name in ("coarse_histogram_kernel", "fine_histogram_kernel")}}
+PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNCH_VARIANTS["warps8-tiles"])
 # Other states of the Triton forward, for A/B runs on one machine (profile/once --backends
 # triton:NAME): pass 1 without its head/tail split, and without its histogram copies too (the
 # first GPU run's pass-1 structure; both keep the later change to one model's tile at a time,
