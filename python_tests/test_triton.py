@@ -432,12 +432,15 @@ def _assert_pass1_counted(path, scratch, monkeypatch, student, teacher, labels, 
             assert torch.equal(counts, want) and int(want[cutoff + 1:].sum()) > 0, f"model {model}: cutoff {cutoff}"
 
 
-@pytest.mark.parametrize("options", [
-    dict(num_hard_negatives=150, compute_critical_ratio=True),
-    dict(num_hard_negatives=40, critical_only=True, rank_loss="eq8"),
-    dict(negative_selection="random", num_hard_negatives=100),
-    dict(fprs=(0.2, 1e-3), num_hard_negatives=0),
-], ids=["hardest", "critical", "random", "thresholds_only"])
+# The selections pass 1's two parts (and its windows) are checked with, against the reference.
+PASS1_OPTIONS = [dict(num_hard_negatives=150, compute_critical_ratio=True),
+                 dict(num_hard_negatives=40, critical_only=True, rank_loss="eq8"),
+                 dict(negative_selection="random", num_hard_negatives=100),
+                 dict(fprs=(0.2, 1e-3), num_hard_negatives=0)]
+PASS1_OPTION_IDS = ["hardest", "critical", "random", "thresholds_only"]
+
+
+@pytest.mark.parametrize("options", PASS1_OPTIONS, ids=PASS1_OPTION_IDS)
 def test_pass1_cutoff_against_the_reference(pass1_cutoff, monkeypatch, options):
     """Pass 1 counting the head first gives the reference's results over consecutive calls, when
     the head holds every target and when it does not (the tail counted after all)."""
@@ -499,12 +502,7 @@ def pass1_windows(request, monkeypatch, scratch_views):
     return path, outcome
 
 
-@pytest.mark.parametrize("options", [
-    dict(num_hard_negatives=150, compute_critical_ratio=True),
-    dict(num_hard_negatives=40, critical_only=True, rank_loss="eq8"),
-    dict(negative_selection="random", num_hard_negatives=100),
-    dict(fprs=(0.2, 1e-3), num_hard_negatives=0),
-], ids=["hardest", "critical", "random", "thresholds_only"])
+@pytest.mark.parametrize("options", PASS1_OPTIONS, ids=PASS1_OPTION_IDS)
 def test_pass1_windows_against_the_reference(pass1_windows, options):
     """Pass 2 from pass 1's window buffers, or from the tiles after a miss: the reference's
     results over consecutive calls (its second call sees the first's EMA state).  The hardest
