@@ -486,7 +486,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
                and WINDOW_CANDIDATE_FACTOR * capacity < 2**31)
     if windows:  # pass 1's top-N candidates are all at or above the top-N window: more slots
         capacity *= WINDOW_CANDIDATE_FACTOR
-    window_capacity = _window_capacity(num_pairs) if windows else 1
+        window_capacity = _window_capacity(num_pairs)
     # At least one element everywhere: never a zero-size (null) pointer argument.
     candidate_size = max(capacity, num_slots, 1)
     slot_size = max(num_slots, 1)
@@ -494,15 +494,15 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     scan_block = _scan_block()
     f32, i64 = torch.float32, torch.int64
 
-    # Scratch.  The four int32 buffers after `fine` are counters, zeroed by normalise_kernel.
+    # Scratch.  The int32 buffers of `counters`, after `fine`, are zeroed by normalise_kernel.
     # The histograms take `words` int32 words a bin and are viewed as their dtype (int32 or
     # int64, see _histogram_dtype); `fine` comes first so that both views are 8-byte aligned.
     histogram_dtype = _histogram_dtype(num_pairs)
     words = histogram_dtype.itemsize // 4
     copies = _coarse_copies(batch)
-    # candidate_count: [pass 2's candidates, pass 1's window candidates]
+    # candidate_count: [pass 2's candidates] and, with windows, [pass 1's window candidates]
     counters = dict(coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
-                    candidate_count=(2,))
+                    candidate_count=(1 + windows,))
     if windows:
         counters["window_count"] = (2,)
     if cutoff_fraction is not None:
