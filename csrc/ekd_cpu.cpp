@@ -255,32 +255,58 @@ struct ModelView {
 
 template <typename T>
 using ModelViews = std::array<ModelView<T>, 2>;  // student, teacher
-using Histograms = std::array<std::vector<int64_t>, 2>;
+
+//! The radix select's 65536-bin tables, kept from call to call by each thread that calls the op.
+//! Allocated afresh, their megabytes (a histogram per worker thread and model, the summed
+//! histograms, the bucket -> slot maps) came from newly mapped pages every call, as the heap was
+//! trimmed back in between: about 600 page faults a call, more time than the counting itself
+//! below B of a few hundred (the op was slower than the pure-PyTorch reference at B = 64 on one
+//! thread).  Each call overwrites what it reads; what stays allocated is what a call used to
+//! allocate: 1 MiB per thread of the pool and 2 MiB, per thread that has called the op.
+struct RadixTables {
+  std::vector<int64_t> per_thread;                   // threads x 2 models x kRadixBins
+  std::array<std::vector<int64_t>, 2> histograms;    // per model, summed over the threads
+  std::array<std::vector<int64_t>, 2> slot_of_bucket;  // per model: bucket -> wanted slot, or -1
+};
+
+RadixTables& radix_tables() {
+  thread_local RadixTables tables;
+  return tables;
+}
 
 //! First radix round: histograms of the top 16 bits of the negatives' keys, both models in one
-//! pass (per-thread integer histograms, summed exactly).
+//! pass (per-thread integer histograms, summed exactly), into `tables.histograms`.
 template <typename T>
-Histograms negative_histograms(const ModelViews<T>& views) {
+void negative_histograms(const ModelViews<T>& views, RadixTables& tables) {
   const int64_t threads = at::get_num_threads();
   const int64_t stride = 2 * kRadixBins;
-  std::vector<int64_t> per_thread(static_cast<size_t>(threads * stride), 0);
+  // (the calling thread's tables; a worker zeroes its own slice when it takes its first chunk, so
+  // a small B, whose few chunks leave most of a large pool idle, zeroes and sums only what it used)
+  tables.per_thread.resize(static_cast<size_t>(threads * stride));
+  int64_t* per_thread = tables.per_thread.data();
+  std::vector<char> used(static_cast<size_t>(threads), 0);
   for_each_chunk(model_chunks(views[0].batch), [&](int64_t, const Chunk& chunk) {
     const int64_t thread = at::get_thread_num();
     EKD_CHECK(thread < threads, "ekd_forward: thread ", thread, " outside the pool of ", threads);
-    int64_t* histogram = per_thread.data() + thread * stride + chunk.model * kRadixBins;
+    if (!used[thread]) {
+      std::fill(per_thread + thread * stride, per_thread + (thread + 1) * stride, int64_t(0));
+      used[thread] = 1;
+    }
+    int64_t* histogram = per_thread + thread * stride + chunk.model * kRadixBins;
     for (int64_t row = chunk.begin; row < chunk.end; ++row) {
       views[chunk.model].for_each_negative(
           row, [&](int64_t, int64_t, T value) { ++histogram[radix_bucket<T>(order_key(value))]; });
     }
   });
-  Histograms histograms;
   for (int model = 0; model < 2; ++model) {
-    histograms[model].assign(kRadixBins, 0);
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t b = 0; b < kRadixBins; ++b)
-        histograms[model][b] += per_thread[t * stride + model * kRadixBins + b];
+    std::vector<int64_t>& histogram = tables.histograms[model];
+    histogram.assign(kRadixBins, 0);
+    for (int64_t t = 0; t < threads; ++t) {
+      if (!used[t]) continue;
+      const int64_t* part = per_thread + t * stride + model * kRadixBins;
+      for (int64_t b = 0; b < kRadixBins; ++b) histogram[b] += part[b];
+    }
   }
-  return histograms;
 }
 
 //! A wanted order statistic: descending rank among the negatives, located in the histogram.
@@ -324,7 +350,7 @@ struct Collected {
 //! What the second pass looks for in one model: the slot of each wanted bucket, and (student)
 //! the bucket of the N-th largest key, at and above which every pair is a top-N candidate.
 struct BucketTable {
-  std::vector<int64_t> slot_of_bucket;
+  const int64_t* slot_of_bucket = nullptr;  // kRadixBins entries (RadixTables::slot_of_bucket)
   int64_t num_slots = 0;
   int64_t candidate_bucket = -1;
   int64_t candidate_keep = 0;  // N: the top-N candidates a row chunk keeps (its N hardest)
@@ -428,7 +454,9 @@ template <typename T>
 std::array<ModelSelection<T>, 2> select_thresholds(const ModelViews<T>& views, const ForwardOptions& options,
                                                    int64_t boundary_rank) {
   std::array<ModelSelection<T>, 2> out;
-  const Histograms histograms = negative_histograms(views);
+  RadixTables& radix = radix_tables();
+  negative_histograms(views, radix);
+  const std::array<std::vector<int64_t>, 2>& histograms = radix.histograms;
   int64_t num_negatives = 0;
   for (int64_t c : histograms[0]) num_negatives += c;
   if (num_negatives == 0) {
@@ -442,7 +470,8 @@ std::array<ModelSelection<T>, 2> select_thresholds(const ModelViews<T>& views, c
     const bool with_boundary = model == 0 && boundary_rank >= 0;
     if (with_boundary) ranks.push_back(boundary_rank);
     requests[model] =
-        locate_requests(ranks, histograms[model], &tables[model].slot_of_bucket, &tables[model].num_slots);
+        locate_requests(ranks, histograms[model], &radix.slot_of_bucket[model], &tables[model].num_slots);
+    tables[model].slot_of_bucket = radix.slot_of_bucket[model].data();
     if (with_boundary) {
       tables[model].candidate_bucket = requests[model].back().bucket;
       tables[model].candidate_keep = boundary_rank + 1;
