@@ -10,7 +10,7 @@ import pickle
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ekd_kernels import EKDLoss, distributed
 from ekd_kernels.distributed import gather_batch
@@ -48,7 +48,7 @@ def sharded_over(group):
 
 
 def rank_sizes(world):
-    return {2: [9, 14], 3: [12, 1, 10]}[world]
+    return {1: [23], 2: [9, 14], 3: [12, 1, 10]}[world]
 
 
 def global_batch(step, world, labels_kind):
@@ -90,25 +90,26 @@ def engine_settings(**settings):
             setattr(distributed, name, value)
 
 
-def run_scenarios(world, rank, path):
+def run_scenarios(world, rank, path, device=torch.device("cpu")):
     with engine_settings(**SHARDED_PATHS.get(path, {})):
-        return _run_scenarios(world, rank, path)
+        return _run_scenarios(world, rank, path, device)
 
 
-def _run_scenarios(world, rank, path):
+def _run_scenarios(world, rank, path, device):
     group = dist.group.WORLD
     sharded = path in SHARDED_PATHS
     results = {}
     for name, options, labels_kind in SCENARIOS:
-        crit = EKDLoss(**options, **sharded_over(group if sharded else None))
+        crit = EKDLoss(**options, **sharded_over(group if sharded else None)).to(device)
         call = torch.compile(crit, backend="eager") if path in COMPILED_PATHS else crit
         steps = []
         for step in range(STEPS):
-            student, teacher, labels = (local_part(x, world, rank) for x in global_batch(step, world, labels_kind))
+            student, teacher, labels = (local_part(x, world, rank).to(device)
+                                        for x in global_batch(step, world, labels_kind))
             student = student.clone().requires_grad_(True)
             generator = torch.Generator().manual_seed(step)
             if sharded:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path in AUTOCAST_PATHS):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=path in AUTOCAST_PATHS):
                     loss = call(student, teacher, labels, generator=generator)
             else:
                 s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, group, loss=crit)
@@ -128,15 +129,20 @@ def step_result(crit, loss, student):
                                                        "num_critical_pairs")})
 
 
-def ddp_step(world, rank, path):
-    """One DDP step of a small embedding model; returns its parameter gradients after averaging."""
+def embedding_model(device=torch.device("cpu")):
+    """The small embedding model of the DDP steps, seeded: the same weights in every process."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    crit = EKDLoss(**sharded_over(dist.group.WORLD if path == "sharded" else None))
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)).to(device)
+
+
+def ddp_step(world, rank, path, device=torch.device("cpu")):
+    """One DDP step of a small embedding model; returns its parameter gradients after averaging."""
+    model = embedding_model(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    crit = EKDLoss(**sharded_over(dist.group.WORLD if path == "sharded" else None)).to(device)
     grads = []
     for step in range(2):
-        inputs, teacher, labels = (local_part(x, world, rank) for x in global_batch(step, world, "mixed"))
+        inputs, teacher, labels = (local_part(x, world, rank).to(device) for x in global_batch(step, world, "mixed"))
         embeddings = ddp(inputs)
         if path == "sharded":
             loss = crit(embeddings, teacher, labels)
@@ -180,6 +186,27 @@ def frames_compiled(world, rank):
         torch.compile(lambda *a, fn=fn: fn(*a), backend=counter)(*args)
         counts[name] = counter.frame_count
     return counts
+
+
+def one_rank_worker(rank, world, port, out_dir, device_type):
+    """A group of one process on `device_type`: every sharded path and a DDP step, their tensors
+    on that device.  On CUDA the group is NCCL's (one GPU cannot hold two NCCL ranks, and gloo
+    has no all_gather of CUDA tensors), so this is how a single GPU runs the sharded engine's
+    tensor work and its collectives on CUDA tensors; on the CPU, gloo (the same test's twin)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        out = {path: run_scenarios(world, rank, path, device) for path in SHARDED_PATHS}
+        out["ddp"] = ddp_step(world, rank, "sharded", device)
+        torch.save(tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, out),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
 
 
 def worker(rank, world, port, out_dir):

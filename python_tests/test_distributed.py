@@ -10,7 +10,9 @@ step produces: none may exceed the chunk budget (the rank's pairs are never mate
 collapsed student (every negative similarity in one bucket, the hardest-N cut among ties) must
 give the single-process result while pass B keeps O(N) hard candidates, and, with a small
 VALUE_BUDGET, while the wanted buckets' values are histogrammed by their low 16 key bits instead
-of kept (every scenario also runs through that path).
+of kept (every scenario also runs through that path).  A group of one process runs the sharded
+paths and a DDP step with CUDA tensors over NCCL where a GPU is present (one GPU holds one NCCL
+rank; gloo has no all_gather of CUDA tensors), and with CPU tensors over gloo here.
 """
 
 import functools
@@ -42,8 +44,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_workers(worker, world, out_dir):
-    ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world,
+def run_workers(worker, world, out_dir, *args):
+    ctx = mp.start_processes(worker, args=(world, free_port(), str(out_dir), *args), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -138,8 +140,7 @@ def test_thresholds_identical_on_every_rank(world_results):
 @pytest.mark.parametrize("path", ["gather", "sharded"])
 def test_ddp_parameter_gradients_equal_single_process(world_results, path):
     world, per_rank = world_results
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    model = dist_workers.embedding_model()
     crit = EKDLoss()
     for step in range(2):
         inputs, teacher, labels = dist_workers.global_batch(step, world, "mixed")
@@ -148,6 +149,42 @@ def test_ddp_parameter_gradients_equal_single_process(world_results, path):
         for rank in range(world):
             for got, want in zip(per_rank[rank]["ddp"][path][step], model.parameters()):
                 assert_grad_close(got, want.grad)
+
+
+def _nccl_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not dist.is_nccl_available():
+        return "torch.distributed without NCCL"
+    return None
+
+
+@pytest.mark.parametrize("device_type", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(_nccl_reason() is not None, reason=f"{_nccl_reason()}"))])
+def test_one_rank_group_matches_single_process(device_type, tmp_path):
+    """A group of one process (NCCL on CUDA, gloo on the CPU), every sharded path and a DDP step
+    with their tensors on `device_type`, against the single-process loss on the same device (its
+    default backend there): the sharded engine's tensor work and collectives on CUDA tensors,
+    which the gloo groups above (CPU only) never run.  The CPU case is this test's twin."""
+    device = torch.device(device_type)
+    (results,) = run_workers(dist_workers.one_rank_worker, 1, tmp_path, device_type)
+    for name, options, labels_kind in dist_workers.SCENARIOS:
+        batches = [tuple(x.to(device) for x in dist_workers.global_batch(step, 1, labels_kind))
+                   for step in range(dist_workers.STEPS)]
+        want = single_process_steps(EKDLoss(**options).to(device), batches)
+        want = [{**step, "grad": step["grad"].cpu()} for step in want]
+        for path in dist_workers.SHARDED_PATHS:
+            for step, (got, ref) in enumerate(zip(results[path][name], want)):
+                got = {**got, "loss": got["loss"].to(device), "student_thresholds": got["student_thresholds"].to(device),
+                       "teacher_thresholds": got["teacher_thresholds"].to(device)}
+                assert_step_matches(got, ref, 1, ref["grad"], f"{device_type} {path}/{name} step {step}")
+    model, crit = dist_workers.embedding_model(device), EKDLoss().to(device)
+    for step in range(2):
+        inputs, teacher, labels = (x.to(device) for x in dist_workers.global_batch(step, 1, "mixed"))
+        model.zero_grad()
+        crit(model(inputs), teacher, labels).backward()
+        for got, want in zip(results["ddp"][step], model.parameters()):
+            assert_grad_close(got, want.grad.cpu())
 
 
 # ----------------------------------------------------------------------------- a batch of many chunks
