@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ._buffers import keep_precision_under_16_bit_casts
+from ._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts
 from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
@@ -171,9 +171,12 @@ class EKDLoss(nn.Module):
             self.generator.set_state(state["generator_state"])
 
     def _checkpoint_problems(self, state_dict: Dict[str, Any], prefix: str) -> List[str]:
-        """Why a checkpoint cannot be this module's state: thresholds of other FPRs (same K would
-        load silently) or non-finite ones (this module never holds them: a corrupted file)."""
-        problems = []
+        """Why a checkpoint cannot be this module's state: thresholds of another shape or of a
+        non-floating dtype, thresholds of other FPRs (same K would load silently) or non-finite
+        ones (this module never holds them: a corrupted file)."""
+        problems = checkpoint_layout_problems(self, state_dict, prefix, _THRESHOLD_BUFFERS)
+        if problems:
+            return problems
         extra = state_dict.get(prefix + _EXTRA_STATE)
         if isinstance(extra, dict) and "fprs" in extra and tuple(extra["fprs"]) != self.config.fprs:
             problems.append(f"{prefix}student_thresholds / teacher_thresholds belong to fprs={tuple(extra['fprs'])}, "

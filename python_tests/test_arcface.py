@@ -1,5 +1,6 @@
 """ArcFace head against the direct formula s * cos(arccos(c) + m), and its guards near cos = +-1."""
 
+import copy
 import math
 
 import pytest
@@ -151,3 +152,35 @@ def test_compiles_with_fullgraph():
 def test_sizes_and_clamp_are_checked(options, match):
     with pytest.raises(ValueError, match=match):
         ArcFace(**options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the head's CUDA path is not run")
+def test_cuda_matches_cpu_and_ignores_autocast():
+    """The head moved to CUDA: the CPU's loss and gradients (embeddings and weight; fp32 both, other
+    kernels, so close rather than bitwise), the same inside torch.autocast("cuda", bf16) as an AMP
+    step calls it, bitwise."""
+    torch.manual_seed(4)
+    head = ArcFace(16, 10)
+    embeddings, labels = torch.randn(40, 16), torch.randint(0, 10, (40,))
+    embeddings[:3] = head.weight.detach()[labels[:3]] * 3  # targets nearly aligned: every branch taken
+
+    def step(module, device, autocast=False):
+        module.zero_grad()
+        x = embeddings.to(device).requires_grad_(True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = module(x, labels.to(device))
+        loss.backward()
+        return loss.detach().cpu(), x.grad.cpu(), module.weight.grad.cpu()
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 while comparing with the CPU
+    try:
+        want = step(head, "cpu")
+        moved = copy.deepcopy(head).to("cuda")
+        got, amp = step(moved, "cuda"), step(moved, "cuda", autocast=True)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert amp[0].dtype == torch.float32
+    for value, reference, in_amp in zip(got, want, amp):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+        assert torch.equal(in_amp, value)

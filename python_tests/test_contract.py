@@ -613,6 +613,32 @@ def test_checkpoint_of_other_fprs_or_non_finite_is_refused():
         assert torch.equal(fresh.teacher_thresholds, torch.zeros(6))
 
 
+@pytest.mark.parametrize("name", ["student_thresholds", "teacher_thresholds"])
+@pytest.mark.parametrize("change, match", [
+    (lambda x: x[:3], r"has shape \(3,\), but this EKDLoss's has shape \(6,\)"),
+    (lambda x: x.reshape(2, 3), r"has shape \(2, 3\), but this EKDLoss's has shape \(6,\)"),
+    (lambda x: x.long(), "is torch.int64, but this EKDLoss holds floating values there"),
+    (lambda x: x > 0, "is torch.bool, but this EKDLoss holds floating values there"),
+    (lambda x: x.to(torch.complex64), "is torch.complex64, but this EKDLoss holds floating values there"),
+], ids=["fewer", "2-D", "int64", "bool", "complex"])
+def test_checkpoint_of_another_shape_or_dtype_kind_is_refused(name, change, match):
+    """A threshold buffer of another shape (torch's own check came after the buffers before it
+    were copied: a half-loaded module) or of a non-floating dtype (cast and loaded silently
+    before) is refused by name, nothing copied, whichever of the two it is."""
+    saved = EKDLoss()
+    saved(*make_batch(16, seed=0))
+    state = dict(saved.state_dict())
+    state[name] = change(state[name])
+    fresh = EKDLoss()
+    with pytest.raises(RuntimeError, match=f"{name} in the checkpoint {match}"):
+        fresh.load_state_dict(state)
+    assert torch.equal(fresh.student_thresholds, torch.zeros(6))
+    assert torch.equal(fresh.teacher_thresholds, torch.zeros(6))
+    fresh.load_state_dict(saved.state_dict())  # a good one loads; other floating dtypes too
+    fresh.load_state_dict({k: v.double() if torch.is_tensor(v) else v for k, v in saved.state_dict().items()})
+    assert torch.equal(fresh.student_thresholds, saved.student_thresholds)
+
+
 def test_checkpoint_from_before_the_extra_state_loads():
     """State dicts that hold only the two buffers (this package before it saved the FPRs) load
     with strict=True; one saved by this version must carry its extra state."""

@@ -1,6 +1,7 @@
 """The distillation losses of ekd_kernels.losses: each against a direct loop-based float64
 computation on small inputs, gradcheck, student-only gradient, module == functional, bad input."""
 
+import contextlib
 import itertools
 import math
 
@@ -12,6 +13,8 @@ from ekd_kernels.losses import (CorrelationCongruenceLoss, CosineDistillLoss, Fi
                                 correlation_congruence_loss, cosine_distill_loss, fitnet_loss, hard_darkrank_loss,
                                 hinton_kd_loss, pwr_loss, similarity_preserving_loss, unified_kd_loss,
                                 unified_kd_terms)
+
+from helpers import assert_grad_close, assert_loss_close
 
 # ----------------------------------------------------------------------------- loop oracles (float64, lists)
 
@@ -543,7 +546,7 @@ from ekd_kernels.rkd_fast import FastRKDLoss, fast_rkd_loss  # noqa: E402
 AUTOCAST_CASES = [
     ("sp", similarity_preserving_loss), ("cc", correlation_congruence_loss), ("darkrank", hard_darkrank_loss),
     ("fitnet", fitnet_loss), ("cosine", cosine_distill_loss), ("pwr", pwr_loss), ("hinton", hinton_kd_loss),
-    ("unified", lambda s, t: unified_kd_loss(s, t, torch.arange(s.shape[0]) % 7)),
+    ("unified", lambda s, t: unified_kd_loss(s, t, torch.arange(s.shape[0], device=s.device) % 7)),
     ("rkd", rkd_loss), ("fast_rkd_op", fast_rkd_loss),
     ("fast_rkd_torch", lambda s, t: fast_rkd_loss(s, t, backend="torch")),
 ]
@@ -565,6 +568,72 @@ def test_autocast_changes_nothing(name, fn):
         results.append((loss.detach(), x.grad))
     assert results[1][0].dtype == torch.float32
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+CUDA_REASON = None if torch.cuda.is_available() else "no CUDA device: the losses' CUDA path is not run"
+OTHER_DEVICE = "cuda"  # (pointed at "cpu" by hand, the CUDA tests below run their own logic here)
+
+
+def _step(fn, student, teacher, device, autocast=False):
+    """fn on copies of the inputs on `device` (inside torch.autocast there, bf16, when asked):
+    the loss and the student's gradient, back on the CPU."""
+    x = student.to(device).clone().requires_grad_(True)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(x, teacher.to(device))
+    loss.backward()
+    return loss.detach().cpu(), x.grad.cpu()
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls():
+    """fp32 products without TF32 on CUDA while comparing with the CPU (the user's setting restored)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=str(CUDA_REASON))
+@pytest.mark.parametrize("name,fn", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
+def test_cuda_matches_cpu_and_ignores_autocast(name, fn):
+    """Every loss on CUDA tensors gives the CPU's loss and gradient (fp32 both; other kernels, so
+    close rather than bitwise), and inside torch.autocast("cuda", bf16), as an AMP step calls
+    it, bitwise what it gives outside."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g)
+    with _full_fp32_matmuls():
+        cpu_loss, cpu_grad = _step(fn, student, teacher, "cpu")
+        loss, grad = _step(fn, student, teacher, OTHER_DEVICE)
+        amp_loss, amp_grad = _step(fn, student, teacher, OTHER_DEVICE, autocast=True)
+    assert_loss_close(loss, cpu_loss, 1e-5)
+    assert_grad_close(grad, cpu_grad)
+    assert amp_loss.dtype == torch.float32
+    assert torch.equal(amp_loss, loss) and torch.equal(amp_grad, grad)
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=str(CUDA_REASON))
+def test_unified_module_on_cuda_matches_cpu():
+    """UnifiedKDLoss moved to CUDA with its bank: the CPU module's losses, gradients and bank over
+    consecutive calls that fill and wrap the bank, then a round trip of its state_dict."""
+    g = torch.Generator().manual_seed(5)
+    on_cpu, moved = UnifiedKDLoss(dim=8, bank_size=20), UnifiedKDLoss(dim=8, bank_size=20).to(OTHER_DEVICE)
+    with _full_fp32_matmuls():
+        for step in range(4):
+            student, teacher = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+            labels = torch.randint(0, 5, (8,), generator=g)
+            cpu_loss, cpu_grad = _step(lambda s, t: on_cpu(s, t, labels), student, teacher, "cpu")
+            loss, grad = _step(lambda s, t: moved(s, t, labels.to(OTHER_DEVICE)), student, teacher, OTHER_DEVICE)
+            assert_loss_close(loss, cpu_loss, 1e-5)
+            assert_grad_close(grad, cpu_grad)
+    state = moved.state_dict()
+    assert all(v.device.type == torch.device(OTHER_DEVICE).type for v in state.values())
+    for key, value in on_cpu.state_dict().items():
+        torch.testing.assert_close(state[key].cpu(), value, rtol=1e-5, atol=1e-6, msg=key)
+    reloaded = UnifiedKDLoss(dim=8, bank_size=20)
+    reloaded.load_state_dict(state)
+    assert torch.equal(reloaded.bank_labels, on_cpu.bank_labels)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -647,6 +716,15 @@ def test_unified_16_bit_cast_keeps_an_fp32_bank(dtype):
     (dict(bank_pointer=torch.tensor(-5)), "bank_pointer in the checkpoint is -5, outside"),
     (dict(bank_pointer=torch.tensor(40)), "bank_pointer in the checkpoint is 40, outside"),
     ("nan_row", "bank_embeddings in the checkpoint are not finite"),
+    (dict(bank_labels=torch.full((20,), -1)), r"bank_labels in the checkpoint has shape \(20,\), but this "
+                                              r"UnifiedKDLoss's has shape \(40,\)"),
+    (dict(bank_embeddings=torch.zeros(40, 4)), r"bank_embeddings in the checkpoint has shape \(40, 4\)"),
+    (dict(bank_count=torch.tensor([1, 2])), r"bank_count in the checkpoint has shape \(2,\)"),
+    (dict(bank_embeddings=torch.zeros(40, 8, dtype=torch.int64)),
+     "bank_embeddings in the checkpoint is torch.int64, but this UnifiedKDLoss holds floating values"),
+    (dict(bank_labels=torch.zeros(40)), "bank_labels in the checkpoint is torch.float32, but this UnifiedKDLoss "
+                                        "holds integer values"),
+    (dict(bank_pointer=torch.tensor(True)), "bank_pointer in the checkpoint is torch.bool"),
 ])
 def test_unified_refuses_a_ring_state_it_cannot_hold(change, match):
     source = UnifiedKDLoss(8, bank_size=40)

@@ -46,10 +46,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .._buffers import keep_precision_under_16_bit_casts
+from .._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts
 from ..validation import refuse_stateful_recomputation
 from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
+
+#: The bank's ring state (state_dict entries), written by every training-mode call.
+_RING_BUFFERS = ("bank_embeddings", "bank_labels", "bank_count", "bank_pointer")
 
 PAIR_FILTERS = ("all", "positive", "negative")
 
@@ -232,9 +235,13 @@ class UnifiedKDLoss(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """A checkpoint whose ring state cannot be this module's is refused, nothing copied: a
-        count or pointer outside the bank (a negative count would silently shrink the part read),
-        or non-finite bank rows (every later loss would read NaN)."""
-        problems = []
+        buffer of another shape or dtype kind (another bank size, integer embeddings, float
+        labels), a count or pointer outside the bank (a negative count would silently shrink the
+        part read), or non-finite bank rows (every later loss would read NaN)."""
+        problems = checkpoint_layout_problems(self, state_dict, prefix, _RING_BUFFERS)
+        if problems:
+            error_msgs.extend(problems)
+            return
         count, pointer = state_dict.get(prefix + "bank_count"), state_dict.get(prefix + "bank_pointer")
         bank = state_dict.get(prefix + "bank_embeddings")
         if isinstance(count, torch.Tensor) and not count.is_meta and not 0 <= int(count) <= self.bank_size:
