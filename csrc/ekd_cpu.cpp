@@ -783,18 +783,17 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   const TermSums positives = positive_sums(prep, math, num_positive);
   TermSums negatives;
   negatives.num_pairs = int64_t(selected.size());
-  std::vector<T> a_selected, b_selected;
+  std::vector<T> loss_grad_selected;  // d pair loss / d a, scaled below once the term's weight is known
   std::vector<bool> critical_selected;
   for (const auto& pair : selected) {
     const T a = sims[pair[0] * batch + pair[1]];
     const T b = sims[pair[1] * batch + pair[0]];
-    const T loss = pair_loss(a, b, math);
+    const PairLossAndGrad<T> both = pair_loss_and_grad(a, b, math);
     const bool critical = is_critical(a, b, math);
-    negatives.loss_sum += double(loss);
-    negatives.critical_loss_sum += critical ? double(loss) : 0.0;
+    negatives.loss_sum += double(both.loss);
+    negatives.critical_loss_sum += critical ? double(both.loss) : 0.0;
     negatives.num_critical += critical;
-    a_selected.push_back(a);
-    b_selected.push_back(b);
+    loss_grad_selected.push_back(both.grad);
     critical_selected.push_back(critical);
   }
   const T positive_term = T(positives.mean(options.critical_only));
@@ -811,7 +810,7 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
     pair_out[2 * p] = selected[p][0];
     pair_out[2 * p + 1] = selected[p][1];
     const bool included = !options.critical_only || critical_selected[p];
-    grad_out[p] = included ? negative_scale * pair_loss_grad(a_selected[p], b_selected[p], math) : T(0);
+    grad_out[p] = included ? negative_scale * loss_grad_selected[p] : T(0);
   }
   const T positive_scale = T(options.positive_weight * positives.pair_weight(options.critical_only));
 

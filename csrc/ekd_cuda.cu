@@ -638,9 +638,10 @@ __global__ void __launch_bounds__(kRowThreads)
         given_student != nullptr ? given_student[e] : tile_order_dot(student_hat + i * ds, student_hat + j * ds, ds);
     const T b = tile_order_dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
     if (lanes.lane == 0) {
-      loss[e] = double(pair_loss(a, b, math));
+      const PairLossAndGrad<T> both = pair_loss_and_grad(a, b, math);
+      loss[e] = double(both.loss);
       critical[e] = is_critical(a, b, math) ? 1 : 0;
-      loss_grad[e] = pair_loss_grad(a, b, math);
+      loss_grad[e] = both.grad;
     }
   }
 }
