@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses._common import check_number
 from .reference import NORM_EPS
+from .validation import check_flag
 
 
 class ArcFace(nn.Module):
@@ -49,15 +51,16 @@ class ArcFace(nn.Module):
         if isinstance(clamp_eps, bool) or not isinstance(clamp_eps, (int, float)) or not 0 <= clamp_eps < 1:
             # the target cosine is clamped to [-1 + eps, 1 - eps]: eps >= 1 empties that interval
             raise ValueError(f"clamp_eps must be a number in [0, 1), got {clamp_eps!r}")
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+        # (by type too: a bool would pass as 1.0, a string "False" as a true easy_margin)
+        scale = check_number("scale", scale, positive=True)
+        margin = check_number("margin", margin)
         if not (0.0 <= margin < math.pi / 2):
             raise ValueError(f"margin must lie in [0, pi/2), got {margin!r}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
-        self.scale = float(scale)
-        self.margin = float(margin)
-        self.easy_margin = easy_margin
+        self.scale = scale
+        self.margin = margin
+        self.easy_margin = check_flag("easy_margin", easy_margin)
         self.clamp_eps = float(clamp_eps)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, std=0.01)

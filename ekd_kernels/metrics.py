@@ -80,15 +80,22 @@ class VerificationResult:
 
 
 def _fpr_tuple(fprs) -> Tuple[float, ...]:
-    """The FPRs as a tuple of floats: a sequence, or one number."""
+    """The FPRs as a tuple of floats: a sequence, or one number; at least one, each in (0, 1)
+    (checked here, before any pass over the pairs)."""
     if isinstance(fprs, numbers.Real) and not isinstance(fprs, bool):
-        return (float(fprs),)
-    if isinstance(fprs, torch.Tensor):
-        fprs = fprs.reshape(-1).tolist()
-    try:
-        return tuple(float(f) for f in fprs)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"fprs must be false-positive rates (a number or a sequence of them), got {fprs!r}") from error
+        out = (float(fprs),)
+    else:
+        if isinstance(fprs, torch.Tensor):
+            fprs = fprs.reshape(-1).tolist()
+        try:
+            out = tuple(float(f) for f in fprs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"fprs must be false-positive rates (a number or a sequence of them), "
+                             f"got {fprs!r}") from error
+    if not out:
+        raise ValueError("fprs must hold at least one false-positive rate, got none")
+    threshold_indices(0, out)  # each in (0, 1), as the thresholds will need
+    return out
 
 
 def threshold_indices(num_negatives: int, fprs: Sequence[float]) -> Tuple[int, ...]:
@@ -383,7 +390,7 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
         raise ValueError(f"embeddings must have at least one column (B x D, D >= 1), got shape "
                          f"{tuple(embeddings.shape)}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != batch \
-            or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a 1-D integer tensor of length {batch}, got "
                          f"{getattr(labels, 'shape', type(labels))} {getattr(labels, 'dtype', '')}")
     labels = labels.to(embeddings.device)

@@ -35,6 +35,27 @@ class _NotSharded:
 _NOT_SHARDED = _NotSharded()
 
 
+def _check_process_group(process_group, backend: str) -> None:
+    """ValueError, when the module is built, for a process_group that is not a group (a string
+    such as "world" failed only at the first call, deep inside torch.distributed) and for a
+    backend named with one (the sharded loss computes its share with PyTorch ops, whatever the
+    backend: the argument would do nothing)."""
+    if process_group is _NOT_SHARDED:
+        return
+    if backend != "auto":
+        raise ValueError(f"backend={backend!r} with process_group: the sharded loss computes its share of the "
+                         "pairs with PyTorch ops (ekd_kernels.distributed), whatever the backend; leave backend "
+                         "at 'auto', or drop process_group for a single-process loss on that backend")
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD, or one made "
+                         f"by dist.new_group) or None for the default group, got {process_group!r} "
+                         f"({type(process_group).__name__})")
+
+
 class EKDLoss(nn.Module):
     """Evaluation-oriented Knowledge Distillation loss (Huang et al., CVPR 2022).
 
@@ -78,6 +99,7 @@ class EKDLoss(nn.Module):
                                 compute_critical_ratio=compute_critical_ratio)
         check_backend_name(backend)
         check_generator(generator)
+        _check_process_group(process_group, backend)
         preload(backend)
         self.backend = backend
         self.generator = generator
@@ -216,4 +238,10 @@ class EKDLoss(nn.Module):
                 f"momentum={c.momentum}, weights=({c.positive_weight}, {c.negative_weight}), "
                 f"rank_loss={c.rank_loss!r}, critical_only={c.critical_only}, "
                 f"negative_selection={c.negative_selection!r}, compute_critical_ratio={c.compute_critical_ratio}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + self._sharding_repr())
+
+    def _sharding_repr(self) -> str:
+        group = self.process_group
+        if group is _NOT_SHARDED:
+            return ""
+        return ", sharded over the default process group" if group is None else f", sharded over {group!r}"

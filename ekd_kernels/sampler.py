@@ -46,6 +46,8 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .validation import check_flag
+
 SMALL_IDENTITY_POLICIES = ("repeat", "drop")
 
 
@@ -112,6 +114,9 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
                              f"got {images_per_identity}")
         if small_identities not in SMALL_IDENTITY_POLICIES:
             raise ValueError(f"small_identities must be one of {SMALL_IDENTITY_POLICIES}, got {small_identities!r}")
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
         if not (0 <= rank < world_size):
             raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
         if general_size > len(labels):
@@ -121,14 +126,14 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
         self.general_size = int(general_size)
         self.num_identities = int(num_identities)
         self.images_per_identity = int(images_per_identity)
-        self.replacement = replacement
+        self.replacement = check_flag("replacement", replacement)
         self.small_identities = small_identities
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             # (numpy's seed sequences take non-negative integers only: refused here, not at the first batch)
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self.epoch = 0
 
         # Samples of every identity, in dataset order.

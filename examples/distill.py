@@ -87,7 +87,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--expression", type=float, default=0.4,
                    help="within-identity variation of the synthetic faces (higher = harder)")
     # models and training
-    p.add_argument("--student", default="mobilefacenet")
+    p.add_argument("--student", default="mobilefacenet", choices=("mobilefacenet", "ir18", "ir34", "ir50", "ir100"),
+                   help="student backbone")
     p.add_argument("--teacher", choices=("ir18", "ir34", "ir50", "ir100"), help="teacher backbone")
     p.add_argument("--teacher-width", type=int, help="channels of the teacher's first stage (64 = published)")
     p.add_argument("--teacher-checkpoint", default=None, help="state_dict of the teacher (skips its training)")
@@ -134,6 +135,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("rkd_weight", "ekd_weight"):  # (negative: the distillation loss would be maximised)
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    try:  # the loss and the head refuse these themselves, but only once they are built (after the teacher)
+        EKDLoss(momentum=args.ekd_momentum)
+        ArcFace(2, 2, scale=args.scale, margin=args.margin)
+    except ValueError as error:
+        parser.error(f"--ekd-momentum, --scale or --margin: {error}")
     for path in (args.data, args.eval_data, args.pairs, args.teacher_checkpoint):
         if path is not None and not pathlib.Path(path).exists():
             parser.error(f"{path} does not exist")
@@ -429,7 +439,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     + [pathlib.Path(p).name for p in plots]),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\nfinal TPRs (test identities, all pairs):")
+    print(f"\nfinal TPRs (test identities, {'pairs list' if test.pairs else 'all pairs'}):")
     print(f"  {'teacher':8s} " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()))
     for run, tprs in final.items():
         print(f"  {run:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in tprs.items()))

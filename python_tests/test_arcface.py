@@ -111,6 +111,12 @@ def test_rejects_bad_input():
         ArcFace(8, 3, margin=2.0)
     with pytest.raises(ValueError, match="scale"):
         ArcFace(8, 3, scale=0.0)
+    # by type: a string "False" applied the easy margin, bools passed as 1.0
+    with pytest.raises(ValueError, match="easy_margin must be True or False, got 'False'"):
+        ArcFace(8, 3, easy_margin="False")
+    for name, value in (("scale", True), ("margin", True), ("margin", "0.5"), ("scale", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            ArcFace(8, 3, **{name: value})
 
 
 def test_rejects_empty_batch_bad_labels_and_one_dimensional_embeddings():

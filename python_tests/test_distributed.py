@@ -587,6 +587,24 @@ def test_module_built_before_init_process_group_is_sharded(agreement_results, na
                             dist_workers.local_part(want["grad"], AGREEMENT_WORLD, rank), f"{name} rank {rank}")
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(process_group="world"), r"process_group must be a torch.distributed process group .* got 'world' \(str\)"),
+    (dict(process_group=3), r"process_group must be a torch.distributed process group .* got 3 \(int\)"),
+    (dict(process_group=None, backend="triton"), "backend='triton' with process_group: the sharded loss computes"),
+    (dict(process_group=dist.group.WORLD, backend="csrc"), "backend='csrc' with process_group"),
+])
+def test_process_group_and_backend_are_checked_when_built(kwargs, match):
+    """A process_group that is no group failed only at the first call, inside torch.distributed;
+    a backend named with one did nothing (the sharded loss computes with PyTorch ops)."""
+    with pytest.raises(ValueError, match=match):
+        EKDLoss(**kwargs)
+
+
+def test_repr_says_whether_the_loss_is_sharded():
+    assert "sharded" not in repr(EKDLoss())
+    assert repr(EKDLoss(process_group=None)).endswith("backend='auto', sharded over the default process group)")
+
+
 def test_process_group_none_without_torch_distributed_raises():
     """process_group=None (or dist.group.WORLD, None before init) needs torch.distributed; the
     default EKDLoss() is single-process, also after a copy or a pickle."""

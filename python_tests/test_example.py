@@ -136,6 +136,12 @@ def test_data_options_are_checked(tmp_path, make, match):
     (["--quick", "--teacher", "mobilefacenet"], "invalid choice: 'mobilefacenet'"),
     (["--quick", "--lr", "-1"], "--lr must be positive"),
     (["--quick", "--data", "missing_folder"], "missing_folder does not exist"),
+    # (before: each of these failed only after the teacher's training, or trained a NaN epoch)
+    (["--quick", "--student", "foo"], "invalid choice: 'foo'"),
+    (["--quick", "--ekd-momentum", "2"], "momentum must lie in [0, 1], got 2.0"),
+    (["--quick", "--ekd-weight", "-1"], "--ekd-weight must be a finite number >= 0, got -1.0"),
+    (["--quick", "--rkd-weight", "nan"], "--rkd-weight must be a finite number >= 0, got nan"),
+    (["--quick", "--margin", "2"], "margin must lie in [0, pi/2), got 2.0"),
 ])
 def test_example_refuses_bad_arguments_before_training(tmp_path, args, message):
     """Arguments that would fail later (after the teacher's training) or be silently ignored are

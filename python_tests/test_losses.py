@@ -413,6 +413,9 @@ def test_bad_options():
         pwr_loss(s, t, algorithm="fast")
     with pytest.raises(ValueError, match="teacher_diff"):
         pwr_loss(s, t, loss_type="ranknet", algorithm="sorted")
+    for chunk in (0, True, 2.0):  # (True passed as 1)
+        with pytest.raises(ValueError, match="chunk must be a positive integer"):
+            pwr_loss(s, t, chunk=chunk, algorithm="couples")
     with pytest.raises(ValueError, match="temperature"):
         hinton_kd_loss(s, t, temperature=0)
     with pytest.raises(ValueError, match="same shape"):
@@ -678,6 +681,15 @@ def test_option_types_and_values_are_checked(make, match):
 def test_meta_inputs_are_refused_by_name(fn):
     with pytest.raises(ValueError, match=f"{fn.__name__} selects by the values .* meta tensors hold none"):
         fn(torch.randn(6, 4, device="meta"), torch.randn(6, 4, device="meta"))
+
+
+def test_unified_meta_inputs_are_refused_by_name():
+    """(before: torch's NotImplementedError from nonzero, deep inside)"""
+    s, t, labels = torch.randn(6, 4, device="meta"), torch.randn(6, 4, device="meta"), torch.arange(6, device="meta")
+    with pytest.raises(ValueError, match="unified_kd_loss selects by the values .* meta tensors hold none"):
+        unified_kd_loss(s, t, labels)
+    with pytest.raises(ValueError, match="UnifiedKDLoss selects by the values .* meta tensors hold none"):
+        UnifiedKDLoss(4).to("meta")(s, t, labels)
 
 
 def test_hinton_refuses_sparse_logits():

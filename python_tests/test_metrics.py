@@ -252,6 +252,23 @@ def test_all_pairs_rejects_zero_width_and_bad_tiles():
     assert verify_all_pairs(embeddings, labels, tile=(np.int64(2), 3)) == verify_all_pairs(embeddings, labels)
 
 
+def test_fprs_and_labels_are_checked_before_any_pass():
+    """No FPR at all, or one outside (0, 1), is refused by name by both entry points (all-pairs
+    verification refused an empty list with min()'s error, after a pass over the pairs); so are
+    complex labels."""
+    embeddings, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    for fprs in ((), [], torch.zeros(0)):
+        with pytest.raises(ValueError, match="fprs must hold at least one false-positive rate"):
+            verify_all_pairs(embeddings, labels, fprs=fprs)
+        with pytest.raises(ValueError, match="fprs must hold at least one false-positive rate"):
+            tpr_at_fpr(torch.rand(10), torch.rand(100), fprs=fprs)
+    for fprs in ((0.1, 1.5), (0.0,), (-0.1,)):
+        with pytest.raises(ValueError, match="every FPR must lie in \\(0, 1\\)"):
+            verify_all_pairs(embeddings, labels, fprs=fprs)
+    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor"):
+        verify_all_pairs(embeddings, labels.to(torch.complex64))
+
+
 @pytest.mark.parametrize("fpr", [1 - 1e-13, 1 - 3e-13])
 def test_fpr_that_rounds_to_one_is_refused(fpr):
     """0 < f < 1 but its fraction (denominator <= 10^12) is 1: index L, past the last negative.

@@ -131,6 +131,10 @@ def test_default_length_and_tensor_labels():
     (dict(general_size=2, num_identities=2, rank=2, world_size=2), "rank"),
     (dict(general_size=10_000, num_identities=2), "exceeds"),
     (dict(general_size=2, num_identities=2, num_batches=0), "num_batches"),
+    # by type: a string "False" drew with replacement, a fractional rank yielded no batch
+    (dict(general_size=2, num_identities=2, replacement="False"), "replacement must be True or False"),
+    (dict(general_size=2, num_identities=2, rank=0.5, world_size=2), "rank must be an integer, got 0.5"),
+    (dict(general_size=2, num_identities=2, world_size=2.0), "world_size must be an integer, got 2.0"),
 ])
 def test_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -233,7 +233,7 @@ def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", lo
         return nan_unless_finite(_SortedDiffExp.apply(student_scores, teacher_scores, float(beta)), finite)
     if chunk is None:
         chunk = max(1, _CHUNK_ELEMENTS // max(1, num_pairs))
-    elif not (isinstance(chunk, int) and chunk >= 1):
+    elif isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     return nan_unless_finite(_RankingCouples.apply(student_scores, teacher_scores, loss_type, margin,
                                                    float(margin_value), float(power), float(beta), chunk), finite)

@@ -48,7 +48,7 @@ from torch import nn
 
 from .._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts
 from ..validation import refuse_stateful_recomputation
-from ._common import (all_finite, check_embedding_pair, check_integer, check_number, compute_dtypes,
+from ._common import (all_finite, check_embedding_pair, check_has_values, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
 #: The bank's ring state (state_dict entries), written by every training-mode call.
@@ -85,6 +85,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     not: they are normalised here), ``bank_labels`` (M,), ``own_index`` (B,): the bank row of each
     sample's own entry or -1.  No bank: the batch's teacher embeddings, own entries excluded."""
     check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="unified_kd_loss")
+    check_has_values(student, "unified_kd_loss")
     _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
     student, teacher = compute_dtypes(student, teacher)
     batch = student.shape[0]
@@ -207,6 +208,7 @@ class UnifiedKDLoss(nn.Module):
         refuse_stateful_recomputation(self, "writes the batch into its memory bank",
                                       "checkpoint unified_kd_loss with an explicit bank")
         check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="UnifiedKDLoss")
+        check_has_values(student, "UnifiedKDLoss")
         if teacher.shape[1] != self.dim:
             raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
                              f"got embeddings of width {teacher.shape[1]}")
