@@ -17,7 +17,7 @@ from ekd_kernels import reference
 from ekd_kernels.reference import draw_random_negatives
 
 from conftest import require_backend
-from helpers import assert_grad_close, make_batch
+from helpers import THRESHOLD_ATOL, assert_grad_close, assert_loss_close, make_batch
 from loop_oracle import oracle
 
 SIG99 = 1.0 / (1.0 + math.exp(-50.0))  # sigmoid(99) after the clamp at 50
@@ -887,3 +887,41 @@ def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
         assert torch.equal(compiled_model.weight.grad, eager_model.weight.grad)
         assert torch.equal(compiled_crit.student_thresholds, eager_crit.student_thresholds)
         assert torch.equal(compiled_crit.teacher_thresholds, eager_crit.teacher_thresholds)
+
+
+def test_reduce_overhead_compile_graphs_the_loss(fast_backend, device):
+    """torch.compile(mode="reduce-overhead") of a step (a layer, then the loss): inductor captures
+    it in CUDA graphs, the loss's kernels included (no graph skipped: the fast backends run no
+    host synchronisation and mutate only the module's buffers), and each replayed step gives the
+    eager step's loss, the layer's gradient and the EMA state (inductor's own layer kernels: close,
+    not bitwise).  The easy way to the graphed rows of the benchmark, without the manual capture."""
+    if device.type != "cuda":
+        pytest.skip("mode='reduce-overhead' captures CUDA graphs: CUDA only")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def step(model, crit, x, t, y):
+        return crit(model(x), t, y)
+
+    def make():
+        torch.manual_seed(1)
+        return torch.nn.Linear(16, 10).to(device), EKDLoss(backend=fast_backend, num_hard_negatives=50).to(device)
+
+    (eager_model, eager_crit), (compiled_model, compiled_crit) = make(), make()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for seed in range(5):  # the first calls warm up and record, the later ones replay
+        x, t, y = make_batch(64, 16, 12, seed=seed, device=device)
+        want = step(eager_model, eager_crit, x, t, y)
+        want.backward()
+        got = compiled(compiled_model, compiled_crit, x, t, y)
+        got.backward()
+        assert_loss_close(got.detach(), want.detach())
+        assert_grad_close(compiled_model.weight.grad, eager_model.weight.grad)
+        for name in ("student_thresholds", "teacher_thresholds"):
+            torch.testing.assert_close(getattr(compiled_crit, name), getattr(eager_crit, name), rtol=0,
+                                       atol=THRESHOLD_ATOL, msg=f"step {seed}: {name}")
+        eager_model.zero_grad()
+        compiled_model.zero_grad()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
