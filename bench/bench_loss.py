@@ -5,10 +5,13 @@
     python bench/bench_loss.py --sizes 256 1024 --methods ekd/csrc floor --dtypes float32
 
 For each batch size B (D = 512) and dtype: forward+backward and forward-only time of each method
-(median and 20th/80th percentiles of the repeats after a warm-up call, fresh random inputs), and
+(median and 20th/80th percentiles of the repeats after two warm-up calls; one seeded random input
+set per B and dtype, the same for every repeat and method), and
 the peak memory of one forward+backward (CUDA: max_memory_allocated; CPU: growth of the process's
 peak RSS, VmHWM, reset before each measurement). "floor" is the two Gram matrices S @ S.T and
 T @ T.T by torch.mm (fp32 at "highest" precision): what any exact EKD must at least compute.
+On CUDA "floor/tf32" is the same at "high" precision (one TF32 pass on the tensor cores), for
+context: the Triton backend's fp32 dots are tf32x3 (three TF32 passes), between the two.
 Ratios are taken within this run. A method stops at the first B where one call would exceed the
 time budget (extrapolated from the previous size) or the memory it needs would not fit; the
 output says where and why. Backends that cannot run are listed with their reason.
@@ -17,7 +20,8 @@ On CUDA, "ekd/triton+graph" and "ekd/csrc+graph" are those backends captured in 
 forward+backward, one forward, captured at a method's first call after two warm-up calls) and
 replayed after copying each call's inputs into the graphs' static tensors: the loss inside a
 training step captured whole, where no Python runs and nothing is launched but the graph, i.e.
-the device's time. Their peak memory includes the graphs' private pools.
+the device's time (the input copies and the graph's launch included). Their peak memory includes
+the graphs' private pools and the static input copies.
 """
 
 from __future__ import annotations
@@ -116,10 +120,16 @@ def rkd_method(loss_fn):
     return forward_backward, forward
 
 
-def floor_method():
+def floor_method(precision="highest"):
+    """The two Grams at the fp32 matmul `precision` (the script runs at "highest")."""
     def grams(student, teacher, labels):
-        torch.mm(student, student.t())
-        torch.mm(teacher, teacher.t())
+        default = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
+        try:
+            torch.mm(student, student.t())
+            torch.mm(teacher, teacher.t())
+        finally:
+            torch.set_float32_matmul_precision(default)
 
     return grams, grams
 
@@ -153,6 +163,8 @@ def all_methods(device):
     else:
         skipped["rkd/fast"] = why
     methods["floor"] = floor_method
+    if device.type == "cuda":  # context for fp32: one TF32 pass (Triton's fp32 dots take three)
+        methods["floor/tf32"] = lambda: floor_method("high")
     return methods, skipped
 
 
@@ -206,9 +218,10 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None
                     with PeakMemory(device) as peak:
                         forward_backward(*inputs)
                     first = time.perf_counter() - t0
-                    # The first call may be mostly compiling (Triton: seconds): unless it was slow against
-                    # the budget, the repeat count comes from a second, warm call.
-                    if first <= budget_s / 4:
+                    # The first call may be mostly compiling (Triton: seconds, more on a cold cache):
+                    # unless it alone took the whole budget, the repeat count comes from a second, warm
+                    # call (a compile over budget / 4 used to leave the median of 2 calls).
+                    if first <= budget_s:
                         forward(*inputs)
                         t0 = time.perf_counter()
                         forward_backward(*inputs)
@@ -239,7 +252,7 @@ def ratios(rows):
         if not name.startswith("ekd/"):
             continue
         entry = {"dtype": dtype, "batch": batch, "name": name}
-        for other in ("ekd/reference", "rkd/reference", "rkd/fast", "floor"):
+        for other in ("ekd/reference", "rkd/reference", "rkd/fast", "floor", "floor/tf32"):
             if (dtype, batch, other) in by and other != name:
                 entry[f"vs_{other}"] = t / by[(dtype, batch, other)]
         out.append(entry)

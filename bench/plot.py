@@ -42,7 +42,8 @@ def newest(rows, key):
 
 def plot_loss(rows, out: pathlib.Path, plt):
     written = []
-    rows = newest([r for r in rows if r.get("benchmark") == "loss"],
+    # D = 512 only (the benchmark's default): a run at another width would join the same curves
+    rows = newest([r for r in rows if r.get("benchmark") == "loss" and r.get("dim", 512) == 512],
                   lambda r: (r["device"], r["name"], r["batch"], r["dtype"]))
     for device, dtype in sorted({(r["device"], r["dtype"]) for r in rows}):
         sub = [r for r in rows if r["device"] == device and r["dtype"] == dtype]
@@ -54,7 +55,7 @@ def plot_loss(rows, out: pathlib.Path, plt):
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
         ax.set_ylabel("forward+backward per batch (ms)")
-        ax.set_title(f"EKD vs RKD vs floor, D={sub[0]['dim']}, {dtype}\n{device}", fontsize=9)
+        ax.set_title(f"EKD vs RKD vs floor, D=512, {dtype}\n{device}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         path = out / f"loss_{slug(sub[0].get('device_type', 'x') + '-' + device)[:40]}_{dtype}.png"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -419,12 +420,19 @@ def windows_outcome(run):
             "capacity": w32["window_keys"].shape[1], "candidates": int(w32["candidate_count"][1])}
 
 
-def profile(sizes, device, out, calls=5, backends=None):
-    """Per backend, dtype and B: the wall time of one forward+backward (synchronised), the host's
-    time to issue it (no sync), and from torch.profiler the device kernels: launches per call,
-    busy time per call, and the kernels that take the most.  When the wall time is far above the
-    busy time the call is bound by its launches and Python (the GPU idles between kernels); when
-    they are close, the top kernels are the ones to speed up."""
+def profile(sizes, device, out, calls=5, backends=None, rounds=1):
+    """Per backend, dtype and B: the time of a forward+backward over `calls` back-to-back calls
+    synchronised at the end ("wall": a loop's throughput, the host issuing a call while the device
+    runs the previous one), the host's time to issue them (no sync), and from torch.profiler the
+    device kernels: launches per call, busy time per call, and the kernels that take the most.
+    When the wall time is far above the busy time the call is bound by its launches and Python
+    (the GPU idles between kernels); when they are close, the top kernels are the ones to speed up.
+
+    Every backend (and A/B variant) is built, checked against the first variant of its backend
+    and warmed up (compiled) before any is measured; then `rounds` rounds measure them in turn,
+    one warm call before each measurement, so that no variant owes its figure to its place in the
+    order or to clocks that drift during the run: the figures are the medians over the rounds, the
+    device times of every round listed beside them (their spread is the noise of an A/B)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -435,11 +443,12 @@ def profile(sizes, device, out, calls=5, backends=None):
         for dtype in (torch.float32, torch.bfloat16):
             student, teacher, labels = batch_of(size, dtype, device, seed=size)
             first_results = {}  # backend name -> (label, loss, gradient) of its first variant in the list
+            prepared = []
             for backend in backends:
                 name, settings = backend_variant(backend)
                 crit = EKDLoss(backend=name).to(device)
 
-                def step():
+                def step(crit=crit):
                     x = student.detach().requires_grad_(True)
                     crit(x, teacher, labels).backward()
 
@@ -452,31 +461,47 @@ def profile(sizes, device, out, calls=5, backends=None):
                     for _ in range(3):  # compile, warm the allocator
                         step()
                     sync(device)
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        step()
-                    issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
-                    sync(device)
-                    wall = (time.perf_counter() - start) / calls
-                    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                    with torch_profile(activities=activities) as prof:
+                prepared.append((backend, settings, step, agreement, windows))
+            measured = {backend: [] for backend, *_ in prepared}
+            for _ in range(rounds):
+                for backend, settings, step, _, _ in prepared:
+                    with triton_settings(**settings):
+                        step()  # (after another variant's calls)
+                        sync(device)
+                        start = time.perf_counter()
                         for _ in range(calls):
                             step()
+                        issued = (time.perf_counter() - start) / calls  # host time, while the device may lag
                         sync(device)
-                kernels = {}
-                for e in prof.key_averages():
-                    busy = getattr(e, "self_device_time_total", None)
-                    if busy is None:
-                        busy = getattr(e, "self_cuda_time_total", 0)
-                    if cuda and busy > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-                        kernels[e.key] = (e.count / calls, busy / calls)
+                        wall = (time.perf_counter() - start) / calls
+                        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                        with torch_profile(activities=activities) as prof:
+                            for _ in range(calls):
+                                step()
+                            sync(device)
+                    kernels = {}
+                    for e in prof.key_averages():
+                        busy = getattr(e, "self_device_time_total", None)
+                        if busy is None:
+                            busy = getattr(e, "self_cuda_time_total", 0)
+                        if cuda and busy > 0 and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                            kernels[e.key] = (e.count / calls, busy / calls)
+                    busy_us = sum(us for _, us in kernels.values())
+                    measured[backend].append(dict(wall=wall, issued=issued, busy_us=busy_us, kernels=kernels,
+                                                  host_ops=host_op_times(prof, calls)))
+            for backend, _, _, agreement, windows in prepared:
+                runs = measured[backend]
+                # the round of median device time gives the kernel and host-op breakdown
+                middle = sorted(runs, key=lambda r: r["busy_us"])[len(runs) // 2]
+                wall, issued = statistics.median(r["wall"] for r in runs), statistics.median(r["issued"] for r in runs)
+                busy_us, kernels, host_ops = middle["busy_us"], middle["kernels"], middle["host_ops"]
                 launches = sum(n for n, _ in kernels.values())
-                busy_us = sum(us for _, us in kernels.values())
                 top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]
-                host_ops = host_op_times(prof, calls)
                 row = {"B": size, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
                        "wall_ms": round(wall * 1e3, 3), "host_issue_ms": round(issued * 1e3, 3),
                        "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
+                       "rounds": len(runs), "device_busy_ms_rounds": [round(r["busy_us"] / 1e3, 3) for r in runs],
+                       "wall_ms_rounds": [round(r["wall"] * 1e3, 3) for r in runs],
                        **({"same_as": agreement} if agreement else {}),
                        **({"windows": windows} if windows else {}),
                        "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
@@ -487,6 +512,9 @@ def profile(sizes, device, out, calls=5, backends=None):
                 report.append(row)
                 print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
                       f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
+                if len(runs) > 1:
+                    print(f"  rounds: device busy {row['device_busy_ms_rounds']} ms, wall {row['wall_ms_rounds']} ms",
+                          flush=True)
                 if agreement:
                     print(f"  against {agreement['backend']}: {'bitwise equal' if agreement['bitwise'] else 'differs'}, "
                           f"loss {agreement['loss_abs_diff']:.3g}, gradient {agreement['grad_max_abs_diff']:.3g} "
@@ -544,6 +572,8 @@ def main():
     parser.add_argument("--backends", nargs="+", default=None,
                         help="profile: these backends only; triton:VARIANT is an earlier state of the Triton "
                              f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)})")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="profile: rounds measuring every backend in turn (after all are compiled); medians")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.what == "sanitize":
@@ -552,7 +582,7 @@ def main():
     if args.what == "large":
         return large(args.sizes, device, args.out)
     if args.what == "profile":
-        return profile(args.sizes, device, args.out, backends=args.backends)
+        return profile(args.sizes, device, args.out, backends=args.backends, rounds=args.rounds)
     if args.what == "once":
         return once(args.sizes, device, args.backend, args.dtype)
     return consistency(args.sizes, device, args.reference_max, args.out)

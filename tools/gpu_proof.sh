@@ -128,13 +128,16 @@ case "$stage" in
     # them); and pass 1 keeping the keys in windows around the targets (PASS1_WINDOWS: pass 2
     # then histograms them instead of recomputing the tiles; also off until this measures it).
     # Launch settings (gpu_exercise.LAUNCH_VARIANTS: warps, register caps) at
-    # B = 1024, where a call is a chain of few-program kernels, and at 8192.
+    # B = 1024, where a call is a chain of few-program kernels, and at 8192.  Every variant is
+    # compiled first, then 3 rounds measure them in turn (medians; each round's device time in
+    # the "rounds" line: the spread is the A/B's noise, and no variant gains from its place).
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
       local name=$1 max=$2 sizes=$3; shift 3
-      step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" \
+      step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" --rounds 3 \
         --out $T/$name.json > $T/$name.log 2>&1
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
-      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows" $T/$name.log; } >> "$OUT/summary.txt"
+      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
+        >> "$OUT/summary.txt"
     }
     ab triton-ab 120 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
       triton:windows triton:windows-warps8
