@@ -859,6 +859,17 @@ def test_backend_resolution_traces_under_compile(device_type):
     assert torch.equal(torch.compile(count, fullgraph=True, backend="eager")(torch.zeros(2)), count(torch.zeros(2)))
 
 
+def _layer_then_loss(model, crit, x, t, y):
+    """The compiled steps' step: a layer, then the loss."""
+    return crit(model(x), t, y)
+
+
+def _layer_and_loss(backend, device):
+    """A seeded layer and a loss on `backend`: two calls give identical pairs, eager and compiled."""
+    torch.manual_seed(1)
+    return torch.nn.Linear(16, 10).to(device), EKDLoss(backend=backend, num_hard_negatives=50).to(device)
+
+
 def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
     """torch.compile(dynamic=True) of a step (a layer, then the loss): the graph compiled for the
     first batch serves batches of two other sizes (a short last batch of an epoch) without a
@@ -866,14 +877,8 @@ def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
     state)."""
     import torch._dynamo
 
-    def step(model, crit, x, t, y):
-        return crit(model(x), t, y)
-
-    def make():
-        torch.manual_seed(1)
-        return torch.nn.Linear(16, 10).to(device), EKDLoss(backend=fast_backend, num_hard_negatives=50).to(device)
-
-    (eager_model, eager_crit), (compiled_model, compiled_crit) = make(), make()
+    step = _layer_then_loss
+    (eager_model, eager_crit), (compiled_model, compiled_crit) = (_layer_and_loss(fast_backend, device) for _ in "ab")
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
     for batch in (24, 32, 20):
@@ -900,14 +905,8 @@ def test_reduce_overhead_compile_graphs_the_loss(fast_backend, device):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    def step(model, crit, x, t, y):
-        return crit(model(x), t, y)
-
-    def make():
-        torch.manual_seed(1)
-        return torch.nn.Linear(16, 10).to(device), EKDLoss(backend=fast_backend, num_hard_negatives=50).to(device)
-
-    (eager_model, eager_crit), (compiled_model, compiled_crit) = make(), make()
+    step = _layer_then_loss
+    (eager_model, eager_crit), (compiled_model, compiled_crit) = (_layer_and_loss(fast_backend, device) for _ in "ab")
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(step, mode="reduce-overhead")
