@@ -11,8 +11,9 @@ teacher (IR-50 by default) run under no_grad, backward, SGD step. Settings: base
 only; the teacher is not run), + RKD (reference, and the O(B^2) one where built), + EKD on every
 available backend. Reported: per-step time (median, p20, p80), the loss's share of the step (the
 loss's own forward+backward on the step's embeddings and labels, under the same autocast, timed
-separately, over the step time), peak memory.  The settings run one after the other on the same
-student (each block of steps trains it further), in the order above.
+separately, over the step time), peak memory.  The settings take turns, in rounds (the repeats
+split between them; 3 on CUDA), so that none owes its figure to its place in the order; they
+share one student, which every step trains further.
 The paper (16 V100s, 32 + 32 per GPU): baseline 0.068 s, RKD 0.147 s, EKD 0.129 s.
 """
 
@@ -123,6 +124,8 @@ def main(argv=None):
                         "ekd/reference ekd/triton ekd/csrc")
     parser.add_argument("--amp", action="store_true", help="autocast bf16 (default on CUDA)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds over the settings, the repeats split between them (default 3 on CUDA, 1 on CPU)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--out", default=None, help="a .jsonl file or a folder (default bench/results/)")
     args = parser.parse_args(argv)
@@ -132,6 +135,7 @@ def main(argv=None):
     torch.set_float32_matmul_precision("highest")
     generals = args.batches or ([4] if args.quick else ([32, 512] if cuda else [16]))
     repeats = args.repeats or (2 if args.quick else (10 if cuda else 3))
+    rounds = max(1, min(repeats, args.rounds or (3 if cuda and not args.quick else 1)))
     teacher_name = args.teacher or ("ir18" if args.quick else "ir50")
     amp_dtype = torch.bfloat16 if (args.amp or cuda) else None
 
@@ -154,24 +158,41 @@ def main(argv=None):
     progress = Progress(len(generals) * len(settings), "bench train step")
     for general in generals:
         images, labels = make_batch(general, args.num_classes, device, seed=general)
+        prepared = {}  # setting -> (step, the loss's own call or None, peak bytes)
         for name, loss_fn in settings.items():
             progress.step(f"{name} B={general}+{general}")
             step = make_step(student, teacher, head, optimizer, loss_fn, images, labels, general, amp_dtype)
             try:
                 with PeakMemory(device) as peak:
                     step()
-                step_times = summary(time_calls(step, device, repeats))
-                issue_times = summary(host_issue_times(step, device, repeats))
-                loss_times = (summary(time_calls(loss_in_step(loss_fn, student, teacher, images, labels, amp_dtype),
-                                                 device, repeats)) if loss_fn is not None else None)
+                loss_call = (loss_in_step(loss_fn, student, teacher, images, labels, amp_dtype)
+                             if loss_fn is not None else None)
             except (RuntimeError, MemoryError) as exc:
                 skipped[f"{name} B={general}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                 continue
+            prepared[name] = (step, loss_call, peak.bytes)
+        # The settings in turn, `rounds` times (repeats split between the rounds): no setting owes
+        # its figure to its place in the order (each block of steps trains the one student further).
+        times = {name: {"step": [], "issue": [], "loss": []} for name in prepared}
+        per_round = max(1, -(-repeats // rounds))
+        for _ in range(rounds):
+            for name, (step, loss_call, _) in list(prepared.items()):
+                try:
+                    times[name]["step"] += time_calls(step, device, per_round)
+                    times[name]["issue"] += host_issue_times(step, device, per_round)
+                    if loss_call is not None:
+                        times[name]["loss"] += time_calls(loss_call, device, per_round)
+                except (RuntimeError, MemoryError) as exc:
+                    skipped[f"{name} B={general}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    del prepared[name]
+        for name, (_, loss_call, peak_bytes) in prepared.items():
+            step_times, issue_times = summary(times[name]["step"]), summary(times[name]["issue"])
+            loss_times = summary(times[name]["loss"]) if loss_call is not None else None
             rows.append({**env, "benchmark": "train_step", "setting": name, "batch": 2 * general,
                          "general": general, "teacher": teacher_name, "dtype": "bf16-amp" if amp_dtype else "float32",
-                         "step": step_times, "loss": loss_times,
+                         "step": step_times, "loss": loss_times, "rounds": rounds,
                          "loss_share": (loss_times["median_s"] / step_times["median_s"]) if loss_times else None,
-                         "step_host_issue": issue_times, "peak_memory_bytes": peak.bytes})
+                         "step_host_issue": issue_times, "peak_memory_bytes": peak_bytes})
 
     print(f"\nper training step ({env['device']}; paper, 16 V100s at 32+32: baseline 0.068 s, RKD 0.147 s, "
           "EKD 0.129 s)")
