@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <array>
 #include <limits>
 #include <vector>
@@ -448,21 +449,80 @@ struct ModelSelection {
   std::vector<Candidate<T>> candidates;
 };
 
-//! Stage 3 for both models: two passes over the pairs (histograms, then the wanted buckets).
-//! `boundary_rank` >= 0 also selects the student's key of that rank (the top-N boundary).
+//! The most negatives (L) that stage 3 selects directly rather than by the radix select: below
+//! a few thousand pairs the radix select's 65536-bin tables (clearing, summing, scanning them)
+//! cost more than the pairs (about 150 us a call at B = 4, on one thread), while the direct
+//! selection costs O(L) per wanted rank.  EKD_CPU_DIRECT_SELECT_MAX overrides it (the tests set
+//! 0, the radix select at every L, to compare the two bit for bit).
+constexpr int64_t kDirectSelectMax = 8192;
+
+int64_t direct_select_max() {
+  const char* setting = std::getenv("EKD_CPU_DIRECT_SELECT_MAX");
+  if (setting == nullptr || *setting == '\0') return kDirectSelectMax;
+  char* end = nullptr;
+  const long long value = std::strtoll(setting, &end, 10);
+  EKD_CHECK_VALUE(*end == '\0' && value >= 0, "EKD_CPU_DIRECT_SELECT_MAX must be a non-negative integer, got '",
+                  setting, "'");
+  return int64_t(value);
+}
+
+//! Stage 3 without the radix select, for few negatives: every key in row-major order, then each
+//! wanted rank by nth_element; the student's top-N candidates are the pairs at or above the
+//! boundary key, in row-major order.  The same keys as the radix select (order statistics are
+//! unique) and the same candidates for hardest_negatives, which takes those above the boundary
+//! and the first ties in row-major order either way.
+template <typename T>
+std::array<ModelSelection<T>, 2> select_directly(const ModelViews<T>& views, const ForwardOptions& options,
+                                                 int64_t boundary_rank, int64_t num_negatives) {
+  std::array<ModelSelection<T>, 2> out;
+  for (int model = 0; model < 2; ++model) {
+    const bool with_boundary = model == 0 && boundary_rank >= 0;
+    std::vector<key_t<T>> keys;
+    std::vector<Candidate<T>> pairs;  // (the student's, for the candidates)
+    keys.reserve(static_cast<size_t>(num_negatives));
+    if (with_boundary) pairs.reserve(static_cast<size_t>(num_negatives));
+    for (int64_t row = 0; row < views[model].batch; ++row) {
+      views[model].for_each_negative(row, [&](int64_t i, int64_t j, T value) {
+        keys.push_back(order_key(value));
+        if (with_boundary) pairs.push_back({i, j, keys.back()});
+      });
+    }
+    // (rows in turn give row-major order for the student, whose row i owns (i, j > i); the
+    // teacher's order does not matter: only its keys are selected)
+    std::vector<int64_t> ranks = threshold_ranks(int64_t(keys.size()), options);
+    if (with_boundary) ranks.push_back(boundary_rank);
+    std::vector<key_t<T>> selected;
+    for (int64_t rank : ranks) {  // descending rank r is ascending position L - 1 - r
+      const auto at = keys.begin() + (int64_t(keys.size()) - 1 - rank);
+      std::nth_element(keys.begin(), at, keys.end());
+      selected.push_back(*at);
+    }
+    for (int64_t k = 0; k < options.num_thresholds(); ++k)
+      out[model].batch_thresholds.push_back(value_of_key<T>(selected[k]));
+    if (with_boundary) {
+      out[model].boundary_key = selected.back();
+      for (const Candidate<T>& c : pairs)
+        if (c.key >= out[model].boundary_key) out[model].candidates.push_back(c);
+    }
+  }
+  return out;
+}
+
+//! Stage 3 for both models: two passes over the pairs (histograms, then the wanted buckets), or
+//! for few negatives the direct selection above.  `boundary_rank` >= 0 also selects the
+//! student's key of that rank (the top-N boundary).  `num_negatives`: L, from the label groups.
 template <typename T>
 std::array<ModelSelection<T>, 2> select_thresholds(const ModelViews<T>& views, const ForwardOptions& options,
-                                                   int64_t boundary_rank) {
+                                                   int64_t boundary_rank, int64_t num_negatives) {
   std::array<ModelSelection<T>, 2> out;
-  RadixTables& radix = radix_tables();
-  negative_histograms(views, radix);
-  const std::array<std::vector<int64_t>, 2>& histograms = radix.histograms;
-  int64_t num_negatives = 0;
-  for (int64_t c : histograms[0]) num_negatives += c;
   if (num_negatives == 0) {
     for (auto& model : out) model.batch_thresholds.assign(static_cast<size_t>(options.num_thresholds()), T(NAN));
     return out;
   }
+  if (num_negatives <= direct_select_max()) return select_directly(views, options, boundary_rank, num_negatives);
+  RadixTables& radix = radix_tables();
+  negative_histograms(views, radix);
+  const std::array<std::vector<int64_t>, 2>& histograms = radix.histograms;
   std::array<std::vector<RankRequest>, 2> requests;
   std::array<BucketTable, 2> tables;
   for (int model = 0; model < 2; ++model) {
@@ -750,7 +810,7 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
   const ModelViews<T> views{ModelView<T>{sims, batch, /*upper=*/true, label_data},
                             ModelView<T>{sims, batch, /*upper=*/false, label_data}};
   const int64_t boundary_rank = hardest && num_selected > 0 ? num_selected - 1 : -1;
-  const std::array<ModelSelection<T>, 2> selections = select_thresholds(views, options, boundary_rank);
+  const std::array<ModelSelection<T>, 2> selections = select_thresholds(views, options, boundary_rank, num_negative);
   const ModelSelection<T>& student_sel = selections[0];
   const ModelSelection<T>& teacher_sel = selections[1];
 

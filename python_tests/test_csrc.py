@@ -4,6 +4,7 @@ CUDA build, and the cases the shared suites do not stress (expanded inputs, ties
 on larger odd shapes).  The golden figures and the random comparisons with the reference run
 for "csrc" in test_golden.py and test_against_reference.py."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -230,6 +231,48 @@ def test_large_identity_groups(device, variant):
     """Groups of 32 or more members take the CPU's per-group matmul path."""
     student, teacher, labels = make_batch(130, 24, 16, 3, seed=12, device=device)
     compare_with_reference(student, teacher, labels, EKDConfig(compute_critical_ratio=True, **variant), steps=2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + [{"num_hard_negatives": 1}, {"num_hard_negatives": 5000}],
+                         ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "default")
+def test_direct_selection_is_the_radix_selection(monkeypatch, variant):
+    """Up to a few thousand negatives the CPU op selects thresholds and the top N directly (every
+    key, nth_element per rank: csrc select_directly) instead of by the radix select; with
+    EKD_CPU_DIRECT_SELECT_MAX=0 it takes the radix select at every L.  Both must give every output
+    bitwise alike, over consecutive calls, fp32 and fp64, on random batches and on batches whose
+    rows all appear three times (exact ties at every rank and at the top-N cut), B = 2 to 90."""
+    config = EKDConfig(**variant)
+    for batch, ties, dtype in [(2, False, torch.float32), (5, True, torch.float64), (40, False, torch.float32),
+                               (61, True, torch.float32), (90, False, torch.float64), (90, True, torch.float64)]:
+        student, teacher, labels = make_batch(batch, 8, 6, max(batch // 3, 2), seed=batch, dtype=dtype)
+        if ties:
+            rows = torch.arange(batch) % max(1, (batch + 2) // 3)
+            student, teacher = student[rows], teacher[rows]
+        runs = []
+        for direct_max in (None, "0"):
+            if direct_max is None:
+                monkeypatch.delenv("EKD_CPU_DIRECT_SELECT_MAX", raising=False)
+            else:
+                monkeypatch.setenv("EKD_CPU_DIRECT_SELECT_MAX", direct_max)
+            state, outputs = None, []
+            for step in range(2):
+                result, grad = forward_backward(student.roll(step, 1), teacher, labels, config, state=state, seed=step)
+                state = (result.student_thresholds, result.teacher_thresholds)
+                outputs += [result.loss, grad, *state, *(getattr(result.stats, f.name) for f in
+                                                          dataclasses.fields(result.stats))]
+            runs.append(outputs)
+        for got, want in zip(*runs):  # (exactly equal; NaN where no negative pair gives a batch threshold)
+            assert (got is None) == (want is None), (batch, ties, dtype)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=f"{batch} {ties} {dtype}")
+
+
+def test_direct_selection_setting_is_checked(monkeypatch):
+    student, teacher, labels = make_batch(12, 6, 4, 4, seed=5)
+    for bad in ("-1", "x", "1.5"):
+        monkeypatch.setenv("EKD_CPU_DIRECT_SELECT_MAX", bad)
+        with pytest.raises(ValueError, match="EKD_CPU_DIRECT_SELECT_MAX must be a non-negative integer"):
+            forward_backward(student, teacher, labels, EKDConfig(num_hard_negatives=10))
 
 
 @pytest.mark.parametrize("lanes", [32, 8])
