@@ -6,7 +6,9 @@
 //   threshold selection: radix selection over order-preserving integer keys of the negatives:
 //                       a 16-bit histogram pass, then one pass that collects only the elements of
 //                       the few buckets holding a wanted rank; std::nth_element finishes inside
-//                       them.  No sort of all pairs.
+//                       them.  No sort of all pairs.  Up to kDirectSelectMax negatives,
+//                       std::nth_element over every key instead (the 65536-bin tables would
+//                       cost more than the pairs).
 //   pair selection    : the top-N hardest negatives are the elements above the N-th largest key
 //                       (collected in the same second pass) plus the first ties in row-major order.
 //   rank loss         : positives from the label groups (pair by pair with ekd_math.h, shared
