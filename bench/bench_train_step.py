@@ -91,18 +91,21 @@ def make_step(student, teacher, head, optimizer, loss_fn, images, labels, genera
 
 def loss_in_step(loss_fn, student, teacher, images, labels, amp_dtype):
     """The distillation loss's own forward+backward as the step runs it: on the step's embeddings
-    (bf16 under AMP, from the student's last layers) and labels, inside the same autocast.  (It was
+    (bf16 under AMP, from the student's last layers, in training mode) and labels, inside the same
+    autocast.  (It was
     timed on fp32 random embeddings outside autocast, where RKD and the reference EKD multiply in
     fp32 rather than the step's bf16.)"""
     autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
-    training = student.training
-    student.eval()  # (this extra forward leaves the BatchNorm statistics alone)
-    try:
-        with torch.no_grad(), autocast:
-            student_embeddings, teacher_embeddings = student(images), teacher(images)
-    finally:
-        student.train(training)
+    # In training mode, as the step (eval mode's BatchNorm, with statistics still near their
+    # initial values, gave every image the same embedding: collapsed similarities), the BatchNorm
+    # statistics restored after this extra forward.
+    buffers = [b.clone() for b in student.buffers()]
+    with torch.no_grad(), autocast:
+        student_embeddings, teacher_embeddings = student(images), teacher(images)
+    with torch.no_grad():
+        for b, saved in zip(student.buffers(), buffers):
+            b.copy_(saved)
 
     def call():
         x = student_embeddings.detach().requires_grad_(True)

@@ -35,6 +35,14 @@ class _NotSharded:
 _NOT_SHARDED = _NotSharded()
 
 
+def _is_non_group_member(process_group, dist) -> bool:
+    marker = getattr(dist.GroupMember, "NON_GROUP_MEMBER", None)
+    if marker is None or isinstance(process_group, bool):
+        return False
+    return process_group is marker or (isinstance(marker, int) and isinstance(process_group, int)
+                                       and process_group == marker)
+
+
 def _check_process_group(process_group, backend: str) -> None:
     """ValueError, when the module is built, for a process_group that is not a group (a string
     such as "world" failed only at the first call, deep inside torch.distributed) and for a
@@ -50,6 +58,10 @@ def _check_process_group(process_group, backend: str) -> None:
         return
     import torch.distributed as dist
 
+    # (dist.new_group returns GroupMember.NON_GROUP_MEMBER on the ranks outside the group: code
+    # that builds the loss on every rank and calls it on the members only stays valid)
+    if dist.is_available() and _is_non_group_member(process_group, dist):
+        return
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
         raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD, or one made "
                          f"by dist.new_group) or None for the default group, got {process_group!r} "

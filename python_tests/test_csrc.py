@@ -410,17 +410,19 @@ def test_deterministic_across_runs_and_thread_counts(variant, identities):
             assert torch.equal(a, b)
 
 
-def test_radix_tables_carry_nothing_between_calls():
+def test_radix_tables_carry_nothing_between_calls(monkeypatch):
     """The CPU op keeps its radix select's tables from call to call (RadixTables, ekd_cpu.cpp),
     and each worker clears its own slice only when it takes a row chunk.  A call with fewer
     chunks than threads (B = 2: three chunks) leaves a thread idle that counted in the call
     before (B = 300): what it counted then must not reach the thresholds.  Four threads,
     consecutive calls against the reference, the EMA state carried; B = 2 with one negative
-    pair, and with none."""
+    pair, and with none.  EKD_CPU_DIRECT_SELECT_MAX=0: the radix select at every B (B = 2 would
+    otherwise select directly and never touch the tables)."""
     large = make_batch(300, 24, 16, 100, seed=1)
     one_negative = make_batch(2, 24, 16, 2, seed=2)[:2] + (torch.tensor([0, 1]),)
     no_negative = make_batch(2, 24, 16, 2, seed=3)[:2] + (torch.tensor([5, 5]),)
     threads = torch.get_num_threads()
+    monkeypatch.setenv("EKD_CPU_DIRECT_SELECT_MAX", "0")
     try:
         torch.set_num_threads(4)
         helpers.compare_with_reference("csrc", [large, one_negative, large, no_negative, large],

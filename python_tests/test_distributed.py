@@ -600,6 +600,12 @@ def test_process_group_and_backend_are_checked_when_built(kwargs, match):
         EKDLoss(**kwargs)
 
 
+def test_loss_built_on_a_rank_outside_its_group():
+    """dist.new_group returns GroupMember.NON_GROUP_MEMBER on the ranks outside the group: code
+    that builds the loss on every rank (and calls it on the members only) still builds it."""
+    assert EKDLoss(process_group=dist.GroupMember.NON_GROUP_MEMBER).process_group is dist.GroupMember.NON_GROUP_MEMBER
+
+
 def test_repr_says_whether_the_loss_is_sharded():
     assert "sharded" not in repr(EKDLoss())
     assert repr(EKDLoss(process_group=None)).endswith("backend='auto', sharded over the default process group)")
