@@ -36,11 +36,10 @@ _NOT_SHARDED = _NotSharded()
 
 
 def _is_non_group_member(process_group, dist) -> bool:
+    """Whether it is GroupMember.NON_GROUP_MEMBER (an int in recent releases: compared by value,
+    a bool excluded)."""
     marker = getattr(dist.GroupMember, "NON_GROUP_MEMBER", None)
-    if marker is None or isinstance(process_group, bool):
-        return False
-    return process_group is marker or (isinstance(marker, int) and isinstance(process_group, int)
-                                       and process_group == marker)
+    return marker is not None and (process_group is marker or (type(process_group) is int and process_group == marker))
 
 
 def _check_process_group(process_group, backend: str) -> None:
@@ -60,12 +59,12 @@ def _check_process_group(process_group, backend: str) -> None:
 
     # (dist.new_group returns GroupMember.NON_GROUP_MEMBER on the ranks outside the group: code
     # that builds the loss on every rank and calls it on the members only stays valid)
-    if dist.is_available() and _is_non_group_member(process_group, dist):
+    if dist.is_available() and (isinstance(process_group, dist.ProcessGroup)
+                                or _is_non_group_member(process_group, dist)):
         return
-    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD, or one made "
-                         f"by dist.new_group) or None for the default group, got {process_group!r} "
-                         f"({type(process_group).__name__})")
+    raise ValueError("process_group must be a torch.distributed process group (dist.group.WORLD, or one made "
+                     f"by dist.new_group) or None for the default group, got {process_group!r} "
+                     f"({type(process_group).__name__})")
 
 
 class EKDLoss(nn.Module):

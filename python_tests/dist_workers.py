@@ -155,13 +155,13 @@ def ddp_step(world, rank, path, device=torch.device("cpu")):
 
 
 @contextlib.contextmanager
-def gloo_process_group(rank, world, port, timeout_s=60):
-    """This process as rank `rank` of a local gloo group of `world`, one thread each (the ranks
-    share the machine's cores)."""
+def local_process_group(rank, world, port, backend="gloo", timeout_s=60):
+    """This process as rank `rank` of a local group of `world` (gloo, or NCCL for CUDA tensors),
+    one thread each (the ranks share the machine's cores)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield
     finally:
@@ -193,24 +193,18 @@ def one_rank_worker(rank, world, port, out_dir, device_type):
     on that device.  On CUDA the group is NCCL's (one GPU cannot hold two NCCL ranks, and gloo
     has no all_gather of CUDA tensors), so this is how a single GPU runs the sharded engine's
     tensor work and its collectives on CUDA tensors; on the CPU, gloo (the same test's twin)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
+    with local_process_group(rank, world, port, "nccl" if device.type == "cuda" else "gloo", timeout_s=120):
         out = {path: run_scenarios(world, rank, path, device) for path in SHARDED_PATHS}
         out["ddp"] = ddp_step(world, rank, "sharded", device)
         torch.save(tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, out),
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def worker(rank, world, port, out_dir):
-    with gloo_process_group(rank, world, port):
+    with local_process_group(rank, world, port):
         out = {path: run_scenarios(world, rank, path) for path in ("gather", *SHARDED_PATHS)}
         out["frames_compiled"] = frames_compiled(world, rank)
         out["ddp"] = {path: ddp_step(world, rank, path) for path in ("gather", "sharded")}
@@ -399,7 +393,7 @@ def run_collapsed(world, rank, **settings):
 
 
 def big_worker(rank, world, port, out_dir):
-    with gloo_process_group(rank, world, port):
+    with local_process_group(rank, world, port):
         out = {"default_chunks": run_big(world, rank, BIG_SCENARIOS, instrumented=False)}
         with engine_settings(CHUNK_PAIRS=SMALL_CHUNK_PAIRS):
             out["small_chunks"] = run_big(world, rank, BIG_INSTRUMENTED, instrumented=True)
@@ -581,7 +575,7 @@ def agreement_worker(rank, world, port, out_dir):
     # built before init_process_group, as a model and its loss often are: dist.group.WORLD is None
     # then, and so is process_group=None; both mean the default group, resolved at each call
     early = {"world_before_init": EKDLoss(process_group=dist.group.WORLD), "none": EKDLoss(process_group=None)}
-    with gloo_process_group(rank, world, port, timeout_s=AGREEMENT_TIMEOUT_S):
+    with local_process_group(rank, world, port, timeout_s=AGREEMENT_TIMEOUT_S):
         out = {}
         for name, crit in early.items():
             student, teacher, labels = agreement_batch(world, rank)
