@@ -145,15 +145,18 @@ MAX_COARSE_COPIES = 16
 #: kept for the benchmark's A/B (tools/gpu_exercise.py profile --backends triton triton:no-skip).
 PASS2_SKIP_EMPTY_TARGETS = True
 #: Whether pass 2 adds all its targets' histograms in one aggregation a tile (kernels.
-#: _fine_histograms) instead of one per target.  Same thresholds either way; off until a GPU run
-#: measures it against the per-target pass (tools/gpu_exercise.py profile --backends triton
-#: triton:one-aggregation).  Used only while num_targets x 65536 bins fit in int32.
-PASS2_ONE_AGGREGATION = False
+#: _fine_histograms) instead of one per target.  Same thresholds either way.  Used only while
+#: num_targets x 65536 bins fit in int32.  On by default since the third GPU run (H200, B = 8192,
+#: device time, medians of 3 interleaved rounds, bitwise the same outputs): with PASS2_DIRECT_MAX
+#: below, 3.81 ms a forward+backward against 4.05 per target in fp32, 1.88 against 2.13 in bf16
+#: (bench/results/gpu_proof_h200_2026-11-26c; A/B: tools/gpu_exercise.py triton:per-target).
+PASS2_ONE_AGGREGATION = True
 #: Pass 2 adds a tile's pairs of a target bucket by per-element atomics, without the
 #: aggregation's reductions, when they are at most this many (kernels._histogram_add_if_any; 0:
 #: always the aggregation).  Needs PASS2_SKIP_EMPTY_TARGETS (the tile's count).  Same histograms
-#: either way; 0 until a GPU run measures it (tools/gpu_exercise.py triton:direct-atomics).
-PASS2_DIRECT_MAX = 0
+#: either way; 256 since the third GPU run (above; alone it gained 1-2%, with one aggregation 1.5%
+#: in fp32 and 3.6% in bf16 over one aggregation alone).
+PASS2_DIRECT_MAX = 256
 #: Pass 1 also keeps the keys in a window of buckets around each target, placed by the cutoff's
 #: sample (kernels.window_select_kernel), and the top-N candidates at or above the top-N window;
 #: when every target's exact bucket lies in its window and the buffers held (decided on the
@@ -191,10 +194,14 @@ STATE_SIZE = 16
 #: Launch options by kernel name (num_warps, num_stages, maxnreg); a kernel not named takes
 #: Triton's defaults (4 warps, 3 stages, no register cap).  Any setting gives the same counts,
 #: thresholds and selection, and float sums that agree up to rounding (the warps split a block's
-#: reductions differently); each setting is bitwise deterministic run to run.  Empty until a GPU
-#: A/B measures another setting faster (tools/gpu_exercise.py profile --backends triton
-#: triton:warps8-tiles ...); the interpreter ignores them.
-LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {}
+#: reductions differently); each setting is bitwise deterministic run to run.  The interpreter
+#: ignores them.  Pass 1 capped at 168 registers (three 4-warp programs an SM instead of two;
+#: fp32 spills 8-32 B, bf16 none) since the third GPU run's A/B (H200, device time, bitwise the
+#: same outputs): 3.80 against 4.05 ms a forward+backward at B = 8192 in fp32, 2.19 against 2.22
+#: in bf16, no change at 1024.  8 warps for the tile kernels lost (7.0 against 4.05 ms in fp32 at
+#: 8192); for the other kernels they gained 2-3% at 1024 only (tools/gpu_exercise.py
+#: LAUNCH_VARIANTS; bench/NOTES.md).
+LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {"coarse_histogram_kernel": dict(maxnreg=168)}
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
 INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1

@@ -51,14 +51,18 @@ LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/
 VARIANTS = [dict(), dict(critical_only=True, compute_critical_ratio=True), dict(rank_loss="eq7"),
             dict(rank_loss="eq8", num_hard_negatives=100), dict(negative_selection="random")]
 COUNTS = ("num_positive_pairs", "num_negative_pairs", "num_selected_negatives", "num_critical_selected")
-# Pass 2's other ways (triton_ekd settings): without skipping the targets (and the top-N
-# candidates) a tile has no pair of (the second GPU run's pass 2), in one aggregation for all
-# targets, and by per-element atomics for a tile's few pairs of a bucket (at most 256), per target
-# or in one aggregation (the last three off by default until measured).  All are A/B variants
-# and forced paths below.
-PASS2_VARIANTS = {"no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False), "one-aggregation": dict(PASS2_ONE_AGGREGATION=True),
-                  "direct-atomics": dict(PASS2_DIRECT_MAX=256),
-                  "one-aggregation-direct": dict(PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=256)}
+# Pass 2's ways (triton_ekd settings, each named in full so that it means the same whatever the
+# defaults): per target, skipping the targets (and the top-N candidates) a tile has no pair of
+# (the third GPU run's default), without skipping them (the second run's pass 2), in one
+# aggregation for all targets, and by per-element atomics for a tile's few pairs of a bucket (at
+# most 256), per target or in one aggregation (the default since the third run).  All are A/B
+# variants and forced paths below.
+PASS2_VARIANTS = {"per-target": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AGGREGATION=False, PASS2_DIRECT_MAX=0),
+                  "no-skip": dict(PASS2_SKIP_EMPTY_TARGETS=False, PASS2_ONE_AGGREGATION=False, PASS2_DIRECT_MAX=0),
+                  "one-aggregation": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AGGREGATION=True, PASS2_DIRECT_MAX=0),
+                  "direct-atomics": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AGGREGATION=False, PASS2_DIRECT_MAX=256),
+                  "one-aggregation-direct": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AGGREGATION=True,
+                                                 PASS2_DIRECT_MAX=256)}
 # Pass 1 keeping the keys in windows around the targets, so that pass 2 reads them instead of
 # recomputing the tiles when every target lies in its window (triton_ekd.PASS1_WINDOWS, off until
 # measured; at B >= triton_ekd.CUTOFF_MIN_BATCH, where the cutoff's sample places the windows);
@@ -87,7 +91,8 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_
 # - warps8-rest: 8 warps for the others: the scans over 65536 bins (a program per target and
 #   model), the gathers, fills and the backward's rows.
 # - warps8: both.
-# - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers: three programs an SM.
+# - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers: three programs an SM (the
+#   shipped setting since the third GPU run); triton-defaults: no kernel named (the one before).
 # - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers: two
 #   programs an SM, twice the default's warps for pass 2.
 TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "coarse_histogram_windows_kernel",
@@ -99,6 +104,7 @@ LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KER
                    "warps8-rest": {name: dict(num_warps=8) for name in OTHER_KERNELS},
                    "warps8": {name: dict(num_warps=8) for name in TILE_KERNELS + OTHER_KERNELS},
                    "pass1-maxnreg168": {"coarse_histogram_kernel": dict(maxnreg=168)},
+                   "triton-defaults": {},
                    "histograms-warps8-maxnreg128": {name: dict(num_warps=8, maxnreg=128)
                                                     for name in ("coarse_histogram_kernel", "fine_histogram_kernel")}}
 PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNCH_VARIANTS["warps8-tiles"])
@@ -420,6 +426,18 @@ def windows_outcome(run):
             "capacity": w32["window_keys"].shape[1], "candidates": int(w32["candidate_count"][1])}
 
 
+def peak_extra_mib(step, device):
+    """The most memory one warm call allocates above what was allocated before it (MiB, CUDA only):
+    an A/B variant's buffers (pass 1's windows grow with the pairs) beside its time."""
+    if device.type != "cuda":
+        return None
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+
+
 def profile(sizes, device, out, calls=5, backends=None, rounds=1):
     """Per backend, dtype and B: the time of a forward+backward over `calls` back-to-back calls
     synchronised at the end ("wall": a loop's throughput, the host issuing a call while the device
@@ -461,10 +479,11 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                     for _ in range(3):  # compile, warm the allocator
                         step()
                     sync(device)
-                prepared.append((backend, settings, step, agreement, windows))
+                    peak_mib = peak_extra_mib(step, device)
+                prepared.append((backend, settings, step, agreement, windows, peak_mib))
             measured = {backend: [] for backend, *_ in prepared}
             for _ in range(rounds):
-                for backend, settings, step, _, _ in prepared:
+                for backend, settings, step, *_ in prepared:
                     with triton_settings(**settings):
                         step()  # (after another variant's calls)
                         sync(device)
@@ -489,7 +508,7 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                     busy_us = sum(us for _, us in kernels.values())
                     measured[backend].append(dict(wall=wall, issued=issued, busy_us=busy_us, kernels=kernels,
                                                   host_ops=host_op_times(prof, calls)))
-            for backend, _, _, agreement, windows in prepared:
+            for backend, _, _, agreement, windows, peak_mib in prepared:
                 runs = measured[backend]
                 # the round of median device time gives the kernel and host-op breakdown
                 middle = sorted(runs, key=lambda r: r["busy_us"])[len(runs) // 2]
@@ -502,6 +521,7 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                        "device_busy_ms": round(busy_us / 1e3, 3), "kernel_launches": round(launches, 1),
                        "rounds": len(runs), "device_busy_ms_rounds": [round(r["busy_us"] / 1e3, 3) for r in runs],
                        "wall_ms_rounds": [round(r["wall"] * 1e3, 3) for r in runs],
+                       **({"peak_extra_MiB": peak_mib} if peak_mib is not None else {}),
                        **({"same_as": agreement} if agreement else {}),
                        **({"windows": windows} if windows else {}),
                        "top_kernels": [{"name": k[:120], "per_call": round(n, 1), "us": round(us, 1)}
@@ -511,7 +531,8 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                                         for k, (n, us) in sorted(host_ops.items(), key=lambda kv: -kv[1][1])[:12]]}
                 report.append(row)
                 print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
-                      f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches", flush=True)
+                      f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches"
+                      + (f", peak {peak_mib} MiB above the inputs" if peak_mib is not None else ""), flush=True)
                 if len(runs) > 1:
                     print(f"  rounds: device busy {row['device_busy_ms_rounds']} ms, wall {row['wall_ms_rounds']} ms",
                           flush=True)

@@ -71,7 +71,7 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (pass 2's ways, launch settings), compute-sanitizer memcheck
+    # A/B runs of the Triton variants (pass 1's windows), compute-sanitizer memcheck
     # at B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
     # the consistency check up to B = 32768, B = 65537 (past int32 pair counts), where a call's
     # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192, Nsight Compute on
@@ -122,15 +122,14 @@ case "$stage" in
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
-    # gradient compared with the default's.  Pass 2 at B = 8192: without skipping empty targets
-    # (the second run's pass 2), in one aggregation for all targets, by per-element atomics in
-    # sparse tiles, and both (gpu_exercise.PASS2_VARIANTS; off by default until this measures
-    # them); and pass 1 keeping the keys in windows around the targets (PASS1_WINDOWS: pass 2
-    # then histograms them instead of recomputing the tiles; also off until this measures it).
-    # Launch settings (gpu_exercise.LAUNCH_VARIANTS: warps, register caps) at
-    # B = 1024, where a call is a chain of few-program kernels, and at 8192.  Every variant is
-    # compiled first, then 3 rounds measure them in turn (medians; each round's device time in
-    # the "rounds" line: the spread is the A/B's noise, and no variant gains from its place).
+    # gradient compared with the default's.  The third lease measured pass 2's ways, pass 1's
+    # windows and launch settings at B = 8192 (and 1024): one aggregation with direct atomics and
+    # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
+    # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
+    # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
+    # them.  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
+    # round's device time in the "rounds" line: the spread is the A/B's noise, and no variant
+    # gains from its place).
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
       local name=$1 max=$2 sizes=$3; shift 3
       step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" --rounds 3 \
@@ -139,12 +138,9 @@ case "$stage" in
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
-    ab triton-ab 120 8192 triton:no-skip triton:one-aggregation triton:direct-atomics triton:one-aggregation-direct \
-      triton:windows triton:windows-warps8
-    ab launch-ab 150 "1024 8192" triton:warps8-tiles triton:warps8-rest triton:warps8 triton:pass1-maxnreg168 \
-      triton:histograms-warps8-maxnreg128
+    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:triton-defaults
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
-    memcheck 33 90
+    memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
     if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
