@@ -21,7 +21,10 @@ forward+backward, one forward, captured at a method's first call after two warm-
 replayed after copying each call's inputs into the graphs' static tensors: the loss inside a
 training step captured whole, where no Python runs and nothing is launched but the graph, i.e.
 the device's time (the input copies and the graph's launch included). Their peak memory includes
-the graphs' private pools and the static input copies.
+the graphs' private pools and the static input copies. "ekd/triton+compile" and
+"ekd/csrc+compile" time the same loss under `torch.compile(mode="reduce-overhead")` (inductor's
+CUDA graphs: the README's one-line way to them), input copies and the graph tree's bookkeeping
+included; their peak memory is that of the first call, which compiles.
 """
 
 from __future__ import annotations
@@ -108,6 +111,24 @@ def ekd_graph_method(backend, device, crit=None):
     return (lambda *inputs: replay(True, *inputs)), (lambda *inputs: replay(False, *inputs))
 
 
+def ekd_compile_method(backend, device, crit=None):
+    """EKD inside `torch.compile(mode="reduce-overhead", fullgraph=True)`, the README's one line to
+    CUDA graphs: inductor records the call in its CUDA graphs and replays them (module docstring).
+    A new shape compiles at its first call and records at its second; the benchmark's warm-up
+    calls come before any timed one.  `crit`: the module (default: a fresh EKDLoss of `backend`)."""
+    crit = crit if crit is not None else EKDLoss(backend=backend).to(device)
+    compiled = torch.compile(lambda s, t, y: crit(s, t, y), mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def forward_backward(student, teacher, labels):
+        compiled(student.detach().requires_grad_(True), teacher, labels).backward()
+
+    def forward(student, teacher, labels):
+        with torch.no_grad():
+            compiled(student, teacher, labels)
+
+    return forward_backward, forward
+
+
 def rkd_method(loss_fn):
     def forward_backward(student, teacher, labels):
         student = student.detach().requires_grad_(True)
@@ -165,6 +186,10 @@ def all_methods(device):
     methods["floor"] = floor_method
     if device.type == "cuda":  # context for fp32: one TF32 pass (Triton's fp32 dots take three)
         methods["floor/tf32"] = lambda: floor_method("high")
+        # last: their first calls compile (inductor), and a run cut short keeps the rows above
+        for name in ("triton", "csrc"):
+            if f"ekd/{name}" in methods:
+                methods[f"ekd/{name}+compile"] = lambda n=name: ekd_compile_method(n, device)
     return methods, skipped
 
 
@@ -287,7 +312,7 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes B")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="subset of: ekd/reference ekd/triton ekd/csrc rkd/reference rkd/fast floor "
-                             "(CUDA: ekd/triton+graph ekd/csrc+graph)")
+                             "(CUDA: ekd/triton+graph ekd/csrc+graph ekd/triton+compile ekd/csrc+compile)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)

@@ -85,6 +85,35 @@ def test_loss_bench_graph_method_replays_the_eager_steps(monkeypatch, backend):
     assert torch.equal(captured.teacher_thresholds, eager.teacher_thresholds)
 
 
+@pytest.mark.parametrize("backend", ["triton", "csrc"])
+def test_loss_bench_compile_graph_method_runs_the_eager_steps(monkeypatch, backend):
+    """The benchmark's torch.compile(mode="reduce-overhead") method runs the loss it claims to
+    time: four forward+backward calls on two batches (compile, record, replays) leave the
+    module's EMA state where four eager calls leave it (inductor may round the EMA's update
+    differently: the golden threshold tolerance).  On a CPU
+    (no CUDA graphs there) the csrc backend runs the same compiled path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+    from helpers import THRESHOLD_ATOL
+    from ekd_kernels import EKDLoss
+    from ekd_kernels.backends import available_backends
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend not in available_backends(device) or (device.type == "cpu" and backend == "triton"):
+        pytest.skip(f"the {backend} backend is not run compiled on {device.type} here (the interpreter: slow)")
+    torch._dynamo.reset()
+    batches = [bench_loss.make_inputs(256, 64, torch.float32, device, seed=seed) for seed in (3, 3, 3, 4)]
+    compiled, eager = EKDLoss(backend=backend).to(device), EKDLoss(backend=backend).to(device)
+    forward_backward, _ = bench_loss.ekd_compile_method(backend, device, crit=compiled)
+    for inputs in batches:
+        forward_backward(*inputs)
+        leaf = inputs[0].detach().clone().requires_grad_(True)
+        eager(leaf, *inputs[1:]).backward()
+    for name in ("student_thresholds", "teacher_thresholds"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=0, atol=THRESHOLD_ATOL)
+    assert not torch.equal(compiled.student_thresholds, EKDLoss(backend=backend).to(device).student_thresholds)
+
+
 def test_train_step_bench_quick(tmp_path):
     out = tmp_path / "train.jsonl"
     run_script("bench_train_step.py", "--quick", "--batches", "2", "--methods", "baseline", "ekd/reference",

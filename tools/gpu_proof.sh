@@ -74,7 +74,8 @@ case "$stage" in
     # A/B runs of the Triton variants (pass 1's windows), compute-sanitizer memcheck
     # at B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
     # the consistency check up to B = 32768, B = 65537 (past int32 pair counts), where a call's
-    # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192, Nsight Compute on
+    # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192 (then under
+    # torch.compile(mode="reduce-overhead")), Nsight Compute on
     # the Triton kernels at B = 8192, the loss benchmark at 32768, the training step, then
     # memcheck at B = 4096. At most 8 files
     # come back (the device tool's limit), and this stage writes exactly 8 to $OUT (summary.txt,
@@ -157,8 +158,14 @@ case "$stage" in
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc \
+      ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log
+    # the README's one line to CUDA graphs, torch.compile(mode="reduce-overhead"), beside the
+    # hand-captured graph and eager (a step of its own: inductor's compiles take most of it)
+    step bench-compile 75 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/triton ekd/triton+graph \
+      ekd/triton+compile ekd/csrc+compile --out "$OUT/loss.jsonl" > $T/bench_compile.log 2>&1
+    bench_lines $T/bench_compile.log
     # why the top kernels take what they take: speed of light, occupancy, stall reasons (text)
     step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py once --sizes 8192 \
