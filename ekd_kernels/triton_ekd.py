@@ -154,8 +154,8 @@ PASS2_ONE_AGGREGATION = True
 #: Pass 2 adds a tile's pairs of a target bucket by per-element atomics, without the
 #: aggregation's reductions, when they are at most this many (kernels._histogram_add_if_any; 0:
 #: always the aggregation).  Needs PASS2_SKIP_EMPTY_TARGETS (the tile's count).  Same histograms
-#: either way; 256 since the third GPU run (above; alone it gained 1-2%, with one aggregation 1.5%
-#: in fp32 and 3.6% in bf16 over one aggregation alone).
+#: either way; 256 since the third GPU run (above; alone it gained 0.8% in fp32, within the noise,
+#: and 2.3% in bf16; with one aggregation 1.5% in fp32 and 3.6% in bf16 over one aggregation alone).
 PASS2_DIRECT_MAX = 256
 #: Pass 1 also keeps the keys in a window of buckets around each target, placed by the cutoff's
 #: sample (kernels.window_select_kernel), and the top-N candidates at or above the top-N window;
@@ -198,7 +198,7 @@ STATE_SIZE = 16
 #: ignores them.  Pass 1 capped at 168 registers (three 4-warp programs an SM instead of two;
 #: fp32 spills 8-32 B, bf16 none) since the third GPU run's A/B (H200, device time, bitwise the
 #: same outputs): 3.80 against 4.05 ms a forward+backward at B = 8192 in fp32, 2.19 against 2.22
-#: in bf16, no change at 1024.  8 warps for the tile kernels lost (7.0 against 4.05 ms in fp32 at
+#: in bf16 (within the noise), no change at 1024.  8 warps for the tile kernels lost (7.0 against 4.05 ms in fp32 at
 #: 8192); for the other kernels they gained 2-3% at 1024 only (tools/gpu_exercise.py
 #: LAUNCH_VARIANTS; bench/NOTES.md).
 LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {"coarse_histogram_kernel": dict(maxnreg=168)}
