@@ -329,6 +329,17 @@ def test_pass2_modes_against_the_reference(monkeypatch, mode):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True, compute_critical_ratio=True),
+                                     dict(negative_selection="random")], ids=["default", "critical", "random"])
+def test_tile32_variant_against_the_reference(monkeypatch, options):
+    """Every tile pass, the positive kernels and the selected pairs' blocks on 32 x 32 tiles (the
+    benchmark's A/B variant triton:tile32, for small B): the reference's results over consecutive
+    calls, with partial last tiles (B = 150 is not a multiple of 32)."""
+    monkeypatch.setattr(triton_ekd, "TILE", 32)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)
+
+
 def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
     """No mode changes a bin: every target's fine histogram (both models; the teacher has no
     top-N slot) is the same in all of them, on a batch where targets share a bucket (FPRs 1e-5

@@ -113,7 +113,12 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 # first GPU run's pass-1 structure; both keep the later change to one model's tile at a time,
 # and the pass-2 skip, so they compare with the default, not with the earlier runs' figures);
 # pass 2's variants; pass 1's windows; the launch settings.
+# - tile32: every tile pass (and the positive kernels' row blocks) on 32 x 32 tiles instead of
+#   64 x 64: at B <= 1024 each tile kernel is one wave of few programs, each a latency chain over
+#   its tile; 4x the programs of a quarter of the work each.  Same results up to rounding (the
+#   dots' blocks differ), not bitwise.
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
+                   "tile32": dict(TILE=32),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}

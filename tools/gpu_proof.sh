@@ -71,7 +71,7 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (pass 1's windows), compute-sanitizer memcheck
+    # A/B runs of the Triton variants (pass 1's windows, 32 x 32 tiles), compute-sanitizer memcheck
     # at B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
     # the consistency check up to B = 32768, B = 65537 (past int32 pair counts), where a call's
     # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192 (then under
@@ -128,7 +128,7 @@ case "$stage" in
     # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
     # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
     # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
-    # them.  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
+    # them; and 32 x 32 tiles at B = 256 and 1024 (device latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
     # round's device time in the "rounds" line: the spread is the A/B's noise, and no variant
     # gains from its place).
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
@@ -140,6 +140,8 @@ case "$stage" in
         >> "$OUT/summary.txt"
     }
     ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:triton-defaults
+    # 32 x 32 tiles where a tile kernel is one wave of few programs (gpu_exercise TRITON_VARIANTS)
+    ab tile-ab 60 "256 1024" triton:tile32
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
     memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
