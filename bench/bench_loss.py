@@ -111,22 +111,36 @@ def ekd_graph_method(backend, device, crit=None):
     return (lambda *inputs: replay(True, *inputs)), (lambda *inputs: replay(False, *inputs))
 
 
-def ekd_compile_method(backend, device, crit=None):
+def ekd_compile_method(backend, device, crit=None, warm_up=3):
     """EKD inside `torch.compile(mode="reduce-overhead", fullgraph=True)`, the README's one line to
     CUDA graphs: inductor records the call in its CUDA graphs and replays them (module docstring).
-    A new shape compiles at its first call and records at its second; the benchmark's warm-up
-    calls come before any timed one.  `crit`: the module (default: a fresh EKDLoss of `backend`)."""
+    The first call of each shape and grad mode runs `warm_up` times (compile, inductor's warm-up
+    run, the recording), so that no timed call compiles or records whatever the driver's warm-up
+    calls; on CUDA a graph that inductor skipped raises (the row would not be what it says).
+    Dynamo's caches are reset first: every factory call compiles the same code, whose cache
+    would pass dynamo's recompile limit after a few sizes and dtypes (with fullgraph, an error).
+    `crit`: the module (default: a fresh EKDLoss of `backend`)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters["inductor"].clear()
     crit = crit if crit is not None else EKDLoss(backend=backend).to(device)
     compiled = torch.compile(lambda s, t, y: crit(s, t, y), mode="reduce-overhead", fullgraph=True, dynamic=False)
+    seen = set()
 
-    def forward_backward(student, teacher, labels):
-        compiled(student.detach().requires_grad_(True), teacher, labels).backward()
+    def call(grad, student, teacher, labels):
+        key = (grad, student.shape, student.dtype)
+        for _ in range(1 if key in seen else warm_up):
+            if grad:
+                compiled(student.detach().requires_grad_(True), teacher, labels).backward()
+            else:
+                with torch.no_grad():
+                    compiled(student, teacher, labels)
+        if key not in seen and device.type == "cuda" and counters["inductor"]["cudagraph_skips"]:
+            raise RuntimeError(f"inductor skipped its CUDA graphs: {dict(counters['inductor'])}")
+        seen.add(key)
 
-    def forward(student, teacher, labels):
-        with torch.no_grad():
-            compiled(student, teacher, labels)
-
-    return forward_backward, forward
+    return (lambda *inputs: call(True, *inputs)), (lambda *inputs: call(False, *inputs))
 
 
 def rkd_method(loss_fn):
@@ -186,7 +200,8 @@ def all_methods(device):
     methods["floor"] = floor_method
     if device.type == "cuda":  # context for fp32: one TF32 pass (Triton's fp32 dots take three)
         methods["floor/tf32"] = lambda: floor_method("high")
-        # last: their first calls compile (inductor), and a run cut short keeps the rows above
+        # last at each B and dtype: their first calls compile (inductor), and a run cut short
+        # there keeps the other methods' rows of that B and dtype
         for name in ("triton", "csrc"):
             if f"ekd/{name}" in methods:
                 methods[f"ekd/{name}+compile"] = lambda n=name: ekd_compile_method(n, device)
@@ -252,8 +267,9 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None
                         forward_backward(*inputs)
                         sync(device)
                         first = time.perf_counter() - t0
-                except (RuntimeError, MemoryError) as exc:  # out of memory, or a backend refusing the dtype
-                    stopped[key] = f"stopped at B={batch}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                except Exception as exc:  # out of memory, a backend refusing the dtype, a compile failing
+                    # (one method stops, with its reason in the output; the others go on)
+                    stopped[key] = f"stopped at B={batch}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
                     continue
                 reps = repeats if first * (2 * repeats + 2) <= budget_s else max(2, int(budget_s / (2 * first)))
                 fb = summary(time_calls(lambda: forward_backward(*inputs), device, reps))

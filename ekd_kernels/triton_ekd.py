@@ -202,12 +202,15 @@ STATE_SIZE = 16
 #: 8192); for the other kernels they gained 2-3% at 1024 only (tools/gpu_exercise.py
 #: LAUNCH_VARIANTS; bench/NOTES.md).
 LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {"coarse_histogram_kernel": dict(maxnreg=168)}
+_ON_HIP = torch.version.hip is not None
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
 INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1
 #: Largest batch: the tile passes launch a (cdiv(B, TILE), cdiv(B, TILE)) grid, whose axis 1
-#: may not pass 65535 (a CUDA grid's y dimension).
-MAX_BATCH = 65535 * TILE
+#: may not pass 65535 (a CUDA grid's y dimension).  (MAX_BATCH: at the shipped TILE; the check
+#: reads TILE at each call, which an A/B variant may change.)
+MAX_GRID_Y = 65535
+MAX_BATCH = MAX_GRID_Y * TILE
 #: Largest number of selected negatives min(N, B(B-1)/2): the top-N candidate buffer holds
 #: CANDIDATE_FACTOR (4) slots per selected pair and is indexed in int32.
 MAX_SELECTED_NEGATIVES = (2**31 - 1) // 4
@@ -344,8 +347,9 @@ def _histogram_dtype(num_pairs: int) -> torch.dtype:
 
 def _check_limits(batch: int, config: EKDConfig) -> None:
     """The sizes the kernels' launch grids and int32 buffers allow (module docstring, Limits)."""
-    check_batch_limit(batch, MAX_BATCH, "triton", f"its tile passes launch a grid of cdiv(B, {TILE}) x "
-                                                  f"cdiv(B, {TILE}) programs, and a grid's axis 1 stops at 65535")
+    check_batch_limit(batch, MAX_GRID_Y * TILE, "triton", f"its tile passes launch a grid of cdiv(B, {TILE}) x "
+                                                          f"cdiv(B, {TILE}) programs, and a grid's axis 1 stops at "
+                                                          f"{MAX_GRID_Y}")
     num_pairs = batch * (batch - 1) // 2
     if config.num_hard_negatives > MAX_SELECTED_NEGATIVES and num_pairs > MAX_SELECTED_NEGATIVES:
         raise ValueError(f"the triton EKD backend selects at most {MAX_SELECTED_NEGATIVES} negatives per call (its "
@@ -453,9 +457,12 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
 
 # --------------------------------------------------------------------------- forward stages
 def _launch(kernel, grid):
-    """``kernel[grid]`` with the kernel's LAUNCH_OPTIONS."""
+    """``kernel[grid]`` with the kernel's LAUNCH_OPTIONS (on ROCm without maxnreg, which
+    Triton's HIP backend does not take)."""
     launcher = kernel[grid]
     options = LAUNCH_OPTIONS.get(kernel.__name__) if LAUNCH_OPTIONS else None
+    if options and _ON_HIP and "maxnreg" in options:
+        options = {key: value for key, value in options.items() if key != "maxnreg"}
     return functools.partial(launcher, **options) if options else launcher
 
 

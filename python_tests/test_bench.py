@@ -85,33 +85,64 @@ def test_loss_bench_graph_method_replays_the_eager_steps(monkeypatch, backend):
     assert torch.equal(captured.teacher_thresholds, eager.teacher_thresholds)
 
 
-@pytest.mark.parametrize("backend", ["triton", "csrc"])
-def test_loss_bench_compile_graph_method_runs_the_eager_steps(monkeypatch, backend):
-    """The benchmark's torch.compile(mode="reduce-overhead") method runs the loss it claims to
-    time: four forward+backward calls on two batches (compile, record, replays) leave the
-    module's EMA state where four eager calls leave it (inductor may round the EMA's update
-    differently: the golden threshold tolerance).  On a CPU
-    (no CUDA graphs there) the csrc backend runs the same compiled path."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import bench_loss
-    from helpers import THRESHOLD_ATOL
-    from ekd_kernels import EKDLoss
+def _compile_backend_or_skip(backend):
+    """The device the compile method's tests use, after skipping a backend not run compiled there."""
     from ekd_kernels.backends import available_backends
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if backend not in available_backends(device) or (device.type == "cpu" and backend == "triton"):
         pytest.skip(f"the {backend} backend is not run compiled on {device.type} here (the interpreter: slow)")
-    torch._dynamo.reset()
-    batches = [bench_loss.make_inputs(256, 64, torch.float32, device, seed=seed) for seed in (3, 3, 3, 4)]
+    return device
+
+
+@pytest.mark.parametrize("backend", ["triton", "csrc"])
+def test_loss_bench_compile_graph_method_runs_the_eager_steps(monkeypatch, backend):
+    """The benchmark's torch.compile(mode="reduce-overhead") method runs the loss it claims to
+    time: forward+backward calls on two batches (the first of each shape run three times: compile,
+    warm-up, recording; then replays) and a forward under no_grad leave the module's EMA state
+    where the same eager calls leave it (inductor may round the EMA's update differently: the
+    golden threshold tolerance).  On a CPU (no CUDA graphs there) the csrc backend runs the same
+    compiled path."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+    from helpers import THRESHOLD_ATOL
+    from ekd_kernels import EKDLoss
+
+    device = _compile_backend_or_skip(backend)
+    first, other = (bench_loss.make_inputs(256, 64, torch.float32, device, seed=seed) for seed in (3, 4))
+    second = bench_loss.make_inputs(192, 64, torch.float32, device, seed=5)
     compiled, eager = EKDLoss(backend=backend).to(device), EKDLoss(backend=backend).to(device)
-    forward_backward, _ = bench_loss.ekd_compile_method(backend, device, crit=compiled)
-    for inputs in batches:
+    forward_backward, forward = bench_loss.ekd_compile_method(backend, device, crit=compiled)
+    # (inputs, eager calls it stands for): a shape's first call runs three times
+    for inputs, calls in ((first, 3), (first, 1), (other, 1), (second, 3)):
         forward_backward(*inputs)
-        leaf = inputs[0].detach().clone().requires_grad_(True)
-        eager(leaf, *inputs[1:]).backward()
+        for _ in range(calls):
+            leaf = inputs[0].detach().clone().requires_grad_(True)
+            eager(leaf, *inputs[1:]).backward()
+    forward(*other)  # training mode: the forward updates the state too
+    with torch.no_grad():
+        for _ in range(3):
+            eager(*other)
     for name in ("student_thresholds", "teacher_thresholds"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=0, atol=THRESHOLD_ATOL)
     assert not torch.equal(compiled.student_thresholds, EKDLoss(backend=backend).to(device).student_thresholds)
+
+
+def test_loss_bench_compile_method_keeps_going_past_the_recompile_limit(monkeypatch):
+    """The driver makes a compile method per B and dtype, all compiling the same code: with dynamo's
+    recompile limit (here lowered to 2: two sizes reach it) the method must still measure every
+    size, not raise on the third compile."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import torch._dynamo
+    import bench_loss
+
+    device = _compile_backend_or_skip("csrc")
+    methods = {"ekd/csrc+compile": lambda: bench_loss.ekd_compile_method("csrc", device)}
+    with torch._dynamo.config.patch(recompile_limit=2):
+        rows, stopped = bench_loss.run(methods, [24, 40], 32, [torch.float32], device, repeats=2, budget_s=60,
+                                       env={})
+    assert not stopped, stopped
+    assert [r["batch"] for r in rows] == [24, 40]
 
 
 def test_train_step_bench_quick(tmp_path):
@@ -130,3 +161,22 @@ def test_plot_draws_pngs(tmp_path):
     run_script("bench_loss.py", "--quick", "--methods", "floor", "--out", str(out))
     stdout = run_script("plot.py", "--results", str(tmp_path), "--out", str(tmp_path))
     assert list(tmp_path.glob("loss_*.png")), stdout
+
+
+def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
+    """The lease's A/B tool (tools/gpu_exercise.py profile) on the CPU, two backends in two
+    rounds: a row per B, dtype and backend with every round's figures and no peak memory (CUDA
+    only); no comparison between different backends (only a backend's variants are compared).
+    Its GPU run is the lease's; this keeps its code path from breaking between leases."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+
+    out = tmp_path / "profile.json"
+    assert gpu_exercise.profile([24], torch.device("cpu"), str(out), calls=2, backends=["csrc", "reference"],
+                                rounds=2) == 0
+    report = json.loads(out.read_text())["report"]
+    assert [(r["dtype"], r["backend"]) for r in report] == [("float32", "csrc"), ("float32", "reference"),
+                                                            ("bfloat16", "csrc"), ("bfloat16", "reference")]
+    for row in report:
+        assert row["rounds"] == 2 and len(row["wall_ms_rounds"]) == 2 and "peak_extra_MiB" not in row
+    assert not any("same_as" in row for row in report)

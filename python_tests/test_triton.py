@@ -322,8 +322,8 @@ def _tile_bucket_counts(x, labels, buckets):
 def test_pass2_modes_against_the_reference(monkeypatch, mode):
     """Pass 2 with and without skipping, tile by tile, the targets whose bucket holds none of the
     tile's pairs, with one aggregation for all targets, and with per-element atomics for a tile's
-    few pairs (the default and the benchmark's A/B variants triton:no-skip, triton:one-aggregation,
-    triton:direct-atomics ...): the reference's results over consecutive calls."""
+    few pairs (the default, one aggregation with direct atomics, and the benchmark's A/B variants
+    triton:per-target, triton:no-skip, ...): the reference's results over consecutive calls."""
     _set_pass2_mode(monkeypatch, mode)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=25)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
@@ -336,8 +336,32 @@ def test_tile32_variant_against_the_reference(monkeypatch, options):
     benchmark's A/B variant triton:tile32, for small B): the reference's results over consecutive
     calls, with partial last tiles (B = 150 is not a multiple of 32)."""
     monkeypatch.setattr(triton_ekd, "TILE", 32)
+    grids, launch = [], triton_ekd._launch
+
+    def recording_launch(kernel, grid):
+        grids.append(tuple(grid))
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)
+    assert (5, 5) in grids  # the tile passes ran on cdiv(150, 32) x cdiv(150, 32) tiles
+
+
+def test_launch_options_leave_out_maxnreg_on_rocm(monkeypatch):
+    """Triton's HIP backend takes no maxnreg: on ROCm a kernel's launch options go without it
+    (the shipped pass-1 cap would otherwise fail every launch), and the others stay."""
+    class Kernel:
+        __name__ = "coarse_histogram_kernel"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: kwargs
+
+    monkeypatch.setattr(triton_ekd, "LAUNCH_OPTIONS", {"coarse_histogram_kernel": dict(maxnreg=168, num_warps=8)})
+    monkeypatch.setattr(triton_ekd, "_ON_HIP", False)
+    assert triton_ekd._launch(Kernel(), (1,))() == dict(maxnreg=168, num_warps=8)
+    monkeypatch.setattr(triton_ekd, "_ON_HIP", True)
+    assert triton_ekd._launch(Kernel(), (1,))() == dict(num_warps=8)
 
 
 def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
@@ -642,7 +666,8 @@ def test_pass1_windows_miss_on_either_side(monkeypatch, scratch_views, scale):
         assert bool(outside), (model, bucket[model], window[model])
 
 
-@pytest.mark.parametrize("mode", ["skip_empty_targets", "every_target", "one_aggregation", "direct_atomics"])
+@pytest.mark.parametrize("mode", ["skip_empty_targets", "every_target", "one_aggregation", "direct_atomics",
+                                  "one_aggregation_direct_atomics"])
 def test_pass1_windows_keep_the_histograms(monkeypatch, scratch_views, mode):
     """A hit changes no bin: every target's fine histogram, built from the window buffers, is the
     one pass 2 builds from the tiles, in each of pass 2's ways of adding them (on a batch where

@@ -23,7 +23,7 @@
     python tools/gpu_exercise.py profile --sizes 8192 --backends triton triton:no-skip triton:one-aggregation triton:no-cutoff triton:one-copy
         the Triton forward against its earlier states, one after the other in one process (A/B);
         each variant's loss and gradient are compared with those of the first variant listed.
-    python tools/gpu_exercise.py profile --sizes 1024 8192 --backends triton triton:warps8 triton:pass1-maxnreg168
+    python tools/gpu_exercise.py profile --sizes 1024 8192 --backends triton triton:warps8 triton:no-launch-options
         likewise, the kernels' launch settings (LAUNCH_VARIANTS: warps, register caps).
     python tools/gpu_exercise.py once --sizes 8192 --backend triton --dtype bfloat16
         one warm forward+backward inside an NVTX range "ekd", for ncu --nvtx --nvtx-include "ekd/".
@@ -72,14 +72,18 @@ PASS2_VARIANTS = {"per-target": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AG
 PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True)}  # (windows-warps8: after LAUNCH_VARIANTS)
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
-# pass 2's variants, and its direct atomics at a limit of 1 (a small B then takes both sides);
-# pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).  The
+# pass 2's variants (but the one that is now the default, which the plain runs cover), and its
+# direct atomics at a limit of 1, per target and in one aggregation (a small B then takes both
+# sides); 32 x 32 tiles (at B = 33 a last tile of one row); pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).  The
 # cutoff at any B and N (at B = 33 the default N = 2000 exceeds the pairs, where the host would
 # not place a cutoff; there it sits at the last bucket, and the windows hold every negative).
 CUTOFF_AT_ANY_B = dict(CUTOFF_MIN_BATCH=0, CUTOFF_MAX_FRACTION=float("inf"))
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_ANY_B),
                        "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_SAFETY=1e-12, **CUTOFF_AT_ANY_B),
-                       **PASS2_VARIANTS, "direct-limit-1": dict(PASS2_DIRECT_MAX=1),
+                       **{name: settings for name, settings in PASS2_VARIANTS.items() if name != "one-aggregation-direct"},
+                       "direct-limit-1": dict(PASS2_VARIANTS["direct-atomics"], PASS2_DIRECT_MAX=1),
+                       "one-aggregation-direct-limit-1": dict(PASS2_VARIANTS["one-aggregation-direct"], PASS2_DIRECT_MAX=1),
+                       "tile32": dict(TILE=32),
                        "copies+windows": dict(COARSE_TILES_PER_COPY=1, PASS1_WINDOWS=True, **CUTOFF_AT_ANY_B),
                        "windows-missed": dict(PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0), **CUTOFF_AT_ANY_B)}
 # Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
@@ -92,7 +96,10 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_
 #   model), the gathers, fills and the backward's rows.
 # - warps8: both.
 # - pass1-maxnreg168: pass 1 at 4 warps capped at 168 registers: three programs an SM (the
-#   shipped setting since the third GPU run); triton-defaults: no kernel named (the one before).
+#   shipped setting since the third GPU run, so now the same as the default).
+# - no-launch-options: no kernel named, Triton's defaults everywhere (the setting before the
+#   third run; the pass-2 settings stay the shipped ones).
+# Each variant replaces the shipped options whole: the warps8 ones leave pass 1 uncapped.
 # - histograms-warps8-maxnreg128: passes 1 and 2 at 8 warps capped at 128 registers: two
 #   programs an SM, twice the default's warps for pass 2.
 TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "coarse_histogram_windows_kernel",
@@ -104,7 +111,7 @@ LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KER
                    "warps8-rest": {name: dict(num_warps=8) for name in OTHER_KERNELS},
                    "warps8": {name: dict(num_warps=8) for name in TILE_KERNELS + OTHER_KERNELS},
                    "pass1-maxnreg168": {"coarse_histogram_kernel": dict(maxnreg=168)},
-                   "triton-defaults": {},
+                   "no-launch-options": {},
                    "histograms-warps8-maxnreg128": {name: dict(num_warps=8, maxnreg=128)
                                                     for name in ("coarse_histogram_kernel", "fine_histogram_kernel")}}
 PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNCH_VARIANTS["warps8-tiles"])
@@ -537,7 +544,8 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                 report.append(row)
                 print(f"B={size} {row['dtype']} {backend}: wall {row['wall_ms']} ms, host issue {row['host_issue_ms']} "
                       f"ms, device busy {row['device_busy_ms']} ms in {row['kernel_launches']} launches"
-                      + (f", peak {peak_mib} MiB above the inputs" if peak_mib is not None else ""), flush=True)
+                      + (f", peak {peak_mib} MiB above what was allocated before the call" if peak_mib is not None
+                         else ""), flush=True)
                 if len(runs) > 1:
                     print(f"  rounds: device busy {row['device_busy_ms_rounds']} ms, wall {row['wall_ms_rounds']} ms",
                           flush=True)

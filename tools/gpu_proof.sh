@@ -14,7 +14,8 @@
 # `lease` packs what matters most into one call; the other stages then go deeper. With 15 minutes
 # of device time a session, the second lease ran `OUT=$OUT bash tools/gpu_proof.sh lease 555`
 # (timeout_s 595; about 9 minutes after a 1-2 minute start), then at once, on the still warm
-# machine, the three other sanitizer tools at B = 33 (racecheck alone needs about 150 s).
+# machine, the three other sanitizer tools at B = 33 (racecheck alone needs about 150 s); the
+# third, the same call and then EKD_LEASE_ONLY="bench-32768 ncu bench-train" ... lease 200.
 # EKD_LEASE_ONLY="step names" makes `lease` run only those steps (a follow-up call).
 #
 # Every stage builds first (ninja makes that a no-op when nothing changed). The golden figures
@@ -71,13 +72,13 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (pass 1's windows, 32 x 32 tiles), compute-sanitizer memcheck
-    # at B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
-    # the consistency check up to B = 32768, B = 65537 (past int32 pair counts), where a call's
-    # time goes (gpu_exercise.py profile), the loss benchmark at 1024 and 8192 (then under
-    # torch.compile(mode="reduce-overhead")), Nsight Compute on
-    # the Triton kernels at B = 8192, the loss benchmark at 32768, the training step, then
-    # memcheck at B = 4096. At most 8 files
+    # A/B runs of the Triton variants (pass 1's windows, 32 x 32 tiles), the consistency check up
+    # to B = 32768, where a call's time goes (gpu_exercise.py profile), the loss benchmark at 1024
+    # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
+    # B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
+    # B = 65537 (past int32 pair counts), Nsight Compute on the Triton kernels at B = 8192, the
+    # loss benchmark at 32768, the training step, then memcheck at B = 4096 (the third lease's
+    # call reached the loss benchmark; a follow-up call took the rest). At most 8 files
     # come back (the device tool's limit), and this stage writes exactly 8 to $OUT (summary.txt,
     # pytest.log, profile.json, loss.jsonl, consistency.json, ncu.log, train.jsonl and, after a
     # crash, diagnose.log): anything more goes to $T. The build's log goes to the summary when it fails.
@@ -115,7 +116,8 @@ case "$stage" in
     # Every test that runs on the GPU, in one xdist run whose failures come back with their
     # tracebacks: the cases named cuda, all of test_triton.py (its tests run on CUDA tensors where
     # a GPU is, and their names do not say so), test_large_batch.py's (its int64 and past-int32
-    # kernel cases likewise) and the graphed benchmark method's.  (The second
+    # kernel cases likewise) and the graphed benchmark methods' (captured by hand, and by
+    # torch.compile).  (The second
     # lease ran test_triton.py's large-B variants in a step of their own, without xdist: the
     # step's limit cut it before pytest printed why 22 of them failed.)
     gpu_cases="cuda or test_triton or test_large_batch or graph_method"
@@ -139,23 +141,12 @@ case "$stage" in
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
-    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:triton-defaults
+    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
     # 32 x 32 tiles where a tile kernel is one wave of few programs (gpu_exercise TRITON_VARIANTS)
     ab tile-ab 60 "256 1024" triton:tile32
-    # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
-    memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
-    # only when a worker died: why the op's refusals crash there (the suite's log says which)
-    if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
-      step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
-    fi
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
-    # past int32 pair counts (B(B-1)/2 > 2^31 from B = 65537): the fast backends against each other
-    # and the exact invariants (never run on a GPU before the third lease)
-    step large 150 $PY tools/gpu_exercise.py large --sizes 65537 --out $T/large.json > $T/large.log 2>&1
-    # every line (9 at one size: 3 variants x 2 backends and their comparison; misses are listed in theirs)
-    grep "^B=\|skipped\|Error" $T/large.log | head -40 >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
@@ -168,6 +159,20 @@ case "$stage" in
     step bench-compile 75 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/triton ekd/triton+graph \
       ekd/triton+compile ekd/csrc+compile --out "$OUT/loss.jsonl" > $T/bench_compile.log 2>&1
     bench_lines $T/bench_compile.log
+    # (the defaults' figures first: a call's first ~9 minutes rarely reach past here; a follow-up
+    # call on the warm machine, EKD_LEASE_ONLY="memcheck-33 large ncu bench-32768 bench-train",
+    # takes the rest)
+    # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
+    memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
+    # only when a worker died: why the op's refusals crash there (the suite's log says which)
+    if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
+      step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
+    fi
+    # past int32 pair counts (B(B-1)/2 > 2^31 from B = 65537): the fast backends against each other
+    # and the exact invariants (first run on a GPU in the third lease)
+    step large 150 $PY tools/gpu_exercise.py large --sizes 65537 --out $T/large.json > $T/large.log 2>&1
+    # every line (9 at one size: 3 variants x 2 backends and their comparison; misses are listed in theirs)
+    grep "^B=\|skipped\|Error" $T/large.log | head -40 >> "$OUT/summary.txt"
     # why the top kernels take what they take: speed of light, occupancy, stall reasons (text)
     step ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py once --sizes 8192 \

@@ -6,7 +6,7 @@ copies, head and tail).  Run with the triton whose figures you want (the GPU mac
 tools/check_torch_version.sh 2.11.0 leaves a venv with it).
 
     python tools/kernel_registers.py
-    python tools/kernel_registers.py warps8-tiles pass1-maxnreg168   # and these A/B variants
+    python tools/kernel_registers.py warps8-tiles tile32   # and these A/B variants
                                                                    # (gpu_exercise.TRITON_VARIANTS)
 
 Each line ends with a short hash of the kernel's PTX without its debug lines (.loc, .file, the
