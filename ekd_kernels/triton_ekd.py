@@ -198,10 +198,11 @@ STATE_SIZE = 16
 #: ignores them.  Pass 1 capped at 168 registers (three 4-warp programs an SM instead of two;
 #: fp32 spills 8-32 B, bf16 none) since the third GPU run's A/B (H200, device time, bitwise the
 #: same outputs): 3.80 against 4.05 ms a forward+backward at B = 8192 in fp32, 2.19 against 2.22
-#: in bf16 (within the noise), no change at 1024.  8 warps for the tile kernels lost (7.0 against 4.05 ms in fp32 at
-#: 8192); for the other kernels they gained 2-3% at 1024 only (tools/gpu_exercise.py
-#: LAUNCH_VARIANTS; bench/NOTES.md).
+#: in bf16 (within the noise), no change at 1024.  8 warps for the tile kernels lost (7.0 against
+#: 4.05 ms in fp32 at 8192); for the other kernels they gained 2-3% at 1024 only
+#: (tools/gpu_exercise.py LAUNCH_VARIANTS; bench/NOTES.md).
 LAUNCH_OPTIONS: Dict[str, Dict[str, int]] = {"coarse_histogram_kernel": dict(maxnreg=168)}
+#: ROCm: Triton's HIP backend takes no maxnreg (_launch leaves it out there).
 _ON_HIP = torch.version.hip is not None
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
