@@ -57,18 +57,21 @@ def make_inputs(batch, dim, dtype, device, seed):
     return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype), labels.to(device)
 
 
-def ekd_method(backend, device):
-    crit = EKDLoss(backend=backend).to(device)
-
+def loss_calls(loss_fn):
+    """(forward_backward, forward) of `loss_fn(student, teacher, labels)`: the gradient taken
+    on a fresh leaf of the student, the forward alone under no_grad."""
     def forward_backward(student, teacher, labels):
-        student = student.detach().requires_grad_(True)
-        crit(student, teacher, labels).backward()
+        loss_fn(student.detach().requires_grad_(True), teacher, labels).backward()
 
     def forward(student, teacher, labels):
         with torch.no_grad():
-            crit(student, teacher, labels)
+            loss_fn(student, teacher, labels)
 
     return forward_backward, forward
+
+
+def ekd_method(backend, device):
+    return loss_calls(EKDLoss(backend=backend).to(device))
 
 
 def ekd_graph_method(backend, device, crit=None):
@@ -126,16 +129,12 @@ def ekd_compile_method(backend, device, crit=None, warm_up=3):
     counters["inductor"].clear()
     crit = crit if crit is not None else EKDLoss(backend=backend).to(device)
     compiled = torch.compile(lambda s, t, y: crit(s, t, y), mode="reduce-overhead", fullgraph=True, dynamic=False)
-    seen = set()
+    calls, seen = loss_calls(compiled), set()
 
     def call(grad, student, teacher, labels):
         key = (grad, student.shape, student.dtype)
         for _ in range(1 if key in seen else warm_up):
-            if grad:
-                compiled(student.detach().requires_grad_(True), teacher, labels).backward()
-            else:
-                with torch.no_grad():
-                    compiled(student, teacher, labels)
+            calls[0 if grad else 1](student, teacher, labels)
         if key not in seen and device.type == "cuda" and counters["inductor"]["cudagraph_skips"]:
             raise RuntimeError(f"inductor skipped its CUDA graphs: {dict(counters['inductor'])}")
         seen.add(key)
@@ -144,15 +143,7 @@ def ekd_compile_method(backend, device, crit=None, warm_up=3):
 
 
 def rkd_method(loss_fn):
-    def forward_backward(student, teacher, labels):
-        student = student.detach().requires_grad_(True)
-        loss_fn(student, teacher).backward()
-
-    def forward(student, teacher, labels):
-        with torch.no_grad():
-            loss_fn(student, teacher)
-
-    return forward_backward, forward
+    return loss_calls(lambda student, teacher, labels: loss_fn(student, teacher))
 
 
 def floor_method(precision="highest"):

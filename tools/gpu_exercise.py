@@ -43,8 +43,10 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 
-from ekd_kernels import EKDLoss  # noqa: E402
+from common import PeakMemory  # noqa: E402  (bench/)
+from ekd_kernels import EKDLoss, triton_ekd  # noqa: E402
 from ekd_kernels.backends import available_backends  # noqa: E402
 
 LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/README.md
@@ -72,15 +74,17 @@ PASS2_VARIANTS = {"per-target": dict(PASS2_SKIP_EMPTY_TARGETS=True, PASS2_ONE_AG
 PASS1_VARIANTS = {"windows": dict(PASS1_WINDOWS=True)}  # (windows-warps8: after LAUNCH_VARIANTS)
 # The Triton forward's other paths, forced at any B: pass 1's histogram in copies and counted in
 # two parts, with every target in the head, and with the tail counted too (the large-B default);
-# pass 2's variants (but the one that is now the default, which the plain runs cover), and its
-# direct atomics at a limit of 1, per target and in one aggregation (a small B then takes both
-# sides); 32 x 32 tiles (at B = 33 a last tile of one row); pass 1's windows, hit (pass 2 from the window buffers) and missed (buffers of no key).  The
+# pass 2's variants (but those the shipped settings already are, which the plain runs cover),
+# and its direct atomics at a limit of 1, per target and in one aggregation (a small B then takes
+# both sides); 32 x 32 tiles (at B = 33 a last tile of one row); pass 1's windows, hit (pass 2
+# from the window buffers) and missed (buffers of no key).  The
 # cutoff at any B and N (at B = 33 the default N = 2000 exceeds the pairs, where the host would
 # not place a cutoff; there it sits at the last bucket, and the windows hold every negative).
 CUTOFF_AT_ANY_B = dict(CUTOFF_MIN_BATCH=0, CUTOFF_MAX_FRACTION=float("inf"))
 FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_ANY_B),
                        "copies+fallback": dict(COARSE_TILES_PER_COPY=1, CUTOFF_SAFETY=1e-12, **CUTOFF_AT_ANY_B),
-                       **{name: settings for name, settings in PASS2_VARIANTS.items() if name != "one-aggregation-direct"},
+                       **{name: settings for name, settings in PASS2_VARIANTS.items()
+                          if any(getattr(triton_ekd, key) != value for key, value in settings.items())},
                        "direct-limit-1": dict(PASS2_VARIANTS["direct-atomics"], PASS2_DIRECT_MAX=1),
                        "one-aggregation-direct-limit-1": dict(PASS2_VARIANTS["one-aggregation-direct"], PASS2_DIRECT_MAX=1),
                        "tile32": dict(TILE=32),
@@ -443,11 +447,9 @@ def peak_extra_mib(step, device):
     an A/B variant's buffers (pass 1's windows grow with the pairs) beside its time."""
     if device.type != "cuda":
         return None
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return round((torch.cuda.max_memory_allocated(device) - before) / 2**20, 1)
+    with PeakMemory(device) as peak:
+        step()
+    return round(peak.bytes / 2**20, 1)
 
 
 def profile(sizes, device, out, calls=5, backends=None, rounds=1):
