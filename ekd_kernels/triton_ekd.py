@@ -117,6 +117,12 @@ BACKWARD_BLOCK_ROWS = 16
 BACKWARD_MAX_BLOCK_D = 512
 #: Histogram bins per step of the selection scans (coarse_select, fine_select).
 SCAN_BLOCK = 4096
+#: Whether the selection scans (coarse_select, fine_select, cutoff_select, window_select) walk
+#: the histogram in one level, a SCAN_BLOCK-wide running sum a step, instead of three (block
+#: totals until the wanted rank's block, then its groups, then the bins of one group:
+#: kernels._histogram_rank).  Same buckets and counts either way; True is the scan before the
+#: three levels, kept for the benchmark's A/B (tools/gpu_exercise.py triton:linear-scan).
+SELECT_LINEAR_SCAN = False
 #: Elements per step of the fills, the fixed-order sums of finalize and the entry keys.
 SMALL_BLOCK = 1024
 #: Candidates per program, and per step of the rank count, of hardest_negatives_kernel.
@@ -507,6 +513,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     slot_size = max(num_slots, 1)
     row_blocks = _num_tiles(batch)
     scan_block = _scan_block()
+    linear_scan = int(SELECT_LINEAR_SCAN)
     f32, i64 = torch.float32, torch.int64
 
     # Scratch.  The int32 buffers of `counters`, after `fine`, are zeroed by normalise_kernel.
@@ -577,12 +584,13 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         probe = w32["probe"]
         _launch(kernels.probe_histogram_kernel, (row_blocks,))(*models, max(1, batch // TILE), probe[0], probe[1],
                                                                state, **options)
-        _launch(kernels.cutoff_select_kernel, (2,))(probe, state, cutoff_fraction, SCAN_BLOCK=scan_block)
+        _launch(kernels.cutoff_select_kernel, (2,))(probe, state, cutoff_fraction, SCAN_BLOCK=scan_block,
+                                                    LINEAR_SCAN=linear_scan)
         parts = ((kernels.HEAD_BUCKETS, kernels.CHECK_CUTOFF), (kernels.TAIL_BUCKETS, kernels.AFTER_FALLBACK))
         if windows:
             _launch(kernels.window_select_kernel, (num_targets, 2))(
                 probe, state, _window_fractions(config, num_pairs, device), num_thresholds, num_targets, w32["window"],
-                WINDOW_Z, WINDOW_RELATIVE, WINDOW_SLACK, SCAN_BLOCK=scan_block)
+                WINDOW_Z, WINDOW_RELATIVE, WINDOW_SLACK, SCAN_BLOCK=scan_block, LINEAR_SCAN=linear_scan)
     candidates = (w32["candidate_count"], w64["candidate_key"], w32["candidate_rows"], w32["candidate_cols"], capacity)
     for part, mode in parts:
         if windows:  # (a kernel of its own: the default launch takes none of the windows' arguments)
@@ -596,7 +604,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
             bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
-            CUTOFF_MODE=mode.value)
+            CUTOFF_MODE=mode.value, LINEAR_SCAN=linear_scan)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     pass2 = dict(SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,
@@ -617,7 +625,8 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         student_thresholds, student_thresholds.stride(0), teacher_thresholds, teacher_thresholds.stride(0),
         new_student, new_teacher, batch_student, batch_teacher, thresholds_used,
         _ema_constants(config.momentum, device), rows_arg, cols_arg, num_slots if hardest else 0, batch,
-        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK, ONE_AGGREGATION=one_aggregation, enable_fp_fusion=False)
+        SCAN_BLOCK=scan_block, FILL_BLOCK=SMALL_BLOCK, ONE_AGGREGATION=one_aggregation, LINEAR_SCAN=linear_scan,
+        enable_fp_fusion=False)
 
     # select_negatives: pass 3 (critical pairs among all pairs on request; boundary counts after
     # an overflow only), then the hardest negatives from the candidates or from pass 4.

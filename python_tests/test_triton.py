@@ -741,6 +741,91 @@ def test_pass1_windows_bitwise_as_without(pass1_windows, monkeypatch, options):
         assert torch.equal(a, c), f"output {index} differs from the call without windows"
 
 
+@pytest.fixture(scope="module")
+def histogram_rank_kernel():
+    """A kernel that runs kernels._histogram_rank for one rank per program, in either scan."""
+    import histogram_rank_probe
+
+    return histogram_rank_probe.histogram_rank_kernel
+
+
+def _histogram_cases():
+    """(name, copies of a 65536-bin histogram as int64): a narrow band (a random batch's
+    similarities), counts on both sides of block and group boundaries, the last bin only, empty."""
+    generator = torch.Generator().manual_seed(3)
+    band = torch.zeros(3, 65536, dtype=torch.int64)
+    for copy in range(3):
+        band[copy].index_add_(0, torch.randint(16400, 17400, (3000,), generator=generator),
+                              torch.ones(3000, dtype=torch.int64))
+    edges = torch.zeros(2, 65536, dtype=torch.int64)
+    for bin_, count in {0: 2, 255: 1, 256: 3, 4095: 4, 4096: 5, 8191: 1, 61440: 2, 65535: 6}.items():
+        edges[bin_ % 2, bin_] = count
+    last = torch.zeros(1, 65536, dtype=torch.int64)
+    last[0, 65535] = 9
+    return {"band": band, "edges": edges, "last_bin_only": last, "empty": torch.zeros(1, 65536, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("linear_scan", [0, 1], ids=["three_levels", "linear"])
+@pytest.mark.parametrize("scan_block", [256, 4096, 65536])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", list(_histogram_cases()))
+def test_histogram_rank_against_searchsorted(histogram_rank_kernel, case, dtype, scan_block, linear_scan):
+    """The selection scans' (bin, count before it) of a descending rank, summed over copies, equal
+    searchsorted(cumsum(hist), rank, right=True) clamped to the last bin and the count of the bins
+    before it, at every rank next to a running total (a bin's first and last element, the last
+    element, past the last), in both scans and at each SCAN_BLOCK the backend uses (GPU 4096,
+    interpreter 65536) and one as small as a group."""
+    copies = _histogram_cases()[case]
+    running = copies.sum(0).cumsum(0)
+    total = int(running[-1])
+    # the distinct running totals: every one for the sparse cases, 12 spread over the band
+    values = running.unique()
+    values = values[torch.linspace(0, len(values) - 1, min(len(values), 12)).long()].tolist()
+    ranks = sorted({r for value in values for r in (value - 1, value, value + 1) if r >= 0} | {0, 1, total + 5})
+    ranks = torch.tensor(ranks, dtype=torch.int64)
+    wanted_bins = torch.searchsorted(running, ranks, right=True)
+    wanted_above = torch.where(wanted_bins > 0, running[(wanted_bins - 1).clamp(min=0)], 0)
+    wanted_bins = wanted_bins.clamp(max=65535)
+    out = torch.full((2 * len(ranks),), -1, dtype=torch.int64, device=DEVICE)
+    histogram_rank_kernel[(len(ranks),)](copies.to(DEVICE, dtype).contiguous(), ranks.to(DEVICE), out,
+                                         copies.shape[0], SCAN_BLOCK=scan_block, LINEAR_SCAN=linear_scan)
+    out = out.cpu()
+    assert out[0::2].tolist() == wanted_bins.tolist()
+    assert out[1::2].tolist() == wanted_above.tolist()
+
+
+def _every_output(student, teacher, labels, **options):
+    """Every output a caller sees of one forward+backward, for bitwise comparisons."""
+    import dataclasses
+
+    call = run_ekd(ekd_loss, student, teacher, labels, backend="triton", generator=torch.Generator().manual_seed(0),
+                   **options)
+    stats = [getattr(call.result.stats, f.name) for f in dataclasses.fields(call.result.stats)]
+    return [call.result.loss, call.grad, call.result.student_thresholds, call.result.teacher_thresholds, *stats]
+
+
+@pytest.mark.parametrize("path", ["default", "cutoff+copies", "fallback+copies", "windows"])
+def test_linear_scan_bitwise_as_three_levels(monkeypatch, path):
+    """The selection scans in one level (SELECT_LINEAR_SCAN, the A/B's) or three give the same
+    bits of every output, through every kernel that scans a histogram: coarse_select (one
+    histogram, copies, head and fallback), fine_select, cutoff_select and window_select."""
+    if path != "default":
+        monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+    if "copies" in path:
+        monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
+    if path.startswith("fallback"):
+        monkeypatch.setattr(triton_ekd, "CUTOFF_SAFETY", 1e-12)
+    if path == "windows":
+        monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=12)
+    options = dict(num_hard_negatives=500, compute_critical_ratio=True)
+    three_levels = _every_output(student, teacher, labels, **options)
+    monkeypatch.setattr(triton_ekd, "SELECT_LINEAR_SCAN", True)
+    linear = _every_output(student, teacher, labels, **options)
+    for index, (a, b) in enumerate(zip(three_levels, linear)):
+        assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the scans"
+
+
 def test_pass1_windows_teacher_target_outside_its_window(monkeypatch, scratch_views):
     """Only the teacher's first target outside its window (its window moved to the last bucket
     after window_select_kernel placed it; every student window holds its target): a miss, decided

@@ -128,8 +128,11 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   64 x 64: at B <= 1024 each tile kernel is one wave of few programs, each a latency chain over
 #   its tile; 4x the programs of a quarter of the work each.  Same results up to rounding (the
 #   dots' blocks differ), not bitwise.
+# - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
+#   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "tile32": dict(TILE=32),
+                   "linear-scan": dict(SELECT_LINEAR_SCAN=True),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}

@@ -42,6 +42,8 @@ SIGMOID_CLAMP: tl.constexpr = tl.constexpr(50.0)
 #: Radix digit: the 32-bit keys are selected 16 bits at a time, in two passes.
 RADIX_BITS: tl.constexpr = tl.constexpr(16)
 NUM_BUCKETS: tl.constexpr = tl.constexpr(65536)
+#: Bins per group of the selection scans' second level (_histogram_rank).
+SCAN_GROUP: tl.constexpr = tl.constexpr(256)
 # Above every bin a histogram add can take (pass 2's one aggregation adds at row x 65536 + low):
 # _histogram_add's "nothing counted" value.
 NO_BIN: tl.constexpr = tl.constexpr(2**31 - 1)
@@ -330,20 +332,20 @@ def probe_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch
 
 
 @triton.jit
-def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexpr):
+def cutoff_select_kernel(probe_ptr, state_ptr, fraction, SCAN_BLOCK: tl.constexpr, LINEAR_SCAN: tl.constexpr = 0):
     """Program (model): pass 1's cutoff, the bucket of descending rank floor(S * fraction) among
     the probe's S sample negatives, or the last bucket (no cutoff) when the sample has none."""
     model = tl.program_id(0)
     num_sample = tl.load(state_ptr + SAMPLE_NEGATIVE)
     rank = (num_sample.to(tl.float32) * fraction).to(tl.int64)
     rank = tl.maximum(tl.minimum(rank, num_sample - 1), 0)
-    bucket, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, rank, 1, SCAN_BLOCK)
+    bucket, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, rank, 1, SCAN_BLOCK, LINEAR_SCAN)
     tl.store(state_ptr + CUTOFF + model, tl.where(num_sample > 0, bucket, NUM_BUCKETS - 1).to(tl.int64))
 
 
 @triton.jit
 def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets, window_ptr, z, relative,
-                         slack, SCAN_BLOCK: tl.constexpr):
+                         slack, SCAN_BLOCK: tl.constexpr, LINEAR_SCAN: tl.constexpr = 0):
     """Program (target, model), with PASS1_WINDOWS: the window of buckets [lo, hi] in which the
     probe's sample places the target, from which pass 1 keeps every negative's key (and, for the
     top-N target, every negative at or above the window as a candidate) so that pass 2 need not
@@ -366,8 +368,9 @@ def window_select_kernel(probe_ptr, state_ptr, fractions_ptr, num_thresholds, nu
     margin = z * tl.sqrt(rank + 1.0) + relative * rank + slack
     first = (rank - margin).to(tl.int64)
     last = (rank + margin).to(tl.int64)
-    lo, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.maximum(first, 0), 1, SCAN_BLOCK)
-    hi, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.minimum(last, num_sample - 1), 1, SCAN_BLOCK)
+    lo, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.maximum(first, 0), 1, SCAN_BLOCK, LINEAR_SCAN)
+    hi, _ = _histogram_rank(probe_ptr + model * NUM_BUCKETS, tl.minimum(last, num_sample - 1), 1, SCAN_BLOCK,
+                            LINEAR_SCAN)
     lo = tl.where((first < 0) | (target >= num_thresholds), 0, lo)
     hi = tl.where(last >= num_sample, NUM_BUCKETS - 1, hi)
     slot = 2 * (model * num_targets + target)
@@ -509,20 +512,79 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
 
 
 @triton.jit
-def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
+def _bin_counts(hist_ptr, index, num_copies):
+    """int64 counts of bins `index` (0 past the last bin), summed over the histogram's
+    `num_copies` copies, NUM_BUCKETS apart (integer sums: exact)."""
+    mask = index < NUM_BUCKETS
+    counts = tl.load(hist_ptr + index, mask=mask, other=0).to(tl.int64)
+    for copy in range(1, num_copies):
+        counts += tl.load(hist_ptr + copy * NUM_BUCKETS + index, mask=mask, other=0).to(tl.int64)
+    return counts
+
+
+@triton.jit
+def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr, LINEAR_SCAN: tl.constexpr = 0):
     """(bin, count before it) of the element of descending rank `rank` in a 65536-bin histogram
     counted from the top: searchsorted(cumsum(hist), rank, right=True) clamped to the last bin,
-    i.e. the number of bins whose running total is <= rank.  A blocked scan in bin order that
-    stops after the first block where a bin's running total passes `rank` (no later bin can
-    count); until then every bin counted, so the count before the block is the running total.
-    The histogram is the sum of `num_copies` copies, NUM_BUCKETS apart (integer sums: exact)."""
+    i.e. the number of bins whose running total is <= rank (the running totals never decrease,
+    so those bins are a prefix), and the sum of their counts.  The histogram is the sum of
+    `num_copies` copies, NUM_BUCKETS apart.
+
+    In three levels: the totals of blocks of SCAN_BLOCK bins, in bin order, up to the block where
+    the running total passes `rank` (no later bin can count; until then every bin counted); in
+    that block, the totals of its groups of SCAN_GROUP bins and their running sum; in the group
+    found, its bins' running sum.  Why: a scan's step is a chain of dependent latencies (load,
+    reduce, decide), and the earlier one-level scan ran a SCAN_BLOCK-wide cumulative sum and two
+    reductions at every step (its programs took 19-65 us at 0.2-1.4% of the SM, bench/NOTES.md);
+    a step is now one load and one sum, and two small scans finish.  The same (bin, count) either
+    way (integer counts); LINEAR_SCAN=1 keeps the one-level scan for the benchmark's A/B
+    (triton_ekd.SELECT_LINEAR_SCAN)."""
+    if LINEAR_SCAN:
+        index, above = _histogram_rank_linear(hist_ptr, rank, num_copies, SCAN_BLOCK)
+    else:
+        index, above = _histogram_rank_levels(hist_ptr, rank, num_copies, SCAN_BLOCK)
+    return index, above
+
+
+@triton.jit
+def _histogram_rank_levels(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
+    """_histogram_rank in three levels (blocks, groups, bins)."""
+    tl.static_assert(tl.constexpr(SCAN_BLOCK) % SCAN_GROUP == 0)
+    groups: tl.constexpr = tl.constexpr(SCAN_BLOCK) // SCAN_GROUP
+    above = rank * 0  # count of the blocks before `block`
+    block = above     # the block where the running total passes rank (NUM_BUCKETS / SCAN_BLOCK: none does)
+    for start in range(0, NUM_BUCKETS, SCAN_BLOCK):
+        if block * SCAN_BLOCK == start:  # not found yet
+            total = tl.sum(_bin_counts(hist_ptr, start + tl.arange(0, SCAN_BLOCK), num_copies), axis=0)
+            if above + total <= rank:
+                above += total
+                block += 1
+    # Past the last block (none passed rank: every bin counted) the loads below read zeros and
+    # the index passes the last bin: clamped to it, with the whole total before it.
+    bins = (block * SCAN_BLOCK + tl.arange(0, groups) * SCAN_GROUP)[:, None] + tl.arange(0, SCAN_GROUP)[None, :]
+    group_total = tl.sum(_bin_counts(hist_ptr, bins, num_copies), axis=1)
+    before = above + tl.cumsum(group_total, axis=0) <= rank
+    group = tl.sum(before.to(tl.int64), axis=0)
+    above += tl.sum(tl.where(before, group_total, 0), axis=0)
+    first_bin = block * SCAN_BLOCK + group * SCAN_GROUP
+    bins = first_bin + tl.arange(0, SCAN_GROUP)
+    counts = _bin_counts(hist_ptr, bins, num_copies)
+    before = above + tl.cumsum(counts, axis=0) <= rank
+    index = first_bin + tl.sum(before.to(tl.int64), axis=0)
+    above += tl.sum(tl.where(before, counts, 0), axis=0)
+    return tl.minimum(index, NUM_BUCKETS - 1), above
+
+
+@triton.jit
+def _histogram_rank_linear(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
+    """_histogram_rank as one level: a blocked scan in bin order that stops after the first
+    block where a bin's running total passes `rank`; until then every bin counted, so the count
+    before the block is the running total.  (The scan before the three levels, for the A/B.)"""
     index = rank * 0
     above = index
     start = index
     while (start < NUM_BUCKETS) & (index == start):
-        counts = tl.load(hist_ptr + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64)
-        for copy in range(1, num_copies):
-            counts += tl.load(hist_ptr + copy * NUM_BUCKETS + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64)
+        counts = _bin_counts(hist_ptr, start + tl.arange(0, SCAN_BLOCK), num_copies)
         before = above + tl.cumsum(counts, axis=0) <= rank
         index += tl.sum(before.to(tl.int64), axis=0)
         above += tl.sum(tl.where(before, counts, 0), axis=0)
@@ -533,7 +595,8 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr):
 @triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
-                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0):
+                         HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
+                         LINEAR_SCAN: tl.constexpr = 0):
     """Between passes 1 and 2, program (target, model): the wanted descending rank, its 16-bit
     bucket, its rank inside the bucket and the count above the bucket.
 
@@ -574,7 +637,7 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     rank = tl.where(is_threshold, num_negative * numerator // denominator, num_selected - 1)
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
     hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
-    bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK)
+    bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK, LINEAR_SCAN)
     if CUTOFF_MODE == CHECK_CUTOFF:
         # Every bucket up to the cutoff is complete; past it the counts are missing (and with no
         # negative at all, the whole-histogram answer is the same empty scan).
@@ -821,7 +884,8 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
                        previous_s_ptr, previous_s_stride, previous_t_ptr, previous_t_stride,
                        new_s_ptr, new_t_ptr, batch_s_ptr, batch_t_ptr, used_ptr, ema_ptr,
                        selected_rows_ptr, selected_cols_ptr, num_slots, batch,
-                       SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, ONE_AGGREGATION: tl.constexpr):
+                       SCAN_BLOCK: tl.constexpr, FILL_BLOCK: tl.constexpr, ONE_AGGREGATION: tl.constexpr,
+                       LINEAR_SCAN: tl.constexpr = 0):
     """After pass 2, program (target, model): the exact key of the target's rank, then
 
     - a threshold target: the batch threshold (NaN when L = 0 or the batch is not finite), the EMA update of that
@@ -846,7 +910,7 @@ def fine_select_kernel(fine_ptr, bucket_ptr, target_state_ptr, state_ptr, num_th
             first = tl.where(same & (first == target), earlier, first)
         histogram_slot = model * num_targets + first
     low, above_in_bucket = _histogram_rank(fine_ptr + histogram_slot.to(tl.int64) * NUM_BUCKETS, rank_in_bucket, 1,
-                                           SCAN_BLOCK)
+                                           SCAN_BLOCK, LINEAR_SCAN)
     key = bucket * NUM_BUCKETS + low
     num_negative = tl.load(state_ptr + NUM_NEGATIVE)
     if target < num_thresholds:
