@@ -6,7 +6,8 @@ pattern), and memory beyond the inputs is O(B * (Ds + Dt)) plus fixed histograms
 
 The stages, under the reference's names (kernels in ``_triton/kernels.py``, in launch order):
 
-    normalise         one torch.sort of the labels; normalise_kernel gathers the rows in label
+    normalise         a stable sort of the labels (stable_sort, or torch.sort past SMALL_SORT_MAX
+                      labels); normalise_kernel gathers the rows in label
                       order (contiguous copies, any input strides, so each row's positives are
                       one column range), their inverse norms (tiles scale raw dots by them) and
                       whether the batch is finite, and zeroes the counters of the later passes.
@@ -42,15 +43,16 @@ The stages, under the reference's names (kernels in ``_triton/kernels.py``, in l
                       and the backward's coefficients.
     backward          positives recompute their tiles and multiply g into the rows (no atomics:
                       a program owns its rows); the selected negatives' contributions are sorted
-                      by row (one torch.sort of their keys) and summed per row, then back through
+                      by row (a stable sort of their keys, as the labels') and summed per row, then back through
                       the normalisation.
 
-Per call, forward: 1 torch op (the label sort) and 9 kernels: normalise; 2 full tile passes over
+Per call, forward: the label sort (one kernel up to SMALL_SORT_MAX labels, else torch.sort) and
+9 kernels: normalise; 2 full tile passes over
 the pairs i < j (student and teacher Gram tiles each) with the two small selection kernels after
 them; pass 3 and hardest_negatives (pass 3 returns at once unless the candidates overflowed or
 the critical ratio is requested, when it is a full student+teacher pass; launched only with
-hardest negatives or the ratio); rank_loss; finalize.  Backward: 1 torch op (the entry sort)
-and 2 kernels.  The small kernels replace what was about 170 torch ops a forward on the
+hardest negatives or the ratio); rank_loss; finalize.  Backward: the entry sort (likewise) and
+2 kernels.  The small kernels replace what was about 170 torch ops a forward on the
 histograms, K-vectors and candidates (each a launch of about 5 us on a GPU, more than the
 arithmetic at B <= 1024).  No host synchronisation except for negative_selection="random"
 (the draw needs the number of negatives as a Python int); no float atomics, sums in fixed
@@ -117,6 +119,16 @@ BACKWARD_BLOCK_ROWS = 16
 BACKWARD_MAX_BLOCK_D = 512
 #: Histogram bins per step of the selection scans (coarse_select, fine_select).
 SCAN_BLOCK = 4096
+#: Sorts of at most this many keys (the labels in the forward, the selected negatives' gradient
+#: entries, 2N, in the backward) run as one kernel (kernels.stable_sort_kernel: each key's
+#: position counted against all the others, O(n^2) compares); longer ones by torch.sort.  The
+#: same values and indices either way (a stable sort's are unique); 0 sorts everything by
+#: torch.sort, as before, for the benchmark's A/B (tools/gpu_exercise.py triton:torch-sort).
+SMALL_SORT_MAX = 8192
+#: Keys a program places, and keys it compares them with a step, in stable_sort_kernel.
+SMALL_SORT_BLOCK_ROWS = 16
+SMALL_SORT_BLOCK_COLS = 1024
+INTERPRETER_SMALL_SORT_BLOCK_ROWS = 256
 #: Whether the selection scans (coarse_select, fine_select, cutoff_select, window_select) walk
 #: the histogram in one level, a SCAN_BLOCK-wide running sum a step, instead of three (block
 #: totals until the wanted rank's block, then its groups, then the bins of one group:
@@ -282,6 +294,10 @@ def _backward_block_rows() -> int:
 
 def _scan_block() -> int:
     return INTERPRETER_SCAN_BLOCK if _kernels_interpreted() else SCAN_BLOCK
+
+
+def _small_sort_block_rows() -> int:
+    return INTERPRETER_SMALL_SORT_BLOCK_ROWS if _kernels_interpreted() else SMALL_SORT_BLOCK_ROWS
 
 
 def _candidate_blocks() -> Tuple[int, int]:
@@ -462,6 +478,21 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
     return torch.stack([rows, low])
 
 
+def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """torch.sort(keys, stable=True) of a 1-D integer tensor: (sorted keys, their indices), by
+    one stable_sort_kernel launch up to SMALL_SORT_MAX keys."""
+    num_keys = keys.numel()
+    if num_keys > SMALL_SORT_MAX:
+        return torch.sort(keys, stable=True)
+    keys = keys.contiguous()
+    sorted_keys = torch.empty_like(keys)
+    order = torch.empty(num_keys, dtype=torch.int64, device=keys.device)
+    block_rows = _small_sort_block_rows()
+    _launch(_kernels().stable_sort_kernel, (triton.cdiv(num_keys, block_rows),))(
+        keys, num_keys, sorted_keys, order, BLOCK_R=block_rows, BLOCK_C=SMALL_SORT_BLOCK_COLS)
+    return sorted_keys, order
+
+
 # --------------------------------------------------------------------------- forward stages
 def _launch(kernel, grid):
     """``kernel[grid]`` with the kernel's LAUNCH_OPTIONS (on ROCm without maxnreg, which
@@ -563,7 +594,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
 
     # normalise: rows gathered in label order (stable sort: equal labels keep their order), so
     # each row's positives are one column range; inverse norms; counters zeroed.
-    sorted_labels, order = torch.sort(labels, stable=True)
+    sorted_labels, order = _stable_sort(labels)
     _launch(kernels.normalise_kernel, (row_blocks, 2))(
         student, teacher, order, batch, dim_s, dim_t, student.stride(0), student.stride(1), teacher.stride(0),
         teacher.stride(1), s_sorted, t_sorted, s_inv, t_inv, w64["position"], w32["nonfinite"], zeroed,
@@ -1006,7 +1037,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # Selected negatives: the entries sorted by (row, other) fix each row's summation order,
     # which makes the gradient bitwise reproducible without float atomics; then back through
     # the normalisation.
-    sorted_keys, entry_index = torch.sort(entry_keys, stable=True)
+    sorted_keys, entry_index = _stable_sort(entry_keys)
     grad = torch.empty((batch, dim_s), dtype=s.dtype, device=device)
     block_rows = _backward_block_rows()
     _launch(kernels.backward_rows_kernel, (triton.cdiv(batch, block_rows),))(

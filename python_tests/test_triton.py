@@ -826,6 +826,64 @@ def test_linear_scan_bitwise_as_three_levels(monkeypatch, path):
         assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the scans"
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("num_keys", [1, 2, 15, 16, 17, 255, 256, 257, 1023, 1024, 1025, 4000, 8192])
+def test_stable_sort_equals_torch_sort(dtype, num_keys):
+    """The small sort (kernels.stable_sort_kernel, up to SMALL_SORT_MAX keys) gives
+    torch.sort(stable=True)'s values and indices exactly: many ties (kept in index order), the
+    dtype's extremes, at sizes about the program and step blocks (GPU 16 x 1024, interpreter
+    256 x 1024) up to the limit."""
+    assert num_keys <= triton_ekd.SMALL_SORT_MAX
+    generator = torch.Generator().manual_seed(num_keys)
+    info = torch.iinfo(dtype)
+    keys = torch.randint(-3 if info.min < 0 else 0, 5, (num_keys,), generator=generator)
+    keys = keys.to(dtype)
+    keys[::7] = info.max
+    keys[3::11] = info.min
+    keys = keys.to(DEVICE)
+    values, indices = triton_ekd._stable_sort(keys)
+    expected = torch.sort(keys, stable=True)
+    assert values.dtype == dtype and indices.dtype == torch.int64
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+def test_stable_sort_past_its_limit_and_of_a_strided_tensor(monkeypatch):
+    """Past SMALL_SORT_MAX the sort is torch.sort's (the kernel is not launched); a strided
+    tensor sorts as its contiguous copy."""
+    from ekd_kernels._triton import kernels
+
+    keys = torch.randint(0, 50, (2 * 300,), generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
+    expected = torch.sort(keys, stable=True)
+    values, indices = triton_ekd._stable_sort(keys)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+    class NotLaunched:
+        __name__ = "stable_sort_kernel"
+
+        def __getitem__(self, grid):
+            raise AssertionError("stable_sort_kernel launched past SMALL_SORT_MAX")
+
+    monkeypatch.setattr(triton_ekd, "SMALL_SORT_MAX", 299)
+    monkeypatch.setattr(kernels, "stable_sort_kernel", NotLaunched())
+    values, indices = triton_ekd._stable_sort(keys)
+    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+
+
+@pytest.mark.parametrize("options", [dict(num_hard_negatives=500, compute_critical_ratio=True),
+                                     dict(num_hard_negatives=5000)], ids=["hardest", "more_slots_than_negatives"])
+def test_small_sort_bitwise_as_torch_sort(monkeypatch, options):
+    """The labels and the backward's entries sorted by the kernel or by torch.sort
+    (SMALL_SORT_MAX = 0, the A/B's) give the same bits of every output; with more slots than
+    negatives the empty slots' entries tie, and keep their order."""
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=13)
+    labels = labels[torch.randperm(90, generator=torch.Generator().manual_seed(2)).to(DEVICE)] * 7 - 30  # unsorted
+    kernel_sorted = _every_output(student, teacher, labels, **options)
+    monkeypatch.setattr(triton_ekd, "SMALL_SORT_MAX", 0)
+    torch_sorted = _every_output(student, teacher, labels, **options)
+    for index, (a, b) in enumerate(zip(kernel_sorted, torch_sorted)):
+        assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the sorts"
+
+
 def test_pass1_windows_teacher_target_outside_its_window(monkeypatch, scratch_views):
     """Only the teacher's first target outside its window (its window moved to the last bucket
     after window_select_kernel placed it; every student window holds its target): a miss, decided
@@ -1097,7 +1155,7 @@ json.dump({"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in
            "normalise_variants": len(set(launched["normalise_kernel"]))}, sys.stdout)
 """
 
-ALL_KERNELS = {"normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "window_select_kernel",
+ALL_KERNELS = {"stable_sort_kernel", "normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "window_select_kernel",
                "coarse_histogram_kernel", "coarse_histogram_windows_kernel", "window_histogram_kernel",
                "coarse_select_kernel", "fine_histogram_kernel",
                "fine_select_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",

@@ -109,7 +109,7 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_
 TILE_KERNELS = ("probe_histogram_kernel", "coarse_histogram_kernel", "coarse_histogram_windows_kernel",
                 "fine_histogram_kernel", "boundary_count_kernel", "hardest_negatives_kernel", "rank_loss_kernel",
                 "positive_backward_kernel")
-OTHER_KERNELS = ("normalise_kernel", "cutoff_select_kernel", "window_select_kernel", "coarse_select_kernel",
+OTHER_KERNELS = ("stable_sort_kernel", "normalise_kernel", "cutoff_select_kernel", "window_select_kernel", "coarse_select_kernel",
                  "window_histogram_kernel", "fine_select_kernel", "finalize_kernel", "backward_rows_kernel")
 LAUNCH_VARIANTS = {"warps8-tiles": {name: dict(num_warps=8) for name in TILE_KERNELS},
                    "warps8-rest": {name: dict(num_warps=8) for name in OTHER_KERNELS},
@@ -130,9 +130,12 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   dots' blocks differ), not bitwise.
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
+# - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
+#   sort kernel (triton_ekd.SMALL_SORT_MAX = 0); bitwise the same outputs.
 TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "tile32": dict(TILE=32),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
+                   "torch-sort": dict(SMALL_SORT_MAX=0),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}

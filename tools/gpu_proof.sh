@@ -130,7 +130,10 @@ case "$stage" in
     # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
     # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
     # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
-    # them; and 32 x 32 tiles at B = 256 and 1024 (device latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
+    # them; and at B = 256, 1024 and 8192 the changes since the third lease that give the same
+    # bits, each against the one before (the selection scans in one level, linear-scan; the label
+    # and entry sorts by torch.sort, torch-sort), with 32 x 32 tiles at B = 256 and 1024 (device
+    # latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
     # round's device time in the "rounds" line: the spread is the A/B's noise, and no variant
     # gains from its place).
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
@@ -142,7 +145,9 @@ case "$stage" in
         >> "$OUT/summary.txt"
     }
     ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
-    # 32 x 32 tiles where a tile kernel is one wave of few programs (gpu_exercise TRITON_VARIANTS)
+    # the scans and the small sort against what they replaced; 32 x 32 tiles where a tile kernel
+    # is one wave of few programs (gpu_exercise TRITON_VARIANTS)
+    ab since-ab 90 "256 1024 8192" triton:linear-scan triton:torch-sort
     ab tile-ab 60 "256 1024" triton:tile32
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1

@@ -7,6 +7,7 @@ of the batch, each once.  Similarities are never stored: every pass recomputes i
 the raw rows and their inverse norms.
 
 Stages and kernels, in launch order:
+    label order          stable_sort_kernel (few labels; torch.sort beyond triton_ekd.SMALL_SORT_MAX)
     normalise            normalise_kernel (label-order copies, inverse norms, counts of non-finite
                          elements; it also zeroes the counters the later kernels add to)
     similarity tiles     _similarity_tile (shared by every tile pass)
@@ -24,7 +25,8 @@ Stages and kernels, in launch order:
                          among all pairs
     rank loss            rank_loss_kernel (positives and selected pairs, shared _pair_loss),
                          finalize_kernel (fixed-order sums -> loss, statistics, backward coefficients)
-    backward             positive_backward_kernel, backward_rows_kernel
+    backward             positive_backward_kernel, stable_sort_kernel (the entries, as the labels),
+                         backward_rows_kernel
 
 The small kernels (coarse_select, fine_select, finalize) replace chains of torch ops on the
 histograms, the K-sized threshold vectors and the loss terms: on a GPU each such op is a launch
@@ -168,6 +170,29 @@ def normalise_kernel(student_ptr, teacher_ptr, order_ptr, batch, dim_s, dim_t, s
         tl.store(zero_ptr + offsets, tl.zeros((ZERO_BLOCK,), dtype=tl.int32), mask=offsets < num_zero)
     if program == 0:
         tl.store(state_ptr + tl.arange(0, STATE_SIZE), tl.zeros((STATE_SIZE,), dtype=tl.int64))
+
+
+@triton.jit
+def stable_sort_kernel(key_ptr, num_keys, sorted_key_ptr, order_ptr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A stable sort of a few integer keys (triton_ekd.SMALL_SORT_MAX): the labels before
+    normalise_kernel, the backward's gradient entries.  Key i goes to position = the number of
+    keys before it in (key, index) order, the smaller ones and the equal ones of smaller index,
+    so program p counts those for its BLOCK_R keys against all of them and writes each key and
+    its index at its position: torch.sort(keys, stable=True)'s (values, indices), exactly.
+    Why: O(n^2) compares in parallel take one launch, where torch.sort of 1024 and 4000 keys took
+    34 and 27 us of the H200 (one block's in-place sort) and its copies (bench/NOTES.md)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < num_keys
+    key = tl.load(key_ptr + rows, mask=row_mask, other=0)
+    position = tl.zeros((BLOCK_R,), dtype=tl.int32)
+    for start in range(0, num_keys, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        col_mask = cols < num_keys
+        other = tl.load(key_ptr + cols, mask=col_mask, other=0)
+        before = (other[None, :] < key[:, None]) | ((other[None, :] == key[:, None]) & (cols[None, :] < rows[:, None]))
+        position += tl.sum((before & col_mask[None, :]).to(tl.int32), axis=1)
+    tl.store(sorted_key_ptr + position, key, mask=row_mask)
+    tl.store(order_ptr + position, rows.to(tl.int64), mask=row_mask)
 
 
 # --------------------------------------------------------------------------- stage 2: tiles
