@@ -481,6 +481,8 @@ def _random_negative_pairs(labels: torch.Tensor, num_hard_negatives: int,
 def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.sort(keys, stable=True) of a 1-D integer tensor: (sorted keys, their indices), by
     one stable_sort_kernel launch up to SMALL_SORT_MAX keys."""
+    if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
+        raise TypeError(f"_stable_sort takes integer keys, got {keys.dtype}")
     num_keys = keys.numel()
     if num_keys > SMALL_SORT_MAX:
         return torch.sort(keys, stable=True)

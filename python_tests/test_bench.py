@@ -180,3 +180,17 @@ def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
     for row in report:
         assert row["rounds"] == 2 and len(row["wall_ms_rounds"]) == 2 and "peak_extra_MiB" not in row
     assert not any("same_as" in row for row in report)
+
+
+def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
+    """Every A/B variant and forced path of the lease (tools/gpu_exercise.py) sets settings that
+    triton_ekd has: a misspelt name would otherwise surface only on the GPU machine, as the
+    variant's AttributeError in the middle of a lease."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+    from ekd_kernels import triton_ekd
+
+    for group in (gpu_exercise.TRITON_VARIANTS, gpu_exercise.FORCED_TRITON_PATHS):
+        for name, settings in group.items():
+            missing = [key for key in settings if not hasattr(triton_ekd, key)]
+            assert not missing, f"{name}: triton_ekd has no {missing}"

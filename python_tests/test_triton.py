@@ -766,8 +766,9 @@ def _histogram_cases():
 
 
 @pytest.mark.parametrize("linear_scan", [0, 1], ids=["three_levels", "linear"])
-@pytest.mark.parametrize("scan_block", [256, 4096, 65536])
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("scan_block", [256, 4096, pytest.param(65536, marks=pytest.mark.skipif(
+    ON_GPU, reason="the interpreter's block only: compiled, a 65536-wide block takes about a minute"))])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("case", list(_histogram_cases()))
 def test_histogram_rank_against_searchsorted(histogram_rank_kernel, case, dtype, scan_block, linear_scan):
     """The selection scans' (bin, count before it) of a descending rank, summed over copies, equal
@@ -826,47 +827,86 @@ def test_linear_scan_bitwise_as_three_levels(monkeypatch, path):
         assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the scans"
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
-@pytest.mark.parametrize("num_keys", [1, 2, 15, 16, 17, 255, 256, 257, 1023, 1024, 1025, 4000, 8192])
-def test_stable_sort_equals_torch_sort(dtype, num_keys):
-    """The small sort (kernels.stable_sort_kernel, up to SMALL_SORT_MAX keys) gives
-    torch.sort(stable=True)'s values and indices exactly: many ties (kept in index order), the
-    dtype's extremes, at sizes about the program and step blocks (GPU 16 x 1024, interpreter
-    256 x 1024) up to the limit."""
-    assert num_keys <= triton_ekd.SMALL_SORT_MAX
-    generator = torch.Generator().manual_seed(num_keys)
-    info = torch.iinfo(dtype)
-    keys = torch.randint(-3 if info.min < 0 else 0, 5, (num_keys,), generator=generator)
-    keys = keys.to(dtype)
-    keys[::7] = info.max
-    keys[3::11] = info.min
-    keys = keys.to(DEVICE)
-    values, indices = triton_ekd._stable_sort(keys)
-    expected = torch.sort(keys, stable=True)
-    assert values.dtype == dtype and indices.dtype == torch.int64
-    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+class _CountedLaunches:
+    """Stands in for a kernel of the kernels module and counts its launches (triton_ekd._launch
+    looks a kernel's LAUNCH_OPTIONS up by its __name__)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.__name__, self.launches = kernel, kernel.__name__, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
 
 
-def test_stable_sort_past_its_limit_and_of_a_strided_tensor(monkeypatch):
-    """Past SMALL_SORT_MAX the sort is torch.sort's (the kernel is not launched); a strided
-    tensor sorts as its contiguous copy."""
+@pytest.fixture
+def counted_sort(monkeypatch):
     from ekd_kernels._triton import kernels
 
-    keys = torch.randint(0, 50, (2 * 300,), generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
-    expected = torch.sort(keys, stable=True)
-    values, indices = triton_ekd._stable_sort(keys)
-    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    counted = _CountedLaunches(triton_ekd._kernels().stable_sort_kernel)
+    monkeypatch.setattr(kernels, "stable_sort_kernel", counted)
+    return counted
 
-    class NotLaunched:
-        __name__ = "stable_sort_kernel"
 
-        def __getitem__(self, grid):
-            raise AssertionError("stable_sort_kernel launched past SMALL_SORT_MAX")
+def _sort_keys(dtype, num_keys):
+    """Keys with many ties (small values) and the dtype's extremes (for uint64 2^63 and 2^64 - 1,
+    past int64, from their bits)."""
+    generator = torch.Generator().manual_seed(num_keys)
+    signed = torch.iinfo(dtype).min < 0
+    keys = torch.randint(-3 if signed else 0, 5, (num_keys,), generator=generator).to(dtype)
+    if dtype == torch.uint64:
+        extremes = torch.tensor([-1, -2**63], dtype=torch.int64).view(torch.uint64)
+    else:
+        extremes = torch.tensor([torch.iinfo(dtype).max, torch.iinfo(dtype).min]).to(dtype)
+    keys[::7] = extremes[0]
+    keys[3::11] = extremes[1]
+    return keys
 
+
+def _assert_sorts_as_torch(keys):
+    """triton_ekd._stable_sort(keys) against torch.sort(stable=True) on the CPU (where torch
+    sorts every integer dtype)."""
+    values, indices = triton_ekd._stable_sort(keys.to(DEVICE))
+    expected = torch.sort(keys.cpu(), stable=True)
+    assert values.dtype == keys.dtype and indices.dtype == torch.int64
+    assert torch.equal(values.cpu(), expected.values) and torch.equal(indices.cpu(), expected.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
+                                   torch.uint32, torch.uint64], ids=str)
+@pytest.mark.parametrize("num_keys", [1, 2, 15, 16, 17, 255, 256, 257, 1023, 1024, 1025, 4000, 8192])
+def test_stable_sort_equals_torch_sort(counted_sort, dtype, num_keys):
+    """The small sort (kernels.stable_sort_kernel, one launch up to SMALL_SORT_MAX keys) gives
+    torch.sort(stable=True)'s values and indices exactly, in every integer dtype the labels may
+    have: many ties (kept in index order), the dtype's extremes, at sizes about the program and
+    step blocks (interpreter 256 x 1024; GPU 16 x 1024, below) up to the limit."""
+    assert num_keys <= triton_ekd.SMALL_SORT_MAX
+    _assert_sorts_as_torch(_sort_keys(dtype, num_keys))
+    assert counted_sort.launches == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8], ids=str)
+@pytest.mark.parametrize("num_keys", [17, 1025, 4000])
+def test_stable_sort_in_the_gpus_blocks(monkeypatch, counted_sort, dtype, num_keys):
+    """The same with the GPU's 16 keys a program (the interpreter's 256 otherwise)."""
+    monkeypatch.setattr(triton_ekd, "INTERPRETER_SMALL_SORT_BLOCK_ROWS", triton_ekd.SMALL_SORT_BLOCK_ROWS)
+    _assert_sorts_as_torch(_sort_keys(dtype, num_keys))
+    assert counted_sort.launches == 1
+
+
+def test_stable_sort_limit_strides_and_dtype(monkeypatch, counted_sort):
+    """SMALL_SORT_MAX keys sort by the kernel, one more by torch.sort (the kernel not launched),
+    with the same values and indices; a strided tensor sorts as its contiguous copy; float keys
+    are refused (the kernel compares integers: NaN would not sort as torch.sort sorts it)."""
+    keys = torch.randint(0, 50, (2 * 300,), generator=torch.Generator().manual_seed(1))[::2]
+    monkeypatch.setattr(triton_ekd, "SMALL_SORT_MAX", 300)
+    _assert_sorts_as_torch(keys)
+    assert counted_sort.launches == 1
     monkeypatch.setattr(triton_ekd, "SMALL_SORT_MAX", 299)
-    monkeypatch.setattr(kernels, "stable_sort_kernel", NotLaunched())
-    values, indices = triton_ekd._stable_sort(keys)
-    assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    _assert_sorts_as_torch(keys)
+    assert counted_sort.launches == 1
+    with pytest.raises(TypeError, match="integer keys"):
+        triton_ekd._stable_sort(torch.zeros(4, device=DEVICE))
 
 
 @pytest.mark.parametrize("options", [dict(num_hard_negatives=500, compute_critical_ratio=True),

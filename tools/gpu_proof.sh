@@ -72,7 +72,8 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (pass 1's windows, 32 x 32 tiles), the consistency check up
+    # A/B runs of the Triton variants (pass 1's windows; the three-level scans and the small sort
+    # against what they replaced; 32 x 32 tiles), the consistency check up
     # to B = 32768, where a call's time goes (gpu_exercise.py profile), the loss benchmark at 1024
     # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
     # B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
@@ -130,7 +131,7 @@ case "$stage" in
     # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
     # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
     # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
-    # them; and at B = 256, 1024 and 8192 the changes since the third lease that give the same
+    # them; and at B = 1024 and 8192 the changes since the third lease that give the same
     # bits, each against the one before (the selection scans in one level, linear-scan; the label
     # and entry sorts by torch.sort, torch-sort), with 32 x 32 tiles at B = 256 and 1024 (device
     # latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
@@ -147,7 +148,7 @@ case "$stage" in
     ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
     # the scans and the small sort against what they replaced; 32 x 32 tiles where a tile kernel
     # is one wave of few programs (gpu_exercise TRITON_VARIANTS)
-    ab since-ab 90 "256 1024 8192" triton:linear-scan triton:torch-sort
+    ab since-ab 75 "1024 8192" triton:linear-scan triton:torch-sort
     ab tile-ab 60 "256 1024" triton:tile32
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
@@ -164,9 +165,9 @@ case "$stage" in
     step bench-compile 75 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/triton ekd/triton+graph \
       ekd/triton+compile ekd/csrc+compile --out "$OUT/loss.jsonl" > $T/bench_compile.log 2>&1
     bench_lines $T/bench_compile.log
-    # (the defaults' figures first: a call's first ~9 minutes rarely reach past here; a follow-up
-    # call on the warm machine, EKD_LEASE_ONLY="memcheck-33 large ncu bench-32768 bench-train",
-    # takes the rest)
+    # (the defaults' figures first: a call's first ~9 minutes rarely reach past here, and may stop
+    # before; a follow-up call on the warm machine, EKD_LEASE_ONLY="<the steps the summary lists
+    # as skipped> memcheck-33 large ncu bench-32768 bench-train", takes the rest)
     # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
     memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
     # only when a worker died: why the op's refusals crash there (the suite's log says which)

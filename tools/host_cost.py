@@ -6,7 +6,7 @@ a stand-in driver, as test_every_launch_compiles_for_sm90 does, then every call 
 real launch path (EKDLoss, the custom ops, autograd, the argument checks, Triton's JITFunction.run:
 binding, specialisation, cache lookup) down to the compiled kernel's launcher, which is replaced
 by a counter.  So it leaves out only the C launcher and cuLaunchKernel (a few us a launch) and
-torch's CUDA-side costs (the caching allocator, the label sort's launches).  Printed: ms per call
+torch's CUDA-side costs (the caching allocator; past SMALL_SORT_MAX labels, torch.sort's launches).  Printed: ms per call
 with the launch path, and with the kernels replaced at `kernel[grid]` (no Triton launch path at
 all): their difference is Triton's per-launch Python.  CPU tensors stand in for CUDA ones.
 Then, kernels still replaced, where the rest goes: the module's forward with and without
