@@ -766,7 +766,7 @@ def _histogram_cases():
 
 
 @pytest.mark.parametrize("linear_scan", [0, 1], ids=["three_levels", "linear"])
-@pytest.mark.parametrize("scan_block", [256, 4096, pytest.param(65536, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("scan_block", [1024, 4096, pytest.param(65536, marks=pytest.mark.skipif(
     ON_GPU, reason="the interpreter's block only: compiled, a 65536-wide block takes about a minute"))])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("case", list(_histogram_cases()))
@@ -775,7 +775,7 @@ def test_histogram_rank_against_searchsorted(histogram_rank_kernel, case, dtype,
     searchsorted(cumsum(hist), rank, right=True) clamped to the last bin and the count of the bins
     before it, at every rank next to a running total (a bin's first and last element, the last
     element, past the last), in both scans and at each SCAN_BLOCK the backend uses (GPU 4096,
-    interpreter 65536) and one as small as a group."""
+    interpreter 65536) and a smaller one (test_large_batch's 1024)."""
     copies = _histogram_cases()[case]
     running = copies.sum(0).cumsum(0)
     total = int(running[-1])
