@@ -125,6 +125,10 @@ SCAN_BLOCK = 4096
 #: same values and indices either way (a stable sort's are unique); 0 sorts everything by
 #: torch.sort, as before, for the benchmark's A/B (tools/gpu_exercise.py triton:torch-sort).
 SMALL_SORT_MAX = 8192
+#: Its limit under the interpreter, where each of the n^2 compares is numpy work (the backward's
+#: 4000 entries took 0.1 s a call): the labels of the tests' small batches, and the entries of
+#: N <= 512, still take the kernel in every call; its own tests set the GPU's limit.
+INTERPRETER_SMALL_SORT_MAX = 1024
 #: Keys a program places, and keys it compares them with a step, in stable_sort_kernel.
 SMALL_SORT_BLOCK_ROWS = 16
 SMALL_SORT_BLOCK_COLS = 1024
@@ -294,6 +298,10 @@ def _backward_block_rows() -> int:
 
 def _scan_block() -> int:
     return INTERPRETER_SCAN_BLOCK if _kernels_interpreted() else SCAN_BLOCK
+
+
+def _small_sort_max() -> int:
+    return INTERPRETER_SMALL_SORT_MAX if _kernels_interpreted() else SMALL_SORT_MAX
 
 
 def _small_sort_block_rows() -> int:
@@ -484,7 +492,7 @@ def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
         raise TypeError(f"_stable_sort takes integer keys, got {keys.dtype}")
     num_keys = keys.numel()
-    if num_keys > SMALL_SORT_MAX:
+    if num_keys > min(SMALL_SORT_MAX, _small_sort_max()):
         return torch.sort(keys, stable=True)
     keys = keys.contiguous()
     sorted_keys = torch.empty_like(keys)

@@ -841,8 +841,10 @@ class _CountedLaunches:
 
 @pytest.fixture
 def counted_sort(monkeypatch):
+    """The sort kernel's launches counted, at the GPU's limit under the interpreter too."""
     from ekd_kernels._triton import kernels
 
+    monkeypatch.setattr(triton_ekd, "INTERPRETER_SMALL_SORT_MAX", triton_ekd.SMALL_SORT_MAX)
     counted = _CountedLaunches(triton_ekd._kernels().stable_sort_kernel)
     monkeypatch.setattr(kernels, "stable_sort_kernel", counted)
     return counted
@@ -911,15 +913,18 @@ def test_stable_sort_limit_strides_and_dtype(monkeypatch, counted_sort):
 
 @pytest.mark.parametrize("options", [dict(num_hard_negatives=500, compute_critical_ratio=True),
                                      dict(num_hard_negatives=5000)], ids=["hardest", "more_slots_than_negatives"])
-def test_small_sort_bitwise_as_torch_sort(monkeypatch, options):
+def test_small_sort_bitwise_as_torch_sort(monkeypatch, counted_sort, options):
     """The labels and the backward's entries sorted by the kernel or by torch.sort
     (SMALL_SORT_MAX = 0, the A/B's) give the same bits of every output; with more slots than
-    negatives the empty slots' entries tie, and keep their order."""
+    negatives the empty slots' entries tie, and keep their order.  (At the GPU's limit under the
+    interpreter too: the 1000 and 8010 entries take the kernel.)"""
     student, teacher, labels = make_batch(90, 40, 24, 20, seed=13)
     labels = labels[torch.randperm(90, generator=torch.Generator().manual_seed(2)).to(DEVICE)] * 7 - 30  # unsorted
     kernel_sorted = _every_output(student, teacher, labels, **options)
+    assert counted_sort.launches == 2  # the labels and the entries
     monkeypatch.setattr(triton_ekd, "SMALL_SORT_MAX", 0)
     torch_sorted = _every_output(student, teacher, labels, **options)
+    assert counted_sort.launches == 2
     for index, (a, b) in enumerate(zip(kernel_sorted, torch_sorted)):
         assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the sorts"
 

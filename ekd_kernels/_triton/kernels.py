@@ -578,16 +578,21 @@ def _histogram_rank_levels(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr)
     groups: tl.constexpr = tl.constexpr(SCAN_BLOCK) // SCAN_GROUP
     above = rank * 0  # count of the blocks before `block`
     block = above     # the block where the running total passes rank (NUM_BUCKETS / SCAN_BLOCK: none does)
+    # the group totals of the block found, kept from its step (no second read of the block)
+    group_total = tl.zeros((groups,), dtype=tl.int64)
+    group_bins = tl.arange(0, groups)[:, None] * SCAN_GROUP + tl.arange(0, SCAN_GROUP)[None, :]
     for start in range(0, NUM_BUCKETS, SCAN_BLOCK):
         if block * SCAN_BLOCK == start:  # not found yet
-            total = tl.sum(_bin_counts(hist_ptr, start + tl.arange(0, SCAN_BLOCK), num_copies), axis=0)
+            totals = tl.sum(_bin_counts(hist_ptr, start + group_bins, num_copies), axis=1)
+            total = tl.sum(totals, axis=0)
             if above + total <= rank:
                 above += total
                 block += 1
-    # Past the last block (none passed rank: every bin counted) the loads below read zeros and
-    # the index passes the last bin: clamped to it, with the whole total before it.
-    bins = (block * SCAN_BLOCK + tl.arange(0, groups) * SCAN_GROUP)[:, None] + tl.arange(0, SCAN_GROUP)[None, :]
-    group_total = tl.sum(_bin_counts(hist_ptr, bins, num_copies), axis=1)
+            else:
+                group_total = totals
+    # Past the last block (none passed rank: every bin counted) the group totals stay 0, the
+    # loads below read zeros and the index passes the last bin: clamped to it, with the whole
+    # total before it.
     before = above + tl.cumsum(group_total, axis=0) <= rank
     group = tl.sum(before.to(tl.int64), axis=0)
     above += tl.sum(tl.where(before, group_total, 0), axis=0)
