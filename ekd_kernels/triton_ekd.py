@@ -43,8 +43,8 @@ The stages, under the reference's names (kernels in ``_triton/kernels.py``, in l
                       and the backward's coefficients.
     backward          positives recompute their tiles and multiply g into the rows (no atomics:
                       a program owns its rows); the selected negatives' contributions are sorted
-                      by row (a stable sort of their keys, as the labels') and summed per row, then back through
-                      the normalisation.
+                      by row (a stable sort of their keys, as the labels') and summed per row,
+                      then back through the normalisation.
 
 Per call, forward: the label sort (one kernel up to SMALL_SORT_MAX labels, else torch.sort) and
 9 kernels: normalise; 2 full tile passes over
@@ -125,9 +125,10 @@ SCAN_BLOCK = 4096
 #: same values and indices either way (a stable sort's are unique); 0 sorts everything by
 #: torch.sort, as before, for the benchmark's A/B (tools/gpu_exercise.py triton:torch-sort).
 SMALL_SORT_MAX = 8192
-#: Its limit under the interpreter, where each of the n^2 compares is numpy work (the backward's
-#: 4000 entries took 0.1 s a call): the labels of the tests' small batches, and the entries of
-#: N <= 512, still take the kernel in every call; its own tests set the GPU's limit.
+#: Its limit under the interpreter, where each of the n^2 compares is numpy work (the two sorts
+#: of a B = 90 call, the backward's 4000 entries most of it, took 0.19 s): the labels of the
+#: tests' small batches, and the entries of N <= 512, still take the kernel in every call; its
+#: own tests set the GPU's limit.
 INTERPRETER_SMALL_SORT_MAX = 1024
 #: Keys a program places, and keys it compares them with a step, in stable_sort_kernel.
 SMALL_SORT_BLOCK_ROWS = 16
@@ -492,6 +493,7 @@ def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
         raise TypeError(f"_stable_sort takes integer keys, got {keys.dtype}")
     num_keys = keys.numel()
+    # (SMALL_SORT_MAX bounds the interpreter too: its 0, the A/B's torch.sort, holds everywhere)
     if num_keys > min(SMALL_SORT_MAX, _small_sort_max()):
         return torch.sort(keys, stable=True)
     keys = keys.contiguous()

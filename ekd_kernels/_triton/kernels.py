@@ -558,12 +558,12 @@ def _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr, LINEAR
     In three levels: the totals of blocks of SCAN_BLOCK bins, in bin order, up to the block where
     the running total passes `rank` (no later bin can count; until then every bin counted), each
     summed from the totals of its groups of SCAN_GROUP bins; the running sum of the found block's
-    group totals; in the group found, its bins' running sum.  Why: a scan's step is a chain of dependent latencies (load,
-    reduce, decide), and the earlier one-level scan ran a SCAN_BLOCK-wide cumulative sum and two
-    reductions at every step (its programs took 19-65 us at 0.2-1.4% of the SM, bench/NOTES.md);
-    a step is now one load and its sums, and two small scans finish.  The same (bin, count) either
-    way (integer counts); LINEAR_SCAN=1 keeps the one-level scan for the benchmark's A/B
-    (triton_ekd.SELECT_LINEAR_SCAN)."""
+    group totals; in the group found, its bins' running sum.  Why: a scan's step is a chain of
+    dependent latencies (load, reduce, decide), and the earlier one-level scan ran a
+    SCAN_BLOCK-wide cumulative sum and two reductions at every step (its programs took 19-65 us
+    at 0.2-1.4% of the SM, bench/NOTES.md); a step is now one load and its sums, and two small
+    scans finish.  The same (bin, count) either way (integer counts); LINEAR_SCAN=1 keeps the
+    one-level scan for the benchmark's A/B (triton_ekd.SELECT_LINEAR_SCAN)."""
     if LINEAR_SCAN:
         index, above = _histogram_rank_linear(hist_ptr, rank, num_copies, SCAN_BLOCK)
     else:
