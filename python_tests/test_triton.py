@@ -36,6 +36,55 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"triton backend una
 make_batch = functools.partial(helpers.make_batch, device=DEVICE)
 
 
+class _Sm90Compile:
+    """One sm_90 compile script (the two compile checks' _LAUNCH_SCRIPT, _LAUNCH_OPTIONS_SCRIPT
+    below) running in a subprocess of its own, with an empty Triton cache (every kernel compiled
+    for real, none from an earlier run's cache)."""
+
+    def __init__(self, script, folder):
+        import pathlib
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(folder / "cache")
+        tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
+        self.stdout, self.stderr = open(folder / "stdout", "w+"), open(folder / "stderr", "w+")  # no pipe to fill
+        self.process = subprocess.Popen([sys.executable, "-c", script, tools], env=env, stdout=self.stdout,
+                                        stderr=self.stderr, text=True)
+
+    def result(self, timeout=900):
+        """(exit status, stdout, stderr) once the script ends."""
+        self.process.wait(timeout=timeout)
+        self.stdout.seek(0)
+        self.stderr.seek(0)
+        return self.process.returncode, self.stdout.read(), self.stderr.read()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sm90_compiles(request, tmp_path_factory):
+    """The selected sm_90 compile checks' scripts, started when this module's first test runs.
+    Why in the background: each is minutes of one core's compiling (2.5 minutes together, 16% of
+    the suite on CI's 2 cores), while the test process would sit waiting for it; started here,
+    they compile beside the interpreter tests, and each check waits for its own."""
+    selected = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
+    started = {}
+    if not ON_GPU:  # a GPU compiles and runs every kernel natively in the other tests
+        for name, script in _SM90_SCRIPTS.items():
+            if name in selected:
+                started[name] = _Sm90Compile(script, tmp_path_factory.mktemp(name))
+    yield started
+    for compile_ in started.values():
+        compile_.stop()
+
+
 def triton_loss(**options):
     """EKDLoss on the Triton backend, on DEVICE (a module left on the CPU refuses CUDA inputs:
     four tests built one without .to and failed on the H200 only, never under the interpreter)."""
@@ -1097,6 +1146,41 @@ def test_deterministic(top_n_path):
     assert torch.equal(first.result.teacher_thresholds, second.result.teacher_thresholds)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's fast path (conftest.py) is for CPU runs")
+def test_interpreter_patching_once_changes_nothing(monkeypatch):
+    """conftest.py makes the interpreter patch triton.language once per module and launch:
+    the same bits as its patching at every call, with far fewer patches."""
+    from triton.runtime import interpreter
+
+    patch_once = interpreter._patch_lang
+    assert getattr(patch_once, "_ekd_once", False), "conftest.py's fast path is not installed"
+    student, teacher, labels = make_batch(40, 24, 16, 10, seed=12)
+    walks = []
+    walk = patch_once.original
+
+    def counted(fn):
+        walks.append(fn)
+        return walk(fn)
+
+    def run():
+        walks.clear()
+        outcome = run_ekd(ekd_loss, student, teacher, labels, backend="triton", num_hard_negatives=300,
+                          compute_critical_ratio=True)
+        return outcome, len(walks)
+
+    monkeypatch.setattr(patch_once, "original", counted)
+    fast, fast_walks = run()
+    monkeypatch.setattr(interpreter, "_patch_lang", counted)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", interpreter.GridExecutor.__call__.original)
+    every_call, every_call_walks = run()
+    assert torch.equal(fast.result.loss, every_call.result.loss)
+    assert torch.equal(fast.grad, every_call.grad)
+    assert torch.equal(fast.result.student_thresholds, every_call.result.student_thresholds)
+    assert torch.equal(fast.result.teacher_thresholds, every_call.result.teacher_thresholds)
+    assert torch.equal(fast.result.stats.critical_ratio, every_call.result.stats.critical_ratio)
+    assert 0 < fast_walks * 10 < every_call_walks, (fast_walks, every_call_walks)
+
+
 # --------------------------------------------------------------------------- torch.compile
 def test_torch_compile_fullgraph():
     """A small model + EKD step compiles without a graph break (on CPU through the interpreter:
@@ -1207,28 +1291,27 @@ ALL_KERNELS = {"stable_sort_kernel", "normalise_kernel", "probe_histogram_kernel
                "finalize_kernel", "positive_backward_kernel", "backward_rows_kernel"}
 
 
+def _sm90_report(compile_):
+    """The JSON report of a compile script (sm90_compiles), its failure shown, or a skip where
+    this triton has no ptxas to compile with."""
+    import json
+
+    returncode, stdout, stderr = compile_.result()
+    last_line = (stderr.strip().splitlines() or [""])[-1]
+    if "ptxas" in stderr and ("not found" in stderr or "No such file" in stderr):
+        pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
+    assert returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every kernel is compiled and run natively by the other tests")
-def test_every_launch_compiles_for_sm90(tmp_path):
+def test_every_launch_compiles_for_sm90(sm90_compiles):
     """Every kernel launch of the glue compiles for an H100 (sm_90, with the bundled ptxas)
     without a GPU, and passes Triton's launch-time checks; the EMA kernel has no fused
     multiply-add (the reference's operation order), and the normalisation compiles to one
     program whatever the input's strides and alignment (so views sum their norms in the order
     of contiguous copies, bitwise)."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
-    tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
-    done = subprocess.run([sys.executable, "-c", _LAUNCH_SCRIPT, tools], env=env, capture_output=True, text=True,
-                          timeout=900)
-    last_line = (done.stderr.strip().splitlines() or [""])[-1]
-    if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
-        pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _sm90_report(sm90_compiles["test_every_launch_compiles_for_sm90"])
     assert set(report["fma"]) == ALL_KERNELS
     assert not any(report["fma"]["fine_select_kernel"])
     assert report["normalise_variants"] == 1
@@ -1275,28 +1358,18 @@ print(json.dumps({"variants": {v: {k: sorted(s) for k, s in kernels.items()} for
                   "options": variants}))
 """
 
+#: The compile checks' scripts, by test name: sm90_compiles starts those of the selected tests.
+_SM90_SCRIPTS = {"test_every_launch_compiles_for_sm90": _LAUNCH_SCRIPT,
+                 "test_launch_variants_compile_for_sm90_with_their_options": _LAUNCH_OPTIONS_SCRIPT}
+
 
 @pytest.mark.skipif(ON_GPU, reason="compile-only check for machines without a GPU (a GPU runs the settings)")
-def test_launch_variants_compile_for_sm90_with_their_options(tmp_path):
+def test_launch_variants_compile_for_sm90_with_their_options(sm90_compiles):
     """The shipped launch options (triton_ekd.LAUNCH_OPTIONS) and every A/B variant that the GPU
     lease measures compile for an H100 (sm_90) and reach the compiled kernels: the named kernels
     with their warps and register cap, every other kernel with Triton's defaults (4 warps, no
     cap); no option names a kernel that does not exist."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
-    done = subprocess.run([sys.executable, "-c", _LAUNCH_OPTIONS_SCRIPT, tools], env=env, capture_output=True,
-                          text=True, timeout=900)
-    last_line = (done.stderr.strip().splitlines() or [""])[-1]
-    if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
-        pytest.skip(f"no ptxas for an sm_90 compile: {last_line}")
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _sm90_report(sm90_compiles["test_launch_variants_compile_for_sm90_with_their_options"])
     assert report["options"]["shipped"] == triton_ekd.LAUNCH_OPTIONS and len(report["options"]) > 1
     for variant, kernels in report["variants"].items():
         options = report["options"].get(variant, {})
