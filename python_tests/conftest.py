@@ -47,21 +47,24 @@ def _check_triton_interpreter():
 
 def _patch_each_module_once_per_launch():
     """Make the Triton interpreter patch triton.language once per module and launch, not at
-    every device-function call: the same results, a quarter less CI time.
+    every device-function call: the same results, about a quarter less interpreter time.
 
     At a launch the interpreter swaps triton.language's builtins for numpy ones
     (`interpreter._patch_lang(kernel)`), and it does it again at each call of a @triton.jit
-    helper, tl.sum and tl.zeros included.  Each time it walks every member of triton.language
-    (about 0.2 ms), and one forward and backward at B = 90 makes about 1500 such calls: the
-    walks were a quarter of the suite's interpreter time.  The repeats change nothing.  Within
-    a launch nothing restores a patch until the launch ends (a helper's patch is never
-    restored at all, in triton 3.2, 3.6 and 3.8), and a second patch finds the members already
-    swapped.  So a module's first patch in a launch is kept and the later ones are skipped.
-    Keyed by the module (the helper's globals), since tl.sum's module patches tl.core, which
-    the kernel's own patch does not.
+    helper, tl.sum and tl.zeros included.  Each time it walks every member of the triton.language
+    modules the helper's module can see (about 0.2 ms), and one forward and backward at B = 90
+    makes about 1500 such calls.  The repeats change nothing: a patch reads the helper's globals
+    only to find tl / tl.core; within a launch nothing restores a patch until the launch ends
+    (triton 3.6 and 3.8 restore only the launch's own; 3.2 restores none), and a second patch
+    finds the members already swapped.  So a module's first patch in a launch is kept and the
+    later ones are skipped.  Keyed by the module (the helper's globals), since tl.sum's module
+    patches tl.core, which the kernel's own patch does not.  (A module can see one more module
+    later in a launch: the interpreter copies `tl` into standard.py's globals on its first
+    rewrite.  That `tl` is the kernel's, already patched by the launch itself.)
 
-    Only the interpreter's work changes, never what the kernels compute.  Where this triton's
-    interpreter lacks the two hooks, nothing is changed."""
+    Only the interpreter's work changes, never what the kernels compute;
+    test_triton.py::test_interpreter_patching_once_changes_nothing checks it.  Where this
+    triton's interpreter lacks the two hooks, nothing is changed."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -73,12 +76,15 @@ def _patch_each_module_once_per_launch():
     launch = executor.__call__
     patched = set()  # id() of the globals of the modules patched in the current launch
 
+    no_patch = getattr(interpreter, "_LangPatchScope", lambda: None)
+
     def patch_once(fn):
         key = id(fn.__globals__)
         if key in patched:
-            return None  # only the launch's own (first) patch is restored, by its caller
-        patched.add(key)
-        return patch_once.original(fn)
+            return no_patch()  # an empty scope: only the launch's own patch is restored, by its caller
+        scope = patch_once.original(fn)
+        patched.add(key)  # after the patch, so that a failed one is tried again
+        return scope
 
     def launch_patching_once(self, *args, **kwargs):
         patched.clear()

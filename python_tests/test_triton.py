@@ -50,12 +50,18 @@ class _Sm90Compile:
         env["TRITON_CACHE_DIR"] = str(folder / "cache")
         tools = str(pathlib.Path(__file__).resolve().parent.parent / "tools")
         self.stdout, self.stderr = open(folder / "stdout", "w+"), open(folder / "stderr", "w+")  # no pipe to fill
-        self.process = subprocess.Popen([sys.executable, "-c", script, tools], env=env, stdout=self.stdout,
-                                        stderr=self.stderr, text=True)
+        self.process = subprocess.Popen([sys.executable, "-c", script, tools], env=env, stdin=subprocess.DEVNULL,
+                                        stdout=self.stdout, stderr=self.stderr)
 
     def result(self, timeout=900):
-        """(exit status, stdout, stderr) once the script ends."""
-        self.process.wait(timeout=timeout)
+        """(exit status, stdout, stderr) once the script ends (killed past `timeout` seconds)."""
+        import subprocess
+
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
         self.stdout.seek(0)
         self.stderr.seek(0)
         return self.process.returncode, self.stdout.read(), self.stderr.read()
@@ -71,18 +77,19 @@ class _Sm90Compile:
 @pytest.fixture(scope="module", autouse=True)
 def sm90_compiles(request, tmp_path_factory):
     """The selected sm_90 compile checks' scripts, started when this module's first test runs.
-    Why in the background: each is minutes of one core's compiling (2.5 minutes together, 16% of
-    the suite on CI's 2 cores), while the test process would sit waiting for it; started here,
-    they compile beside the interpreter tests, and each check waits for its own."""
-    selected = {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
+    Why in the background: each is a minute or two of one core's compiling (107 s and 58 s in one
+    run of the suite here, 16% of its time on CI's 2 cores) while the test process would sit
+    waiting for it; started here, they compile beside the interpreter tests, and each check
+    waits for its own."""
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items
+                if getattr(item, "module", None) is request.module}
     started = {}
     if not ON_GPU:  # a GPU compiles and runs every kernel natively in the other tests
         for name, script in _SM90_SCRIPTS.items():
             if name in selected:
                 started[name] = _Sm90Compile(script, tmp_path_factory.mktemp(name))
-    yield started
-    for compile_ in started.values():
-        compile_.stop()
+                request.addfinalizer(started[name].stop)  # at once: stopped even if the next start fails
+    return started
 
 
 def triton_loss(**options):
