@@ -194,3 +194,16 @@ def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
         for name, settings in group.items():
             missing = [key for key in settings if not hasattr(triton_ekd, key)]
             assert not missing, f"{name}: triton_ekd has no {missing}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter tool: CI's machines have no GPU")
+def test_interpreter_cost_tool_runs():
+    """tools/interpreter_cost.py (where CI's interpreter time goes) runs both ways and names the
+    kernels; its figures are for reading, not asserted."""
+    pytest.importorskip("triton")
+    for extra in ([], ["--every-call"]):
+        done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "interpreter_cost.py"), "24", "--calls", "1",
+                               *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "rank_loss_kernel" in done.stdout and "whole call" in done.stdout, done.stdout
+        assert ("every helper call" in done.stdout) == bool(extra), done.stdout
