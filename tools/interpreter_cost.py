@@ -19,8 +19,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 TESTS = pathlib.Path(__file__).resolve().parent.parent / "python_tests"
 sys.path.insert(0, str(TESTS))
 
-import torch  # noqa: E402
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
