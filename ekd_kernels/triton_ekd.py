@@ -99,6 +99,7 @@ try:  # the module must import without triton: unavailable_reason then says why
     import triton
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
+from ._triton.launch import launches  # noqa: E402  (needs no triton: off without it)
 
 #: Pair tile edge of every tile pass (equal rows and columns: pass 4 walks the same tiles as
 #: passes 1-3, so a pair's similarity has the same bits in all of them).  It is also the row
@@ -500,7 +501,7 @@ def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     sorted_keys = torch.empty_like(keys)
     order = torch.empty(num_keys, dtype=torch.int64, device=keys.device)
     block_rows = _small_sort_block_rows()
-    _launch(_kernels().stable_sort_kernel, (triton.cdiv(num_keys, block_rows),))(
+    _launch(_kernels().stable_sort_kernel, (_cdiv(num_keys, block_rows),))(
         keys, num_keys, sorted_keys, order, BLOCK_R=block_rows, BLOCK_C=SMALL_SORT_BLOCK_COLS)
     return sorted_keys, order
 
@@ -508,12 +509,23 @@ def _stable_sort(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- forward stages
 def _launch(kernel, grid):
     """``kernel[grid]`` with the kernel's LAUNCH_OPTIONS (on ROCm without maxnreg, which
-    Triton's HIP backend does not take)."""
-    launcher = kernel[grid]
+    Triton's HIP backend does not take), through the launch cache (``_triton/launch.py``: the
+    compiled kernel's launcher called directly once JITFunction.run has picked it)."""
     options = LAUNCH_OPTIONS.get(kernel.__name__) if LAUNCH_OPTIONS else None
     if options and _ON_HIP and "maxnreg" in options:
         options = {key: value for key, value in options.items() if key != "maxnreg"}
-    return functools.partial(launcher, **options) if options else launcher
+
+    def launch(*args, **kwargs):
+        if options:
+            kwargs.update(options)
+        return launches.launch(kernel, grid, args, kwargs)
+
+    return launch
+
+
+def _cdiv(a: int, b: int) -> int:
+    """-(-a // b): triton.cdiv is a constexpr function, a few us a call from host code."""
+    return -(-a // b)
 
 
 def _carve(dtype: torch.dtype, device: torch.device, **shapes) -> Tuple[torch.Tensor, dict]:
@@ -679,7 +691,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
             num_thresholds, COUNT_HARD=hardest, COUNT_CRITICAL=config.compute_critical_ratio, **options)
     if hardest:
         block_c, chunk = _candidate_blocks()
-        _launch(kernels.hardest_negatives_kernel, (max(row_blocks, triton.cdiv(candidate_size, block_c)),))(
+        _launch(kernels.hardest_negatives_kernel, (max(row_blocks, _cdiv(candidate_size, block_c)),))(
             s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
             rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
             CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows)
@@ -689,7 +701,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     random = random_pairs is not None and num_slots > 0
     random_rows, random_cols = (random_pairs[0], random_pairs[1]) if random else (w64["spare_rows"], w64["spare_cols"])
     block_pairs = _block_pairs()
-    _launch(kernels.rank_loss_kernel, (row_blocks + triton.cdiv(num_slots, block_pairs),))(
+    _launch(kernels.rank_loss_kernel, (row_blocks + _cdiv(num_slots, block_pairs),))(
         *models, thresholds_used[0], thresholds_used[1], num_thresholds, config.temperature, row_blocks,
         wf["partial_loss"],
         w64["partial_critical"], rows_arg, cols_arg, num_slots, w64["position"], random_rows, random_cols,
@@ -1052,7 +1064,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     sorted_keys, entry_index = _stable_sort(entry_keys)
     grad = torch.empty((batch, dim_s), dtype=s.dtype, device=device)
     block_rows = _backward_block_rows()
-    _launch(kernels.backward_rows_kernel, (triton.cdiv(batch, block_rows),))(
+    _launch(kernels.backward_rows_kernel, (_cdiv(batch, block_rows),))(
         s, s_inv, grad_hat, order, sorted_keys, entry_index, num_entries, num_entries.bit_length(),
         selected_coefficient, num_slots, grad_loss, grad, batch, dim_s, BLOCK_R=block_rows,
         BLOCK_D=min(triton.next_power_of_2(dim_s), BACKWARD_MAX_BLOCK_D))

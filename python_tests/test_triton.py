@@ -1241,54 +1241,99 @@ import json
 import sys
 
 import torch
+from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, sys.argv[1])  # tools/
 import sm90_stand_in
 
 launched = {}
 # CPU tensors: nothing runs, every launch compiles
-sm90_stand_in.compile_launches(lambda function, kernel: launched.setdefault(function.__name__, []).append(
+real_run = sm90_stand_in.compile_launches(lambda function, kernel: launched.setdefault(function.__name__, []).append(
     kernel.asm["ptx"]))
 
 from ekd_kernels import ekd_loss, triton_ekd
+from ekd_kernels._triton.launch import LaunchCache, launches
 
-generator = torch.Generator().manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
-    for options in (dict(), dict(critical_only=True, compute_critical_ratio=True, rank_loss="eq7"),
-                    dict(negative_selection="random", rank_loss="eq8")):
-        student = torch.randn(300, 64, generator=generator).to(dtype).requires_grad_(True)
-        teacher = torch.randn(300, 48, generator=generator).to(dtype)
-        labels = torch.randint(0, 60, (300,), generator=generator)
-        result = ekd_loss(student, teacher, labels, backend="triton", generator=torch.Generator().manual_seed(1),
-                          **options)
-        result.loss.backward()
-# pass 1 in several histogram copies (the large-B variant: num_copies > 1 is not specialised to 1)
-default_tiles_per_copy, triton_ekd.COARSE_TILES_PER_COPY = triton_ekd.COARSE_TILES_PER_COPY, 1
-ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
-triton_ekd.COARSE_TILES_PER_COPY = default_tiles_per_copy
-# pass 1 in two parts, in copies, as at large B (the probe, the cutoff, the head and tail launches
-# and coarse_select's two cutoff modes), in both dtypes' dot precisions
-default_min_batch, triton_ekd.CUTOFF_MIN_BATCH = triton_ekd.CUTOFF_MIN_BATCH, 0
-triton_ekd.COARSE_TILES_PER_COPY = 1
-for dtype in (torch.float32, torch.bfloat16):
-    ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels,
-             backend="triton").loss.backward()
-# and with pass 1's windows (their select, the window buffers, pass 2 from them), the hardest
-# negatives and the random selection
-triton_ekd.PASS1_WINDOWS = True
-for dtype in (torch.float32, torch.bfloat16):
-    for options in (dict(), dict(negative_selection="random")):
-        ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels, backend="triton",
-                 generator=torch.Generator().manual_seed(1), **options).loss.backward()
-triton_ekd.PASS1_WINDOWS = False
-triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = default_min_batch, default_tiles_per_copy
-# the same shapes as views: expanded (stride 0), transposed, and 4 bytes off the allocation
-launched["normalise_kernel"].clear()
-for make in (lambda r, c: torch.randn(r, c), lambda r, c: torch.randn(1, c).expand(r, c),
-             lambda r, c: torch.randn(c, r).t(), lambda r, c: torch.randn(r * c + 1)[1:].view(r, c)):
-    ekd_loss(make(300, 64).requires_grad_(True), make(300, 48), labels, backend="triton").loss.backward()
-json.dump({"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in launched.items()},
-           "normalise_variants": len(set(launched["normalise_kernel"]))}, sys.stdout)
+
+def exercise():
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for options in (dict(), dict(critical_only=True, compute_critical_ratio=True, rank_loss="eq7"),
+                        dict(negative_selection="random", rank_loss="eq8")):
+            student = torch.randn(300, 64, generator=generator).to(dtype).requires_grad_(True)
+            teacher = torch.randn(300, 48, generator=generator).to(dtype)
+            labels = torch.randint(0, 60, (300,), generator=generator)
+            result = ekd_loss(student, teacher, labels, backend="triton", generator=torch.Generator().manual_seed(1),
+                              **options)
+            result.loss.backward()
+    # pass 1 in several histogram copies (the large-B variant: num_copies > 1 is not specialised to 1)
+    default_tiles_per_copy, triton_ekd.COARSE_TILES_PER_COPY = triton_ekd.COARSE_TILES_PER_COPY, 1
+    ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
+    triton_ekd.COARSE_TILES_PER_COPY = default_tiles_per_copy
+    # pass 1 in two parts, in copies, as at large B (the probe, the cutoff, the head and tail launches
+    # and coarse_select's two cutoff modes), in both dtypes' dot precisions
+    default_min_batch, triton_ekd.CUTOFF_MIN_BATCH = triton_ekd.CUTOFF_MIN_BATCH, 0
+    triton_ekd.COARSE_TILES_PER_COPY = 1
+    for dtype in (torch.float32, torch.bfloat16):
+        ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels,
+                 backend="triton").loss.backward()
+    # and with pass 1's windows (their select, the window buffers, pass 2 from them), the hardest
+    # negatives and the random selection
+    triton_ekd.PASS1_WINDOWS = True
+    for dtype in (torch.float32, torch.bfloat16):
+        for options in (dict(), dict(negative_selection="random")):
+            ekd_loss(student.detach().to(dtype).requires_grad_(True), teacher.to(dtype), labels, backend="triton",
+                     generator=torch.Generator().manual_seed(1), **options).loss.backward()
+    triton_ekd.PASS1_WINDOWS = False
+    triton_ekd.CUTOFF_MIN_BATCH, triton_ekd.COARSE_TILES_PER_COPY = default_min_batch, default_tiles_per_copy
+    # the same shapes as views: expanded (stride 0), transposed, and 4 bytes off the allocation
+    launched["normalise_kernel"].clear()
+    for make in (lambda r, c: torch.randn(r, c), lambda r, c: torch.randn(1, c).expand(r, c),
+                 lambda r, c: torch.randn(c, r).t(), lambda r, c: torch.randn(r * c + 1)[1:].view(r, c)):
+        ekd_loss(make(300, 64).requires_grad_(True), make(300, 48), labels, backend="triton").loss.backward()
+
+
+exercise()
+report = {"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in launched.items()},
+          "normalise_variants": len(set(launched["normalise_kernel"]))}
+
+# The launch cache (ekd_kernels/_triton/launch.py) against JITFunction.run: every launch again,
+# the compiled kernels' launchers replaced by a counter (nothing runs), each hit checked against
+# what JITFunction.run passes the launcher (verify_hits: a difference raises LaunchMismatch).
+JITFunction.run = real_run
+launcher_calls = [0]
+
+
+def launcher(*args):
+    launcher_calls[0] += 1
+
+
+kernels = triton_ekd._kernels()
+for name in dir(kernels):
+    if isinstance(getattr(kernels, name), JITFunction):
+        for cache in getattr(kernels, name).device_caches.values():
+            for compiled in cache[0].values():
+                compiled.module, compiled.function, compiled._run = 1, 0, launcher  # handles "loaded"
+calls = [0]
+launch = LaunchCache.launch
+
+
+def counted(self, *args):
+    calls[0] += 1
+    return launch(self, *args)
+
+
+LaunchCache.launch = counted
+launches.clear()
+launches.verify_hits = True
+exercise()
+first = dict(calls=calls[0], hits=launches.hits, launcher_calls=launcher_calls[0])
+exercise()
+report["launch_cache"] = dict(first=first, calls=calls[0], hits=launches.hits, launcher_calls=launcher_calls[0],
+                              disabled=launches.disabled_kernels(),
+                              normalise_misaligned=sum(key[4] is False  # (device, debug, instrumentation, dtype, aligned...)
+                                                       for key in launches.entries(kernels.normalise_kernel)))
+json.dump(report, sys.stdout)
 """
 
 ALL_KERNELS = {"stable_sort_kernel", "normalise_kernel", "probe_histogram_kernel", "cutoff_select_kernel", "window_select_kernel",
@@ -1322,6 +1367,16 @@ def test_every_launch_compiles_for_sm90(sm90_compiles):
     assert set(report["fma"]) == ALL_KERNELS
     assert not any(report["fma"]["fine_select_kernel"])
     assert report["normalise_variants"] == 1
+    # The launch cache, checked against JITFunction.run at every hit (LaunchMismatch otherwise):
+    # every kernel passed its check, each launch called the launcher once, and the second round
+    # was hits only; the 4-bytes-off inputs took entries of their own (their compiled kernel is
+    # the aligned inputs' one: normalise_kernel does not specialise on their alignment).
+    cache = report["launch_cache"]
+    assert cache["disabled"] == []
+    assert cache["launcher_calls"] == cache["calls"] == 2 * cache["first"]["calls"]
+    assert cache["first"]["launcher_calls"] == cache["first"]["calls"] > 0
+    assert cache["hits"] - cache["first"]["hits"] == cache["first"]["calls"]
+    assert cache["normalise_misaligned"] >= 1
 
 
 # The GPU lease's A/B variants of triton_ekd.LAUNCH_OPTIONS (tools/gpu_exercise.py LAUNCH_VARIANTS),
@@ -1396,6 +1451,44 @@ def test_cpu_needs_the_interpreter(monkeypatch):
 def test_without_triton(monkeypatch):
     monkeypatch.setattr(triton_ekd, "triton", None)  # what a failed `import triton` leaves
     assert triton_ekd.unavailable_reason(DEVICE) == "triton is not installed"
+
+
+# --------------------------------------------------------------------------- launch cache (GPU)
+@pytest.mark.skipif(not ON_GPU, reason="the launch cache serves compiled kernels, on a GPU; without one "
+                                       "test_launch_cache.py and the sm_90 compile check run it on the stand-in")
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True, compute_critical_ratio=True, rank_loss="eq7"),
+                                     dict(negative_selection="random", rank_loss="eq8")])
+def test_launch_cache_on_the_gpu(options):
+    """Real launches (ekd_kernels/_triton/launch.py): with the cache the call gives the bits it
+    gives through JITFunction.run at every launch, and in verify mode every hit is the launch
+    JITFunction.run makes (LaunchMismatch otherwise); every kernel passes its check."""
+    from ekd_kernels._triton.launch import launches
+
+    student, teacher, labels = make_batch(300, 64, 48, 60, seed=15)
+
+    def call():
+        crit = triton_loss(num_hard_negatives=500, **options)
+        got = run_ekd(crit, student, teacher, labels, generator=torch.Generator().manual_seed(3))
+        return [got.result.loss, got.grad, got.result.student_thresholds, got.result.teacher_thresholds]
+
+    try:
+        launches.clear()
+        launches.enabled = False
+        want = call()
+        launches.enabled = True
+        first = call()  # misses: each through JITFunction.run, checked
+        launches.verify_hits = True
+        checked = call()
+        assert launches.hits > 0 and launches.disabled_kernels() == []
+        launches.verify_hits = False
+        hits = launches.hits
+        fast = call()
+        assert launches.hits > hits
+    finally:
+        launches.enabled, launches.verify_hits = True, False
+    for got in (first, checked, fast):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- host syncs (GPU)

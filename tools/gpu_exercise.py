@@ -47,6 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench")
 
 from common import PeakMemory  # noqa: E402  (bench/)
 from ekd_kernels import EKDLoss, triton_ekd  # noqa: E402
+from ekd_kernels._triton.launch import LaunchCache  # noqa: E402
 from ekd_kernels.backends import available_backends  # noqa: E402
 
 LOSS_RTOL, GRAD_REL_NORM, THRESHOLD_ATOL = 1e-5, 1e-4, 1e-6  # ../shared/golden/README.md
@@ -132,7 +133,10 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
 #   sort kernel (triton_ekd.SMALL_SORT_MAX = 0); bitwise the same outputs.
-TRITON_VARIANTS = {"no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
+# - no-launch-cache: every launch through Triton's JITFunction.run, as before the launch cache
+#   (_triton/launch.py); the same launches: host time only.
+TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
+                   "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "tile32": dict(TILE=32),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
                    "torch-sort": dict(SMALL_SORT_MAX=0),

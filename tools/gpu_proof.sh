@@ -147,9 +147,9 @@ case "$stage" in
     }
     ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
     # the scans and the small sort against what they replaced; 32 x 32 tiles where a tile kernel
-    # is one wave of few programs (gpu_exercise TRITON_VARIANTS)
+    # is one wave of few programs, and the launch cache's host time (gpu_exercise TRITON_VARIANTS)
     ab since-ab 75 "1024 8192" triton:linear-scan triton:torch-sort
-    ab tile-ab 60 "256 1024" triton:tile32
+    ab tile-ab 75 "256 1024" triton:tile32 triton:no-launch-cache
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
