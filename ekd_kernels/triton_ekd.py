@@ -516,9 +516,7 @@ def _launch(kernel, grid):
         options = {key: value for key, value in options.items() if key != "maxnreg"}
 
     def launch(*args, **kwargs):
-        if options:
-            kwargs.update(options)
-        return launches.launch(kernel, grid, args, kwargs)
+        return launches.launch(kernel, grid, args, {**options, **kwargs} if options else kwargs)
 
     return launch
 

@@ -10,21 +10,25 @@ compiled kernel's launcher: 4-14 us of Python a launch on this project's CPU
 (``tools/host_cost.py``), about 13 launches a call.
 
 What: ``LaunchCache.launch`` keeps, per kernel, the compiled kernel that ``JITFunction.run``
-picked under a key that is *finer* than Triton's: every integer, bool, string or None
-argument's exact class and value, a float's type (Triton compiles any float as fp32), every
-tensor's dtype and whether its address is 16-byte aligned, the keyword arguments, the current
-device and Triton's debug and instrumentation settings.  Equal keys imply equal
-Triton keys, so the same compiled kernel is right, and a hit calls its launcher directly.
+used under a key that is *finer* than Triton's: every integer, float, bool, string or None
+argument's exact class and value (Triton looks at a non-constexpr integer's class of value and
+a float's type only), every tensor's dtype and whether its address is 16-byte aligned, the
+keyword arguments, the current device and the debug and instrumentation settings
+(``knobs.runtime.debug``, the kernel's ``debug``, ``knobs.compilation.instrumentation_mode``).
+Equal keys imply equal Triton keys, so the same compiled kernel is right, and a hit calls its
+launcher directly.
 
-Checked, not assumed: the first launch under a key goes through ``JITFunction.run`` with the
-compiled kernel's launcher wrapped, and the entry is kept only when ``JITFunction.run`` called it
-with exactly what a hit would pass (grid, stream, function, metadata and each argument the same
-object; empty hook chains where a hit passes None).  A Triton whose launch convention differs (3.2 passes only the non-constexpr
-values) or whose internals are not where this expects them never takes the fast path: that
-kernel keeps ``JITFunction.run``.  Launch hooks (profilers: a non-empty
-``knobs.runtime.launch_enter_hook`` or ``launch_exit_hook``), pre-run hooks, a callable grid or an
-unhashable argument also go through ``JITFunction.run``, as does a hit whose kernel's globals
-were rebound since (``JITFunction.run`` then raises, as it would have).
+Checked, not assumed: the first launch under a key goes through ``JITFunction.run`` as usual;
+the second too, with the launcher of the compiled kernel the first one used wrapped, and the
+entry is kept only when ``JITFunction.run`` called that launcher once with exactly what a hit
+would pass (grid, stream, function, metadata and each argument the same object; empty hook
+chains where a hit passes None).  A Triton whose launch convention differs (3.2 passes only
+the non-constexpr values) fails that check and the kernel keeps ``JITFunction.run``, as does
+every kernel where ``triton.knobs`` or the attributes read here are missing.  Launch hooks
+(profilers: a non-empty ``knobs.runtime.launch_enter_hook`` or ``launch_exit_hook``), pre-run
+hooks, a stages inspection hook, a callable grid and arguments of other kinds also go through
+``JITFunction.run``, as does a hit whose kernel's globals were rebound or changed in place
+since (``JITFunction.run`` then raises, as it would have).
 
 ``EKD_TRITON_LAUNCH_CACHE=0`` turns it off (every launch through ``JITFunction.run``).
 """
@@ -47,20 +51,22 @@ _DISABLED = "disabled"  # a kernel's table once its check failed: JITFunction.ru
 #: values: a run that varies them call after call must not grow the table without bound).
 MAX_ENTRIES = 256
 
+#: The argument classes a key holds by value (anything else goes through JITFunction.run).
+_PLAIN = frozenset((int, float, bool, str, type(None)))
+
+
+def _supported() -> bool:
+    """Whether this Triton has what the cache reads on every launch."""
+    runtime = getattr(knobs, "runtime", None)
+    compilation = getattr(knobs, "compilation", None)
+    return (runtime is not None and compilation is not None and hasattr(compilation, "instrumentation_mode")
+            and all(hasattr(runtime, name) for name in ("debug", "launch_enter_hook", "launch_exit_hook")))
+
 
 def _no_hook(hook) -> bool:
     """Whether a launch hook calls nothing: None (older Triton) or an empty HookChain (3.6 on:
     knobs.runtime's hooks are chains, never None, and the launcher calls them when not None)."""
     return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
-
-
-def _as_launched(launched, expected) -> bool:
-    """Whether JITFunction.run's launcher call `launched` is the fast path's `expected`: grid,
-    stream, function and metadata, then every argument, the same; in between, the launch
-    metadata (read only by the hooks) and the two hooks, which JITFunction.run passes as empty
-    HookChains where the fast path passes None: neither calls anything."""
-    return (launched is not None and len(launched) == len(expected) and all(map(_same, launched[:6], expected[:6]))
-            and _no_hook(launched[7]) and _no_hook(launched[8]) and all(map(_same, launched[9:], expected[9:])))
 
 
 def _same(a, b) -> bool:
@@ -73,30 +79,25 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-class LaunchMismatch(AssertionError):
-    """With ``verify_hits``: a hit would have launched something else than JITFunction.run."""
+def _as_launched(launched, expected) -> bool:
+    """Whether JITFunction.run's launcher call `launched` is the fast path's `expected`: grid,
+    stream, function and metadata, then every argument, the same; in between, the launch
+    metadata (read only by the hooks) and the two hooks, which JITFunction.run passes as empty
+    HookChains where the fast path passes None: neither calls anything."""
+    return (len(launched) == len(expected) and all(map(_same, launched[:6], expected[:6]))
+            and _no_hook(launched[7]) and _no_hook(launched[8]) and all(map(_same, launched[9:], expected[9:])))
 
 
-#: The argument classes a key holds by value (anything else goes through JITFunction.run).
-_PLAIN = frozenset((int, float, bool, str, type(None)))
-
-
-def _key(device, runtime, args, kwargs):
-    """The cache key of a launch, or None when an argument is not one this cache keys.  Finer
-    than Triton's specialisation, which looks at a tensor's dtype and 16-byte alignment, at an
-    integer's class of value (1, a multiple of 16, 32 or 64 bits) and at a float's type only:
-    the key holds every other argument's exact class and value, so that equal keys mean the same
-    compiled kernel."""
-    key = [device, runtime.debug, knobs.compilation.instrumentation_mode]
+def _key(kernel, device, runtime, args, kwargs):
+    """The cache key of a launch, or None when an argument is not one this cache keys (see the
+    module's docstring: finer than Triton's, so that equal keys mean the same compiled kernel)."""
+    key = [device, runtime.debug, kernel.debug, knobs.compilation.instrumentation_mode]
     for arg in args:
         if isinstance(arg, torch.Tensor):
             key.append(arg.dtype)
             key.append(not arg.data_ptr() & 15)
-        elif arg.__class__ is float:  # (Triton takes every float as fp32, whatever its value)
-            key.append(float)
-            key.append(None)
         elif arg.__class__ in _PLAIN:
-            key.append(arg.__class__)
+            key.append(arg.__class__)  # (True == 1, and both hash alike)
             key.append(arg)
         else:
             return None
@@ -104,7 +105,7 @@ def _key(device, runtime, args, kwargs):
         if value.__class__ not in _PLAIN:
             return None
         key.append(name)
-        key.append(value.__class__)  # (True == 1, and both hash alike)
+        key.append(value.__class__)
         key.append(value)
     return tuple(key)
 
@@ -116,20 +117,33 @@ def _launcher_args(compiled, grid, stream, args, tail):
             compiled.packed_metadata, None, None, None, *args, *tail)
 
 
+def _globals_now(kernel):
+    """(globals dict, name, object, its value) of every global the kernel read: a hit checks that
+    none was rebound (the object) or changed in place (a constexpr's value)."""
+    return tuple((globals_dict, name, globals_dict.get(name, _MISSING),
+                  getattr(globals_dict.get(name, _MISSING), "value", _MISSING))
+                 for (name, _), (_, globals_dict) in kernel.used_global_vals.items())
+
+
+class LaunchMismatch(AssertionError):
+    """With ``verify_hits``: a hit would have launched something else than JITFunction.run."""
+
+
 class LaunchCache:
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled and knobs is not None
+        self.enabled = enabled and _supported()
         #: Tests: every hit goes through JITFunction.run instead (its launcher wrapped), which
         #: must have launched what the hit would have, else LaunchMismatch.
         self.verify_hits = False
         self.hits = 0
         self._tables = {}  # id(kernel) -> (name, {key: (compiled, tail, globals)} or _DISABLED)
-        self._lock = threading.Lock()
+        self._pending = {}  # (id(kernel), key) -> the compiled kernel of the key's first launch
+        self._lock = threading.RLock()  # misses and verified hits (they swap a launcher)
 
     def clear(self) -> None:
         """Forget every entry and every kernel's failed check."""
         with self._lock:
-            self._tables = {}
+            self._tables, self._pending = {}, {}
             self.hits = 0
 
     def disabled_kernels(self):
@@ -146,37 +160,41 @@ class LaunchCache:
         runtime = knobs.runtime if self.enabled else None
         if (runtime is None or type(kernel) is not JITFunction or not isinstance(grid, tuple)
                 or not _no_hook(runtime.launch_enter_hook) or not _no_hook(runtime.launch_exit_hook)
-                or kernel.pre_run_hooks or getattr(runtime, "add_stages_inspection_hook", None) is not None):
+                or getattr(kernel, "pre_run_hooks", True) or getattr(runtime, "add_stages_inspection_hook", None)):
             return kernel[grid](*args, **kwargs)
         table = self._tables.get(id(kernel), (None, None))[1]
         if table is _DISABLED:
             return kernel[grid](*args, **kwargs)
         device = driver.active.get_current_device()
-        key = _key(device, runtime, args, kwargs)
+        key = _key(kernel, device, runtime, args, kwargs)
         if key is None:
             return kernel[grid](*args, **kwargs)
         entry = table.get(key) if table else None
         if entry is None:
-            return self._first_launch(kernel, grid, args, kwargs, key, device)
-        compiled, tail, rebound = entry
-        for globals_dict, name, value in rebound:
-            if globals_dict.get(name, _MISSING) is not value:  # rebound since: Triton's own check decides
-                table.pop(key, None)
+            return self._miss(kernel, grid, args, kwargs, key, device)
+        compiled, tail, globals_then = entry
+        for globals_dict, name, value, constant in globals_then:
+            now = globals_dict.get(name, _MISSING)
+            if now is not value or getattr(now, "value", _MISSING) != constant:
+                table.pop(key, None)  # rebound or changed: JITFunction.run decides (and raises)
                 return kernel[grid](*args, **kwargs)
         launcher_args = _launcher_args(compiled, grid, driver.active.get_current_stream(device), args, tail)
         if self.verify_hits:
-            if not _as_launched(self._through_jit(kernel, grid, args, kwargs, compiled), launcher_args):
+            with self._lock:
+                launched = self._through_jit(kernel, grid, args, kwargs, compiled)
+            if launched is None or not _as_launched(launched, launcher_args):
                 raise LaunchMismatch(f"{kernel.__name__}: the cached launch differs from JITFunction.run's")
         else:
             compiled.run(*launcher_args)
         self.hits += 1
         return compiled
 
-    def _through_jit(self, kernel, grid, args, kwargs, compiled):
-        """Launch through JITFunction.run with `compiled`'s launcher wrapped: the arguments it was
-        called with (None when it was not called once, or there is no launcher to wrap yet)."""
+    @staticmethod
+    def _through_jit(kernel, grid, args, kwargs, compiled):
+        """Launch through JITFunction.run with `compiled`'s launcher wrapped (under the lock): the
+        arguments it was called with, or None unless it was called exactly once."""
         real = getattr(compiled, "_run", None)
-        if real is None:  # (JITFunction.run makes it at the kernel's first launch)
+        if real is None:  # (not a launched CompiledKernel of these internals)
             kernel[grid](*args, **kwargs)
             return None
         calls = []
@@ -192,31 +210,33 @@ class LaunchCache:
             compiled._run = real
         return calls[0] if len(calls) == 1 else None
 
-    def _first_launch(self, kernel, grid, args, kwargs, key, device):
-        """A launch under a new key: through JITFunction.run, checked; the entry kept when it
-        launched what a hit would have (else the kernel keeps JITFunction.run for good)."""
+    def _miss(self, kernel, grid, args, kwargs, key, device):
+        """A launch under a key without an entry, through JITFunction.run: the key's first notes
+        the compiled kernel it used; the second is checked against a hit's launch, and the entry
+        kept when they agree (the kernel keeps JITFunction.run for good when they differ)."""
         with self._lock:
-            compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)  # compiles; launches nothing
-            if hasattr(compiled, "result"):  # (an asynchronous compile)
-                compiled = compiled.result()
-            if getattr(compiled, "_run", None) is None:  # not launched yet (or not a CompiledKernel):
-                return kernel[grid](*args, **kwargs)  # checked at the next launch
-            tail = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[len(args):])
-            expected = _launcher_args(compiled, grid, driver.active.get_current_stream(device), args, tail)
-            launched = self._through_jit(kernel, grid, args, kwargs, compiled)
-            name, table = self._tables.get(id(kernel), (kernel.__name__, {}))
-            if table is _DISABLED:
+            pending = self._pending.pop((id(kernel), key), None)
+            if pending is None:
+                compiled = kernel[grid](*args, **kwargs)
+                if getattr(compiled, "_run", None) is not None:
+                    if len(self._pending) >= 16 * MAX_ENTRIES:
+                        self._pending = {}
+                    self._pending[(id(kernel), key)] = compiled
                 return compiled
+            tail = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in kernel.params[len(args):])
+            expected = _launcher_args(pending, grid, driver.active.get_current_stream(device), args, tail)
+            launched = self._through_jit(kernel, grid, args, kwargs, pending)
+            name, table = self._tables.get(id(kernel), (kernel.__name__, {}))
+            if launched is None or table is _DISABLED:  # (another compiled kernel, or launched twice)
+                return pending
             if not _as_launched(launched, expected):
                 self._tables[id(kernel)] = (name, _DISABLED)
-                return compiled
+                return pending
             if len(table) >= MAX_ENTRIES:
                 table = {}
-            rebound = tuple((globals_dict, global_name, globals_dict.get(global_name, _MISSING))
-                            for (global_name, _), (_, globals_dict) in kernel.used_global_vals.items())
-            table[key] = (compiled, tail, rebound)
+            table[key] = (pending, tail, _globals_now(kernel))
             self._tables[id(kernel)] = (name, table)
-            return compiled
+            return pending
 
 
 launches = LaunchCache(enabled=os.environ.get("EKD_TRITON_LAUNCH_CACHE", "1").strip().lower()
