@@ -3,18 +3,20 @@ kernels costs, which bounds a call at small B where the arithmetic takes microse
 
 The kernels are compiled for an H100 (sm_90, Triton's bundled ptxas; a CUDA build of torch) with
 a stand-in driver, as test_every_launch_compiles_for_sm90 does, then every call goes through the
-real launch path (EKDLoss, the custom ops, autograd, the argument checks, Triton's JITFunction.run:
-binding, specialisation, cache lookup) down to the compiled kernel's launcher, which is replaced
-by a counter.  So it leaves out only the C launcher and cuLaunchKernel (a few us a launch) and
-torch's CUDA-side costs (the caching allocator; past SMALL_SORT_MAX labels, torch.sort's launches).  Printed: ms per call
-with the launch path, and with the kernels replaced at `kernel[grid]` (no Triton launch path at
-all): their difference is Triton's per-launch Python.  CPU tensors stand in for CUDA ones.
+real launch path (EKDLoss, the custom ops, autograd, the argument checks, the launch cache of
+_triton/launch.py or Triton's JITFunction.run: binding, specialisation, cache lookup) down to the
+compiled kernel's launcher, which is replaced by a counter.  So it leaves out only the C launcher and cuLaunchKernel (a few us a launch) and
+torch's CUDA-side costs (the caching allocator; past SMALL_SORT_MAX labels, torch.sort's
+launches).  Printed: ms per call with the launch cache and without it (every launch through
+JITFunction.run; alternating, one run), and with the kernels replaced at `kernel[grid]` (no
+launch path at all): the differences are the per-launch Python of each way.  CPU tensors stand in for CUDA ones.
 Then, kernels still replaced, where the rest goes: the module's forward with and without
 autograd, the forward custom op called directly, its implementation (_forward_impl) alone, the
 backward op and its implementation; and the module's forward+backward through the eager path (a
 plain autograd.Function, what eager calls take) against the same through the registered op and
-the autograd torch.library wraps around it (what torch.compile traces), in one run.  Last, the
-same pair for the csrc backend's Python side, on meta tensors (the ops' fake kernels stand in for
+the autograd torch.library wraps around it (what torch.compile traces), in one run;
+_forward_impl with its scratch carved by one split_with_sizes against a slice and a view a
+buffer (as before).  Last, the same pair for the csrc backend's Python side, on meta tensors (the ops' fake kernels stand in for
 the compiled ones, so only the wrappers and autograd are timed).
 
     python tools/host_cost.py            # B = 64, D = 512
@@ -139,6 +141,33 @@ def breakdown(crit, student, teacher, labels, repeats):
         print(f"  {name}: {per_call_ms(piece, 4 * repeats) * 1e3:.0f} us")
     print("  module forward+backward, eager path against the registered op (alternating, best of 5):")
     print_paths(triton_ekd, lambda: crit(leaf, teacher, labels).backward(), repeats)
+    carve_by_slices(triton_ekd, lambda: triton_ekd._forward_impl(student, teacher, labels, *thresholds, None, config,
+                                                                 True), repeats)
+
+
+def carve_by_slices(triton_ekd, forward, repeats):
+    """_forward_impl with the scratch carved by one split_with_sizes (triton_ekd._carve) against a
+    slice and a view per buffer (as before 2026-11-27), alternating, each one's best."""
+    import math
+
+    def by_slices(dtype, device, **shapes):
+        sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+        buffer = torch.empty(sum(sizes.values()), dtype=dtype, device=device)
+        views, offset = {}, 0
+        for name, shape in shapes.items():
+            views[name] = buffer[offset:offset + sizes[name]].view(shape)
+            offset += sizes[name]
+        return buffer, views
+
+    carve = triton_ekd._carve
+    best = {carve: float("inf"), by_slices: float("inf")}
+    for _ in range(5):
+        for way in best:
+            triton_ekd._carve = way
+            best[way] = min(best[way], per_call_ms(forward, repeats))
+    triton_ekd._carve = carve
+    print(f"  _forward_impl, its scratch by split_with_sizes {best[carve] * 1e3:.0f} us against a slice and a view a "
+          f"buffer {best[by_slices] * 1e3:.0f} us (alternating, best of 5)")
 
 
 def print_paths(backend_module, step, repeats):
