@@ -317,14 +317,14 @@ def _candidate_blocks() -> Tuple[int, int]:
 
 
 def _dot_precision(x: torch.Tensor) -> str:
-    """input_precision of the similarity dots of `x` (kernels.UPCAST_PRECISION: 16-bit tiles
-    dotted in fp32, for the interpreter whose bf16 dot is wrong)."""
-    if x.dtype == torch.float32:
-        if FP32_DOT_PRECISION not in ("tf32x3", "ieee"):
-            raise ValueError(f"EKD_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee' (plain tf32 is not accurate "
-                             f"enough for tau = 0.01), got {FP32_DOT_PRECISION!r}")
-        return FP32_DOT_PRECISION
-    return "upcast_ieee" if _kernels_interpreted() else "ieee"
+    """input_precision of the similarity dots of `x`; under the interpreter
+    kernels.ORDERED_PRECISION (fp32 products summed in k order, see _similarity_tile)."""
+    if x.dtype == torch.float32 and FP32_DOT_PRECISION not in ("tf32x3", "ieee"):
+        raise ValueError(f"EKD_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee' (plain tf32 is not accurate "
+                         f"enough for tau = 0.01), got {FP32_DOT_PRECISION!r}")
+    if _kernels_interpreted():
+        return "ordered_fp32"
+    return FP32_DOT_PRECISION if x.dtype == torch.float32 else "ieee"
 
 
 def _num_tiles(batch: int) -> int:

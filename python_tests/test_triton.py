@@ -1153,6 +1153,31 @@ def test_deterministic(top_n_path):
     assert torch.equal(first.result.teacher_thresholds, second.result.teacher_thresholds)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's dot (numpy's matmul) only")
+def test_similarities_do_not_depend_on_numpys_blas(monkeypatch):
+    """Under the interpreter a pair's similarity has the same bits wherever it sits in a tile,
+    whatever BLAS numpy's matmul uses: with np.matmul made to round entries by their place (one
+    ulp down on odd rows; OpenBLAS's Haswell kernels round 42% of a 64 x 64 tile's entries
+    differently when moved), the selected pairs, which rank_loss puts on a tile's
+    diagonal, still read their thresholds as the passes that chose them (momentum 1: every
+    threshold is a pair of the batch; test_thresholds_that_are_pairs_of_the_batch failed on
+    such a CPU while the tiles went through tl.dot)."""
+    import numpy as np
+
+    matmul = np.matmul
+
+    def by_place(a, b, *args, **kwargs):
+        out = matmul(a, b, *args, **kwargs)
+        if out.ndim == 2 and out.dtype == np.float32:  # one ulp down on odd rows
+            odd = (np.arange(out.shape[0]) % 2 == 1)[:, None]
+            out = np.where(odd, np.nextafter(out, np.float32(-np.inf)), out)
+        return out
+
+    monkeypatch.setattr(np, "matmul", by_place)
+    batches = [make_batch(12, 7, 5, 12, seed=s) for s in range(16)]
+    compare_with_reference("triton", batches, momentum=1.0, critical_only=True, compute_critical_ratio=True)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fast path (conftest.py) is for CPU runs")
 def test_interpreter_patching_once_changes_nothing(monkeypatch):
     """conftest.py makes the interpreter patch triton.language once per module and launch:

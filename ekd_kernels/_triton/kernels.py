@@ -54,8 +54,9 @@ INF: tl.constexpr = tl.constexpr(float("inf"))
 # values at compile time, and NaN != NaN fails that check on every call (the interpreter skips
 # it).  _nan() builds the value inside the kernel instead.
 
-#: PRECISION value that makes _similarity_tile upcast 16-bit tiles to fp32 before the dot.
-UPCAST_PRECISION: tl.constexpr = tl.constexpr("upcast_ieee")
+#: PRECISION value of the interpreter's similarity tiles (triton_ekd._dot_precision): products
+#: in fp32, each entry's summed in k order (see _similarity_tile).
+ORDERED_PRECISION: tl.constexpr = tl.constexpr("ordered_fp32")
 
 # rank_loss codes (constexpr): soft_rank, eq7, eq8.
 SOFT_RANK: tl.constexpr = tl.constexpr(0)
@@ -202,11 +203,18 @@ def _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim,
     """<x_hat_i, x_hat_j> for a TILE x TILE block of pairs of one model.
 
     Raw rows in their own dtype (bf16/fp16 use their tensor-core dot), fp32 accumulation,
-    fp32 inputs at PRECISION ("ieee" or "tf32x3", never plain tf32).  UPCAST_PRECISION dots
-    bf16/fp16 tiles in fp32 (exact products, as the tensor-core dot): the interpreter's bf16
-    dot is wrong (it multiplies the raw 16-bit patterns).  Every tile pass calls
+    fp32 inputs at PRECISION ("ieee" or "tf32x3", never plain tf32).  Every tile pass calls
     this with the same tile alignment, so a pair's similarity is the same bits in every pass:
-    the radix selection finds in pass 2 exactly the keys it counted in pass 1.
+    the radix selection finds in pass 2 exactly the keys it counted in pass 1.  And an entry's
+    bits do not depend on its place in the tile (a GPU's dot computes each entry alike), so
+    _pair_similarities, which puts a pair on a tile's diagonal, gets them too.
+
+    ORDERED_PRECISION (the interpreter): products in fp32 (16-bit inputs upcast, exact products
+    as the tensor-core dot), each entry summed in k order by an elementwise product and a sum.
+    Not tl.dot there: it is numpy's matmul, whose BLAS may round an entry by its place in the
+    tile (OpenBLAS's Haswell kernels, which it picks on some AVX-512 CPUs too: 42% of a 64 x 64
+    tile's entries at K = 128 changed bits when moved), and whose bf16 dot multiplies the raw
+    16-bit patterns.
     """
     acc = tl.zeros((TILE, TILE), dtype=tl.float32)
     row_offset = rows.to(tl.int64) * dim
@@ -218,8 +226,8 @@ def _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim,
                        other=0.0)
         right = tl.load(x_ptr + col_offset[None, :] + ks[:, None], mask=k_mask[:, None] & col_mask[None, :],
                         other=0.0)
-        if PRECISION == UPCAST_PRECISION:
-            acc = tl.dot(left.to(tl.float32), right.to(tl.float32), acc, input_precision="ieee")
+        if PRECISION == ORDERED_PRECISION:
+            acc += tl.sum(left.to(tl.float32)[:, :, None] * right.to(tl.float32)[None, :, :], axis=1)
         else:
             acc = tl.dot(left, right, acc, input_precision=PRECISION)
     inv_i = tl.load(inv_norm_ptr + rows, mask=row_mask, other=0.0)
