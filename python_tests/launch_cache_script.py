@@ -224,20 +224,21 @@ def changed_global_raises(name):
         raise AssertionError(f"a changed {name} launched the old kernel")
 
 
+def change_global(change, changed):
+    """Rebind SCALE, change its value in place, or rebind COMPUTE; or undo it."""
+    global SCALE, COMPUTE
+    if change == "rebind":
+        SCALE = tl.constexpr(3 if changed else 2)
+    elif change == "in place":
+        SCALE.value = 3 if changed else 2
+    else:
+        COMPUTE = tl.bfloat16 if changed else tl.float32
+
+
 for change in ("rebind", "in place", "dtype"):
-    if change == "rebind":
-        SCALE = tl.constexpr(3)
-    elif change == "in place":
-        SCALE.value = 3
-    else:
-        COMPUTE = tl.bfloat16
+    change_global(change, True)
     changed_global_raises("COMPUTE" if change == "dtype" else "SCALE")
-    if change == "rebind":
-        SCALE = tl.constexpr(2)
-    elif change == "in place":
-        SCALE.value = 2
-    else:
-        COMPUTE = tl.float32
+    change_global(change, False)
     fill(cache, scale_kernel, (3,), x, y, 300, 1.5, BLOCK=128)
     check_hit(cache, scale_kernel, (3,), x, y, 300, 1.5, BLOCK=128)
 
