@@ -45,3 +45,19 @@ def compile_launches(record):
 
     triton_ekd.unavailable_reason = lambda device: None
     return run
+
+
+def jit_functions(module):
+    """The @triton.jit functions of a module (the package's kernels, their helpers)."""
+    return [value for value in vars(module).values() if isinstance(value, JITFunction)]
+
+
+def stub_launchers(functions, make_launcher):
+    """Mark every compiled kernel of `functions` loaded and give it the launcher
+    ``make_launcher(compiled)``, so that the real launch path (JITFunction.run or the launch
+    cache) runs down to a launcher that launches nothing.  Kernels stubbed before are left."""
+    for function in functions:
+        for cache in function.device_caches.values():
+            for compiled in cache[0].values():
+                if compiled.module != 1:
+                    compiled.module, compiled.function, compiled._run = 1, 0, make_launcher(compiled)

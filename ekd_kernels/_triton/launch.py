@@ -120,9 +120,9 @@ def _launcher_args(compiled, grid, stream, args, tail):
 def _globals_now(kernel):
     """(globals dict, name, object, its value) of every global the kernel read: a hit checks that
     none was rebound (the object) or changed in place (a constexpr's value)."""
-    return tuple((globals_dict, name, globals_dict.get(name, _MISSING),
-                  getattr(globals_dict.get(name, _MISSING), "value", _MISSING))
-                 for (name, _), (_, globals_dict) in kernel.used_global_vals.items())
+    now = [(globals_dict, name, globals_dict.get(name, _MISSING))
+           for (name, _), (_, globals_dict) in kernel.used_global_vals.items()]
+    return tuple((globals_dict, name, value, getattr(value, "value", _MISSING)) for globals_dict, name, value in now)
 
 
 class LaunchMismatch(AssertionError):
