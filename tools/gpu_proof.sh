@@ -74,7 +74,8 @@ case "$stage" in
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
     # A/B runs of the Triton variants (pass 1's windows; the three-level scans and the small sort
     # against what they replaced; 32 x 32 tiles), the consistency check up
-    # to B = 32768, where a call's time goes (gpu_exercise.py profile), the loss benchmark at 1024
+    # to B = 32768, where a call's time goes (gpu_exercise.py profile) and where its host time goes
+    # (tools/host_cost.py --cuda), the loss benchmark at 1024
     # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
     # B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
     # B = 65537 (past int32 pair counts), Nsight Compute on the Triton kernels at B = 8192, the
@@ -156,6 +157,14 @@ case "$stage" in
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
+    # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
+    # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
+    # without the launch cache, launchers replaced by a no-op (the C launcher and driver calls
+    # left out), kernels replaced at kernel[grid], the breakdown; then the stand-in itself here,
+    # which says how much slower this host runs the same Python (tools/host_cost.py)
+    step host 75 bash -c "$PY tools/host_cost.py 64 --cuda && $PY tools/host_cost.py 1024 --cuda \
+      && $PY tools/host_cost.py 64 --repeats 100" > $T/host.log 2>&1
+    [[ -s $T/host.log ]] && { echo "host:"; grep -v "^$" $T/host.log | tail -40; } >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc \
       ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1

@@ -21,7 +21,19 @@ the compiled ones, so only the wrappers and autograd are timed).
 
     python tools/host_cost.py            # B = 64, D = 512
     python tools/host_cost.py 1024
+
+On a GPU, `--cuda` times the same call with real launches on CUDA tensors (no stand-in): an
+eager forward+backward with the launch cache and without it, then with every compiled kernel's
+launcher replaced by a no-op (Triton's C launcher and cuLaunchKernel left out, the rest kept:
+torch's CUDA allocations, device guards, autograd), and with the kernels replaced at
+`kernel[grid]`; then the same breakdown.  The differences are the GPU host's cost of a launch's
+C launcher and driver calls, of its Python, and of the rest; the stand-in's figures on the same
+host (the first form, run there) say how much slower that host runs this project's Python than
+the machine the stand-in figures came from.
+
+    python tools/host_cost.py 64 --cuda  # on a GPU
 """
+import argparse
 import os
 import pathlib
 import sys
@@ -36,16 +48,28 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import sm90_stand_in  # noqa: E402  (tools/, this script's folder)
 
+def _no_sync():
+    pass
+
+
+#: What ends a round of calls: nothing on the stand-in; torch.cuda.synchronize with --cuda (a
+#: round's calls are then timed to their last kernel's end: the host's time when it, not the
+#: device, bounds the loop).
+finish = _no_sync
+
+
 def per_call_ms(step, repeats, rounds=7):
     """The best of `rounds` rounds of `repeats` calls: on a shared 2-core machine one round's mean
     strays by 10-20% from run to run, the best round by about 1%."""
     for _ in range(5):
         step()
+    finish()
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(repeats):
             step()
+        finish()
         best = min(best, (time.perf_counter() - start) / repeats)
     return best * 1e3
 
@@ -87,15 +111,7 @@ def main(batch: int, repeats: int = 300):
     cache.enabled = True
     unchecked = cache.disabled_kernels()
 
-    class NoLaunch:
-        def __init__(self, name):
-            self.__name__ = name  # (triton_ekd._launch looks the kernel's LAUNCH_OPTIONS up by it)
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    for fn in jitted:
-        setattr(kernels, fn.__name__, NoLaunch(fn.__name__))
+    replace_kernels(kernels, jitted)
     without = per_call_ms(step, repeats)
     print(f"B = {batch}, a forward+backward ({per_call:.0f} launches): {timed[True]:.3f} ms with the launch cache, "
           f"{timed[False]:.3f} ms through JITFunction.run at every launch, {without:.3f} ms with the kernels "
@@ -105,6 +121,76 @@ def main(batch: int, repeats: int = 300):
         print(f"  kernels that failed the launch cache's check (JITFunction.run each launch): {unchecked}")
     breakdown(crit, student, teacher, labels, repeats)
     csrc_paths(batch, repeats)
+
+
+class NoLaunch:
+    """A kernel whose `kernel[grid](...)` does nothing."""
+
+    def __init__(self, name):
+        self.__name__ = name  # (triton_ekd._launch looks the kernel's LAUNCH_OPTIONS up by it)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def replace_kernels(kernels, jitted):
+    """Replace the kernels module's @triton.jit functions by NoLaunch (no launch path at all)."""
+    for fn in jitted:
+        setattr(kernels, fn.__name__, NoLaunch(fn.__name__))
+
+
+def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
+    """--cuda: the same call on a GPU, real launches (the module docstring).  (`device` "cpu"
+    after stand-in stubs: a dry run of this function's steps without a GPU.)"""
+    global finish
+    from ekd_kernels import EKDLoss, triton_ekd
+
+    device = torch.device(device)
+    finish = torch.cuda.synchronize if device.type == "cuda" else _no_sync
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(batch, 512, generator=generator).to(device)
+    teacher = torch.randn(batch, 512, generator=generator).to(device)
+    labels = (torch.arange(batch) // 4).to(device)
+    crit = EKDLoss(backend="triton").to(device)
+
+    def step():
+        crit(student.clone().requires_grad_(True), teacher, labels).backward()
+
+    for _ in range(3):  # compile, then the launch cache's two checked launches a key
+        step()
+    kernels = triton_ekd._kernels()
+    jitted = sm90_stand_in.jit_functions(kernels)
+    compiled = [kernel for fn in jitted for cache in fn.device_caches.values() for kernel in cache[0].values()
+                if getattr(kernel, "_run", None) is not None]
+    cache = triton_ekd.launches
+    timed = {True: float("inf"), False: float("inf")}
+    for _ in range(3):  # the launch cache on and off, alternating
+        for enabled in timed:
+            cache.enabled = enabled
+            timed[enabled] = min(timed[enabled], per_call_ms(step, repeats, rounds=3))
+    cache.enabled = True
+    real = {kernel: kernel._run for kernel in compiled}
+    launches = [0]
+
+    def no_op(*args):
+        launches[0] += 1
+
+    for kernel in compiled:
+        kernel._run = no_op
+    step()
+    per_call = launches[0]  # the launches of one call
+    no_launcher = per_call_ms(step, repeats)
+    breakdown(crit, student, teacher, labels, repeats)
+    for kernel, run in real.items():
+        kernel._run = run
+    replace_kernels(kernels, jitted)
+    without = per_call_ms(step, repeats)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "dry run"
+    print(f"{name}, B = {batch}, a forward+backward ({per_call} launches), real launches: "
+          f"{timed[True]:.3f} ms with the launch cache, {timed[False]:.3f} ms without; launchers replaced by a "
+          f"no-op: {no_launcher:.3f} ms; kernels replaced at kernel[grid]: {without:.3f} ms.  A launch: "
+          f"{(timed[True] - no_launcher) / per_call * 1e3:.1f} us of C launcher and driver (if the host bounds the "
+          f"loop), {(no_launcher - without) / per_call * 1e3:.1f} us of Python with the cache")
 
 
 def breakdown(crit, student, teacher, labels, repeats):
@@ -118,7 +204,8 @@ def breakdown(crit, student, teacher, labels, repeats):
     leaf = student.clone().requires_grad_(True)
     outputs = triton_ekd._forward_impl(student, teacher, labels, *thresholds, None, config, True)
     saved = [outputs[i] for i in (15, 16, 17, 7, 8, 9, 10, 11, 12, 13, 14)]
-    backward_args = (torch.ones(()), *saved, config.temperature, config.critical_only, config.rank_loss)
+    backward_args = (torch.ones((), device=student.device), *saved, config.temperature, config.critical_only,
+                     config.rank_loss)
 
     def forward_no_grad():
         with torch.no_grad():
@@ -196,4 +283,12 @@ def csrc_paths(batch, repeats):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 64)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("batch", type=int, nargs="?", default=64)
+    parser.add_argument("--cuda", action="store_true", help="on a GPU: real launches on CUDA tensors")
+    parser.add_argument("--repeats", type=int, default=None, help="calls a round (default 300; 100 with --cuda)")
+    args = parser.parse_args()
+    if args.cuda:
+        cuda_main(args.batch, args.repeats or 100)
+    else:
+        main(args.batch, args.repeats or 300)
