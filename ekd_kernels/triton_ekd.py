@@ -287,7 +287,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def _block_k() -> int:
-    return INTERPRETER_BLOCK_K if _kernels_interpreted() else BLOCK_K
+    if not _kernels_interpreted():
+        return BLOCK_K
+    # The interpreter's ordered tiles hold TILE x BLOCK_K x TILE products, and its tensors at most
+    # 2^20 elements (128 x 128 tiles: chunks of 64).
+    return min(INTERPRETER_BLOCK_K, 2**20 // TILE**2)
 
 
 def _block_pairs() -> int:

@@ -385,13 +385,16 @@ def test_pass2_modes_against_the_reference(monkeypatch, mode):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
+@pytest.mark.parametrize("tile", [32, 128])
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True, compute_critical_ratio=True),
                                      dict(negative_selection="random")], ids=["default", "critical", "random"])
-def test_tile32_variant_against_the_reference(monkeypatch, options):
-    """Every tile pass, the positive kernels and the selected pairs' blocks on 32 x 32 tiles (the
-    benchmark's A/B variant triton:tile32, for small B): the reference's results over consecutive
-    calls, with partial last tiles (B = 150 is not a multiple of 32)."""
-    monkeypatch.setattr(triton_ekd, "TILE", 32)
+def test_tile_variants_against_the_reference(monkeypatch, options, tile):
+    """Every tile pass, the positive kernels and the selected pairs' blocks on 32 x 32 or 128 x
+    128 tiles (the benchmark's A/B variants triton:tile32, for small B, and triton:tile128 /
+    tile128-warps8, for large B): the reference's results over consecutive calls, with partial
+    last tiles (B = 150 is a multiple of neither)."""
+    monkeypatch.setattr(triton_ekd, "TILE", tile)
+    monkeypatch.setattr(triton_ekd, "BLOCK_PAIRS", max(tile, triton_ekd.BLOCK_PAIRS))  # (a multiple of TILE)
     grids, launch = [], triton_ekd._launch
 
     def recording_launch(kernel, grid):
@@ -401,7 +404,8 @@ def test_tile32_variant_against_the_reference(monkeypatch, options):
     monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)
-    assert (5, 5) in grids  # the tile passes ran on cdiv(150, 32) x cdiv(150, 32) tiles
+    tiles = -(-150 // tile)
+    assert (tiles, tiles) in grids  # the tile passes ran on cdiv(150, tile) x cdiv(150, tile) tiles
 
 
 def test_launch_options_leave_out_maxnreg_on_rocm(monkeypatch):

@@ -129,6 +129,13 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   64 x 64: at B <= 1024 each tile kernel is one wave of few programs, each a latency chain over
 #   its tile; 4x the programs of a quarter of the work each.  Same results up to rounding (the
 #   dots' blocks differ), not bitwise.
+# - tile128, tile128-warps8: 128 x 128 tiles (and selected-pair blocks of 128), at 4 warps or
+#   with the tile kernels at 8: at large B a 64 x 64 tile's K loop reads 32 FLOP a byte from L2
+#   (bf16), and pass 1 ran at about 90 TFLOP/s (third lease, bf16, B = 8192: 69 GFLOP of
+#   upper-triangle dots in ncu's 747 us); 128 x 128 halves the bytes a FLOP.
+#   sm_90a with triton 3.6 (tools/kernel_registers.py tile128 tile128-warps8): at 4 warps the
+#   tile passes spill 5-13 KB; at 8 warps pass 1 255 registers and 8-148 B spilled, pass 2 255
+#   and 1.7-2.0 KB, boundary_count none: one program an SM.  Up to rounding, as tile32.
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
@@ -138,6 +145,9 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "tile32": dict(TILE=32),
+                   "tile128": dict(TILE=128, BLOCK_PAIRS=128),
+                   "tile128-warps8": dict(TILE=128, BLOCK_PAIRS=128,
+                                          LAUNCH_OPTIONS={name: dict(num_warps=8) for name in TILE_KERNELS}),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
                    "torch-sort": dict(SMALL_SORT_MAX=0),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),

@@ -132,7 +132,8 @@ case "$stage" in
     # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
     # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
     # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
-    # them; and at B = 1024 and 8192 the changes since the third lease that give the same
+    # them, and 128 x 128 tiles at 8 warps (half the L2 bytes a FLOP of the 64 x 64 tiles; one
+    # program an SM at 255 registers); and at B = 1024 and 8192 the changes since the third lease that give the same
     # bits, each against the one before (the selection scans in one level, linear-scan; the label
     # and entry sorts by torch.sort, torch-sort), with 32 x 32 tiles at B = 256 and 1024 (device
     # latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
@@ -146,7 +147,8 @@ case "$stage" in
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
-    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
+    ab triton-ab 180 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options \
+      triton:tile128-warps8
     # the scans and the small sort against what they replaced; 32 x 32 tiles where a tile kernel
     # is one wave of few programs, and the launch cache's host time (gpu_exercise TRITON_VARIANTS)
     ab since-ab 75 "1024 8192" triton:linear-scan triton:torch-sort
