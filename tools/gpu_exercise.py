@@ -136,18 +136,31 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   sm_90a with triton 3.6 (tools/kernel_registers.py tile128 tile128-warps8): at 4 warps the
 #   tile passes spill 5-13 KB; at 8 warps pass 1 255 registers and 8-148 B spilled, pass 2 255
 #   and 1.7-2.0 KB, boundary_count none: one program an SM.  Up to rounding, as tile32.
+# - stages4: the tile kernels' K loops with 4 stages (3 loads in flight) instead of Triton's 3, the
+#   shipped options kept (pass 1's register cap): the passes are latency-bound (the third lease's
+#   ncu: pass 1 at 34% of the SM, 41% of L2, in bf16) and a model's K loop is only D / BLOCK_K =
+#   16 steps.  Bitwise the default's outputs expected (the same dots, loaded earlier).  sm_90a,
+#   triton 3.6: the tile passes' registers and spills as shipped.
+# - block-k64: feature chunks of 64 instead of 32: half the K steps a tile (the latency chain of a
+#   small B's few tile programs: at B = 64 the one tile of pass 1 took 38 us in fp32).  Up to
+#   rounding.  sm_90a, triton 3.6: bf16 as shipped; fp32 pass 1 spills 440-640 B (32 shipped),
+#   pass 2 255 registers (226).
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
 #   sort kernel (triton_ekd.SMALL_SORT_MAX = 0); bitwise the same outputs.
 # - no-launch-cache: every launch through Triton's JITFunction.run, as before the launch cache
 #   (_triton/launch.py); the same launches: host time only.
+SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
                    "tile32": dict(TILE=32),
                    "tile128": dict(TILE=128, BLOCK_PAIRS=128),
                    "tile128-warps8": dict(TILE=128, BLOCK_PAIRS=128,
                                           LAUNCH_OPTIONS={name: dict(num_warps=8) for name in TILE_KERNELS}),
+                   "stages4": dict(LAUNCH_OPTIONS={name: dict(num_stages=4, **SHIPPED_OPTIONS.get(name, {}))
+                                                   for name in TILE_KERNELS}),
+                   "block-k64": dict(BLOCK_K=64),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
                    "torch-sort": dict(SMALL_SORT_MAX=0),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),

@@ -72,8 +72,8 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (pass 1's windows; the three-level scans and the small sort
-    # against what they replaced; 32 x 32 tiles), the consistency check up
+    # A/B runs of the Triton variants (the three-level scans, the small sort and the launch cache
+    # against what they replaced; 32 x 32 tiles; pass 1's windows; the tile passes' shape), the consistency check up
     # to B = 32768, where a call's time goes (gpu_exercise.py profile) and where its host time goes
     # (tools/host_cost.py --cuda), the loss benchmark at 1024
     # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
@@ -127,18 +127,12 @@ case "$stage" in
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
-    # gradient compared with the default's.  The third lease measured pass 2's ways, pass 1's
-    # windows and launch settings at B = 8192 (and 1024): one aggregation with direct atomics and
-    # pass 1 capped at 168 registers won (bitwise the same outputs) and are the defaults since.
-    # Now: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where their
-    # buffers grow with the pairs, against the defaults and the pass 2 and launch settings before
-    # them, and 128 x 128 tiles at 8 warps (half the L2 bytes a FLOP of the 64 x 64 tiles; one
-    # program an SM at 255 registers); and at B = 1024 and 8192 the changes since the third lease that give the same
-    # bits, each against the one before (the selection scans in one level, linear-scan; the label
-    # and entry sorts by torch.sort, torch-sort), with 32 x 32 tiles at B = 256 and 1024 (device
-    # latency at small B).  Every variant is compiled first, then 3 rounds measure them in turn (medians; each
-    # round's device time in the "rounds" line: the spread is the A/B's noise, and no variant
-    # gains from its place).
+    # gradient compared with the default's.  Every variant is compiled first, then 3 rounds
+    # measure them in turn (medians; each round's device time in the "rounds" line: the spread is
+    # the A/B's noise, and no variant gains from its place).  The third lease measured pass 2's
+    # ways, pass 1's windows and launch settings at B = 8192 (and 1024): one aggregation with
+    # direct atomics and pass 1 capped at 168 registers won (bitwise the same outputs) and are the
+    # defaults since.
     ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
       local name=$1 max=$2 sizes=$3; shift 3
       step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" --rounds 3 \
@@ -147,12 +141,19 @@ case "$stage" in
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
-    ab triton-ab 180 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options \
-      triton:tile128-warps8
-    # the scans and the small sort against what they replaced; 32 x 32 tiles where a tile kernel
-    # is one wave of few programs, and the launch cache's host time (gpu_exercise TRITON_VARIANTS)
+    # First the shipped defaults never timed on a GPU, each against what it replaced (the same
+    # bits): the selection scans in three levels (linear-scan), the label and entry sorts as one
+    # kernel (torch-sort), the launch cache (no-launch-cache: host time); with them, at small B,
+    # where each tile kernel is one wave of few programs, 32 x 32 tiles, 4 K-loop stages and
+    # feature chunks of 64 (gpu_exercise TRITON_VARIANTS).
     ab since-ab 75 "1024 8192" triton:linear-scan triton:torch-sort
-    ab tile-ab 75 "256 1024" triton:tile32 triton:no-launch-cache
+    ab tile-ab 90 "256 1024" triton:tile32 triton:no-launch-cache triton:stages4 triton:block-k64
+    # Then at large B: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where
+    # their buffers grow with the pairs, against the defaults and the pass 2 and launch settings
+    # before them; and the tile passes' shape: 128 x 128 tiles at 8 warps (half the L2 bytes a
+    # FLOP of 64 x 64; one program an SM at 255 registers), 4 stages, chunks of 64.
+    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
+    ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
