@@ -42,6 +42,7 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)  # native (compiled) kernels, not the interpreter
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -139,6 +140,32 @@ def replace_kernels(kernels, jitted):
         setattr(kernels, fn.__name__, NoLaunch(fn.__name__))
 
 
+@triton.jit
+def _empty_kernel(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15, p16, p17, p18, p19, n):
+    """A launch that does nothing, with 20 pointer arguments (launch_costs)."""
+    pass
+
+
+def launch_costs(device, repeats=2000):
+    """What the GPU host pays per launch and per pointer argument, and per CUDA allocation: an
+    empty kernel launched through the launch cache with 20 distinct tensors against the same
+    20 arguments as plain integers (addresses: Triton's launcher then neither calls data_ptr()
+    nor cuPointerGetAttribute), and torch.empty of a few elements."""
+    from ekd_kernels._triton.launch import launches
+
+    tensors = [torch.empty(16, device=device) for _ in range(20)]
+    addresses = [t.data_ptr() for t in tensors]
+    times = {}
+    for name, args in (("20 tensors", tensors), ("20 integer addresses", addresses)):
+        step = lambda args=args: launches.launch(_empty_kernel, (1,), (*args, 1), {})  # noqa: E731
+        times[name] = per_call_ms(step, repeats) * 1e3
+    allocate = per_call_ms(lambda: torch.empty(16, device=device), repeats) * 1e3
+    print(f"  an empty launch: {times['20 tensors']:.1f} us with 20 tensor arguments, "
+          f"{times['20 integer addresses']:.1f} us with their addresses as integers "
+          f"({(times['20 tensors'] - times['20 integer addresses']) / 20 * 1e3:.0f} ns a tensor argument); "
+          f"torch.empty: {allocate:.1f} us")
+
+
 def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
     """--cuda: the same call on a GPU, real launches (the module docstring).  (`device` "cpu"
     after stand-in stubs: a dry run of this function's steps without a GPU.)"""
@@ -185,6 +212,7 @@ def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
         kernel._run = run
     replace_kernels(kernels, jitted)
     without = per_call_ms(step, repeats)
+    launch_costs(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "dry run"
     print(f"{name}, B = {batch}, a forward+backward ({per_call} launches), real launches: "
           f"{timed[True]:.3f} ms with the launch cache, {timed[False]:.3f} ms without; launchers replaced by a "
