@@ -66,8 +66,8 @@ embeddings and labels are outputs the backward reuses, where it adds an fp32 B x
 accumulator.
 
 Limits, as B grows (checked at the entry, ValueError naming the limit and the B given):
-B <= MAX_BATCH = 65535 * 64 = 4194240 (the tile passes' grid is cdiv(B, 64) on axis 1, which
-stops at 65535) and min(N, B(B-1)/2) <= MAX_SELECTED_NEGATIVES = 2^29 - 1 (the top-N candidate
+B <= MAX_BATCH = 65535 * 64 = 4194240 (the tile passes launch T(T + 1) / 2 programs for
+T = cdiv(B, 64), on a grid axis that stops at 2^31 - 1) and min(N, B(B-1)/2) <= MAX_SELECTED_NEGATIVES = 2^29 - 1 (the top-N candidate
 buffer, 4 slots a pair, is indexed in int32).  Within them the results are exact: pair counts,
 ranks, pair keys (i * (B + 1) + j) and the selection state are int64; histogram bins are int64
 once L can pass 2^31 (B > 65536), since one bin may hold nearly every pair when the embeddings
@@ -105,6 +105,10 @@ from ._triton.launch import launches  # noqa: E402  (needs no triton: off withou
 #: passes 1-3, so a pair's similarity has the same bits in all of them).  It is also the row
 #: block of normalise_kernel and of the positive kernels.
 TILE = 64
+#: The tile passes' grid: one program per upper-triangle tile (kernels._tile_program); off, the
+#: square grid of before, whose lower triangle's programs return at once (an A/B variant:
+#: triton:square-grid).  The same tiles either way, hence the same results.
+TRIANGLE_TILE_GRID = True
 #: Feature chunk of the dots (GPU; the interpreter takes larger chunks: fewer, bigger numpy ops).
 BLOCK_K = 32
 INTERPRETER_BLOCK_K = 128
@@ -231,9 +235,10 @@ _ON_HIP = torch.version.hip is not None
 #: Histogram bins are int32 while no bin can pass 2^31 - 1, i.e. while the B(B-1)/2 pairs fit
 #: (B <= 65536); int64 beyond, where one bin can hold nearly every pair (collapsed embeddings).
 INT32_HISTOGRAM_MAX_PAIRS = 2**31 - 1
-#: Largest batch: the tile passes launch a (cdiv(B, TILE), cdiv(B, TILE)) grid, whose axis 1
-#: may not pass 65535 (a CUDA grid's y dimension).  (MAX_BATCH: at the shipped TILE; the check
-#: reads TILE at each call, which an A/B variant may change.)
+#: Largest batch: T = cdiv(B, TILE) blocks a side, and the tile passes launch T(T + 1) / 2
+#: programs on a CUDA grid's x axis (at most 2^31 - 1: T <= 65535), or, with the square grid,
+#: (T, T), whose y axis may not pass 65535: the same bound either way.  (MAX_BATCH: at the
+#: shipped TILE; the check reads TILE at each call, which an A/B variant may change.)
 MAX_GRID_Y = 65535
 MAX_BATCH = MAX_GRID_Y * TILE
 #: Largest number of selected negatives min(N, B(B-1)/2): the top-N candidate buffer holds
@@ -335,10 +340,13 @@ def _num_tiles(batch: int) -> int:
     return (batch + TILE - 1) // TILE
 
 
-def _tile_grid(batch: int) -> Tuple[int, int]:
-    """Grid of the tile passes (1-3): program (m, n) is the tile of row block m and column
-    block n; the lower triangle returns at once."""
-    return _num_tiles(batch), _num_tiles(batch)
+def _tile_grid(batch: int) -> Tuple[int, ...]:
+    """Grid of the tile passes (1-3): one program per upper-triangle tile, T(T + 1) / 2 for T
+    blocks a side (kernels._tile_program numbers them); with TRIANGLE_TILE_GRID off, the square
+    grid whose program (m, n) is the tile of row block m and column block n, the lower triangle
+    returning at once."""
+    tiles = _num_tiles(batch)
+    return (tiles * (tiles + 1) // 2,) if TRIANGLE_TILE_GRID else (tiles, tiles)
 
 
 def _coarse_copies(batch: int) -> int:
@@ -384,9 +392,8 @@ def _histogram_dtype(num_pairs: int) -> torch.dtype:
 
 def _check_limits(batch: int, config: EKDConfig) -> None:
     """The sizes the kernels' launch grids and int32 buffers allow (module docstring, Limits)."""
-    check_batch_limit(batch, MAX_GRID_Y * TILE, "triton", f"its tile passes launch a grid of cdiv(B, {TILE}) x "
-                                                          f"cdiv(B, {TILE}) programs, and a grid's axis 1 stops at "
-                                                          f"{MAX_GRID_Y}")
+    check_batch_limit(batch, MAX_GRID_Y * TILE, "triton", f"its tile passes launch T(T + 1) / 2 programs for T = "
+                                                          f"cdiv(B, {TILE}), and a grid's axis 0 stops at 2^31 - 1")
     num_pairs = batch * (batch - 1) // 2
     if config.num_hard_negatives > MAX_SELECTED_NEGATIVES and num_pairs > MAX_SELECTED_NEGATIVES:
         raise ValueError(f"the triton EKD backend selects at most {MAX_SELECTED_NEGATIVES} negatives per call (its "

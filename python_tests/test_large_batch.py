@@ -65,9 +65,14 @@ def test_check_batch_limit_names_limit_and_batch():
 
 # --------------------------------------------------------------------------- triton: host side
 @needs_triton
-def test_triton_launch_grids_at_131072():
-    """The tile passes' grid at B = 2^17 is (2048, 2048), within the axis limits (axis 0 < 2^31,
-    axes 1 and 2 <= 65535); the largest accepted B still fits and the next does not."""
+def test_triton_launch_grids_at_131072(monkeypatch):
+    """The tile passes' grid at B = 2^17 is T(T + 1) / 2 = 2098176 programs for T = 2048, within
+    axis 0's limit (2^31 - 1); the largest accepted B still fits and the next does not, with the
+    triangular grid and with the square one (axis 1 <= 65535)."""
+    assert triton_ekd._tile_grid(131072) == (2048 * 2049 // 2,)
+    assert triton_ekd._tile_grid(triton_ekd.MAX_BATCH)[0] <= INT32_MAX
+    assert triton_ekd._tile_grid(triton_ekd.MAX_BATCH + 1)[0] > INT32_MAX
+    monkeypatch.setattr(triton_ekd, "TRIANGLE_TILE_GRID", False)
     assert triton_ekd._tile_grid(131072) == (2048, 2048)
     assert triton_ekd._tile_grid(triton_ekd.MAX_BATCH)[1] == 65535
     assert triton_ekd._tile_grid(triton_ekd.MAX_BATCH + 1)[1] == 65536

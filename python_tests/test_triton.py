@@ -398,14 +398,15 @@ def test_tile_variants_against_the_reference(monkeypatch, options, tile):
     grids, launch = [], triton_ekd._launch
 
     def recording_launch(kernel, grid):
-        grids.append(tuple(grid))
+        grids.append((kernel.__name__, tuple(grid)))
         return launch(kernel, grid)
 
     monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)
-    tiles = -(-150 // tile)
-    assert (tiles, tiles) in grids  # the tile passes ran on cdiv(150, tile) x cdiv(150, tile) tiles
+    tiles = -(-150 // tile)  # the tile passes ran on the upper triangle of cdiv(150, tile)^2 tiles
+    assert ("coarse_histogram_kernel", (tiles * (tiles + 1) // 2,)) in grids
+    assert ("fine_histogram_kernel", (tiles * (tiles + 1) // 2,)) in grids
 
 
 def test_launch_options_leave_out_maxnreg_on_rocm(monkeypatch):
@@ -799,6 +800,65 @@ def test_pass1_windows_bitwise_as_without(pass1_windows, monkeypatch, options):
             continue
         assert torch.equal(a, b), f"output {index} differs between two calls"
         assert torch.equal(a, c), f"output {index} differs from the call without windows"
+
+
+def test_triangle_blocks_at_every_size():
+    """kernels._triangle_block, the tile passes' program -> (row block, column block) of the
+    triangular grid, against integer arithmetic: every tile number of T = 1 ... 130, and the
+    numbers around the first and last tile of every column at T = 2^k - 1 ... 2^k + 1 up to the
+    largest grid MAX_BATCH allows (T = 65535: p up to 2^31 - 2), with every column's first and
+    last tile near the top, where the fp32 square root's estimate of n is a step off either way
+    and the steps decide."""
+    import triangle_probe
+
+    largest = 65535 * 65536 // 2  # programs of the largest grid (T = 65535), <= 2^31 - 1
+    numbers = set(range(130 * 131 // 2))
+    for k in range(8, 17):
+        for tiles in (2**k - 1, 2**k, 2**k + 1):
+            for n in (tiles - 2, tiles - 1, tiles // 2, tiles // 3 + 1):
+                first = n * (n + 1) // 2
+                numbers.update(p for p in (first - 1, first, first + 1, first + n - 1, first + n)
+                               if 0 <= p < min(tiles * (tiles + 1) // 2, largest))
+    for n in range(60000, 65535):  # every column's first and last tile near the top, where the
+        first = n * (n + 1) // 2   # fp32 estimate of n is off by one either way at some
+        numbers.update((first, first + n))
+    numbers.add(largest - 1)  # the last program of the largest grid
+    p = torch.tensor(sorted(numbers), dtype=torch.int64, device=DEVICE)
+    out = torch.empty(2 * p.numel(), dtype=torch.int64, device=DEVICE)
+    block = 1024
+    triangle_probe.triangle_block_kernel[(-(-p.numel() // block),)](p, out, p.numel(), BLOCK=block)
+    m, n = out.view(-1, 2).cpu().clone().unbind(1)  # (a copy: `out` is reused below)
+    p = p.cpu()
+    assert bool((n * (n + 1) // 2 <= p).all() and (p < (n + 1) * (n + 2) // 2).all()), "n is not the largest"
+    assert torch.equal(m, p - n * (n + 1) // 2) and bool(((0 <= m) & (m <= n)).all())
+    assert int(n.max()) == 65534  # the largest grid's last column (T = 65535 blocks: n < T)
+    # the step either way from an estimate of n a step off, or right (the GPU's approximate root
+    # may err where the interpreter's exact one does not)
+    for shift in (-1, 0, 1):
+        estimate = (n + shift).clamp(min=0).to(DEVICE)
+        out.fill_(-1)
+        triangle_probe.triangle_correction_kernel[(-(-p.numel() // block),)](p.to(DEVICE), estimate, out,
+                                                                            p.numel(), BLOCK=block)
+        assert torch.equal(out.view(-1, 2).cpu(), torch.stack([m, n], 1)), f"estimate n {shift:+d}"
+
+
+def test_tile_grid_numbers_the_squares_working_programs_in_order(monkeypatch):
+    """The triangular grid's programs are the square grid's programs that do work (m <= n), in
+    the square grid's order (column by column, rows first): the same tiles, launched in the same
+    order; and with TRIANGLE_TILE_GRID off the square grid comes back."""
+    import triangle_probe
+
+    for batch in (1, 64, 65, 200, 1000):
+        tiles = triton_ekd._num_tiles(batch)
+        (count,) = triton_ekd._tile_grid(batch)
+        assert count == tiles * (tiles + 1) // 2
+        p = torch.arange(count, dtype=torch.int64, device=DEVICE)
+        out = torch.empty(2 * count, dtype=torch.int64, device=DEVICE)
+        triangle_probe.triangle_block_kernel[(-(-count // 1024),)](p, out, count, BLOCK=1024)
+        square = [(m, n) for n in range(tiles) for m in range(tiles) if m <= n]
+        assert [tuple(pair) for pair in out.view(-1, 2).cpu().tolist()] == square
+    monkeypatch.setattr(triton_ekd, "TRIANGLE_TILE_GRID", False)
+    assert triton_ekd._tile_grid(1000) == (16, 16)
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,10 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   small B's few tile programs: at B = 64 the one tile of pass 1 took 38 us in fp32).  Up to
 #   rounding.  sm_90a, triton 3.6: bf16 as shipped; fp32 pass 1 spills 440-640 B (32 shipped),
 #   pass 2 255 registers (226).
+# - square-grid: the tile passes on the square (T, T) grid whose lower triangle's programs
+#   return at once, as before the triangular grid (triton_ekd.TRIANGLE_TILE_GRID): half the
+#   programs at large B, and all of them in the launches that rarely work (pass 1's tail,
+#   boundary_count without an overflow), each taking a block slot.  Bitwise the same outputs.
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
@@ -161,6 +165,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "stages4": dict(LAUNCH_OPTIONS={name: dict(num_stages=4, **SHIPPED_OPTIONS.get(name, {}))
                                                    for name in TILE_KERNELS}),
                    "block-k64": dict(BLOCK_K=64),
+                   "square-grid": dict(TRIANGLE_TILE_GRID=False),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
                    "torch-sort": dict(SMALL_SORT_MAX=0),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),

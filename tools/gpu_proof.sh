@@ -143,10 +143,11 @@ case "$stage" in
     }
     # First the shipped defaults never timed on a GPU, each against what it replaced (the same
     # bits): the selection scans in three levels (linear-scan), the label and entry sorts as one
-    # kernel (torch-sort), the launch cache (no-launch-cache: host time); with them, at small B,
+    # kernel (torch-sort), the tile passes' triangular grid (square-grid), the launch cache
+    # (no-launch-cache: host time); with them, at small B,
     # where each tile kernel is one wave of few programs, 32 x 32 tiles, 4 K-loop stages and
     # feature chunks of 64 (gpu_exercise TRITON_VARIANTS).
-    ab since-ab 75 "1024 8192" triton:linear-scan triton:torch-sort
+    ab since-ab 90 "1024 8192" triton:linear-scan triton:torch-sort triton:square-grid
     ab tile-ab 90 "256 1024" triton:tile32 triton:no-launch-cache triton:stages4 triton:block-k64
     # Then at large B: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where
     # their buffers grow with the pairs, against the defaults and the pass 2 and launch settings

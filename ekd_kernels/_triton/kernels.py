@@ -261,6 +261,41 @@ def _key_to_float(key):
 
 
 @triton.jit
+def _tile_program():
+    """(row block m, column block n) of a tile pass's program.
+
+    The grid (triton_ekd._tile_grid) is one program per upper-triangle tile (m <= n), T(T + 1) / 2
+    of them for T blocks a side, numbered column by column: program p = n(n + 1) / 2 + m, the
+    order in which the square grid's programs that do work were numbered before (its lower
+    triangle's returned at once: half its programs at large B, each taking a block slot).  A
+    square (T, T) grid (TRIANGLE_TILE_GRID off, an A/B variant) gives its program ids,
+    and the lower triangle's programs return in the kernels."""
+    m, n = _triangle_block(tl.program_id(0).to(tl.int64))
+    square = tl.num_programs(1) > 1
+    pid_m = tl.where(square, tl.program_id(0), m.to(tl.int32))
+    pid_n = tl.where(square, tl.program_id(1), n.to(tl.int32))
+    return pid_m, pid_n
+
+
+@triton.jit
+def _triangle_block(p):
+    """(m, n), m <= n, of upper-triangle tile number p >= 0 (int64): n the largest with
+    n(n + 1) / 2 <= p, m = p - n(n + 1) / 2 (see _tile_program).  n from an fp32 square root,
+    then a step either way (_triangle_block_from)."""
+    return _triangle_block_from(p, ((tl.sqrt((8 * p + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64))
+
+
+@triton.jit
+def _triangle_block_from(p, n):
+    """_triangle_block from an estimate of n at most a step off: up to p < 2^31 (the largest
+    grid) the fp32 root is off by its input's rounding to 24 bits (a step too high at some
+    columns' last tiles) and, on a GPU, by the approximate root's last bit."""
+    n = tl.where(n * (n + 1) // 2 > p, n - 1, n)
+    n = tl.where((n + 1) * (n + 2) // 2 <= p, n + 1, n)
+    return p - n * (n + 1) // 2, n
+
+
+@triton.jit
 def _tile_indices(pid_m, pid_n, batch, TILE: tl.constexpr):
     """Rows and columns of the (pid_m, pid_n) tile of the pair matrix, and which lie in the batch."""
     rows = pid_m * TILE + tl.arange(0, TILE)
@@ -508,9 +543,8 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
     negatives), the student's negatives at or above the top-N window as candidates, so that pass
     2 histograms those buffers instead of recomputing the tiles when every target lies in its
     window (window_histogram_kernel decides)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j
+    pid_m, pid_n = _tile_program()
+    if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j (a square grid's)
         return
     if PART == TAIL_BUCKETS:
         if tl.load(state_ptr + FALLBACK) == 0:
@@ -877,9 +911,8 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     WINDOWS: the programs return at once when every target lay in its window (no WINDOW_MISS):
     window_histogram_kernel has built the histograms from pass 1's window buffers.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if pid_n < pid_m:
+    pid_m, pid_n = _tile_program()
+    if pid_n < pid_m:  # (a square grid's lower triangle)
         return
     if WINDOWS:
         if tl.load(selection_state_ptr + WINDOW_MISS) == 0:
@@ -993,10 +1026,9 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     and, only when the candidates overflowed their buffer (decided on the device), per row, how
     many negatives lie strictly above / exactly at the N-th largest student similarity: their
     prefix sums place the writes of pass 4 without atomics."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_program()
     overflow = tl.load(state_ptr + OVERFLOW) != 0
-    work = (pid_n >= pid_m).to(tl.int32)  # lower-triangle tiles hold no pair i < j
+    work = (pid_n >= pid_m).to(tl.int32)  # lower-triangle tiles hold no pair i < j (a square grid's)
     if not COUNT_CRITICAL:
         work = work * overflow.to(tl.int32)
     if work == 0:
