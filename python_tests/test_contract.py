@@ -441,6 +441,20 @@ def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where)
     assert torch.isfinite(crit(*make_batch(16, seed=2, device=device)))
 
 
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True), dict(update_thresholds=False)],
+                         ids=["default", "critical_only", "frozen"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_non_finite_threshold_state_gives_nan(backend, device, where, options):
+    """A NaN in the threshold state a caller passes to ekd_loss (EKDLoss refuses one in a
+    checkpoint) gives a NaN loss on every backend, as the reference's clamped sigmoid does: never
+    a finite loss from a corrupt state."""
+    student, teacher, labels = make_batch(30, seed=5, device=device)
+    thresholds = [torch.linspace(0.05, 0.4, 6, device=device) for _ in range(2)]
+    thresholds[0 if where == "student" else 1][2] = float("nan")
+    result = ekd_loss(student.requires_grad_(True), teacher, labels, *thresholds, backend=backend, **options)
+    assert torch.isnan(result.loss), f"{backend}: {result.loss}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, device, dtype):
     student, teacher, labels = make_batch(24, 16, seed=4, device=device)

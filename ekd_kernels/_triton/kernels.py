@@ -1188,9 +1188,12 @@ def hardest_negatives_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_p
 def _clamped_sigmoid(x, temperature):
     """(sigmoid, d sigmoid / dx) of x / tau with the exponent clamped to [-50, 50], as the
     reference: 1 / (1 + exp(clamp(-x / tau))), gradient zero where the clamp is active.
-    The derivative is written sig^2 * e / tau, not sig * (1 - sig) / tau, which cancels."""
+    The derivative is written sig^2 * e / tau, not sig * (1 - sig) / tau, which cancels.
+    The clamp by comparisons, not tl.maximum / tl.minimum, which return the other operand of a
+    NaN (a NaN threshold in the state the caller passed): a NaN stays NaN, as in the reference's
+    torch.clamp and the csrc op."""
     scaled = -x / temperature
-    exponent = tl.minimum(tl.maximum(scaled, -SIGMOID_CLAMP), SIGMOID_CLAMP)
+    exponent = tl.where(scaled < -SIGMOID_CLAMP, -SIGMOID_CLAMP, tl.where(scaled > SIGMOID_CLAMP, SIGMOID_CLAMP, scaled))
     e = tl.exp(exponent)
     sig = 1.0 / (1.0 + e)
     in_range = (scaled >= -SIGMOID_CLAMP) & (scaled <= SIGMOID_CLAMP)
