@@ -12,12 +12,16 @@ import torch
 from torch._C import _functions  # DelayedError, as torch.autograd.function.once_differentiable uses it
 
 
+def _second_derivative_message(backend: str) -> str:
+    return (f"the {backend} backend has no second derivative (create_graph=True / double backward "
+            "through the loss, or nested torch.func transforms): use backend='reference' for that")
+
+
 def first_order_only(backend: str):
     """Decorator for a ``register_autograd`` backward: computed without a graph; when the caller
     asked for one (grad mode on in the backward: create_graph=True), the results carry a node that
     raises on differentiation, naming the backend and the way out."""
-    message = (f"the {backend} backend has no second derivative (create_graph=True / double backward "
-               "through the loss): use backend='reference' for that").encode()
+    message = _second_derivative_message(backend).encode()
 
     def decorate(backward):
         @functools.wraps(backward)
@@ -52,3 +56,25 @@ def eager_call(*tensors) -> bool:
             or torch._C._are_functorch_transforms_active()):
         return False
     return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def functorch_call() -> bool:
+    """Whether a loss op must be called through its torch.func twin (a setup_context style
+    torch.autograd.Function running the same checks, kernels and backward): under torch.func
+    transforms (grad, vjp, jacrev, ...) in eager mode.  Why: the autograd torch.library builds
+    for a registered op (torch._library.autograd, torch 2.14 included) is a forward(ctx, ...)
+    Function, which functorch refuses ("it must override the setup_context staticmethod").
+    Under torch.compile and dispatch modes the op is still traced."""
+    return (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+def refuse_nested_derivative(backend: str) -> None:
+    """In a torch.func twin's backward: raise when more than one derivative transform (grad, jvp)
+    is active, i.e. an outer one would differentiate this gradient (grad of grad, jacrev of
+    grad): first_order_only's raising node cannot be made on a transform's tensors, and the
+    backward op under it would give a silently zero second derivative."""
+    derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if sum(interpreter.key() in derivative for interpreter in stack) > 1:
+        raise RuntimeError(_second_derivative_message(backend))

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._autograd import eager_call, first_order_only
+from ._autograd import eager_call, first_order_only, functorch_call, refuse_nested_derivative
 from .config import EKDConfig
 from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -176,8 +176,8 @@ class _EagerForward(torch.autograd.Function):
     """The forward op's eager path: the same op and backward, with the op called below autograd
     instead of through the autograd that torch.library registered for it (option defaults filled,
     every output's grad_fn): 1.3x less host time for the Python side of a forward+backward
-    (tools/host_cost.py, on meta tensors).  torch.compile, export, dispatch modes and torch.func
-    transforms take the registered op (see _autograd.eager_call)."""
+    (tools/host_cost.py, on meta tensors).  torch.compile, export and dispatch modes take the
+    registered op (see _autograd.eager_call), torch.func transforms _FuncForward."""
 
     # forward(ctx, ...) rather than a setup_context: apply() binds a setup_context style forward's
     # arguments through inspect.signature on every call; this class never runs under torch.func.
@@ -192,6 +192,28 @@ class _EagerForward(torch.autograd.Function):
     @staticmethod
     @first_order_only("csrc")
     def backward(ctx, grad_loss, *unused_grads):
+        return (_student_gradient(ctx, grad_loss),) + (None,) * 16
+
+
+class _FuncForward(torch.autograd.Function):
+    """_EagerForward in the setup_context style torch.func transforms require (_autograd.
+    functorch_call): the op runs below autograd on the tensors the transform unwrapped."""
+
+    @staticmethod
+    def forward(*inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.ekd_kernels.ekd_forward(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        # The backward op takes the transform's wrapped tensors; it has no autograd formula, so a
+        # second derivative raises: refuse_nested_derivative under transforms.
+        refuse_nested_derivative("csrc")
         return (_student_gradient(ctx, grad_loss),) + (None,) * 16
 
 
@@ -225,7 +247,8 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     numerators, denominators = config.fpr_ratios
     student, teacher = student.to(dtype), teacher.detach().to(dtype)
     forward = (_EagerForward.apply if eager_call(student, teacher, labels, student_thresholds, teacher_thresholds,
-                                                 random_ranks) else torch.ops.ekd_kernels.ekd_forward)
+                                                 random_ranks)
+               else _FuncForward.apply if functorch_call() else torch.ops.ekd_kernels.ekd_forward)
     (loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms, _, _, _) = forward(
         student, teacher, labels, student_thresholds, teacher_thresholds, random_ranks,
         list(numerators), list(denominators), float(config.temperature),

@@ -89,7 +89,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._autograd import eager_call, first_order_only
+from ._autograd import eager_call, first_order_only, functorch_call, refuse_nested_derivative
 from .config import EKDConfig
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -1132,8 +1132,8 @@ class _EagerForward(torch.autograd.Function):
     """The forward op's eager twin: the same checks, kernels and backward, called without the
     custom op's dispatch and the autograd that torch.library wraps around it (option defaults
     filled, every output's grad_fn): 1.4x less host time for a small batch's forward+backward
-    (tools/host_cost.py).  torch.compile, export, dispatch modes and torch.func transforms take
-    the op (see _autograd.eager_call)."""
+    (tools/host_cost.py).  torch.compile, export and dispatch modes take the op (see
+    _autograd.eager_call), torch.func transforms _FuncForward."""
 
     # forward(ctx, ...) rather than a setup_context: apply() binds a setup_context style forward's
     # arguments through inspect.signature on every call; this class never runs under torch.func.
@@ -1150,6 +1150,31 @@ class _EagerForward(torch.autograd.Function):
     @first_order_only("triton")
     def backward(ctx, grad_loss, *unused_grads):
         return (_student_gradient(ctx, grad_loss, _backward_checked),) + (None,) * 7
+
+
+class _FuncForward(torch.autograd.Function):
+    """_EagerForward in the setup_context style torch.func transforms require (_autograd.
+    functorch_call): the forward runs on the tensors the transform unwrapped."""
+
+    @staticmethod
+    def forward(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, config,
+                update_thresholds):
+        return _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                                config, update_thresholds)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        config = inputs[6]
+        _save_for_backward(ctx, output, config.temperature, config.critical_only, config.rank_loss)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_grads):
+        # Through the registered backward op, which takes the transform's wrapped tensors; it has
+        # no autograd formula, so a second derivative raises: refuse_nested_derivative under
+        # transforms.
+        refuse_nested_derivative("triton")
+        return (_student_gradient(ctx, grad_loss, _backward_op),) + (None,) * 7
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1174,6 +1199,9 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     if eager_call(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs):
         outputs = _EagerForward.apply(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
                                       config, bool(update_thresholds))
+    elif functorch_call():
+        outputs = _FuncForward.apply(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
+                                     config, bool(update_thresholds))
     else:
         outputs = _forward_op(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
                               list(config.fprs), config.temperature, config.num_hard_negatives, config.momentum,
