@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts
+from ._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts, keep_precision_under_assign
 from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
@@ -228,14 +228,12 @@ class EKDLoss(nn.Module):
             error_msgs.extend(problems)
             return
         before = len(missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        # (load_state_dict(assign=True) may bring 16-bit thresholds, or any layout)
+        keep_precision_under_assign(self, _THRESHOLD_BUFFERS, lambda: super(EKDLoss, self)._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
         version = local_metadata.get("version") if local_metadata else None
         if (version is None or version < 2) and prefix + _EXTRA_STATE in missing_keys[before:]:
             missing_keys.remove(prefix + _EXTRA_STATE)  # a checkpoint from before the extra state
-        for name in _THRESHOLD_BUFFERS:  # load_state_dict(assign=True) may bring any layout
-            if not self._buffers[name].is_contiguous():
-                self._buffers[name] = self._buffers[name].contiguous()
 
     def _apply(self, fn, recurse=True):
         """Casts to 16 bits leave the thresholds in fp32 (on the new device): a 16-bit EMA would

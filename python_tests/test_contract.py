@@ -684,6 +684,33 @@ def test_checkpoint_of_another_shape_or_dtype_kind_is_refused(name, change, matc
     assert torch.equal(fresh.student_thresholds, saved.student_thresholds)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_assigned_16_bit_thresholds_stay_in_fp32(dtype):
+    """load_state_dict(assign=True) of a checkpoint whose thresholds were saved in 16 bits leaves
+    them in fp32 (their values, which widen exactly), as a copying load does and as the module's
+    own 16-bit casts keep them: the module then runs (it refuses 16-bit thresholds, where the
+    EMA stalls) and continues as the copying load's does; a non-contiguous one comes in
+    contiguous."""
+    saved = EKDLoss()
+    saved(*make_batch(16, seed=0))
+    state = {k: v.to(dtype) if k.endswith("thresholds") else v for k, v in saved.state_dict().items()}
+    assigned, copied = EKDLoss(), EKDLoss()
+    assigned.load_state_dict(state, assign=True)
+    copied.load_state_dict(state)
+    for name in ("student_thresholds", "teacher_thresholds"):
+        assert getattr(assigned, name).dtype == torch.float32
+        assert torch.equal(getattr(assigned, name), getattr(copied, name))
+    batch = make_batch(16, seed=1)
+    assert torch.equal(assigned(*batch), copied(*batch))
+    strided = dict(saved.state_dict(), student_thresholds=torch.stack([saved.student_thresholds] * 2, 1)[:, 0])
+    assigned.load_state_dict(strided, assign=True)  # fp32 with stride 2
+    assert assigned.student_thresholds.is_contiguous()
+    assert torch.equal(assigned.student_thresholds, saved.student_thresholds)
+    doubled = EKDLoss().double()  # a wider module keeps its own width
+    doubled.load_state_dict(state, assign=True)
+    assert doubled.student_thresholds.dtype == torch.float64
+
+
 def test_checkpoint_from_before_the_extra_state_loads():
     """State dicts that hold only the two buffers (this package before it saved the FPRs) load
     with strict=True; one saved by this version must carry its extra state."""

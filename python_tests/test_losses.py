@@ -722,6 +722,20 @@ def test_unified_16_bit_cast_keeps_an_fp32_bank(dtype):
     assert crit.double().bank_embeddings.dtype == torch.float64  # other casts apply as usual
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unified_assigned_16_bit_bank_stays_in_fp32(dtype):
+    """load_state_dict(assign=True) of a bank saved in 16 bits keeps the module's fp32 bank (the
+    rows widen exactly), as a copying load does."""
+    saved = UnifiedKDLoss(8, bank_size=40)
+    saved(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3)
+    state = {k: v.to(dtype) if k == "bank_embeddings" else v for k, v in saved.state_dict().items()}
+    assigned, copied = UnifiedKDLoss(8, bank_size=40), UnifiedKDLoss(8, bank_size=40)
+    assigned.load_state_dict(state, assign=True)
+    copied.load_state_dict(state)
+    assert assigned.bank_embeddings.dtype == torch.float32
+    assert torch.equal(assigned.bank_embeddings, copied.bank_embeddings)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(bank_count=torch.tensor(999)), "bank_count in the checkpoint is 999, outside"),
     (dict(bank_count=torch.tensor(-3)), "bank_count in the checkpoint is -3, outside"),

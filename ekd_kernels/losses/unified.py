@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts
+from .._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts, keep_precision_under_assign
 from ..validation import refuse_stateful_recomputation
 from ._common import (all_finite, check_embedding_pair, check_has_values, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
@@ -257,8 +257,9 @@ class UnifiedKDLoss(nn.Module):
         if problems:
             error_msgs.extend(problems)
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        # (load_state_dict(assign=True) may bring a 16-bit bank, or any layout)
+        keep_precision_under_assign(self, ("bank_embeddings",), lambda: super(UnifiedKDLoss, self)._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
 
     def extra_repr(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
