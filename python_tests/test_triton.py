@@ -409,6 +409,30 @@ def test_tile_variants_against_the_reference(monkeypatch, options, tile):
     assert ("fine_histogram_kernel", (tiles * (tiles + 1) // 2,)) in grids
 
 
+@pytest.mark.parametrize("overflow", [False, True], ids=["candidates", "overflow"])
+def test_square_tile_grid_against_the_reference(monkeypatch, overflow):
+    """The tile passes on the square (T, T) grid, as before the triangular one (the benchmark's
+    A/B variant triton:square-grid, and the grid on ROCm): the lower triangle's programs return
+    and the rest compute the reference's results, with the candidate buffer holding the top N
+    and, forced to overflow, through passes 3 and 4 (boundary_count on the square grid too)."""
+    monkeypatch.setattr(triton_ekd, "TRIANGLE_TILE_GRID", False)
+    if overflow:
+        monkeypatch.setattr(triton_ekd, "MIN_CANDIDATE_CAPACITY", 0)
+        monkeypatch.setattr(triton_ekd, "CANDIDATE_FACTOR", 0)
+    grids, launch = [], triton_ekd._launch
+
+    def recording_launch(kernel, grid):
+        grids.append((kernel.__name__, tuple(grid)))
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
+    tiles = -(-150 // triton_ekd.TILE)
+    for kernel in ("coarse_histogram_kernel", "fine_histogram_kernel", "boundary_count_kernel"):
+        assert (kernel, (tiles, tiles)) in grids
+
+
 def test_launch_options_leave_out_maxnreg_on_rocm(monkeypatch):
     """Triton's HIP backend takes no maxnreg: on ROCm a kernel's launch options go without it
     (the shipped pass-1 cap would otherwise fail every launch), and the others stay."""

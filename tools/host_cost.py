@@ -148,22 +148,34 @@ def _empty_kernel(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p1
 
 def launch_costs(device, repeats=2000):
     """What the GPU host pays per launch and per pointer argument, and per CUDA allocation: an
-    empty kernel launched through the launch cache with 20 distinct tensors against the same
-    20 arguments as plain integers (addresses: Triton's launcher then neither calls data_ptr()
-    nor cuPointerGetAttribute), and torch.empty of a few elements."""
-    from ekd_kernels._triton.launch import launches
+    empty kernel with 20 distinct tensors against the same 20 arguments as plain integers
+    (addresses: Triton's launcher then neither calls data_ptr() nor cuPointerGetAttribute),
+    launched through the launch cache (its key reads each tensor's dtype and address too) and
+    by the compiled kernel's launcher alone; and torch.empty of a few elements."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    from ekd_kernels._triton import launch
 
     tensors = [torch.empty(16, device=device) for _ in range(20)]
     addresses = [t.data_ptr() for t in tensors]
     times = {}
-    for name, args in (("20 tensors", tensors), ("20 integer addresses", addresses)):
-        step = lambda args=args: launches.launch(_empty_kernel, (1,), (*args, 1), {})  # noqa: E731
-        times[name] = per_call_ms(step, repeats) * 1e3
+    for name, args in (("tensors", (*tensors, 1)), ("integers", (*addresses, 1))):
+        cached = lambda args=args: launch.launches.launch(_empty_kernel, (1,), args, {})  # noqa: E731
+        times[name, "cache"] = per_call_ms(cached, repeats) * 1e3
+        index = driver.active.get_current_device()
+        compiled = launch.launches.entries(_empty_kernel).get(launch._key(_empty_kernel, index, knobs.runtime, args, {}))
+        if compiled is None:  # (no entry: the dry run's compile-only launches)
+            times[name, "launcher"] = float("nan")
+            continue
+        launcher_args = launch._launcher_args(compiled, (1,), driver.active.get_current_stream(index), args, ())
+        times[name, "launcher"] = per_call_ms(lambda: compiled.run(*launcher_args), repeats) * 1e3
     allocate = per_call_ms(lambda: torch.empty(16, device=device), repeats) * 1e3
-    print(f"  an empty launch: {times['20 tensors']:.1f} us with 20 tensor arguments, "
-          f"{times['20 integer addresses']:.1f} us with their addresses as integers "
-          f"({(times['20 tensors'] - times['20 integer addresses']) / 20 * 1e3:.0f} ns a tensor argument); "
-          f"torch.empty: {allocate:.1f} us")
+    for way, label in (("cache", "through the launch cache"), ("launcher", "by its launcher alone")):
+        tensor, integer = times["tensors", way], times["integers", way]
+        print(f"  an empty launch {label}: {tensor:.1f} us with 20 tensor arguments, {integer:.1f} us with their "
+              f"addresses as integers ({(tensor - integer) / 20 * 1e3:.0f} ns a tensor argument)")
+    print(f"  torch.empty: {allocate:.1f} us")
 
 
 def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
@@ -207,18 +219,18 @@ def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
     step()
     per_call = launches[0]  # the launches of one call
     no_launcher = per_call_ms(step, repeats)
-    breakdown(crit, student, teacher, labels, repeats)
     for kernel, run in real.items():
         kernel._run = run
     replace_kernels(kernels, jitted)
     without = per_call_ms(step, repeats)
-    launch_costs(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "dry run"
     print(f"{name}, B = {batch}, a forward+backward ({per_call} launches), real launches: "
           f"{timed[True]:.3f} ms with the launch cache, {timed[False]:.3f} ms without; launchers replaced by a "
           f"no-op: {no_launcher:.3f} ms; kernels replaced at kernel[grid]: {without:.3f} ms.  A launch: "
           f"{(timed[True] - no_launcher) / per_call * 1e3:.1f} us of C launcher and driver (if the host bounds the "
           f"loop), {(no_launcher - without) / per_call * 1e3:.1f} us of Python with the cache")
+    breakdown(crit, student, teacher, labels, repeats)  # (kernels replaced at kernel[grid], as the stand-in's)
+    launch_costs(device)
 
 
 def breakdown(crit, student, teacher, labels, repeats):
