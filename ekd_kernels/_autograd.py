@@ -12,9 +12,9 @@ import torch
 from torch._C import _functions  # DelayedError, as torch.autograd.function.once_differentiable uses it
 
 
-def _second_derivative_message(backend: str) -> str:
-    return (f"the {backend} backend has no second derivative (create_graph=True / double backward "
-            "through the loss, or nested torch.func transforms): use backend='reference' for that")
+def _second_derivative_message(backend: str, transforms: bool = False) -> str:
+    how = "nested torch.func transforms" if transforms else "create_graph=True / double backward through the loss"
+    return f"the {backend} backend has no second derivative ({how}): use backend='reference' for that"
 
 
 def first_order_only(backend: str):
@@ -77,4 +77,4 @@ def refuse_nested_derivative(backend: str) -> None:
     derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
     stack = torch._C._functorch.get_interpreter_stack() or ()
     if sum(interpreter.key() in derivative for interpreter in stack) > 1:
-        raise RuntimeError(_second_derivative_message(backend))
+        raise RuntimeError(_second_derivative_message(backend, transforms=True))

@@ -346,7 +346,9 @@ def _tile_grid(batch: int) -> Tuple[int, ...]:
     grid whose program (m, n) is the tile of row block m and column block n, the lower triangle
     returning at once."""
     tiles = _num_tiles(batch)
-    return (tiles * (tiles + 1) // 2,) if TRIANGLE_TILE_GRID else (tiles, tiles)
+    # (ROCm: the square grid.  HIP refuses a launch whose grid x blockDim passes 2^32 on axis 0:
+    # 256 threads a program would stop the triangular grid at T = 5792, B ~ 370000.)
+    return (tiles * (tiles + 1) // 2,) if TRIANGLE_TILE_GRID and not _ON_HIP else (tiles, tiles)
 
 
 def _coarse_copies(batch: int) -> int:

@@ -72,9 +72,10 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the Triton variants (the three-level scans, the small sort and the launch cache
-    # against what they replaced; 32 x 32 tiles; pass 1's windows; the tile passes' shape), the consistency check up
-    # to B = 32768, where a call's time goes (gpu_exercise.py profile) and where its host time goes
+    # A/B runs of the shipped defaults never timed (the three-level scans, the small sort, the
+    # triangular grid and the launch cache against what they replaced) and of the small-B
+    # variants, the consistency check up to B = 32768, the large-B A/B runs (pass 1's windows,
+    # the tile passes' shape), where a call's time goes (gpu_exercise.py profile) and where its host time goes
     # (tools/host_cost.py --cuda), the loss benchmark at 1024
     # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
     # B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
@@ -149,15 +150,17 @@ case "$stage" in
     # feature chunks of 64 (gpu_exercise TRITON_VARIANTS).
     ab since-ab 90 "1024 8192" triton:linear-scan triton:torch-sort triton:square-grid
     ab tile-ab 90 "256 1024" triton:tile32 triton:no-launch-cache triton:stages4 triton:block-k64
+    # The fast backends against the reference and each other up to B = 32768 (the defaults
+    # changed since the third lease's run): before the exploratory A/B steps
+    step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
+      --out "$OUT/consistency.json" > $T/consistency.log 2>&1
+    grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
     # Then at large B: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where
     # their buffers grow with the pairs, against the defaults and the pass 2 and launch settings
     # before them; and the tile passes' shape: 128 x 128 tiles at 8 warps (half the L2 bytes a
     # FLOP of 64 x 64; one program an SM at 255 registers), 4 stages, chunks of 64.
     ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
     ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
-    step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
-      --out "$OUT/consistency.json" > $T/consistency.log 2>&1
-    grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
     step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
