@@ -138,7 +138,9 @@ def test_loss_bench_compile_method_keeps_going_past_the_recompile_limit(monkeypa
 
     device = _compile_backend_or_skip("csrc")
     methods = {"ekd/csrc+compile": lambda: bench_loss.ekd_compile_method("csrc", device)}
-    with torch._dynamo.config.patch(recompile_limit=2):
+    # (torch < 2.7 calls the limit cache_size_limit)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 2}):
         rows, stopped = bench_loss.run(methods, [24, 40], 32, [torch.float32], device, repeats=2, budget_s=60,
                                        env={})
     assert not stopped, stopped

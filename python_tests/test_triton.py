@@ -1412,6 +1412,9 @@ def exercise():
 exercise()
 report = {"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in launched.items()},
           "normalise_variants": len(set(launched["normalise_kernel"]))}
+if not launches.enabled:  # a Triton without triton.knobs (< 3.3): no cache, every launch through JITFunction.run
+    json.dump(report, sys.stdout)
+    sys.exit(0)
 
 # The launch cache (ekd_kernels/_triton/launch.py) against JITFunction.run: every launch again,
 # the compiled kernels' launchers replaced by a counter (nothing runs), each hit checked against
@@ -1485,6 +1488,11 @@ def test_every_launch_compiles_for_sm90(sm90_compiles):
     # every kernel passed its check, each launch called the launcher once, and after two rounds
     # the third was hits only; the 4-bytes-off inputs took entries of their own (their compiled
     # kernel is the aligned inputs' one: normalise_kernel does not specialise on their alignment).
+    import triton
+
+    if not hasattr(triton, "knobs"):  # (Triton < 3.3: the cache is off, test_launch_cache.py)
+        assert "launch_cache" not in report
+        return
     cache = report["launch_cache"]
     assert cache["disabled"] == []
     assert cache["launcher_calls"] == cache["calls"] == 3 * cache["first"]["calls"] // 2
