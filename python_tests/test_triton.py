@@ -385,6 +385,18 @@ def test_pass2_modes_against_the_reference(monkeypatch, mode):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
 
 
+def _record_grids(monkeypatch):
+    """The (kernel name, grid) of every launch from here on, as a list that fills as they come."""
+    grids, launch = [], triton_ekd._launch
+
+    def recording_launch(kernel, grid):
+        grids.append((kernel.__name__, tuple(grid)))
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
+    return grids
+
+
 @pytest.mark.parametrize("tile", [32, 128])
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True, compute_critical_ratio=True),
                                      dict(negative_selection="random")], ids=["default", "critical", "random"])
@@ -395,13 +407,7 @@ def test_tile_variants_against_the_reference(monkeypatch, options, tile):
     last tiles (B = 150 is a multiple of neither)."""
     monkeypatch.setattr(triton_ekd, "TILE", tile)
     monkeypatch.setattr(triton_ekd, "BLOCK_PAIRS", max(tile, triton_ekd.BLOCK_PAIRS))  # (a multiple of TILE)
-    grids, launch = [], triton_ekd._launch
-
-    def recording_launch(kernel, grid):
-        grids.append((kernel.__name__, tuple(grid)))
-        return launch(kernel, grid)
-
-    monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
+    grids = _record_grids(monkeypatch)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)
     tiles = -(-150 // tile)  # the tile passes ran on the upper triangle of cdiv(150, tile)^2 tiles
@@ -419,13 +425,7 @@ def test_square_tile_grid_against_the_reference(monkeypatch, overflow):
     if overflow:
         monkeypatch.setattr(triton_ekd, "MIN_CANDIDATE_CAPACITY", 0)
         monkeypatch.setattr(triton_ekd, "CANDIDATE_FACTOR", 0)
-    grids, launch = [], triton_ekd._launch
-
-    def recording_launch(kernel, grid):
-        grids.append((kernel.__name__, tuple(grid)))
-        return launch(kernel, grid)
-
-    monkeypatch.setattr(triton_ekd, "_launch", recording_launch)
+    grids = _record_grids(monkeypatch)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, compute_critical_ratio=True)
     tiles = -(-150 // triton_ekd.TILE)
