@@ -67,8 +67,9 @@ accumulator.
 
 Limits, as B grows (checked at the entry, ValueError naming the limit and the B given):
 B <= MAX_BATCH = 65535 * 64 = 4194240 (the tile passes launch T(T + 1) / 2 programs for
-T = cdiv(B, 64), on a grid axis that stops at 2^31 - 1) and min(N, B(B-1)/2) <= MAX_SELECTED_NEGATIVES = 2^29 - 1 (the top-N candidate
-buffer, 4 slots a pair, is indexed in int32).  Within them the results are exact: pair counts,
+T = cdiv(B, 64), on a grid axis that stops at 2^31 - 1) and min(N, B(B-1)/2) <=
+MAX_SELECTED_NEGATIVES = 2^29 - 1 (the top-N candidate buffer, 4 slots a pair, is indexed in
+int32).  Within them the results are exact: pair counts,
 ranks, pair keys (i * (B + 1) + j) and the selection state are int64; histogram bins are int64
 once L can pass 2^31 (B > 65536), since one bin may hold nearly every pair when the embeddings
 collapse; the tie prefix sums of pass 4 are int64, clamped to N before the tile loop, whose

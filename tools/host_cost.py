@@ -164,7 +164,8 @@ def launch_costs(device, repeats=2000):
         cached = lambda args=args: launch.launches.launch(_empty_kernel, (1,), args, {})  # noqa: E731
         times[name, "cache"] = per_call_ms(cached, repeats) * 1e3
         index = driver.active.get_current_device()
-        compiled = launch.launches.entries(_empty_kernel).get(launch._key(_empty_kernel, index, knobs.runtime, args, {}))
+        key = launch._key(_empty_kernel, index, knobs.runtime, args, {})
+        compiled = launch.launches.entries(_empty_kernel).get(key)
         if compiled is None:  # (no entry: the dry run's compile-only launches)
             times[name, "launcher"] = float("nan")
             continue

@@ -1193,7 +1193,8 @@ def _clamped_sigmoid(x, temperature):
     NaN (a NaN threshold in the state the caller passed): a NaN stays NaN, as in the reference's
     torch.clamp and the csrc op."""
     scaled = -x / temperature
-    exponent = tl.where(scaled < -SIGMOID_CLAMP, -SIGMOID_CLAMP, tl.where(scaled > SIGMOID_CLAMP, SIGMOID_CLAMP, scaled))
+    exponent = tl.where(scaled < -SIGMOID_CLAMP, -SIGMOID_CLAMP,
+                        tl.where(scaled > SIGMOID_CLAMP, SIGMOID_CLAMP, scaled))
     e = tl.exp(exponent)
     sig = 1.0 / (1.0 + e)
     in_range = (scaled >= -SIGMOID_CLAMP) & (scaled <= SIGMOID_CLAMP)

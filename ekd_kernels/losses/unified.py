@@ -258,8 +258,9 @@ class UnifiedKDLoss(nn.Module):
             error_msgs.extend(problems)
             return
         # (load_state_dict(assign=True) may bring a 16-bit bank, or any layout)
-        keep_precision_under_assign(self, ("bank_embeddings",), lambda: super(UnifiedKDLoss, self)._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs))
+        keep_precision_under_assign(self, ("bank_embeddings",), lambda: super(
+            UnifiedKDLoss, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                       unexpected_keys, error_msgs))
 
     def extra_repr(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
