@@ -75,6 +75,18 @@ def per_call_ms(step, repeats, rounds=7):
     return best * 1e3
 
 
+def cache_on_and_off(cache, step, repeats):
+    """{True: ms a call with the launch cache, False: without}, alternating three times, each
+    one's best: one run, one ratio."""
+    timed = {True: float("inf"), False: float("inf")}
+    for _ in range(3):
+        for enabled in timed:
+            cache.enabled = enabled
+            timed[enabled] = min(timed[enabled], per_call_ms(step, repeats, rounds=3))
+    cache.enabled = True
+    return timed
+
+
 def main(batch: int, repeats: int = 300):
     # compile every variant the first call launches (CPU tensors stand in for CUDA ones), then
     # restore the real launch path
@@ -103,13 +115,7 @@ def main(batch: int, repeats: int = 300):
     cache.clear()  # (the compile-only calls above launched nothing: no kernel passed its check)
     step()
     per_call = launches[0]  # the launches of one call
-    # the launch cache on and off, alternating, each one's best: one run, one ratio
-    timed = {True: float("inf"), False: float("inf")}
-    for _ in range(3):
-        for enabled in timed:
-            cache.enabled = enabled
-            timed[enabled] = min(timed[enabled], per_call_ms(step, repeats, rounds=3))
-    cache.enabled = True
+    timed = cache_on_and_off(cache, step, repeats)
     unchecked = cache.disabled_kernels()
 
     replace_kernels(kernels, jitted)
@@ -200,15 +206,9 @@ def cuda_main(batch: int, repeats: int = 100, device: str = "cuda"):
         step()
     kernels = triton_ekd._kernels()
     jitted = sm90_stand_in.jit_functions(kernels)
-    compiled = [kernel for fn in jitted for cache in fn.device_caches.values() for kernel in cache[0].values()
+    compiled = [kernel for kernel in sm90_stand_in.compiled_kernels(jitted)
                 if getattr(kernel, "_run", None) is not None]
-    cache = triton_ekd.launches
-    timed = {True: float("inf"), False: float("inf")}
-    for _ in range(3):  # the launch cache on and off, alternating
-        for enabled in timed:
-            cache.enabled = enabled
-            timed[enabled] = min(timed[enabled], per_call_ms(step, repeats, rounds=3))
-    cache.enabled = True
+    timed = cache_on_and_off(triton_ekd.launches, step, repeats)
     real = {kernel: kernel._run for kernel in compiled}
     launches = [0]
 

@@ -56,8 +56,12 @@ def stub_launchers(functions, make_launcher):
     """Mark every compiled kernel of `functions` loaded and give it the launcher
     ``make_launcher(compiled)``, so that the real launch path (JITFunction.run or the launch
     cache) runs down to a launcher that launches nothing.  Kernels stubbed before are left."""
-    for function in functions:
-        for cache in function.device_caches.values():
-            for compiled in cache[0].values():
-                if compiled.module != 1:
-                    compiled.module, compiled.function, compiled._run = 1, 0, make_launcher(compiled)
+    for compiled in compiled_kernels(functions):
+        if compiled.module != 1:
+            compiled.module, compiled.function, compiled._run = 1, 0, make_launcher(compiled)
+
+
+def compiled_kernels(functions):
+    """Every compiled kernel of the @triton.jit `functions`, on every device."""
+    return [compiled for function in functions for cache in function.device_caches.values()
+            for compiled in cache[0].values()]
