@@ -306,5 +306,13 @@ except LaunchMismatch:
 else:
     raise AssertionError("verify_hits missed a wrong launch")
 
+# 14. A float given by keyword, 0.0 then -0.0 (equal by ==): a hit passes the keyword values
+#     stored at its key's check, so each sign is a key of its own, and a hit passes -0.0.
+cache.verify_hits = False
+for alpha in (0.0, -0.0):
+    fill(cache, scale_kernel, (3,), x, y, 300, alpha=alpha, BLOCK=128)
+    _, launched = check_hit(cache, scale_kernel, (3,), x, y, 300, alpha=alpha, BLOCK=128)
+    assert str(launched[9 + 3]) == str(alpha), (alpha, launched[9:])  # (x, y, n, alpha, ...)
+
 summary["hits"] = cache.hits
 print(json.dumps(summary))

@@ -11,8 +11,8 @@ compiled kernel's launcher: 4-14 us of Python a launch on this project's CPU
 
 What: ``LaunchCache.launch`` keeps, per kernel, the compiled kernel that ``JITFunction.run``
 used under a key that is *finer* than Triton's: every integer, float, bool, string or None
-argument's exact class and value (Triton looks at a non-constexpr integer's class of value and
-a float's type only), every tensor's dtype and whether its address is 16-byte aligned, the
+argument's exact class and value (and a keyword float's sign: -0.0 == 0.0; Triton looks at a
+non-constexpr integer's class of value and a float's type only), every tensor's dtype and whether its address is 16-byte aligned, the
 keyword arguments, the current device and the debug and instrumentation settings
 (``knobs.runtime.debug``, the kernel's ``debug``, ``knobs.compilation.instrumentation_mode``).
 Equal keys imply equal Triton keys, so the same compiled kernel is right, and a hit calls its
@@ -30,8 +30,14 @@ hooks, a stages inspection hook, a callable grid and arguments of other kinds al
 ``JITFunction.run``, as does a hit whose kernel's globals were rebound or changed in place
 since (``JITFunction.run`` then raises, as it would have).
 
+Like Triton's own in-memory cache, an entry outlives a change of a compile setting that is
+not part of Triton's key (``knobs.language.default_fp_fusion``, ``TRITON_F32_DEFAULT``, ptxas
+or architecture overrides); whoever clears Triton's cache to recompile after such a change
+(``kernel.device_caches.clear()``) clears this one with it (``clear()``).
+
 ``EKD_TRITON_LAUNCH_CACHE=0`` turns it off (every launch through ``JITFunction.run``).
 """
+import math
 import os
 import threading
 
@@ -107,6 +113,10 @@ def _key(kernel, device, runtime, args, kwargs):
         key.append(name)
         key.append(value.__class__)
         key.append(value)
+        if value.__class__ is float:
+            # A hit passes the keyword values stored at the key's check, not this launch's:
+            # -0.0 == 0.0, so the sign is part of the key (a positional value is passed as given).
+            key.append(math.copysign(1.0, value))
     return tuple(key)
 
 
