@@ -256,7 +256,11 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         float(config.negative_weight), bool(config.critical_only), _RANK_LOSS_CODES[config.rank_loss],
         bool(update_thresholds), bool(config.compute_critical_ratio))
     batch = student.shape[0]
-    critical_ratio = (counts[4].to(torch.float32) / (batch * (batch - 1) // 2)
-                      if config.compute_critical_ratio else None)
+    critical_ratio = None
+    if config.compute_critical_ratio:
+        # NaN for a non-finite batch, as its terms (the op writes NaN terms then, and only then:
+        # a finite batch's terms are bounded), on every backend
+        critical_ratio = torch.where(terms[0].isnan(), terms[0].float(),
+                                     counts[4].to(torch.float32) / (batch * (batch - 1) // 2))
     stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms, critical_ratio)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -278,5 +278,6 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     if config.compute_critical_ratio:
         critical_all = critical_mask(pairs.student, pairs.teacher, st, tt)
         stats.num_critical_pairs = count(critical_all)
-        stats.critical_ratio = stats.num_critical_pairs.to(torch.float32) / pairs.student.numel()
+        stats.critical_ratio = torch.where(finite, stats.num_critical_pairs.to(torch.float32) / pairs.student.numel(),
+                                           nan)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -449,10 +449,11 @@ def test_non_contiguous_and_expanded_inputs(backend, device):
         assert torch.equal(s.grad, s_copy.grad)
 
 
+@pytest.mark.parametrize("ratio", [False, True], ids=["", "critical_ratio"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["student", "teacher"])
-def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where):
-    crit = EKDLoss(backend=backend).to(device)
+def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where, ratio):
+    crit = EKDLoss(backend=backend, compute_critical_ratio=ratio).to(device)
     crit(*make_batch(16, seed=0, device=device))
     before = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
     student, teacher, labels = make_batch(16, seed=1, device=device)
@@ -462,7 +463,8 @@ def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where)
     assert torch.isnan(loss)
     # its statistics too, on every backend (a logger must not show finite terms beside a NaN loss)
     stats = crit.last_stats
-    for name in ("positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds"):
+    for name in ("positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds") \
+            + ("critical_ratio",) * ratio:
         assert torch.isnan(getattr(stats, name)).all(), f"{name}: {getattr(stats, name)}"
     # a gradient scaler decides from the gradients, not the loss: they must not look usable
     loss.backward()

@@ -1431,7 +1431,7 @@ def finalize_kernel(partial_loss_ptr, partial_critical_ptr, num_row_blocks, pair
     tl.store(counts_ptr + 4, critical_all)
     tl.store(terms_ptr + 0, tl.where(finite, positive_term, _nan()))
     tl.store(terms_ptr + 1, tl.where(finite, negative_term, _nan()))
-    tl.store(terms_ptr + 2, tl.div_rn(critical_all.to(tl.float32), num_pairs_float))
+    tl.store(terms_ptr + 2, tl.where(finite, tl.div_rn(critical_all.to(tl.float32), num_pairs_float), _nan()))
 
 
 # --------------------------------------------------------------------------- stage 6: backward
