@@ -148,11 +148,14 @@ def _all_gather_sizes(count: int, device, group) -> List[int]:
 # ----------------------------------------------------------------------------- agreement of the ranks
 #
 # Every call starts with one all-gather of a small int64 vector per rank (it replaces the
-# all-gather of the per-rank row counts, which it carries): whether the rank's own input checks
-# failed, its row count, and what every rank must share (widths, dtypes, options, train/eval,
-# threshold state...). Every rank reads the same table, so that every rank raises the same
-# ValueError, before any later collective, when one rank's input was refused or the ranks
-# disagree: never a hang, a gloo abort or silently different results per rank.
+# all-gather of the per-rank row counts, which it carries): which entry point the rank called
+# (gather_batch or the sharded loss), whether the rank's own input checks failed, its row count,
+# and what every rank must share (widths, dtypes, device type, options, train/eval, threshold
+# state...), zero-padded to one length for both entry points (an all-gather of unequal lengths
+# aborts in gloo). Every rank reads the same table, so that every rank raises the same
+# ValueError, before any later collective, when the ranks called different entry points, one
+# rank's input was refused or the ranks disagree: never a hang, a gloo abort or silently
+# different results per rank.
 
 
 class _Field(NamedTuple):
@@ -246,14 +249,50 @@ def _disagreements(fields: Sequence[_Field], table: Sequence[Sequence[int]]) -> 
 
 
 def _exchange_device(tensors: Sequence, group) -> torch.device:
-    """Where this rank's exchange vector lives: the first given tensor's device (the embeddings'),
-    else the current CUDA device for a process group without a CPU backend, else the CPU."""
+    """Where this rank's exchange vector lives: the first given tensor's device (the embeddings')
+    when the group communicates on it, else the current CUDA device for a process group without
+    a CPU backend, else the CPU.  (Not a meta tensor's device, where an all-gather does nothing,
+    nor the CPU under NCCL alone: such a rank's input is refused, and it must still take part in
+    the exchange to say so.)"""
+    backend = str(dist.get_backend(group))
+    cpu_group = "gloo" in backend
     for x in tensors:
         if isinstance(x, torch.Tensor):
-            return x.device
-    if "gloo" not in str(dist.get_backend(group)) and torch.cuda.is_available():
+            if x.device.type == "cuda" or (x.device.type == "cpu" and cpu_group):
+                return x.device
+            break
+    if not cpu_group and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+#: The entry points that start with the exchange, by their code in it (field 0).
+_ENTRY_POINTS = ("gather_batch", "EKDLoss(process_group=...)")
+
+
+def _device_code(device: torch.device) -> int:
+    """The device type of a rank's embeddings, a compared field: every rank's collectives run on
+    it, and a group cannot mix, say, CPU and CUDA parts."""
+    return _hash64(device.type)
+
+
+def _show_device_code(code: int) -> str:
+    known = {_hash64(name): name for name in ("cpu", "cuda", "meta", "xpu", "mps", "hpu")}
+    return known.get(code, f"another device type (code {code})")
+
+
+def _meta_refused(what: str) -> ValueError:
+    """A rank's meta tensors (no values) cannot take part in the ranks' exchanges of data."""
+    return ValueError(f"{what}: meta tensors hold no values, and the ranks exchange their data: give every rank "
+                      "real tensors")
+
+
+@functools.lru_cache(maxsize=None)
+def _exchange_width() -> int:
+    """The exchange vector's length, the same for both entry points: the code of the entry
+    point, the error flag, then the longer of the two field lists (the options' fields are
+    those of any EKDConfig: their number does not depend on the values)."""
+    return 2 + max(len(_gather_fields()), len(_sharded_fields(EKDConfig())))
 
 
 def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequence[int], device_values: Sequence,
@@ -268,18 +307,27 @@ def _agree(error: Optional[Exception], fields: Sequence[_Field], values: Sequenc
     ranks disagree on and which rank holds which.  gate: the index of a field that decides what the
     others mean (whether gather_batch was given the loss): when the ranks disagree on it, only it
     is named (the others then compare a loss's values with a missing one's zeros)."""
+    entry = _ENTRY_POINTS.index(what)
     if error is not None:
-        local = torch.zeros(1 + len(fields), dtype=torch.int64, device=device)
-        local[0] = 1
+        local = torch.tensor([entry, 1], dtype=torch.int64, device=device)
     else:
-        host = torch.tensor([0, *values], dtype=torch.int64, device=device)
-        local = torch.cat([host] + [v.view(1) for v in device_values]) if device_values else host
+        host = torch.tensor([entry, 0, *values], dtype=torch.int64, device=device)
+        local = torch.cat([host] + [v.to(device).view(1) for v in device_values]) if device_values else host
+    local = F.pad(local, (0, _exchange_width() - local.numel()))
     world, _ = _world(group)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local, group=group)
     table = torch.stack(parts).tolist()     # the host read the row counts always needed
+    entries = [row[0] for row in table]
+    if len(set(entries)) > 1:
+        callers = "; ".join(f"{_ranks_text([r for r, e in enumerate(entries) if e == code])} called "
+                            f"{_ENTRY_POINTS[code]}" for code in dict.fromkeys(entries))
+        raise ValueError(f"the ranks of the process group called different entry points: {callers}. Every rank must "
+                         "compute the loss the same way (the sharded EKDLoss, or gather_batch then a single-process "
+                         "EKDLoss). Nothing was computed on any rank.")
     if error is not None:
         raise error
+    table = [row[1:2 + len(fields)] for row in table]
     refused = [r for r, row in enumerate(table) if row[0]]
     if refused:
         whose = "that rank's error" if len(refused) == 1 else "those ranks' errors"
@@ -323,6 +371,7 @@ _GATHER_FIELDS = [
     _Field("the labels' elements per row"),
     _Field("whether the student's gradient is computed (requires_grad, grad mode)", _show_bool,
            hint="the gather's backward is a collective: every rank or none"),
+    _Field("the embeddings' device type", _show_device_code),
 ]
 
 
@@ -404,15 +453,17 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     elif not (student.shape[0] == teacher.shape[0] == labels.shape[0]):
         error = ValueError(f"gather_batch: student, teacher and labels must have the same number of rows, got "
                            f"{student.shape[0]}, {teacher.shape[0]} and {labels.shape[0]}")
+    elif student.is_meta or teacher.is_meta or labels.is_meta:
+        error = _meta_refused("gather_batch")
     if error is None and loss is not None:
         error = _gather_loss_error(loss, student.device)
     autograd = error is None and _gradient_flows(student)
     values = [] if error is not None else [
         student.shape[0], _per_row(student), _dtype_code(student.dtype), _per_row(teacher),
-        _dtype_code(teacher.dtype), _per_row(labels), int(autograd)]
+        _dtype_code(teacher.dtype), _per_row(labels), int(autograd), _device_code(student.device)]
     loss_values, fingerprints = ([], []) if error is not None else _gather_loss_values(loss, student.device)
-    sizes = _agree(error, _gather_fields(), values + loss_values, fingerprints, student.device, group, "gather_batch",
-                   gate=len(_GATHER_FIELDS))
+    sizes = _agree(error, _gather_fields(), values + loss_values, fingerprints, _exchange_device((student,), group),
+                   group, "gather_batch", gate=len(_GATHER_FIELDS))
     return (_gather_rows(student, sizes, autograd, group), _gather_rows(teacher.detach(), sizes, False, group),
             _gather_rows(labels.to(torch.int64), sizes, False, group), sizes)
 
@@ -953,6 +1004,8 @@ def _local_input_error(student, teacher, labels, student_thresholds, teacher_thr
     try:
         check_flag("update_thresholds", update_thresholds)
         check_embeddings_and_labels(student, teacher, labels, min_rows=0)
+        if student.is_meta:  # (the three share a device: checked above)
+            raise _meta_refused("EKDLoss(process_group=...)")
         check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
         check_generator(generator)
         if student.dtype == torch.float64:
@@ -998,6 +1051,7 @@ _SHARDED_INPUT_FIELDS = [
            hint="call .train() or .eval() on every rank's EKDLoss alike"),
     _Field('whether a generator is given (negative_selection="random")', _show_bool,
            hint="pass an identically seeded generator on every rank"),
+    _Field("the embeddings' device type", _show_device_code),
 ]
 _SHARDED_STATE_FIELDS = [
     _Field("the threshold dtype", _show_dtype),
@@ -1020,7 +1074,7 @@ def _sharded_values(student, teacher, labels, student_thresholds, teacher_thresh
     random = config.negative_selection == "random"
     values = [student.shape[0], student.shape[1], teacher.shape[1], _dtype_code(student.dtype),
               _dtype_code(teacher.dtype), int(_gradient_flows(student)), int(bool(update_thresholds)),
-              int(random and generator is not None)]
+              int(random and generator is not None), _device_code(student.device)]
     values += [value for _, value in _config_entries(config)]
     values.append(_dtype_code(student_thresholds.dtype))
     return values, [fingerprint([student_thresholds, teacher_thresholds])]
@@ -1184,8 +1238,11 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     local_neg = sel_losses.sum() / sel_denominator.clamp_min(1)
     local = config.positive_weight * local_pos + config.negative_weight * local_neg
     terms = _all_reduce_sum(torch.stack([local_pos.detach(), local_neg.detach(), local.detach()]), group)
-    # value: the global loss; gradient: W times this rank's share (the gather's backward sums shares)
-    loss = world * local + (terms[2] - world * local).detach()
+    # value: the global loss, the same bits on every rank (terms[2] + 0; not share + (total -
+    # share), whose rounding depends on the rank's share); gradient: W times this rank's share
+    # (the gather's backward sums shares)
+    share = world * local
+    loss = terms[2] + (share - share.detach())
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
     # a non-finite batch's statistics read as NaN, as on every backend (reference.py)
     nan = torch.tensor(float("nan"), device=device)
@@ -1203,7 +1260,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     )
     if config.compute_critical_ratio:
         stats.num_critical_pairs = counts[3]
-        stats.critical_ratio = counts[3].to(torch.float32) / num_pairs
+        stats.critical_ratio = torch.where(finite, counts[3].to(torch.float32) / num_pairs, nan)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())
 
 

@@ -485,6 +485,27 @@ def _wider(student):
     return torch.cat([student, student[:, :2]], 1)
 
 
+def _non_finite_call(rank, world):
+    """A sharded step (critical ratio on) whose rank-1 part holds a NaN: what a logger and a
+    gradient scaler would read on this rank."""
+    student, teacher, labels = agreement_batch(world, rank)
+    student = student.clone().requires_grad_(True)
+    if rank == 1:
+        student.data[2, 3] = float("nan")
+    crit = EKDLoss(compute_critical_ratio=True, process_group=dist.group.WORLD)
+    loss = crit(student, teacher, labels)
+    loss.backward()
+    stats = crit.last_stats
+    return dict(loss=loss.detach(), grad_finite=bool(torch.isfinite(student.grad).all()),
+                student_thresholds=crit.student_thresholds.clone(), teacher_thresholds=crit.teacher_thresholds.clone(),
+                **{name: getattr(stats, name) for name in ("positive_term", "negative_term", "batch_student_thresholds",
+                                                           "batch_teacher_thresholds", "critical_ratio")})
+
+
+def _to_meta(*tensors):
+    return tuple(x.detach().to("meta").requires_grad_(x.requires_grad) for x in tensors)
+
+
 def _on1(fn):
     """change(rank, s, t, l) applying fn(s, t, l) on rank 1 only."""
     return lambda rank, s, t, l: fn(s, t, l) if rank == 1 else (s, t, l)
@@ -559,6 +580,18 @@ AGREEMENT_CASES = [
     ("ok_gather_with_loss", lambda r, w: _gather_loss_call(r, w)),
     # the public ekd_sharded with a non-bool update_thresholds on one rank: refused, by name
     ("update_thresholds_refused", lambda r, w: _sharded_function_call(r, w, "False" if r == 1 else True)),
+    # one rank on the sharded loss, the other on gather_batch (with the loss, or without): their
+    # exchanges had different lengths, a gloo abort
+    ("mixed_entry_points", lambda r, w: sharded_call(r, w) if r == 0 else _gather_loss_call(r, w)),
+    ("mixed_entry_points_no_loss", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l)))
+     if r == 1 else sharded_call(r, w)),
+    # meta tensors on one rank: refused, and that rank still takes part in the exchange (on meta
+    # it did nothing, and the ranks fell out of step)
+    ("meta_refused", lambda r, w: sharded_call(r, w, change=_on1(_to_meta),
+                                               crit_hook=lambda rank, crit: crit.to("meta") if rank == 1 else None)),
+    ("gather_meta_refused", lambda r, w: _gather_call(r, w, _on1(_to_meta))),
+    # a NaN in one rank's part: NaN loss and statistics on every rank, the state untouched
+    ("ok_non_finite_on_rank_1", _non_finite_call),
     # after all the refusals, the ranks are still in step: a plain call gives the global loss
     ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
 ]

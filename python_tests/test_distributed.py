@@ -130,11 +130,17 @@ def test_compiled_step_runs_the_eager_sharded_loss(world_results, path):
                     assert torch.equal(got[key], want[key]), f"{path}/{name} rank {rank}: {key}"
 
 
-def test_thresholds_identical_on_every_rank(world_results):
+@pytest.mark.parametrize("path", ["gather", *dist_workers.SHARDED_PATHS])
+def test_loss_and_thresholds_identical_on_every_rank(world_results, path):
+    """Bit for bit, every scenario and step: a logger or an early-stopping rule on any rank sees
+    the same loss (the sharded value once read share + (total - share), which rounds by rank)."""
     _, per_rank = world_results
-    for path in ("gather", "sharded"):
-        first = per_rank[0][path]["default"][-1]["student_thresholds"]
-        assert all(torch.equal(r[path]["default"][-1]["student_thresholds"], first) for r in per_rank)
+    for name, *_ in dist_workers.SCENARIOS:
+        for step, first in enumerate(per_rank[0][path][name]):
+            for rank, results in enumerate(per_rank[1:], 1):
+                for key in ("loss", "student_thresholds", "teacher_thresholds"):
+                    got = results[path][name][step][key]
+                    assert torch.equal(got, first[key]), f"{path}/{name} step {step} rank {rank}: {key}"
 
 
 @pytest.mark.parametrize("path", ["gather", "sharded"])
@@ -479,6 +485,13 @@ AGREEMENT_EXPECTED = {
     "gather_loss_sharded_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
                                     "gather_batch: loss must be a single-process EKDLoss"],
     "update_thresholds_refused": [REFUSED_BY_RANK_1, "update_thresholds must be True or False, got 'False' (str)"],
+    "mixed_entry_points": "the ranks of the process group called different entry points: rank 0 called "
+                          "EKDLoss(process_group=...); rank 1 called gather_batch. Every rank must compute the loss "
+                          "the same way",
+    "mixed_entry_points_no_loss": "called different entry points: rank 0 called EKDLoss(process_group=...); rank 1 "
+                                  "called gather_batch",
+    "meta_refused": [REFUSED_BY_RANK_1, "EKDLoss(process_group=...): meta tensors hold no values"],
+    "gather_meta_refused": ["gather_batch: " + REFUSED_BY_RANK_1, "gather_batch: meta tensors hold no values"],
 }
 AGREEMENT_WORLD = 2
 
@@ -542,6 +555,21 @@ def test_agreeing_ranks_get_the_single_process_result(agreement_results, name, r
         assert got["ok"], f"{name}: rank {rank}: {got.get('type')}: {got.get('message')}"
         assert_step_matches(got["value"], want, AGREEMENT_WORLD,
                             dist_workers.local_part(want["grad"], AGREEMENT_WORLD, rank), f"{name} rank {rank}")
+
+
+def test_non_finite_part_on_one_rank(agreement_results):
+    """A NaN in one rank's rows: on every rank a NaN loss and NaN float statistics (the critical
+    ratio too), gradients a scaler will skip, the threshold state untouched (SPEC, edge cases)."""
+    for rank, results in enumerate(agreement_results):
+        got = results["cases"]["ok_non_finite_on_rank_1"]
+        assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
+        got = got["value"]
+        for name in ("loss", "positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds",
+                     "critical_ratio"):
+            assert torch.isnan(got[name]).all(), f"rank {rank}: {name} {got[name]}"
+        if rank == 1:  # (the other ranks' rows may take no gradient from the NaN row's pairs)
+            assert not got["grad_finite"]
+        assert not got["student_thresholds"].any() and not got["teacher_thresholds"].any()
 
 
 def test_gather_batch_gathers_labels_of_any_integer_dtype_as_int64(agreement_results):
