@@ -12,16 +12,30 @@ import torch
 from torch._C import _functions  # DelayedError, as torch.autograd.function.once_differentiable uses it
 
 
-def _second_derivative_message(backend: str, transforms: bool = False) -> str:
+_REFERENCE_WAY_OUT = "use backend='reference' for that"
+
+
+def _second_derivative_message(backend: str, transforms: bool = False, what: str = "",
+                               way_out: str = _REFERENCE_WAY_OUT) -> str:
     how = "nested torch.func transforms" if transforms else "create_graph=True / double backward through the loss"
-    return f"the {backend} backend has no second derivative ({how}): use backend='reference' for that"
+    return f"{what or f'the {backend} backend'} has no second derivative ({how})" + (f": {way_out}" if way_out else "")
 
 
-def first_order_only(backend: str):
-    """Decorator for a ``register_autograd`` backward: computed without a graph; when the caller
-    asked for one (grad mode on in the backward: create_graph=True), the results carry a node that
-    raises on differentiation, naming the backend and the way out."""
-    message = _second_derivative_message(backend).encode()
+def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY_OUT):
+    """Decorator for a ``register_autograd`` (or autograd.Function) backward: computed without a
+    graph; when the caller asked for one (grad mode on in the backward: create_graph=True), the
+    results carry a node that raises on differentiation, naming the backend and the way out.
+
+    The node also takes the saved tensors that require grad (the forward's differentiable
+    inputs: save them, as the backends do) as inputs, which it passes nowhere: it then lies on
+    every path from the gradient back to those inputs, so ``torch.autograd.grad(penalty, x)``
+    runs it and raises too.  Without them it hung off fresh leaves, which only ``.backward()``
+    (every node) reaches: ``grad(..., x)`` skipped it and returned the penalty's other terms
+    alone, or None with allow_unused (torch's @once_differentiable does the same).
+
+    The message names `what` (default: "the <backend> backend") and `way_out` (default: the
+    reference backend; empty: none)."""
+    message = _second_derivative_message(backend, what=what, way_out=way_out).encode()
 
     def decorate(backward):
         @functools.wraps(backward)
@@ -33,8 +47,9 @@ def first_order_only(backend: str):
             tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
             if not tensors:
                 return outputs
-            raising = _functions.DelayedError(message, len(tensors))(
-                *[outputs[i].detach().requires_grad_() for i in tensors])
+            anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            raising = _functions.DelayedError(message, len(tensors) + len(anchors))(
+                *[outputs[i].detach().requires_grad_() for i in tensors], *anchors)
             raising = raising if isinstance(raising, tuple) else (raising,)
             outputs = list(outputs)
             for i, value in zip(tensors, raising):

@@ -29,9 +29,12 @@ def keep_precision_under_16_bit_casts(module: nn.Module, names: Sequence[str], f
 def keep_precision_under_assign(module: nn.Module, names: Sequence[str], load: Callable[[], None]) -> None:
     """Run ``load`` (the module's ``nn.Module._load_from_state_dict``), then give each named
     floating buffer back its dtype where ``load_state_dict(assign=True)`` brought it in 16 bits
-    (fp16 and bf16 widen exactly), and a contiguous layout (assign may bring any): the state a
-    copying load leaves, which the module's forward takes (its own 16-bit casts never narrow
-    these buffers either: keep_precision_under_16_bit_casts)."""
+    (fp16 and bf16 widen exactly), each named integer buffer back its dtype where assign brought
+    another integer dtype (int32 counts or labels, say: index writes need the module's dtype; the
+    values are those a copying load casts them to, exact for every value a narrower integer
+    holds), and a contiguous layout (assign may bring any): the state a copying load leaves,
+    which the module's forward takes (its own 16-bit casts never narrow these buffers either:
+    keep_precision_under_16_bit_casts)."""
     dtypes = {name: module._buffers[name].dtype for name in names if module._buffers.get(name) is not None}
     load()
     for name, dtype in dtypes.items():
@@ -40,6 +43,8 @@ def keep_precision_under_assign(module: nn.Module, names: Sequence[str], load: C
             continue
         if (buffer.dtype in (torch.float16, torch.bfloat16) and dtype.is_floating_point
                 and dtype.itemsize > buffer.dtype.itemsize):
+            buffer = buffer.to(dtype)
+        elif _dtype_kind(buffer.dtype) == _dtype_kind(dtype) == "integer" and buffer.dtype != dtype:
             buffer = buffer.to(dtype)
         module._buffers[name] = buffer.contiguous()
 

@@ -24,7 +24,8 @@ Numerical notes.  Q is computed from the differences themselves, as the referenc
 the differences themselves: two identical rows give an exact zero difference (cosine 0) in
 both.  The reference's distance term expands ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j instead; the two
 agree to fp32 rounding except for (near-)duplicate rows, where the reference's value is
-rounding noise floored at 1e-12 and this op's is the exact floor.  No double backward.
+rounding noise floored at 1e-12 and this op's is the exact floor.  No double backward: a
+second derivative raises, on both paths (the gradient is computed in the forward).
 
 Exact duplicate rows (x_i = x_j): the op's loss equals the reference's; the gradients differ.
 The reference's is an artefact of F.normalize's norm floor: below it the norm is the constant
@@ -157,11 +158,11 @@ def _register_python_half() -> None:
 
     def _setup_context(ctx, inputs, output):
         ctx.compute_grad = inputs[4]
-        ctx.save_for_backward(output[1])
+        ctx.save_for_backward(output[1], inputs[0])  # (the student: see first_order_only)
 
-    @first_order_only("fast RKD op")
+    @first_order_only("fast RKD op", what="fast_rkd_loss", way_out="")
     def _backward(ctx, grad_loss, _grad_of_gradient):
-        (grad_student,) = ctx.saved_tensors
+        grad_student, _ = ctx.saved_tensors
         if not ctx.compute_grad:
             raise RuntimeError("rkd_forward ran with compute_grad=False: no gradient to return")
         return grad_loss * grad_student, None, None, None, None
@@ -230,12 +231,13 @@ class _AngleSum(torch.autograd.Function):
                 # dQ_ij (as j) and dQ_ik (as k) are the same sums by the symmetry c_ijk = c_ikj
                 grad[start:stop] += 2 * (cross.sum(2) - own.sum(2) * slope_s[start:stop])
                 grad -= cross.sum(0)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, q_s)  # (q_s: see first_order_only)
         return total.to(q_s.dtype)
 
     @staticmethod
+    @first_order_only("fast RKD torch path", what="fast_rkd_loss", way_out="")
     def backward(ctx, grad_sum):
-        (grad,) = ctx.saved_tensors
+        grad, _ = ctx.saved_tensors
         return grad_sum * grad, None, None
 
 

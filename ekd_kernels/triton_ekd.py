@@ -1100,12 +1100,14 @@ _FORWARD_INPUTS = 16
 _SAVED_OUTPUTS = (slice(15, 18), slice(7, 15))
 
 
-def _save_for_backward(ctx, output, temperature: float, critical_only: bool, rank_loss: str) -> None:
+def _save_for_backward(ctx, output, student, temperature: float, critical_only: bool, rank_loss: str) -> None:
     # Only the loss (output 0) carries a gradient: without this, autograd would fill a zero
     # tensor for each of the 17 other outputs on every backward (two of them B x D), 17 fill
     # launches that the backward never reads.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]))
+    # The student last: the backward reads only the outputs, but first_order_only ties its
+    # refusal of a second derivative to the saved tensors that require grad.
+    ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]), student)
     ctx.temperature, ctx.critical_only, ctx.rank_loss = temperature, critical_only, rank_loss
 
 
@@ -1113,14 +1115,14 @@ def _student_gradient(ctx, grad_loss, backward) -> Optional[torch.Tensor]:
     """d loss / d student through `backward` (the op, or its body on the eager path)."""
     if not ctx.needs_input_grad[0]:
         return None
-    saved = ctx.saved_tensors
+    saved = ctx.saved_tensors[:-1]  # (not the student: see _save_for_backward)
     if grad_loss is None:  # a backward through another output only (grads are not materialised)
         grad_loss = torch.zeros((), dtype=torch.float32, device=saved[0].device)
     return backward(grad_loss, *saved, ctx.temperature, ctx.critical_only, ctx.rank_loss)
 
 
 def _setup_context(ctx, inputs, output):
-    _save_for_backward(ctx, output, temperature=inputs[7], critical_only=inputs[12], rank_loss=inputs[13])
+    _save_for_backward(ctx, output, inputs[0], temperature=inputs[7], critical_only=inputs[12], rank_loss=inputs[13])
 
 
 @first_order_only("triton")
@@ -1145,7 +1147,7 @@ class _EagerForward(torch.autograd.Function):
                 update_thresholds):
         output = _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs,
                                   config, update_thresholds)
-        _save_for_backward(ctx, output, config.temperature, config.critical_only, config.rank_loss)
+        _save_for_backward(ctx, output, student, config.temperature, config.critical_only, config.rank_loss)
         ctx.mark_non_differentiable(*output[1:])
         return output
 
@@ -1168,7 +1170,7 @@ class _FuncForward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         config = inputs[6]
-        _save_for_backward(ctx, output, config.temperature, config.critical_only, config.rank_loss)
+        _save_for_backward(ctx, output, inputs[0], config.temperature, config.critical_only, config.rank_loss)
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod

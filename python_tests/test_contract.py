@@ -223,6 +223,10 @@ def test_second_derivative_is_exact_or_refused(backend, device):
     (grad,) = torch.autograd.grad(EKDLoss(backend=backend).to(device)(x, teacher, labels), x, create_graph=True)
     with pytest.raises(RuntimeError, match=f"the {backend} backend has no second derivative"):
         (grad.pow(2).sum() + x.sum()).backward()
+    # autograd.grad runs only the nodes on paths to its inputs: the refusal must lie on them
+    for penalty in (grad.pow(2).sum() + x.sum(), grad.pow(2).sum()):
+        with pytest.raises(RuntimeError, match=f"the {backend} backend has no second derivative"):
+            torch.autograd.grad(penalty, x, retain_graph=True, allow_unused=True)
 
 
 def test_torch_func_transforms(backend, device):

@@ -4,6 +4,7 @@ computation on small inputs, gradcheck, student-only gradient, module == functio
 import contextlib
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def oracle_unified(s, t, labels, bank, bank_labels, own, hard_fraction, num_mine
     s, t, bank = rows(s), rows(t), rows(bank)
     b = len(s)
     gaps = sorted((1 - cos(s[i], t[i]) for i in range(b)), reverse=True)
-    k = max(1, math.ceil(hard_fraction * b))
+    k = max(1, math.ceil(Fraction(repr(hard_fraction)) * b))  # the decimal written: 0.07 is 7/100
     iled = sum(gaps[:k]) / k
     diffs = []
     for i in range(b):
@@ -216,6 +217,40 @@ def test_pwr_without_ordered_couple_is_zero():
         assert loss.item() == 0.0 and torch.all(student.grad == 0)
 
 
+@pytest.mark.parametrize("algorithm", ["sorted", "couples"])
+def test_pwr_second_derivative_is_refused(algorithm):
+    """PWR's gradient is computed in its forward and saved: a gradient penalty through it must
+    raise, by .backward() and by autograd.grad (which runs only the nodes on paths to its
+    inputs), never treat the saved gradient as a constant (a silently wrong second derivative)."""
+    student, teacher = make(6, 4)
+    x = student.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(pwr_loss(x, teacher, algorithm=algorithm) + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="pwr_loss has no second derivative"):
+        (grad.pow(2).sum() + x.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="pwr_loss has no second derivative"):
+        torch.autograd.grad(grad.pow(2).sum(), x)
+
+
+#: The losses that torch.compile(fullgraph=True) takes whole (README; HintonKD's inputs read as
+#: logits); PWR's default variant and Unified KD select with data-dependent sizes, graph breaks.
+FULLGRAPH_LOSSES = [SimilarityPreservingLoss, CorrelationCongruenceLoss, HardDarkRankLoss, FitNetLoss, HintonKDLoss,
+                    CosineDistillLoss, lambda: PWRLoss(loss_type="ranknet")]
+
+
+@pytest.mark.parametrize("loss", FULLGRAPH_LOSSES, ids=["sp", "cc", "darkrank", "fitnet", "hinton", "cosine",
+                                                        "pwr_ranknet"])
+def test_compiles_whole_with_fullgraph(loss):
+    student, teacher = make(8, 6, dtype=torch.float32)
+    module = loss()
+    x, x_compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    eager = module(x, teacher)
+    eager.backward()
+    compiled = torch.compile(module, fullgraph=True)(x_compiled, teacher)
+    compiled.backward()
+    assert_loss_close(compiled, eager, rtol=1e-5)
+    assert_grad_close(x_compiled.grad, x.grad)
+
+
 def test_hinton_kd_against_loop_oracle():
     g = torch.Generator().manual_seed(2)
     s = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3
@@ -252,6 +287,27 @@ def test_unified_against_loop_oracle(options):
                                        full["num_mined_pairs"], full["pair_filter"], full["iled_weight"],
                                        full["rpsd_weight"])
     assert unified_kd_loss(s, t, labels, **options).item() == pytest.approx(expected_in_batch, rel=1e-10)
+
+
+# every (hard_fraction with two decimals, B <= 256) whose float product hard_fraction * B lies just
+# above an integer, so that its ceiling is one more than that of the decimal written (0.07 * 100)
+_FLOAT_CEILING_OFF = [(k / 100, b) for k in range(1, 101) for b in range(2, 257)
+                      if math.ceil(k / 100 * b) != math.ceil(Fraction(k, 100) * b)]
+
+
+def test_unified_hard_sample_count_reads_the_decimal_written():
+    """k = ceil(hard_fraction * B) from the decimal the option was written as (as the FPRs are
+    read as exact fractions), not from the float product: 0.07 at B = 100 keeps 7 samples, not 8."""
+    assert len(_FLOAT_CEILING_OFF) == 30
+    for hard_fraction, batch in _FLOAT_CEILING_OFF:
+        s, t = torch.randn(batch, 3), torch.randn(batch, 3)
+        got = unified_kd_terms(s, t, torch.arange(batch), hard_fraction=hard_fraction).num_hard_samples
+        assert got == math.ceil(Fraction(repr(hard_fraction)) * batch) == math.ceil(hard_fraction * batch) - 1
+    s, t = make(batch=25, ds=6, seed=5)
+    labels = torch.arange(25) % 4
+    options = dict(hard_fraction=0.28, num_mined_pairs=None, pair_filter="all", iled_weight=1.0, rpsd_weight=0.0)
+    expected = oracle_unified(s, t, labels.tolist(), t, labels.tolist(), list(range(25)), 0.28, None, "all", 1.0, 0.0)
+    assert unified_kd_loss(s, t, labels, **options).item() == pytest.approx(expected, rel=1e-10)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -445,6 +501,37 @@ def test_bad_options():
         UnifiedKDLoss(dim=4, bank_size=0)
     with pytest.raises(ValueError, match="enqueue"):
         UnifiedKDLoss(dim=4, enqueue="never")
+
+
+def oracle_cc_recurrence(s, t, gamma, order):
+    """oracle_cc with the coefficients by c_p = c_{p-1} 2 gamma / p (no p! or (2 gamma)^p to overflow)."""
+    coefficients = [math.exp(-2 * gamma)]
+    for p in range(1, order + 1):
+        coefficients.append(coefficients[-1] * 2 * gamma / p)
+    s, t = rows(s), rows(t)
+    b = len(s)
+
+    def c(x, i, j):
+        a = cos(x[i], x[j])
+        return sum(w * a**p for p, w in enumerate(coefficients))
+
+    return sum((c(s, i, j) - c(t, i, j)) ** 2 for i in range(b) for j in range(b)) / b**2
+
+
+def test_cc_takes_any_order_and_gamma():
+    """The Taylor coefficient exp(-2 gamma) (2 gamma)^p / p! is at most 1, though p! passes the
+    largest double at p = 171 and (2 gamma)^p sooner for a large gamma (an OverflowError before):
+    any order and gamma give the loss, and every order that computed before gives the same bits."""
+    s, t = make(batch=5, ds=4, seed=3)
+    assert torch.equal(correlation_congruence_loss(s, t, order=171), correlation_congruence_loss(s, t, order=170))
+    assert torch.isfinite(CorrelationCongruenceLoss(order=400)(s, t))
+    assert correlation_congruence_loss(s, t, gamma=1e200, order=2).item() == 0.0  # exp(-2 gamma) = 0
+    # a large gamma puts the weight near p = 2 gamma: close rows keep cos^p far from 0 there
+    base = torch.randn(1, 4, dtype=torch.float64)
+    s, t = base + 0.05 * make(batch=5, ds=4, seed=6)[0], base + 0.05 * make(batch=5, ds=4, seed=7)[1]
+    expected = oracle_cc_recurrence(s, t, 50.0, 400)
+    assert expected > 1e-6
+    assert correlation_congruence_loss(s, t, gamma=50.0, order=400).item() == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("fn", TWO_EMBEDDING_FUNCTIONS + [unified_kd_loss], ids=lambda f: f.__name__)
@@ -669,6 +756,10 @@ def test_unified_module_on_cuda_matches_cpu():
                              torch.ones(3, dtype=torch.bool)), "bank_labels must be a tensor of 3 integer labels"),
     (lambda: unified_kd_loss(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6), torch.randn(3, 4),
                              torch.arange(3), [0] * 6), "own_index must be 6 bank rows"),
+    # (a bool tensor would index as a mask: an IndexError from deep inside before)
+    (lambda: unified_kd_loss(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6), torch.randn(5, 4),
+                             torch.arange(5), torch.zeros(6, dtype=torch.bool)),
+     r"own_index must be 6 bank rows .*\(torch.bool\)"),
 ])
 def test_option_types_and_values_are_checked(make, match):
     """Options are checked by type and value, naming the option, when the module is built (or the
@@ -751,6 +842,11 @@ def test_unified_assigned_16_bit_bank_stays_in_fp32(dtype):
     (dict(bank_labels=torch.zeros(40)), "bank_labels in the checkpoint is torch.float32, but this UnifiedKDLoss "
                                         "holds integer values"),
     (dict(bank_pointer=torch.tensor(True)), "bank_pointer in the checkpoint is torch.bool"),
+    # while the bank fills the pointer equals the count (here 6): past it a later call's own_index
+    # left the bank, before it never-written zero rows were read
+    (dict(bank_pointer=torch.tensor(9)), "bank_count 6 and bank_pointer 9 in the checkpoint: while the bank fills"),
+    (dict(bank_pointer=torch.tensor(1)), "bank_count 6 and bank_pointer 1 in the checkpoint: while the bank fills"),
+    (dict(bank_count=torch.tensor(3)), "bank_count 3 and bank_pointer 6 in the checkpoint: while the bank fills"),
 ])
 def test_unified_refuses_a_ring_state_it_cannot_hold(change, match):
     source = UnifiedKDLoss(8, bank_size=40)
@@ -766,3 +862,36 @@ def test_unified_refuses_a_ring_state_it_cannot_hold(change, match):
         target.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # nothing copied
     target.load_state_dict({k: v.clone() for k, v in source.state_dict().items()})  # a good one loads
+
+
+def test_unified_loads_every_ring_state_it_reaches():
+    """A full bank takes any pointer; a filling one the pointer equal to its count (also when a
+    non-strict load brings only the count, against the module's own pointer)."""
+    for count, pointer in [(40, 0), (40, 17), (40, 39), (0, 0), (39, 39)]:
+        target = UnifiedKDLoss(8, bank_size=40)
+        state = dict(target.state_dict(), bank_count=torch.tensor(count), bank_pointer=torch.tensor(pointer))
+        target.load_state_dict(state)
+        target(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3)
+        assert int(target.bank_pointer) == (pointer + 6) % 40 and int(target.bank_count) == min(count + 6, 40)
+    target = UnifiedKDLoss(8, bank_size=40)
+    with pytest.raises(RuntimeError, match="bank_count 5 and bank_pointer 0 in the checkpoint"):
+        target.load_state_dict({"bank_count": torch.tensor(5)}, strict=False)
+    target.load_state_dict({"bank_count": torch.tensor(40)}, strict=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_unified_assigned_narrow_integer_ring_state_is_int64(dtype):
+    """load_state_dict(assign=True) of count, pointer and labels saved as narrower integers gives
+    them back as int64 (exact), as a copying load does: the next training step writes int64 labels
+    into the bank (before: "Index put requires the source and destination dtypes match")."""
+    saved = UnifiedKDLoss(8, bank_size=40)
+    saved(torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3)
+    state = {k: v if v.is_floating_point() else v.to(dtype) for k, v in saved.state_dict().items()}
+    assigned, copied = UnifiedKDLoss(8, bank_size=40), UnifiedKDLoss(8, bank_size=40)
+    assigned.load_state_dict(state, assign=True)
+    copied.load_state_dict(state)
+    for name in ("bank_labels", "bank_count", "bank_pointer"):
+        assert getattr(assigned, name).dtype == torch.int64
+    batch = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3
+    assert torch.equal(assigned(*batch), copied(*batch))
+    assert all(torch.equal(v, copied.state_dict()[k]) for k, v in assigned.state_dict().items())

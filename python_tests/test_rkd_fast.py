@@ -150,14 +150,18 @@ def test_repeated_runs_are_bitwise_identical():
         torch.testing.assert_close(grad, first_grad, rtol=0, atol=0)
 
 
-def test_second_derivative_is_refused():
-    """The op's gradient is computed in C++ and saved: differentiating it again (a gradient
-    penalty) must raise, not treat it as a constant."""
+@pytest.mark.parametrize("backend", ["op", "torch"])
+def test_second_derivative_is_refused(backend):
+    """The gradient is computed in the forward (in C++, or the torch path's angle sum) and saved:
+    differentiating it again (a gradient penalty) must raise, not treat it as a constant, by
+    .backward() and by autograd.grad (which runs only the nodes on paths to its inputs)."""
     student, teacher, _ = make_batch(12, 4, 4, seed=6)
     x = student.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(fast_rkd_loss(x, teacher, backend="op"), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        (grad.pow(2).sum() + x.sum()).backward()
+    (grad,) = torch.autograd.grad(fast_rkd_loss(x, teacher, backend=backend) + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fast_rkd_loss has no second derivative"):
+        (grad.pow(2).sum() + x.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="fast_rkd_loss has no second derivative"):
+        torch.autograd.grad(grad.pow(2).sum(), x, allow_unused=True)
 
 
 def test_instruction_set_paths_agree():

@@ -95,6 +95,10 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     P = 2 (terms p = 0, 1, 2) are the authors'; ``order=1`` is the first-order expansion.  The
     original paper sums the squared differences divided by B^2 as well; some libraries use the
     bilinear or MMD kernel instead.  Cost O(B^2 D), memory O(B^2).
+
+    Any order and gamma: a coefficient exp(-2 gamma) (2 gamma)^p / p! is a Poisson probability
+    (at most 1); where its direct form overflows (p > 170, or (2 gamma)^p past the largest
+    double) it is computed in logs (``_taylor_coefficient``).
     """
     check_embedding_pair(student, teacher, what="correlation_congruence_loss")
     _check_cc_options(gamma, order)
@@ -105,10 +109,21 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
         similarity = x_hat @ x_hat.t()
         out = torch.zeros_like(similarity)
         for p in range(order + 1):
-            out = out + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * similarity.pow(p)
+            out = out + _taylor_coefficient(gamma, p) * similarity.pow(p)
         return out
 
     return nan_unless_finite((correlation(student) - correlation(teacher)).pow(2).mean(), all_finite(student, teacher))
+
+
+def _taylor_coefficient(gamma: float, p: int) -> float:
+    """exp(-2 gamma) (2 gamma)^p / p!, the authors' expression wherever it is a float (so the loss
+    is bitwise theirs).  Past that, p! (p > 170) or (2 gamma)^p does not fit a double, though the
+    coefficient, a Poisson probability of mean 2 gamma, is at most 1: in logs nothing overflows
+    (exp may underflow to 0, the term's true size)."""
+    try:
+        return math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p)
+    except OverflowError:
+        return math.exp(-2 * gamma + p * math.log(2 * gamma) - math.lgamma(p + 1))
 
 
 def _check_cc_options(gamma, order):

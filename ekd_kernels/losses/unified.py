@@ -9,7 +9,9 @@ and the defaults are ours, not the authors'.
 ILED.  Per sample, the gap between the normalised student and teacher embeddings,
 g_i = 1 - cos(s_i, t_i).  Dynamic hard mining keeps the k = ceil(hard_fraction * B) samples with
 the largest gap (recomputed every batch); ILED = mean of g over them.  hard_fraction = 1 is
-plain cosine distillation.
+plain cosine distillation.  k is computed from the decimal hard_fraction is written as (0.07 is
+7/100: k = 7 at B = 100), as the FPRs are read as exact fractions, not from the float product
+(0.07 * 100 = 7.000000000000001, whose ceiling would be 8).
 
 RPSD.  A memory bank holds the last ``bank_size`` (normalised teacher embedding, label) entries
 in FIFO order.  For a sample i and a bank entry m, the relation difference is
@@ -40,7 +42,7 @@ Cost.  ILED O(B D); RPSD O(B M D) for M bank entries plus a top-k over B x M; me
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 from typing import NamedTuple, Optional
 
 import torch
@@ -63,6 +65,14 @@ class UnifiedKDResult(NamedTuple):
     rpsd: torch.Tensor            # detached
     num_hard_samples: int
     num_mined_pairs: int
+
+
+def _num_hard_samples(hard_fraction: float, batch: int) -> int:
+    """k = ceil(hard_fraction * B), at least 1, with hard_fraction read as the decimal it was written
+    as: repr gives the shortest decimal that reads back as the float (the one written, up to 15
+    digits), and in exact integers its ceiling is not pushed up by the float's rounding."""
+    ratio = Fraction(repr(float(hard_fraction)))
+    return max(1, -(-ratio.numerator * batch // ratio.denominator))
 
 
 def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight):
@@ -109,11 +119,14 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
         if own_index is None:
             own_index = torch.full((batch,), -1, dtype=torch.int64, device=student.device)
         elif not isinstance(own_index, torch.Tensor) or own_index.shape != (batch,) \
-                or own_index.dtype.is_floating_point or bool(((own_index < -1) | (own_index >= size)).any()):
+                or own_index.dtype.is_floating_point or own_index.dtype.is_complex or own_index.dtype == torch.bool \
+                or bool(((own_index < -1) | (own_index >= size)).any()):
+            # (a bool tensor would index as a mask: rows where True, not row 0 and row 1)
             shown = (own_index if not isinstance(own_index, torch.Tensor) else
                      own_index.tolist() if own_index.numel() <= 16 else tuple(own_index.shape))
+            dtype = f" ({own_index.dtype})" if isinstance(own_index, torch.Tensor) else ""
             raise ValueError(f"own_index must be {batch} bank rows in [0, {size}) or -1 (not in the bank), got "
-                             f"{shown!r}")
+                             f"{shown!r}{dtype}")
         if bank_embeddings.device != student.device or bank_labels.device != student.device:
             raise ValueError(f"the bank is on {bank_embeddings.device}, the embeddings on {student.device}")
 
@@ -121,7 +134,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
 
     # ILED: dynamic hard mining of the per-sample gaps
     gaps = 1 - (s_hat * t_hat).sum(1)
-    num_hard = max(1, math.ceil(hard_fraction * batch))
+    num_hard = _num_hard_samples(hard_fraction, batch)
     hard = gaps.detach().topk(num_hard).indices
     iled = gaps[hard].mean()
 
@@ -239,7 +252,8 @@ class UnifiedKDLoss(nn.Module):
         """A checkpoint whose ring state cannot be this module's is refused, nothing copied: a
         buffer of another shape or dtype kind (another bank size, integer embeddings, float
         labels), a count or pointer outside the bank (a negative count would silently shrink the
-        part read), or non-finite bank rows (every later loss would read NaN)."""
+        part read), a pointer other than the count while the bank fills (a state the ring never
+        reaches), or non-finite bank rows (every later loss would read NaN)."""
         problems = checkpoint_layout_problems(self, state_dict, prefix, _RING_BUFFERS)
         if problems:
             error_msgs.extend(problems)
@@ -250,6 +264,8 @@ class UnifiedKDLoss(nn.Module):
             problems.append(f"{prefix}bank_count in the checkpoint is {int(count)}, outside [0, {self.bank_size}]")
         if isinstance(pointer, torch.Tensor) and not pointer.is_meta and not 0 <= int(pointer) < self.bank_size:
             problems.append(f"{prefix}bank_pointer in the checkpoint is {int(pointer)}, outside [0, {self.bank_size})")
+        if not problems:
+            problems.extend(self._ring_order_problems(count, pointer, prefix))
         if isinstance(bank, torch.Tensor) and not bank.is_meta and bank.is_floating_point() \
                 and not torch.isfinite(bank).all():
             problems.append(f"{prefix}bank_embeddings in the checkpoint are not finite; an UnifiedKDLoss never "
@@ -257,10 +273,28 @@ class UnifiedKDLoss(nn.Module):
         if problems:
             error_msgs.extend(problems)
             return
-        # (load_state_dict(assign=True) may bring a 16-bit bank, or any layout)
-        keep_precision_under_assign(self, ("bank_embeddings",), lambda: super(
+        # (load_state_dict(assign=True) may bring a 16-bit bank, int32 count, pointer or labels
+        # (index writes need int64), or any layout)
+        keep_precision_under_assign(self, _RING_BUFFERS, lambda: super(
             UnifiedKDLoss, self)._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                        unexpected_keys, error_msgs))
+
+    def _ring_order_problems(self, count, pointer, prefix):
+        """While the bank fills (count < bank_size) the ring writes rows 0, 1, ... in order, so the
+        pointer equals the count, and forward reads rows [0, count) as the entries.  Any other
+        pointer would write past the read rows (a later own_index outside the bank) or overwrite
+        them while never-written zero rows are read.  The module's own value stands in for one
+        the checkpoint lacks (a non-strict load keeps it)."""
+        count = self.bank_count if count is None else count
+        pointer = self.bank_pointer if pointer is None else pointer
+        if not (isinstance(count, torch.Tensor) and isinstance(pointer, torch.Tensor)) or count.is_meta \
+                or pointer.is_meta:
+            return []
+        if int(count) < self.bank_size and int(pointer) != int(count):
+            return [f"{prefix}bank_count {int(count)} and {prefix}bank_pointer {int(pointer)} in the checkpoint: "
+                    f"while the bank fills (count < bank_size {self.bank_size}) the pointer equals the count "
+                    "(a state this ring never reaches; a corrupted checkpoint?)"]
+        return []
 
     def extra_repr(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
