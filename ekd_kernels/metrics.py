@@ -45,7 +45,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .config import fpr_fraction
-from .reference import NORM_EPS
+from .reference import NORM_EPS, autocast_off
 
 #: The FPRs reported by default (face verification's usual operating points).
 DEFAULT_EVAL_FPRS: Tuple[float, ...] = (1e-2, 1e-3, 1e-4)
@@ -371,8 +371,9 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     """1:1 verification over every pair i < j of `embeddings` (B x D) with identities `labels` (B).
 
     Scores are cosine similarities in fp32 (``normalize=False``: plain dot products of the fp32
-    embeddings).  Thresholds and TPRs follow the module docstring exactly: the selected
-    threshold is the element a full sort of the tile-computed scores would give.  Memory:
+    embeddings), also inside ``torch.autocast`` (it does not apply here).  Thresholds and TPRs
+    follow the module docstring exactly: the selected threshold is the element a full sort of
+    the tile-computed scores would give.  Memory:
     one ``tile`` of scores (rows, columns; default 2048 x 4096 on CPU, 8192 x 8192 on CUDA) and
     2^17 counters; time: two passes over the B(B-1)/2 pairs (two matmuls of each tile).  ``backend``: "auto" (a kernel
     registered in ``PAIR_HISTOGRAM_KERNELS`` for this device, else "torch") or "torch".
@@ -402,7 +403,9 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
             raise ValueError(f"tile must be two positive integers (rows, columns), got {tile!r}")
     fprs = _fpr_tuple(fprs)
 
-    with torch.no_grad():
+    # An enclosing torch.autocast would run the tiles' matmuls in bf16/fp16: the scores would no
+    # longer be the fp32 cosines promised, and the radix passes read their fp32 bits (int32 view).
+    with torch.no_grad(), autocast_off(embeddings.device):
         e = embeddings.detach().float()
         if not bool(torch.isfinite(e).all()):
             raise ValueError("embeddings hold a non-finite value")

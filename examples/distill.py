@@ -20,12 +20,14 @@ Steps:
 4. Every epoch: the losses, the critical-relation ratio (EKD's Eq. 5 pairs among all pairs of
    the batch, the paper's Fig. 4; the ArcFace and RKD runs measure it with a monitoring
    ``EKDLoss`` that does not train) and the TPR at FPR 1e-2 / 1e-3 / 1e-4 of all test pairs
-   (``ekd_kernels.metrics``), against the teacher's.
+   (``ekd_kernels.metrics``), against the teacher's.  A run that diverges (non-finite test
+   embeddings) gets NaN TPRs, marked on its printed lines, and the other runs go on.
 
 Outputs in ``--out``: history.csv (one row per run and epoch), summary.json (settings, teacher
 and final student TPRs, run times), teacher.pt (the trained teacher, reusable with
 ``--teacher-checkpoint``), critical_ratio.svg, and critical_ratio.png when matplotlib is
-installed.
+installed.  history.csv is rewritten after every epoch and summary.json after every run (with the
+runs finished so far), so a later failure or interruption does not lose them.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -210,7 +212,11 @@ def embed(model, dataset, device, batch_size: int = 256) -> torch.Tensor:
 
 
 def evaluate(model, split: Split, device) -> Dict[str, float]:
+    """TPR at each of EVAL_FPRS; NaN for all of them when the model's test embeddings are not
+    finite (a diverged run: the metrics refuse such scores, and one run must not end the others)."""
     embeddings = embed(model, split.dataset, device)
+    if not bool(torch.isfinite(embeddings).all()):
+        return {f"tpr@{f:g}": math.nan for f in EVAL_FPRS}
     if split.pairs is None:
         result = verify_all_pairs(embeddings, split.dataset.labels.to(device), EVAL_FPRS)
     else:
@@ -218,6 +224,13 @@ def evaluate(model, split: Split, device) -> Dict[str, float]:
         scores = pair_scores(embeddings[a.to(device)], embeddings[b.to(device)])
         result = tpr_at_fpr(scores[same.to(device)], scores[~same.to(device)], EVAL_FPRS)
     return {f"tpr@{f:g}": t for f, t in zip(result.fprs, result.tprs)}
+
+
+def diverged_note(tprs: Dict[str, float]) -> str:
+    """What to append to a printed line whose TPRs are NaN (see evaluate); empty otherwise."""
+    if any(math.isnan(v) for v in tprs.values()):
+        return "  [diverged: non-finite test embeddings, TPRs recorded as NaN]"
+    return ""
 
 
 # --------------------------------------------------------------------------- training
@@ -267,7 +280,9 @@ def train_teacher(args, train, device) -> torch.nn.Module:
     return teacher.eval()
 
 
-def train_student(run: str, args, train, test: Split, teacher_embeddings: torch.Tensor, device) -> List[dict]:
+def train_student(run: str, args, train, test: Split, teacher_embeddings: torch.Tensor, device,
+                  on_epoch: Callable[[List[dict]], None] = lambda history: None) -> List[dict]:
+    """The run's history, one row per epoch; `on_epoch(history)` after each epoch (main saves it)."""
     torch.manual_seed(args.seed + 2)  # same initial student and head in every run
     student = build_backbone(args.student, input_size=args.image_size).to(device)
     head = ArcFace(512, num_classes(train), args.scale, args.margin).to(device)
@@ -310,13 +325,15 @@ def train_student(run: str, args, train, test: Split, teacher_embeddings: torch.
             sums["distill"] += float(distill.detach())
             sums["critical_ratio"] += float(monitor.last_stats.critical_ratio)
         row = {"run": run, "epoch": epoch + 1, **{k: v / len(sampler) for k, v in sums.items()}}
-        row.update(evaluate(student, test, device))
+        tprs = evaluate(student, test, device)
+        row.update(tprs)
         row["seconds"] = time.time() - start
         history.append(row)
         print(f"  {run:7s} epoch {epoch + 1}: arcface {row['arcface']:.3f}  distill {row['distill']:.4f}  "
               f"critical {row['critical_ratio']:.4f}  " +
               "  ".join(f"{k} {row[k]:.4f}" for k in row if k.startswith("tpr@")) +
-              f"  ({row['seconds']:.1f} s)", flush=True)
+              f"  ({row['seconds']:.1f} s)" + diverged_note(tprs), flush=True)
+        on_epoch(history)
     return history
 
 
@@ -372,7 +389,8 @@ def _svg_plot(path: pathlib.Path, runs: Dict[str, list]) -> str:
     width, height, pad = 480, 320, 50
     points = [p for series in runs.values() for p in series]
     x_max = max(x for x, _ in points)
-    y_max = max(y for _, y in points) * 1.1 or 1.0
+    # A diverged run's ratio can be NaN: it is left out, not allowed to scale (or void) the others.
+    y_max = max((y for _, y in points if math.isfinite(y)), default=0.0) * 1.1 or 1.0
 
     def xy(x, y):
         return (pad + (x - 1) / max(x_max - 1, 1) * (width - 2 * pad), height - pad - y / y_max * (height - 2 * pad))
@@ -389,12 +407,31 @@ def _svg_plot(path: pathlib.Path, runs: Dict[str, list]) -> str:
              f'<text x="{pad - 5}" y="{height - pad + 4}" text-anchor="end">0</text>']
     for i, (run, series) in enumerate(runs.items()):
         colour = colours[i % len(colours)]
-        path_points = " ".join(f"{a:.1f},{b:.1f}" for a, b in (xy(x, y) for x, y in series))
+        path_points = " ".join(f"{a:.1f},{b:.1f}" for a, b in (xy(x, y) for x, y in series if math.isfinite(y)))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path_points}"/>')
         parts.append(f'<text x="{width - pad + 5}" y="{pad + 15 * i}" fill="{colour}">{run}</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts))
     return str(path)
+
+
+def write_summary(out: pathlib.Path, args, device, teacher_tpr: Dict[str, float], rows: List[dict],
+                  seconds: Dict[str, float], began: float, plots: List[str]) -> dict:
+    """summary.json for the runs in `rows` (all of them at the end; those finished so far before)."""
+    runs = list(dict.fromkeys(r["run"] for r in rows))  # in the order of args.runs
+    final = {run: {k: v for k, v in [r for r in rows if r["run"] == run][-1].items() if k.startswith("tpr@")}
+             for run in runs}
+    summary = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "device": str(device),
+        "teacher_tpr": teacher_tpr,
+        "final_student_tpr": final,
+        "seconds": {**seconds, "total": time.time() - began},
+        "outputs": (["history.csv", "summary.json"] + ([] if args.teacher_checkpoint else ["teacher.pt"])
+                    + [pathlib.Path(p).name for p in plots]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -414,35 +451,31 @@ def main(argv: Optional[List[str]] = None) -> dict:
           f"{args.image_size} x {args.image_size}", flush=True)
     teacher = train_teacher(args, train, device)
     teacher_tpr = evaluate(teacher, test, device)
-    print("teacher: " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()), flush=True)
+    print("teacher: " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()) + diverged_note(teacher_tpr),
+          flush=True)
     teacher_embeddings = embed(teacher, train, device)
     teacher_seconds = time.time() - began
 
+    # history.csv after every epoch and summary.json after every run, so that the runs already
+    # finished survive a later one that fails (or is stopped); the plots come at the end.
     rows, runtimes = [], {}
     for run in args.runs:
         start = time.time()
         print(f"student run '{run}': {args.student}", flush=True)
-        rows += train_student(run, args, train, test, teacher_embeddings, device)
+        rows += train_student(run, args, train, test, teacher_embeddings, device,
+                              on_epoch=lambda history: write_history(out / "history.csv", rows + history))
         runtimes[run] = time.time() - start
+        write_summary(out, args, device, teacher_tpr, rows, {"teacher": teacher_seconds, **runtimes}, began, [])
 
     write_history(out / "history.csv", rows)
     plots = plot_critical_ratio(out, rows)
-    final = {run: {k: v for k, v in [r for r in rows if r["run"] == run][-1].items() if k.startswith("tpr@")}
-             for run in args.runs}
-    summary = {
-        "settings": {k: v for k, v in vars(args).items()},
-        "device": str(device),
-        "teacher_tpr": teacher_tpr,
-        "final_student_tpr": final,
-        "seconds": {"teacher": teacher_seconds, **runtimes, "total": time.time() - began},
-        "outputs": (["history.csv", "summary.json"] + ([] if args.teacher_checkpoint else ["teacher.pt"])
-                    + [pathlib.Path(p).name for p in plots]),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = write_summary(out, args, device, teacher_tpr, rows, {"teacher": teacher_seconds, **runtimes}, began,
+                            plots)
+    final = summary["final_student_tpr"]
     print(f"\nfinal TPRs (test identities, {'pairs list' if test.pairs else 'all pairs'}):")
     print(f"  {'teacher':8s} " + "  ".join(f"{k} {v:.4f}" for k, v in teacher_tpr.items()))
     for run, tprs in final.items():
-        print(f"  {run:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in tprs.items()))
+        print(f"  {run:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in tprs.items()) + diverged_note(tprs))
     print(f"outputs in {out}/ ({summary['seconds']['total']:.0f} s)")
     return summary
 

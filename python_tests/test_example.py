@@ -170,3 +170,93 @@ def test_empty_identity_folder_takes_no_label(tmp_path):
     dataset = FaceFolder(tmp_path / "faces")
     assert dataset.classes == ["person0", "person1", "person2"]
     assert dataset.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.fixture
+def distill():
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        import distill
+        yield distill
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+
+
+class _Embedder(torch.nn.Module):
+    """Fixed random embeddings of each image (by its mean), with `bad` written into row 0."""
+
+    def __init__(self, bad=None):
+        super().__init__()
+        self.projection = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+        self.bad = bad
+
+    def forward(self, images):
+        out = images.mean(dim=(1, 2, 3)).unsqueeze(1) * 100 + self.projection * torch.arange(len(images)).unsqueeze(1)
+        if self.bad is not None:
+            out[0, 0] = self.bad
+        return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_evaluate_records_nan_for_non_finite_embeddings(distill, bad):
+    """A diverged student (non-finite test embeddings) made verify_all_pairs / tpr_at_fpr raise,
+    which ended the whole script and lost the runs already finished: its TPRs are NaN instead,
+    for all-pairs and pairs-list evaluation, and the printed lines say why."""
+    dataset = SyntheticFaces(4, 3, image_size=16, seed=0)
+    pairs = (torch.tensor([0, 3, 0, 6]), torch.tensor([1, 4, 3, 9]), torch.tensor([True, True, False, False]))
+    for split in (distill.Split(dataset), distill.Split(dataset, pairs)):
+        finite = distill.evaluate(_Embedder(), split, torch.device("cpu"))
+        diverged = distill.evaluate(_Embedder(bad), split, torch.device("cpu"))
+        assert list(finite) == list(diverged) == ["tpr@0.01", "tpr@0.001", "tpr@0.0001"]
+        assert all(0.0 <= v <= 1.0 for v in finite.values()) and all(np.isnan(v) for v in diverged.values())
+        assert distill.diverged_note(finite) == ""
+        assert "non-finite test embeddings, TPRs recorded as NaN" in distill.diverged_note(diverged)
+
+
+def test_diverged_run_does_not_end_the_others(tmp_path):
+    """--ekd-weight 1e30 makes the EKD student NaN in its first steps: its epoch line says so and
+    records NaN TPRs, the RKD run after it still runs, and every output is written."""
+    out = tmp_path / "out"
+    stdout = run_example([*TINY, "--train-identities", "12", "--train-images", "6", "--test-identities", "8",
+                          "--test-images", "4", "--runs", "ekd", "rkd", "--ekd-weight", "1e30", "--out", str(out)],
+                         tmp_path)
+    assert "ekd     epoch 1: " in stdout and "tpr@0.01 nan" in stdout and "[diverged: non-finite test embeddings, " \
+        "TPRs recorded as NaN]" in stdout.split("ekd     epoch 1: ")[1].splitlines()[0]
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["run"] for r in rows] == ["ekd", "rkd"]
+    assert rows[0]["tpr@0.01"] == "nan" and 0.0 <= float(rows[1]["tpr@0.01"]) <= 1.0
+    summary = json.loads((out / "summary.json").read_text())  # (Python's json reads NaN)
+    assert np.isnan(summary["final_student_tpr"]["ekd"]["tpr@0.01"])
+    assert "nan" not in (out / "critical_ratio.svg").read_text()
+    for name in summary["outputs"]:
+        assert (out / name).is_file()
+
+
+STOP_IN_RKD = """
+import sys
+import distill
+original = distill.train_student
+def stopped(run, *args, on_epoch, **kwargs):
+    def save_then_stop(history):
+        on_epoch(history)
+        if run == "rkd":
+            raise RuntimeError("stopped in rkd")
+    return original(run, *args, on_epoch=save_then_stop, **kwargs)
+distill.train_student = stopped
+distill.main(sys.argv[1:])
+"""
+
+
+def test_finished_runs_are_saved_before_a_later_run_fails(tmp_path):
+    """A run that fails (or is stopped) after others finished: history.csv holds every epoch done
+    so far, and summary.json the finished runs (before, both were written only at the very end)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(EXAMPLE.parent)])}
+    proc = subprocess.run([sys.executable, "-c", STOP_IN_RKD, *TINY, "--train-identities", "12", "--train-images",
+                           "6", "--test-identities", "8", "--test-images", "4", "--runs", "arcface", "rkd", "ekd",
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "stopped in rkd" in proc.stderr, proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [(r["run"], r["epoch"]) for r in rows] == [("arcface", "1"), ("rkd", "1")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["final_student_tpr"]) == ["arcface"] and "rkd" not in summary["seconds"]

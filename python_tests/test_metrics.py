@@ -219,6 +219,29 @@ def test_all_pairs_rejects_bad_input():
         verify_all_pairs(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the evaluator's CUDA path is not run"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_metrics_ignore_an_enclosing_autocast(device, dtype):
+    """Evaluation inside a training step's torch.autocast: the tiles' matmuls ran in bf16/fp16, and
+    the radix passes' int32 view of those scores crashed (or selected from 16-bit cosines).  Every
+    entry point must give bitwise what it gives outside autocast, over several tiles."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 60, (300,), generator=g).to(device)
+    embeddings = (torch.randn(60, 32, generator=g)[labels.cpu()] + torch.randn(300, 32, generator=g)).to(device)
+    calls = [lambda: verify_all_pairs(embeddings, labels, FPRS, tile=(64, 96)),
+             lambda: verify_all_pairs(embeddings, labels, FPRS, normalize=False, tile=(100, 37)),
+             lambda: verify_all_pairs(embeddings, labels, FPRS),
+             lambda: tpr_at_fpr(embeddings[:, 0], embeddings[:, 1], FPRS),
+             lambda: pair_scores(embeddings[:150], embeddings[150:])]
+    outside = [call() for call in calls]
+    with torch.autocast(device, dtype=dtype):
+        inside = [call() for call in calls]
+    for a, b in zip(outside[:-1], inside[:-1]):
+        assert a == b
+    assert inside[-1].dtype == torch.float32 and torch.equal(inside[-1], outside[-1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the evaluator's CUDA path is not run")
 def test_all_pairs_cuda_matches_cpu():
     g = torch.Generator().manual_seed(6)
