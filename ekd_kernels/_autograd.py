@@ -26,12 +26,12 @@ def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY
     graph; when the caller asked for one (grad mode on in the backward: create_graph=True), the
     results carry a node that raises on differentiation, naming the backend and the way out.
 
-    The node also takes the saved tensors that require grad (the forward's differentiable
-    inputs: save them, as the backends do) as inputs, which it passes nowhere: it then lies on
-    every path from the gradient back to those inputs, so ``torch.autograd.grad(penalty, x)``
-    runs it and raises too.  Without them it hung off fresh leaves, which only ``.backward()``
-    (every node) reaches: ``grad(..., x)`` skipped it and returned the penalty's other terms
-    alone, or None with allow_unused (torch's @once_differentiable does the same).
+    The node also takes the forward's differentiable inputs that ``keep_anchors`` recorded, and
+    passes them nowhere: it then lies on every path from the gradient back to them, so
+    ``torch.autograd.grad(penalty, x)`` runs it and raises too.  Without them it hung off fresh
+    leaves, which only ``.backward()`` (every node) reaches: ``grad(..., x)`` skipped it and
+    returned the penalty's other terms alone, or None with allow_unused (torch's
+    @once_differentiable does the same).
 
     The message names `what` (default: "the <backend> backend") and `way_out` (default: the
     reference backend; empty: none)."""
@@ -47,7 +47,7 @@ def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY
             tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
             if not tensors:
                 return outputs
-            anchors = [t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+            anchors = getattr(ctx, "first_order_anchors", ())
             raising = _functions.DelayedError(message, len(tensors) + len(anchors))(
                 *[outputs[i].detach().requires_grad_() for i in tensors], *anchors)
             raising = raising if isinstance(raising, tuple) else (raising,)
@@ -59,6 +59,16 @@ def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY
         return wrapper
 
     return decorate
+
+
+def keep_anchors(ctx, *inputs) -> None:
+    """In a forward (or setup_context) whose backward is first_order_only: record its inputs that
+    require grad, for the raising node to hang on.  Plain attributes, not saved tensors: the
+    backward does not read them, so autograd's version check (an in-place change of the student
+    between forward and backward) and saved-tensor hooks (activation checkpointing unpacks each
+    saved tensor once) must not see them.  They live as long as the graph's node (one B x D
+    input, typically the student, which its caller holds anyway)."""
+    ctx.first_order_anchors = tuple(x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad)
 
 
 def eager_call(*tensors) -> bool:

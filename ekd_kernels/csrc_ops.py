@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._autograd import eager_call, first_order_only, functorch_call, refuse_nested_derivative
+from ._autograd import eager_call, first_order_only, functorch_call, keep_anchors, refuse_nested_derivative
 from .config import EKDConfig
 from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -146,6 +146,7 @@ def _setup_context(ctx, inputs, output):
     _, new_student, new_teacher, _, _, _, _, selected_pairs, selected_grads, positive_scale = output
     ctx.save_for_backward(student, teacher, labels, new_student, new_teacher, selected_pairs, selected_grads,
                           positive_scale)
+    keep_anchors(ctx, student)  # (first_order_only's refusal of a second derivative hangs on it)
 
 
 def _student_gradient(ctx, grad_loss) -> Optional[torch.Tensor]:
@@ -258,9 +259,10 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     batch = student.shape[0]
     critical_ratio = None
     if config.compute_critical_ratio:
-        # NaN for a non-finite batch, as its terms (the op writes NaN terms then, and only then:
-        # a finite batch's terms are bounded), on every backend
-        critical_ratio = torch.where(terms[0].isnan(), terms[0].float(),
-                                     counts[4].to(torch.float32) / (batch * (batch - 1) // 2))
+        # NaN for a batch with a non-finite embedding, as its terms, on every backend (the
+        # reference's test; not the terms' NaN, which NaN thresholds passed in also give)
+        finite = torch.isfinite(student).all() & torch.isfinite(teacher).all()
+        critical_ratio = torch.where(finite, counts[4].to(torch.float32) / (batch * (batch - 1) // 2),
+                                     torch.full((), float("nan"), device=counts.device))
     stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms, critical_ratio)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -248,22 +248,24 @@ def _disagreements(fields: Sequence[_Field], table: Sequence[Sequence[int]]) -> 
     return out
 
 
-def _exchange_device(tensors: Sequence, group) -> torch.device:
-    """Where this rank's exchange vector lives: the first given tensor's device (the embeddings')
-    when the group communicates on it, else the current CUDA device for a process group without
-    a CPU backend, else the CPU.  (Not a meta tensor's device, where an all-gather does nothing,
-    nor the CPU under NCCL alone: such a rank's input is refused, and it must still take part in
-    the exchange to say so.)"""
+def _exchange_device(group) -> torch.device:
+    """Where the exchange vector lives, chosen from the group alone, so the same kind on every
+    rank whatever its inputs (a rank whose embeddings are on meta, or on the CPU under NCCL,
+    still takes part and is refused there, by its checks or the compared device type): the CPU
+    for a group with a CPU backend (gloo, or "cpu:gloo,cuda:nccl"), the current CUDA device for
+    NCCL, else the device type torch's object collectives use for the group (XCCL: the XPU)."""
     backend = str(dist.get_backend(group))
-    cpu_group = "gloo" in backend
-    for x in tensors:
-        if isinstance(x, torch.Tensor):
-            if x.device.type == "cuda" or (x.device.type == "cpu" and cpu_group):
-                return x.device
-            break
-    if not cpu_group and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if "gloo" in backend or "cpu:" in backend:
+        kind = "cpu"
+    elif "nccl" in backend:
+        kind = "cuda"
+    else:
+        choose = getattr(dist.distributed_c10d, "_get_object_coll_device", None)
+        kind = choose(group) if choose is not None else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    accelerator = getattr(torch, kind, None)
+    return torch.device(kind, accelerator.current_device() if hasattr(accelerator, "current_device") else 0)
 
 
 #: The entry points that start with the exchange, by their code in it (field 0).
@@ -462,8 +464,8 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
         student.shape[0], _per_row(student), _dtype_code(student.dtype), _per_row(teacher),
         _dtype_code(teacher.dtype), _per_row(labels), int(autograd), _device_code(student.device)]
     loss_values, fingerprints = ([], []) if error is not None else _gather_loss_values(loss, student.device)
-    sizes = _agree(error, _gather_fields(), values + loss_values, fingerprints, _exchange_device((student,), group),
-                   group, "gather_batch", gate=len(_GATHER_FIELDS))
+    sizes = _agree(error, _gather_fields(), values + loss_values, fingerprints, _exchange_device(group), group,
+                   "gather_batch", gate=len(_GATHER_FIELDS))
     return (_gather_rows(student, sizes, autograd, group), _gather_rows(teacher.detach(), sizes, False, group),
             _gather_rows(labels.to(torch.int64), sizes, False, group), sizes)
 
@@ -1104,7 +1106,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     if error is None:
         values, fingerprints = _sharded_values(student, teacher, labels, student_thresholds, teacher_thresholds,
                                                config, update_thresholds, generator)
-    sizes = _agree(error, fields, values, fingerprints, _exchange_device((student,), group), group,
+    sizes = _agree(error, fields, values, fingerprints, _exchange_device(group), group,
                    "EKDLoss(process_group=...)")
     device = student.device
     student_all = _gather_rows(student, sizes, _gradient_flows(student), group)
@@ -1276,6 +1278,7 @@ def ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_th
                            "each call), so torch.distributed must be initialised first "
                            "(torch.distributed.init_process_group); for one process, build EKDLoss() without "
                            "process_group")
-    with autocast_off(_exchange_device((student,), group)):  # as ekd_loss: low precision is computed in fp32
+    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    with autocast_off(device):  # as ekd_loss: low precision is computed in fp32
         return ekd_sharded(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                            update_thresholds=update_thresholds, generator=generator, group=group)

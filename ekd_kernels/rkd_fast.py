@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._autograd import first_order_only
+from ._autograd import first_order_only, keep_anchors
 from .losses._common import check_has_values, compute_dtypes, fp32_under_autocast
 from .rkd import check_rkd_weights
 from .validation import check_embedding_pair
@@ -158,11 +158,12 @@ def _register_python_half() -> None:
 
     def _setup_context(ctx, inputs, output):
         ctx.compute_grad = inputs[4]
-        ctx.save_for_backward(output[1], inputs[0])  # (the student: see first_order_only)
+        ctx.save_for_backward(output[1])
+        keep_anchors(ctx, inputs[0])  # (first_order_only's refusal of a second derivative hangs on it)
 
     @first_order_only("fast RKD op", what="fast_rkd_loss", way_out="")
     def _backward(ctx, grad_loss, _grad_of_gradient):
-        grad_student, _ = ctx.saved_tensors
+        (grad_student,) = ctx.saved_tensors
         if not ctx.compute_grad:
             raise RuntimeError("rkd_forward ran with compute_grad=False: no gradient to return")
         return grad_loss * grad_student, None, None, None, None
@@ -231,13 +232,14 @@ class _AngleSum(torch.autograd.Function):
                 # dQ_ij (as j) and dQ_ik (as k) are the same sums by the symmetry c_ijk = c_ikj
                 grad[start:stop] += 2 * (cross.sum(2) - own.sum(2) * slope_s[start:stop])
                 grad -= cross.sum(0)
-        ctx.save_for_backward(grad, q_s)  # (q_s: see first_order_only)
+        ctx.save_for_backward(grad)
+        keep_anchors(ctx, q_s)  # (first_order_only's refusal of a second derivative hangs on it)
         return total.to(q_s.dtype)
 
     @staticmethod
     @first_order_only("fast RKD torch path", what="fast_rkd_loss", way_out="")
     def backward(ctx, grad_sum):
-        grad, _ = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         return grad_sum * grad, None, None
 
 

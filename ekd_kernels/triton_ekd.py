@@ -90,7 +90,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._autograd import eager_call, first_order_only, functorch_call, refuse_nested_derivative
+from ._autograd import eager_call, first_order_only, functorch_call, keep_anchors, refuse_nested_derivative
 from .config import EKDConfig
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -1105,9 +1105,8 @@ def _save_for_backward(ctx, output, student, temperature: float, critical_only: 
     # tensor for each of the 17 other outputs on every backward (two of them B x D), 17 fill
     # launches that the backward never reads.
     ctx.set_materialize_grads(False)
-    # The student last: the backward reads only the outputs, but first_order_only ties its
-    # refusal of a second derivative to the saved tensors that require grad.
-    ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]), student)
+    ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]))
+    keep_anchors(ctx, student)  # (first_order_only's refusal of a second derivative hangs on it)
     ctx.temperature, ctx.critical_only, ctx.rank_loss = temperature, critical_only, rank_loss
 
 
@@ -1115,7 +1114,7 @@ def _student_gradient(ctx, grad_loss, backward) -> Optional[torch.Tensor]:
     """d loss / d student through `backward` (the op, or its body on the eager path)."""
     if not ctx.needs_input_grad[0]:
         return None
-    saved = ctx.saved_tensors[:-1]  # (not the student: see _save_for_backward)
+    saved = ctx.saved_tensors
     if grad_loss is None:  # a backward through another output only (grads are not materialised)
         grad_loss = torch.zeros((), dtype=torch.float32, device=saved[0].device)
     return backward(grad_loss, *saved, ctx.temperature, ctx.critical_only, ctx.rank_loss)

@@ -430,8 +430,18 @@ def write_summary(out: pathlib.Path, args, device, teacher_tpr: Dict[str, float]
         "outputs": (["history.csv", "summary.json"] + ([] if args.teacher_checkpoint else ["teacher.pt"])
                     + [pathlib.Path(p).name for p in plots]),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(_standard_json(summary), indent=2, allow_nan=False))
     return summary
+
+
+def _standard_json(value):
+    """`value` with NaN floats (a diverged run's TPRs) as None: null in the file, which every JSON
+    reader takes (Python's json would write NaN, which is not JSON)."""
+    if isinstance(value, dict):
+        return {k: _standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

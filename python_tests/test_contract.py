@@ -488,8 +488,11 @@ def test_non_finite_threshold_state_gives_nan(backend, device, where, options):
     student, teacher, labels = make_batch(30, seed=5, device=device)
     thresholds = [torch.linspace(0.05, 0.4, 6, device=device) for _ in range(2)]
     thresholds[0 if where == "student" else 1][2] = float("nan")
-    result = ekd_loss(student.requires_grad_(True), teacher, labels, *thresholds, backend=backend, **options)
+    result = ekd_loss(student.requires_grad_(True), teacher, labels, *thresholds, backend=backend,
+                      compute_critical_ratio=True, **options)
     assert torch.isnan(result.loss), f"{backend}: {result.loss}"
+    # the batch itself is finite: its critical ratio is a ratio of counts, as the reference's
+    assert torch.isfinite(result.stats.critical_ratio), f"{backend}: {result.stats.critical_ratio}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -764,12 +767,12 @@ def test_activation_checkpointing_in_training_mode_is_refused(backend, device):
         with pytest.raises(RuntimeError, match="inside a backward pass"):
             loss.backward()
 
-    def gradient(loss_fn, wrap):
+    def gradient(loss_fn, wrap, create_graph=False):
         leaf = student.clone().requires_grad_()
         loss = checkpoint(loss_fn, leaf, teacher, labels, use_reentrant=False) if wrap else loss_fn(leaf, teacher,
                                                                                                     labels)
-        (grad,) = torch.autograd.grad(loss, leaf)
-        return grad
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=create_graph)
+        return grad.detach()
 
     state = EKDLoss(backend=backend).to(device)
     state(*make_batch(16, seed=4, device=device))
@@ -777,6 +780,9 @@ def test_activation_checkpointing_in_training_mode_is_refused(backend, device):
     assert torch.equal(gradient(frozen, True), gradient(frozen, False))
     functional = functools.partial(lambda s, t, y: ekd_loss(s, t, y, backend=backend).loss)
     assert torch.equal(gradient(functional, True), gradient(functional, False))
+    # create_graph=True (for a penalty on another term): the checkpoint unpacks each saved tensor
+    # once, so the refusal of a second derivative must not unpack them again
+    assert torch.equal(gradient(functional, True, create_graph=True), gradient(functional, False))
 
 
 def test_module_on_wrong_device_says_so():

@@ -229,6 +229,13 @@ def test_pwr_second_derivative_is_refused(algorithm):
         (grad.pow(2).sum() + x.sum()).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="pwr_loss has no second derivative"):
         torch.autograd.grad(grad.pow(2).sum(), x)
+    # under activation checkpointing (each saved tensor unpacked once) a first derivative with
+    # create_graph=True is the plain one
+    checkpointed = torch.utils.checkpoint.checkpoint(lambda a: pwr_loss(a * 1, teacher, algorithm=algorithm), x,
+                                                     use_reentrant=False)
+    (grad_checkpointed,) = torch.autograd.grad(checkpointed, x, create_graph=True)
+    (plain,) = torch.autograd.grad(pwr_loss(x * 1, teacher, algorithm=algorithm), x)
+    assert torch.equal(grad_checkpointed.detach(), plain)
 
 
 #: The losses that torch.compile(fullgraph=True) takes whole (README; HintonKD's inputs read as
@@ -420,6 +427,18 @@ def test_unified_terms_are_reported():
     assert res.loss.item() == pytest.approx(res.iled.item() + res.rpsd.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_unified_own_index_of_any_integer_dtype(dtype):
+    """own_index rows of any integer dtype give the int64 result (uint8 and int8 index as values,
+    never as a mask; uint8's range check must not read -1 as 255)."""
+    s, t = make(batch=6, ds=4, seed=3)
+    bank, bank_labels = make(batch=8, ds=4, seed=4)[1], torch.arange(8) + 10
+    own = torch.tensor([0, 1, 2, 3, 4, 5])
+    want = unified_kd_terms(s, t, torch.arange(6), bank, bank_labels, own, num_mined_pairs=None).loss
+    got = unified_kd_terms(s, t, torch.arange(6), bank, bank_labels, own.to(dtype), num_mined_pairs=None).loss
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -526,6 +545,7 @@ def test_cc_takes_any_order_and_gamma():
     assert torch.equal(correlation_congruence_loss(s, t, order=171), correlation_congruence_loss(s, t, order=170))
     assert torch.isfinite(CorrelationCongruenceLoss(order=400)(s, t))
     assert correlation_congruence_loss(s, t, gamma=1e200, order=2).item() == 0.0  # exp(-2 gamma) = 0
+    assert correlation_congruence_loss(s, t, gamma=1e308, order=2).item() == 0.0  # (2 gamma is inf there)
     # a large gamma puts the weight near p = 2 gamma: close rows keep cos^p far from 0 there
     base = torch.randn(1, 4, dtype=torch.float64)
     s, t = base + 0.05 * make(batch=5, ds=4, seed=6)[0], base + 0.05 * make(batch=5, ds=4, seed=7)[1]

@@ -162,6 +162,14 @@ def test_second_derivative_is_refused(backend):
         (grad.pow(2).sum() + x.sum()).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="fast_rkd_loss has no second derivative"):
         torch.autograd.grad(grad.pow(2).sum(), x, allow_unused=True)
+    # under activation checkpointing (each saved tensor unpacked once) a first derivative with
+    # create_graph=True is the plain one
+    x = student.clone().requires_grad_(True)
+    checkpointed = torch.utils.checkpoint.checkpoint(lambda a: fast_rkd_loss(a * 1, teacher, backend=backend), x,
+                                                     use_reentrant=False)
+    (grad_checkpointed,) = torch.autograd.grad(checkpointed, x, create_graph=True)
+    (plain,) = torch.autograd.grad(fast_rkd_loss(x * 1, teacher, backend=backend), x)
+    assert torch.equal(grad_checkpointed.detach(), plain)
 
 
 def test_instruction_set_paths_agree():

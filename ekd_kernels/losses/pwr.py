@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._autograd import first_order_only
+from .._autograd import first_order_only, keep_anchors
 from ._common import (all_finite, check_embedding_pair, check_has_values, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
@@ -141,13 +141,14 @@ class _SortedDiffExp(torch.autograd.Function):
             # d loss / d a_p = beta (e^{beta a_p} sum_q e^{-beta a_q} - e^{-beta a_p} sum_r e^{beta a_r}) / couples,
             # and a = d_t - d_s
             grad = (-(beta / max(couples, 1.0)) * (grow * below_sum - shrink * above_sum)).to(student_scores.dtype)
-        ctx.save_for_backward(grad, student_scores)  # (the scores: see first_order_only)
+        ctx.save_for_backward(grad)
+        keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss
 
     @staticmethod
     @first_order_only("PWR", what="pwr_loss", way_out="")
     def backward(ctx, grad_loss):
-        grad, _ = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         return grad_loss * grad, None, None
 
 
@@ -182,13 +183,14 @@ class _RankingCouples(torch.autograd.Function):
         loss = (total / denominator).to(student_scores.dtype)   # 0 when there is no ordered couple
         if want_grad:
             grad = grad / denominator.to(grad.dtype)
-        ctx.save_for_backward(grad if want_grad else None, student_scores)  # (the scores: see first_order_only)
+        ctx.save_for_backward(grad if want_grad else None)
+        keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss
 
     @staticmethod
     @first_order_only("PWR", what="pwr_loss", way_out="")
     def backward(ctx, grad_loss):
-        grad, _ = ctx.saved_tensors
+        (grad,) = ctx.saved_tensors
         return grad_loss * grad, None, None, None, None, None, None, None
 
 

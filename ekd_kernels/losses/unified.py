@@ -120,8 +120,9 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
             own_index = torch.full((batch,), -1, dtype=torch.int64, device=student.device)
         elif not isinstance(own_index, torch.Tensor) or own_index.shape != (batch,) \
                 or own_index.dtype.is_floating_point or own_index.dtype.is_complex or own_index.dtype == torch.bool \
-                or bool(((own_index < -1) | (own_index >= size)).any()):
-            # (a bool tensor would index as a mask: rows where True, not row 0 and row 1)
+                or bool(((own_index.long() < -1) | (own_index.long() >= size)).any()):
+            # (a bool tensor would index as a mask: rows where True, not row 0 and row 1; the range
+            # is checked in int64: uint8 would read -1 as 255)
             shown = (own_index if not isinstance(own_index, torch.Tensor) else
                      own_index.tolist() if own_index.numel() <= 16 else tuple(own_index.shape))
             dtype = f" ({own_index.dtype})" if isinstance(own_index, torch.Tensor) else ""
@@ -129,6 +130,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
                              f"{shown!r}{dtype}")
         if bank_embeddings.device != student.device or bank_labels.device != student.device:
             raise ValueError(f"the bank is on {bank_embeddings.device}, the embeddings on {student.device}")
+        own_index = own_index.long()  # rows of any integer dtype, indexed as int64 (int8, uint8: values, not masks)
 
     s_hat, t_hat = normalize_rows(student), normalize_rows(teacher)
 
