@@ -6,9 +6,18 @@ major version differs from torch's (torch's build refuses that mix, so a default
 fall back to the CPU ops with the reason printed, never fail).
 """
 
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+
 import pytest
 
 from helpers import load_setup_module
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +87,37 @@ def test_default_archs_carry_ptx_for_newer_gpus(setup_module):
     archs = setup_module.DEFAULT_CUDA_ARCHS.split(";")
     assert "8.0" in archs and any(a.startswith("9.0") for a in archs)
     assert archs[-1].endswith("+PTX")
+
+
+def test_sdist_holds_every_csrc_file(tmp_path):
+    """A source distribution builds only with csrc's headers in it: setuptools adds the
+    extension's .cpp/.cu sources, not the headers they include (MANIFEST.in does).  Every file
+    git tracks under csrc/ must be in the sdist, built from a copy of the tracked tree."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of tracked files")
+    tracked = listed.stdout.split()
+    tree = tmp_path / "tree"
+    for name in tracked + ["MANIFEST.in"]:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, check=True,
+                   capture_output=True, env={**os.environ, "EKD_BUILD_CUDA": "0"})
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    missing = sorted(name for name in tracked if name.startswith("csrc/") and name not in packed)
+    assert not missing, f"the sdist lacks {missing}"
+
+
+def test_ensure_deps_reads_version_bounds():
+    """make test's installer takes a requirement as met only within its bounds: an older torch
+    or setuptools (say, a system one seen through --system-site-packages) is upgraded."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import ensure_deps
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    assert ensure_deps.is_present("torch>=2.6") and ensure_deps.is_present("torch")
+    assert not ensure_deps.is_present("torch>=99") and not ensure_deps.is_present("setuptools>=999")
+    assert not ensure_deps.is_present("no-such-distribution-ekd")

@@ -33,8 +33,35 @@ def requirements():
 
 
 def is_present(spec: str) -> bool:
+    """Whether `spec` (a requirement line) is met: importable (or, for ninja, on the PATH), and its
+    installed version within the line's bounds (a system torch 2.4 seen through
+    --system-site-packages does not meet torch>=2.6)."""
     name = re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0]
-    return _PRESENT.get(name, lambda: importlib.util.find_spec(name.replace("-", "_")) is not None)()
+    if not _PRESENT.get(name, lambda: importlib.util.find_spec(name.replace("-", "_")) is not None)():
+        return False
+    return _version_allowed(spec, name)
+
+
+def _version_allowed(spec: str, name: str) -> bool:
+    """The installed distribution's version against the bounds of `spec`; True without bounds, for
+    what is present without a distribution (a ninja binary), or without `packaging` to read them."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            return True
+    requirement = Requirement(spec)
+    if not requirement.specifier:
+        return True
+    try:
+        installed = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return True
+    return requirement.specifier.contains(installed, prereleases=True)
 
 
 def _version(distribution: str):
