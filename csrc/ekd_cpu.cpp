@@ -195,12 +195,44 @@ PreparedInputs prepare_inputs_cpu(const at::Tensor& student, const at::Tensor& t
   return p;
 }
 
+// ----------------------------------------------------------------------------- matmuls, any thread count
+//! body(begin, end) over [0, n) in ONE parallel region, also for n = 1 (then on one of the
+//! region's threads).  Why: an ATen matmul on the calling thread, outside a region, runs MKL on
+//! every thread, and MKL's sgemm rounds some shapes differently with its thread count (a 200 x 32
+//! Gram at 1 and 8 threads); inside a region each matmul runs on one thread.  So the op's bits do
+//! not depend on torch.set_num_threads.
+template <typename F>
+void in_one_region(int64_t n, const F& body) {
+  if (n == 1 && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t) {
+      if (begin == 0) body(0, 1);
+    });
+    return;
+  }
+  at::parallel_for(0, n, 1, body);
+}
+
+//! a @ b in blocks of kSimilarityTile rows of a, each a single-threaded matmul (in_one_region):
+//! the same bits for every thread count, and the blocks still share the threads.
+at::Tensor blocked_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  const int64_t blocks = (a.size(0) + kSimilarityTile - 1) / kSimilarityTile;
+  in_one_region(blocks, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t r0 = w * kSimilarityTile, rows = std::min(kSimilarityTile, a.size(0) - r0);
+      at::Tensor part = out.narrow(0, r0, rows);
+      at::mm_out(part, a.narrow(0, r0, rows), b);
+    }
+  });
+  return out;
+}
+
 // ----------------------------------------------------------------------------- stage 2: similarities
 //! The one B x B buffer: buffer[i][j] = a_ij (student) and buffer[j][i] = b_ij (teacher), i < j.
 //!
 //! Square blocks of the upper triangle (and their mirror for the teacher) are the work items of
-//! ONE parallel region; each block is a single-threaded ATen matmul writing straight into the
-//! buffer (a strided view).  A block's result does not depend on the thread count, and one region
+//! ONE parallel region (in_one_region: also for one block, B <= 256); each block is a
+//! single-threaded ATen matmul writing straight into the buffer (a strided view).  A block's result does not depend on the thread count, and one region
 //! instead of one multi-threaded matmul per tile avoids a fork/join per call.
 template <typename T>
 at::Tensor pair_similarities(const at::Tensor& student_hat, const at::Tensor& teacher_hat) {
@@ -211,7 +243,7 @@ at::Tensor pair_similarities(const at::Tensor& student_hat, const at::Tensor& te
   std::vector<std::array<int64_t, 2>> work;  // (row block, column block), column >= row
   for (int64_t bi = 0; bi < blocks; ++bi)
     for (int64_t bj = bi; bj < blocks; ++bj) work.push_back({bi, bj});
-  at::parallel_for(0, int64_t(work.size()), 1, [&](int64_t begin, int64_t end) {
+  in_one_region(int64_t(work.size()), [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t r0 = work[w][0] * kSimilarityTile, c0 = work[w][1] * kSimilarityTile;
       const int64_t rows = std::min(kSimilarityTile, batch - r0), cols = std::min(kSimilarityTile, batch - c0);
@@ -659,8 +691,8 @@ GroupSimilarities group_similarities(const PreparedInputs& prep, const std::arra
   g.rows = prep.order.narrow(0, range[0], range[1] - range[0]);
   g.student_rows = prep.student_hat.index_select(0, g.rows);
   const at::Tensor teacher_rows = prep.teacher_hat.index_select(0, g.rows);
-  g.student = at::mm(g.student_rows, g.student_rows.t()).contiguous();
-  g.teacher = at::mm(teacher_rows, teacher_rows.t()).contiguous();
+  g.student = blocked_mm(g.student_rows, g.student_rows.t());  // (any thread count: blocked_mm)
+  g.teacher = blocked_mm(teacher_rows, teacher_rows.t());
   return g;
 }
 
@@ -749,7 +781,7 @@ at::Tensor large_group_positive_grad(const PreparedInputs& prep, const PairMath<
         }
       }
     });
-    out.index_copy_(0, g.rows, at::mm(coefficients, g.student_rows));
+    out.index_copy_(0, g.rows, blocked_mm(coefficients, g.student_rows));
   }
   return out;
 }

@@ -394,15 +394,20 @@ def _fingerprint(batch, variant, identities=None):
             result.stats.num_critical_pairs]
 
 
-@pytest.mark.parametrize("variant,identities", [({}, None), ({"critical_only": True, "rank_loss": "eq7"}, None),
-                                                ({}, 4)])  # 4 identities: groups of ~75, the matmul path
-def test_deterministic_across_runs_and_thread_counts(variant, identities):
+@pytest.mark.parametrize("batch,variant,identities", [
+    (300, {}, None), (300, {"critical_only": True, "rank_loss": "eq7"}, None),
+    (300, {}, 4),                    # 4 identities: groups of ~75, the matmul path
+    (200, {}, 25), (256, {}, 4)])    # one similarity block (and large groups at 256)
+def test_deterministic_across_runs_and_thread_counts(batch, variant, identities):
+    """Bitwise the same loss, thresholds and gradient at any torch.set_num_threads (README): a
+    matmul outside a parallel region ran MKL on every thread, whose sgemm rounds some shapes
+    (one similarity block at B <= 256, a large group's Gram) differently with the thread count."""
     threads = torch.get_num_threads()
     try:
         runs = []
-        for n in (1, 2, 1, 3):
+        for n in (1, 2, 1, 3, 4, 8):
             torch.set_num_threads(n)
-            runs.append(_fingerprint(300, variant, identities))
+            runs.append(_fingerprint(batch, variant, identities))
     finally:
         torch.set_num_threads(threads)
     for other in runs[1:]:
