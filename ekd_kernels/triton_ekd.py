@@ -146,6 +146,14 @@ INTERPRETER_SMALL_SORT_BLOCK_ROWS = 256
 #: kernels._histogram_rank).  Same buckets and counts either way; True is the scan before the
 #: three levels, kept for the benchmark's A/B (tools/gpu_exercise.py triton:linear-scan).
 SELECT_LINEAR_SCAN = False
+#: coarse_select scans in one level whenever pass 1's histograms have at least this many copies
+#: (B >= 4096, _coarse_copies), the other scans in three.  The fourth GPU run (H200, A/B in one
+#: process, bench/NOTES.md) found the three levels faster where a scan reads one histogram
+#: (fine_select: under 28 us against 41 at B = 1024) but coarse_select over 16 copies 4x slower
+#: (B = 8192: 257 us fp32 / 134 bf16 against 64 / under 52 for its two launches; whole call
+#: 3.70 -> 3.54 ms fp32, 1.83 -> 1.77 bf16 with every scan in one level).  Not yet understood
+#: (the two loops load alike: sm_90a PTX, 16 v4 loads each); same bits either way.
+COARSE_SELECT_LINEAR_MIN_COPIES = 2
 #: Elements per step of the fills, the fixed-order sums of finalize and the entry keys.
 SMALL_BLOCK = 1024
 #: Candidates per program, and per step of the rank count, of hardest_negatives_kernel.
@@ -589,6 +597,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     histogram_dtype = _histogram_dtype(num_pairs)
     words = histogram_dtype.itemsize // 4
     copies = _coarse_copies(batch)
+    coarse_linear_scan = int(SELECT_LINEAR_SCAN or copies >= COARSE_SELECT_LINEAR_MIN_COPIES)
     # candidate_count: [pass 2's candidates] and, with windows, [pass 1's window candidates]
     counters = dict(coarse=(2, copies, NUM_BUCKETS * words), row_greater=(batch,), row_equal=(batch,),
                     candidate_count=(1 + windows,))
@@ -671,7 +680,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
             bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
-            CUTOFF_MODE=mode.value, LINEAR_SCAN=linear_scan)
+            CUTOFF_MODE=mode.value, LINEAR_SCAN=coarse_linear_scan)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
     pass2 = dict(SKIP_EMPTY=PASS2_SKIP_EMPTY_TARGETS, ONE_AGGREGATION=one_aggregation,

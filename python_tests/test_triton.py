@@ -954,9 +954,10 @@ def _every_output(student, teacher, labels, **options):
 
 @pytest.mark.parametrize("path", ["default", "cutoff+copies", "fallback+copies", "windows"])
 def test_linear_scan_bitwise_as_three_levels(monkeypatch, path):
-    """The selection scans in one level (SELECT_LINEAR_SCAN, the A/B's) or three give the same
-    bits of every output, through every kernel that scans a histogram: coarse_select (one
-    histogram, copies, head and fallback), fine_select, cutoff_select and window_select."""
+    """The selection scans in one level (SELECT_LINEAR_SCAN, the A/B's), in three, or as shipped
+    (coarse_select in one level over copies, COARSE_SELECT_LINEAR_MIN_COPIES) give the same bits
+    of every output, through every kernel that scans a histogram: coarse_select (one histogram,
+    copies, head and fallback), fine_select, cutoff_select and window_select."""
     if path != "default":
         monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
     if "copies" in path:
@@ -967,11 +968,41 @@ def test_linear_scan_bitwise_as_three_levels(monkeypatch, path):
         monkeypatch.setattr(triton_ekd, "PASS1_WINDOWS", True)
     student, teacher, labels = make_batch(90, 40, 24, 20, seed=12)
     options = dict(num_hard_negatives=500, compute_critical_ratio=True)
+    shipped = _every_output(student, teacher, labels, **options)
+    monkeypatch.setattr(triton_ekd, "COARSE_SELECT_LINEAR_MIN_COPIES", 2**62)
     three_levels = _every_output(student, teacher, labels, **options)
     monkeypatch.setattr(triton_ekd, "SELECT_LINEAR_SCAN", True)
     linear = _every_output(student, teacher, labels, **options)
-    for index, (a, b) in enumerate(zip(three_levels, linear)):
-        assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs between the scans"
+    for other, name in ((three_levels, "three levels"), (linear, "one level")):
+        for index, (a, b) in enumerate(zip(shipped, other)):
+            assert (a is None and b is None) or torch.equal(a, b), f"output {index} differs with {name}"
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_coarse_select_scans_in_one_level_over_copies(monkeypatch, copies):
+    """As shipped, coarse_select scans in one level exactly when pass 1's histograms have copies
+    (the fourth GPU run's A/B: bench/NOTES.md), and the other scans in three."""
+    if copies:
+        monkeypatch.setattr(triton_ekd, "CUTOFF_MIN_BATCH", 0)
+        monkeypatch.setattr(triton_ekd, "COARSE_TILES_PER_COPY", 1)
+    scans = []
+    launch = triton_ekd._launch
+
+    def recording(kernel, grid):
+        if kernel.__name__.endswith("_select_kernel"):
+            def record(*args, **kwargs):
+                scans.append((kernel.__name__, kwargs["LINEAR_SCAN"]))
+                return launch(kernel, grid)(*args, **kwargs)
+            return record
+        return launch(kernel, grid)
+
+    monkeypatch.setattr(triton_ekd, "_launch", recording)
+    student, teacher, labels = make_batch(90, 40, 24, 20, seed=12)
+    ekd_loss(student, teacher, labels, backend="triton")
+    assert triton_ekd._coarse_copies(90) > 1 if copies else triton_ekd._coarse_copies(90) == 1
+    assert {name for name, _ in scans} >= {"coarse_select_kernel", "fine_select_kernel"}
+    for name, linear in scans:
+        assert linear == int(copies and name == "coarse_select_kernel"), (name, linear)
 
 
 class _CountedLaunches:

@@ -151,6 +151,8 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   boundary_count without an overflow), each taking a block slot.  Bitwise the same outputs.
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
+# - levels-scan: every scan in three levels, coarse_select over copies (B >= 4096) included, as
+#   in the fourth GPU run's default (triton_ekd.COARSE_SELECT_LINEAR_MIN_COPIES); the same bits.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
 #   sort kernel (triton_ekd.SMALL_SORT_MAX = 0); bitwise the same outputs.
 # - no-launch-cache: every launch through Triton's JITFunction.run, as before the launch cache
@@ -167,6 +169,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "block-k64": dict(BLOCK_K=64),
                    "square-grid": dict(TRIANGLE_TILE_GRID=False),
                    "linear-scan": dict(SELECT_LINEAR_SCAN=True),
+                   "levels-scan": dict(COARSE_SELECT_LINEAR_MIN_COPIES=2**62),
                    "torch-sort": dict(SMALL_SORT_MAX=0),
                    "one-copy": dict(CUTOFF_MIN_BATCH=2**62, MAX_COARSE_COPIES=1),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
