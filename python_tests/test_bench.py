@@ -184,6 +184,20 @@ def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
     assert not any("same_as" in row for row in report)
 
 
+def test_gpu_exercise_sanitize_one_dtype_dry_run_on_cpu(monkeypatch, capsys):
+    """The run the lease's memcheck steps watch (tools/gpu_exercise.py sanitize), one dtype a
+    step as the lease splits it: on the CPU, the csrc op's variants at that dtype only, then fast
+    RKD and the metrics.  Its GPU run is the lease's; this keeps the split from breaking there."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+
+    gpu_exercise.sanitize([24], torch.device("cpu"), ["bfloat16"])
+    lines = capsys.readouterr().out.splitlines()
+    variants = [line for line in lines if line.startswith("ok B=24")]
+    assert len(variants) == len(gpu_exercise.VARIANTS) and all("torch.bfloat16 csrc" in line for line in variants)
+    assert lines[-1] == "sanitize run complete"
+
+
 def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
     """Every A/B variant and forced path of the lease (tools/gpu_exercise.py) sets settings that
     triton_ekd has: a misspelt name would otherwise surface only on the GPU machine, as the

@@ -225,11 +225,14 @@ def call(crit, student, teacher, labels, seed):
     return loss.detach(), x.grad, crit.last_stats
 
 
-def sanitize(sizes, device):
+def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
+    """Every fast backend's variants and forced Triton paths at each size and dtype (then fast
+    RKD and the metrics once): the run compute-sanitizer watches.  `dtypes` splits it in parts
+    (memcheck at B = 33 took more than 150 s for both)."""
     fast = [b for b in available_backends(device) if b != "reference"]
     print(f"backends: {fast}", flush=True)
     for size in sizes:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (getattr(torch, name) for name in dtypes):
             student, teacher, labels = batch_of(size, dtype, device, seed=size)
             for backend in fast:
                 for options in VARIANTS:
@@ -646,6 +649,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--backend", default="triton", help="once: the backend (or triton:VARIANT, as --backends)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="once: the dtype")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="sanitize: the dtypes")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="profile: these backends only; triton:VARIANT is an earlier state of the Triton "
                              f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)})")
@@ -654,7 +659,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.what == "sanitize":
-        sanitize(args.sizes, device)
+        sanitize(args.sizes, device, args.dtypes)
         return 0
     if args.what == "large":
         return large(args.sizes, device, args.out)

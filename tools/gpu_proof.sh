@@ -16,6 +16,8 @@
 # (timeout_s 595; about 9 minutes after a 1-2 minute start), then at once, on the still warm
 # machine, the three other sanitizer tools at B = 33 (racecheck alone needs about 150 s); the
 # third, the same call and then EKD_LEASE_ONLY="bench-32768 ncu bench-train" ... lease 200.
+# The fourth, the same call (555 s) and EKD_LEASE_ONLY="bench-loss bench-train memcheck-33" ... lease
+# 265, which spent the 900 s: the A/B steps now come last.
 # EKD_LEASE_ONLY="step names" makes `lease` run only those steps (a follow-up call).
 #
 # Every stage builds first (ninja makes that a no-op when nothing changed). The golden figures
@@ -72,16 +74,14 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # A/B runs of the shipped defaults never timed (the three-level scans, the small sort, the
-    # triangular grid and the launch cache against what they replaced) and of the small-B
-    # variants, the consistency check up to B = 32768, the large-B A/B runs (pass 1's windows,
-    # the tile passes' shape), where a call's time goes (gpu_exercise.py profile) and where its host time goes
-    # (tools/host_cost.py --cuda), the loss benchmark at 1024
-    # and 8192 (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at
-    # B = 33, why op-side refusals crash there when they still do (tools/diagnose_throw.py),
+    # consistency check up to B = 32768, where the eager call's host time goes (tools/host_cost.py
+    # --cuda) and its device time (gpu_exercise.py profile), the loss benchmark at 1024 and 8192
+    # (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at B = 33 (a
+    # dtype a step), why op-side refusals crash there when they still do (tools/diagnose_throw.py),
     # B = 65537 (past int32 pair counts), Nsight Compute on the Triton kernels at B = 8192, the
-    # loss benchmark at 32768, the training step, then memcheck at B = 4096 (the third lease's
-    # call reached the loss benchmark; a follow-up call took the rest). At most 8 files
+    # loss benchmark at 32768, the training step, memcheck at B = 4096, then the A/B steps (the
+    # fourth lease ran its A/B steps first and reached the loss benchmark only in a follow-up
+    # call; the earlier ones ran them in this order). At most 8 files
     # come back (the device tool's limit), and this stage writes exactly 8 to $OUT (summary.txt,
     # pytest.log, profile.json, loss.jsonl, consistency.json, ncu.log, train.jsonl and, after a
     # crash, diagnose.log): anything more goes to $T. The build's log goes to the summary when it fails.
@@ -107,12 +107,14 @@ case "$stage" in
       $PY -c 'import ekd_kernels.backends as b, torch; print("backends on cuda:", b.available_backends(torch.device("cuda")))'
     } >> "$OUT/summary.txt" 2>&1
     bench_lines() { grep "^|\|ratios\|^  " "$1" >> "$OUT/summary.txt"; }  # a benchmark log's tables and rows
-    memcheck() {  # memcheck B MAX_SECONDS: compute-sanitizer memcheck over gpu_exercise's sanitize run, verdict to the summary
-      step memcheck-$1 "$2" compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-        --sizes "$1" > "$T/memcheck_$1.log" 2>&1
-      [[ -s "$T/memcheck_$1.log" ]] || return 0  # not selected, or skipped
-      { echo "memcheck B=$1:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" "$T/memcheck_$1.log" | head -12
-        tail -2 "$T/memcheck_$1.log"; } >> "$OUT/summary.txt"
+    memcheck() {  # memcheck B DTYPE MAX_SECONDS: compute-sanitizer memcheck over gpu_exercise's sanitize run
+      # at one dtype (step memcheck-B-DTYPE; both dtypes at B = 33 took more than 150 s), verdict to the summary
+      local log="$T/memcheck_$1_$2.log"
+      step memcheck-$1-$2 "$3" compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
+        --sizes "$1" --dtypes "$2" > "$log" 2>&1
+      [[ -s "$log" ]] || return 0  # not selected, or skipped
+      { echo "memcheck B=$1 $2:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" "$log" | head -12
+        tail -2 "$log"; } >> "$OUT/summary.txt"
     }
     # pytest-xdist when present (the GPU image has it): a crashing case then costs one worker, not the run
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
@@ -124,7 +126,7 @@ case "$stage" in
     # lease ran test_triton.py's large-B variants in a step of their own, without xdist: the
     # step's limit cut it before pytest printed why 22 of them failed.)
     gpu_cases="cuda or test_triton or test_large_batch or graph_method"
-    step pytest-cuda 200 $PY -m pytest python_tests -q -rfEs --tb=short -k "$gpu_cases" $xdist -p no:cacheprovider \
+    step pytest-cuda 250 $PY -m pytest python_tests -q -rfEs --tb=short -k "$gpu_cases" $xdist -p no:cacheprovider \
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
@@ -142,28 +144,10 @@ case "$stage" in
       { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
-    # First the shipped defaults never timed on a GPU, each against what it replaced (the same
-    # bits): the selection scans in three levels (linear-scan), the label and entry sorts as one
-    # kernel (torch-sort), the tile passes' triangular grid (square-grid), the launch cache
-    # (no-launch-cache: host time); with them, at small B,
-    # where each tile kernel is one wave of few programs, 32 x 32 tiles, 4 K-loop stages and
-    # feature chunks of 64 (gpu_exercise TRITON_VARIANTS).
-    ab since-ab 90 "1024 8192" triton:linear-scan triton:torch-sort triton:square-grid
-    ab tile-ab 90 "256 1024" triton:tile32 triton:no-launch-cache triton:stages4 triton:block-k64
-    # The fast backends against the reference and each other up to B = 32768 (the defaults
-    # changed since the third lease's run): before the exploratory A/B steps
+    # The fast backends against the reference and each other up to B = 32768
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
-    # Then at large B: the windows (a fp32 win at 8192, none in bf16) at 4096 and 32768 too, where
-    # their buffers grow with the pairs, against the defaults and the pass 2 and launch settings
-    # before them; and the tile passes' shape: 128 x 128 tiles at 8 warps (half the L2 bytes a
-    # FLOP of 64 x 64; one program an SM at 255 registers), 4 stages, chunks of 64.
-    ab triton-ab 150 "4096 8192 32768" triton:windows triton:per-target triton:no-launch-options
-    ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
-    step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
-      > $T/profile.log 2>&1
-    grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
     # without the launch cache, launchers replaced by a no-op (the C launcher and driver calls
@@ -172,6 +156,9 @@ case "$stage" in
     step host 75 bash -c "$PY tools/host_cost.py 64 --cuda && $PY tools/host_cost.py 1024 --cuda \
       && $PY tools/host_cost.py 64 --repeats 100" > $T/host.log 2>&1
     [[ -s $T/host.log ]] && { echo "host:"; grep -v "^$" $T/host.log | tail -40; } >> "$OUT/summary.txt"
+    step profile 90 $PY tools/gpu_exercise.py profile --sizes 64 1024 8192 --out "$OUT/profile.json" \
+      > $T/profile.log 2>&1
+    grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc \
       ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
@@ -181,11 +168,12 @@ case "$stage" in
     step bench-compile 75 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/triton ekd/triton+graph \
       ekd/triton+compile ekd/csrc+compile --out "$OUT/loss.jsonl" > $T/bench_compile.log 2>&1
     bench_lines $T/bench_compile.log
-    # (the defaults' figures first: a call's first ~9 minutes rarely reach past here, and may stop
-    # before; a follow-up call on the warm machine, EKD_LEASE_ONLY="<the steps the summary lists
-    # as skipped> memcheck-33 large ncu bench-32768 bench-train", takes the rest)
-    # memcheck at a small B (every kernel of both fast backends, every variant): its verdict to the summary
-    memcheck 33 150  # (90 s cut the third lease's run before its last forced paths)
+    # (a call's first ~9 minutes rarely reach past here, and may stop before; a follow-up call on
+    # the warm machine, EKD_LEASE_ONLY="<the steps the summary lists as skipped>", takes the rest)
+    # memcheck at a small B (every kernel of both fast backends, every variant), a dtype a step
+    # (both in one step took more than the fourth lease's 150 s): verdicts to the summary
+    memcheck 33 float32 120
+    memcheck 33 bfloat16 120
     # only when a worker died: why the op's refusals crash there (the suite's log says which)
     if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
@@ -204,10 +192,20 @@ case "$stage" in
     step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc floor \
       --out "$OUT/loss.jsonl" > $T/bench_large.log 2>&1
     bench_lines $T/bench_large.log
-    step bench-train 90 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
+    step bench-train 150 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
     bench_lines $T/bench_train.log
     # (the CPU cases are CI's: the GPU machine's time goes to what only it can run)
-    memcheck 4096 120
+    memcheck 4096 float32 120
+    memcheck 4096 bfloat16 120
+    # Last, the A/B steps (the fourth lease ran since-ab, tile-ab and triton-ab: bench/NOTES.md):
+    # coarse_select in one level over copies (the default since) against three levels, the
+    # fourth run's default; 32 x 32 tiles up to 2048, between the sizes where they won (256,
+    # 1024) and the cutoff's (4096); the tile passes' shape at large B: 128 x 128 tiles at 8
+    # warps (half the L2 bytes a FLOP of 64 x 64; one program an SM at 255 registers), 4 stages,
+    # chunks of 64 (cut after 25 s in the fourth lease).
+    ab scan-ab 120 "4096 8192 32768" triton:levels-scan
+    ab tile-ab 90 "512 1024 2048" triton:tile32
+    ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
