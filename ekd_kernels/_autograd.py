@@ -40,10 +40,10 @@ def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # (no graph asked for: the usual backward, no no_grad region to enter)
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
-                return outputs
             tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
             if not tensors:
                 return outputs
@@ -80,7 +80,10 @@ def eager_call(*tensors) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._are_functorch_transforms_active()):
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    for t in tensors:  # (a loop, not all() over a generator: this runs on every call)
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return True
 
 
 def functorch_call() -> bool:

@@ -127,25 +127,28 @@ class EKDLoss(nn.Module):
         training mode."""
         # (its backward keeps no B x B activations: nothing to gain from checkpointing it)
         refuse_stateful_recomputation(self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds")
+        # (each buffer read once: a buffer's attribute lookup goes through nn.Module.__getattr__)
+        student_thresholds, teacher_thresholds = self.student_thresholds, self.teacher_thresholds
+        training = self.training
         # (sharded: the same check runs inside the ranks' agreement exchange, so every rank raises)
         if self.process_group is _NOT_SHARDED and isinstance(student, torch.Tensor) \
-                and self.student_thresholds.device != student.device:
+                and student_thresholds.device != student.device:
             raise ValueError(
-                f"the EKDLoss thresholds are on {self.student_thresholds.device} but the embeddings are on "
+                f"the EKDLoss thresholds are on {student_thresholds.device} but the embeddings are on "
                 f"{student.device}: move the loss module with .to(device)")
         if self.process_group is not _NOT_SHARDED:
             from .distributed import ekd_sharded_checked
-            result = ekd_sharded_checked(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
-                                         self.config, update_thresholds=self.training,
+            result = ekd_sharded_checked(student, teacher, labels, student_thresholds, teacher_thresholds,
+                                         self.config, update_thresholds=training,
                                          generator=generator or self.generator, group=self.process_group)
         else:
-            result = ekd_loss(student, teacher, labels, self.student_thresholds, self.teacher_thresholds,
-                              update_thresholds=self.training, generator=generator or self.generator,
+            result = ekd_loss(student, teacher, labels, student_thresholds, teacher_thresholds,
+                              update_thresholds=training, generator=generator or self.generator,
                               backend=self.backend, config=self.config)
-        if self.training:
+        if training:
             with torch.no_grad():
-                self.student_thresholds.copy_(result.student_thresholds)
-                self.teacher_thresholds.copy_(result.teacher_thresholds)
+                student_thresholds.copy_(result.student_thresholds)
+                teacher_thresholds.copy_(result.teacher_thresholds)
         self.last_stats = result.stats
         return result.loss
 

@@ -37,18 +37,18 @@ class EKDStats:
         """From the packed outputs of a fused op: counts = (positive, negative, selected negative,
         critical selected[, critical among all pairs]) and terms = (positive, negative);
         `critical_ratio` is given when the op counted critical pairs among all pairs."""
-        stats = cls(batch_student_thresholds=batch_student_thresholds, batch_teacher_thresholds=batch_teacher_thresholds,
-                    student_thresholds=student_thresholds, teacher_thresholds=teacher_thresholds,
-                    num_positive_pairs=counts[0], num_negative_pairs=counts[1], num_selected_negatives=counts[2],
-                    num_critical_selected=counts[3], positive_term=terms[0], negative_term=terms[1])
-        if critical_ratio is not None:
-            stats.num_critical_pairs = counts[4]
-            stats.critical_ratio = critical_ratio
-        return stats
+        # (positional, in the fields' order: this runs on every call of a fused backend, whose
+        # host time bounds a small batch)
+        if critical_ratio is None:
+            return cls(batch_student_thresholds, batch_teacher_thresholds, student_thresholds, teacher_thresholds,
+                       counts[0], counts[1], counts[2], counts[3], terms[0], terms[1])
+        return cls(batch_student_thresholds, batch_teacher_thresholds, student_thresholds, teacher_thresholds,
+                   counts[0], counts[1], counts[2], counts[3], terms[0], terms[1], counts[4], critical_ratio)
 
     def detach(self) -> "EKDStats":
-        return EKDStats(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).detach())
-                           for f in dataclasses.fields(self)})
+        # (the field names looked up once, not through dataclasses.fields on every call)
+        values = [getattr(self, name) for name in _FIELD_NAMES]
+        return EKDStats(*[None if value is None else value.detach() for value in values])
 
     def as_dict(self) -> dict:
         """Plain Python numbers and lists (synchronises with the device): handy for loggers."""
@@ -57,6 +57,10 @@ class EKDStats:
             v = getattr(self, f.name)
             out[f.name] = None if v is None else v.tolist()
         return out
+
+
+#: EKDStats's field names, in order (its positional arguments).
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(EKDStats))
 
 
 class EKDResult(NamedTuple):
