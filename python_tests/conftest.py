@@ -110,6 +110,35 @@ from ekd_kernels.backends import resolve_backend
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _apply_triton_variant(name: str) -> dict:
+    """EKD_TEST_TRITON_VARIANT=NAME: the whole run under one of the GPU lease's A/B variants
+    (tools/gpu_exercise.py TRITON_VARIANTS, e.g. tile32): its triton_ekd settings set for the
+    session, so that a candidate default runs every test before it ships (tests that set a
+    setting themselves still do, and restore the variant's)."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from gpu_exercise import TRITON_VARIANTS
+
+    from ekd_kernels import triton_ekd
+
+    if name not in TRITON_VARIANTS:
+        raise pytest.UsageError(f"EKD_TEST_TRITON_VARIANT={name}: not one of {', '.join(TRITON_VARIANTS)}")
+    for setting, value in TRITON_VARIANTS[name].items():
+        setattr(triton_ekd, setting, value)
+    return TRITON_VARIANTS[name]
+
+
+_TRITON_VARIANT = os.environ.get("EKD_TEST_TRITON_VARIANT")
+_TRITON_VARIANT_SETTINGS = _apply_triton_variant(_TRITON_VARIANT) if _TRITON_VARIANT else None
+
+
+def pytest_report_header(config):
+    if _TRITON_VARIANT:
+        return f"EKD_TEST_TRITON_VARIANT={_TRITON_VARIANT}: triton_ekd settings {sorted(_TRITON_VARIANT_SETTINGS)}"
+    return None
+
+
 def find_golden_dir() -> pathlib.Path:
     """../shared/golden relative to the repository root (the checkout sits beside shared/); a
     copy in ./shared/golden (what travels to a remote GPU machine) or $EKD_GOLDEN_DIR also do."""

@@ -452,7 +452,10 @@ def test_launch_options_leave_out_maxnreg_on_rocm(monkeypatch):
 def test_pass2_modes_keep_the_histograms(monkeypatch, scratch_views):
     """No mode changes a bin: every target's fine histogram (both models; the teacher has no
     top-N slot) is the same in all of them, on a batch where targets share a bucket (FPRs 1e-5
-    and 1e-6 both rank 0 among its ~10^4 negatives), which one aggregation adds once."""
+    and 1e-6 both rank 0 among its ~10^4 negatives), which one aggregation adds once.  On 64 x
+    64 tiles whatever the run's variant (EKD_TEST_TRITON_VARIANT): the batch is one whose tiles
+    fall on both sides of the direct modes' limit at that size."""
+    monkeypatch.setattr(triton_ekd, "TILE", 64)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=26)
     histograms = {}
     for mode, (_, one_aggregation, _) in PASS2_MODES.items():
@@ -665,10 +668,11 @@ def test_pass1_windows_one_bucket_wide(monkeypatch, scratch_views):
     of its own rank (no margin), and with distinct labels (L = all pairs) the top-N window reaches
     rank N.
     Pass 1 must keep the keys of a window's both edges (a window [lo, hi] taken as [lo, hi)
-    would hold nothing here) for the reference's results."""
+    would hold nothing here) for the reference's results.  (B = 60 <= TILE = 64, whatever the
+    run's variant.)"""
     from ekd_kernels._triton import kernels
 
-    for name, value in (("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_RELATIVE", 0.0),
+    for name, value in (("TILE", 64), ("CUTOFF_MIN_BATCH", 0), ("PASS1_WINDOWS", True), ("WINDOW_Z", 0.0), ("WINDOW_RELATIVE", 0.0),
                         ("WINDOW_SLACK", 0.0)):
         monkeypatch.setattr(triton_ekd, name, value)
     student, teacher, _ = make_batch(60, 20, 12, 60, seed=27)
@@ -881,11 +885,12 @@ def test_tile_grid_numbers_the_squares_working_programs_in_order(monkeypatch):
         triangle_probe.triangle_block_kernel[(-(-count // 1024),)](p, out, count, BLOCK=1024)
         square = [(m, n) for n in range(tiles) for m in range(tiles) if m <= n]
         assert [tuple(pair) for pair in out.view(-1, 2).cpu().tolist()] == square
+    tiles = triton_ekd._num_tiles(1000)  # (16 on 64 x 64 tiles)
     monkeypatch.setattr(triton_ekd, "_ON_HIP", True)  # ROCm: the square grid (HIP's grid x block limit)
-    assert triton_ekd._tile_grid(1000) == (16, 16)
+    assert triton_ekd._tile_grid(1000) == (tiles, tiles)
     monkeypatch.setattr(triton_ekd, "_ON_HIP", False)
     monkeypatch.setattr(triton_ekd, "TRIANGLE_TILE_GRID", False)
-    assert triton_ekd._tile_grid(1000) == (16, 16)
+    assert triton_ekd._tile_grid(1000) == (tiles, tiles)
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,12 @@ case "$stage" in
     # chunks of 64 (cut after 25 s in the fourth lease).
     ab scan-ab 120 "4096 8192 32768" triton:levels-scan
     ab tile-ab 90 "512 1024 2048" triton:tile32
+    # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
+    # them set for the whole run (python_tests/conftest.py's EKD_TEST_TRITON_VARIANT)
+    step pytest-tile32 150 env EKD_TEST_TRITON_VARIANT=tile32 $PY -m pytest python_tests -q -rfE --tb=short \
+      -k "test_triton or (cuda and triton)" $xdist -p no:cacheprovider > $T/pytest_tile32.log 2>&1
+    [[ -s $T/pytest_tile32.log ]] && { echo "pytest-tile32:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+      $T/pytest_tile32.log | tail -20; } >> "$OUT/summary.txt"
     ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
