@@ -2,6 +2,7 @@
 assertions: performance is measured by `make bench`, not tested."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -196,6 +197,22 @@ def test_gpu_exercise_sanitize_one_dtype_dry_run_on_cpu(monkeypatch, capsys):
     variants = [line for line in lines if line.startswith("ok B=24")]
     assert len(variants) == len(gpu_exercise.VARIANTS) and all("torch.bfloat16 csrc" in line for line in variants)
     assert lines[-1] == "sanitize run complete"
+
+
+@pytest.mark.parametrize("variant", ["tile32", "no-such-variant"])
+def test_suite_runs_under_a_variant(variant):
+    """EKD_TEST_TRITON_VARIANT (python_tests/conftest.py) sets a lease variant's settings for the
+    whole run and says so in pytest's header; an unknown name stops the run, naming the
+    variants."""
+    env = dict(os.environ, EKD_TEST_TRITON_VARIANT=variant)
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider",
+                           str(REPO_ROOT / "python_tests" / "test_host_overhead.py")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if variant == "tile32":
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "EKD_TEST_TRITON_VARIANT=tile32: triton_ekd settings ['TILE']" in done.stdout, done.stdout
+    else:
+        assert done.returncode != 0 and "not one of no-launch-cache" in done.stdout + done.stderr, done.stdout
 
 
 def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
