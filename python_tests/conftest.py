@@ -118,14 +118,11 @@ def _apply_triton_variant(name: str) -> dict:
     import sys
 
     sys.path.insert(0, str(REPO_ROOT / "tools"))
-    from gpu_exercise import TRITON_VARIANTS
-
-    from ekd_kernels import triton_ekd
+    from gpu_exercise import TRITON_VARIANTS, triton_settings
 
     if name not in TRITON_VARIANTS:
         raise pytest.UsageError(f"EKD_TEST_TRITON_VARIANT={name}: not one of {', '.join(TRITON_VARIANTS)}")
-    for setting, value in TRITON_VARIANTS[name].items():
-        setattr(triton_ekd, setting, value)
+    triton_settings(**TRITON_VARIANTS[name]).__enter__()  # (for the session: never left)
     return TRITON_VARIANTS[name]
 
 
