@@ -21,7 +21,7 @@ BACKEND_NAMES = ("reference", "triton", "csrc")
 _AUTO_ORDER = {
     "cuda": ("triton", "csrc", "reference"),
     "cpu": ("csrc", "reference"),
-    "meta": ("csrc", "reference"),
+    "meta": ("csrc",),  # (the reference refuses meta tensors: resolve_backend)
 }
 #: Backends that compute in fp32 and refuse float64 embeddings: "auto" passes over them for
 #: fp64 inputs (gradcheck), which the others compute in fp64.
@@ -113,7 +113,8 @@ def check_backend_name(name: str) -> None:
 
 
 def available_backends(device) -> tuple:
-    """Names of the backends that can run on `device`, fastest first."""
+    """Names of the backends that can run on `device`, fastest first (on meta tensors the
+    compiled op's fake implementation only: the reference backend refuses them)."""
     device = torch.device(device)
     order = _AUTO_ORDER.get(device.type, ("reference",))
     return tuple(n for n in order if _REGISTRY[n].unavailable_reason(device) is None)
@@ -129,7 +130,8 @@ def resolve_backend(name: str, device, dtypes=()) -> Backend:
         names = available_backends(device)
         if torch.float64 in tuple(dtypes):
             names = tuple(n for n in names if n not in _NO_FLOAT64)
-        name = names[0]  # the reference is always available
+        # (the reference is available on every device but meta, where it raises below why)
+        name = names[0] if names else "reference"
         backend = _REGISTRY[name]
     else:
         backend = _REGISTRY[name]

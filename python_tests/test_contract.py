@@ -800,6 +800,18 @@ def test_unavailable_backend_says_why(monkeypatch):
     assert "csrc" not in backends_module.available_backends("cpu")
 
 
+def test_meta_tensors_list_no_reference(monkeypatch):
+    """available_backends lists for meta tensors only what runs on them (the csrc op's fake
+    implementation, when built): the reference refuses them.  Without the compiled op "auto"
+    there gives the reference's ValueError, which says why."""
+    assert "reference" not in backends_module.available_backends("meta")
+    broken = backends_module.Backend("csrc", None, lambda device: "the extension was not built (test)")
+    monkeypatch.setitem(backends_module._REGISTRY, "csrc", broken)
+    assert backends_module.available_backends("meta") == ()
+    with pytest.raises(ValueError, match="meta tensors hold no values"):
+        backends_module.resolve_backend("auto", "meta", (torch.float32, torch.float32))
+
+
 def test_auto_passes_over_backends_without_float64(monkeypatch):
     """The Triton kernels compute in fp32 and refuse fp64: "auto" (Triton first on CUDA) takes the
     next backend for fp64 inputs (gradcheck) instead of raising."""
