@@ -46,9 +46,11 @@ class EKDStats:
                    counts[0], counts[1], counts[2], counts[3], terms[0], terms[1], counts[4], critical_ratio)
 
     def detach(self) -> "EKDStats":
-        # (the field names looked up once, not through dataclasses.fields on every call)
-        values = [getattr(self, name) for name in _FIELD_NAMES]
-        return EKDStats(*[None if value is None else value.detach() for value in values])
+        # (the field names looked up once, not through dataclasses.fields on every call; a
+        # subclass's own, with its type)
+        names = _FIELD_NAMES if type(self) is EKDStats else [f.name for f in dataclasses.fields(self)]
+        values = [getattr(self, name) for name in names]
+        return type(self)(*[None if value is None else value.detach() for value in values])
 
     def as_dict(self) -> dict:
         """Plain Python numbers and lists (synchronises with the device): handy for loggers."""

@@ -147,7 +147,7 @@ INTERPRETER_SMALL_SORT_BLOCK_ROWS = 256
 #: three levels, kept for the benchmark's A/B (tools/gpu_exercise.py triton:linear-scan).
 SELECT_LINEAR_SCAN = False
 #: coarse_select scans in one level whenever pass 1's histograms have at least this many copies
-#: (B >= 4096, _coarse_copies), the other scans in three.  The fourth GPU run (H200, A/B in one
+#: (from B = 2817: _coarse_copies), the other scans in three.  The fourth GPU run (H200, A/B in one
 #: process, bench/NOTES.md) found the three levels faster where a scan reads one histogram
 #: (fine_select: under 28 us against 41 at B = 1024) but coarse_select over 16 copies 4x slower
 #: (B = 8192: 257 us fp32 / 134 bf16 against 64 / under 52 for its two launches; whole call

@@ -133,3 +133,17 @@ def test_eager_call_only_for_plain_tensors():
         pass
 
     assert not eager_call(None, plain.as_subclass(Subclass))
+
+
+def test_detach_keeps_a_subclass_and_its_fields():
+    """detach on a dataclass subclass of EKDStats returns that subclass with every field, its own
+    included (the precomputed names are EKDStats's alone)."""
+
+    @dataclasses.dataclass
+    class Tagged(EKDStats):
+        extra: torch.Tensor = None
+
+    values = [t.requires_grad_(True) * 1 for t in _distinct(len(_FIELD_NAMES) + 1)]
+    tagged = Tagged(*values)
+    out = tagged.detach()
+    assert type(out) is Tagged and not out.extra.requires_grad and float(out.extra) == float(values[-1].detach())

@@ -151,7 +151,7 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   boundary_count without an overflow), each taking a block slot.  Bitwise the same outputs.
 # - linear-scan: the selection scans in one level (a 4096-wide running sum a step), as before the
 #   three-level scan (triton_ekd.SELECT_LINEAR_SCAN); bitwise the same outputs.
-# - levels-scan: every scan in three levels, coarse_select over copies (B >= 4096) included, as
+# - levels-scan: every scan in three levels, coarse_select over copies (from B = 2817) included, as
 #   in the fourth GPU run's default (triton_ekd.COARSE_SELECT_LINEAR_MIN_COPIES); the same bits.
 # - torch-sort: the label sort and the backward's entry sort by torch.sort, as before the small
 #   sort kernel (triton_ekd.SMALL_SORT_MAX = 0); bitwise the same outputs.

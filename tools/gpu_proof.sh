@@ -203,7 +203,7 @@ case "$stage" in
     # 1024) and the cutoff's (4096); the tile passes' shape at large B: 128 x 128 tiles at 8
     # warps (half the L2 bytes a FLOP of 64 x 64; one program an SM at 255 registers), 4 stages,
     # chunks of 64 (cut after 25 s in the fourth lease).
-    ab scan-ab 120 "4096 8192 32768" triton:levels-scan
+    ab scan-ab 120 "3072 4096 8192 32768" triton:levels-scan
     ab tile-ab 90 "512 1024 2048" triton:tile32
     # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
     # them set for the whole run (python_tests/conftest.py's EKD_TEST_TRITON_VARIANT)
