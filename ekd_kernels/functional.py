@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional
 
@@ -17,24 +16,6 @@ from .validation import check_embeddings_and_labels, check_flag, check_generator
 
 #: The option keywords ekd_loss takes: the fields of EKDConfig.
 _OPTION_NAMES = tuple(field.name for field in dataclasses.fields(EKDConfig))
-
-
-#: What _autocast_off returns where autocast is already off: entering it costs nothing.
-_NO_CONTEXT = contextlib.nullcontext()
-
-
-def _autocast_off(device: torch.device):
-    """``reference.autocast_off(device)``, skipped (a no-op context) in plain eager mode where
-    autocast is already off on the device's type: entering torch.autocast(enabled=False) costs
-    a few microseconds of host time on every call and would change nothing there (the same
-    enabled flag, dtype and cache flag; only its nesting count, read by no op the backends
-    run, and the clearing of autocast's cast cache on leaving it at nesting 0, a cache that
-    holds nothing outside an autocast region).  Under torch.compile, and under torch function
-    modes (torch.export's pre-dispatch tracing records the region), it is entered as before."""
-    if (not torch.compiler.is_compiling() and device.type in ("cpu", "cuda")
-            and not torch.is_autocast_enabled(device.type) and not torch._C._is_torch_function_mode_enabled()):
-        return _NO_CONTEXT
-    return autocast_off(device)
 
 
 def initial_thresholds(config: EKDConfig, device=None) -> torch.Tensor:
@@ -82,6 +63,6 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
         teacher_thresholds = initial_thresholds(config, student.device)
     check_thresholds(student_thresholds, teacher_thresholds, config.num_thresholds, student.device)
     impl = resolve_backend(backend, student.device, (student.dtype, teacher.dtype))
-    with _autocast_off(student.device):
+    with autocast_off(student.device):
         return impl(student, teacher, labels, student_thresholds, teacher_thresholds, config,
                     update_thresholds=update_thresholds, generator=generator)

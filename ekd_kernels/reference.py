@@ -38,11 +38,26 @@ def autocast_off(device: torch.device):
     Training steps call the loss inside autocast; there its products would run in bf16/fp16 and
     tau = 0.01 would turn that rounding into wrong thresholds (SPEC: low precision is read, then
     computed in fp32), and a compiled op's internal ATen calls would hand back bf16 where its
-    kernel reads fp32. The loss's entry points (``ekd_loss``, ``distributed.ekd_sharded_checked``) run in it."""
+    kernel reads fp32. The loss's entry points (``ekd_loss``, ``distributed.ekd_sharded_checked``) run in it.
+
+    In plain eager mode where autocast is already off on the device's type, no region is entered
+    (a shared no-op context): entering torch.autocast(enabled=False) costs a few microseconds of
+    host time on every call and would change nothing there (the same enabled flag, dtype and
+    cache flag; only its nesting count, read by no op the losses run, and the clearing of
+    autocast's cast cache on leaving it at nesting 0, a cache that holds nothing outside an
+    autocast region).  Under torch.compile, and under torch function modes (torch.export's
+    pre-dispatch tracing records the region), it is entered."""
     # A fixed list, not torch.amp.is_autocast_available: torch 2.6's dynamo cannot trace that call.
-    if device.type in ("cpu", "cuda"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    if device.type not in ("cpu", "cuda"):
+        return _NO_REGION
+    if (not torch.compiler.is_compiling() and not torch.is_autocast_enabled(device.type)
+            and not torch._C._is_torch_function_mode_enabled()):
+        return _NO_REGION
+    return torch.autocast(device.type, enabled=False)
+
+
+#: What autocast_off returns where there is nothing to turn off: entering it costs nothing.
+_NO_REGION = contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- stage 1: normalise

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ekd_kernels import EKDStats, functional
+from ekd_kernels import EKDStats, functional, reference
 from ekd_kernels._autograd import eager_call, first_order_only, keep_anchors
 from ekd_kernels.result import _FIELD_NAMES
 
@@ -60,18 +60,18 @@ def test_detach_keeps_every_field(with_ratio):
 
 def test_autocast_region_skipped_only_where_autocast_is_off():
     cpu = torch.device("cpu")
-    assert isinstance(functional._autocast_off(cpu), type(functional._NO_CONTEXT))
+    assert isinstance(reference.autocast_off(cpu), type(reference._NO_REGION))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert isinstance(functional._autocast_off(cpu), torch.autocast)  # (entered: turns it off)
+        assert isinstance(reference.autocast_off(cpu), torch.autocast)  # (entered: turns it off)
     meta = torch.device("meta")
-    assert isinstance(functional._autocast_off(meta), type(functional._NO_CONTEXT))  # (as reference.autocast_off)
+    assert isinstance(reference.autocast_off(meta), type(reference._NO_REGION))  # (as reference.autocast_off)
 
     class Passthrough(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with Passthrough():  # (torch.export's pre-dispatch tracing records the region: entered)
-        assert isinstance(functional._autocast_off(cpu), torch.autocast)
+        assert isinstance(reference.autocast_off(cpu), torch.autocast)
 
 
 def test_ekd_loss_under_autocast_turns_it_off():
