@@ -48,9 +48,14 @@ class EKDStats:
     def detach(self) -> "EKDStats":
         # (the field names looked up once, not through dataclasses.fields on every call; a
         # subclass's own, with its type)
-        names = _FIELD_NAMES if type(self) is EKDStats else [f.name for f in dataclasses.fields(self)]
+        # (EKDStats named, not type(self) called: torch 2.6's dynamo cannot trace the latter under
+        # fullgraph)
+        if type(self) is EKDStats:
+            cls, names = EKDStats, _FIELD_NAMES
+        else:
+            cls, names = type(self), [f.name for f in dataclasses.fields(self)]
         values = [getattr(self, name) for name in names]
-        return type(self)(*[None if value is None else value.detach() for value in values])
+        return cls(*[None if value is None else value.detach() for value in values])
 
     def as_dict(self) -> dict:
         """Plain Python numbers and lists (synchronises with the device): handy for loggers."""
