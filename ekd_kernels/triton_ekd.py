@@ -104,7 +104,7 @@ from ._triton.launch import launches  # noqa: E402  (needs no triton: off withou
 
 #: Pair tile edge of every tile pass (equal rows and columns: pass 4 walks the same tiles as
 #: passes 1-3, so a pair's similarity has the same bits in all of them).  It is also the row
-#: block of normalise_kernel and of the positive kernels.
+#: block of the positive kernels.
 TILE = 64
 #: The tile passes' grid: one program per upper-triangle tile (kernels._tile_program); off, the
 #: square grid of before, whose lower triangle's programs return at once (an A/B variant:
@@ -113,11 +113,27 @@ TRIANGLE_TILE_GRID = True
 #: Feature chunk of the dots (GPU; the interpreter takes larger chunks: fewer, bigger numpy ops).
 BLOCK_K = 32
 INTERPRETER_BLOCK_K = 128
+#: Rows and feature chunk a program of normalise_kernel gathers (the interpreter's too: a few
+#: cheap programs).  Why not TILE rows: at small B the pass was a few programs each copying 64
+#: rows in 16 dependent steps (28 us at B = 256 and 1024 on the H200, for 1-4 MB), where the
+#: tile passes' row blocks need not be its own.  TILE and the tiles' chunk (NORMALISE_BLOCK_ROWS =
+#: 64, NORMALISE_BLOCK_K = 32) are the pass of before, for the benchmark's A/B
+#: (tools/gpu_exercise.py triton:normalise-tile-rows).  Unmeasured on a GPU when made the default
+#: (2026-11-27, seventeenth session).
+NORMALISE_BLOCK_ROWS = 16
+NORMALISE_BLOCK_K = 128
 #: Feature chunk of the positive backward's g @ s_hat update.
 BLOCK_D = 64
 #: Pairs per program of the selected-pairs part of rank_loss_kernel (a multiple of TILE: the
 #: pairs' similarities are taken TILE at a time from similarity tiles, kernels._pair_similarities).
 BLOCK_PAIRS = 64
+#: Programs positive_backward_kernel aims for when its row blocks are fewer (about an H100's or
+#: H200's SMs): each row block's feature chunks are split over programs (_positive_splits), which
+#: all recompute the block's similarity tiles; at B = 1024, 16 row blocks x 8 splits instead of
+#: 16 programs walking 8 chunks each.  The same gradient bits for any split; 0 is the one program
+#: a row block of before (the benchmark's A/B: tools/gpu_exercise.py triton:one-split).  Unmeasured
+#: on a GPU when made the default (2026-11-27, seventeenth session).
+POSITIVE_BACKWARD_PROGRAMS = 128
 #: Rows per program of the backward's per-row kernel, and its widest feature chunk: a block of
 #: 16 x 512 fp32 stays in registers on an H100 (sm_90 compile: no spills); wider students are
 #: taken in chunks of this size.
@@ -167,6 +183,10 @@ INTERPRETER_BACKWARD_BLOCK_ROWS = 128
 INTERPRETER_SCAN_BLOCK = 65536
 INTERPRETER_CANDIDATE_BLOCK = 1024
 INTERPRETER_CANDIDATE_CHUNK = 1024
+#: Under the interpreter a split's programs each recompute their row block's tiles, numpy work
+#: that the GPU does in parallel: one program a row block there (the same bits; the splits' own
+#: test sets it).
+INTERPRETER_POSITIVE_BACKWARD_PROGRAMS = 0
 #: fp32 dots need fp32 accuracy (tau = 0.01 amplifies errors 100-fold): three-pass TF32 runs on
 #: tensor cores; "ieee" is the slower exact fallback.  Plain "tf32" is not accurate enough.
 FP32_DOT_PRECISION = os.environ.get("EKD_TRITON_FP32_PRECISION", "tf32x3")
@@ -314,6 +334,13 @@ def _block_pairs() -> int:
 
 def _backward_block_rows() -> int:
     return INTERPRETER_BACKWARD_BLOCK_ROWS if _kernels_interpreted() else BACKWARD_BLOCK_ROWS
+
+
+def _positive_splits(batch: int, dim_s: int) -> int:
+    """Feature splits of positive_backward_kernel's row blocks: enough to give it about
+    POSITIVE_BACKWARD_PROGRAMS programs, at most one per BLOCK_D chunk of the student's row."""
+    programs = INTERPRETER_POSITIVE_BACKWARD_PROGRAMS if _kernels_interpreted() else POSITIVE_BACKWARD_PROGRAMS
+    return max(1, min(_cdiv(dim_s, BLOCK_D), programs // _num_tiles(batch)))
 
 
 def _scan_block() -> int:
@@ -587,6 +614,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     candidate_size = max(capacity, num_slots, 1)
     slot_size = max(num_slots, 1)
     row_blocks = _num_tiles(batch)
+    normalise_blocks = _cdiv(batch, NORMALISE_BLOCK_ROWS)
     scan_block = _scan_block()
     linear_scan = int(SELECT_LINEAR_SCAN)
     f32, i64 = torch.float32, torch.int64
@@ -608,7 +636,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     zeroed_size = sum(math.prod(shape) for shape in counters.values())
     int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words), **counters,
                                bucket=(2, num_targets), candidate_rows=(candidate_size,),
-                               candidate_cols=(candidate_size,), nonfinite=(2 * row_blocks,), pair_flags=(slot_size,),
+                               candidate_cols=(candidate_size,), nonfinite=(2 * normalise_blocks,), pair_flags=(slot_size,),
                                **(dict(window=(2, num_targets, 2), window_keys=(2, window_capacity)) if windows else {}))
     zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
@@ -640,10 +668,10 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # normalise: rows gathered in label order (stable sort: equal labels keep their order), so
     # each row's positives are one column range; inverse norms; counters zeroed.
     sorted_labels, order = _stable_sort(labels)
-    _launch(kernels.normalise_kernel, (row_blocks, 2))(
+    _launch(kernels.normalise_kernel, (normalise_blocks, 2))(
         student, teacher, order, batch, dim_s, dim_t, student.stride(0), student.stride(1), teacher.stride(0),
         teacher.stride(1), s_sorted, t_sorted, s_inv, t_inv, w64["position"], w32["nonfinite"], zeroed,
-        zeroed_size, w64["state"], BLOCK_R=TILE, BLOCK_K=_block_k(), ZERO_BLOCK=scan_block)
+        zeroed_size, w64["state"], BLOCK_R=NORMALISE_BLOCK_ROWS, BLOCK_K=NORMALISE_BLOCK_K, ZERO_BLOCK=scan_block)
     models = (s_sorted, t_sorted, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t)
     options = dict(TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=_dot_precision(student),
                    T_PRECISION=_dot_precision(teacher))
@@ -679,7 +707,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
                                                             PART=part.value, **options)
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
-            bucket, w64["target_state"], w32["nonfinite"], 2 * row_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
+            bucket, w64["target_state"], w32["nonfinite"], 2 * normalise_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
             CUTOFF_MODE=mode.value, LINEAR_SCAN=coarse_linear_scan)
     # (pass 2 and its select must agree on where a target's histogram is)
     one_aggregation = PASS2_ONE_AGGREGATION and num_targets * NUM_BUCKETS < 2**31
@@ -1071,7 +1099,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # writes every row of grad_hat); its programs also write the selected entries' sort keys.
     grad_hat = torch.empty((batch, dim_s), dtype=torch.float32, device=device)
     entry_keys = torch.empty(num_entries, dtype=torch.int64, device=device)
-    _launch(kernels.positive_backward_kernel, (_num_tiles(batch),))(
+    _launch(kernels.positive_backward_kernel, (_num_tiles(batch), _positive_splits(batch, dim_s)))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
         selected_cols, num_slots, entry_keys, num_entries, RANK_LOSS=_RANK_LOSS_CODES[rank_loss],

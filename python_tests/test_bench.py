@@ -229,6 +229,22 @@ def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
             assert not missing, f"{name}: triton_ekd has no {missing}"
 
 
+def test_lease_names_existing_variants(monkeypatch):
+    """Every triton:NAME the lease's A/B steps and EKD_TEST_TRITON_VARIANT runs name
+    (tools/gpu_proof.sh) is a variant of tools/gpu_exercise.py: an unknown one stops its step on
+    the GPU machine, whose minutes are few."""
+    import re
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+
+    script = (REPO_ROOT / "tools" / "gpu_proof.sh").read_text()
+    named = set(re.findall(r"triton:([\w-]+)", script)) | set(re.findall(r"EKD_TEST_TRITON_VARIANT=([\w-]+)", script))
+    assert {"one-split", "tile32"} <= named  # (the patterns still find the lease's names)
+    unknown = sorted(named - set(gpu_exercise.TRITON_VARIANTS))
+    assert not unknown, f"the lease names variants gpu_exercise.py does not have: {unknown}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter tool: CI's machines have no GPU")
 def test_interpreter_cost_tool_runs():
     """tools/interpreter_cost.py (where CI's interpreter time goes) runs both ways and names the

@@ -415,6 +415,54 @@ def test_tile_variants_against_the_reference(monkeypatch, options, tile):
     assert ("fine_histogram_kernel", (tiles * (tiles + 1) // 2,)) in grids
 
 
+@pytest.mark.parametrize("programs, splits", [(6, 2), (9, 3), (10**6, 4)])
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True, rank_loss="eq8")], ids=["default", "critical"])
+def test_positive_backward_feature_splits(monkeypatch, programs, splits, options):
+    """positive_backward_kernel with each row block's feature chunks split over programs
+    (triton_ekd.POSITIVE_BACKWARD_PROGRAMS, and the interpreter's, which otherwise runs one program a
+    row block): 3 row blocks (B = 150) x 2, 3 (the chunks dealt
+    unevenly: 0 and 3, 1, 2) or 4 splits, capped at the student's 4 chunks (D = 200: the last
+    one partial).  The gradient has the bits of one program a row block (each chunk's update is
+    the same dot in the same order, whichever program makes it), hence the reference's."""
+    monkeypatch.setattr(triton_ekd, "TILE", 64)  # 3 row blocks whatever the run's variant
+    student, teacher, labels = make_batch(150, 200, 48, 30, seed=27)
+    grads = {}
+    for setting in (0, programs):
+        monkeypatch.setattr(triton_ekd, "POSITIVE_BACKWARD_PROGRAMS", setting)
+        monkeypatch.setattr(triton_ekd, "INTERPRETER_POSITIVE_BACKWARD_PROGRAMS", setting)
+        grids = _record_grids(monkeypatch)
+        grads[setting] = run_ekd(ekd_loss, student, teacher, labels, backend="triton", num_hard_negatives=150,
+                                 **options).grad
+        assert ("positive_backward_kernel", (3, splits if setting else 1)) in grids
+    assert torch.equal(grads[programs], grads[0])
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)  # (split as the last call)
+
+
+@pytest.mark.parametrize("rows, chunk", [(8, 64), (16, 128), (64, 32)])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
+def test_normalise_blocks(monkeypatch, rows, chunk):
+    """normalise_kernel on blocks of its own (triton_ekd.NORMALISE_BLOCK_ROWS, NORMALISE_BLOCK_K;
+    64 x 32 is the benchmark's triton:normalise-tile-rows, the pass before): B = 150 and D = 200
+    a multiple of neither, the reference's results over consecutive calls; and a NaN in the last
+    sorted row (the last block's, partial), of either model, gives the NaN loss and keeps the
+    state."""
+    monkeypatch.setattr(triton_ekd, "NORMALISE_BLOCK_ROWS", rows)
+    monkeypatch.setattr(triton_ekd, "NORMALISE_BLOCK_K", chunk)
+    grids = _record_grids(monkeypatch)
+    student, teacher, labels = make_batch(150, 200, 40, 30, seed=28)
+    compare(student, teacher, labels, steps=2, num_hard_negatives=150)
+    assert ("normalise_kernel", (-(-150 // rows), 2)) in grids
+    last = int(torch.argsort(labels.cpu(), stable=True)[-1])  # the last sorted row
+    previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
+    for model, column in ((0, 199), (1, 39)):
+        inputs = [student.clone(), teacher.clone()]
+        inputs[model][last, column] = float("nan")
+        result = run_ekd(ekd_loss, *inputs, labels, *previous, backend="triton").result
+        assert torch.isnan(result.loss), f"model {model}"
+        assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds,
+                                                                                   previous[1])
+
+
 @pytest.mark.parametrize("overflow", [False, True], ids=["candidates", "overflow"])
 def test_square_tile_grid_against_the_reference(monkeypatch, overflow):
     """The tile passes on the square (T, T) grid, as before the triangular one (the benchmark's

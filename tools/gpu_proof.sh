@@ -74,7 +74,7 @@ case "$stage" in
   lease)
     # One lease of a few minutes, most valuable first, each step cut to the time left before
     # ${2:-540} s (the call's own limit minus the transfers): every GPU test of the suite, the
-    # consistency check up to B = 32768, where the eager call's host time goes (tools/host_cost.py
+    # consistency check up to B = 32768, the A/B of the defaults made without a GPU, where the eager call's host time goes (tools/host_cost.py
     # --cuda) and its device time (gpu_exercise.py profile), the loss benchmark at 1024 and 8192
     # (then under torch.compile(mode="reduce-overhead")), compute-sanitizer memcheck at B = 33 (a
     # dtype a step), why op-side refusals crash there when they still do (tools/diagnose_throw.py),
@@ -148,6 +148,11 @@ case "$stage" in
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
+    # The defaults made since the last lease without a GPU, each against what it replaced
+    # (positive_backward's feature splits, normalise's own blocks: the small-B latency chains of
+    # the fourth lease's profile), and pass 1's histogram copies from small B on (candidates)
+    ab since-ab 75 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
+      triton:copies-small16
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
     # without the launch cache, launchers replaced by a no-op (the C launcher and driver calls

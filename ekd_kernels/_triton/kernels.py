@@ -1456,8 +1456,17 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
     The programs also write, grid-stride, the sort keys of the selected negatives' gradient
     entries for backward_rows_kernel: entry e < S is (rows[e], cols[e]), entry S + e the
     reverse, key own * (B + 1) + other; the padding entry of an empty selection sorts last.
+
+    The grid is (row blocks, feature splits): program (p, f) takes the feature chunks f, f + F,
+    ... of block p's rows (triton_ekd._positive_splits; F = 1 at large B).  Why: at small B the
+    row blocks are a few programs each walking every chunk in turn (16 at B = 1024 on 132 SMs);
+    split, each recomputes the block's tiles (the weights) and updates its own chunks.  Each
+    chunk's update is the same dot, in the same order over the column tiles, whichever program
+    makes it: grad_hat has the same bits for any F.
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
     rows = pid * TILE + tl.arange(0, TILE)
     row_mask = rows < batch
     last_row = tl.minimum(pid * TILE + TILE, batch) - 1
@@ -1481,7 +1490,7 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
         # g_ij * inv_norm_j multiplies the raw row j: s_hat_j without a normalised copy.
         weight = tl.where(positive, coefficient * loss_grad, 0.0) * inv_j[None, :]
         col_offset = cols.to(tl.int64) * dim_s
-        for d0 in range(0, dim_s, BLOCK_D):
+        for d0 in range(split * BLOCK_D, dim_s, num_splits * BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds < dim_s
             s_j = tl.load(s_ptr + col_offset[:, None] + ds[None, :], mask=col_mask[:, None] & d_mask[None, :],
@@ -1496,7 +1505,8 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
         # between a program's threads: a block barrier makes the stores visible.
         tl.debug_barrier()
     span = batch + 1
-    for start in range(pid * ENTRY_BLOCK, num_entries, tl.num_programs(0) * ENTRY_BLOCK):
+    program = split * tl.num_programs(0) + pid
+    for start in range(program * ENTRY_BLOCK, num_entries, tl.num_programs(0) * num_splits * ENTRY_BLOCK):
         entry = start + tl.arange(0, ENTRY_BLOCK)
         forward = entry < num_slots
         slot = tl.where(forward, entry, entry - num_slots)
