@@ -113,8 +113,8 @@ TRIANGLE_TILE_GRID = True
 #: Feature chunk of the dots (GPU; the interpreter takes larger chunks: fewer, bigger numpy ops).
 BLOCK_K = 32
 INTERPRETER_BLOCK_K = 128
-#: Rows and feature chunk a program of normalise_kernel gathers (the interpreter's too: a few
-#: cheap programs).  Why not TILE rows: at small B the pass was a few programs each copying 64
+#: Rows and feature chunk a program of normalise_kernel gathers (the interpreter's too: its
+#: programs are few ops each, cheap next to the tile passes' there).  Why not TILE rows: at small B the pass was a few programs each copying 64
 #: rows in 16 dependent steps (28 us at B = 256 and 1024 on the H200, for 1-4 MB), where the
 #: tile passes' row blocks need not be its own.  TILE and the tiles' chunk (NORMALISE_BLOCK_ROWS =
 #: 64, NORMALISE_BLOCK_K = 32) are the pass of before, for the benchmark's A/B

@@ -151,7 +151,7 @@ case "$stage" in
     # The defaults made since the last lease without a GPU, each against what it replaced
     # (positive_backward's feature splits, normalise's own blocks: the small-B latency chains of
     # the fourth lease's profile), and pass 1's histogram copies from small B on (candidates)
-    ab since-ab 75 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
+    ab since-ab 90 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
       triton:copies-small16
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
