@@ -114,12 +114,12 @@ TRIANGLE_TILE_GRID = True
 BLOCK_K = 32
 INTERPRETER_BLOCK_K = 128
 #: Rows and feature chunk a program of normalise_kernel gathers (the interpreter's too: its
-#: programs are few ops each, cheap next to the tile passes' there).  Why not TILE rows: at small B the pass was a few programs each copying 64
-#: rows in 16 dependent steps (28 us at B = 256 and 1024 on the H200, for 1-4 MB), where the
-#: tile passes' row blocks need not be its own.  TILE and the tiles' chunk (NORMALISE_BLOCK_ROWS =
-#: 64, NORMALISE_BLOCK_K = 32) are the pass of before, for the benchmark's A/B
-#: (tools/gpu_exercise.py triton:normalise-tile-rows).  Unmeasured on a GPU when made the default
-#: (2026-11-27, seventeenth session).
+#: programs are few ops each, cheap next to the tile passes' there).  Why not TILE rows: at
+#: small B the pass was a few programs each copying 64 rows in 16 dependent steps (28 us at
+#: B = 256 and 1024 on the H200, for 1-4 MB), where the tile passes' row blocks need not be its
+#: own.  TILE and the tiles' chunk (NORMALISE_BLOCK_ROWS = 64, NORMALISE_BLOCK_K = 32) are the
+#: pass of before, for the benchmark's A/B (tools/gpu_exercise.py triton:normalise-tile-rows).
+#: Unmeasured on a GPU when made the default (2026-11-27, seventeenth session).
 NORMALISE_BLOCK_ROWS = 16
 NORMALISE_BLOCK_K = 128
 #: Feature chunk of the positive backward's g @ s_hat update.
@@ -636,7 +636,8 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     zeroed_size = sum(math.prod(shape) for shape in counters.values())
     int32_buffer, w32 = _carve(torch.int32, device, fine=(2, num_targets, NUM_BUCKETS * words), **counters,
                                bucket=(2, num_targets), candidate_rows=(candidate_size,),
-                               candidate_cols=(candidate_size,), nonfinite=(2 * normalise_blocks,), pair_flags=(slot_size,),
+                               candidate_cols=(candidate_size,), nonfinite=(2 * normalise_blocks,),
+                               pair_flags=(slot_size,),
                                **(dict(window=(2, num_targets, 2), window_keys=(2, window_capacity)) if windows else {}))
     zeroed = int32_buffer[w32["fine"].numel():]
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
