@@ -290,6 +290,11 @@ def test_low_precision_inputs(dtype):
 def _assert_non_finite_batch_keeps_state(student, teacher, labels):
     """One inf in the student: NaN loss, the EMA state kept."""
     student[3, 2] = float("inf")
+    _assert_nan_loss_keeps_state(student, teacher, labels)
+
+
+def _assert_nan_loss_keeps_state(student, teacher, labels):
+    """A batch with a non-finite element: NaN loss, the EMA state kept."""
     previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
     result = run_ekd(ekd_loss, student, teacher, labels, *previous, backend="triton").result
     assert torch.isnan(result.loss)
@@ -419,10 +424,9 @@ def test_tile_variants_against_the_reference(monkeypatch, options, tile):
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True, rank_loss="eq8")], ids=["default", "critical"])
 def test_positive_backward_feature_splits(monkeypatch, programs, splits, options):
     """positive_backward_kernel with each row block's feature chunks split over programs
-    (triton_ekd.POSITIVE_BACKWARD_PROGRAMS, and the interpreter's, which otherwise runs one program a
-    row block): 3 row blocks (B = 150) x 2, 3 (the chunks dealt
-    unevenly: 0 and 3, 1, 2) or 4 splits, capped at the student's 4 chunks (D = 200: the last
-    one partial).  The gradient has the bits of one program a row block (each chunk's update is
+    (triton_ekd.POSITIVE_BACKWARD_PROGRAMS, and the interpreter's, which otherwise runs one program
+    a row block): 3 row blocks (B = 150) x 2, 3 (the chunks dealt unevenly: 0 and 3, 1, 2) or 4
+    splits, capped at the student's 4 chunks (D = 200: the last one partial).  The gradient has the bits of one program a row block (each chunk's update is
     the same dot in the same order, whichever program makes it), hence the reference's."""
     monkeypatch.setattr(triton_ekd, "TILE", 64)  # 3 row blocks whatever the run's variant
     student, teacher, labels = make_batch(150, 200, 48, 30, seed=27)
@@ -453,14 +457,10 @@ def test_normalise_blocks(monkeypatch, rows, chunk):
     compare(student, teacher, labels, steps=2, num_hard_negatives=150)
     assert ("normalise_kernel", (-(-150 // rows), 2)) in grids
     last = int(torch.argsort(labels.cpu(), stable=True)[-1])  # the last sorted row
-    previous = (torch.full((6,), 0.1, device=DEVICE),) * 2
     for model, column in ((0, 199), (1, 39)):
         inputs = [student.clone(), teacher.clone()]
         inputs[model][last, column] = float("nan")
-        result = run_ekd(ekd_loss, *inputs, labels, *previous, backend="triton").result
-        assert torch.isnan(result.loss), f"model {model}"
-        assert torch.equal(result.student_thresholds, previous[0]) and torch.equal(result.teacher_thresholds,
-                                                                                   previous[1])
+        _assert_nan_loss_keeps_state(*inputs, labels)
 
 
 @pytest.mark.parametrize("overflow", [False, True], ids=["candidates", "overflow"])
