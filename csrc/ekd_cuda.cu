@@ -34,9 +34,13 @@
 #include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
+#include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "ekd_common.h"
 
@@ -227,23 +231,238 @@ __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, 
   }
 }
 
+// ----------------------------------------------------------------------------- tensor-core tiles
+// The fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, sm_80 and later; off by default until
+// a GPU run has measured and checked them): 3xTF32, i.e. each operand split into a TF32 "big"
+// part and the TF32 rounding of the rest, and per 8-feature step small x big + big x small +
+// big x big (the small x small term, ~2^-22 relative, left out), where plain TF32 (~1e-3
+// relative) would not do (tau = 0.01 amplifies a similarity error 100-fold).  Each step's three
+// products go into a zeroed accumulator, which is then added to the running sum by an ordinary
+// fp32 add: tensor cores truncate their own accumulation (round toward zero; Fasi et al., PeerJ
+// CS 2021; Ootomo and Yokota 2022), and a running sum kept inside them over D / 8 steps would be
+// biased low, by about 4e-6 at D = 512 in a model of this sequence (the reviewing helper's, not a
+// measurement), against 2.6e-8 this way and ~1.4e-7 (rms) for the FMA tiles; the tests hold
+// thresholds to 1e-6.  Why: the FMA tiles above run at about 18 TFLOP/s on an H200 (11.4 of the
+// 12.3 ms of a forward+backward at B = 8192).
+//
+// Same bits in every pass, and for a single pair: every pass computes a tile with the same code
+// and alignment, and pair_dot_tc computes one pair (i, j), i < j, with the same sequence of
+// operations (the same 8-feature steps, zero-padded to the same kTcDepth multiple, the same
+// three products a step into a zeroed accumulator, the same add), row i at row 0 of A and row j
+// at column 0 of B of otherwise zero operands, as the tile has a pair's lower row in A and its
+// upper one in B (the two cross products make the sum asymmetric in its operands): an MMA
+// computes each output element from its row of A, its column of B and its accumulator alone,
+// by the same arithmetic wherever the element sits (the assumption Triton's _pair_similarities
+// makes too; no evidence against it found, bit-exact per-element models of the hardware rely on
+// it).  The selected pairs' similarities then have the tile passes' bits, as tile_order_dot gives
+// the FMA tiles' (test_cuda_tensor_cores_selected_pairs_have_the_tiles_bits checks it on a GPU).
+constexpr int kTcDepth = 32;              // features staged in shared memory a step
+constexpr int kTcStageLd = kTcDepth + 4;  // a staged row's stride (wmma: 16-byte row starts)
+constexpr int kTcOutLd = kTile + 8;       // the accumulator tile's row stride (32-byte row starts)
+constexpr int kTcSmemFloats =
+    (2 * kTile * kTcStageLd > kTile * kTcOutLd) ? 2 * kTile * kTcStageLd : kTile * kTcOutLd;
+constexpr int kTcStaged = kTile * kTcDepth / kTileThreads;  // staged values a thread, a matrix, a step
+//! A warp's buffer in pair_dot_tc: a kTcDepth step's four 16 x 8 A operands and four 8 x 16 B
+//! operands (then the 16 x 16 result).
+constexpr int kTcPairFloats = 2 * (kTcDepth / 8) * 128;
+static_assert(kTileThreads == 256 && kTile == 64, "gram_tile_tc: 8 warps, a 4 x 4 grid of 16 x 16 fragments");
+static_assert(kTcDepth == kWarpSize, "pair_dot_tc: a lane a feature of a step");
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define EKD_TC_FALLBACK 1  // no TF32 MMA before sm_80: the FMA tile and tile_order_dot instead
+#endif
+
+#ifndef EKD_TC_FALLBACK  // (mma.h declares the TF32 fragments for sm_80 and later only)
+namespace wmma = nvcuda::wmma;
+using TcA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
+using TcB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+using TcAcc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+
+//! big = TF32 rounding of each element, small = TF32 rounding of what big leaves out.
+template <typename Fragment>
+__device__ __forceinline__ void split_tf32(const Fragment& x, Fragment& big, Fragment& small) {
+#pragma unroll
+  for (int t = 0; t < x.num_elements; ++t) {
+    const float value = x.x[t];
+    const float high = wmma::__float_to_tf32(value);
+    big.x[t] = high;
+    small.x[t] = wmma::__float_to_tf32(value - high);
+  }
+}
+
+//! acc += a b in 3xTF32, the step summed apart and added by an fp32 add (see above); the one
+//! sequence both gram_tile_tc and pair_dot_tc use.  (Fragments of one type hold the same
+//! elements at the same indices, so the add is element for element.)
+__device__ __forceinline__ void mma_3xtf32(TcAcc& acc, const TcA& a, const TcB& b) {
+  TcA a_big, a_small;
+  TcB b_big, b_small;
+  split_tf32(a, a_big, a_small);
+  split_tf32(b, b_big, b_small);
+  TcAcc step;
+  wmma::fill_fragment(step, 0.0f);
+  wmma::mma_sync(step, a_small, b_big, step);
+  wmma::mma_sync(step, a_big, b_small, step);
+  wmma::mma_sync(step, a_big, b_big, step);
+#pragma unroll
+  for (int t = 0; t < acc.num_elements; ++t) acc.x[t] += step.x[t];
+}
+
+//! Thread's share of a step's staging: rows[r][k] and cols[r][k] of features k0 ... k0 + kTcDepth.
+__device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
+                                              int64_t col0, int64_t k0, float (&row_values)[kTcStaged],
+                                              float (&col_values)[kTcStaged]) {
+#pragma unroll
+  for (int s = 0; s < kTcStaged; ++s) {
+    const int e = threadIdx.x + s * kTileThreads;
+    const int r = e / kTcDepth, k = e % kTcDepth;  // a warp reads one row's kTcDepth features
+    const int64_t feature = k0 + k;
+    const int64_t gr = row0 + r, gc = col0 + r;
+    row_values[s] = (gr < batch && feature < dim) ? x[gr * dim + feature] : 0.0f;
+    col_values[s] = (gc < batch && feature < dim) ? x[gc * dim + feature] : 0.0f;
+  }
+}
+#endif  // EKD_TC_FALLBACK
+
+//! gram_tile's result (acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx + 16v]>) on tensor cores:
+//! warp w holds the fragments of rows 16 (w / 2) and columns 16 (2 (w % 2)) and 16 (2 (w % 2) + 1);
+//! the next step's values are read into registers while this step's MMAs run; the accumulators
+//! go through shared memory to the (ty, tx) layout the epilogues read.
+__device__ __forceinline__ void gram_tile_tc(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
+                                             int64_t col0, float (&acc)[4][4], float* smem) {
+#ifdef EKD_TC_FALLBACK
+  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
+            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+#else
+  float* rows = smem;                       // rows[r * kTcStageLd + k] = x[row0 + r][k0 + k]
+  float* cols = smem + kTile * kTcStageLd;  // likewise for the columns' rows
+  const int warp = threadIdx.x / kWarpSize;
+  const int frag_row = warp / 2, frag_col = 2 * (warp % 2);
+  TcAcc c[2];
+  wmma::fill_fragment(c[0], 0.0f);
+  wmma::fill_fragment(c[1], 0.0f);
+  float row_values[kTcStaged], col_values[kTcStaged];
+  if (dim > 0) fetch_tc_step(x, dim, batch, row0, col0, 0, row_values, col_values);
+  for (int64_t k0 = 0; k0 < dim; k0 += kTcDepth) {
+#pragma unroll
+    for (int s = 0; s < kTcStaged; ++s) {
+      const int e = threadIdx.x + s * kTileThreads;
+      rows[(e / kTcDepth) * kTcStageLd + e % kTcDepth] = row_values[s];
+      cols[(e / kTcDepth) * kTcStageLd + e % kTcDepth] = col_values[s];
+    }
+    __syncthreads();
+    if (k0 + kTcDepth < dim) fetch_tc_step(x, dim, batch, row0, col0, k0 + kTcDepth, row_values, col_values);
+#pragma unroll
+    for (int kk = 0; kk < kTcDepth; kk += 8) {
+      TcA a;
+      wmma::load_matrix_sync(a, rows + frag_row * 16 * kTcStageLd + kk, kTcStageLd);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        TcB b;  // B(k, n) = cols[n][k]: column-major
+        wmma::load_matrix_sync(b, cols + (frag_col + f) * 16 * kTcStageLd + kk, kTcStageLd);
+        mma_3xtf32(c[f], a, b);
+      }
+    }
+    __syncthreads();
+  }
+  float* out = smem;  // the staging buffers are free: every warp passed the loop's last barrier
+#pragma unroll
+  for (int f = 0; f < 2; ++f)
+    wmma::store_matrix_sync(out + frag_row * 16 * kTcOutLd + (frag_col + f) * 16, c[f], kTcOutLd,
+                            wmma::mem_row_major);
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = out[(ty + 16 * u) * kTcOutLd + tx + 16 * v];
+  __syncthreads();  // before a second tile (kCritical) stages over `out`
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T tile_order_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n);
+
+//! <x, y> with gram_tile_tc's bits for the pair (i, j), i < j, x = row i and y = row j (see
+//! above: the sum is not symmetric), by the whole warp (all 32 lanes call it with the same
+//! arguments); `buffer`: the warp's kTcPairFloats floats of shared memory, 32-byte aligned.
+__device__ __forceinline__ float pair_dot_tc(const float* __restrict__ x, const float* __restrict__ y, int64_t n,
+                                             float* buffer) {
+#ifdef EKD_TC_FALLBACK
+  return tile_order_dot(x, y, n);
+#else
+  const int lane = threadIdx.x % kWarpSize;
+  // Sub-step q (features k0 + 8q ... k0 + 8q + 7) of a step: A at buffer[128 q], row-major (ld 8),
+  // row 0 holding x's 8 features, rows 1-15 zero; B at buffer[512 + 128 q], column-major (ld 8),
+  // column 0 holding y's, the others zero.  A step's 32 features come in one load a lane.
+  float* a_operands = buffer;
+  float* b_operands = buffer + kTcPairFloats / 2;
+  for (int e = lane; e < kTcPairFloats; e += kWarpSize) buffer[e] = 0.0f;
+  const int slot = (lane / 8) * 128 + lane % 8;  // feature k0 + lane: sub-step lane / 8, place lane % 8
+  TcAcc c;
+  wmma::fill_fragment(c, 0.0f);
+  const int64_t padded = (n + kTcDepth - 1) / kTcDepth * kTcDepth;  // the tile's zero-padded steps
+  for (int64_t k0 = 0; k0 < padded; k0 += kTcDepth) {
+    const float x_value = k0 + lane < n ? x[k0 + lane] : 0.0f;
+    const float y_value = k0 + lane < n ? y[k0 + lane] : 0.0f;
+    __syncwarp();  // the last step's loads of the operands are done
+    a_operands[slot] = x_value;
+    b_operands[slot] = y_value;
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < kTcDepth / 8; ++q) {
+      TcA a;
+      TcB b;
+      wmma::load_matrix_sync(a, a_operands + 128 * q, 8);
+      wmma::load_matrix_sync(b, b_operands + 128 * q, 8);
+      mma_3xtf32(c, a, b);
+    }
+  }
+  __syncwarp();
+  wmma::store_matrix_sync(buffer, c, 16, wmma::mem_row_major);
+  __syncwarp();
+  const float result = buffer[0];
+  __syncwarp();  // before the warp's next pair zeroes the buffer
+  return result;
+#endif
+}
+
+//! Whether this call's fp32 tiles run on tensor cores: EKD_CUDA_TENSOR_CORES=1 and a device of
+//! compute capability 8.0 or later (read at every call: a benchmark's A/B switches it in one
+//! process).  fp64 always takes the FMA tiles.  (A build without an sm_80+ image, e.g.
+//! TORCH_CUDA_ARCH_LIST=7.5+PTX, runs the fallback above on such a device: FMA tiles, consistent
+//! but not on tensor cores, whatever this says; the default build has sm_80 and sm_90.)
+bool tensor_cores_requested() {
+  const char* setting = std::getenv("EKD_CUDA_TENSOR_CORES");
+  return setting != nullptr && std::strcmp(setting, "1") == 0 && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+//! A tile's Gram on the FMA path (gram_tile) or on tensor cores (gram_tile_tc, fp32 only), in the
+//! kernel's one shared buffer.
+template <typename T, bool kTensorCores>
+__device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
+                                          int64_t col0, T (&acc)[4][4], unsigned char* smem) {
+  if constexpr (kTensorCores) {
+    gram_tile_tc(x, dim, batch, row0, col0, acc, reinterpret_cast<float*>(smem));
+  } else {
+    gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTile + 1]>(smem),
+              reinterpret_cast<T(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1) * sizeof(T)));
+  }
+}
+
 //! One upper-triangle tile of x's Gram (and of y's in the kCritical pass), each pair (i < j)
 //! handed to the pass's epilogue.  Negatives only, except kCritical (all pairs).
-template <typename T>
-__global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
-                                                                       const T* __restrict__ y, int64_t y_dim,
-                                                                       TileParams<T> p) {
-  __shared__ T rows[kTileDepth][kTile + 1];  // +1: the transposed stores hit distinct banks
-  __shared__ T cols[kTileDepth][kTile + 1];
+template <typename T, bool kTensorCores>
+__device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t x_dim, const T* __restrict__ y,
+                                                int64_t y_dim, const TileParams<T>& p, unsigned char* smem) {
   if ((p.pass == kBoundaryTies || p.pass == kCollect) && *p.boundary_residual < 0) return;
   const int64_t tiles = (p.batch + kTile - 1) / kTile;
   int64_t tile_row, tile_col;
   upper_tile(blockIdx.x, tiles, &tile_row, &tile_col);
   const int64_t row0 = tile_row * kTile, col0 = tile_col * kTile;
   T acc[4][4];
-  gram_tile(x, x_dim, p.batch, row0, col0, acc, rows, cols);
+  tile_gram<T, kTensorCores>(x, x_dim, p.batch, row0, col0, acc, smem);
   T acc_y[4][4];
-  if (p.pass == kCritical) gram_tile(y, y_dim, p.batch, row0, col0, acc_y, rows, cols);
+  if (p.pass == kCritical) tile_gram<T, kTensorCores>(y, y_dim, p.batch, row0, col0, acc_y, smem);
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
@@ -274,13 +493,44 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
   if (p.pass == kCritical && critical > 0) atomicAdd(p.critical_count, critical);
 }
 
+//! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x (kTile + 1) each (+1:
+//! the transposed stores hit distinct banks).
 template <typename T>
-void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params) {
+__global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
+                                                                       const T* __restrict__ y, int64_t y_dim,
+                                                                       TileParams<T> p) {
+  __shared__ __align__(128) unsigned char smem[2 * kTileDepth * (kTile + 1) * sizeof(T)];
+  similarity_tile<T, false>(x, x_dim, y, y_dim, p, smem);
+}
+
+//! The tensor-core tiles' kernel (fp32), held to 128 registers so that two blocks share an SM
+//! (173 uncapped: one); shared memory: gram_tile_tc's staging, then its accumulators.
+__global__ void __launch_bounds__(kTileThreads, 2) similarity_tile_tc_kernel(const float* __restrict__ x,
+                                                                             int64_t x_dim,
+                                                                             const float* __restrict__ y,
+                                                                             int64_t y_dim, TileParams<float> p) {
+  __shared__ __align__(128) unsigned char smem[kTcSmemFloats * sizeof(float)];
+  similarity_tile<float, true>(x, x_dim, y, y_dim, p, smem);
+}
+
+//! A tile pass over the upper triangle; `tensor_cores` (tensor_cores_requested) picks the fp32
+//! tiles' path for the whole call, so every pass computes a pair's similarity alike.
+template <typename T>
+void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params, bool tensor_cores) {
   const int64_t blocks = tile_blocks(params.batch);
   // ekd_forward_cuda refuses B > kMaxBatch; a larger grid would be truncated to 32 bits.
   EKD_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
-  similarity_tile_kernel<T><<<blocks, kTileThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if constexpr (std::is_same<T, float>::value) {
+    if (tensor_cores) {
+      similarity_tile_tc_kernel<<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(),
+                                                                     y.size(1), params);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  similarity_tile_kernel<T><<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(),
+                                                                 y.size(1), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -386,7 +636,7 @@ struct Requests {
 //! histogram passes over the tiles.
 template <typename T>
 Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& num_negative,
-                         const ForwardOptions& options, bool with_boundary) {
+                         const ForwardOptions& options, bool with_boundary, bool tensor_cores) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t k = options.num_thresholds();
   Requests req;
@@ -420,7 +670,7 @@ Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at
     p.prefix = prefix;
     p.residual = req.residual.data_ptr<int64_t>();
     p.prefix_bits = prefix_bits;
-    launch_tiles<T>(x, x, p);
+    launch_tiles<T>(x, x, p, tensor_cores);
     // The first pass fills one histogram shared by all requests.
     const int64_t stride = prefix_bits == 0 ? 0 : kRadixBins;
     locate_requests_kernel<<<req.count, kLocateThreads, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, prefix,
@@ -452,7 +702,7 @@ struct Selection {
 template <typename T>
 Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& labels, const Requests& student_req,
                             int64_t boundary_index, const at::Tensor& num_negative, int64_t num_hard_negatives,
-                            int64_t n_max) {
+                            int64_t n_max, bool tensor_cores) {
   const int64_t batch = student_hat.size(0);
   const auto long_options = labels.options().dtype(at::kLong);
   const auto* boundary_key = reinterpret_cast<const uint64_t*>(student_req.prefix.data_ptr<int64_t>()) + boundary_index;
@@ -469,7 +719,7 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.boundary_residual = boundary_residual;
   p.row_ties = reinterpret_cast<ull*>(row_ties.data_ptr<int64_t>());
   p.above_count = reinterpret_cast<ull*>(above.data_ptr<int64_t>());
-  launch_tiles<T>(student_hat, student_hat, p);
+  launch_tiles<T>(student_hat, student_hat, p, tensor_cores);
 
   // Ties wanted = n - above; the cut row is the first whose cumulative ties reach it.
   const at::Tensor ties_wanted = n - above;
@@ -493,7 +743,7 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.collect_value = values.data_ptr<T>();
   p.collect_at_cut = at_cut.data_ptr<int64_t>();
   p.collect_capacity = capacity;
-  launch_tiles<T>(student_hat, student_hat, p);
+  launch_tiles<T>(student_hat, student_hat, p, tensor_cores);
 
   // Deterministic whatever the atomics did: order by pair index, keep the first ties of the
   // cut row, order again and cut to n_max.
@@ -616,13 +866,24 @@ __device__ __forceinline__ T tile_order_dot(const T* __restrict__ x, const T* __
   return acc;
 }
 
-//! A warp per selected pair: a (given: the tile pass's value, or recomputed when random), b, in
-//! the tile passes' order (tile_order_dot), its loss, criticality, d loss / d a.
-template <typename T>
+//! A pair's similarity as the tile passes computed it: tile_order_dot after the FMA tiles, the
+//! warp's pair_dot_tc after the tensor-core ones (`buffer`: the warp's shared floats).
+template <typename T, bool kTensorCores>
+__device__ __forceinline__ T tile_pass_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n,
+                                           float* buffer) {
+  if constexpr (kTensorCores) return pair_dot_tc(x, y, n, buffer);
+  else return tile_order_dot(x, y, n);
+}
+
+//! A warp per selected pair: a (given: the tile pass's value, or recomputed when random), b, as
+//! the tile passes computed them (tile_pass_dot), its loss, criticality, d loss / d a.
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kRowThreads)
     selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
                           const T* teacher_hat, int64_t dt, PairMath<T> math, int64_t count, double* loss,
                           int64_t* critical, T* loss_grad) {
+  __shared__ __align__(32) float pair_buffers[kTensorCores ? kRowWarps * kTcPairFloats : 1];
+  float* buffer = pair_buffers + (kTensorCores ? (threadIdx.x / kWarpSize) * kTcPairFloats : 0);
   const WarpLanes<T> lanes{int(threadIdx.x % kWarpSize)};
   EKD_FOR_EACH_WARP_ITEM(e, count) {
     const int64_t i = pairs[2 * e], j = pairs[2 * e + 1];
@@ -634,9 +895,10 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       continue;
     }
-    const T a =
-        given_student != nullptr ? given_student[e] : tile_order_dot(student_hat + i * ds, student_hat + j * ds, ds);
-    const T b = tile_order_dot(teacher_hat + i * dt, teacher_hat + j * dt, dt);
+    const T a = given_student != nullptr
+                    ? given_student[e]
+                    : tile_pass_dot<T, kTensorCores>(student_hat + i * ds, student_hat + j * ds, ds, buffer);
+    const T b = tile_pass_dot<T, kTensorCores>(teacher_hat + i * dt, teacher_hat + j * dt, dt, buffer);
     if (lanes.lane == 0) {
       const PairLossAndGrad<T> both = pair_loss_and_grad(a, b, math);
       loss[e] = double(both.loss);
@@ -752,10 +1014,13 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   const auto long_options = prep.labels.options();
   const auto compute_options = prep.student_hat.options();
   const at::Tensor num_negative = (batch * (batch - 1) / 2) - prep.num_positive;
+  const bool tensor_cores = std::is_same<T, float>::value && tensor_cores_requested();
 
   // Stage 3: batch thresholds (and the student's N-th largest negative) by radix selection.
-  const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, options, hardest);
-  const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, options, false);
+  const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, options, hardest,
+                                                           tensor_cores);
+  const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, options, false,
+                                                           tensor_cores);
   const at::Tensor batch_student_c = request_values<T>(student_req, k, compute_options);
   const at::Tensor batch_teacher_c = request_values<T>(teacher_req, k, compute_options);
   const at::Tensor finite = all_finite(student, teacher);
@@ -776,7 +1041,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   // Stage 4: the distilled negatives.
   const Selection selection =
       hardest ? hardest_negatives<T>(prep.student_hat, prep.labels, student_req, k, num_negative,
-                                     options.num_hard_negatives, n_max)
+                                     options.num_hard_negatives, n_max, tensor_cores)
               : random_negatives(prep, *random_negative_ranks, n_max);
 
   // Stage 5: the two terms and the per-pair gradients.
@@ -794,7 +1059,11 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor neg_critical = at::full({slots}, -1, long_options);
   at::Tensor neg_loss_grad = at::zeros({slots}, compute_options);
   if (n_max > 0) {
-    selected_pairs_kernel<T><<<warp_blocks(n_max), kRowThreads, 0, stream>>>(
+    auto* kernel = selected_pairs_kernel<T, false>;
+    if constexpr (std::is_same<T, float>::value) {
+      if (tensor_cores) kernel = selected_pairs_kernel<T, true>;
+    }
+    kernel<<<warp_blocks(n_max), kRowThreads, 0, stream>>>(
         selection.pairs.data_ptr<int64_t>(), hardest ? selection.student.data_ptr<T>() : nullptr,
         prep.student_hat.data_ptr<T>(), ds, prep.teacher_hat.data_ptr<T>(), dt, math, n_max,
         neg_loss.data_ptr<double>(), neg_critical.data_ptr<int64_t>(), neg_loss_grad.data_ptr<T>());
@@ -833,7 +1102,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
     p.teacher_thresholds = teacher_state.data_ptr<T>();
     p.num_thresholds = k;
     p.critical_count = reinterpret_cast<ull*>(num_critical_pairs.data_ptr<int64_t>());
-    launch_tiles<T>(prep.student_hat, prep.teacher_hat, p);
+    launch_tiles<T>(prep.student_hat, prep.teacher_hat, p, tensor_cores);
   }
 
   const at::Tensor counts = at::stack({prep.num_positive, num_negative, selection.num_selected.to(at::kLong),

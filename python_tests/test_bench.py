@@ -230,7 +230,7 @@ def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
 
 
 def test_lease_names_existing_variants(monkeypatch):
-    """Every triton:NAME the lease's A/B steps and EKD_TEST_TRITON_VARIANT runs name
+    """Every triton:NAME and csrc:NAME the lease's A/B steps and EKD_TEST_TRITON_VARIANT runs name
     (tools/gpu_proof.sh) is a variant of tools/gpu_exercise.py: an unknown one stops its step on
     the GPU machine, whose minutes are few."""
     import re
@@ -240,9 +240,29 @@ def test_lease_names_existing_variants(monkeypatch):
 
     script = (REPO_ROOT / "tools" / "gpu_proof.sh").read_text()
     named = set(re.findall(r"triton:([\w-]+)", script)) | set(re.findall(r"EKD_TEST_TRITON_VARIANT=([\w-]+)", script))
-    assert {"one-split", "tile32"} <= named  # (the patterns still find the lease's names)
-    unknown = sorted(named - set(gpu_exercise.TRITON_VARIANTS))
+    named_csrc = set(re.findall(r"csrc:([\w-]+)", script))
+    assert {"one-split", "tile32"} <= named and "tensor-cores" in named_csrc  # (the patterns still find them)
+    unknown = sorted(named - set(gpu_exercise.TRITON_VARIANTS)) + sorted(named_csrc - set(gpu_exercise.CSRC_VARIANTS))
     assert not unknown, f"the lease names variants gpu_exercise.py does not have: {unknown}"
+
+
+def test_csrc_variants_set_what_the_op_reads(monkeypatch):
+    """A csrc:NAME variant sets environment variables the CUDA op reads (csrc/ekd_cuda.cu's
+    getenv calls), and only for its block: a misspelt variable would leave the A/B measuring the
+    default twice."""
+    import os
+    import re
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+
+    read = set(re.findall(r'getenv\("(\w+)"\)', (REPO_ROOT / "csrc" / "ekd_cuda.cu").read_text()))
+    for name, settings in gpu_exercise.CSRC_VARIANTS.items():
+        assert set(settings) == {"environ"} and set(settings["environ"]) <= read, name
+        monkeypatch.delenv("EKD_CUDA_TENSOR_CORES", raising=False)
+        with gpu_exercise.variant_settings(settings):
+            assert all(os.environ.get(k) == v for k, v in settings["environ"].items())
+        assert all(k not in os.environ for k in settings["environ"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter tool: CI's machines have no GPU")

@@ -454,9 +454,7 @@ def test_deterministic_in_a_fresh_process_with_one_thread():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(CUDA_REASON is not None, reason=f"csrc on CUDA: {CUDA_REASON}")
-def test_cuda_deterministic_across_runs():
-    """Integer atomics only, selected pairs sorted by index, fixed-order sums: same bits every run."""
+def _assert_cuda_runs_identical():
     student, teacher, labels = make_batch(700, 64, 48, 150, seed=14, device="cuda")
     config = EKDConfig(compute_critical_ratio=True, num_hard_negatives=500)
     runs = []
@@ -467,6 +465,105 @@ def test_cuda_deterministic_across_runs():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(CUDA_REASON is not None, reason=f"csrc on CUDA: {CUDA_REASON}")
+def test_cuda_deterministic_across_runs():
+    """Integer atomics only, selected pairs sorted by index, fixed-order sums: same bits every run."""
+    _assert_cuda_runs_identical()
+
+
+# --------------------------------------------------------------------------- tensor-core tiles (CUDA)
+# EKD_CUDA_TENSOR_CORES=1: the CUDA op's fp32 tiles on tensor cores in 3xTF32 (csrc/ekd_cuda.cu,
+# gram_tile_tc and pair_dot_tc), off by default until a GPU run has checked and measured them.
+# These tests set it for themselves; the GPU lease also runs the CUDA cases of the whole suite
+# with it set (tools/gpu_proof.sh, pytest-csrc-tensor-cores).
+TENSOR_CORES = "EKD_CUDA_TENSOR_CORES"
+
+
+def _require_cuda_tensor_cores():
+    if CUDA_REASON is not None:
+        pytest.skip(f"csrc on CUDA: {CUDA_REASON}")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core tiles need compute capability 8.0 (below it the op takes the FMA tiles)")
+
+
+@pytest.fixture
+def cuda_tensor_cores(monkeypatch):
+    _require_cuda_tensor_cores()
+    monkeypatch.setenv(TENSOR_CORES, "1")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "default")
+@pytest.mark.parametrize("batch,student_dim,teacher_dim,identities", [(7, 5, 3, 3), (130, 32, 20, 30),
+                                                                      (257, 24, 40, 100), (200, 512, 384, 50)])
+def test_cuda_tensor_cores_against_reference(cuda_tensor_cores, variant, batch, student_dim, teacher_dim, identities):
+    """Features that are not a multiple of the MMA's 8 or of the 32 staged a step (3, 5, 20, 24,
+    40), one partial tile (B = 7) and partial last tiles, and the usual D = 512 / 384."""
+    student, teacher, labels = make_batch(batch, student_dim, teacher_dim, identities, seed=batch, device="cuda")
+    compare_with_reference(student, teacher, labels, EKDConfig(**variant), steps=2)
+
+
+@pytest.mark.parametrize("selection", ["hardest", "random"])
+@pytest.mark.parametrize("batch,student_dim,teacher_dim", [(12, 7, 5), (150, 40, 72)])
+def test_cuda_tensor_cores_selected_pairs_have_the_tiles_bits(cuda_tensor_cores, selection, batch, student_dim,
+                                                               teacher_dim):
+    """momentum = 1: every EMA threshold is a negative's similarity as the tile passes computed it,
+    and that pair's similarity, recomputed for the rank loss (pair_dot_tc: the pair at row 0 and
+    column 0 of otherwise zero MMA operands), must have the same bits, else the pair counts as
+    critical at its own threshold (test_against_reference.py's
+    test_thresholds_that_are_pairs_of_the_batch, on the tensor-core tiles; B = 150 puts the
+    pairs in off-diagonal tiles, at every place of a tile, and D = 40, 72 past one 32-feature step)."""
+    batches = [make_batch(batch, student_dim, teacher_dim, batch, seed=s, device="cuda") for s in range(16)]
+    helpers.compare_with_reference("csrc", batches, generator_seed=0 if selection == "random" else None,
+                                   momentum=1.0, critical_only=True, compute_critical_ratio=True,
+                                   negative_selection=selection)
+
+
+def test_cuda_tensor_cores_thresholds_distinct_at_a_million_negatives(cuda_tensor_cores):
+    student, teacher, labels = make_batch(1500, 24, 16, 1400, seed=7, device="cuda")
+    compare_with_reference(student, teacher, labels, EKDConfig(compute_critical_ratio=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_tensor_cores_16_bit_inputs(cuda_tensor_cores, dtype):
+    """bf16/fp16 embeddings are computed in fp32 by the op, so they take the tensor-core tiles too."""
+    student, teacher, labels = make_batch(64, 32, 16, 16, seed=9, device="cuda", dtype=dtype)
+    got, grad = forward_backward(student, teacher, labels, EKDConfig())
+    want, want_grad = forward_backward(student, teacher, labels, EKDConfig(), impl=ekd_reference)
+    assert grad.dtype == dtype
+    assert_loss_close(got.loss.cpu(), want.loss.cpu())
+    assert_grad_close(grad.float().cpu(), want_grad.float().cpu(), tol=1e-2)
+
+
+def test_cuda_tensor_cores_deterministic_across_runs(cuda_tensor_cores):
+    _assert_cuda_runs_identical()
+
+
+def test_cuda_tensor_cores_switch_changes_the_tiles(monkeypatch):
+    """The switch is live and read at every call: at D = 512 the batch thresholds (order
+    statistics of the similarities as the tiles computed them) differ in some bit between the FMA
+    and the tensor-core tiles, which round otherwise, and both are within the reference's
+    tolerance; fp64 ignores it (its tiles stay FMA: the same bits)."""
+    _require_cuda_tensor_cores()
+    student, teacher, labels = make_batch(256, 512, 512, 64, seed=21, device="cuda")
+
+    def thresholds(x, y, tensor_cores):
+        if tensor_cores:
+            monkeypatch.setenv(TENSOR_CORES, "1")
+        else:
+            monkeypatch.delenv(TENSOR_CORES, raising=False)
+        stats = call(x, y, labels, EKDConfig()).stats
+        return torch.cat([stats.batch_student_thresholds, stats.batch_teacher_thresholds])
+
+    fma, tensor_cores = thresholds(student, teacher, False), thresholds(student, teacher, True)
+    want = call(student, teacher, labels, EKDConfig(), impl=ekd_reference).stats
+    want = torch.cat([want.batch_student_thresholds, want.batch_teacher_thresholds])
+    assert not torch.equal(fma, tensor_cores), "EKD_CUDA_TENSOR_CORES=1 gave the FMA tiles' thresholds"
+    for got in (fma, tensor_cores):
+        torch.testing.assert_close(got, want, rtol=0, atol=THRESHOLD_ATOL)
+    student64, teacher64 = student.double(), teacher.double()
+    assert torch.equal(thresholds(student64, teacher64, False), thresholds(student64, teacher64, True))
 
 
 # --------------------------------------------------------------------------- malformed raw-op arguments

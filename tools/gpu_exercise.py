@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -189,6 +190,14 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 
 
+# The csrc CUDA op's A/B variants, environment settings its forward reads at every call
+# (csrc/ekd_cuda.cu):
+# - tensor-cores: the fp32 tiles (bf16/fp16 embeddings included: the op computes them in fp32)
+#   on tensor cores in 3xTF32 (EKD_CUDA_TENSOR_CORES=1, off by default until a GPU run has
+#   checked and measured it), against the FMA tiles (18 TFLOP/s on the H200: 11.4 of 12.3 ms at
+#   B = 8192).  Not bitwise the default's outputs: the dots round otherwise.
+CSRC_VARIANTS = {"tensor-cores": dict(environ={"EKD_CUDA_TENSOR_CORES": "1"})}
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -220,15 +229,40 @@ class triton_settings:
             setattr(self.module, name, value)
 
 
+class variant_settings:
+    """A backend variant's settings for a block: environment variables under "environ" (what the
+    csrc CUDA op reads at every call: CSRC_VARIANTS), the rest triton_ekd settings."""
+
+    def __init__(self, settings):
+        settings = dict(settings)
+        self.environ = settings.pop("environ", {})
+        self.triton = triton_settings(**settings)
+
+    def __enter__(self):
+        self.saved = {name: os.environ.get(name) for name in self.environ}
+        os.environ.update(self.environ)
+        self.triton.__enter__()
+
+    def __exit__(self, *exc):
+        self.triton.__exit__(*exc)
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def backend_variant(name):
-    """("triton", its settings) for "triton:VARIANT" (TRITON_VARIANTS), (name, {}) otherwise."""
+    """(backend, its settings) for "triton:VARIANT" (TRITON_VARIANTS) or "csrc:VARIANT"
+    (CSRC_VARIANTS), (name, {}) otherwise."""
     backend, _, variant = name.partition(":")
     if not variant:
         return backend, {}
-    if backend != "triton" or variant not in TRITON_VARIANTS:
+    groups = {"triton": TRITON_VARIANTS, "csrc": CSRC_VARIANTS}
+    if variant not in groups.get(backend, {}):
         raise SystemExit(f"unknown backend variant {name!r}; known: "
-                         + ", ".join(f"triton:{v}" for v in TRITON_VARIANTS))
-    return backend, TRITON_VARIANTS[variant]
+                         + ", ".join(f"{b}:{v}" for b, group in groups.items() for v in group))
+    return backend, groups[backend][variant]
 
 
 def call(crit, student, teacher, labels, seed):
@@ -253,9 +287,18 @@ def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
                     for step in range(2):
                         call(crit, student, teacher, labels, step)
                     print(f"ok B={size} {dtype} {backend} {options}", flush=True)
+            if "csrc" in fast and device.type == "cuda":
+                # the tensor-core tiles, every tile pass (the critical pass with the ratio) and
+                # the selected pairs' dots (random selection recomputes both models' similarities)
+                for options in (VARIANTS[0], VARIANTS[1], VARIANTS[4]):
+                    with variant_settings(CSRC_VARIANTS["tensor-cores"]):
+                        crit = EKDLoss(backend="csrc", **options).to(device)
+                        for step in range(2):
+                            call(crit, student, teacher, labels, step)
+                    print(f"ok B={size} {dtype} csrc:tensor-cores {options}", flush=True)
             if "triton" in fast:
                 for name, settings in FORCED_TRITON_PATHS.items():
-                    with triton_settings(**settings):
+                    with variant_settings(settings):
                         crit = EKDLoss(backend="triton").to(device)
                         for step in range(2):
                             call(crit, student, teacher, labels, step)
@@ -291,24 +334,29 @@ def compare(got, want):
 
 def consistency(sizes, device, reference_max, out):
     fast = [b for b in available_backends(device) if b != "reference"]
+    if "csrc" in fast and device.type == "cuda":
+        fast += [f"csrc:{name}" for name in CSRC_VARIANTS]  # judged too, after the backends
     report, failed = [], False
     for size in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             batches = [batch_of(size, dtype, device, seed=size + s) for s in range(3)]
             judge = "reference" if size <= reference_max else fast[0]
-            crits = {b: EKDLoss(backend=b).to(device) for b in dict.fromkeys([judge] + fast)}
+            crits = {b: EKDLoss(backend=backend_variant(b)[0]).to(device) for b in dict.fromkeys([judge] + fast)}
             for step, inputs in enumerate(batches):
                 want = call(crits[judge], *inputs, step)
                 for backend in fast:
                     if backend == judge:
                         continue
-                    misses = compare(call(crits[backend], *inputs, step), want)
+                    with variant_settings(backend_variant(backend)[1]):
+                        misses = compare(call(crits[backend], *inputs, step), want)
                     failed |= bool(misses)
                     report.append({"B": size, "dtype": str(dtype), "backend": backend, "judge": judge, "step": step,
                                    "misses": misses})
                     print(f"B={size} {dtype} {backend} vs {judge} step {step}: {misses or 'ok'}", flush=True)
             for backend in fast:  # bitwise determinism: two fresh modules, same inputs
-                runs = [call(EKDLoss(backend=backend).to(device), *batches[0], 0) for _ in range(2)]
+                name, settings = backend_variant(backend)
+                with variant_settings(settings):
+                    runs = [call(EKDLoss(backend=name).to(device), *batches[0], 0) for _ in range(2)]
                 same = torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
                 failed |= not same
                 report.append({"B": size, "dtype": str(dtype), "backend": backend, "deterministic": same})
@@ -541,7 +589,7 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                     x = student.detach().requires_grad_(True)
                     crit(x, teacher, labels).backward()
 
-                with triton_settings(**settings):
+                with variant_settings(settings):
                     # one call from a fresh module, compared with the first variant of the same
                     # backend: an A/B variant must compute the same loss and gradient
                     loss, grad, _ = call(EKDLoss(backend=name).to(device), student, teacher, labels, 0)
@@ -555,7 +603,7 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
             measured = {backend: [] for backend, *_ in prepared}
             for _ in range(rounds):
                 for backend, settings, step, *_ in prepared:
-                    with triton_settings(**settings):
+                    with variant_settings(settings):
                         step()  # (after another variant's calls)
                         sync(device)
                         start = time.perf_counter()
@@ -639,7 +687,7 @@ def once(sizes, device, backend, dtype_name):
     for size in sizes:
         student, teacher, labels = batch_of(size, dtype, device, seed=size)
         crit = EKDLoss(backend=backend).to(device)
-        with triton_settings(**settings):
+        with variant_settings(settings):
             for _ in range(2):
                 call(crit, student, teacher, labels, 0)
             sync(device)
@@ -666,7 +714,8 @@ def main():
                         help="sanitize: the dtypes")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="profile: these backends only; triton:VARIANT is an earlier state of the Triton "
-                             f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)})")
+                             f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)}); csrc:VARIANT "
+                             f"a setting of the csrc CUDA op ({', '.join(CSRC_VARIANTS)})")
     parser.add_argument("--rounds", type=int, default=1,
                         help="profile: rounds measuring every backend in turn (after all are compiled); medians")
     args = parser.parse_args()

@@ -136,12 +136,14 @@ case "$stage" in
     # ways, pass 1's windows and launch settings at B = 8192 (and 1024): one aggregation with
     # direct atomics and pass 1 capped at 168 registers won (bitwise the same outputs) and are the
     # defaults since.
-    ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step, its lines to the summary
+    ab() {  # ab NAME MAX_SECONDS SIZES VARIANTS...: an A/B step (the default Triton backend against its
+      # variants, or the csrc op against its own when they are csrc variants), its lines to the summary
       local name=$1 max=$2 sizes=$3; shift 3
-      step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends triton "$@" --rounds 3 \
+      local base=triton; [[ $1 == csrc:* ]] && base=csrc
+      step $name $max $PY tools/gpu_exercise.py profile --sizes $sizes --backends $base "$@" --rounds 3 \
         --out $T/$name.json > $T/$name.log 2>&1
       [[ -s $T/$name.log ]] || return 0  # not selected, or skipped
-      { echo "$name (triton $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
+      { echo "$name ($base $*):"; grep "^B=\|^    \|^  against\|^  windows\|^  rounds" $T/$name.log; } \
         >> "$OUT/summary.txt"
     }
     # The fast backends against the reference and each other up to B = 32768
@@ -153,6 +155,11 @@ case "$stage" in
     # the fourth lease's profile), and pass 1's histogram copies from small B on (candidates)
     ab since-ab 90 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
       triton:copies-small16
+    # The csrc CUDA op's fp32 tiles on tensor cores (3xTF32, EKD_CUDA_TENSOR_CORES=1; written
+    # without a GPU, off by default) against its FMA tiles (11.4 of 12.3 ms at B = 8192 in the
+    # first lease); the suite's new cases (test_csrc.py, test_cuda_tensor_cores_*) ran in
+    # pytest-cuda, and consistency judged csrc:tensor-cores against the reference
+    ab csrc-ab 60 "1024 8192" csrc:tensor-cores
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
     # without the launch cache, launchers replaced by a no-op (the C launcher and driver calls
@@ -208,6 +215,13 @@ case "$stage" in
     # 1024) and the cutoff's (4096); the tile passes' shape at large B: 128 x 128 tiles at 8
     # warps (half the L2 bytes a FLOP of 64 x 64; one program an SM at 255 registers), 4 stages,
     # chunks of 64 (cut after 25 s in the fourth lease).
+    # The CUDA cases of the whole suite with the csrc op's tensor-core tiles set for the run (its
+    # fixtures then give every csrc CUDA case those tiles: the shared suites' csrc-cuda cases too),
+    # what making them the default needs
+    step pytest-csrc-tensor-cores 120 env EKD_CUDA_TENSOR_CORES=1 $PY -m pytest python_tests -q -rfE --tb=short \
+      -k "csrc and cuda" $xdist -p no:cacheprovider > $T/pytest_csrc_tc.log 2>&1
+    [[ -s $T/pytest_csrc_tc.log ]] && { echo "pytest-csrc-tensor-cores:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+      $T/pytest_csrc_tc.log | tail -20; } >> "$OUT/summary.txt"
     ab scan-ab 120 "3072 4096 8192 32768" triton:levels-scan
     ab tile-ab 90 "512 1024 2048" triton:tile32
     # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
