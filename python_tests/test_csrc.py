@@ -542,22 +542,24 @@ def test_cuda_tensor_cores_deterministic_across_runs(cuda_tensor_cores):
 
 def test_cuda_tensor_cores_switch_changes_the_tiles(monkeypatch):
     """The switch is live and read at every call: at D = 512 the batch thresholds (order
-    statistics of the similarities as the tiles computed them) differ in some bit between the FMA
+    statistics of the similarities as the tiles computed them; 24 FPRs a model, 48 distinct
+    values, so that an equality by chance is out of reach) differ in some bit between the FMA
     and the tensor-core tiles, which round otherwise, and both are within the reference's
     tolerance; fp64 ignores it (its tiles stay FMA: the same bits)."""
     _require_cuda_tensor_cores()
     student, teacher, labels = make_batch(256, 512, 512, 64, seed=21, device="cuda")
+    config = EKDConfig(fprs=tuple(0.5 * 0.8 ** k for k in range(24)))
 
     def thresholds(x, y, tensor_cores):
         if tensor_cores:
             monkeypatch.setenv(TENSOR_CORES, "1")
         else:
             monkeypatch.delenv(TENSOR_CORES, raising=False)
-        stats = call(x, y, labels, EKDConfig()).stats
+        stats = call(x, y, labels, config).stats
         return torch.cat([stats.batch_student_thresholds, stats.batch_teacher_thresholds])
 
     fma, tensor_cores = thresholds(student, teacher, False), thresholds(student, teacher, True)
-    want = call(student, teacher, labels, EKDConfig(), impl=ekd_reference).stats
+    want = call(student, teacher, labels, config, impl=ekd_reference).stats
     want = torch.cat([want.batch_student_thresholds, want.batch_teacher_thresholds])
     assert not torch.equal(fma, tensor_cores), "EKD_CUDA_TENSOR_CORES=1 gave the FMA tiles' thresholds"
     for got in (fma, tensor_cores):
