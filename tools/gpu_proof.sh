@@ -126,7 +126,9 @@ case "$stage" in
     # lease ran test_triton.py's large-B variants in a step of their own, without xdist: the
     # step's limit cut it before pytest printed why 22 of them failed.)
     gpu_cases="cuda or test_triton or test_large_batch or graph_method"
-    step pytest-cuda 250 $PY -m pytest python_tests -q -rfEs --tb=short -k "$gpu_cases" $xdist -p no:cacheprovider \
+    # (--durations: the 30 slowest cases in pytest.log, to see where the step's 200-250 s go:
+    # the fourth lease's run was cut at 99% of its cases)
+    step pytest-cuda 250 $PY -m pytest python_tests -q -rfEs --tb=short --durations=30 -k "$gpu_cases" $xdist -p no:cacheprovider \
       > "$OUT/pytest.log" 2>&1
     grep "^FAILED\|^ERROR\|passed\|failed" "$OUT/pytest.log" | tail -40 >> "$OUT/summary.txt"
     # A/B runs of the Triton forward+backward, back to back in one process, each variant's loss and
