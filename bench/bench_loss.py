@@ -24,12 +24,15 @@ the device's time (the input copies and the graph's launch included). Their peak
 the graphs' private pools and the static input copies. "ekd/triton+compile" and
 "ekd/csrc+compile" time the same loss under `torch.compile(mode="reduce-overhead")` (inductor's
 CUDA graphs: the README's one-line way to them), input copies and the graph tree's bookkeeping
-included; their peak memory is that of the first call, which compiles.
+included; their peak memory is that of the first call, which compiles. "ekd/csrc+tc" is the csrc
+CUDA op with its fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, set around each call; off
+by default until measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -72,6 +75,24 @@ def loss_calls(loss_fn):
 
 def ekd_method(backend, device):
     return loss_calls(EKDLoss(backend=backend).to(device))
+
+
+def with_environ(loss_fn, environ):
+    """`loss_fn` with the environment variables `environ` set around each call (what the csrc CUDA
+    op reads at every call), restored after it, also when it raises."""
+    def call(*args):
+        saved = {name: os.environ.get(name) for name in environ}
+        os.environ.update(environ)
+        try:
+            return loss_fn(*args)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    return call
 
 
 def ekd_graph_method(backend, device, crit=None):
@@ -182,6 +203,9 @@ def all_methods(device):
         for name in ("triton", "csrc"):
             if f"ekd/{name}" in methods:
                 methods[f"ekd/{name}+graph"] = lambda n=name: ekd_graph_method(n, device)
+        if "ekd/csrc" in methods:
+            methods["ekd/csrc+tc"] = lambda: loss_calls(
+                with_environ(EKDLoss(backend="csrc").to(device), {"EKD_CUDA_TENSOR_CORES": "1"}))
     methods["rkd/reference"] = lambda: rkd_method(RKDLoss())
     fast, why = fast_rkd()
     if fast is not None:

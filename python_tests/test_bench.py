@@ -57,6 +57,35 @@ def test_loss_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
                                                             ("floor", 64), ("floor", 128)]
 
 
+def test_with_environ_sets_the_variables_for_each_call_only(monkeypatch):
+    """bench_loss's ekd/csrc+tc sets EKD_CUDA_TENSOR_CORES around each call of the loss (the csrc
+    CUDA op reads it at every call) and restores what was there, also when the call raises: the
+    other methods of the run must see the default."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    name = "EKD_CUDA_TENSOR_CORES"
+    seen = []
+
+    def loss(fail):
+        seen.append(os.environ.get(name))
+        if fail:
+            raise RuntimeError("refused")
+        return 1
+
+    wrapped = bench_loss.with_environ(loss, {name: "1"})
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, before)
+        assert wrapped(False) == 1
+        with pytest.raises(RuntimeError, match="refused"):
+            wrapped(True)
+        assert os.environ.get(name) == before
+    assert seen == ["1"] * 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "csrc"])
 def test_loss_bench_graph_method_replays_the_eager_steps(monkeypatch, backend):

@@ -174,7 +174,7 @@ case "$stage" in
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc \
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc ekd/csrc+tc \
       ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log
     # the README's one line to CUDA graphs, torch.compile(mode="reduce-overhead"), beside the
@@ -203,7 +203,7 @@ case "$stage" in
       --backend triton --dtype bfloat16 > "$OUT/ncu.log" 2>&1
     # B = 32768: the fast backends and the floor only (the 20x target is at B = 1024; the
     # reference would take most of the step's time)
-    step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc floor \
+    step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc ekd/csrc+tc floor \
       --out "$OUT/loss.jsonl" > $T/bench_large.log 2>&1
     bench_lines $T/bench_large.log
     step bench-train 150 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
