@@ -198,6 +198,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
 #   B = 8192).  Not bitwise the default's outputs: the dots round otherwise.
 CSRC_VARIANTS = {"tensor-cores": dict(environ={"EKD_CUDA_TENSOR_CORES": "1"})}
 
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -341,7 +342,8 @@ def consistency(sizes, device, reference_max, out):
         for dtype in (torch.float32, torch.bfloat16):
             batches = [batch_of(size, dtype, device, seed=size + s) for s in range(3)]
             judge = "reference" if size <= reference_max else fast[0]
-            crits = {b: EKDLoss(backend=backend_variant(b)[0]).to(device) for b in dict.fromkeys([judge] + fast)}
+            crits = {b: EKDLoss(backend=backend_variant(b)[0]).to(device)
+                     for b in dict.fromkeys([judge] + fast)}
             for step, inputs in enumerate(batches):
                 want = call(crits[judge], *inputs, step)
                 for backend in fast:
