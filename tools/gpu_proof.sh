@@ -233,6 +233,13 @@ case "$stage" in
     [[ -s $T/pytest_tile32.log ]] && { echo "pytest-tile32:"; grep "^FAILED\|^ERROR\|passed\|failed" \
       $T/pytest_tile32.log | tail -20; } >> "$OUT/summary.txt"
     ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
+    # The csrc op's tensor-core tile kernel under Nsight Compute (B = 8192, fp32): its throughput,
+    # occupancy and stall reasons, for the next step of that kernel (written without a GPU)
+    step ncu-csrc 75 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      --kernel-name regex:similarity_tile --launch-count 2 --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py \
+      once --sizes 8192 --backend csrc:tensor-cores --dtype float32 > $T/ncu_csrc.log 2>&1
+    [[ -s $T/ncu_csrc.log ]] && { echo "ncu-csrc:"; grep "similarity_tile\|Duration\|Throughput\|Registers Per\|Achieved Occupancy\|Theoretical Occupancy\|Warp Cycles Per Issued\|Stall" \
+      $T/ncu_csrc.log | head -40; } >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
