@@ -32,14 +32,13 @@ by default until measured).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, environment, summary, sync,
-                    time_calls)
+from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, environment,
+                    environment_variables, summary, sync, time_calls)
 
 sys.path.insert(0, str(REPO))
 
@@ -81,16 +80,8 @@ def with_environ(loss_fn, environ):
     """`loss_fn` with the environment variables `environ` set around each call (what the csrc CUDA
     op reads at every call), restored after it, also when it raises."""
     def call(*args):
-        saved = {name: os.environ.get(name) for name in environ}
-        os.environ.update(environ)
-        try:
+        with environment_variables(environ):
             return loss_fn(*args)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
     return call
 

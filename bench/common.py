@@ -7,6 +7,7 @@ on what (device name, versions, commit, date) it was measured, so files can be m
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -137,6 +138,22 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def environment_variables(values: dict):
+    """Environment variables set for a block and restored after it, also when it raises (what the
+    csrc CUDA op reads at every call: bench_loss's ekd/csrc+tc, gpu_exercise's csrc variants)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sync(device: torch.device):

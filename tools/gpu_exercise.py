@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -46,7 +45,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 
-from common import PeakMemory  # noqa: E402  (bench/)
+from common import PeakMemory, environment_variables  # noqa: E402  (bench/)
 from ekd_kernels import EKDLoss, triton_ekd  # noqa: E402
 from ekd_kernels._triton.launch import LaunchCache  # noqa: E402
 from ekd_kernels.backends import available_backends  # noqa: E402
@@ -236,21 +235,17 @@ class variant_settings:
 
     def __init__(self, settings):
         settings = dict(settings)
-        self.environ = settings.pop("environ", {})
+        self.values = settings.pop("environ", {})
         self.triton = triton_settings(**settings)
 
     def __enter__(self):
-        self.saved = {name: os.environ.get(name) for name in self.environ}
-        os.environ.update(self.environ)
+        self.environ = environment_variables(self.values)
+        self.environ.__enter__()
         self.triton.__enter__()
 
     def __exit__(self, *exc):
         self.triton.__exit__(*exc)
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        self.environ.__exit__(*exc)
 
 
 def backend_variant(name):
