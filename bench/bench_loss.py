@@ -24,9 +24,9 @@ the device's time (the input copies and the graph's launch included). Their peak
 the graphs' private pools and the static input copies. "ekd/triton+compile" and
 "ekd/csrc+compile" time the same loss under `torch.compile(mode="reduce-overhead")` (inductor's
 CUDA graphs: the README's one-line way to them), input copies and the graph tree's bookkeeping
-included; their peak memory is that of the first call, which compiles. "ekd/csrc+tc" is the csrc
-CUDA op with its fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, set around each call; off
-by default until measured).
+included; their peak memory is that of the first call, which compiles. "ekd/csrc+tc" and
+"ekd/csrc+mma" are the csrc CUDA op with its fp32 tiles on tensor cores, through wmma and through
+mma.sync (EKD_CUDA_TENSOR_CORES=1 and 2, set around each call; off by default until measured).
 """
 
 from __future__ import annotations
@@ -195,8 +195,9 @@ def all_methods(device):
             if f"ekd/{name}" in methods:
                 methods[f"ekd/{name}+graph"] = lambda n=name: ekd_graph_method(n, device)
         if "ekd/csrc" in methods:
-            methods["ekd/csrc+tc"] = lambda: loss_calls(
-                with_environ(EKDLoss(backend="csrc").to(device), {"EKD_CUDA_TENSOR_CORES": "1"}))
+            for name, setting in (("tc", "1"), ("mma", "2")):
+                methods[f"ekd/csrc+{name}"] = lambda v=setting: loss_calls(
+                    with_environ(EKDLoss(backend="csrc").to(device), {"EKD_CUDA_TENSOR_CORES": v}))
     methods["rkd/reference"] = lambda: rkd_method(RKDLoss())
     fast, why = fast_rkd()
     if fast is not None:

@@ -261,7 +261,7 @@ constexpr int kTcStageLd = kTcDepth + 4;  // a staged row's stride (wmma: 16-byt
 constexpr int kTcOutLd = kTile + 8;       // the accumulator tile's row stride (32-byte row starts)
 constexpr int kTcSmemFloats =
     (2 * kTile * kTcStageLd > kTile * kTcOutLd) ? 2 * kTile * kTcStageLd : kTile * kTcOutLd;
-constexpr int kTcStaged = kTile * kTcDepth / kTileThreads;  // staged values a thread, a matrix, a step
+[[maybe_unused]] constexpr int kTcStaged = kTile * kTcDepth / kTileThreads;  // staged values a thread, a matrix, a step
 //! A warp's buffer in pair_dot_tc: a kTcDepth step's four 16 x 8 A operands and four 8 x 16 B
 //! operands (then the 16 x 16 result).
 constexpr int kTcPairFloats = 2 * (kTcDepth / 8) * 128;
@@ -426,23 +426,196 @@ __device__ __forceinline__ float pair_dot_tc(const float* __restrict__ x, const 
 #endif
 }
 
-//! Whether this call's fp32 tiles run on tensor cores: EKD_CUDA_TENSOR_CORES=1 and a device of
-//! compute capability 8.0 or later (read at every call: a benchmark's A/B switches it in one
-//! process).  fp64 always takes the FMA tiles.  (A build without an sm_80+ image, e.g.
-//! TORCH_CUDA_ARCH_LIST=7.5+PTX, runs the fallback above on such a device: FMA tiles, consistent
-//! but not on tensor cores, whatever this says; the default build has sm_80 and sm_90.)
-bool tensor_cores_requested() {
-  const char* setting = std::getenv("EKD_CUDA_TENSOR_CORES");
-  return setting != nullptr && std::strcmp(setting, "1") == 0 && at::cuda::getCurrentDeviceProperties()->major >= 8;
+// ----------------------------------------------------------------------------- tensor-core tiles, mma.sync
+// EKD_CUDA_TENSOR_CORES=2: the same 3xTF32 arithmetic for every element (an 8-feature step's
+// small x big, big x small, big x big into a zeroed accumulator, then an fp32 add) through
+// mma.sync.m16n8k8 PTX instead of wmma, with the operands where the PTX ISA's fragment layout
+// puts them: each value split once, when it is staged in shared memory (wmma's fragments are
+// split by every warp that loads them), shared-memory loads at fixed offsets (wmma's load
+// through generic addresses, with 64-bit address arithmetic an element), a warp's four 8-column
+// blocks sharing its A operands.  Not bitwise EKD_CUDA_TENSOR_CORES=1's results necessarily
+// (another instruction sequence), but the same bits in every pass and for a single pair
+// (pair_dot_mma), as there.
+//   m16n8k8 TF32 fragments (PTX ISA), g = lane / 4, t = lane % 4: A (16 x 8, row-major)
+//   a0 = A[g][t], a1 = A[g + 8][t], a2 = A[g][t + 4], a3 = A[g + 8][t + 4]; B (8 x 8, column-major)
+//   b0 = B[t][g], b1 = B[t + 4][g]; C (16 x 8) c0 = C[g][2t], c1 = C[g][2t + 1], c2 = C[g + 8][2t],
+//   c3 = C[g + 8][2t + 1].
+//! Shared floats of gram_tile_mma: big and small parts of the rows and of the columns, then the
+//! accumulator tile.
+constexpr int kMmaSmemFloats =
+    (4 * kTile * kTcStageLd > kTile * kTcOutLd) ? 4 * kTile * kTcStageLd : kTile * kTcOutLd;
+
+#ifndef EKD_TC_FALLBACK
+//! The TF32 rounding (to nearest, ties away) of x, as the bits of a float.
+__device__ __forceinline__ float to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
 }
 
-//! A tile's Gram on the FMA path (gram_tile) or on tensor cores (gram_tile_tc, fp32 only), in the
-//! kernel's one shared buffer.
-template <typename T, bool kTensorCores>
+//! d = a b + c, one m16n8k8 TF32 MMA with fp32 accumulators.
+__device__ __forceinline__ void mma_m16n8k8(float (&d)[4], const float (&a)[4], const float (&b)[2],
+                                            const float (&c)[4]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+}
+
+//! acc += a b in 3xTF32 from operands already split: the step into a zeroed accumulator, then an
+//! fp32 add (see gram_tile_tc's comment); the one sequence gram_tile_mma and pair_dot_mma use.
+__device__ __forceinline__ void mma_3xtf32_split(float (&acc)[4], const float (&a_big)[4], const float (&a_small)[4],
+                                                 const float (&b_big)[2], const float (&b_small)[2]) {
+  const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float step[4];
+  mma_m16n8k8(step, a_small, b_big, zero);
+  mma_m16n8k8(step, a_big, b_small, step);
+  mma_m16n8k8(step, a_big, b_big, step);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] += step[e];
+}
+#endif  // EKD_TC_FALLBACK
+
+//! gram_tile's result on tensor cores through mma.sync: warp w holds rows 16 (w / 2) ... + 16 and
+//! columns 32 (w % 2) ... + 32 (four 8-column blocks); the accumulators go through shared memory
+//! to the (ty, tx) layout the epilogues read.
+__device__ __forceinline__ void gram_tile_mma(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
+                                              int64_t col0, float (&acc)[4][4], float* smem) {
+#ifdef EKD_TC_FALLBACK
+  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
+            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+#else
+  constexpr int kPart = kTile * kTcStageLd;  // [r * kTcStageLd + k]: feature k0 + k of row r
+  float* rows_big = smem;
+  float* rows_small = smem + kPart;
+  float* cols_big = smem + 2 * kPart;
+  float* cols_small = smem + 3 * kPart;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int r0 = (warp / 2) * 16, c0 = (warp % 2) * 32;
+  float c[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[j][e] = 0.0f;
+  float row_values[kTcStaged], col_values[kTcStaged];
+  if (dim > 0) fetch_tc_step(x, dim, batch, row0, col0, 0, row_values, col_values);
+  for (int64_t k0 = 0; k0 < dim; k0 += kTcDepth) {
+#pragma unroll
+    for (int s = 0; s < kTcStaged; ++s) {
+      const int e = threadIdx.x + s * kTileThreads;
+      const int at = (e / kTcDepth) * kTcStageLd + e % kTcDepth;
+      const float row_big = to_tf32(row_values[s]), col_big = to_tf32(col_values[s]);
+      rows_big[at] = row_big;
+      rows_small[at] = to_tf32(row_values[s] - row_big);
+      cols_big[at] = col_big;
+      cols_small[at] = to_tf32(col_values[s] - col_big);
+    }
+    __syncthreads();
+    if (k0 + kTcDepth < dim) fetch_tc_step(x, dim, batch, row0, col0, k0 + kTcDepth, row_values, col_values);
+#pragma unroll
+    for (int kk = 0; kk < kTcDepth; kk += 8) {
+      const int a_at = (r0 + g) * kTcStageLd + kk + t;
+      const float a_big[4] = {rows_big[a_at], rows_big[a_at + 8 * kTcStageLd], rows_big[a_at + 4],
+                              rows_big[a_at + 8 * kTcStageLd + 4]};
+      const float a_small[4] = {rows_small[a_at], rows_small[a_at + 8 * kTcStageLd], rows_small[a_at + 4],
+                                rows_small[a_at + 8 * kTcStageLd + 4]};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int b_at = (c0 + 8 * j + g) * kTcStageLd + kk + t;
+        const float b_big[2] = {cols_big[b_at], cols_big[b_at + 4]};
+        const float b_small[2] = {cols_small[b_at], cols_small[b_at + 4]};
+        mma_3xtf32_split(c[j], a_big, a_small, b_big, b_small);
+      }
+    }
+    __syncthreads();
+  }
+  float* out = smem;  // the staging buffers are free: every warp passed the loop's last barrier
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int column = c0 + 8 * j + 2 * t;
+    out[(r0 + g) * kTcOutLd + column] = c[j][0];
+    out[(r0 + g) * kTcOutLd + column + 1] = c[j][1];
+    out[(r0 + g + 8) * kTcOutLd + column] = c[j][2];
+    out[(r0 + g + 8) * kTcOutLd + column + 1] = c[j][3];
+  }
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = out[(ty + 16 * u) * kTcOutLd + tx + 16 * v];
+  __syncthreads();  // before a second tile (kCritical) stages over `out`
+#endif
+}
+
+//! <x, y> with gram_tile_mma's bits for the pair (i, j), i < j, x = row i and y = row j, by the
+//! whole warp (all 32 lanes call it with the same arguments): lanes 0-3 hold row 0 of A and
+//! column 0 of B (g = 0), every other operand is zero, and C[0][0] is lane 0's c0.  The same
+//! 8-feature steps, zero-padded to the same kTcDepth multiple, split by the same rounding.
+__device__ __forceinline__ float pair_dot_mma(const float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+#ifdef EKD_TC_FALLBACK
+  return tile_order_dot(x, y, n);
+#else
+  const int lane = threadIdx.x % kWarpSize;
+  const int t = lane % 4;
+  const bool holds = lane < 4;  // g = 0
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t padded = (n + kTcDepth - 1) / kTcDepth * kTcDepth;
+  for (int64_t k0 = 0; k0 < padded; k0 += kTcDepth) {
+    float xs[kTcDepth / 4], ys[kTcDepth / 4];  // features k0 + 8q + t and k0 + 8q + t + 4, q = 0 ... 3
+#pragma unroll
+    for (int h = 0; h < kTcDepth / 4; ++h) {
+      const int64_t feature = k0 + 8 * (h / 2) + t + 4 * (h % 2);
+      xs[h] = holds && feature < n ? x[feature] : 0.0f;
+      ys[h] = holds && feature < n ? y[feature] : 0.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < kTcDepth / 8; ++q) {
+      const float x0 = xs[2 * q], x4 = xs[2 * q + 1], y0 = ys[2 * q], y4 = ys[2 * q + 1];
+      const float x0_big = to_tf32(x0), x4_big = to_tf32(x4), y0_big = to_tf32(y0), y4_big = to_tf32(y4);
+      const float a_big[4] = {x0_big, 0.0f, x4_big, 0.0f};
+      const float a_small[4] = {to_tf32(x0 - x0_big), 0.0f, to_tf32(x4 - x4_big), 0.0f};
+      const float b_big[2] = {y0_big, y4_big};
+      const float b_small[2] = {to_tf32(y0 - y0_big), to_tf32(y4 - y4_big)};
+      mma_3xtf32_split(c, a_big, a_small, b_big, b_small);
+    }
+  }
+  return __shfl_sync(0xffffffffu, c[0], 0);
+#endif
+}
+
+//! How this call's fp32 tiles are computed: on tensor cores with EKD_CUDA_TENSOR_CORES=1 (wmma) or
+//! 2 (mma.sync) and a device of compute capability 8.0 or later, else (unset, another value) by
+//! FMA (read at every call: a benchmark's A/B switches it in one process).  fp64 always takes the
+//! FMA tiles.  (A build without an sm_80+ image, e.g.
+//! TORCH_CUDA_ARCH_LIST=7.5+PTX, runs the fallback above on such a device: FMA tiles, consistent
+//! but not on tensor cores, whatever this says; the default build has sm_80 and sm_90.)
+enum TileMath : int {
+  kFmaTiles = 0,   // gram_tile (the default)
+  kWmmaTiles = 1,  // gram_tile_tc, EKD_CUDA_TENSOR_CORES=1
+  kMmaTiles = 2,   // gram_tile_mma, EKD_CUDA_TENSOR_CORES=2
+};
+
+TileMath tile_math_requested() {
+  const char* setting = std::getenv("EKD_CUDA_TENSOR_CORES");
+  if (setting == nullptr || at::cuda::getCurrentDeviceProperties()->major < 8) return kFmaTiles;
+  if (std::strcmp(setting, "1") == 0) return kWmmaTiles;
+  if (std::strcmp(setting, "2") == 0) return kMmaTiles;
+  return kFmaTiles;
+}
+
+//! A tile's Gram on the FMA path (gram_tile) or on tensor cores (gram_tile_tc, gram_tile_mma: fp32
+//! only), in the kernel's one shared buffer.
+template <typename T, int kMath>
 __device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                           int64_t col0, T (&acc)[4][4], unsigned char* smem) {
-  if constexpr (kTensorCores) {
+  if constexpr (kMath == kWmmaTiles) {
     gram_tile_tc(x, dim, batch, row0, col0, acc, reinterpret_cast<float*>(smem));
+  } else if constexpr (kMath == kMmaTiles) {
+    gram_tile_mma(x, dim, batch, row0, col0, acc, reinterpret_cast<float*>(smem));
   } else {
     gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTile + 1]>(smem),
               reinterpret_cast<T(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1) * sizeof(T)));
@@ -451,7 +624,7 @@ __device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, 
 
 //! One upper-triangle tile of x's Gram (and of y's in the kCritical pass), each pair (i < j)
 //! handed to the pass's epilogue.  Negatives only, except kCritical (all pairs).
-template <typename T, bool kTensorCores>
+template <typename T, int kMath>
 __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t x_dim, const T* __restrict__ y,
                                                 int64_t y_dim, const TileParams<T>& p, unsigned char* smem) {
   if ((p.pass == kBoundaryTies || p.pass == kCollect) && *p.boundary_residual < 0) return;
@@ -460,9 +633,9 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   upper_tile(blockIdx.x, tiles, &tile_row, &tile_col);
   const int64_t row0 = tile_row * kTile, col0 = tile_col * kTile;
   T acc[4][4];
-  tile_gram<T, kTensorCores>(x, x_dim, p.batch, row0, col0, acc, smem);
+  tile_gram<T, kMath>(x, x_dim, p.batch, row0, col0, acc, smem);
   T acc_y[4][4];
-  if (p.pass == kCritical) tile_gram<T, kTensorCores>(y, y_dim, p.batch, row0, col0, acc_y, smem);
+  if (p.pass == kCritical) tile_gram<T, kMath>(y, y_dim, p.batch, row0, col0, acc_y, smem);
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
@@ -500,31 +673,33 @@ __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* 
                                                                        const T* __restrict__ y, int64_t y_dim,
                                                                        TileParams<T> p) {
   __shared__ __align__(128) unsigned char smem[2 * kTileDepth * (kTile + 1) * sizeof(T)];
-  similarity_tile<T, false>(x, x_dim, y, y_dim, p, smem);
+  similarity_tile<T, kFmaTiles>(x, x_dim, y, y_dim, p, smem);
 }
 
-//! The tensor-core tiles' kernel (fp32), held to 128 registers so that two blocks share an SM
-//! (173 uncapped: one); shared memory: gram_tile_tc's staging, then its accumulators.
+//! The tensor-core tiles' kernels (fp32: kWmmaTiles or kMmaTiles), held to 128 registers so that
+//! two blocks share an SM (wmma: 173 uncapped, one); shared memory: the tile's staging, then its
+//! accumulators.
+template <int kMath>
 __global__ void __launch_bounds__(kTileThreads, 2) similarity_tile_tc_kernel(const float* __restrict__ x,
                                                                              int64_t x_dim,
                                                                              const float* __restrict__ y,
                                                                              int64_t y_dim, TileParams<float> p) {
-  __shared__ __align__(128) unsigned char smem[kTcSmemFloats * sizeof(float)];
-  similarity_tile<float, true>(x, x_dim, y, y_dim, p, smem);
+  __shared__ __align__(128) unsigned char smem[(kMath == kMmaTiles ? kMmaSmemFloats : kTcSmemFloats) * sizeof(float)];
+  similarity_tile<float, kMath>(x, x_dim, y, y_dim, p, smem);
 }
 
-//! A tile pass over the upper triangle; `tensor_cores` (tensor_cores_requested) picks the fp32
-//! tiles' path for the whole call, so every pass computes a pair's similarity alike.
+//! A tile pass over the upper triangle; `math` (tile_math_requested) picks the fp32 tiles' path
+//! for the whole call, so every pass computes a pair's similarity alike.
 template <typename T>
-void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params, bool tensor_cores) {
+void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>& params, TileMath math) {
   const int64_t blocks = tile_blocks(params.batch);
   // ekd_forward_cuda refuses B > kMaxBatch; a larger grid would be truncated to 32 bits.
   EKD_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
   const auto stream = at::cuda::getCurrentCUDAStream();
   if constexpr (std::is_same<T, float>::value) {
-    if (tensor_cores) {
-      similarity_tile_tc_kernel<<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(),
-                                                                     y.size(1), params);
+    if (math != kFmaTiles) {
+      auto* kernel = math == kMmaTiles ? similarity_tile_tc_kernel<kMmaTiles> : similarity_tile_tc_kernel<kWmmaTiles>;
+      kernel<<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -636,7 +811,7 @@ struct Requests {
 //! histogram passes over the tiles.
 template <typename T>
 Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& num_negative,
-                         const ForwardOptions& options, bool with_boundary, bool tensor_cores) {
+                         const ForwardOptions& options, bool with_boundary, TileMath math) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t k = options.num_thresholds();
   Requests req;
@@ -670,7 +845,7 @@ Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at
     p.prefix = prefix;
     p.residual = req.residual.data_ptr<int64_t>();
     p.prefix_bits = prefix_bits;
-    launch_tiles<T>(x, x, p, tensor_cores);
+    launch_tiles<T>(x, x, p, math);
     // The first pass fills one histogram shared by all requests.
     const int64_t stride = prefix_bits == 0 ? 0 : kRadixBins;
     locate_requests_kernel<<<req.count, kLocateThreads, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, prefix,
@@ -702,7 +877,7 @@ struct Selection {
 template <typename T>
 Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& labels, const Requests& student_req,
                             int64_t boundary_index, const at::Tensor& num_negative, int64_t num_hard_negatives,
-                            int64_t n_max, bool tensor_cores) {
+                            int64_t n_max, TileMath math) {
   const int64_t batch = student_hat.size(0);
   const auto long_options = labels.options().dtype(at::kLong);
   const auto* boundary_key = reinterpret_cast<const uint64_t*>(student_req.prefix.data_ptr<int64_t>()) + boundary_index;
@@ -719,7 +894,7 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.boundary_residual = boundary_residual;
   p.row_ties = reinterpret_cast<ull*>(row_ties.data_ptr<int64_t>());
   p.above_count = reinterpret_cast<ull*>(above.data_ptr<int64_t>());
-  launch_tiles<T>(student_hat, student_hat, p, tensor_cores);
+  launch_tiles<T>(student_hat, student_hat, p, math);
 
   // Ties wanted = n - above; the cut row is the first whose cumulative ties reach it.
   const at::Tensor ties_wanted = n - above;
@@ -743,7 +918,7 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.collect_value = values.data_ptr<T>();
   p.collect_at_cut = at_cut.data_ptr<int64_t>();
   p.collect_capacity = capacity;
-  launch_tiles<T>(student_hat, student_hat, p, tensor_cores);
+  launch_tiles<T>(student_hat, student_hat, p, math);
 
   // Deterministic whatever the atomics did: order by pair index, keep the first ties of the
   // cut row, order again and cut to n_max.
@@ -867,23 +1042,25 @@ __device__ __forceinline__ T tile_order_dot(const T* __restrict__ x, const T* __
 }
 
 //! A pair's similarity as the tile passes computed it: tile_order_dot after the FMA tiles, the
-//! warp's pair_dot_tc after the tensor-core ones (`buffer`: the warp's shared floats).
-template <typename T, bool kTensorCores>
+//! warp's pair_dot_tc or pair_dot_mma after the tensor-core ones (`buffer`: the warp's shared
+//! floats, for pair_dot_tc).
+template <typename T, int kMath>
 __device__ __forceinline__ T tile_pass_dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n,
                                            float* buffer) {
-  if constexpr (kTensorCores) return pair_dot_tc(x, y, n, buffer);
+  if constexpr (kMath == kWmmaTiles) return pair_dot_tc(x, y, n, buffer);
+  else if constexpr (kMath == kMmaTiles) return pair_dot_mma(x, y, n);
   else return tile_order_dot(x, y, n);
 }
 
 //! A warp per selected pair: a (given: the tile pass's value, or recomputed when random), b, as
 //! the tile passes computed them (tile_pass_dot), its loss, criticality, d loss / d a.
-template <typename T, bool kTensorCores>
+template <typename T, int kMath>
 __global__ void __launch_bounds__(kRowThreads)
     selected_pairs_kernel(const int64_t* pairs, const T* given_student, const T* student_hat, int64_t ds,
                           const T* teacher_hat, int64_t dt, PairMath<T> math, int64_t count, double* loss,
                           int64_t* critical, T* loss_grad) {
-  __shared__ __align__(32) float pair_buffers[kTensorCores ? kRowWarps * kTcPairFloats : 1];
-  float* buffer = pair_buffers + (kTensorCores ? (threadIdx.x / kWarpSize) * kTcPairFloats : 0);
+  __shared__ __align__(32) float pair_buffers[kMath == kWmmaTiles ? kRowWarps * kTcPairFloats : 1];
+  float* buffer = pair_buffers + (kMath == kWmmaTiles ? (threadIdx.x / kWarpSize) * kTcPairFloats : 0);
   const WarpLanes<T> lanes{int(threadIdx.x % kWarpSize)};
   EKD_FOR_EACH_WARP_ITEM(e, count) {
     const int64_t i = pairs[2 * e], j = pairs[2 * e + 1];
@@ -897,8 +1074,8 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     const T a = given_student != nullptr
                     ? given_student[e]
-                    : tile_pass_dot<T, kTensorCores>(student_hat + i * ds, student_hat + j * ds, ds, buffer);
-    const T b = tile_pass_dot<T, kTensorCores>(teacher_hat + i * dt, teacher_hat + j * dt, dt, buffer);
+                    : tile_pass_dot<T, kMath>(student_hat + i * ds, student_hat + j * ds, ds, buffer);
+    const T b = tile_pass_dot<T, kMath>(teacher_hat + i * dt, teacher_hat + j * dt, dt, buffer);
     if (lanes.lane == 0) {
       const PairLossAndGrad<T> both = pair_loss_and_grad(a, b, math);
       loss[e] = double(both.loss);
@@ -1014,13 +1191,13 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   const auto long_options = prep.labels.options();
   const auto compute_options = prep.student_hat.options();
   const at::Tensor num_negative = (batch * (batch - 1) / 2) - prep.num_positive;
-  const bool tensor_cores = std::is_same<T, float>::value && tensor_cores_requested();
+  const TileMath tile_math = std::is_same<T, float>::value ? tile_math_requested() : kFmaTiles;
 
   // Stage 3: batch thresholds (and the student's N-th largest negative) by radix selection.
   const Requests student_req = select_requests<T>(prep.student_hat, prep.labels, num_negative, options, hardest,
-                                                           tensor_cores);
+                                                           tile_math);
   const Requests teacher_req = select_requests<T>(prep.teacher_hat, prep.labels, num_negative, options, false,
-                                                           tensor_cores);
+                                                           tile_math);
   const at::Tensor batch_student_c = request_values<T>(student_req, k, compute_options);
   const at::Tensor batch_teacher_c = request_values<T>(teacher_req, k, compute_options);
   const at::Tensor finite = all_finite(student, teacher);
@@ -1041,7 +1218,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   // Stage 4: the distilled negatives.
   const Selection selection =
       hardest ? hardest_negatives<T>(prep.student_hat, prep.labels, student_req, k, num_negative,
-                                     options.num_hard_negatives, n_max, tensor_cores)
+                                     options.num_hard_negatives, n_max, tile_math)
               : random_negatives(prep, *random_negative_ranks, n_max);
 
   // Stage 5: the two terms and the per-pair gradients.
@@ -1059,9 +1236,10 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   at::Tensor neg_critical = at::full({slots}, -1, long_options);
   at::Tensor neg_loss_grad = at::zeros({slots}, compute_options);
   if (n_max > 0) {
-    auto* kernel = selected_pairs_kernel<T, false>;
+    auto* kernel = selected_pairs_kernel<T, kFmaTiles>;
     if constexpr (std::is_same<T, float>::value) {
-      if (tensor_cores) kernel = selected_pairs_kernel<T, true>;
+      if (tile_math == kWmmaTiles) kernel = selected_pairs_kernel<T, kWmmaTiles>;
+      if (tile_math == kMmaTiles) kernel = selected_pairs_kernel<T, kMmaTiles>;
     }
     kernel<<<warp_blocks(n_max), kRowThreads, 0, stream>>>(
         selection.pairs.data_ptr<int64_t>(), hardest ? selection.student.data_ptr<T>() : nullptr,
@@ -1102,7 +1280,7 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
     p.teacher_thresholds = teacher_state.data_ptr<T>();
     p.num_thresholds = k;
     p.critical_count = reinterpret_cast<ull*>(num_critical_pairs.data_ptr<int64_t>());
-    launch_tiles<T>(prep.student_hat, prep.teacher_hat, p, tensor_cores);
+    launch_tiles<T>(prep.student_hat, prep.teacher_hat, p, tile_math);
   }
 
   const at::Tensor counts = at::stack({prep.num_positive, num_negative, selection.num_selected.to(at::kLong),

@@ -474,11 +474,13 @@ def test_cuda_deterministic_across_runs():
 
 
 # --------------------------------------------------------------------------- tensor-core tiles (CUDA)
-# EKD_CUDA_TENSOR_CORES=1: the CUDA op's fp32 tiles on tensor cores in 3xTF32 (csrc/ekd_cuda.cu,
-# gram_tile_tc and pair_dot_tc), off by default until a GPU run has checked and measured them.
-# These tests set it for themselves; the GPU lease also runs the CUDA cases of the whole suite
-# with it set (tools/gpu_proof.sh, pytest-csrc-tensor-cores).
+# EKD_CUDA_TENSOR_CORES=1 or 2: the CUDA op's fp32 tiles on tensor cores in 3xTF32 (csrc/ekd_cuda.cu:
+# 1 through wmma, gram_tile_tc and pair_dot_tc; 2 through mma.sync PTX, gram_tile_mma and
+# pair_dot_mma), off by default until a GPU run has checked and measured them.  These tests set
+# it for themselves, each case in both ways; the GPU lease also runs the CUDA cases of the whole
+# suite with each set (tools/gpu_proof.sh, pytest-csrc-tc1 and pytest-csrc-tc2).
 TENSOR_CORES = "EKD_CUDA_TENSOR_CORES"
+TENSOR_CORE_WAYS = [pytest.param("1", id="wmma"), pytest.param("2", id="mma")]
 
 
 def _require_cuda_tensor_cores():
@@ -488,10 +490,10 @@ def _require_cuda_tensor_cores():
         pytest.skip("the tensor-core tiles need compute capability 8.0 (below it the op takes the FMA tiles)")
 
 
-@pytest.fixture
-def cuda_tensor_cores(monkeypatch):
+@pytest.fixture(params=TENSOR_CORE_WAYS)
+def cuda_tensor_cores(request, monkeypatch):
     _require_cuda_tensor_cores()
-    monkeypatch.setenv(TENSOR_CORES, "1")
+    monkeypatch.setenv(TENSOR_CORES, request.param)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v[k]}" for k in v) or "default")
@@ -540,32 +542,35 @@ def test_cuda_tensor_cores_deterministic_across_runs(cuda_tensor_cores):
     _assert_cuda_runs_identical()
 
 
-def test_cuda_tensor_cores_switch_changes_the_tiles(monkeypatch):
+@pytest.mark.parametrize("way", TENSOR_CORE_WAYS)
+def test_cuda_tensor_cores_switch_changes_the_tiles(monkeypatch, way):
     """The switch is live and read at every call: at D = 512 the batch thresholds (order
     statistics of the similarities as the tiles computed them; 24 FPRs a model, 48 distinct
     values, so that an equality by chance is out of reach) differ in some bit between the FMA
     and the tensor-core tiles, which round otherwise, and both are within the reference's
-    tolerance; fp64 ignores it (its tiles stay FMA: the same bits)."""
+    tolerance; fp64 ignores it (its tiles stay FMA: the same bits), and so does a value other than
+    1 or 2 (FMA tiles)."""
     _require_cuda_tensor_cores()
     student, teacher, labels = make_batch(256, 512, 512, 64, seed=21, device="cuda")
     config = EKDConfig(fprs=tuple(0.5 * 0.8 ** k for k in range(24)))
 
-    def thresholds(x, y, tensor_cores):
-        if tensor_cores:
-            monkeypatch.setenv(TENSOR_CORES, "1")
-        else:
+    def thresholds(x, y, setting):
+        if setting is None:
             monkeypatch.delenv(TENSOR_CORES, raising=False)
+        else:
+            monkeypatch.setenv(TENSOR_CORES, setting)
         stats = call(x, y, labels, config).stats
         return torch.cat([stats.batch_student_thresholds, stats.batch_teacher_thresholds])
 
-    fma, tensor_cores = thresholds(student, teacher, False), thresholds(student, teacher, True)
+    fma, tensor_cores = thresholds(student, teacher, None), thresholds(student, teacher, way)
     want = call(student, teacher, labels, config, impl=ekd_reference).stats
     want = torch.cat([want.batch_student_thresholds, want.batch_teacher_thresholds])
-    assert not torch.equal(fma, tensor_cores), "EKD_CUDA_TENSOR_CORES=1 gave the FMA tiles' thresholds"
+    assert not torch.equal(fma, tensor_cores), f"EKD_CUDA_TENSOR_CORES={way} gave the FMA tiles' thresholds"
     for got in (fma, tensor_cores):
         torch.testing.assert_close(got, want, rtol=0, atol=THRESHOLD_ATOL)
+    assert torch.equal(thresholds(student, teacher, "0"), fma)
     student64, teacher64 = student.double(), teacher.double()
-    assert torch.equal(thresholds(student64, teacher64, False), thresholds(student64, teacher64, True))
+    assert torch.equal(thresholds(student64, teacher64, None), thresholds(student64, teacher64, way))
 
 
 # --------------------------------------------------------------------------- malformed raw-op arguments

@@ -192,10 +192,14 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
 # The csrc CUDA op's A/B variants, environment settings its forward reads at every call
 # (csrc/ekd_cuda.cu):
 # - tensor-cores: the fp32 tiles (bf16/fp16 embeddings included: the op computes them in fp32)
-#   on tensor cores in 3xTF32 (EKD_CUDA_TENSOR_CORES=1, off by default until a GPU run has
-#   checked and measured it), against the FMA tiles (18 TFLOP/s on the H200: 11.4 of 12.3 ms at
-#   B = 8192).  Not bitwise the default's outputs: the dots round otherwise.
-CSRC_VARIANTS = {"tensor-cores": dict(environ={"EKD_CUDA_TENSOR_CORES": "1"})}
+#   on tensor cores in 3xTF32 through wmma (EKD_CUDA_TENSOR_CORES=1, off by default until a GPU
+#   run has checked and measured it), against the FMA tiles (18 TFLOP/s on the H200: 11.4 of
+#   12.3 ms at B = 8192).  Not bitwise the default's outputs: the dots round otherwise.
+# - tensor-cores-mma: the same arithmetic through mma.sync PTX (EKD_CUDA_TENSOR_CORES=2): values
+#   split once when staged, shared-memory loads at fixed offsets; its tile kernel's K loop is 459
+#   sm_90 instructions a 32-feature step against wmma's 893 (nvcc 13.0, cuobjdump).
+CSRC_VARIANTS = {"tensor-cores": dict(environ={"EKD_CUDA_TENSOR_CORES": "1"}),
+                 "tensor-cores-mma": dict(environ={"EKD_CUDA_TENSOR_CORES": "2"})}
 
 
 def sync(device):
@@ -286,12 +290,13 @@ def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
             if "csrc" in fast and device.type == "cuda":
                 # the tensor-core tiles, every tile pass (the critical pass with the ratio) and
                 # the selected pairs' dots (random selection recomputes both models' similarities)
-                for options in (VARIANTS[0], VARIANTS[1], VARIANTS[4]):
-                    with variant_settings(CSRC_VARIANTS["tensor-cores"]):
-                        crit = EKDLoss(backend="csrc", **options).to(device)
-                        for step in range(2):
-                            call(crit, student, teacher, labels, step)
-                    print(f"ok B={size} {dtype} csrc:tensor-cores {options}", flush=True)
+                for name, settings in CSRC_VARIANTS.items():
+                    for options in (VARIANTS[0], VARIANTS[1], VARIANTS[4]):
+                        with variant_settings(settings):
+                            crit = EKDLoss(backend="csrc", **options).to(device)
+                            for step in range(2):
+                                call(crit, student, teacher, labels, step)
+                        print(f"ok B={size} {dtype} csrc:{name} {options}", flush=True)
             if "triton" in fast:
                 for name, settings in FORCED_TRITON_PATHS.items():
                     with variant_settings(settings):

@@ -157,11 +157,11 @@ case "$stage" in
     # the fourth lease's profile), and pass 1's histogram copies from small B on (candidates)
     ab since-ab 90 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
       triton:copies-small16
-    # The csrc CUDA op's fp32 tiles on tensor cores (3xTF32, EKD_CUDA_TENSOR_CORES=1; written
-    # without a GPU, off by default) against its FMA tiles (11.4 of 12.3 ms at B = 8192 in the
-    # first lease); the suite's new cases (test_csrc.py, test_cuda_tensor_cores_*) ran in
-    # pytest-cuda, and consistency judged csrc:tensor-cores against the reference
-    ab csrc-ab 60 "1024 8192" csrc:tensor-cores
+    # The csrc CUDA op's fp32 tiles on tensor cores (3xTF32 through wmma and through mma.sync,
+    # EKD_CUDA_TENSOR_CORES=1 and 2; written without a GPU, off by default) against its FMA tiles
+    # (11.4 of 12.3 ms at B = 8192 in the first lease); the suite's new cases (test_csrc.py,
+    # test_cuda_tensor_cores_*) ran in pytest-cuda, and consistency judged both against the reference
+    ab csrc-ab 75 "1024 8192" csrc:tensor-cores csrc:tensor-cores-mma
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
     # without the launch cache, launchers replaced by a no-op (the C launcher and driver calls
@@ -174,7 +174,7 @@ case "$stage" in
       > $T/profile.log 2>&1
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc ekd/csrc+tc \
+    step bench-loss 90 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc ekd/csrc+tc ekd/csrc+mma \
       ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
     bench_lines $T/bench.log
     # the README's one line to CUDA graphs, torch.compile(mode="reduce-overhead"), beside the
@@ -203,7 +203,7 @@ case "$stage" in
       --backend triton --dtype bfloat16 > "$OUT/ncu.log" 2>&1
     # B = 32768: the fast backends and the floor only (the 20x target is at B = 1024; the
     # reference would take most of the step's time)
-    step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc ekd/csrc+tc floor \
+    step bench-32768 90 $PY bench/bench_loss.py --sizes 32768 --methods ekd/triton ekd/csrc ekd/csrc+tc ekd/csrc+mma floor \
       --out "$OUT/loss.jsonl" > $T/bench_large.log 2>&1
     bench_lines $T/bench_large.log
     step bench-train 150 $PY bench/bench_train_step.py --out "$OUT/train.jsonl" > $T/bench_train.log 2>&1
@@ -217,13 +217,15 @@ case "$stage" in
     # 1024) and the cutoff's (4096); the tile passes' shape at large B: 128 x 128 tiles at 8
     # warps (half the L2 bytes a FLOP of 64 x 64; one program an SM at 255 registers), 4 stages,
     # chunks of 64 (cut after 25 s in the fourth lease).
-    # The CUDA cases of the whole suite with the csrc op's tensor-core tiles set for the run (its
-    # fixtures then give every csrc CUDA case those tiles: the shared suites' csrc-cuda cases too),
-    # what making them the default needs
-    step pytest-csrc-tensor-cores 120 env EKD_CUDA_TENSOR_CORES=1 $PY -m pytest python_tests -q -rfE --tb=short \
-      -k "csrc and cuda" $xdist -p no:cacheprovider > $T/pytest_csrc_tc.log 2>&1
-    [[ -s $T/pytest_csrc_tc.log ]] && { echo "pytest-csrc-tensor-cores:"; grep "^FAILED\|^ERROR\|passed\|failed" \
-      $T/pytest_csrc_tc.log | tail -20; } >> "$OUT/summary.txt"
+    # The csrc CUDA cases of the whole suite with the op's tensor-core tiles set for the run, each
+    # way (every csrc CUDA case then computes on them: the shared suites' csrc-cuda cases too), what
+    # making one of them the default needs
+    for way in 2 1; do
+      step pytest-csrc-tc$way 90 env EKD_CUDA_TENSOR_CORES=$way $PY -m pytest python_tests -q -rfE --tb=short \
+        -k "csrc and cuda" $xdist -p no:cacheprovider > $T/pytest_csrc_tc$way.log 2>&1
+      [[ -s $T/pytest_csrc_tc$way.log ]] && { echo "pytest-csrc-tc$way:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+        $T/pytest_csrc_tc$way.log | tail -20; } >> "$OUT/summary.txt"
+    done
     ab scan-ab 120 "3072 4096 8192 32768" triton:levels-scan
     ab tile-ab 90 "512 1024 2048" triton:tile32
     # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
@@ -233,11 +235,12 @@ case "$stage" in
     [[ -s $T/pytest_tile32.log ]] && { echo "pytest-tile32:"; grep "^FAILED\|^ERROR\|passed\|failed" \
       $T/pytest_tile32.log | tail -20; } >> "$OUT/summary.txt"
     ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
-    # The csrc op's tensor-core tile kernel under Nsight Compute (B = 8192, fp32): its throughput,
-    # occupancy and stall reasons, for the next step of that kernel (written without a GPU)
-    step ncu-csrc 75 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
-      --kernel-name regex:similarity_tile --launch-count 2 --nvtx --nvtx-include "ekd/" $PY tools/gpu_exercise.py \
-      once --sizes 8192 --backend csrc:tensor-cores --dtype float32 > $T/ncu_csrc.log 2>&1
+    # The csrc op's tensor-core tile kernels under Nsight Compute (B = 8192, fp32): throughput,
+    # occupancy and stall reasons, for the next step of those kernels (written without a GPU)
+    step ncu-csrc 90 bash -c "for variant in tensor-cores-mma tensor-cores; do ncu --clock-control none \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --kernel-name regex:similarity_tile \
+      --launch-count 1 --nvtx --nvtx-include ekd/ $PY tools/gpu_exercise.py once --sizes 8192 \
+      --backend csrc:\$variant --dtype float32; done" > $T/ncu_csrc.log 2>&1
     [[ -s $T/ncu_csrc.log ]] && { echo "ncu-csrc:"; grep "similarity_tile\|Duration\|Throughput\|Registers Per\|Achieved Occupancy\|Theoretical Occupancy\|Warp Cycles Per Issued\|Stall" \
       $T/ncu_csrc.log | head -40; } >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
