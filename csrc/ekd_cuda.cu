@@ -323,6 +323,28 @@ __device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64
 }
 #endif  // EKD_TC_FALLBACK
 
+#ifdef EKD_TC_FALLBACK
+//! gram_tile in a tensor-core kernel's shared buffer: what a build without sm_80 code runs instead
+//! of gram_tile_tc and gram_tile_mma, consistent with tile_order_dot.
+__device__ __forceinline__ void gram_tile_fma_in(const float* __restrict__ x, int64_t dim, int64_t batch,
+                                                 int64_t row0, int64_t col0, float (&acc)[4][4], float* smem) {
+  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
+            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+}
+#else
+//! After a tensor-core tile's accumulators were stored in `out` (row stride kTcOutLd): acc in the
+//! (ty, tx) layout the epilogues read (acc[u][v] = C[ty + 16u][tx + 16v]).
+__device__ __forceinline__ void read_tc_tile(const float* out, float (&acc)[4][4]) {
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) acc[u][v] = out[(ty + 16 * u) * kTcOutLd + tx + 16 * v];
+  __syncthreads();  // before a second tile (kCritical) stages over `out`
+}
+#endif  // EKD_TC_FALLBACK
+
 //! gram_tile's result (acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx + 16v]>) on tensor cores:
 //! warp w holds the fragments of rows 16 (w / 2) and columns 16 (2 (w % 2)) and 16 (2 (w % 2) + 1);
 //! the next step's values are read into registers while this step's MMAs run; the accumulators
@@ -330,8 +352,7 @@ __device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64
 __device__ __forceinline__ void gram_tile_tc(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                              int64_t col0, float (&acc)[4][4], float* smem) {
 #ifdef EKD_TC_FALLBACK
-  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
-            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+  gram_tile_fma_in(x, dim, batch, row0, col0, acc, smem);
 #else
   float* rows = smem;                       // rows[r * kTcStageLd + k] = x[row0 + r][k0 + k]
   float* cols = smem + kTile * kTcStageLd;  // likewise for the columns' rows
@@ -369,13 +390,7 @@ __device__ __forceinline__ void gram_tile_tc(const float* __restrict__ x, int64_
   for (int f = 0; f < 2; ++f)
     wmma::store_matrix_sync(out + frag_row * 16 * kTcOutLd + (frag_col + f) * 16, c[f], kTcOutLd,
                             wmma::mem_row_major);
-  __syncthreads();
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) acc[u][v] = out[(ty + 16 * u) * kTcOutLd + tx + 16 * v];
-  __syncthreads();  // before a second tile (kCritical) stages over `out`
+  read_tc_tile(out, acc);
 #endif
 }
 
@@ -484,8 +499,7 @@ __device__ __forceinline__ void mma_3xtf32_split(float (&acc)[4], const float (&
 __device__ __forceinline__ void gram_tile_mma(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                               int64_t col0, float (&acc)[4][4], float* smem) {
 #ifdef EKD_TC_FALLBACK
-  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
-            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+  gram_tile_fma_in(x, dim, batch, row0, col0, acc, smem);
 #else
   constexpr int kPart = kTile * kTcStageLd;  // [r * kTcStageLd + k]: feature k0 + k of row r
   float* rows_big = smem;
@@ -541,13 +555,7 @@ __device__ __forceinline__ void gram_tile_mma(const float* __restrict__ x, int64
     out[(r0 + g + 8) * kTcOutLd + column] = c[j][2];
     out[(r0 + g + 8) * kTcOutLd + column + 1] = c[j][3];
   }
-  __syncthreads();
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int v = 0; v < 4; ++v) acc[u][v] = out[(ty + 16 * u) * kTcOutLd + tx + 16 * v];
-  __syncthreads();  // before a second tile (kCritical) stages over `out`
+  read_tc_tile(out, acc);
 #endif
 }
 
