@@ -287,16 +287,6 @@ def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
                     for step in range(2):
                         call(crit, student, teacher, labels, step)
                     print(f"ok B={size} {dtype} {backend} {options}", flush=True)
-            if "csrc" in fast and device.type == "cuda":
-                # the tensor-core tiles, every tile pass (the critical pass with the ratio) and
-                # the selected pairs' dots (random selection recomputes both models' similarities)
-                for name, settings in CSRC_VARIANTS.items():
-                    for options in (VARIANTS[0], VARIANTS[1], VARIANTS[4]):
-                        with variant_settings(settings):
-                            crit = EKDLoss(backend="csrc", **options).to(device)
-                            for step in range(2):
-                                call(crit, student, teacher, labels, step)
-                        print(f"ok B={size} {dtype} csrc:{name} {options}", flush=True)
             if "triton" in fast:
                 for name, settings in FORCED_TRITON_PATHS.items():
                     with variant_settings(settings):
@@ -309,6 +299,20 @@ def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
     student, teacher, labels = batch_of(min(sizes), torch.float32, device, seed=0)
     fast_rkd_loss(student.requires_grad_(True), teacher).backward()
     verify_all_pairs(student.detach(), labels)
+    if "csrc" in fast and device.type == "cuda":
+        # Last (a fault in these new kernels would spoil what ran after it): the csrc op's
+        # tensor-core tiles, every tile pass (the critical pass with the ratio) and the selected
+        # pairs' dots (random selection recomputes both models' similarities)
+        for size in sizes:
+            for dtype in (getattr(torch, name) for name in dtypes):
+                student, teacher, labels = batch_of(size, dtype, device, seed=size)
+                for name, settings in CSRC_VARIANTS.items():
+                    for options in (VARIANTS[0], VARIANTS[1], VARIANTS[4]):
+                        with variant_settings(settings):
+                            crit = EKDLoss(backend="csrc", **options).to(device)
+                            for step in range(2):
+                                call(crit, student, teacher, labels, step)
+                        print(f"ok B={size} {dtype} csrc:{name} {options}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print("sanitize run complete", flush=True)
@@ -333,15 +337,18 @@ def compare(got, want):
     return misses
 
 
-def consistency(sizes, device, reference_max, out):
-    fast = [b for b in available_backends(device) if b != "reference"]
-    if "csrc" in fast and device.type == "cuda":
-        fast += [f"csrc:{name}" for name in CSRC_VARIANTS]  # judged too, after the backends
+def consistency(sizes, device, reference_max, out, backends=None):
+    """`backends` (default: every fast backend of the device) against the reference up to
+    `reference_max`, past it against the device's first fast backend; a variant such as
+    csrc:tensor-cores is judged as its backend.  (The lease runs the csrc variants in a process
+    of their own: a fault there would spoil every later check of the same process.)"""
+    available = [b for b in available_backends(device) if b != "reference"]
+    fast = backends or available
     report, failed = [], False
     for size in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             batches = [batch_of(size, dtype, device, seed=size + s) for s in range(3)]
-            judge = "reference" if size <= reference_max else fast[0]
+            judge = "reference" if size <= reference_max else available[0]
             crits = {b: EKDLoss(backend=backend_variant(b)[0]).to(device)
                      for b in dict.fromkeys([judge] + fast)}
             for step, inputs in enumerate(batches):
@@ -715,7 +722,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                         help="sanitize: the dtypes")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="profile: these backends only; triton:VARIANT is an earlier state of the Triton "
+                        help="profile, consistency: these backends only; triton:VARIANT is an earlier state of the Triton "
                              f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)}); csrc:VARIANT "
                              f"a setting of the csrc CUDA op ({', '.join(CSRC_VARIANTS)})")
     parser.add_argument("--rounds", type=int, default=1,
@@ -731,7 +738,7 @@ def main():
         return profile(args.sizes, device, args.out, backends=args.backends, rounds=args.rounds)
     if args.what == "once":
         return once(args.sizes, device, args.backend, args.dtype)
-    return consistency(args.sizes, device, args.reference_max, args.out)
+    return consistency(args.sizes, device, args.reference_max, args.out, backends=args.backends)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ case "$stage" in
     # torch.compile).  (The second
     # lease ran test_triton.py's large-B variants in a step of their own, without xdist: the
     # step's limit cut it before pytest printed why 22 of them failed.)
-    gpu_cases="cuda or test_triton or test_large_batch or graph_method"
+    # (the csrc op's tensor-core cases, written without a GPU, run in steps of their own below: a
+    # fault in a new kernel would spoil every later case of its xdist worker)
+    gpu_cases="(cuda or test_triton or test_large_batch or graph_method) and not tensor_cores"
     # (--durations: the 30 slowest cases in pytest.log, to see where the step's 200-250 s go:
     # the fourth lease's run was cut at 99% of its cases)
     step pytest-cuda 250 $PY -m pytest python_tests -q -rfEs --tb=short --durations=30 -k "$gpu_cases" $xdist -p no:cacheprovider \
@@ -158,9 +160,18 @@ case "$stage" in
     ab since-ab 90 "256 1024 2048" triton:one-split triton:normalise-tile-rows triton:copies-small \
       triton:copies-small16
     # The csrc CUDA op's fp32 tiles on tensor cores (3xTF32 through wmma and through mma.sync,
-    # EKD_CUDA_TENSOR_CORES=1 and 2; written without a GPU, off by default) against its FMA tiles
-    # (11.4 of 12.3 ms at B = 8192 in the first lease); the suite's new cases (test_csrc.py,
-    # test_cuda_tensor_cores_*) ran in pytest-cuda, and consistency judged both against the reference
+    # EKD_CUDA_TENSOR_CORES=1 and 2; written without a GPU, off by default), each part in a process
+    # of its own: their tests (test_csrc.py's test_cuda_tensor_cores_*, both ways), both against the
+    # reference up to 8192 and Triton at 32768 with their determinism, then their device time
+    # against the FMA tiles (11.4 of 12.3 ms at B = 8192 in the first lease)
+    step pytest-csrc-tc-cases 75 $PY -m pytest python_tests/test_csrc.py -q -rfE --tb=short -k tensor_cores $xdist \
+      -p no:cacheprovider > $T/pytest_csrc_tc_cases.log 2>&1
+    [[ -s $T/pytest_csrc_tc_cases.log ]] && { echo "pytest-csrc-tc-cases:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+      $T/pytest_csrc_tc_cases.log | tail -20; } >> "$OUT/summary.txt"
+    step consistency-tc 75 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
+      --backends csrc:tensor-cores csrc:tensor-cores-mma --out $T/consistency_tc.json > $T/consistency_tc.log 2>&1
+    [[ -s $T/consistency_tc.log ]] && { echo "consistency-tc:"; grep -v ": ok$\|: True$" $T/consistency_tc.log | tail -12
+      echo "($(grep -c ": ok$\|: True$" $T/consistency_tc.log) checks ok)"; } >> "$OUT/summary.txt"
     ab csrc-ab 75 "1024 8192" csrc:tensor-cores csrc:tensor-cores-mma
     # Where the eager call's host time goes on this host (1.9-2.4 ms at B <= 1024 in the third
     # lease against 0.3-0.45 ms of the stand-in's on the project's CPU): real launches with and
