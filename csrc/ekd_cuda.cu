@@ -307,6 +307,14 @@ __device__ __forceinline__ void mma_3xtf32(TcAcc& acc, const TcA& a, const TcB& 
   for (int t = 0; t < acc.num_elements; ++t) acc.x[t] += step.x[t];
 }
 
+//! Where a thread's staged value s of a step goes in a staging array: row r = e / kTcDepth,
+//! feature k = e % kTcDepth of the step, e = threadIdx.x + s kTileThreads (a warp, one row's
+//! kTcDepth features), at r * kTcStageLd + k.
+__device__ __forceinline__ int staged_index(int s) {
+  const int e = threadIdx.x + s * kTileThreads;
+  return (e / kTcDepth) * kTcStageLd + e % kTcDepth;
+}
+
 //! Thread's share of a step's staging: rows[r][k] and cols[r][k] of features k0 ... k0 + kTcDepth.
 __device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                               int64_t col0, int64_t k0, float (&row_values)[kTcStaged],
@@ -366,9 +374,8 @@ __device__ __forceinline__ void gram_tile_tc(const float* __restrict__ x, int64_
   for (int64_t k0 = 0; k0 < dim; k0 += kTcDepth) {
 #pragma unroll
     for (int s = 0; s < kTcStaged; ++s) {
-      const int e = threadIdx.x + s * kTileThreads;
-      rows[(e / kTcDepth) * kTcStageLd + e % kTcDepth] = row_values[s];
-      cols[(e / kTcDepth) * kTcStageLd + e % kTcDepth] = col_values[s];
+      rows[staged_index(s)] = row_values[s];
+      cols[staged_index(s)] = col_values[s];
     }
     __syncthreads();
     if (k0 + kTcDepth < dim) fetch_tc_step(x, dim, batch, row0, col0, k0 + kTcDepth, row_values, col_values);
@@ -519,8 +526,7 @@ __device__ __forceinline__ void gram_tile_mma(const float* __restrict__ x, int64
   for (int64_t k0 = 0; k0 < dim; k0 += kTcDepth) {
 #pragma unroll
     for (int s = 0; s < kTcStaged; ++s) {
-      const int e = threadIdx.x + s * kTileThreads;
-      const int at = (e / kTcDepth) * kTcStageLd + e % kTcDepth;
+      const int at = staged_index(s);
       const float row_big = to_tf32(row_values[s]), col_big = to_tf32(col_values[s]);
       rows_big[at] = row_big;
       rows_small[at] = to_tf32(row_values[s] - row_big);
