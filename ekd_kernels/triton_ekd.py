@@ -163,7 +163,7 @@ INTERPRETER_SMALL_SORT_BLOCK_ROWS = 256
 #: three levels, kept for the benchmark's A/B (tools/gpu_exercise.py triton:linear-scan).
 SELECT_LINEAR_SCAN = False
 #: coarse_select scans in one level whenever pass 1's histograms have at least this many copies
-#: (from B = 2817: _coarse_copies), the other scans in three.  The fourth GPU run (H200, A/B in one
+#: (from B = 641: _coarse_copies), the other scans in three.  The fourth GPU run (H200, A/B in one
 #: process, bench/NOTES.md) found the three levels faster where a scan reads one histogram
 #: (fine_select: under 28 us against 41 at B = 1024) but coarse_select over 16 copies 4x slower
 #: (B = 8192: 257 us fp32 / 134 bf16 against 64 / under 52 for its two launches; whole call
@@ -192,9 +192,14 @@ INTERPRETER_POSITIVE_BACKWARD_PROGRAMS = 0
 FP32_DOT_PRECISION = os.environ.get("EKD_TRITON_FP32_PRECISION", "tf32x3")
 NUM_BUCKETS = 1 << 16
 #: Copies of pass 1's histograms (coarse_histogram_kernel): one per this many tile programs, at
-#: most MAX_COARSE_COPIES.  Below a few waves of programs the atomics do not queue, and every
-#: copy costs its zeroing (256 KiB a model) and coarse_select's scan.
-COARSE_TILES_PER_COPY = 512
+#: most MAX_COARSE_COPIES.  Every copy costs its zeroing (256 KiB a model) and coarse_select's
+#: scan, but one copy queues the B^2 / 2 atomics at the hot bins.  32 since the fifth GPU run
+#: (H200, A/B in one process, bitwise the same outputs, device time of a forward+backward): at
+#: B = 1024 (4 copies) 0.360 ms against 0.401 with 512 a copy (one copy) in fp32, 0.266 against
+#: 0.301 in bf16; at 2048 (16 copies) 0.560 against 0.770 and 0.370 against 0.576; at 256 one
+#: copy either way (bench/results/gpu_proof_h200_2026-11-27b; 8 a copy was no better).  At 4096
+#: this gives 16 copies where 512 gave 4: not measured there yet (the lease's copies-ab).
+COARSE_TILES_PER_COPY = 32
 MAX_COARSE_COPIES = 16
 #: Whether pass 2 (fine_histogram_kernel) skips, tile by tile, the targets whose bucket holds
 #: none of the tile's pairs, and the top-N candidates' slot atomic and prefix sums in a tile
@@ -388,8 +393,8 @@ def _tile_grid(batch: int) -> Tuple[int, ...]:
 
 
 def _coarse_copies(batch: int) -> int:
-    """Copies of each coarse histogram (see coarse_histogram_kernel): 1 at B <= 2048, 4 at 4096,
-    16 from 8192 on."""
+    """Copies of each coarse histogram (see coarse_histogram_kernel): 1 at B <= 640, 4 at 1024,
+    16 from 2048 on."""
     tiles = _num_tiles(batch) * (_num_tiles(batch) + 1) // 2
     return max(1, min(MAX_COARSE_COPIES, tiles // COARSE_TILES_PER_COPY))
 

@@ -270,7 +270,7 @@ def test_lease_names_existing_variants(monkeypatch):
     script = (REPO_ROOT / "tools" / "gpu_proof.sh").read_text()
     named = set(re.findall(r"triton:([\w-]+)", script)) | set(re.findall(r"EKD_TEST_TRITON_VARIANT=([\w-]+)", script))
     named_csrc = set(re.findall(r"csrc:([\w-]+)", script))
-    assert {"one-split", "tile32"} <= named and "tensor-cores" in named_csrc  # (the patterns still find them)
+    assert {"copies-512", "tile32"} <= named and "tensor-cores" in named_csrc  # (the patterns still find them)
     unknown = sorted(named - set(gpu_exercise.TRITON_VARIANTS)) + sorted(named_csrc - set(gpu_exercise.CSRC_VARIANTS))
     assert not unknown, f"the lease names variants gpu_exercise.py does not have: {unknown}"
 
