@@ -232,8 +232,9 @@ __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, 
 }
 
 // ----------------------------------------------------------------------------- tensor-core tiles
-// The fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, sm_80 and later; off by default until
-// a GPU run has measured and checked them): 3xTF32, i.e. each operand split into a TF32 "big"
+// The fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, sm_80 and later; off by default: the
+// fifth GPU run, H200, passed their tests and found this way's tile kernels 17% slower than the
+// FMA tiles at B = 8192, the mma.sync way below 10% faster, bench/NOTES.md): 3xTF32, i.e. each operand split into a TF32 "big"
 // part and the TF32 rounding of the rest, and per 8-feature step small x big + big x small +
 // big x big (the small x small term, ~2^-22 relative, left out), where plain TF32 (~1e-3
 // relative) would not do (tau = 0.01 amplifies a similarity error 100-fold).  Each step's three
