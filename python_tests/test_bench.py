@@ -214,6 +214,37 @@ def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
     assert not any("same_as" in row for row in report)
 
 
+def test_gpu_exercise_profile_leaves_out_a_failing_variant(tmp_path, monkeypatch, capsys):
+    """A variant that cannot run (written without a GPU: a compile's resources, a refusal) is
+    reported with its error and left out, and the A/B goes on with the others, instead of the
+    whole step ending there and the lease's minutes with it."""
+    import os
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import gpu_exercise
+
+    monkeypatch.setitem(gpu_exercise.CSRC_VARIANTS, "broken", dict(environ={"EKD_TEST_BROKEN_VARIANT": "1"}))
+    original = gpu_exercise.call
+
+    def failing_when_set(*args, **kwargs):
+        if os.environ.get("EKD_TEST_BROKEN_VARIANT") == "1":
+            raise RuntimeError("out of resource: shared memory, required: 262144")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_exercise, "call", failing_when_set)
+    out = tmp_path / "profile.json"
+    assert gpu_exercise.profile([24], torch.device("cpu"), str(out), calls=1,
+                                backends=["csrc", "csrc:broken", "reference"]) == 0
+    report = json.loads(out.read_text())["report"]
+    assert [(r["dtype"], r["backend"], "failed" in r) for r in report] == [
+        ("float32", "csrc:broken", True), ("float32", "csrc", False), ("float32", "reference", False),
+        ("bfloat16", "csrc:broken", True), ("bfloat16", "csrc", False), ("bfloat16", "reference", False)]
+    assert all("out of resource" in r["failed"] for r in report if "failed" in r)
+    assert all(r["wall_ms"] > 0 for r in report if "failed" not in r)
+    assert capsys.readouterr().out.count("csrc:broken: FAILED, left out: RuntimeError: out of resource") == 2
+    assert "EKD_TEST_BROKEN_VARIANT" not in os.environ  # (the variant's setting is undone after its failure)
+
+
 def test_gpu_exercise_sanitize_one_dtype_dry_run_on_cpu(monkeypatch, capsys):
     """The run the lease's memcheck steps watch (tools/gpu_exercise.py sanitize), one dtype a
     step as the lease splits it: on the CPU, the csrc op's variants at that dtype only, then fast

@@ -598,16 +598,26 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                     x = student.detach().requires_grad_(True)
                     crit(x, teacher, labels).backward()
 
-                with variant_settings(settings):
-                    # one call from a fresh module, compared with the first variant of the same
-                    # backend: an A/B variant must compute the same loss and gradient
-                    loss, grad, _ = call(EKDLoss(backend=name).to(device), student, teacher, labels, 0)
-                    agreement = compare_with_first(first_results, name, backend, loss, grad)
-                    windows = windows_outcome(step) if settings.get("PASS1_WINDOWS") else None
-                    for _ in range(3):  # compile, warm the allocator
-                        step()
-                    sync(device)
-                    peak_mib = peak_extra_mib(step, device)
+                try:
+                    with variant_settings(settings):
+                        # one call from a fresh module, compared with the first variant of the same
+                        # backend: an A/B variant must compute the same loss and gradient
+                        loss, grad, _ = call(EKDLoss(backend=name).to(device), student, teacher, labels, 0)
+                        agreement = compare_with_first(first_results, name, backend, loss, grad)
+                        windows = windows_outcome(step) if settings.get("PASS1_WINDOWS") else None
+                        for _ in range(3):  # compile, warm the allocator
+                            step()
+                        sync(device)
+                        peak_mib = peak_extra_mib(step, device)
+                except Exception as error:  # noqa: BLE001 (any failure: reported, the variant left out)
+                    # A variant that cannot run at this size (a compile's resources, a refusal) is
+                    # left out of the A/B, which goes on with the others: the GPU's minutes are few.
+                    # (A fault that spoils the CUDA context fails the variants after it too.)
+                    report.append({"B": size, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+                                   "failed": f"{type(error).__name__}: {str(error)[:300]}"})
+                    print(f"B={size} {report[-1]['dtype']} {backend}: FAILED, left out: {report[-1]['failed']}",
+                          flush=True)
+                    continue
                 prepared.append((backend, settings, step, agreement, windows, peak_mib))
             measured = {backend: [] for backend, *_ in prepared}
             for _ in range(rounds):

@@ -173,6 +173,11 @@ case "$stage" in
     # Pass 1's histogram copies where the fifth lease did not measure them: 32 tile programs a copy
     # (the default since) gives 16 at 3072 and 4096, where 512 (the default before) gave 2 and 4
     ab copies-ab 60 "3072 4096" triton:copies-512 triton:copies-128
+    # The small-B device time (0.31-0.40 ms a call from B = 64 to 1024 in the fifth lease: a chain
+    # of kernels of 15-60 us each whatever B, what the 20x target at 1024 meets once graphed):
+    # 32 x 32 tiles, which the fourth lease found 18-28% faster at B = 256 and 18% in bf16 at
+    # 1024, and feature chunks of 64 (half the K steps of every dot's chain)
+    ab tile-ab 90 "512 1024 2048" triton:tile32 triton:block-k64
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     # (the fifth lease cut it at 32 s of 90, before the bf16 rows at 8192; csrc+tc, the wmma way, is
     # the slower tensor-core way there: csrc-ab measures it)
@@ -184,6 +189,12 @@ case "$stage" in
     step bench-compile 75 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/triton ekd/triton+graph \
       ekd/triton+compile ekd/csrc+compile --out "$OUT/loss.jsonl" > $T/bench_compile.log 2>&1
     bench_lines $T/bench_compile.log
+    # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
+    # them set for the whole run (python_tests/conftest.py's EKD_TEST_TRITON_VARIANT)
+    step pytest-tile32 150 env EKD_TEST_TRITON_VARIANT=tile32 $PY -m pytest python_tests -q -rfE --tb=short \
+      -k "test_triton or (cuda and triton)" $xdist -p no:cacheprovider > $T/pytest_tile32.log 2>&1
+    [[ -s $T/pytest_tile32.log ]] && { echo "pytest-tile32:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+      $T/pytest_tile32.log | tail -20; } >> "$OUT/summary.txt"
     # (a call's first ~9 minutes rarely reach past here, and may stop before; a follow-up call on
     # the warm machine, EKD_LEASE_ONLY="<the steps the summary lists as skipped>", takes the rest)
     # memcheck at a small B (every kernel of both fast backends, every variant), a dtype a step
@@ -249,18 +260,10 @@ case "$stage" in
     grep "^B=\|^    \|^  host" $T/profile.log >> "$OUT/summary.txt"
     # Last, the A/B steps (the fourth lease ran since-ab, tile-ab and triton-ab: bench/NOTES.md):
     # coarse_select in one level over copies (the default since) against three levels, the
-    # fourth run's default; 32 x 32 tiles up to 2048, between the sizes where they won (256,
-    # 1024) and the cutoff's (4096); the tile passes' shape at large B: 128 x 128 tiles at 8
+    # fourth run's default; the tile passes' shape at large B: 128 x 128 tiles at 8
     # warps (half the L2 bytes a FLOP of 64 x 64; one program an SM at 255 registers), 4 stages,
     # chunks of 64 (cut after 25 s in the fourth lease).
     ab scan-ab 120 "3072 4096 8192 32768" triton:levels-scan
-    ab tile-ab 90 "512 1024 2048" triton:tile32
-    # 32 x 32 tiles as a candidate default at small B: the GPU tests of the Triton backend with
-    # them set for the whole run (python_tests/conftest.py's EKD_TEST_TRITON_VARIANT)
-    step pytest-tile32 150 env EKD_TEST_TRITON_VARIANT=tile32 $PY -m pytest python_tests -q -rfE --tb=short \
-      -k "test_triton or (cuda and triton)" $xdist -p no:cacheprovider > $T/pytest_tile32.log 2>&1
-    [[ -s $T/pytest_tile32.log ]] && { echo "pytest-tile32:"; grep "^FAILED\|^ERROR\|passed\|failed" \
-      $T/pytest_tile32.log | tail -20; } >> "$OUT/summary.txt"
     ab tiles-ab 120 "8192 32768" triton:tile128-warps8 triton:stages4 triton:block-k64
     # The csrc op's tile kernels under Nsight Compute (B = 8192, fp32), the FMA tiles' and the mma
     # way's: throughput, instructions and stall reasons a warp's issued instruction (the fifth
