@@ -245,6 +245,45 @@ def test_gpu_exercise_profile_leaves_out_a_failing_variant(tmp_path, monkeypatch
     assert "EKD_TEST_BROKEN_VARIANT" not in os.environ  # (the variant's setting is undone after its failure)
 
 
+NCU_SOURCE_PAGE = """"Kernel Name","similarity_tile_tc_kernel<2>"
+"Address","Source","Instructions Executed","Warp Stall Sampling (Not-issued Samples)","Warp Stall Sampling (All Samples)","stall_long_sb","stall_barrier","stall_wait"
+"00000010","HMMA.1688.F32.TF32 R4, R8, R12, R4","12,000","50","100","0","0","50"
+"00000020","BAR.SYNC.DEFER_BLOCKING 0x0","2,000","290","300","0","280","10"
+"00000030","@!P0 LDG.E.64 R24, desc[UR6][R24.64]","1,000","590","600","500","0","90"
+"Kernel Name","coarse_histogram_kernel"
+"Address","Source","Instructions Executed","Warp Stall Sampling (All Samples)","stall_lg_throttle"
+"00000010","RED.E.ADD.STRONG.GPU [R2.64], R5","4,096","50","40"
+"""
+
+
+def test_ncu_source_summary_ranks_instructions_by_stall_samples(tmp_path, capsys, monkeypatch):
+    """The lease's ncu-source step (tools/ncu_source_summary.py) on a source page of the CSV shape
+    Nsight Compute writes (a Kernel Name row, an Address header, a row an instruction, counts with
+    thousands separators): per kernel, the samples by reason over all instructions (not the
+    not-issued column), by opcode without predicates and modifiers, and the instructions with the
+    most samples first with their main reasons; a file without a source page says so."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tools"))
+    import ncu_source_summary
+
+    page = tmp_path / "sass.csv"
+    page.write_text(NCU_SOURCE_PAGE)
+    assert ncu_source_summary.main([str(page), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "kernel similarity_tile_tc_kernel<2>: 3 SASS instructions"
+    assert lines[1].startswith("  1000 samples (Warp Stall Sampling (All Samples)), 1.5e+04 warp instructions")
+    assert lines[2] == "  by reason: stall_long_sb 50.0%, stall_barrier 28.0%, stall_wait 15.0%"
+    assert lines[3] == "  by opcode: LDG 60.0%, BAR 30.0%, HMMA 10.0%"
+    top = lines[5:7]
+    assert top[0].split()[:4] == ["60.0%", "1000", "00000030", "long_sb:83%"] and "LDG.E.64" in top[0]
+    assert top[1].split()[:4] == ["30.0%", "2000", "00000020", "barrier:93%"]
+    assert lines[7] == "kernel coarse_histogram_kernel: 1 SASS instructions"
+    assert "by reason: stall_lg_throttle 80.0%" in lines[9] and "RED 100.0%" in lines[10]
+    empty = tmp_path / "none.csv"
+    empty.write_text("==PROF== Disconnected\n")
+    assert ncu_source_summary.main([str(empty)]) == 1
+    assert "no source page" in capsys.readouterr().out
+
+
 def test_gpu_exercise_sanitize_one_dtype_dry_run_on_cpu(monkeypatch, capsys):
     """The run the lease's memcheck steps watch (tools/gpu_exercise.py sanitize), one dtype a
     step as the lease splits it: on the CPU, the csrc op's variants at that dtype only, then fast

@@ -275,6 +275,10 @@ case "$stage" in
       --backend \$backend --dtype float32; done" > $T/ncu_csrc.log 2>&1
     [[ -s $T/ncu_csrc.log ]] && { echo "ncu-csrc:"; grep "similarity_tile\|Duration\|Throughput\|Issued Instructions  \|Executed Ipc Active\|Warp Cycles Per Issued\|stalled" \
       $T/ncu_csrc.log | awk '$NF != "0" && $NF != "0.00"' | head -60; } >> "$OUT/summary.txt"
+    # Where those kernels' warps stall, instruction by instruction: the csrc tiles (mma and FMA) and
+    # Triton's pass 1, Nsight Compute's source page summarised to text (tools/ncu_source.sh)
+    step ncu-source 120 bash tools/ncu_source.sh $T/ncu_source $PY > $T/ncu_source.log 2>&1
+    [[ -s $T/ncu_source.log ]] && { echo "ncu-source:"; head -120 $T/ncu_source.log; } >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
