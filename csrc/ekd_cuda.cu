@@ -13,7 +13,10 @@
 //                        one pass counts the ties at it per row and the elements above it, a last
 //                        pass collects the elements above it and the ties of the first rows (the
 //                        row-major tie order of the CPU kernel), sorted by pair index afterwards so
-//                        that the result does not depend on the atomics' order.
+//                        that the result does not depend on the atomics' order.  With
+//                        EKD_CUDA_CANDIDATES=1 (off by default) the second histogram pass collects
+//                        every negative of the N-th largest's top bucket or above instead, and
+//                        those two passes return at once when they all fit (Candidates).
 //   rank loss          : positives from the label groups and the selected negatives, one warp a
 //                        row or a pair (WarpLanes: the lanes split the features, so a row's reads
 //                        coalesce), with the per-pair math of ekd_math.h shared with the CPU; the
@@ -105,6 +108,17 @@ struct TileParams {
   const T* teacher_thresholds;
   int64_t num_thresholds;
   ull* critical_count;
+  // The top-N candidates (EKD_CUDA_CANDIDATES=1, see Candidates): in the student's second
+  // histogram pass, a non-null flag at 1 has every negative whose top kRadixBits key bits are at
+  // or above the boundary's (candidate_bin, known after the first pass) collected; in the
+  // kBoundaryTies and kCollect passes the same flag at 1 makes them return at once.
+  const int64_t* candidate_flag;
+  const uint64_t* candidate_bin;
+  ull* candidate_count;
+  int64_t* candidate_pair;   // i * B + j
+  T* candidate_value;
+  int64_t* candidate_key;    // order_key's bits
+  int64_t candidate_capacity;
 };
 
 //! kHistogram: the bin of a key, i.e. its bits above the next digit (the known prefix, then the
@@ -192,6 +206,22 @@ __device__ __forceinline__ void boundary_epilogue(const TileParams<T>& p, int64_
   p.collect_at_cut[slot] = (key == boundary && i == cut) ? 1 : 0;
 }
 
+//! kHistogram with candidates: keeps the pair when its key's top kRadixBits bits are at or above
+//! the boundary's (*candidate_bin), i.e. it may be among the N largest.  Every such pair fits:
+//! the flag that enables this says that pass 1 counted at most candidate_capacity of them.
+//! (*candidate_bin is read here, an L1 hit, rather than held through the epilogue's loop: the
+//! tensor-core tiles' kernels are at their 128 registers there.)
+template <typename T>
+__device__ __forceinline__ void collect_candidate(const TileParams<T>& p, int64_t i, int64_t j, T value) {
+  const uint64_t key = uint64_t(order_key(value));
+  if (uint64_t(radix_bucket<T>(key_t<T>(key))) < *p.candidate_bin) return;
+  const ull slot = atomicAdd(p.candidate_count, ull(1));
+  if (int64_t(slot) >= p.candidate_capacity) return;  // cannot happen (the flag)
+  p.candidate_pair[slot] = i * p.batch + j;
+  p.candidate_value[slot] = value;
+  p.candidate_key[slot] = int64_t(key);
+}
+
 //! Upper-triangle tile `t` (row-major over tile rows) -> (tile_row, tile_col), tile_col >= tile_row.
 __device__ __forceinline__ void upper_tile(int64_t t, int64_t tiles, int64_t* tile_row, int64_t* tile_col) {
   int64_t row = 0;
@@ -234,13 +264,13 @@ __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, 
 // ----------------------------------------------------------------------------- tensor-core tiles
 // The fp32 tiles on tensor cores (EKD_CUDA_TENSOR_CORES=1, sm_80 and later; off by default: the
 // fifth GPU run, H200, passed their tests and found this way's tile kernels 17% slower than the
-// FMA tiles at B = 8192, the mma.sync way below 10% faster, bench/NOTES.md): 3xTF32, i.e. each operand split into a TF32 "big"
-// part and the TF32 rounding of the rest, and per 8-feature step small x big + big x small +
-// big x big (the small x small term, ~2^-22 relative, left out), where plain TF32 (~1e-3
-// relative) would not do (tau = 0.01 amplifies a similarity error 100-fold).  Each step's three
-// products go into a zeroed accumulator, which is then added to the running sum by an ordinary
-// fp32 add: tensor cores truncate their own accumulation (round toward zero; Fasi et al., PeerJ
-// CS 2021; Ootomo and Yokota 2022), and a running sum kept inside them over D / 8 steps would be
+// FMA tiles at B = 8192, the mma.sync way below 10% faster, bench/NOTES.md): 3xTF32, i.e. each
+// operand split into a TF32 "big" part and the TF32 rounding of the rest, and per 8-feature step
+// small x big + big x small + big x big (the small x small term, ~2^-22 relative, left out), where
+// plain TF32 (~1e-3 relative) would not do (tau = 0.01 amplifies a similarity error 100-fold).
+// Each step's three products go into a zeroed accumulator, which is then added to the running sum
+// by an ordinary fp32 add: tensor cores truncate their own accumulation (round toward zero; Fasi et
+// al., PeerJ CS 2021; Ootomo and Yokota 2022), and a running sum kept inside them over D / 8 steps would be
 // biased low, by about 4e-6 at D = 512 in a model of this sequence (the reviewing helper's, not a
 // measurement), against 2.6e-8 this way and ~1.4e-7 (rms) for the FMA tiles; the tests hold
 // thresholds to 1e-6.  Why: the FMA tiles above run at about 18 TFLOP/s on an H200 (11.4 of the
@@ -638,11 +668,16 @@ __device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, 
 }
 
 //! One upper-triangle tile of x's Gram (and of y's in the kCritical pass), each pair (i < j)
-//! handed to the pass's epilogue.  Negatives only, except kCritical (all pairs).
-template <typename T, int kMath>
+//! handed to the pass's epilogue.  Negatives only, except kCritical (all pairs).  kCandidates: the
+//! kHistogram pass that also collects the top-N candidates when its flag is set (a kernel of its
+//! own: the collection's code in every pass's epilogue would cost the tensor-core tiles' kernels
+//! registers there, at their 128).
+template <typename T, int kMath, bool kCandidates>
 __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t x_dim, const T* __restrict__ y,
                                                 int64_t y_dim, const TileParams<T>& p, unsigned char* smem) {
-  if ((p.pass == kBoundaryTies || p.pass == kCollect) && *p.boundary_residual < 0) return;
+  if ((p.pass == kBoundaryTies || p.pass == kCollect) &&
+      (*p.boundary_residual < 0 || (p.candidate_flag != nullptr && *p.candidate_flag != 0)))
+    return;  // no top-N selection, or its candidates were collected in the second histogram pass
   const int64_t tiles = (p.batch + kTile - 1) / kTile;
   int64_t tile_row, tile_col;
   upper_tile(blockIdx.x, tiles, &tile_row, &tile_col);
@@ -651,6 +686,9 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   tile_gram<T, kMath>(x, x_dim, p.batch, row0, col0, acc, smem);
   T acc_y[4][4];
   if (p.pass == kCritical) tile_gram<T, kMath>(y, y_dim, p.batch, row0, col0, acc_y, smem);
+  // (the same for the whole block; read after the Gram: nothing more live through its loop)
+  bool collecting = false;
+  if constexpr (kCandidates) collecting = *p.candidate_flag != 0;
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
@@ -671,8 +709,14 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
         continue;
       }
       if (p.labels[i] == p.labels[j]) continue;
-      if (p.pass == kHistogram) histogram_count(p, run, acc[u][v]);
-      else boundary_epilogue(p, i, j, acc[u][v]);
+      if (p.pass == kHistogram) {
+        histogram_count(p, run, acc[u][v]);
+        if constexpr (kCandidates) {
+          if (collecting) collect_candidate(p, i, j, acc[u][v]);
+        }
+      } else {
+        boundary_epilogue(p, i, j, acc[u][v]);
+      }
     }
   }
   // Every lane of every warp gets here (no early exit above: the block-wide return happens
@@ -683,24 +727,24 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
 
 //! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x (kTile + 1) each (+1:
 //! the transposed stores hit distinct banks).
-template <typename T>
+template <typename T, bool kCandidates>
 __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
                                                                        const T* __restrict__ y, int64_t y_dim,
                                                                        TileParams<T> p) {
   __shared__ __align__(128) unsigned char smem[2 * kTileDepth * (kTile + 1) * sizeof(T)];
-  similarity_tile<T, kFmaTiles>(x, x_dim, y, y_dim, p, smem);
+  similarity_tile<T, kFmaTiles, kCandidates>(x, x_dim, y, y_dim, p, smem);
 }
 
 //! The tensor-core tiles' kernels (fp32: kWmmaTiles or kMmaTiles), held to 128 registers so that
 //! two blocks share an SM (wmma: 173 uncapped, one); shared memory: the tile's staging, then its
 //! accumulators.
-template <int kMath>
+template <int kMath, bool kCandidates>
 __global__ void __launch_bounds__(kTileThreads, 2) similarity_tile_tc_kernel(const float* __restrict__ x,
                                                                              int64_t x_dim,
                                                                              const float* __restrict__ y,
                                                                              int64_t y_dim, TileParams<float> p) {
   __shared__ __align__(128) unsigned char smem[(kMath == kMmaTiles ? kMmaSmemFloats : kTcSmemFloats) * sizeof(float)];
-  similarity_tile<float, kMath>(x, x_dim, y, y_dim, p, smem);
+  similarity_tile<float, kMath, kCandidates>(x, x_dim, y, y_dim, p, smem);
 }
 
 //! A tile pass over the upper triangle; `math` (tile_math_requested) picks the fp32 tiles' path
@@ -711,16 +755,21 @@ void launch_tiles(const at::Tensor& x, const at::Tensor& y, const TileParams<T>&
   // ekd_forward_cuda refuses B > kMaxBatch; a larger grid would be truncated to 32 bits.
   EKD_CHECK(blocks <= kMaxGridX, "ekd_forward: ", blocks, " tile blocks exceed the grid's x limit");
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool candidates = params.pass == kHistogram && params.candidate_flag != nullptr;
   if constexpr (std::is_same<T, float>::value) {
     if (math != kFmaTiles) {
-      auto* kernel = math == kMmaTiles ? similarity_tile_tc_kernel<kMmaTiles> : similarity_tile_tc_kernel<kWmmaTiles>;
+      auto* kernel = math == kMmaTiles
+                         ? (candidates ? similarity_tile_tc_kernel<kMmaTiles, true>
+                                       : similarity_tile_tc_kernel<kMmaTiles, false>)
+                         : (candidates ? similarity_tile_tc_kernel<kWmmaTiles, true>
+                                       : similarity_tile_tc_kernel<kWmmaTiles, false>);
       kernel<<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  similarity_tile_kernel<T><<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(),
-                                                                 y.size(1), params);
+  auto* kernel = candidates ? similarity_tile_kernel<T, true> : similarity_tile_kernel<T, false>;
+  kernel<<<blocks, kTileThreads, 0, stream>>>(x.data_ptr<T>(), x.size(1), y.data_ptr<T>(), y.size(1), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -766,7 +815,7 @@ static_assert(int64_t(kLocateThreads) * kLocateThreads == kRadixBins, "one bin p
 //! bin.  Integer sums: exact, whatever the order.
 __global__ void __launch_bounds__(kLocateThreads) locate_requests_kernel(const int64_t* histogram,
                                                                          int64_t histogram_stride, uint64_t* prefix,
-                                                                         int64_t* residual) {
+                                                                         int64_t* residual, int64_t* at_or_above) {
   using Scan = cub::BlockScan<int64_t, kLocateThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int64_t found_chunk, found_above;
@@ -806,6 +855,7 @@ __global__ void __launch_bounds__(kLocateThreads) locate_requests_kernel(const i
   if (rank >= before && rank < before + count) {  // exactly one bin: the element's
     prefix[r] = (prefix[r] << kRadixBits) | uint64_t(bin);
     residual[r] = rank - before;
+    if (at_or_above != nullptr) at_or_above[r] = before + count;  // the elements in this bin or above
   }
 }
 
@@ -816,10 +866,40 @@ __global__ void request_values_kernel(const uint64_t* prefix, const int64_t* res
   values[r] = residual[r] >= 0 ? value_of_key<T>(key_t<T>(prefix[r])) : T(NAN);
 }
 
+//! The top-N selection's candidates collected in the student's second histogram pass
+//! (EKD_CUDA_CANDIDATES=1): every negative whose key shares or passes the top kRadixBits bits of
+//! the N-th largest, which pass 1's histogram counts.  When they fit in `capacity` (a random
+//! batch: about N of them; collapsed similarities: most of the batch, and they do not), the two
+//! passes of hardest_negatives that count the ties and collect the selection (two more tile
+//! passes: a third of the forward's tiles) return at once, and the same counts and selection come
+//! from the candidates.  Empty (capacity 0) when off.
+struct Candidates {
+  int64_t capacity = 0;
+  at::Tensor flag;   // 0-d int64 on the device: 1 when they were collected
+  at::Tensor count;  // 0-d int64
+  at::Tensor pair;   // capacity int64, i * B + j; INT64_MAX in unused slots
+  at::Tensor value;  // capacity T
+  at::Tensor key;    // capacity int64 (order_key's bits)
+};
+
+//! Whether this call collects the top-N candidates in the second histogram pass
+//! (EKD_CUDA_CANDIDATES=1; read at every call, as EKD_CUDA_TENSOR_CORES: a benchmark's A/B
+//! switches it in one process).  Off by default until a GPU run has checked and timed it.
+bool candidates_requested() {
+  const char* setting = std::getenv("EKD_CUDA_CANDIDATES");
+  return setting != nullptr && std::strcmp(setting, "1") == 0;
+}
+
+//! Slots for the candidates: a random batch has about N of them (the boundary's bin holds a
+//! handful at D = 512); beyond this many (collapsed or heavily tied similarities) the two passes
+//! run as without candidates.
+constexpr int64_t kMinCandidateCapacity = int64_t(1) << 16;
+
 struct Requests {
   at::Tensor prefix;    // uint64 stored as int64
   at::Tensor residual;  // int64, < 0 when void
   int64_t count;
+  Candidates candidates;  // the student's (with_boundary), when requested
 };
 
 //! Radix selection of the requests of one model (x = its normalised rows): KeyOf<T>::bits / 16
@@ -848,6 +928,22 @@ Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at
                                               with_boundary && last, prefix, req.residual.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  Candidates& c = req.candidates;
+  at::Tensor at_or_above;
+  if (with_boundary && candidates_requested()) {
+    // (n_max, not N: a huge N, "take every negative", would ask for slots past the pairs; and
+    // never more slots than pairs, B <= kMaxBatch: no overflow)
+    const int64_t batch = x.size(0), pairs = batch * (batch - 1) / 2;
+    const int64_t n_max = max_selected(batch, options.num_hard_negatives);
+    c.capacity = std::min(pairs, std::max<int64_t>(kMinCandidateCapacity, 4 * n_max));
+  }
+  if (c.capacity > 0) {
+    c.count = at::zeros({}, long_options);
+    c.pair = at::full({c.capacity}, std::numeric_limits<int64_t>::max(), long_options);
+    c.value = at::zeros({c.capacity}, x.options());
+    c.key = at::zeros({c.capacity}, long_options);
+    at_or_above = at::full({req.count}, std::numeric_limits<int64_t>::max(), long_options);
+  }
   at::Tensor histogram = at::empty({req.count * kRadixBins}, long_options);
   for (int prefix_bits = 0; prefix_bits < KeyOf<T>::bits; prefix_bits += kRadixBits) {
     histogram.zero_();
@@ -860,12 +956,31 @@ Requests select_requests(const at::Tensor& x, const at::Tensor& labels, const at
     p.prefix = prefix;
     p.residual = req.residual.data_ptr<int64_t>();
     p.prefix_bits = prefix_bits;
+    if (c.capacity > 0 && prefix_bits == kRadixBits) {  // the second pass: the boundary's top bits are known
+      p.candidate_flag = c.flag.data_ptr<int64_t>();
+      p.candidate_bin = prefix + k;  // the boundary request comes after the k thresholds
+      p.candidate_count = reinterpret_cast<ull*>(c.count.data_ptr<int64_t>());
+      p.candidate_pair = c.pair.data_ptr<int64_t>();
+      p.candidate_value = c.value.data_ptr<T>();
+      p.candidate_key = c.key.data_ptr<int64_t>();
+      p.candidate_capacity = c.capacity;
+    }
     launch_tiles<T>(x, x, p, math);
     // The first pass fills one histogram shared by all requests.
     const int64_t stride = prefix_bits == 0 ? 0 : kRadixBins;
-    locate_requests_kernel<<<req.count, kLocateThreads, 0, stream>>>(histogram.data_ptr<int64_t>(), stride, prefix,
-                                                                     req.residual.data_ptr<int64_t>());
+    const bool first_with_candidates = c.capacity > 0 && prefix_bits == 0;
+    locate_requests_kernel<<<req.count, kLocateThreads, 0, stream>>>(
+        histogram.data_ptr<int64_t>(), stride, prefix, req.residual.data_ptr<int64_t>(),
+        first_with_candidates ? at_or_above.data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (first_with_candidates) {
+      // Collected when there is a top-N selection (its request found a bin) and they all fit:
+      // decided on the device, no host sync.
+      c.flag = at::logical_and(req.residual.narrow(0, k, 1) >= 0, at_or_above.narrow(0, k, 1) <= c.capacity)
+                   .to(at::kLong)
+                   .reshape({})
+                   .contiguous();
+    }
   }
   return req;
 }
@@ -909,7 +1024,28 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.boundary_residual = boundary_residual;
   p.row_ties = reinterpret_cast<ull*>(row_ties.data_ptr<int64_t>());
   p.above_count = reinterpret_cast<ull*>(above.data_ptr<int64_t>());
+  // (with candidates collected this pass and the collection below return at once)
+  const Candidates& c = student_req.candidates;
+  if (c.capacity > 0) p.candidate_flag = c.flag.data_ptr<int64_t>();
   launch_tiles<T>(student_hat, student_hat, p, math);
+
+  // The same counts from the candidates (nothing when they were not collected: their slots are
+  // empty): ties at the boundary key per row and elements above it.  Keys compare as unsigned
+  // 64-bit values: with the sign bit flipped, as int64 (fp64 keys use all 64 bits).
+  at::Tensor candidate_row, candidate_tie, candidate_above;
+  if (c.capacity > 0) {
+    const at::Tensor valid = c.pair != std::numeric_limits<int64_t>::max();
+    const at::Tensor boundary = student_req.prefix.narrow(0, boundary_index, 1);
+    const int64_t flip = std::numeric_limits<int64_t>::min();
+    // (unused slots add 0 to rows spread over the batch, not all to row 0: one address would
+    // serialise their atomics)
+    const at::Tensor spread = at::remainder(at::arange(c.capacity, long_options), batch);
+    candidate_row = at::where(valid, at::floor_divide(c.pair, batch), spread);
+    candidate_tie = at::logical_and(valid, c.key == boundary);
+    candidate_above = at::logical_and(valid, at::bitwise_xor(c.key, flip) > at::bitwise_xor(boundary, flip));
+    row_ties.index_add_(0, candidate_row, candidate_tie.to(at::kLong));
+    above.add_(candidate_above.sum());
+  }
 
   // Ties wanted = n - above; the cut row is the first whose cumulative ties reach it.
   const at::Tensor ties_wanted = n - above;
@@ -934,6 +1070,17 @@ Selection hardest_negatives(const at::Tensor& student_hat, const at::Tensor& lab
   p.collect_at_cut = at_cut.data_ptr<int64_t>();
   p.collect_capacity = capacity;
   launch_tiles<T>(student_hat, student_hat, p, math);
+  if (c.capacity > 0) {
+    // kCollect's choice among the candidates: every element above the boundary key, and its ties
+    // in rows up to the cut row (those of the cut row marked); the rest of the slots unused.
+    // When they were collected kCollect wrote nothing, else these slots are all unused: the two
+    // halves together hold one selection either way, ordered below by pair index alike.
+    const at::Tensor take = at::logical_or(candidate_above, at::logical_and(candidate_tie, candidate_row <= cut_row));
+    const at::Tensor unused = at::full_like(c.pair, std::numeric_limits<int64_t>::max());
+    pair_index = at::cat({pair_index, at::where(take, c.pair, unused)});
+    values = at::cat({values, c.value});
+    at_cut = at::cat({at_cut, at::logical_and(candidate_tie, candidate_row == cut_row).to(at::kLong)});
+  }
 
   // Deterministic whatever the atomics did: order by pair index, keep the first ties of the
   // cut row, order again and cut to n_max.

@@ -789,3 +789,105 @@ def test_raw_backward_skips_pair_index_out_of_range_cuda(case):
     assert not bool(inside.all())
     padded = {**bad, "selected_pairs": torch.where(inside, pairs, torch.full_like(pairs, -1))}
     torch.testing.assert_close(_backward(bad), _backward(padded), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- top-N candidates (CUDA)
+# EKD_CUDA_CANDIDATES=1: the CUDA op collects the hardest negatives' candidates (every negative in
+# the N-th largest's top-16-bit bucket or above) in the student's second histogram pass, and the
+# two passes that count the boundary's ties and collect the selection return at once when they all
+# fit (csrc/ekd_cuda.cu, Candidates); a third of the forward's tile passes.  Off by default until a
+# GPU run has checked and timed it; the GPU lease also runs the CUDA cases of the whole suite with it
+# set (tools/gpu_proof.sh, pytest-csrc-candidates).
+CANDIDATES = "EKD_CUDA_CANDIDATES"
+
+
+def _candidates_batch(kind, dtype):
+    if kind == "random":  # about N candidates: collected
+        return make_batch(1024, 64, 48, 256, seed=3, device="cuda", dtype=dtype)
+    if kind == "ties":  # 12 distinct directions: every similarity value shared by hundreds of pairs,
+        # the N-th largest among them (ties across many rows, a cut row), still a few thousand
+        # candidates: collected
+        student, teacher, labels = make_batch(300, 32, 24, 75, seed=4, device="cuda", dtype=dtype)
+        pick = torch.arange(300, device="cuda") % 12
+        return student[:12][pick] * (1 + torch.arange(300, device="cuda")[:, None] % 3), teacher, labels
+    # collapsed: every similarity 1, B(B-1)/2 minus the positives candidates, past the 65536 slots:
+    # the two passes run as without candidates
+    student, teacher, labels = make_batch(1024, 16, 16, 256, seed=5, device="cuda", dtype=dtype)
+    return student[:1].expand(1024, 16).contiguous(), teacher, labels
+
+
+# the tiles the candidates come from: FMA (fp32, fp64) and either tensor-core way (fp32)
+CANDIDATE_TILES = [pytest.param(torch.float32, None, id="fp32"), pytest.param(torch.float64, None, id="fp64"),
+                   pytest.param(torch.float32, "1", id="fp32-wmma"), pytest.param(torch.float32, "2", id="fp32-mma")]
+
+
+def _candidate_tiles(monkeypatch, tensor_cores):
+    if CUDA_REASON is not None:
+        pytest.skip(f"csrc on CUDA: {CUDA_REASON}")
+    if tensor_cores is None:
+        monkeypatch.delenv(TENSOR_CORES, raising=False)
+    else:
+        _require_cuda_tensor_cores()
+        monkeypatch.setenv(TENSOR_CORES, tensor_cores)
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", CANDIDATE_TILES)
+@pytest.mark.parametrize("kind", ["random", "ties", "collapsed"])
+def test_cuda_candidates_select_the_same_pairs(monkeypatch, kind, dtype, tensor_cores):
+    """The same selection to the bit, whichever way it was made: loss, gradient, thresholds and
+    statistics with the candidates equal those without (a random batch, heavy ties across rows,
+    and collapsed similarities that overflow the slots); fp64 (four histogram passes, keys using
+    all 64 bits) as fp32, and on the tensor-core tiles (their own collecting kernels)."""
+    _candidate_tiles(monkeypatch, tensor_cores)
+    student, teacher, labels = _candidates_batch(kind, dtype)
+    config = EKDConfig(compute_critical_ratio=True)
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(CANDIDATES, setting)
+        results[setting] = forward_backward(student, teacher, labels, config)
+    (off, off_grad), (on, on_grad) = results["0"], results["1"]
+    assert torch.equal(on.loss, off.loss) and torch.equal(on_grad, off_grad)
+    assert torch.equal(on.student_thresholds, off.student_thresholds)
+    assert torch.equal(on.teacher_thresholds, off.teacher_thresholds)
+    for field in dataclasses.fields(off.stats):
+        assert torch.equal(getattr(on.stats, field.name), getattr(off.stats, field.name)), field.name
+    # (a full selection: the case reaches the top-N path, not an empty one)
+    assert int(off.stats.num_selected_negatives) == min(2000, int(off.stats.num_negative_pairs)) > 0
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", CANDIDATE_TILES)
+def test_cuda_candidates_skip_the_two_selection_passes(monkeypatch, dtype, tensor_cores):
+    """The switch is live: with it the student's second histogram pass is the collecting kernel
+    (its instantiation's name), and the forward's last two tile launches (the boundary's ties and
+    the collection, which return at once when the candidates were collected) each take under a
+    fifth of the first launch's device time (a histogram pass over the same tiles); without it,
+    no collecting kernel, and the two take about as long as a histogram pass.  Each launch's
+    shortest of three calls: the suite's other processes share the GPU."""
+    _candidate_tiles(monkeypatch, tensor_cores)
+    # (B = 4096, D = 256: a histogram pass takes a few hundred us, a pass that returns at once the
+    # few us of its 2080 blocks)
+    student, teacher, labels = make_batch(4096, 256, 64, 1024, seed=6, device="cuda", dtype=dtype)
+    config = EKDConfig()
+
+    def tile_launches(setting):
+        monkeypatch.setenv(CANDIDATES, setting)
+        call(student, teacher, labels, config)  # (warm)
+        torch.cuda.synchronize()
+        calls = []
+        for _ in range(3):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                call(student, teacher, labels, config)
+                torch.cuda.synchronize()
+            kernels = sorted((e for e in prof.events() if "similarity_tile" in e.name),
+                             key=lambda e: e.time_range.start)
+            calls.append([(e.name, e.time_range.elapsed_us()) for e in kernels])
+        assert all([name for name, _ in c] == [name for name, _ in calls[0]] for c in calls), calls
+        return [(name, min(c[k][1] for c in calls)) for k, (name, _) in enumerate(calls[0])]
+
+    on, off = tile_launches("1"), tile_launches("0")
+    # 2 histogram passes a model (4 in fp64), the boundary's ties, the collection
+    assert len(on) == len(off) == (10 if dtype == torch.float64 else 6), (on, off)
+    assert sum("true>" in name for name, _ in on) == 1 and not any("true>" in name for name, _ in off)
+    first_on, first_off = on[0][1], off[0][1]
+    assert all(us < first_on / 5 for _, us in on[-2:]), on
+    assert all(us > first_off / 2 for _, us in off[-2:]), off

@@ -198,8 +198,13 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
 # - tensor-cores-mma: the same arithmetic through mma.sync PTX (EKD_CUDA_TENSOR_CORES=2): values
 #   split once when staged, shared-memory loads at fixed offsets; its tile kernel's K loop is 459
 #   sm_90 instructions a 32-feature step against wmma's 893 (nvcc 13.0, cuobjdump).
+# - candidates: the hardest negatives' candidates collected in the student's second histogram
+#   pass (EKD_CUDA_CANDIDATES=1, off by default until a GPU run has checked and timed it): the two
+#   passes that count the boundary's ties and collect the selection return at once when they fit,
+#   2 of the 6 tile launches at B = 8192.  Bitwise the default's outputs.
 CSRC_VARIANTS = {"tensor-cores": dict(environ={"EKD_CUDA_TENSOR_CORES": "1"}),
-                 "tensor-cores-mma": dict(environ={"EKD_CUDA_TENSOR_CORES": "2"})}
+                 "tensor-cores-mma": dict(environ={"EKD_CUDA_TENSOR_CORES": "2"}),
+                 "candidates": dict(environ={"EKD_CUDA_CANDIDATES": "1"})}
 
 
 def sync(device):
@@ -301,7 +306,7 @@ def sanitize(sizes, device, dtypes=("float32", "bfloat16")):
     verify_all_pairs(student.detach(), labels)
     if "csrc" in fast and device.type == "cuda":
         # Last (a fault in these new kernels would spoil what ran after it): the csrc op's
-        # tensor-core tiles, every tile pass (the critical pass with the ratio) and the selected
+        # variants (CSRC_VARIANTS: the tensor-core tiles, the top-N candidates), every tile pass (the critical pass with the ratio) and the selected
         # pairs' dots (random selection recomputes both models' similarities)
         for size in sizes:
             for dtype in (getattr(torch, name) for name in dtypes):

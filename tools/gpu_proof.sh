@@ -178,6 +178,15 @@ case "$stage" in
     # 32 x 32 tiles, which the fourth lease found 18-28% faster at B = 256 and 18% in bf16 at
     # 1024, and feature chunks of 64 (half the K steps of every dot's chain)
     ab tile-ab 90 "512 1024 2048" triton:tile32 triton:block-k64
+    # The csrc op's top-N candidates collected in the second histogram pass (EKD_CUDA_CANDIDATES=1,
+    # written without a GPU, off by default): the suite's csrc CUDA cases with it set (its own
+    # tests, test_csrc.py's test_cuda_candidates_*, ran in pytest-cuda), then its device time
+    # against the default's (bitwise the same outputs: the A/B says so)
+    step pytest-csrc-candidates 90 env EKD_CUDA_CANDIDATES=1 $PY -m pytest python_tests -q -rfE --tb=short \
+      -k "csrc and cuda" $xdist -p no:cacheprovider > $T/pytest_csrc_candidates.log 2>&1
+    [[ -s $T/pytest_csrc_candidates.log ]] && { echo "pytest-csrc-candidates:"; grep "^FAILED\|^ERROR\|passed\|failed" \
+      $T/pytest_csrc_candidates.log | tail -20; } >> "$OUT/summary.txt"
+    ab candidates-ab 60 "1024 8192" csrc:candidates
     # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
     # (the fifth lease cut it at 32 s of 90, before the bf16 rows at 8192; csrc+tc, the wmma way, is
     # the slower tensor-core way there: csrc-ab measures it)
