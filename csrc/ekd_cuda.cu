@@ -29,7 +29,7 @@
 // launch allows; tile-local indices stay 32-bit.  The tile passes launch one block per tile of
 // the upper triangle on the grid's x dimension, T(T+1)/2 blocks for T = cdiv(B, 64), which may
 // not pass 2^31 - 1: B <= kMaxBatch = 65535 * 64 = 4194240 (a ValueError names the B given).
-// Shared memory is fixed (2 x 16 x 65 values a block), whatever B.
+// Shared memory is fixed (2 x 16 x 68 values a block on the FMA tiles), whatever B.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,6 +53,9 @@ namespace {
 constexpr int kTile = 64;        // output tile: kTile x kTile pairs per block
 constexpr int kTileDepth = 16;   // feature chunk staged in shared memory
 constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
+//! Row stride of the FMA tiles' staged rows: 16-byte row starts, so that a thread's 4 consecutive
+//! values of a row come in vector loads (the +4 also spreads the transposed stores over banks).
+constexpr int kTileLd = kTile + 4;
 constexpr int kRowThreads = 128;
 constexpr int kWarpSize = 32;
 //! Rows (or pairs) of a kRowThreads block in the warp-per-row kernels.
@@ -233,10 +236,27 @@ __device__ __forceinline__ void upper_tile(int64_t t, int64_t tiles, int64_t* ti
   *tile_col = row + t;
 }
 
-//! acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx + 16v]> over the feature dimension.
+//! out[0 ... 3] = p[0 ... 3], from shared memory 16-byte aligned, in vector loads (one for fp32,
+//! two for fp64) where the compiler would not prove the alignment itself.
+__device__ __forceinline__ void load4(const float* p, float (&out)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&out)[4]) {
+  const double2 v0 = *reinterpret_cast<const double2*>(p), v1 = *reinterpret_cast<const double2*>(p + 2);
+  out[0] = v0.x, out[1] = v0.y, out[2] = v1.x, out[3] = v1.y;
+}
+
+// Which pair of a tile a thread's acc[u][v] holds, (ty, tx) = (threadIdx.x / 16, threadIdx.x % 16):
+// on the FMA tiles (gram_tile) tile row 4 ty + u and column 4 tx + v, four consecutive values a
+// row for vector loads; on the tensor-core tiles (read_tc_tile) row ty + 16 u and column tx + 16 v
+// (at their 128 registers, the consecutive layout put spill loads in their K loops).  Either way
+// each pair of the tile is one thread's, and its value the same bits.
+
+//! acc[u][v] = <x[row0 + 4 ty + u], x[col0 + 4 tx + v]> over the feature dimension (the FMA layout).
 template <typename T>
 __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
-                                          int64_t col0, T (&acc)[4][4], T (*rows)[kTile + 1], T (*cols)[kTile + 1]) {
+                                          int64_t col0, T (&acc)[4][4], T (*rows)[kTileLd], T (*cols)[kTileLd]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) acc[u][v] = T(0);
@@ -265,8 +285,8 @@ __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, 
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; ++kk) {
       T a[4], b[4];
-      for (int u = 0; u < 4; ++u) a[u] = rows[kk][ty + 16 * u];
-      for (int v = 0; v < 4; ++v) b[v] = cols[kk][tx + 16 * v];
+      load4(&rows[kk][4 * ty], a);
+      load4(&cols[kk][4 * tx], b);
       for (int u = 0; u < 4; ++u)
         for (int v = 0; v < 4; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
     }
@@ -380,12 +400,12 @@ __device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64
 //! of gram_tile_tc and gram_tile_mma, consistent with tile_order_dot.
 __device__ __forceinline__ void gram_tile_fma_in(const float* __restrict__ x, int64_t dim, int64_t batch,
                                                  int64_t row0, int64_t col0, float (&acc)[4][4], float* smem) {
-  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTile + 1]>(smem),
-            reinterpret_cast<float(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1)));
+  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTileLd]>(smem),
+            reinterpret_cast<float(*)[kTileLd]>(smem + kTileDepth * kTileLd));
 }
 #else
 //! After a tensor-core tile's accumulators were stored in `out` (row stride kTcOutLd): acc in the
-//! (ty, tx) layout the epilogues read (acc[u][v] = C[ty + 16u][tx + 16v]).
+//! tensor-core layout the epilogues read (acc[u][v] = C[ty + 16u][tx + 16v]).
 __device__ __forceinline__ void read_tc_tile(const float* out, float (&acc)[4][4]) {
   __syncthreads();
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -397,7 +417,8 @@ __device__ __forceinline__ void read_tc_tile(const float* out, float (&acc)[4][4
 }
 #endif  // EKD_TC_FALLBACK
 
-//! gram_tile's result (acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx + 16v]>) on tensor cores:
+//! gram_tile's products in the tensor-core layout (acc[u][v] = <x[row0 + ty + 16u], x[col0 + tx +
+//! 16v]>) on tensor cores:
 //! warp w holds the fragments of rows 16 (w / 2) and columns 16 (2 (w % 2)) and 16 (2 (w % 2) + 1);
 //! the next step's values are read into registers while this step's MMAs run; the accumulators
 //! go through shared memory to the (ty, tx) layout the epilogues read.
@@ -675,8 +696,8 @@ __device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, 
   } else if constexpr (kMath == kMmaTiles) {
     gram_tile_mma(x, dim, batch, row0, col0, acc, reinterpret_cast<float*>(smem));
   } else {
-    gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTile + 1]>(smem),
-              reinterpret_cast<T(*)[kTile + 1]>(smem + kTileDepth * (kTile + 1) * sizeof(T)));
+    gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTileLd]>(smem),
+              reinterpret_cast<T(*)[kTileLd]>(smem + kTileDepth * kTileLd * sizeof(T)));
   }
 }
 
@@ -703,6 +724,12 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   bool collecting = false;
   if constexpr (kCandidates) collecting = *p.candidate_flag != 0;
 
+  // The layout acc holds: a build without sm_80 code runs gram_tile in the tensor-core kernels too
+#ifdef EKD_TC_FALLBACK
+  constexpr bool kTcLayout = false;
+#else
+  constexpr bool kTcLayout = kMath != kFmaTiles;
+#endif
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
   HistogramRun run;
@@ -710,11 +737,11 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   // frame), and the Gram loop above would then update its accumulators through memory.
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
-    const int64_t i = row0 + ty + 16 * u;
+    const int64_t i = kTcLayout ? row0 + ty + 16 * u : row0 + 4 * ty + u;
     if (i >= p.batch) continue;
 #pragma unroll
     for (int v = 0; v < 4; ++v) {
-      const int64_t j = col0 + tx + 16 * v;
+      const int64_t j = kTcLayout ? col0 + tx + 16 * v : col0 + 4 * tx + v;
       if (j >= p.batch || j <= i) continue;
       if (p.pass == kCritical) {
         PairMath<T> m{p.student_thresholds, p.teacher_thresholds, p.num_thresholds, T(1), kSoftRank};
@@ -738,13 +765,12 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   if (p.pass == kCritical && critical > 0) atomicAdd(p.critical_count, critical);
 }
 
-//! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x (kTile + 1) each (+1:
-//! the transposed stores hit distinct banks).
+//! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x kTileLd each.
 template <typename T, bool kCandidates>
 __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
                                                                        const T* __restrict__ y, int64_t y_dim,
                                                                        TileParams<T> p) {
-  __shared__ __align__(128) unsigned char smem[2 * kTileDepth * (kTile + 1) * sizeof(T)];
+  __shared__ __align__(128) unsigned char smem[2 * kTileDepth * kTileLd * sizeof(T)];
   similarity_tile<T, kFmaTiles, kCandidates>(x, x_dim, y, y_dim, p, smem);
 }
 
