@@ -53,9 +53,19 @@ namespace {
 constexpr int kTile = 64;        // output tile: kTile x kTile pairs per block
 constexpr int kTileDepth = 16;   // feature chunk staged in shared memory
 constexpr int kTileThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
-//! Row stride of the FMA tiles' staged rows: 16-byte row starts, so that a thread's 4 consecutive
-//! values of a row come in vector loads (the +4 also spreads the transposed stores over banks).
-constexpr int kTileLd = kTile + 4;
+//! The FMA tiles' layout (gram_tile): in fp32 a thread's outputs are tile rows 4 ty + u and
+//! columns 4 tx + v, (ty, tx) = (threadIdx.x / 16, threadIdx.x % 16), so that its 4 values of a
+//! staged row are consecutive and come in one 16-byte shared load (rows kTile + 4 wide: 16-byte
+//! row starts; the transposed stores are then 2-way bank conflicted, as with kTile + 1); in fp64,
+//! rows ty + 16 u and columns tx + 16 v (a thread's 32 bytes at a 32-byte stride would put 4 lanes
+//! on a bank: more shared-memory passes than the scalar loads), rows kTile + 1 wide (conflict-free
+//! stores).  The tensor-core tiles use the strided layout too (read_tc_tile: at their 128
+//! registers the consecutive one put spill loads in their K loops).  Either way each pair of a
+//! tile is one thread's, and its value the same bits.
+template <typename T>
+constexpr bool kConsecutiveTiles = std::is_same<T, float>::value;
+template <typename T>
+constexpr int kTileLd = kConsecutiveTiles<T> ? kTile + 4 : kTile + 1;
 constexpr int kRowThreads = 128;
 constexpr int kWarpSize = 32;
 //! Rows (or pairs) of a kRowThreads block in the warp-per-row kernels.
@@ -236,27 +246,19 @@ __device__ __forceinline__ void upper_tile(int64_t t, int64_t tiles, int64_t* ti
   *tile_col = row + t;
 }
 
-//! out[0 ... 3] = p[0 ... 3], from shared memory 16-byte aligned, in vector loads (one for fp32,
-//! two for fp64) where the compiler would not prove the alignment itself.
+//! out[0 ... 3] = p[0 ... 3], from shared memory 16-byte aligned, in one vector load (where the
+//! compiler would not prove the alignment itself).
 __device__ __forceinline__ void load4(const float* p, float (&out)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
 }
-__device__ __forceinline__ void load4(const double* p, double (&out)[4]) {
-  const double2 v0 = *reinterpret_cast<const double2*>(p), v1 = *reinterpret_cast<const double2*>(p + 2);
-  out[0] = v0.x, out[1] = v0.y, out[2] = v1.x, out[3] = v1.y;
-}
 
-// Which pair of a tile a thread's acc[u][v] holds, (ty, tx) = (threadIdx.x / 16, threadIdx.x % 16):
-// on the FMA tiles (gram_tile) tile row 4 ty + u and column 4 tx + v, four consecutive values a
-// row for vector loads; on the tensor-core tiles (read_tc_tile) row ty + 16 u and column tx + 16 v
-// (at their 128 registers, the consecutive layout put spill loads in their K loops).  Either way
-// each pair of the tile is one thread's, and its value the same bits.
-
-//! acc[u][v] = <x[row0 + 4 ty + u], x[col0 + 4 tx + v]> over the feature dimension (the FMA layout).
+//! acc[u][v] = <x[i], x[j]> over the feature dimension, (i, j) the pair of tile row and column
+//! (4 ty + u, 4 tx + v) in fp32, (ty + 16 u, tx + 16 v) in fp64 (kConsecutiveTiles).
 template <typename T>
 __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
-                                          int64_t col0, T (&acc)[4][4], T (*rows)[kTileLd], T (*cols)[kTileLd]) {
+                                          int64_t col0, T (&acc)[4][4], T (*rows)[kTileLd<T>],
+                                          T (*cols)[kTileLd<T>]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   for (int u = 0; u < 4; ++u)
     for (int v = 0; v < 4; ++v) acc[u][v] = T(0);
@@ -285,8 +287,13 @@ __device__ __forceinline__ void gram_tile(const T* __restrict__ x, int64_t dim, 
 #pragma unroll
     for (int kk = 0; kk < kTileDepth; ++kk) {
       T a[4], b[4];
-      load4(&rows[kk][4 * ty], a);
-      load4(&cols[kk][4 * tx], b);
+      if constexpr (kConsecutiveTiles<T>) {
+        load4(&rows[kk][4 * ty], a);
+        load4(&cols[kk][4 * tx], b);
+      } else {
+        for (int u = 0; u < 4; ++u) a[u] = rows[kk][ty + 16 * u];
+        for (int v = 0; v < 4; ++v) b[v] = cols[kk][tx + 16 * v];
+      }
       for (int u = 0; u < 4; ++u)
         for (int v = 0; v < 4; ++v) acc[u][v] = fma(a[u], b[v], acc[u][v]);
     }
@@ -400,8 +407,8 @@ __device__ __forceinline__ void fetch_tc_step(const float* __restrict__ x, int64
 //! of gram_tile_tc and gram_tile_mma, consistent with tile_order_dot.
 __device__ __forceinline__ void gram_tile_fma_in(const float* __restrict__ x, int64_t dim, int64_t batch,
                                                  int64_t row0, int64_t col0, float (&acc)[4][4], float* smem) {
-  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTileLd]>(smem),
-            reinterpret_cast<float(*)[kTileLd]>(smem + kTileDepth * kTileLd));
+  gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<float(*)[kTileLd<float>]>(smem),
+            reinterpret_cast<float(*)[kTileLd<float>]>(smem + kTileDepth * kTileLd<float>));
 }
 #else
 //! After a tensor-core tile's accumulators were stored in `out` (row stride kTcOutLd): acc in the
@@ -421,7 +428,7 @@ __device__ __forceinline__ void read_tc_tile(const float* out, float (&acc)[4][4
 //! 16v]>) on tensor cores:
 //! warp w holds the fragments of rows 16 (w / 2) and columns 16 (2 (w % 2)) and 16 (2 (w % 2) + 1);
 //! the next step's values are read into registers while this step's MMAs run; the accumulators
-//! go through shared memory to the (ty, tx) layout the epilogues read.
+//! go through shared memory to the tensor-core layout (acc[u][v] = C[ty + 16u][tx + 16v]).
 __device__ __forceinline__ void gram_tile_tc(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                              int64_t col0, float (&acc)[4][4], float* smem) {
 #ifdef EKD_TC_FALLBACK
@@ -565,9 +572,9 @@ __device__ __forceinline__ void mma_3xtf32_split(float (&acc)[4], const float (&
 }
 #endif  // EKD_TC_FALLBACK
 
-//! gram_tile's result on tensor cores through mma.sync: warp w holds rows 16 (w / 2) ... + 16 and
+//! gram_tile's products on tensor cores through mma.sync: warp w holds rows 16 (w / 2) ... + 16 and
 //! columns 32 (w % 2) ... + 32 (four 8-column blocks); the accumulators go through shared memory
-//! to the (ty, tx) layout the epilogues read.
+//! to the tensor-core layout (acc[u][v] = C[ty + 16u][tx + 16v]).
 __device__ __forceinline__ void gram_tile_mma(const float* __restrict__ x, int64_t dim, int64_t batch, int64_t row0,
                                               int64_t col0, float (&acc)[4][4], float* smem) {
 #ifdef EKD_TC_FALLBACK
@@ -696,8 +703,8 @@ __device__ __forceinline__ void tile_gram(const T* __restrict__ x, int64_t dim, 
   } else if constexpr (kMath == kMmaTiles) {
     gram_tile_mma(x, dim, batch, row0, col0, acc, reinterpret_cast<float*>(smem));
   } else {
-    gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTileLd]>(smem),
-              reinterpret_cast<T(*)[kTileLd]>(smem + kTileDepth * kTileLd * sizeof(T)));
+    gram_tile(x, dim, batch, row0, col0, acc, reinterpret_cast<T(*)[kTileLd<T>]>(smem),
+              reinterpret_cast<T(*)[kTileLd<T>]>(smem + kTileDepth * kTileLd<T> * sizeof(T)));
   }
 }
 
@@ -724,11 +731,12 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   bool collecting = false;
   if constexpr (kCandidates) collecting = *p.candidate_flag != 0;
 
-  // The layout acc holds: a build without sm_80 code runs gram_tile in the tensor-core kernels too
+  // The layout acc holds (kConsecutiveTiles): the FMA tiles' (gram_tile, also in the tensor-core
+  // kernels of a build without sm_80 code: EKD_TC_FALLBACK) or the tensor-core tiles' (strided)
 #ifdef EKD_TC_FALLBACK
-  constexpr bool kTcLayout = false;
+  constexpr bool kConsecutive = kConsecutiveTiles<T>;
 #else
-  constexpr bool kTcLayout = kMath != kFmaTiles;
+  constexpr bool kConsecutive = kMath == kFmaTiles && kConsecutiveTiles<T>;
 #endif
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   ull critical = 0;
@@ -737,11 +745,11 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   // frame), and the Gram loop above would then update its accumulators through memory.
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
-    const int64_t i = kTcLayout ? row0 + ty + 16 * u : row0 + 4 * ty + u;
+    const int64_t i = kConsecutive ? row0 + 4 * ty + u : row0 + ty + 16 * u;
     if (i >= p.batch) continue;
 #pragma unroll
     for (int v = 0; v < 4; ++v) {
-      const int64_t j = kTcLayout ? col0 + tx + 16 * v : col0 + 4 * tx + v;
+      const int64_t j = kConsecutive ? col0 + 4 * tx + v : col0 + tx + 16 * v;
       if (j >= p.batch || j <= i) continue;
       if (p.pass == kCritical) {
         PairMath<T> m{p.student_thresholds, p.teacher_thresholds, p.num_thresholds, T(1), kSoftRank};
@@ -765,12 +773,12 @@ __device__ __forceinline__ void similarity_tile(const T* __restrict__ x, int64_t
   if (p.pass == kCritical && critical > 0) atomicAdd(p.critical_count, critical);
 }
 
-//! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x kTileLd each.
+//! The FMA tiles' kernel.  Shared memory: rows and columns, kTileDepth x kTileLd<T> each.
 template <typename T, bool kCandidates>
 __global__ void __launch_bounds__(kTileThreads) similarity_tile_kernel(const T* __restrict__ x, int64_t x_dim,
                                                                        const T* __restrict__ y, int64_t y_dim,
                                                                        TileParams<T> p) {
-  __shared__ __align__(128) unsigned char smem[2 * kTileDepth * kTileLd * sizeof(T)];
+  __shared__ __align__(128) unsigned char smem[2 * kTileDepth * kTileLd<T> * sizeof(T)];
   similarity_tile<T, kFmaTiles, kCandidates>(x, x_dim, y, y_dim, p, smem);
 }
 
