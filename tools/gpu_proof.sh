@@ -186,7 +186,7 @@ case "$stage" in
       -k "csrc and cuda" $xdist -p no:cacheprovider > $T/pytest_csrc_candidates.log 2>&1
     [[ -s $T/pytest_csrc_candidates.log ]] && { echo "pytest-csrc-candidates:"; grep "^FAILED\|^ERROR\|passed\|failed" \
       $T/pytest_csrc_candidates.log | tail -20; } >> "$OUT/summary.txt"
-    ab candidates-ab 60 "1024 8192" csrc:candidates
+    ab candidates-ab 60 "256 1024 8192" csrc:candidates
     # The FMA tiles (new K loop since the fifth lease: 410 sm_90 instructions a step, 678 before)
     # against the mma tiles (10% faster than the old FMA tiles in the fifth lease): which is the
     # default csrc path for fp32 (pytest-csrc-tc2 above: whether mma may be)
