@@ -139,6 +139,22 @@ POSITIVE_BACKWARD_PROGRAMS = 128
 #: taken in chunks of this size.
 BACKWARD_BLOCK_ROWS = 16
 BACKWARD_MAX_BLOCK_D = 512
+#: Up to SMALL_BACKWARD_MAX_BATCH rows, the per-row kernel's programs take
+#: SMALL_BACKWARD_BLOCK_ROWS rows each and walk a row's selected entries SMALL_BACKWARD_ENTRY_UNROLL
+#: at a time (an unrolled loop).  Why: at small B a row holds many of the N selected negatives
+#: (2N / B entries: 62 at B = 64, N = 2000), walked one entry a step, each step two dependent
+#: loads (the entry, then the other row's features); that chain made backward_rows 53 us of the
+#: 0.345 ms a call took on the device at B = 64 (fifth GPU run), four 16-row programs on 132 SMs.
+#: Unrolled, 8 entries' loads are in flight together, and 2-row programs spread the rows over
+#: 8 times the SMs.  Each row sums its entries in the same order: the same bits.  Larger batches
+#: keep 16-row programs (about 2 entries a row at B = 2048; more programs would add waves of the
+#: segment search's fixed latency).  sm_90 (triton 3.8): 157 registers, no spill.
+#: SMALL_BACKWARD_MAX_BATCH = 0 is the kernel's shape of before, for the benchmark's A/B
+#: (tools/gpu_exercise.py triton:rows-16).  Unmeasured on a GPU when made the default
+#: (2026-11-27, twentieth session).
+SMALL_BACKWARD_MAX_BATCH = 512
+SMALL_BACKWARD_BLOCK_ROWS = 2
+SMALL_BACKWARD_ENTRY_UNROLL = 8
 #: Histogram bins per step of the selection scans (coarse_select, fine_select).
 SCAN_BLOCK = 4096
 #: Sorts of at most this many keys (the labels in the forward, the selected negatives' gradient
@@ -180,6 +196,7 @@ LABEL_BLOCK = 64
 #: The interpreter pays per program and per op, not per element: it takes bigger blocks.
 INTERPRETER_BLOCK_PAIRS = 1024
 INTERPRETER_BACKWARD_BLOCK_ROWS = 128
+INTERPRETER_BACKWARD_ENTRY_UNROLL = 1
 INTERPRETER_SCAN_BLOCK = 65536
 INTERPRETER_CANDIDATE_BLOCK = 1024
 INTERPRETER_CANDIDATE_CHUNK = 1024
@@ -337,8 +354,13 @@ def _block_pairs() -> int:
     return INTERPRETER_BLOCK_PAIRS if _kernels_interpreted() else BLOCK_PAIRS
 
 
-def _backward_block_rows() -> int:
-    return INTERPRETER_BACKWARD_BLOCK_ROWS if _kernels_interpreted() else BACKWARD_BLOCK_ROWS
+def _backward_rows_shape(batch: int) -> Tuple[int, int]:
+    """(rows a program, unroll of the entry walk) of backward_rows_kernel at `batch` rows."""
+    if _kernels_interpreted():
+        return INTERPRETER_BACKWARD_BLOCK_ROWS, INTERPRETER_BACKWARD_ENTRY_UNROLL
+    if batch <= SMALL_BACKWARD_MAX_BATCH:
+        return SMALL_BACKWARD_BLOCK_ROWS, SMALL_BACKWARD_ENTRY_UNROLL
+    return BACKWARD_BLOCK_ROWS, 1
 
 
 def _positive_splits(batch: int, dim_s: int) -> int:
@@ -1118,11 +1140,12 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # the normalisation.
     sorted_keys, entry_index = _stable_sort(entry_keys)
     grad = torch.empty((batch, dim_s), dtype=s.dtype, device=device)
-    block_rows = _backward_block_rows()
+    block_rows, entry_unroll = _backward_rows_shape(batch)
     _launch(kernels.backward_rows_kernel, (_cdiv(batch, block_rows),))(
         s, s_inv, grad_hat, order, sorted_keys, entry_index, num_entries, num_entries.bit_length(),
         selected_coefficient, num_slots, grad_loss, grad, batch, dim_s, BLOCK_R=block_rows,
-        BLOCK_D=min(1 << max(dim_s - 1, 0).bit_length(), BACKWARD_MAX_BLOCK_D))  # (next power of 2)
+        BLOCK_D=min(1 << max(dim_s - 1, 0).bit_length(), BACKWARD_MAX_BLOCK_D),  # (next power of 2)
+        ENTRY_UNROLL=entry_unroll)
     return grad
 
 

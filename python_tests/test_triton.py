@@ -442,6 +442,51 @@ def test_positive_backward_feature_splits(monkeypatch, programs, splits, options
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)  # (split as the last call)
 
 
+def _selected_entries_per_row(student, teacher, labels, **options):
+    """How many selected-negative entries (both directions of each selected pair) each sorted
+    row holds in the Triton forward: the walk backward_rows_kernel makes for that row."""
+    config = EKDConfig(**options)
+    k = config.num_thresholds
+    random_pairs = None
+    if config.negative_selection == "random":
+        random_pairs = triton_ekd._random_negative_pairs(labels, config.num_hard_negatives,
+                                                         torch.Generator().manual_seed(0))
+    zeros = torch.zeros(k, device=student.device)
+    with torch.no_grad():
+        outputs = triton_ekd._forward_impl(student, teacher, labels, zeros, zeros, random_pairs, config, True)
+    rows, cols = outputs[12], outputs[13]
+    return torch.bincount(torch.cat([rows, cols]).cpu(), minlength=student.shape[0])
+
+
+@pytest.mark.parametrize("options", [dict(num_hard_negatives=300), dict(negative_selection="random",
+                                                                         num_hard_negatives=300)],
+                         ids=["hardest", "random"])
+def test_backward_rows_small_batch_shape(monkeypatch, options):
+    """backward_rows_kernel in the small-B shape (2-row programs walking a row's selected
+    entries 8 at a time: triton_ekd.SMALL_BACKWARD_*, and the interpreter's INTERPRETER_BACKWARD_*
+    set to the same) against the shape of larger batches (16-row programs, or the interpreter's
+    128, one entry a step): B = 75 (the last 2-row program half full), a cluster of 12 rows that
+    holds most of the hardest negatives, so that rows hold from no entry (hardest) to about 20,
+    on both sides of multiples of 8 (checked).  Each row adds its entries in the same order
+    either way: the same gradient bits, and the reference's."""
+    student, teacher, labels = make_batch(75, 40, 24, 20, seed=29)
+    student[:12] = student[0] + 0.3 * torch.randn(12, 40, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    entries = _selected_entries_per_row(student, teacher, labels, **options)
+    assert entries.max() >= 16 and (entries % 8 != 0).any() and (entries % 8 == 0).any()
+    grads = {}
+    for small in (False, True):
+        monkeypatch.setattr(triton_ekd, "SMALL_BACKWARD_MAX_BATCH", 512 if small else 0)
+        monkeypatch.setattr(triton_ekd, "INTERPRETER_BACKWARD_BLOCK_ROWS", 2 if small else 128)
+        monkeypatch.setattr(triton_ekd, "INTERPRETER_BACKWARD_ENTRY_UNROLL", 8 if small else 1)
+        grids = _record_grids(monkeypatch)
+        grads[small] = run_ekd(ekd_loss, student, teacher, labels, backend="triton",
+                               generator=torch.Generator().manual_seed(0), **options).grad
+        rows = 2 if small else (128 if not ON_GPU else triton_ekd.BACKWARD_BLOCK_ROWS)
+        assert ("backward_rows_kernel", (-(-75 // rows),)) in grids
+    assert torch.equal(grads[True], grads[False])
+    compare(student, teacher, labels, steps=2, **options)  # (the small-B shape, as the last call)
+
+
 @pytest.mark.parametrize("rows, chunk", [(8, 64), (16, 128), (64, 32)])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
 def test_normalise_blocks(monkeypatch, rows, chunk):
@@ -1470,6 +1515,11 @@ def exercise():
     default_tiles_per_copy, triton_ekd.COARSE_TILES_PER_COPY = triton_ekd.COARSE_TILES_PER_COPY, 1
     ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
     triton_ekd.COARSE_TILES_PER_COPY = default_tiles_per_copy
+    # the backward's per-row kernel in the shape of larger batches (16-row programs walking one
+    # entry a step; B = 300 takes the small-B shape above)
+    default_small_backward, triton_ekd.SMALL_BACKWARD_MAX_BATCH = triton_ekd.SMALL_BACKWARD_MAX_BATCH, 0
+    ekd_loss(student.detach().requires_grad_(True), teacher, labels, backend="triton").loss.backward()
+    triton_ekd.SMALL_BACKWARD_MAX_BATCH = default_small_backward
     # pass 1 in two parts, in copies, as at large B (the probe, the cutoff, the head and tail launches
     # and coarse_select's two cutoff modes), in both dtypes' dot precisions
     default_min_batch, triton_ekd.CUTOFF_MIN_BATCH = triton_ekd.CUTOFF_MIN_BATCH, 0

@@ -166,6 +166,10 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   16.  The fifth run measured 32 (and 8) against 512 at 256-2048 only; bitwise the same outputs.
 # - no-launch-cache: every launch through Triton's JITFunction.run, as before the launch cache
 #   (_triton/launch.py); the same launches: host time only.
+# - rows-16: backward_rows_kernel on 16-row programs walking one selected entry a step at every
+#   B, as before its small-B shape (2-row programs, the walk unrolled 8 times, up to B = 512:
+#   triton_ekd.SMALL_BACKWARD_MAX_BATCH); both keep the one search for a segment's two ends.
+#   Bitwise the same outputs.
 SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
@@ -185,6 +189,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "normalise-tile-rows": dict(NORMALISE_BLOCK_ROWS=64, NORMALISE_BLOCK_K=32),
                    "copies-512": dict(COARSE_TILES_PER_COPY=512),
                    "copies-128": dict(COARSE_TILES_PER_COPY=128),
+                   "rows-16": dict(SMALL_BACKWARD_MAX_BATCH=0),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 

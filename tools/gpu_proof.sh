@@ -111,17 +111,24 @@ case "$stage" in
       $PY -c 'import ekd_kernels.backends as b, torch; print("backends on cuda:", b.available_backends(torch.device("cuda")))'
     } >> "$OUT/summary.txt" 2>&1
     bench_lines() { grep "^|\|ratios\|^  " "$1" >> "$OUT/summary.txt"; }  # a benchmark log's tables and rows
-    memcheck() {  # memcheck B DTYPE MAX_SECONDS: compute-sanitizer memcheck over gpu_exercise's sanitize run
-      # at one dtype (step memcheck-B-DTYPE; both dtypes at B = 33 took more than 150 s), verdict to the summary
-      local log="$T/memcheck_$1_$2.log"
-      step memcheck-$1-$2 "$3" compute-sanitizer --tool memcheck --print-limit 20 $PY tools/gpu_exercise.py sanitize \
-        --sizes "$1" --dtypes "$2" > "$log" 2>&1
+    sanitizer() {  # sanitizer TOOL B DTYPE MAX_SECONDS: compute-sanitizer TOOL over gpu_exercise's sanitize
+      # run at one dtype (step TOOL-B-DTYPE; memcheck of both dtypes at B = 33 took more than 150 s),
+      # its verdict and how far it got (the run's "ok" lines: a step cut by its limit) to the summary
+      local tool=$1 log="$T/$1_$2_$3.log"
+      step $tool-$2-$3 "$4" compute-sanitizer --tool $tool --print-limit 20 $PY tools/gpu_exercise.py sanitize \
+        --sizes "$2" --dtypes "$3" > "$log" 2>&1
       [[ -s "$log" ]] || return 0  # not selected, or skipped
-      { echo "memcheck B=$1 $2:"; grep "ERROR SUMMARY\|sanitize run complete\|Invalid\|Error" "$log" | head -12
+      { echo "$tool B=$2 $3 ($(grep -c "^ok " "$log") parts ran):"
+        grep "SUMMARY\|sanitize run complete\|Invalid\|Error\|[Hh]azard\|Uninitialized\|Barrier" "$log" | head -12
         tail -2 "$log"; } >> "$OUT/summary.txt"
     }
+    memcheck() { sanitizer memcheck "$@"; }  # memcheck B DTYPE MAX_SECONDS
     # pytest-xdist when present (the GPU image has it): a crashing case then costs one worker, not the run
+    # (work stealing where xdist has it, 3.2 on: a worker left with a 50-s case no longer holds the
+    # step's end while the others idle; the fifth lease's slowest cases took 35-52 s)
     xdist=""; $PY -c "import xdist" 2>/dev/null && xdist="-n 8"
+    [[ -n "$xdist" ]] && $PY -c "import xdist.scheduler as s; s.WorkStealingScheduling" 2>/dev/null \
+      && xdist="$xdist --dist worksteal"
     # Every test that runs on the GPU, in one xdist run whose failures come back with their
     # tracebacks: the cases named cuda, all of test_triton.py (its tests run on CUDA tensors where
     # a GPU is, and their names do not say so), test_large_batch.py's (its int64 and past-int32
@@ -178,6 +185,10 @@ case "$stage" in
     # 32 x 32 tiles, which the fourth lease found 18-28% faster at B = 256 and 18% in bf16 at
     # 1024, and feature chunks of 64 (half the K steps of every dot's chain)
     ab tile-ab 90 "512 1024 2048" triton:tile32 triton:block-k64
+    # backward_rows' small-B shape (2-row programs walking a row's selected entries 8 at a time,
+    # up to B = 512; written without a GPU) against the 16-row one-entry-a-step programs of before
+    # (53 us of a call's 0.345 ms at B = 64 in the fifth lease); bitwise the same outputs
+    ab rows-ab 45 "64 256 512" triton:rows-16
     # The csrc op's top-N candidates collected in the second histogram pass (EKD_CUDA_CANDIDATES=1,
     # written without a GPU, off by default): the suite's csrc CUDA cases with it set (its own
     # tests, test_csrc.py's test_cuda_candidates_*, ran in pytest-cuda), then its device time
@@ -237,6 +248,14 @@ case "$stage" in
     # (the CPU cases are CI's: the GPU machine's time goes to what only it can run)
     memcheck 4096 float32 120
     memcheck 4096 bfloat16 120
+    # The other three tools the issue names, over the whole package: shared-memory races, reads of
+    # device memory no one wrote (every scratch buffer is torch.empty: the kernels must write
+    # before they read), barriers that not every thread reaches.  Their one run was the second
+    # lease's, by hand (0 errors each, bench/results/gpu_proof_h200_2026-11-26b/), on the kernels
+    # of then; fp32 at B = 33, every kernel of both backends and every variant, as memcheck's
+    sanitizer racecheck 33 float32 150
+    sanitizer initcheck 33 float32 150
+    sanitizer synccheck 33 float32 150
     # (the fifth lease ran these right after the consistency check: every case passed, the mma way
     # took 10.05 ms of tile kernels at B = 8192 against the FMA tiles' 11.24 and wmma's 13.10)
     # The csrc CUDA op's fp32 tiles on tensor cores (3xTF32 through wmma and through mma.sync,

@@ -1534,9 +1534,35 @@ def _lower_bound(sorted_ptr, count, value, steps):
 
 
 @triton.jit
+def _lower_bounds(sorted_ptr, count, first, second, steps):
+    """_lower_bound of `first` and of `second` in the same loop: each step's two loads are
+    independent, so the two chains of `steps` dependent loads overlap.  (Not one search over
+    tl.join(first, second): the split halves come out in another layout, which multiplied the
+    loads of the loop that indexes with them.)"""
+    low_a = first * 0
+    high_a = low_a + count
+    low_b = low_a
+    high_b = high_a
+    for _ in range(steps):
+        middle_a = (low_a + high_a) // 2
+        middle_b = (low_b + high_b) // 2
+        searching_a = low_a < high_a
+        searching_b = low_b < high_b
+        below_a = searching_a & (tl.load(sorted_ptr + middle_a, mask=searching_a & (middle_a < count), other=0)
+                                 < first)
+        below_b = searching_b & (tl.load(sorted_ptr + middle_b, mask=searching_b & (middle_b < count), other=0)
+                                 < second)
+        low_a = tl.where(below_a, middle_a + 1, low_a)
+        high_a = tl.where(searching_a & (below_a == 0), middle_a, high_a)
+        low_b = tl.where(below_b, middle_b + 1, low_b)
+        high_b = tl.where(searching_b & (below_b == 0), middle_b, high_b)
+    return low_a, low_b
+
+
+@triton.jit
 def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_ptr, entry_index_ptr, num_entries,
                          search_steps, selected_coefficient_ptr, num_slots, grad_loss_ptr, grad_ptr, batch, dim_s,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ENTRY_UNROLL: tl.constexpr = 1):
     """Per row: add the selected negatives' g * s_hat_other (entries sorted by (row, other), so
     each row sums in a fixed order; its segment found by binary search on the keys), then back
     through the normalisation, (G - s_hat <s_hat, G>) / max(||s||, eps), written to the row's
@@ -1545,15 +1571,21 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
     Feature chunks of BLOCK_D (one chunk up to the glue's cap, 512): a row block of a wide
     student does not fit in registers.  Pass 1 forms G chunk by chunk (each element sums in the
     same order whatever the chunking) into grad_hat, which this program owns, with the chunks'
-    parts of <x, G> and ||x||^2; pass 2 projects and writes."""
+    parts of <x, G> and ||x||^2; pass 2 projects and writes.
+
+    ENTRY_UNROLL: the walk over the entries unrolled that many times (the loads of that many
+    entries in flight at once: a long walk is a latency chain, see triton_ekd.
+    SMALL_BACKWARD_MAX_BATCH); the entries are still added one by one, in order."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
     row_offset = rows.to(tl.int64) * dim_s
     grad_loss = tl.load(grad_loss_ptr).to(tl.float32)
     row_key = rows.to(tl.int64) * (batch + 1)
-    segment_start = _lower_bound(sorted_key_ptr, num_entries, row_key, search_steps)
-    segment_length = tl.where(row_mask, _lower_bound(sorted_key_ptr, num_entries, row_key + batch + 1, search_steps)
-                              - segment_start, 0)
+    # Both ends of every row's segment in one search (independent loads a step: half the
+    # latency of two searches in turn, a chain of search_steps dependent loads each)
+    segment_start, segment_end = _lower_bounds(sorted_key_ptr, num_entries, row_key, row_key + batch + 1,
+                                               search_steps)
+    segment_length = tl.where(row_mask, segment_end - segment_start, 0)
     inv_norm = tl.load(s_inv_ptr + rows, mask=row_mask, other=0.0)
     x_dot_g = tl.zeros((BLOCK_R,), dtype=tl.float32)
     squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -1561,7 +1593,7 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (ds < dim_s)[None, :]
         grad_hat = tl.load(grad_hat_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0)
-        for step in range(0, tl.max(segment_length, axis=0)):
+        for step in tl.range(0, tl.max(segment_length, axis=0), loop_unroll_factor=ENTRY_UNROLL):
             has_entry = step < segment_length
             entry = segment_start + step
             other = tl.load(sorted_key_ptr + entry, mask=has_entry, other=0) - row_key
