@@ -188,9 +188,18 @@ SELECT_LINEAR_SCAN = False
 COARSE_SELECT_LINEAR_MIN_COPIES = 2
 #: Elements per step of the fills, the fixed-order sums of finalize and the entry keys.
 SMALL_BLOCK = 1024
-#: Candidates per program, and per step of the rank count, of hardest_negatives_kernel.
-CANDIDATE_BLOCK = 64
-CANDIDATE_CHUNK = 128
+#: Candidates per program, and per step of the rank count, of hardest_negatives_kernel.  Each
+#: program counts, for each of its candidates, the candidates ranked before it: filled^2 integer
+#: comparisons in all (about 2500^2 at N = 2000), spread over cdiv(filled, CANDIDATE_BLOCK)
+#: programs that each walk all `filled` in steps of CANDIDATE_CHUNK.  64 x 128 (the fifth GPU
+#: run's) made that 40 programs of 20 steps of 836 sm_90 instructions a thread: 30 us of the
+#: call's 0.345 (B = 64) to 0.36 ms (B = 1024) on the device, whatever B.  16 x 512: 157 programs
+#: (two an SM fit) of 5 steps of 591 instructions, and 32 B of spill instead of 144.  The ranks
+#: are exact counts: the same slots either way.  64 x 128 is the benchmark's A/B
+#: (tools/gpu_exercise.py triton:candidates-64x128); unmeasured on a GPU when made the default
+#: (2026-11-27, twentieth session).
+CANDIDATE_BLOCK = 16
+CANDIDATE_CHUNK = 512
 #: Rows per step of the label-group scans (one step for groups shorter than this).
 LABEL_BLOCK = 64
 #: The interpreter pays per program and per op, not per element: it takes bigger blocks.

@@ -487,6 +487,39 @@ def test_backward_rows_small_batch_shape(monkeypatch, options):
     compare(student, teacher, labels, steps=2, **options)  # (the small-B shape, as the last call)
 
 
+@pytest.mark.parametrize("block, chunk", [(16, 512), (8, 32)])
+def test_candidate_rank_blocks(monkeypatch, block, chunk):
+    """hardest_negatives_kernel's rank count in programs of `block` candidates walking them
+    `chunk` at a time (triton_ekd.CANDIDATE_BLOCK, CANDIDATE_CHUNK; the interpreter's set to the
+    same): 16 x 512 is the GPU's default, 8 x 32 many steps with a partial last one.  Against
+    one program of 1024 counting in one step: the same selected pairs in the same slots, bit
+    for bit, and the reference's loss.  The student's rows come in threes (one vector, three
+    identities), so similarities come in tied groups of nine and the N-th largest ties with the
+    next: the ties' (row, col) order decides which are taken (checked)."""
+    base, teacher, labels = make_batch(81, 16, 12, 81, seed=30)
+    student = base[torch.arange(81, device=DEVICE) // 3].contiguous()
+    num_hard_negatives = 100
+    # (exact arithmetic on the copies: float64 on the CPU)
+    unit = torch.nn.functional.normalize(student.double().cpu(), dim=1)
+    upper = torch.triu(torch.ones(81, 81, dtype=torch.bool), diagonal=1)
+    negatives = (unit @ unit.T)[upper & (labels.cpu()[:, None] != labels.cpu()[None, :])]
+    ordered = negatives.sort(descending=True).values
+    assert ordered[num_hard_negatives - 1] == ordered[num_hard_negatives], "the boundary has no tie"
+    selected = {}
+    for blocks in ((1024, 1024), (block, chunk)):
+        for prefix in ("", "INTERPRETER_"):
+            monkeypatch.setattr(triton_ekd, f"{prefix}CANDIDATE_BLOCK", blocks[0])
+            monkeypatch.setattr(triton_ekd, f"{prefix}CANDIDATE_CHUNK", blocks[1])
+        config = EKDConfig(num_hard_negatives=num_hard_negatives)
+        zeros = torch.zeros(config.num_thresholds, device=DEVICE)
+        with torch.no_grad():
+            outputs = triton_ekd._forward_impl(student, teacher, labels, zeros, zeros, None, config, True)
+        selected[blocks] = (outputs[12], outputs[13], outputs[0])
+    for got, want in zip(selected[(block, chunk)], selected[(1024, 1024)]):
+        assert torch.equal(got, want)
+    compare(student, teacher, labels, num_hard_negatives=num_hard_negatives)
+
+
 @pytest.mark.parametrize("rows, chunk", [(8, 64), (16, 128), (64, 32)])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter meets the inf
 def test_normalise_blocks(monkeypatch, rows, chunk):

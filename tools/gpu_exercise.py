@@ -170,6 +170,8 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   B, as before its small-B shape (2-row programs, the walk unrolled 8 times, up to B = 512:
 #   triton_ekd.SMALL_BACKWARD_MAX_BATCH); both keep the one search for a segment's two ends.
 #   Bitwise the same outputs.
+# - candidates-64x128: hardest_negatives_kernel ranking its candidates 64 a program, 128 a step,
+#   as before 16 and 512 (triton_ekd.CANDIDATE_BLOCK, CANDIDATE_CHUNK); bitwise the same outputs.
 SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
@@ -190,6 +192,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "copies-512": dict(COARSE_TILES_PER_COPY=512),
                    "copies-128": dict(COARSE_TILES_PER_COPY=128),
                    "rows-16": dict(SMALL_BACKWARD_MAX_BATCH=0),
+                   "candidates-64x128": dict(CANDIDATE_BLOCK=64, CANDIDATE_CHUNK=128),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 

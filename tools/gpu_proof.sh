@@ -185,10 +185,13 @@ case "$stage" in
     # 32 x 32 tiles, which the fourth lease found 18-28% faster at B = 256 and 18% in bf16 at
     # 1024, and feature chunks of 64 (half the K steps of every dot's chain)
     ab tile-ab 90 "512 1024 2048" triton:tile32 triton:block-k64
-    # backward_rows' small-B shape (2-row programs walking a row's selected entries 8 at a time,
-    # up to B = 512; written without a GPU) against the 16-row one-entry-a-step programs of before
-    # (53 us of a call's 0.345 ms at B = 64 in the fifth lease); bitwise the same outputs
-    ab rows-ab 45 "64 256 512" triton:rows-16
+    # Two latency chains of the small-B call, each against its shape of before (both written
+    # without a GPU, bitwise the same outputs): backward_rows' 2-row programs walking a row's
+    # selected entries 8 at a time up to B = 512 (53 us of a call's 0.345 ms at B = 64 in the
+    # fifth lease, in 16-row programs one entry a step; at 1024 both shapes are the same), and
+    # the hardest negatives' rank count in 16-candidate programs, 512 a step (30 us at every B
+    # in 64 x 128)
+    ab small-ab 60 "64 256 1024" triton:rows-16 triton:candidates-64x128
     # The csrc op's top-N candidates collected in the second histogram pass (EKD_CUDA_CANDIDATES=1,
     # written without a GPU, off by default): the suite's csrc CUDA cases with it set (its own
     # tests, test_csrc.py's test_cuda_candidates_*, ran in pytest-cuda), then its device time
