@@ -122,6 +122,19 @@ INTERPRETER_BLOCK_K = 128
 #: Unmeasured on a GPU when made the default (2026-11-27, seventeenth session).
 NORMALISE_BLOCK_ROWS = 16
 NORMALISE_BLOCK_K = 128
+#: Up to this B, pass 1 keeps both models' similarity tiles (the upper triangle's T(T + 1) / 2
+#: tiles of TILE^2 fp32: 2.2 MB a model at B = 1024, 8.4 MB at 2048) and the forward's later
+#: passes read them back instead of recomputing them (kernels._pass_tile): pass 2, the rank
+#: loss's positive blocks and selected pairs, passes 3 and 4.  Why: at small B a call is a chain
+#: of kernels, each a few programs that recompute the same tiles in a chain of D / BLOCK_K dot
+#: steps (fifth GPU run, B = 1024, fp32: pass 2 56 us, the rank loss 46, against 78 for pass 1,
+#: which also counts every pair); a tile read back is one 16 KB load.  The bits are the ones pass
+#: 1 computed, which the later passes recompute anyway: the same outputs with or without.  Past
+#: it the cache would outgrow its use (bytes at B^2, recompute at B^2 D spread over more
+#: programs).  0 is the forward of before, for the benchmark's A/B (tools/gpu_exercise.py
+#: triton:no-gram-cache).  Unmeasured on a GPU when made the default (2026-11-27, twentieth
+#: session).
+GRAM_CACHE_MAX_BATCH = 2048
 #: Feature chunk of the positive backward's g @ s_hat update.
 BLOCK_D = 64
 #: Pairs per program of the selected-pairs part of rank_loss_kernel (a multiple of TILE: the
@@ -423,6 +436,14 @@ def _tile_grid(batch: int) -> Tuple[int, ...]:
     return (tiles * (tiles + 1) // 2,) if TRIANGLE_TILE_GRID and not _ON_HIP else (tiles, tiles)
 
 
+def _gram_tiles(batch: int) -> int:
+    """Elements of a model's Gram cache at `batch` rows (kernels._gram_offsets), 0 without one."""
+    tiles = _num_tiles(batch)
+    size = tiles * (tiles + 1) // 2 * TILE * TILE
+    # (the kernels index it in 32 bits: a setting past B ~ 65000 keeps it off)
+    return size if batch <= GRAM_CACHE_MAX_BATCH and size < 2**31 else 0
+
+
 def _coarse_copies(batch: int) -> int:
     """Copies of each coarse histogram (see coarse_histogram_kernel): 1 at B <= 640, 4 at 1024,
     16 from 2048 on."""
@@ -679,7 +700,13 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
                     spare_rows=(1,), spare_cols=(1,))
-    _, wf = _carve(f32, device, partial_loss=(row_blocks,), pair_loss=(slot_size,), spare_grad=(1,))
+    gram_size = _gram_tiles(batch)
+    _, wf = _carve(f32, device, partial_loss=(row_blocks,), pair_loss=(slot_size,), spare_grad=(1,),
+                   gram=(2, max(gram_size, 1)))
+    # Pass 1 keeps the tiles, the later forward passes read them back (GRAM_CACHE_MAX_BATCH).
+    grams = (wf["gram"][0], wf["gram"][1])
+    keep, reuse = ((kernels.GRAM_STORE.value, kernels.GRAM_LOAD.value) if gram_size
+                   else (kernels.GRAM_OFF.value, kernels.GRAM_OFF.value))
 
     # Outputs (each its own allocation: the op's outputs must not alias).
     loss = torch.empty((), dtype=f32, device=device)
@@ -738,10 +765,10 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
             _launch(kernels.coarse_histogram_windows_kernel, tiles)(
                 *models, coarse[0], coarse[1], state, copies, w32["window"], num_targets, num_thresholds,
                 w32["window_count"], w32["window_keys"], window_capacity, w32["candidate_count"][1:], *candidates[1:],
-                PART=part.value, COLLECT=hardest, **options)
+                *grams, PART=part.value, COLLECT=hardest, GRAM=keep, **options)
         else:
-            _launch(kernels.coarse_histogram_kernel, tiles)(*models, coarse[0], coarse[1], state, copies,
-                                                            PART=part.value, **options)
+            _launch(kernels.coarse_histogram_kernel, tiles)(*models, coarse[0], coarse[1], state, copies, *grams,
+                                                            PART=part.value, GRAM=keep, **options)
         _launch(kernels.coarse_select_kernel, (num_targets, 2))(
             coarse, copies, fine, state, fractions, num_thresholds, num_targets, config.num_hard_negatives, capacity,
             bucket, w64["target_state"], w32["nonfinite"], 2 * normalise_blocks, HARDEST=hardest, SCAN_BLOCK=scan_block,
@@ -755,8 +782,8 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
             state, w32["window"], w32["window_count"], w32["window_keys"], window_capacity, w32["candidate_count"],
             capacity, bucket, num_targets, fine[0], fine[1], BLOCK=WINDOW_HISTOGRAM_BLOCK, HARDEST=hardest, **pass2)
     _launch(kernels.fine_histogram_kernel, tiles)(
-        *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates,
-        COLLECT=hardest, WINDOWS=windows, **pass2, **options)
+        *models, bucket[0], num_targets, bucket[1], num_thresholds, fine[0], fine[1], state, *candidates, *grams,
+        COLLECT=hardest, WINDOWS=windows, GRAM=reuse, **pass2, **options)
 
     # ema_update (the loss uses the updated state), with the exact keys of pass 2.  No fused
     # multiply-add: the GPU compiler would contract momentum * e + (1 - momentum) * t into an
@@ -774,13 +801,14 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     if hardest or config.compute_critical_ratio:
         _launch(kernels.boundary_count_kernel, tiles)(
             *models, state, w32["row_greater"], w32["row_equal"], thresholds_used[0], thresholds_used[1],
-            num_thresholds, COUNT_HARD=hardest, COUNT_CRITICAL=config.compute_critical_ratio, **options)
+            num_thresholds, *grams, COUNT_HARD=hardest, COUNT_CRITICAL=config.compute_critical_ratio, GRAM=reuse,
+            **options)
     if hardest:
         block_c, chunk = _candidate_blocks()
         _launch(kernels.hardest_negatives_kernel, (max(row_blocks, _cdiv(candidate_size, block_c)),))(
             s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
-            rows, cols, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
-            CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows)
+            rows, cols, grams[0], TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
+            CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows, GRAM=reuse)
 
     # rank loss: the positive row blocks and the selected pairs in one launch ("random" maps the
     # reference's draw to sorted rows there), then the fixed-order sums.
@@ -791,8 +819,9 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         *models, thresholds_used[0], thresholds_used[1], num_thresholds, config.temperature, row_blocks,
         wf["partial_loss"],
         w64["partial_critical"], rows_arg, cols_arg, num_slots, w64["position"], random_rows, random_cols,
-        wf["pair_loss"], grad_arg, w32["pair_flags"], RANK_LOSS=_RANK_LOSS_CODES[config.rank_loss],
-        CRITICAL_ONLY=config.critical_only, RANDOM=random, BLOCK_P=block_pairs, LABEL_BLOCK=LABEL_BLOCK, **options)
+        wf["pair_loss"], grad_arg, w32["pair_flags"], *grams, RANK_LOSS=_RANK_LOSS_CODES[config.rank_loss],
+        CRITICAL_ONLY=config.critical_only, RANDOM=random, BLOCK_P=block_pairs, LABEL_BLOCK=LABEL_BLOCK, GRAM=reuse,
+        **options)
     _launch(kernels.finalize_kernel, (1,))(
         wf["partial_loss"], w64["partial_critical"], row_blocks, wf["pair_loss"], w32["pair_flags"], num_slots, state,
         num_pairs, float(num_pairs), config.positive_weight, config.negative_weight, loss, counts, terms,

@@ -442,6 +442,65 @@ def test_positive_backward_feature_splits(monkeypatch, programs, splits, options
     compare(student, teacher, labels, steps=2, num_hard_negatives=150, **options)  # (split as the last call)
 
 
+_GRAM_CACHE_PATHS = {
+    "hardest": (dict(), dict()),
+    "random": (dict(), dict(negative_selection="random")),
+    "critical_ratio": (dict(), dict(critical_only=True, compute_critical_ratio=True, rank_loss="eq8")),
+    "overflow": (dict(MIN_CANDIDATE_CAPACITY=0, CANDIDATE_FACTOR=0), dict(compute_critical_ratio=True)),
+    "cutoff_fallback": (dict(CUTOFF_MIN_BATCH=0, CUTOFF_SAFETY=1e-12, COARSE_TILES_PER_COPY=1), dict()),
+    "windows": (dict(CUTOFF_MIN_BATCH=0, PASS1_WINDOWS=True), dict()),
+}
+
+
+@pytest.mark.parametrize("path", list(_GRAM_CACHE_PATHS))
+def test_gram_cache_gives_the_same_bits(monkeypatch, scratch_views, path):
+    """The Gram cache (triton_ekd.GRAM_CACHE_MAX_BATCH: pass 1 keeps both models' tiles, pass 2,
+    the rank loss's positive blocks and selected pairs, passes 3 and 4 read them back) against
+    every tile recomputed: the same loss, gradient, thresholds and statistics, bit for bit, over
+    two consecutive calls, on each path that reads tiles (random selection's pairs; the critical
+    ratio's pass 3; the candidates' overflow, passes 3 and 4; pass 1 in a head and a tail, whose
+    tail launch computes its tiles again; pass 1's windows).  B = 150: three row blocks, six tiles
+    a model, the cache's tile order checked against each model's similarities."""
+    settings, options = _GRAM_CACHE_PATHS[path]
+    monkeypatch.setattr(triton_ekd, "TILE", 64)  # (the tile order checked below) whatever the run's variant
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_ekd, name, value)
+    student, teacher, labels = make_batch(150, 20, 12, 30, seed=31)
+    runs = {}
+    for cached in (False, True):
+        monkeypatch.setattr(triton_ekd, "GRAM_CACHE_MAX_BATCH", 2048 if cached else 0)
+        scratch_views.clear()
+        crit = triton_loss(num_hard_negatives=150, **options)
+        calls = [run_ekd(crit, student if step == 0 else student.roll(step, dims=1), teacher, labels,
+                         generator=torch.Generator().manual_seed(step)) for step in range(2)]
+        runs[cached] = [(call.result.loss, call.grad, call.result.student_thresholds, call.result.teacher_thresholds,
+                         *[getattr(call.result.stats, name) for name in ("num_selected_negatives",
+                                                                          "num_critical_selected", "positive_term",
+                                                                          "negative_term", "num_critical_pairs")])
+                        for call in calls]
+        gram = next(views["gram"] for views in scratch_views if "gram" in views)
+        if not cached:
+            assert gram.shape == (2, 1)
+            continue
+        # the last call's cache: tile n(n + 1) / 2 + m holds rows m, columns n of the label-sorted batch
+        order = torch.argsort(labels.cpu(), stable=True)
+        rolled = student.roll(1, dims=1)
+        for model, x in enumerate((rolled, teacher)):
+            unit = torch.nn.functional.normalize(x.double().cpu()[order], dim=1)
+            for m, n in ((0, 0), (0, 2), (1, 2), (2, 2)):
+                tile = gram[model, (n * (n + 1) // 2 + m) * 64 * 64:][:64 * 64].view(64, 64).cpu().double()
+                want = unit[m * 64:(m + 1) * 64] @ unit[n * 64:(n + 1) * 64].T
+                rows, cols = want.shape
+                assert torch.allclose(tile[:rows, :cols], want, atol=1e-5), (model, m, n)
+                assert (tile[rows:] == 0).all() and (tile[:, cols:] == 0).all()
+    for got_call, want_call in zip(runs[True], runs[False]):
+        for got, want in zip(got_call, want_call):
+            if want is None:
+                assert got is None
+            else:
+                assert torch.equal(got, want), (got, want)
+
+
 def _selected_entries_per_row(student, teacher, labels, **options):
     """How many selected-negative entries (both directions of each selected pair) each sorted
     row holds in the Triton forward: the walk backward_rows_kernel makes for that row."""

@@ -90,7 +90,8 @@ FORCED_TRITON_PATHS = {"copies+head": dict(COARSE_TILES_PER_COPY=1, **CUTOFF_AT_
                        "one-aggregation-direct-limit-1": dict(PASS2_VARIANTS["one-aggregation-direct"], PASS2_DIRECT_MAX=1),
                        "tile32": dict(TILE=32),
                        "copies+windows": dict(COARSE_TILES_PER_COPY=1, PASS1_WINDOWS=True, **CUTOFF_AT_ANY_B),
-                       "windows-missed": dict(PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0), **CUTOFF_AT_ANY_B)}
+                       "windows-missed": dict(PASS1_WINDOWS=True, WINDOW_CAPACITY_RANGE=(0, 0), **CUTOFF_AT_ANY_B),
+                       "no-gram-cache": dict(GRAM_CACHE_MAX_BATCH=0)}
 # Launch settings (triton_ekd.LAUNCH_OPTIONS) against Triton's defaults (4 warps, 3 stages, no
 # register cap), for A/B runs; sm_90a registers and spills of each: bench/NOTES.md
 # (tools/kernel_registers.py VARIANT):
@@ -172,6 +173,9 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   Bitwise the same outputs.
 # - candidates-64x128: hardest_negatives_kernel ranking its candidates 64 a program, 128 a step,
 #   as before 16 and 512 (triton_ekd.CANDIDATE_BLOCK, CANDIDATE_CHUNK); bitwise the same outputs.
+# - no-gram-cache: every forward pass computes its similarity tiles, as before pass 1 kept them
+#   for the later passes up to B = 2048 (triton_ekd.GRAM_CACHE_MAX_BATCH); bitwise the same
+#   outputs.  (Also a forced path of the sanitize run: at B = 33 the cache is on.)
 SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
@@ -193,6 +197,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "copies-128": dict(COARSE_TILES_PER_COPY=128),
                    "rows-16": dict(SMALL_BACKWARD_MAX_BATCH=0),
                    "candidates-64x128": dict(CANDIDATE_BLOCK=64, CANDIDATE_CHUNK=128),
+                   "no-gram-cache": dict(GRAM_CACHE_MAX_BATCH=0),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 

@@ -165,6 +165,14 @@ case "$stage" in
     step consistency 120 $PY tools/gpu_exercise.py consistency --sizes 1024 8192 32768 \
       --out "$OUT/consistency.json" > $T/consistency.log 2>&1
     grep -v ": ok$\|: True$" $T/consistency.log | tail -10 >> "$OUT/summary.txt"
+    # The small-B call's latency chains, each against the forward of before (all three written
+    # without a GPU, bitwise the same outputs): the Gram cache up to B = 2048 (pass 1 keeps the
+    # tiles that pass 2, the rank loss and passes 3-4 recomputed: 56 + 46 us of 0.36 ms at B =
+    # 1024, fp32, in the fifth lease); backward_rows' 2-row programs walking a row's selected
+    # entries 8 at a time up to B = 512 (53 us of a call's 0.345 ms at B = 64, in 16-row programs
+    # one entry a step; at 1024 and 2048 both shapes are the same); the hardest negatives' rank
+    # count in 16-candidate programs, 512 a step (30 us at every B in 64 x 128)
+    ab small-ab 90 "64 256 1024 2048" triton:no-gram-cache triton:rows-16 triton:candidates-64x128
     # The csrc CUDA cases of the whole suite with the op's tensor-core tiles through mma.sync set
     # for the run (EKD_CUDA_TENSOR_CORES=2: every csrc CUDA case then computes on them, the shared
     # suites' csrc-cuda cases too).  The fifth lease found that way 10% faster than the FMA tiles
@@ -185,13 +193,6 @@ case "$stage" in
     # 32 x 32 tiles, which the fourth lease found 18-28% faster at B = 256 and 18% in bf16 at
     # 1024, and feature chunks of 64 (half the K steps of every dot's chain)
     ab tile-ab 90 "512 1024 2048" triton:tile32 triton:block-k64
-    # Two latency chains of the small-B call, each against its shape of before (both written
-    # without a GPU, bitwise the same outputs): backward_rows' 2-row programs walking a row's
-    # selected entries 8 at a time up to B = 512 (53 us of a call's 0.345 ms at B = 64 in the
-    # fifth lease, in 16-row programs one entry a step; at 1024 both shapes are the same), and
-    # the hardest negatives' rank count in 16-candidate programs, 512 a step (30 us at every B
-    # in 64 x 128)
-    ab small-ab 60 "64 256 1024" triton:rows-16 triton:candidates-64x128
     # The csrc op's top-N candidates collected in the second histogram pass (EKD_CUDA_CANDIDATES=1,
     # written without a GPU, off by default): the suite's csrc CUDA cases with it set (its own
     # tests, test_csrc.py's test_cuda_candidates_*, ran in pytest-cuda), then its device time

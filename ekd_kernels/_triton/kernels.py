@@ -92,6 +92,12 @@ NO_CUTOFF: tl.constexpr = tl.constexpr(0)
 CHECK_CUTOFF: tl.constexpr = tl.constexpr(1)
 AFTER_FALLBACK: tl.constexpr = tl.constexpr(2)
 
+# The tile passes' similarity tiles at small B (GRAM): computed; computed by pass 1 and kept in
+# the Gram cache (triton_ekd.GRAM_CACHE_MAX_BATCH); read from it by the later passes.
+GRAM_OFF: tl.constexpr = tl.constexpr(0)
+GRAM_STORE: tl.constexpr = tl.constexpr(1)
+GRAM_LOAD: tl.constexpr = tl.constexpr(2)
+
 # Bits of the per-slot flags of the selected pairs.
 FILLED: tl.constexpr = tl.constexpr(1)
 CRITICAL: tl.constexpr = tl.constexpr(2)
@@ -233,6 +239,44 @@ def _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim,
     inv_i = tl.load(inv_norm_ptr + rows, mask=row_mask, other=0.0)
     inv_j = tl.load(inv_norm_ptr + cols, mask=col_mask, other=0.0)
     return acc * inv_i[:, None] * inv_j[None, :]
+
+
+@triton.jit
+def _gram_offsets(pid_m, pid_n, TILE: tl.constexpr):
+    """Where the (pid_m, pid_n) tile (pid_m <= pid_n) lies in a model's Gram cache: the upper
+    triangle's tiles packed in the tile passes' program order (tile n(n + 1) / 2 + m, see
+    _tile_program), each TILE x TILE row-major.  (32-bit: the host keeps the cache under 2^31
+    elements.)"""
+    tile = pid_n * (pid_n + 1) // 2 + pid_m
+    return tile * (TILE * TILE) + tl.arange(0, TILE)[:, None] * TILE + tl.arange(0, TILE)[None, :]
+
+
+@triton.jit
+def _pass_tile(x_ptr, inv_norm_ptr, gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim,
+               TILE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
+    """The (pid_m, pid_n) similarity tile of a tile pass (rows and cols its _tile_indices):
+    computed (GRAM_OFF); computed and kept in the Gram cache (GRAM_STORE, pass 1); or read back
+    from it (GRAM_LOAD, the passes after it), the very bits pass 1 computed.  Why: at small B a
+    call is a chain of kernels that each recompute the same tiles (pass 2, the rank loss, passes
+    3 and 4), a latency chain of D / BLOCK_K dot steps apiece, where reading a tile back is one
+    16 KB load (triton_ekd.GRAM_CACHE_MAX_BATCH).  Entries outside the batch hold 0, as computed."""
+    # (the store through a block pointer, the load through offsets: the fewest spills of pass 1
+    # and of the passes after it, sm_90, tools/kernel_registers.py)
+    if GRAM == GRAM_LOAD:
+        tile = tl.load(gram_ptr + _gram_offsets(pid_m, pid_n, TILE))
+    else:
+        tile = _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim, TILE, BLOCK_K, PRECISION)
+        if GRAM == GRAM_STORE:
+            tl.store(_gram_block(gram_ptr, pid_m, pid_n, TILE), tile)
+    return tile
+
+
+@triton.jit
+def _gram_block(gram_ptr, pid_m, pid_n, TILE: tl.constexpr):
+    """A block pointer to the (pid_m, pid_n) tile of a Gram cache (_gram_offsets)."""
+    tile = pid_n * (pid_n + 1) // 2 + pid_m
+    return tl.make_block_ptr(gram_ptr + tile * (TILE * TILE), shape=(TILE, TILE), strides=(TILE, 1), offsets=(0, 0),
+                             block_shape=(TILE, TILE), order=(1, 0))
 
 
 @triton.jit
@@ -479,15 +523,16 @@ def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constex
 
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
-                            hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
+                            hist_s_ptr, hist_t_ptr, state_ptr, num_copies, s_gram_ptr, t_gram_ptr,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                            PART: tl.constexpr = 0):
+                            PART: tl.constexpr = 0, GRAM: tl.constexpr = 0):
     """Pass 1 (_coarse_histogram) without windows: the launch takes only what it reads (each
     argument costs host time at every launch, which bounds a small batch's call)."""
     _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
                       state_ptr, num_copies, state_ptr, 0, 0, state_ptr, state_ptr, 0, state_ptr, state_ptr,
-                      state_ptr, state_ptr, 0, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART, False, False)
+                      state_ptr, state_ptr, 0, s_gram_ptr, t_gram_ptr, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART,
+                      False, False, GRAM)
 
 
 @triton.jit
@@ -495,15 +540,16 @@ def coarse_histogram_windows_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_p
                                     hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                                     window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
                                     window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                                    candidate_cols_ptr, capacity,
+                                    candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr,
                                     TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                                     S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                                    PART: tl.constexpr = 0, COLLECT: tl.constexpr = 0):
+                                    PART: tl.constexpr = 0, COLLECT: tl.constexpr = 0, GRAM: tl.constexpr = 0):
     """Pass 1 (_coarse_histogram) with windows (PASS1_WINDOWS)."""
     _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
                       state_ptr, num_copies, window_ptr, num_s_targets, num_t_targets, window_count_ptr,
                       window_key_ptr, window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                      candidate_cols_ptr, capacity, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART, True, COLLECT)
+                      candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr, TILE, BLOCK_K, S_PRECISION, T_PRECISION,
+                      PART, True, COLLECT, GRAM)
 
 
 @triton.jit
@@ -511,10 +557,10 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
                       hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                       window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
                       window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                      candidate_cols_ptr, capacity,
+                      candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr,
                       TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                       S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                      PART: tl.constexpr, WINDOWS: tl.constexpr, COLLECT: tl.constexpr):
+                      PART: tl.constexpr, WINDOWS: tl.constexpr, COLLECT: tl.constexpr, GRAM: tl.constexpr):
     """Pass 1 of the radix select: histograms of the top 16 key bits of every negative pair's
     student and teacher similarity, and the number of negatives L.  Integer atomics: the counts
     are exact and deterministic.  The bins are int32, or int64 once L can pass 2^31 (B > 65536;
@@ -542,7 +588,10 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
     each model's keys in its targets' windows (window_select_kernel) and, with COLLECT (hardest
     negatives), the student's negatives at or above the top-N window as candidates, so that pass
     2 histograms those buffers instead of recomputing the tiles when every target lies in its
-    window (window_histogram_kernel decides)."""
+    window (window_histogram_kernel decides).
+
+    GRAM_STORE (small B): the first launch keeps both models' tiles in the Gram cache for the
+    later passes (_pass_tile); a tail launch computes its tiles again."""
     pid_m, pid_n = _tile_program()
     if pid_n < pid_m:  # lower-triangle tiles hold no pair i < j (a square grid's)
         return
@@ -552,8 +601,10 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
     copy = ((pid_m + pid_n) % num_copies).to(tl.int64) * NUM_BUCKETS
+    gram: tl.constexpr = GRAM if PART != TAIL_BUCKETS else GRAM_OFF
     # One model's tile at a time: fewer live registers than both tiles at once.
-    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+    a = _pass_tile(s_ptr, s_inv_ptr, s_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K,
+                   S_PRECISION, gram)
     key = _descending_key(a)
     bins = (key >> RADIX_BITS).to(tl.int32)
     _histogram_part(hist_s_ptr + copy, bins, negative, state_ptr, 0, PART)
@@ -565,7 +616,8 @@ def _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim
                 _collect_candidates(key, rows, cols, negative, tl.load(window_ptr + 2 * num_s_targets - 1),
                                     candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr,
                                     capacity, TILE, True)
-    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+    b = _pass_tile(t_ptr, t_inv_ptr, t_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K,
+                   T_PRECISION, gram)
     key = _descending_key(b)
     bins = (key >> RADIX_BITS).to(tl.int32)
     _histogram_part(hist_t_ptr + copy, bins, negative, state_ptr, 1, PART)
@@ -898,11 +950,13 @@ def window_histogram_kernel(state_ptr, window_ptr, window_count_ptr, window_key_
 def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                           s_bucket_ptr, num_s_targets, t_bucket_ptr, num_t_targets, fine_s_ptr, fine_t_ptr,
                           selection_state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                          candidate_cols_ptr, capacity,
+                          candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-                          ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr, WINDOWS: tl.constexpr = 0):
-    """Pass 2 of the radix select: recompute the tiles, refine inside each wanted bucket.
+                          ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr, WINDOWS: tl.constexpr = 0,
+                          GRAM: tl.constexpr = 0):
+    """Pass 2 of the radix select: recompute the tiles (GRAM_LOAD: read them back from the Gram
+    cache), refine inside each wanted bucket.
     After it, every wanted order statistic is known to the bit (32 = 16 + 16).
 
     With COLLECT (hardest negatives), it also gathers the top-N candidates when they fit the
@@ -919,7 +973,8 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
             return
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
-    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+    a = _pass_tile(s_ptr, s_inv_ptr, s_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K,
+                   S_PRECISION, GRAM)
     key_a = _descending_key(a)
     _fine_histograms(fine_s_ptr, s_bucket_ptr, num_s_targets, key_a, negative, SKIP_EMPTY, ONE_AGGREGATION,
                      DIRECT_MAX)
@@ -928,7 +983,8 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
             boundary_bucket = tl.load(s_bucket_ptr + num_s_targets - 1)
             _collect_candidates(key_a, rows, cols, negative, boundary_bucket, candidate_count_ptr,
                                 candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity, TILE, SKIP_EMPTY)
-    b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+    b = _pass_tile(t_ptr, t_inv_ptr, t_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K,
+                   T_PRECISION, GRAM)
     _fine_histograms(fine_t_ptr, t_bucket_ptr, num_t_targets, _descending_key(b), negative, SKIP_EMPTY,
                      ONE_AGGREGATION, DIRECT_MAX)
 
@@ -1019,9 +1075,10 @@ def _is_critical(a, b, st_ptr, tt_ptr, num_thresholds):
 @triton.jit
 def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                           state_ptr, row_greater_ptr, row_equal_ptr, st_ptr, tt_ptr, num_thresholds,
+                          s_gram_ptr, t_gram_ptr,
                           COUNT_HARD: tl.constexpr, COUNT_CRITICAL: tl.constexpr,
                           TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+                          S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, GRAM: tl.constexpr = 0):
     """Pass 3: on request, the number of critical pairs among all pairs (the critical ratio);
     and, only when the candidates overflowed their buffer (decided on the device), per row, how
     many negatives lie strictly above / exactly at the N-th largest student similarity: their
@@ -1035,7 +1092,8 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
         return
     rows, cols, row_mask, col_mask = _tile_indices(pid_m, pid_n, batch, TILE)
     upper, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
-    a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+    a = _pass_tile(s_ptr, s_inv_ptr, s_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K,
+                   S_PRECISION, GRAM)
     if COUNT_HARD:
         if overflow:
             key = _descending_key(a)
@@ -1045,7 +1103,8 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
             tl.atomic_add(row_greater_ptr + rows, tl.sum(greater, axis=1), mask=row_mask, sem="relaxed")
             tl.atomic_add(row_equal_ptr + rows, tl.sum(equal, axis=1), mask=row_mask, sem="relaxed")
     if COUNT_CRITICAL:
-        b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+        b = _pass_tile(t_ptr, t_inv_ptr, t_gram_ptr, pid_m, pid_n, rows, cols, row_mask, col_mask, dim_t, TILE,
+                       BLOCK_K, T_PRECISION, GRAM)
         critical = (upper & _is_critical(a, b, st_ptr, tt_ptr, num_thresholds)).to(tl.int32)
         tl.atomic_add(state_ptr + CRITICAL_ALL, tl.sum(tl.sum(critical, axis=1), axis=0).to(tl.int64), sem="relaxed")
 
@@ -1066,8 +1125,8 @@ def _rows_before(count_ptr, rows, row_mask, first_row, BLOCK: tl.constexpr):
 
 @triton.jit
 def _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr, row_equal_ptr,
-                      selected_rows_ptr, selected_cols_ptr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
-                      S_PRECISION: tl.constexpr, PREFIX_BLOCK: tl.constexpr):
+                      selected_rows_ptr, selected_cols_ptr, s_gram_ptr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
+                      S_PRECISION: tl.constexpr, PREFIX_BLOCK: tl.constexpr, GRAM: tl.constexpr):
     """Pass 4 (only after a candidate overflow): write the N hardest negatives (i, j).
 
     Every negative above the boundary is taken; ties at the boundary are taken in row-major
@@ -1094,7 +1153,8 @@ def _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr
         cols = col_start + tl.arange(0, TILE)
         col_mask = cols < batch
         _, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
-        a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
+        a = _pass_tile(s_ptr, s_inv_ptr, s_gram_ptr, pid, col_start // TILE, rows, cols, row_mask, col_mask, dim_s,
+                       TILE, BLOCK_K, S_PRECISION, GRAM)
         key = _descending_key(a)
         greater = negative & (key < boundary)
         equal = negative & (key == boundary)
@@ -1159,10 +1219,10 @@ def _rank_candidates(pid, batch, state_ptr, candidate_count_ptr, candidate_key_p
 @triton.jit
 def hardest_negatives_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr, row_equal_ptr,
                              candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr, candidate_cols_ptr, capacity,
-                             selected_rows_ptr, selected_cols_ptr,
+                             selected_rows_ptr, selected_cols_ptr, s_gram_ptr,
                              TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
                              BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, PREFIX_BLOCK: tl.constexpr,
-                             WINDOWS: tl.constexpr = 0):
+                             WINDOWS: tl.constexpr = 0, GRAM: tl.constexpr = 0):
     """The N hardest negatives (i, j) in their slots (fine_select_kernel set them empty first):
     ranked from the candidates, or after an overflow (decided on the device) pass 4 from
     recomputed tiles.  One launch for both paths: the programs of the other path return.
@@ -1176,8 +1236,8 @@ def hardest_negatives_kernel(s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_p
     if tl.load(state_ptr + OVERFLOW) != 0:
         if pid * TILE < batch:
             _write_from_tiles(pid, s_ptr, s_inv_ptr, labels_ptr, batch, dim_s, state_ptr, row_greater_ptr,
-                              row_equal_ptr, selected_rows_ptr, selected_cols_ptr, TILE, BLOCK_K, S_PRECISION,
-                              PREFIX_BLOCK)
+                              row_equal_ptr, selected_rows_ptr, selected_cols_ptr, s_gram_ptr, TILE, BLOCK_K,
+                              S_PRECISION, PREFIX_BLOCK, GRAM)
     else:
         _rank_candidates(pid, batch, state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
                          candidate_cols_ptr, capacity, selected_rows_ptr, selected_cols_ptr, BLOCK_C, CHUNK)
@@ -1239,9 +1299,10 @@ def _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS: tl.
 @triton.jit
 def _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                     st_ptr, tt_ptr, num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr,
+                    s_gram_ptr, t_gram_ptr,
                     RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr, TILE: tl.constexpr,
                     BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                    LABEL_BLOCK: tl.constexpr):
+                    LABEL_BLOCK: tl.constexpr, GRAM: tl.constexpr):
     """Positive term, per row block: sum of the per-pair loss over its positive pairs i < j
     (critical ones only in the Eq. 5 variant) and its number of critical positives.
 
@@ -1260,8 +1321,10 @@ def _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, 
         col_mask = cols < batch
         upper, negative = _pair_masks(labels_ptr, rows, cols, row_mask, col_mask)
         positive = upper & (negative == 0)  # not `~negative`: triton 3.2's interpreter lacks ~ on bools
-        a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
-        b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+        a = _pass_tile(s_ptr, s_inv_ptr, s_gram_ptr, pid, col_start // TILE, rows, cols, row_mask, col_mask, dim_s,
+                       TILE, BLOCK_K, S_PRECISION, GRAM)
+        b = _pass_tile(t_ptr, t_inv_ptr, t_gram_ptr, pid, col_start // TILE, rows, cols, row_mask, col_mask, dim_t,
+                       TILE, BLOCK_K, T_PRECISION, GRAM)
         loss, _, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
         critical = critical & positive
         if CRITICAL_ONLY:
@@ -1291,11 +1354,24 @@ def _pair_similarities(x_ptr, inv_norm_ptr, i, j, valid, dim, TILE: tl.constexpr
 
 
 @triton.jit
+def _gram_pairs(gram_ptr, first, second, valid, TILE: tl.constexpr):
+    """The similarities of pairs (first, second), first < second, from the Gram cache: entry
+    (first mod TILE, second mod TILE) of tile (first // TILE, second // TILE) (_gram_offsets), the
+    bits pass 1 computed, which _pair_similarities recomputes."""
+    m = first // TILE
+    n = second // TILE
+    offset = (n * (n + 1) // 2 + m) * (TILE * TILE) + (first % TILE) * TILE + second % TILE
+    return tl.load(gram_ptr + offset, mask=valid, other=0.0)
+
+
+@triton.jit
 def _selected_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
                     selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr, random_cols_ptr,
                     st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
+                    s_gram_ptr, t_gram_ptr,
                     RANK_LOSS: tl.constexpr, RANDOM: tl.constexpr, BLOCK_P: tl.constexpr, TILE: tl.constexpr,
-                    BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr):
+                    BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+                    GRAM: tl.constexpr):
     """Negative term: per selected pair (slot), the loss, d loss / d a and its flags (FILLED,
     CRITICAL), TILE slots at a time (BLOCK_P, a multiple of TILE, per program).  Unfilled slots
     (row index == batch) give zeros.  With RANDOM the slots are the reference's random draw, in
@@ -1318,8 +1394,12 @@ def _selected_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t
         # draw may give it the other way round, and tf32x3's split terms are not symmetric.
         first = tl.minimum(i, j)
         second = tl.maximum(i, j)
-        a = _pair_similarities(s_ptr, s_inv_ptr, first, second, valid, dim_s, TILE, BLOCK_K, S_PRECISION)
-        b = _pair_similarities(t_ptr, t_inv_ptr, first, second, valid, dim_t, TILE, BLOCK_K, T_PRECISION)
+        if GRAM == GRAM_LOAD:
+            a = _gram_pairs(s_gram_ptr, first, second, valid, TILE)
+            b = _gram_pairs(t_gram_ptr, first, second, valid, TILE)
+        else:
+            a = _pair_similarities(s_ptr, s_inv_ptr, first, second, valid, dim_s, TILE, BLOCK_K, S_PRECISION)
+            b = _pair_similarities(t_ptr, t_inv_ptr, first, second, valid, dim_t, TILE, BLOCK_K, T_PRECISION)
         loss, loss_grad, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
         tl.store(pair_loss_ptr + slots, tl.where(valid, loss, 0.0), mask=slot_mask)
         tl.store(pair_grad_ptr + slots, tl.where(valid, loss_grad, 0.0), mask=slot_mask)
@@ -1332,22 +1412,25 @@ def rank_loss_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_
                      st_ptr, tt_ptr, num_thresholds, temperature, num_row_blocks, partial_loss_ptr,
                      partial_critical_ptr, selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr,
                      random_rows_ptr, random_cols_ptr, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
+                     s_gram_ptr, t_gram_ptr,
                      RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr, RANDOM: tl.constexpr,
                      TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
-                     T_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, LABEL_BLOCK: tl.constexpr):
+                     T_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, LABEL_BLOCK: tl.constexpr,
+                     GRAM: tl.constexpr = 0):
     """Both terms' per-program parts in one launch: the first num_row_blocks = cdiv(B, TILE)
     programs sum the positive pairs of a row block, the others evaluate BLOCK_P selected negative
-    pairs each."""
+    pairs each (GRAM_LOAD: every similarity read from the Gram cache)."""
     pid = tl.program_id(0)
     if pid < num_row_blocks:
         _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, st_ptr, tt_ptr,
-                        num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr, RANK_LOSS,
-                        CRITICAL_ONLY, TILE, BLOCK_K, S_PRECISION, T_PRECISION, LABEL_BLOCK)
+                        num_thresholds, temperature, partial_loss_ptr, partial_critical_ptr, s_gram_ptr, t_gram_ptr,
+                        RANK_LOSS, CRITICAL_ONLY, TILE, BLOCK_K, S_PRECISION, T_PRECISION, LABEL_BLOCK, GRAM)
     else:
         _selected_block(pid - num_row_blocks, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, batch, dim_s, dim_t,
                         selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr, random_rows_ptr,
                         random_cols_ptr, st_ptr, tt_ptr, num_thresholds, temperature, pair_loss_ptr, pair_grad_ptr,
-                        pair_flags_ptr, RANK_LOSS, RANDOM, BLOCK_P, TILE, BLOCK_K, S_PRECISION, T_PRECISION)
+                        pair_flags_ptr, s_gram_ptr, t_gram_ptr, RANK_LOSS, RANDOM, BLOCK_P, TILE, BLOCK_K,
+                        S_PRECISION, T_PRECISION, GRAM)
 
 
 @triton.jit
