@@ -123,7 +123,7 @@ INTERPRETER_BLOCK_K = 128
 NORMALISE_BLOCK_ROWS = 16
 NORMALISE_BLOCK_K = 128
 #: Up to this B, pass 1 keeps both models' similarity tiles (the upper triangle's T(T + 1) / 2
-#: tiles of TILE^2 fp32: 2.2 MB a model at B = 1024, 8.4 MB at 2048) and the forward's later
+#: tiles of TILE^2 fp32: 2.2 MB a model at B = 1024, 8.7 MB at 2048) and the forward's later
 #: passes read them back instead of recomputing them (kernels._pass_tile): pass 2, the rank
 #: loss's positive blocks and selected pairs, passes 3 and 4.  Why: at small B a call is a chain
 #: of kernels, each a few programs that recompute the same tiles in a chain of D / BLOCK_K dot
@@ -701,8 +701,10 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
                     spare_rows=(1,), spare_cols=(1,))
     gram_size = _gram_tiles(batch)
-    _, wf = _carve(f32, device, partial_loss=(row_blocks,), pair_loss=(slot_size,), spare_grad=(1,),
-                   gram=(2, max(gram_size, 1)))
+    # (the cache first, each model's a multiple of 16 bytes: its tiles' loads and stores are
+    # 16-byte vectors only when Triton sees its pointers 16-byte aligned)
+    _, wf = _carve(f32, device, gram=(2, max(gram_size, 4)), partial_loss=(row_blocks,), pair_loss=(slot_size,),
+                   spare_grad=(1,))
     # Pass 1 keeps the tiles, the later forward passes read them back (GRAM_CACHE_MAX_BATCH).
     grams = (wf["gram"][0], wf["gram"][1])
     keep, reuse = ((kernels.GRAM_STORE.value, kernels.GRAM_LOAD.value) if gram_size

@@ -168,9 +168,10 @@ def run_pass4(ties_before_row_64):
     cols = rows.clone()
     spare32 = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     spare64 = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    no_gram = torch.zeros(1, dtype=torch.float32, device=DEVICE)  # (GRAM_OFF: the tiles computed)
     kernels.hardest_negatives_kernel[(2,)](
         s, s_inv, labels, batch, dim, state, row_greater, row_equal, spare32, spare64, spare32, spare32, 1, rows, cols,
-        TILE=64, BLOCK_K=32, S_PRECISION="ieee", BLOCK_C=64, CHUNK=64, PREFIX_BLOCK=1024)
+        no_gram, TILE=64, BLOCK_K=32, S_PRECISION="ieee", BLOCK_C=64, CHUNK=64, PREFIX_BLOCK=1024)
     return rows.tolist(), cols.tolist()
 
 

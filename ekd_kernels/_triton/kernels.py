@@ -260,23 +260,13 @@ def _pass_tile(x_ptr, inv_norm_ptr, gram_ptr, pid_m, pid_n, rows, cols, row_mask
     call is a chain of kernels that each recompute the same tiles (pass 2, the rank loss, passes
     3 and 4), a latency chain of D / BLOCK_K dot steps apiece, where reading a tile back is one
     16 KB load (triton_ekd.GRAM_CACHE_MAX_BATCH).  Entries outside the batch hold 0, as computed."""
-    # (the store through a block pointer, the load through offsets: the fewest spills of pass 1
-    # and of the passes after it, sm_90, tools/kernel_registers.py)
     if GRAM == GRAM_LOAD:
         tile = tl.load(gram_ptr + _gram_offsets(pid_m, pid_n, TILE))
     else:
         tile = _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim, TILE, BLOCK_K, PRECISION)
         if GRAM == GRAM_STORE:
-            tl.store(_gram_block(gram_ptr, pid_m, pid_n, TILE), tile)
+            tl.store(gram_ptr + _gram_offsets(pid_m, pid_n, TILE), tile)
     return tile
-
-
-@triton.jit
-def _gram_block(gram_ptr, pid_m, pid_n, TILE: tl.constexpr):
-    """A block pointer to the (pid_m, pid_n) tile of a Gram cache (_gram_offsets)."""
-    tile = pid_n * (pid_n + 1) // 2 + pid_m
-    return tl.make_block_ptr(gram_ptr + tile * (TILE * TILE), shape=(TILE, TILE), strides=(TILE, 1), offsets=(0, 0),
-                             block_shape=(TILE, TILE), order=(1, 0))
 
 
 @triton.jit
