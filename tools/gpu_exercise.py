@@ -176,6 +176,7 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 # - no-gram-cache: every forward pass computes its similarity tiles, as before pass 1 kept them
 #   for the later passes up to B = 2048 (triton_ekd.GRAM_CACHE_MAX_BATCH); bitwise the same
 #   outputs.  (Also a forced path of the sanitize run: at B = 33 the cache is on.)
+# - gram-cache-4096: the cache up to B = 4096 (34.6 MB a model there): whether it pays past 2048.
 SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "no-cutoff": dict(CUTOFF_MIN_BATCH=2**62),
@@ -198,6 +199,7 @@ TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),
                    "rows-16": dict(SMALL_BACKWARD_MAX_BATCH=0),
                    "candidates-64x128": dict(CANDIDATE_BLOCK=64, CANDIDATE_CHUNK=128),
                    "no-gram-cache": dict(GRAM_CACHE_MAX_BATCH=0),
+                   "gram-cache-4096": dict(GRAM_CACHE_MAX_BATCH=4096),
                    **PASS2_VARIANTS, **PASS1_VARIANTS,
                    **{name: dict(LAUNCH_OPTIONS=options) for name, options in LAUNCH_VARIANTS.items()}}
 
