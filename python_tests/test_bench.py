@@ -328,6 +328,33 @@ def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
             assert not missing, f"{name}: triton_ekd has no {missing}"
 
 
+def test_lease_dry_run_lists_the_steps_it_did_not_reach(tmp_path):
+    """tools/gpu_proof.sh lease runs its bash logic for the first time on the GPU machine, whose
+    minutes are few: here with a stand-in python (every command succeeds at once, pytest takes 6
+    s) and a deadline of 25 s.  The suite's step runs; every later step is skipped (under 20 s
+    left), the summary says so step by step, and its last line is the follow-up call's
+    EKD_LEASE_ONLY list of exactly those steps; a follow-up with that list runs them."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/bash\n[[ "$1 $2" == "-m pytest" ]] && sleep 6\nexit 0\n')
+    stand_in.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
+    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in))
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "25"], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert any(line.startswith("pytest-cuda: rc 0 in ") for line in lines)
+    skipped = [line.split(":")[0] for line in lines if ": skipped, " in line]
+    assert skipped[0] == "consistency" and "small-ab" in skipped and skipped[-1] == "ncu-source", skipped
+    assert len(skipped) == len(set(skipped)) > 20
+    assert lines[-1] == f'not reached: EKD_LEASE_ONLY="{" ".join(skipped)}"'
+    env.update(EKD_LEASE_ONLY="small-ab racecheck-33-float32", OUT=str(tmp_path / "followup"))
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "100"], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    followup = (tmp_path / "followup" / "summary.txt").read_text()
+    ran = [line.split(":")[0] for line in followup.splitlines() if ": rc " in line]
+    assert ran == ["small-ab", "racecheck-33-float32"], ran
+
+
 def test_lease_names_existing_variants(monkeypatch):
     """Every triton:NAME and csrc:NAME the lease's A/B steps and EKD_TEST_TRITON_VARIANT runs name
     (tools/gpu_proof.sh) is a variant of tools/gpu_exercise.py: an unknown one stops its step on
