@@ -123,9 +123,10 @@ INTERPRETER_BLOCK_K = 128
 NORMALISE_BLOCK_ROWS = 16
 NORMALISE_BLOCK_K = 128
 #: Up to this B, pass 1 keeps both models' similarity tiles (the upper triangle's T(T + 1) / 2
-#: tiles of TILE^2 fp32: 2.2 MB a model at B = 1024, 8.7 MB at 2048) and the forward's later
-#: passes read them back instead of recomputing them (kernels._pass_tile): pass 2, the rank
-#: loss's positive blocks and selected pairs, passes 3 and 4.  Why: at small B a call is a chain
+#: tiles of TILE^2 fp32: 2.2 MB a model at B = 1024, 8.7 MB at 2048, an output of the forward
+#: held until the backward) and the later passes read them back instead of recomputing them
+#: (kernels._pass_tile): pass 2, the rank loss's positive blocks and selected pairs, passes 3
+#: and 4, the positive backward (kernels._upper_pair_tile).  Why: at small B a call is a chain
 #: of kernels, each a few programs that recompute the same tiles in a chain of D / BLOCK_K dot
 #: steps (fifth GPU run, B = 1024, fp32: pass 2 56 us, the rank loss 46, against 78 for pass 1,
 #: which also counts every pair); a tile read back is one 16 KB load.  The bits are the ones pass
@@ -436,12 +437,21 @@ def _tile_grid(batch: int) -> Tuple[int, ...]:
     return (tiles * (tiles + 1) // 2,) if TRIANGLE_TILE_GRID and not _ON_HIP else (tiles, tiles)
 
 
-def _gram_tiles(batch: int) -> int:
-    """Elements of a model's Gram cache at `batch` rows (kernels._gram_offsets), 0 without one."""
+def _gram_size(batch: int) -> int:
+    """Elements of a model's Gram cache at `batch` rows (kernels._gram_offsets)."""
     tiles = _num_tiles(batch)
-    size = tiles * (tiles + 1) // 2 * TILE * TILE
+    return tiles * (tiles + 1) // 2 * TILE * TILE
+
+
+def _gram_tiles(batch: int) -> int:
+    """_gram_size where the forward keeps the cache (GRAM_CACHE_MAX_BATCH), 0 elsewhere."""
+    size = _gram_size(batch)
     # (the kernels index it in 32 bits: a setting past B ~ 65000 keeps it off)
     return size if batch <= GRAM_CACHE_MAX_BATCH and size < 2**31 else 0
+
+
+#: The Gram cache output's width when the forward keeps none (a spare: never a null pointer).
+NO_GRAM = 4
 
 
 def _coarse_copies(batch: int) -> int:
@@ -700,13 +710,14 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     _, w64 = _carve(i64, device, state=(STATE_SIZE,), target_state=(2, num_targets, 2),
                     candidate_key=(candidate_size,), partial_critical=(row_blocks,), position=(batch,),
                     spare_rows=(1,), spare_cols=(1,))
+    _, wf = _carve(f32, device, partial_loss=(row_blocks,), pair_loss=(slot_size,), spare_grad=(1,))
+    # Pass 1 keeps the tiles, the later passes and the backward read them back
+    # (GRAM_CACHE_MAX_BATCH).  An output of its own (the backward's), each model's a multiple of
+    # 16 bytes: its tiles' loads and stores are 16-byte vectors only when Triton sees its
+    # pointers 16-byte aligned.
     gram_size = _gram_tiles(batch)
-    # (the cache first, each model's a multiple of 16 bytes: its tiles' loads and stores are
-    # 16-byte vectors only when Triton sees its pointers 16-byte aligned)
-    _, wf = _carve(f32, device, gram=(2, max(gram_size, 4)), partial_loss=(row_blocks,), pair_loss=(slot_size,),
-                   spare_grad=(1,))
-    # Pass 1 keeps the tiles, the later forward passes read them back (GRAM_CACHE_MAX_BATCH).
-    grams = (wf["gram"][0], wf["gram"][1])
+    gram = torch.empty((2, gram_size or NO_GRAM), dtype=f32, device=device)
+    grams = (gram[0], gram[1])
     keep, reuse = ((kernels.GRAM_STORE.value, kernels.GRAM_LOAD.value) if gram_size
                    else (kernels.GRAM_OFF.value, kernels.GRAM_OFF.value))
 
@@ -831,7 +842,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         CRITICAL_ONLY=config.critical_only, BLOCK=SMALL_BLOCK)
     return (loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms, order, s_inv, t_inv,
             thresholds_used, positive_coefficient, rows, cols, selected_coefficient, s_sorted, t_sorted,
-            sorted_labels)
+            sorted_labels, gram)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -961,13 +972,13 @@ def _check_forward_args(student, teacher, labels, student_thresholds, teacher_th
 
 
 def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram, temperature,
                          rank_loss, check_values: bool) -> None:
     """triton_ekd_backward's tensors, as the forward leaves them: s_sorted B x Ds and t_sorted
     B x Dt (fp32/fp16/bf16), sorted_labels B integers, order B int64, s_inv and t_inv B fp32,
     thresholds_used 2 x K fp32 (K >= 1), positive_coefficient and grad_loss one float,
-    selected_rows / selected_cols n int64 and selected_coefficient n fp32 (n <= B(B-1)/2); one
-    device.  check_values (CPU tensors): order a permutation of [0, B), sorted_labels ascending,
+    selected_rows / selected_cols n int64 and selected_coefficient n fp32 (n <= B(B-1)/2), gram
+    2 x (the Gram cache's size at B, or NO_GRAM) fp32; one device.  check_values (CPU tensors): order a permutation of [0, B), sorted_labels ascending,
     each selected pair two rows in [0, B) or the unfilled slot (B, B)."""
     op = "triton_ekd_backward"
     _check_embeddings(op, "s_sorted", s, "t_sorted", t)
@@ -1001,6 +1012,17 @@ def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, th
     _check_vector(op, "selected_cols", selected_cols, num_slots, (torch.int64,), " (n, as selected_rows)")
     _check_vector(op, "selected_coefficient", selected_coefficient, num_slots, (torch.float32,),
                   " (n, as selected_rows)")
+    if not isinstance(gram, torch.Tensor):
+        raise ValueError(f"{op}: gram must be a torch.Tensor, got {type(gram).__name__}")
+    def gram_message():
+        return (f"{op}: gram must be the forward's Gram cache, 2 x {_gram_size(batch)} at B = {batch} (2 x {NO_GRAM} "
+                f"when it kept none), got shape {tuple(gram.shape)}")
+
+    _require(gram.dim() == 2, gram_message)
+    _require(gram.shape[0] == 2, gram_message)
+    _require((gram.shape[1] == _gram_size(batch)) | (gram.shape[1] == NO_GRAM), gram_message)
+    if gram.dtype != torch.float32:
+        raise ValueError(f"{op}: gram must be torch.float32, got {gram.dtype}")
     if rank_loss not in _RANK_LOSS_CODES:
         raise ValueError(f"{op}: rank_loss must be one of {tuple(_RANK_LOSS_CODES)}, got {rank_loss!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -1008,7 +1030,7 @@ def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, th
     _check_same_device(op, s.device, grad_loss=grad_loss, t_sorted=t, sorted_labels=sorted_labels, order=order,
                        s_inv=s_inv, t_inv=t_inv, thresholds_used=thresholds_used,
                        positive_coefficient=positive_coefficient, selected_rows=selected_rows,
-                       selected_cols=selected_cols, selected_coefficient=selected_coefficient)
+                       selected_cols=selected_cols, selected_coefficient=selected_coefficient, gram=gram)
     if not check_values:
         return
     # O(B + n), CPU tensors only (see _host_values).
@@ -1056,7 +1078,8 @@ def _cached_config(fprs, temperature, num_hard_negatives, momentum, positive_wei
 
 _ForwardOutputs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor]
 
 
 @torch.library.custom_op("ekd_kernels::triton_ekd_forward", mutates_args=())
@@ -1070,7 +1093,8 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     thresholds, counts (positive, negative, selected, critical among selected, critical among
     all), terms (positive, negative, critical ratio), then what the backward needs: label order,
     inverse norms, thresholds used, the positive pairs' coefficient, the selected pairs and
-    their coefficients, and the label-sorted student rows, teacher rows and labels."""
+    their coefficients, the label-sorted student rows, teacher rows and labels, and the Gram
+    cache (2 x NO_GRAM when the forward keeps none)."""
     config = _config_from(fprs, temperature, num_hard_negatives, momentum, positive_weight, negative_weight,
                           critical_only, rank_loss, compute_critical_ratio)
     return _forward_checked(student, teacher, labels, student_thresholds, teacher_thresholds, random_pairs, config,
@@ -1113,7 +1137,7 @@ def _forward_fake(student, teacher, labels, student_thresholds, teacher_threshol
             empty((batch,), i64), empty((batch,), f32), empty((batch,), f32),
             empty((2, len(fprs)), f32), empty((), f32), empty((num_slots,), i64), empty((num_slots,), i64),
             empty((num_slots,), f32), empty(student.shape, student.dtype), empty(teacher.shape, teacher.dtype),
-            empty((batch,), labels.dtype))
+            empty((batch,), labels.dtype), empty((2, _gram_tiles(batch) or NO_GRAM), f32))
 
 
 # --------------------------------------------------------------------------- backward op
@@ -1121,21 +1145,21 @@ def _forward_fake(student, teacher, labels, student_thresholds, teacher_threshol
 def _backward_op(grad_loss: torch.Tensor, s_sorted: torch.Tensor, t_sorted: torch.Tensor,
                  sorted_labels: torch.Tensor, order: torch.Tensor, s_inv: torch.Tensor, t_inv: torch.Tensor,
                  thresholds_used: torch.Tensor, positive_coefficient: torch.Tensor, selected_rows: torch.Tensor,
-                 selected_cols: torch.Tensor, selected_coefficient: torch.Tensor, temperature: float,
-                 critical_only: bool, rank_loss: str) -> torch.Tensor:
+                 selected_cols: torch.Tensor, selected_coefficient: torch.Tensor, gram: torch.Tensor,
+                 temperature: float, critical_only: bool, rank_loss: str) -> torch.Tensor:
     """d loss / d student (in the student's dtype and shape, contiguous), from the forward's
     label-sorted rows and what it saved."""
     return _backward_checked(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                             positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
-                             critical_only, rank_loss)
+                             positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram,
+                             temperature, critical_only, rank_loss)
 
 
 def _backward_checked(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                      positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                      positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram, temperature,
                       critical_only, rank_loss) -> torch.Tensor:
     """The backward op's body (also the eager path's backward): the argument checks, then the kernels."""
     _check_backward_args(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram, temperature,
                          rank_loss, check_values=_check_index_values(s_sorted.device))
     # The kernels index every tensor but the thresholds as a contiguous run (no-ops for the
     # forward's outputs, which are contiguous).
@@ -1145,12 +1169,12 @@ def _backward_checked(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv
                                                        selected_coefficient))
     with _on_device(s_sorted.device):
         return _backward_impl(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                              positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
-                              critical_only, rank_loss)
+                              positive_coefficient, selected_rows, selected_cols, selected_coefficient,
+                              gram.contiguous(), temperature, critical_only, rank_loss)
 
 
 def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, thresholds_used, positive_coefficient,
-                   selected_rows, selected_cols, selected_coefficient, temperature, critical_only, rank_loss):
+                   selected_rows, selected_cols, selected_coefficient, gram, temperature, critical_only, rank_loss):
     kernels = _kernels()
     device = s.device
     batch, dim_s = s.shape
@@ -1163,17 +1187,19 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
         selected_rows = selected_cols = torch.empty(1, dtype=torch.int64, device=device)
         selected_coefficient = torch.empty(1, dtype=torch.float32, device=device)
 
-    # Positive pairs: recomputed tiles, g multiplied into each row block's own rows (the kernel
-    # writes every row of grad_hat); its programs also write the selected entries' sort keys.
+    # Positive pairs: their tiles read from the forward's Gram cache when it kept one, else
+    # recomputed; g multiplied into each row block's own rows (the kernel writes every row of
+    # grad_hat); its programs also write the selected entries' sort keys.
     grad_hat = torch.empty((batch, dim_s), dtype=torch.float32, device=device)
     entry_keys = torch.empty(num_entries, dtype=torch.int64, device=device)
+    cached = gram.shape[1] == _gram_size(batch)
     _launch(kernels.positive_backward_kernel, (_num_tiles(batch), _positive_splits(batch, dim_s)))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
-        selected_cols, num_slots, entry_keys, num_entries, RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
+        selected_cols, num_slots, entry_keys, num_entries, gram[0], gram[1], RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
         CRITICAL_ONLY=critical_only, TILE=TILE, BLOCK_K=_block_k(), BLOCK_D=BLOCK_D, S_PRECISION=_dot_precision(s),
         T_PRECISION=_dot_precision(t), G_PRECISION=FP32_DOT_PRECISION, LABEL_BLOCK=LABEL_BLOCK,
-        ENTRY_BLOCK=SMALL_BLOCK)
+        ENTRY_BLOCK=SMALL_BLOCK, GRAM=(kernels.GRAM_LOAD if cached else kernels.GRAM_OFF).value)
 
     # Selected negatives: the entries sorted by (row, other) fix each row's summation order,
     # which makes the gradient bitwise reproducible without float atomics; then back through
@@ -1191,10 +1217,10 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
 
 @_backward_op.register_fake
 def _backward_fake(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                   positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                   positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram, temperature,
                    critical_only, rank_loss):
     _check_backward_args(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t_inv, thresholds_used,
-                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, temperature,
+                         positive_coefficient, selected_rows, selected_cols, selected_coefficient, gram, temperature,
                          rank_loss, check_values=False)
     return torch.empty(s_sorted.shape, dtype=s_sorted.dtype, device=s_sorted.device)
 
@@ -1202,8 +1228,8 @@ def _backward_fake(grad_loss, s_sorted, t_sorted, sorted_labels, order, s_inv, t
 # --------------------------------------------------------------------------- autograd
 _FORWARD_INPUTS = 16
 #: What the backward reads, in _backward_op's order: the sorted rows and labels (outputs 15-17),
-#: then order ... selected_coefficient (outputs 7-14).
-_SAVED_OUTPUTS = (slice(15, 18), slice(7, 15))
+#: then order ... selected_coefficient (outputs 7-14), then the Gram cache (18).
+_SAVED_OUTPUTS = (slice(15, 18), slice(7, 15), slice(18, 19))
 
 
 def _save_for_backward(ctx, output, student, temperature: float, critical_only: bool, rank_loss: str) -> None:

@@ -453,10 +453,10 @@ _GRAM_CACHE_PATHS = {
 
 
 @pytest.mark.parametrize("path", list(_GRAM_CACHE_PATHS))
-def test_gram_cache_gives_the_same_bits(monkeypatch, scratch_views, path):
+def test_gram_cache_gives_the_same_bits(monkeypatch, path):
     """The Gram cache (triton_ekd.GRAM_CACHE_MAX_BATCH: pass 1 keeps both models' tiles, pass 2,
-    the rank loss's positive blocks and selected pairs, passes 3 and 4 read them back) against
-    every tile recomputed: the same loss, gradient, thresholds and statistics, bit for bit, over
+    the rank loss's positive blocks and selected pairs, passes 3 and 4 and the positive backward
+    read them back) against every tile recomputed: the same loss, gradient, thresholds and statistics, bit for bit, over
     two consecutive calls, on each path that reads tiles (random selection's pairs; the critical
     ratio's pass 3; the candidates' overflow, passes 3 and 4; pass 1 in a head and a tail, whose
     tail launch computes its tiles again; pass 1's windows).  B = 150: three row blocks, six tiles
@@ -466,10 +466,18 @@ def test_gram_cache_gives_the_same_bits(monkeypatch, scratch_views, path):
     for name, value in settings.items():
         monkeypatch.setattr(triton_ekd, name, value)
     student, teacher, labels = make_batch(150, 20, 12, 30, seed=31)
+    grams = []
+    forward_impl = triton_ekd._forward_impl
+
+    def recording_forward(*args):
+        outputs = forward_impl(*args)
+        grams.append(outputs[18])
+        return outputs
+
+    monkeypatch.setattr(triton_ekd, "_forward_impl", recording_forward)
     runs = {}
     for cached in (False, True):
         monkeypatch.setattr(triton_ekd, "GRAM_CACHE_MAX_BATCH", 2048 if cached else 0)
-        scratch_views.clear()
         crit = triton_loss(num_hard_negatives=150, **options)
         calls = [run_ekd(crit, student if step == 0 else student.roll(step, dims=1), teacher, labels,
                          generator=torch.Generator().manual_seed(step)) for step in range(2)]
@@ -478,9 +486,9 @@ def test_gram_cache_gives_the_same_bits(monkeypatch, scratch_views, path):
                                                                           "num_critical_selected", "positive_term",
                                                                           "negative_term", "num_critical_pairs")])
                         for call in calls]
-        gram = next(views["gram"] for views in scratch_views if "gram" in views)
+        gram = grams[-1]
         if not cached:
-            assert gram.shape == (2, 4)  # (a spare: no cache)
+            assert gram.shape == (2, triton_ekd.NO_GRAM)
             continue
         # the last call's cache: tile n(n + 1) / 2 + m holds rows m, columns n of the label-sorted batch
         order = torch.argsort(labels.cpu(), stable=True)
@@ -1904,7 +1912,7 @@ _FORWARD_NAMES = ["student", "teacher", "labels", "student_thresholds", "teacher
                   "critical_only", "rank_loss", "compute_critical_ratio", "update_thresholds"]
 _BACKWARD_NAMES = ["grad_loss", "s_sorted", "t_sorted", "sorted_labels", "order", "s_inv", "t_inv",
                    "thresholds_used", "positive_coefficient", "selected_rows", "selected_cols",
-                   "selected_coefficient", "temperature", "critical_only", "rank_loss"]
+                   "selected_coefficient", "gram", "temperature", "critical_only", "rank_loss"]
 _OTHER_DEVICE = "cpu" if ON_GPU else "meta"
 
 
@@ -1998,6 +2006,10 @@ _TRITON_BACKWARD_CASES = {
     "selected_cols_short": (_F("selected_cols", lambda x: x[:3]), "selected_cols"),
     "selected_coefficient_short": (_F("selected_coefficient", lambda x: x[:3]), "selected_coefficient"),
     "selected_coefficient_fp64": (_F("selected_coefficient", lambda x: x.double()), "selected_coefficient"),
+    "gram_1d": (_F("gram", lambda x: x[0]), "gram"),
+    "gram_3_rows": (_F("gram", lambda x: torch.cat([x, x[:1]])), "gram"),
+    "gram_other_size": (_F("gram", lambda x: x.new_zeros(2, x.shape[1] + 4)), "gram"),
+    "gram_fp64": (_F("gram", lambda x: x.double()), "gram"),
     "rank_loss_bogus": (_change(rank_loss=lambda a: "bogus"), "rank_loss"),
     "temperature_0": (_change(temperature=lambda a: 0.0), "temperature"),
 }
@@ -2013,7 +2025,7 @@ _TRITON_BACKWARD_VALUE_CASES = {
     "selected_row_unfilled_with_a_col": (_F("selected_rows", lambda x: _set_element(x, -1, 0)), "selected_rows"),
 }
 _TRITON_FORWARD_TENSORS = ["teacher", "labels", "student_thresholds", "teacher_thresholds", "random_pairs"]
-_TRITON_BACKWARD_TENSORS = [name for name in _BACKWARD_NAMES[:12] if name != "s_sorted"]
+_TRITON_BACKWARD_TENSORS = [name for name in _BACKWARD_NAMES[:13] if name != "s_sorted"]
 
 
 def _raw_forward(args):

@@ -173,9 +173,11 @@ PASS1_VARIANTS["windows-warps8"] = dict(PASS1_WINDOWS=True, LAUNCH_OPTIONS=LAUNC
 #   Bitwise the same outputs.
 # - candidates-64x128: hardest_negatives_kernel ranking its candidates 64 a program, 128 a step,
 #   as before 16 and 512 (triton_ekd.CANDIDATE_BLOCK, CANDIDATE_CHUNK); bitwise the same outputs.
-# - no-gram-cache: every forward pass computes its similarity tiles, as before pass 1 kept them
-#   for the later passes up to B = 2048 (triton_ekd.GRAM_CACHE_MAX_BATCH); bitwise the same
-#   outputs.  (Also a forced path of the sanitize run: at B = 33 the cache is on.)
+# - no-gram-cache: every pass computes its similarity tiles, as before pass 1 kept them for the
+#   later passes and the positive backward up to B = 2048 (triton_ekd.GRAM_CACHE_MAX_BATCH);
+#   bitwise the same outputs.  (The positive backward without the cache is not the one of
+#   before: it takes each pair in the forward's orientation, a second tile where a label group
+#   crosses a tile edge.)  Also a forced path of the sanitize run: at B = 33 the cache is on.
 # - gram-cache-4096: the cache up to B = 4096 (34.6 MB a model there): whether it pays past 2048.
 SHIPPED_OPTIONS = dict(triton_ekd.LAUNCH_OPTIONS)
 TRITON_VARIANTS = {"no-launch-cache": dict(launches=LaunchCache(enabled=False)),

@@ -244,7 +244,7 @@ def breakdown(crit, student, teacher, labels, repeats):
                config.compute_critical_ratio, True)
     leaf = student.clone().requires_grad_(True)
     outputs = triton_ekd._forward_impl(student, teacher, labels, *thresholds, None, config, True)
-    saved = [outputs[i] for i in (15, 16, 17, 7, 8, 9, 10, 11, 12, 13, 14)]
+    saved = [tensor for part in triton_ekd._SAVED_OUTPUTS for tensor in outputs[part]]
     backward_args = (torch.ones((), device=student.device), *saved, config.temperature, config.critical_only,
                      config.rank_loss)
 

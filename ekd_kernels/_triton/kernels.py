@@ -1513,15 +1513,18 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
                              batch, dim_s, dim_t, st_ptr, tt_ptr, num_thresholds, temperature,
                              grad_loss_ptr, positive_coefficient_ptr, grad_hat_ptr,
                              selected_rows_ptr, selected_cols_ptr, num_slots, entry_key_ptr, num_entries,
+                             s_gram_ptr, t_gram_ptr,
                              RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr,
                              TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                              S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, G_PRECISION: tl.constexpr,
-                             LABEL_BLOCK: tl.constexpr, ENTRY_BLOCK: tl.constexpr):
+                             LABEL_BLOCK: tl.constexpr, ENTRY_BLOCK: tl.constexpr, GRAM: tl.constexpr = 0):
     """d loss / d s_hat_i from the positive pairs: sum_j g_ij s_hat_j over the row's group
     (both directions of each pair: the row scans its whole group, j != i).
 
-    The fused-attention pattern: tiles of a and b are recomputed, g is formed in registers and
-    multiplied into the rows' feature chunks at once.  A program owns its rows of grad_hat, so
+    The fused-attention pattern: tiles of a and b are recomputed (GRAM_LOAD: read from the
+    forward's Gram cache), each pair in the orientation the forward's passes computed it
+    (_upper_pair_tile), g is formed in registers and multiplied into the rows' feature chunks at
+    once.  A program owns its rows of grad_hat, so
     the read-modify-write needs no atomics and sums in a fixed order; the first column tile
     (every row's group holds the row itself, so there is one) writes instead of adding, so
     grad_hat needs no zero fill.
@@ -1554,8 +1557,10 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
         label_j = tl.load(labels_ptr + cols, mask=col_mask, other=0)
         positive = (row_mask[:, None] & col_mask[None, :] & (rows[:, None] != cols[None, :])
                     & (label_i[:, None] == label_j[None, :]))
-        a = _similarity_tile(s_ptr, s_inv_ptr, rows, cols, row_mask, col_mask, dim_s, TILE, BLOCK_K, S_PRECISION)
-        b = _similarity_tile(t_ptr, t_inv_ptr, rows, cols, row_mask, col_mask, dim_t, TILE, BLOCK_K, T_PRECISION)
+        a = _upper_pair_tile(s_ptr, s_inv_ptr, s_gram_ptr, rows, cols, row_mask, col_mask, pid * TILE, col_start,
+                             dim_s, TILE, BLOCK_K, S_PRECISION, GRAM)
+        b = _upper_pair_tile(t_ptr, t_inv_ptr, t_gram_ptr, rows, cols, row_mask, col_mask, pid * TILE, col_start,
+                             dim_t, TILE, BLOCK_K, T_PRECISION, GRAM)
         _, loss_grad, critical = _pair_loss(a, b, st_ptr, tt_ptr, num_thresholds, temperature, RANK_LOSS)
         if CRITICAL_ONLY:
             positive = positive & critical
@@ -1589,6 +1594,40 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
         own = tl.where(forward, row, col)
         other = tl.where(forward, col, row)
         tl.store(entry_key_ptr + entry, own * span + other, mask=entry < num_entries)
+
+
+@triton.jit
+def _upper_pair_tile(x_ptr, inv_norm_ptr, gram_ptr, rows, cols, row_mask, col_mask, row_start, col_start, dim,
+                     TILE: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr):
+    """The similarities of rows x cols (TILE-row block at row_start, TILE columns from any
+    col_start), each pair (i, j) with the bits of (min(i, j), max(i, j)): the orientation in which
+    the forward's tile passes computed it (row i against column j for i < j), so that the
+    backward differentiates the very similarities the forward judged.  (tf32x3 may round row j
+    against column i otherwise: its two cross products are summed in another order.)
+
+    GRAM_LOAD: gathered from the forward's Gram cache (_gram_pairs).  Else computed: the tile of
+    rows against cols where a pair lies above the diagonal, the transpose of cols against rows
+    where one lies below; on the diagonal tile (cols = rows: a row block whose label groups
+    start and end on its edges, as a sampler's K images an identity give) the pairs below are the
+    transpose of those above, one tile for both; a tile across the diagonal elsewhere takes two."""
+    above = cols[None, :] > rows[:, None]
+    if GRAM == GRAM_LOAD:
+        first = tl.minimum(rows[:, None], cols[None, :])
+        second = tl.maximum(rows[:, None], cols[None, :])
+        tile = _gram_pairs(gram_ptr, first, second, row_mask[:, None] & col_mask[None, :], TILE)
+    elif col_start == row_start:
+        tile = _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim, TILE, BLOCK_K, PRECISION)
+        tile = tl.where(above, tile, tl.trans(tile))
+    else:
+        tile = tl.zeros((TILE, TILE), dtype=tl.float32)
+        if col_start + TILE - 1 > row_start:  # some column past some row: pairs above the diagonal
+            tile = _similarity_tile(x_ptr, inv_norm_ptr, rows, cols, row_mask, col_mask, dim, TILE, BLOCK_K,
+                                    PRECISION)
+        if col_start < row_start + TILE - 1:  # some column before some row: pairs below it
+            below = tl.trans(_similarity_tile(x_ptr, inv_norm_ptr, cols, rows, col_mask, row_mask, dim, TILE,
+                                              BLOCK_K, PRECISION))
+            tile = tl.where(above, tile, below)
+    return tile
 
 
 @triton.jit
