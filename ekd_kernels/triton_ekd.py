@@ -717,7 +717,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # pointers 16-byte aligned.
     gram_size = _gram_tiles(batch)
     gram = torch.empty((2, gram_size or NO_GRAM), dtype=f32, device=device)
-    grams = (gram[0], gram[1])
+    grams = (gram, gram.stride(0))  # (the kernels' gram_ptr, gram_stride: a model a row)
     keep, reuse = ((kernels.GRAM_STORE.value, kernels.GRAM_LOAD.value) if gram_size
                    else (kernels.GRAM_OFF.value, kernels.GRAM_OFF.value))
 
@@ -820,7 +820,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
         block_c, chunk = _candidate_blocks()
         _launch(kernels.hardest_negatives_kernel, (max(row_blocks, _cdiv(candidate_size, block_c)),))(
             s_sorted, s_inv, sorted_labels, batch, dim_s, state, w32["row_greater"], w32["row_equal"], *candidates,
-            rows, cols, grams[0], TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
+            rows, cols, gram, TILE=TILE, BLOCK_K=_block_k(), S_PRECISION=options["S_PRECISION"], BLOCK_C=block_c,
             CHUNK=chunk, PREFIX_BLOCK=SMALL_BLOCK, WINDOWS=windows, GRAM=reuse)
 
     # rank loss: the positive row blocks and the selected pairs in one launch ("random" maps the
@@ -1196,7 +1196,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     _launch(kernels.positive_backward_kernel, (_num_tiles(batch), _positive_splits(batch, dim_s)))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
-        selected_cols, num_slots, entry_keys, num_entries, gram[0], gram[1], RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
+        selected_cols, num_slots, entry_keys, num_entries, gram, gram.stride(0), RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
         CRITICAL_ONLY=critical_only, TILE=TILE, BLOCK_K=_block_k(), BLOCK_D=BLOCK_D, S_PRECISION=_dot_precision(s),
         T_PRECISION=_dot_precision(t), G_PRECISION=FP32_DOT_PRECISION, LABEL_BLOCK=LABEL_BLOCK,
         ENTRY_BLOCK=SMALL_BLOCK, GRAM=(kernels.GRAM_LOAD if cached else kernels.GRAM_OFF).value)

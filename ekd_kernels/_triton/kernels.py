@@ -513,7 +513,7 @@ def _histogram_part(hist_ptr, bins, negative, state_ptr, model, PART: tl.constex
 
 @triton.jit
 def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
-                            hist_s_ptr, hist_t_ptr, state_ptr, num_copies, s_gram_ptr, t_gram_ptr,
+                            hist_s_ptr, hist_t_ptr, state_ptr, num_copies, gram_ptr, gram_stride,
                             TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                             S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
                             PART: tl.constexpr = 0, GRAM: tl.constexpr = 0):
@@ -521,7 +521,8 @@ def coarse_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batc
     argument costs host time at every launch, which bounds a small batch's call)."""
     _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
                       state_ptr, num_copies, state_ptr, 0, 0, state_ptr, state_ptr, 0, state_ptr, state_ptr,
-                      state_ptr, state_ptr, 0, s_gram_ptr, t_gram_ptr, TILE, BLOCK_K, S_PRECISION, T_PRECISION, PART,
+                      state_ptr, state_ptr, 0, gram_ptr, gram_ptr + gram_stride, TILE, BLOCK_K, S_PRECISION,
+                      T_PRECISION, PART,
                       False, False, GRAM)
 
 
@@ -530,7 +531,7 @@ def coarse_histogram_windows_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_p
                                     hist_s_ptr, hist_t_ptr, state_ptr, num_copies,
                                     window_ptr, num_s_targets, num_t_targets, window_count_ptr, window_key_ptr,
                                     window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                                    candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr,
+                                    candidate_cols_ptr, capacity, gram_ptr, gram_stride,
                                     TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                                     S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
                                     PART: tl.constexpr = 0, COLLECT: tl.constexpr = 0, GRAM: tl.constexpr = 0):
@@ -538,7 +539,8 @@ def coarse_histogram_windows_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_p
     _coarse_histogram(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, hist_s_ptr, hist_t_ptr,
                       state_ptr, num_copies, window_ptr, num_s_targets, num_t_targets, window_count_ptr,
                       window_key_ptr, window_capacity, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                      candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr, TILE, BLOCK_K, S_PRECISION, T_PRECISION,
+                      candidate_cols_ptr, capacity, gram_ptr, gram_ptr + gram_stride, TILE, BLOCK_K, S_PRECISION,
+                      T_PRECISION,
                       PART, True, COLLECT, GRAM)
 
 
@@ -940,7 +942,7 @@ def window_histogram_kernel(state_ptr, window_ptr, window_count_ptr, window_key_
 def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                           s_bucket_ptr, num_s_targets, t_bucket_ptr, num_t_targets, fine_s_ptr, fine_t_ptr,
                           selection_state_ptr, candidate_count_ptr, candidate_key_ptr, candidate_rows_ptr,
-                          candidate_cols_ptr, capacity, s_gram_ptr, t_gram_ptr,
+                          candidate_cols_ptr, capacity, gram_ptr, gram_stride,
                           COLLECT: tl.constexpr, TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr,
                           ONE_AGGREGATION: tl.constexpr, DIRECT_MAX: tl.constexpr, WINDOWS: tl.constexpr = 0,
@@ -955,6 +957,7 @@ def fine_histogram_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     WINDOWS: the programs return at once when every target lay in its window (no WINDOW_MISS):
     window_histogram_kernel has built the histograms from pass 1's window buffers.
     """
+    s_gram_ptr, t_gram_ptr = gram_ptr, gram_ptr + gram_stride  # (each model's Gram cache)
     pid_m, pid_n = _tile_program()
     if pid_n < pid_m:  # (a square grid's lower triangle)
         return
@@ -1065,7 +1068,7 @@ def _is_critical(a, b, st_ptr, tt_ptr, num_thresholds):
 @triton.jit
 def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t,
                           state_ptr, row_greater_ptr, row_equal_ptr, st_ptr, tt_ptr, num_thresholds,
-                          s_gram_ptr, t_gram_ptr,
+                          gram_ptr, gram_stride,
                           COUNT_HARD: tl.constexpr, COUNT_CRITICAL: tl.constexpr,
                           TILE: tl.constexpr, BLOCK_K: tl.constexpr,
                           S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, GRAM: tl.constexpr = 0):
@@ -1073,6 +1076,7 @@ def boundary_count_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch,
     and, only when the candidates overflowed their buffer (decided on the device), per row, how
     many negatives lie strictly above / exactly at the N-th largest student similarity: their
     prefix sums place the writes of pass 4 without atomics."""
+    s_gram_ptr, t_gram_ptr = gram_ptr, gram_ptr + gram_stride  # (each model's Gram cache)
     pid_m, pid_n = _tile_program()
     overflow = tl.load(state_ptr + OVERFLOW) != 0
     work = (pid_n >= pid_m).to(tl.int32)  # lower-triangle tiles hold no pair i < j (a square grid's)
@@ -1402,7 +1406,7 @@ def rank_loss_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_
                      st_ptr, tt_ptr, num_thresholds, temperature, num_row_blocks, partial_loss_ptr,
                      partial_critical_ptr, selected_rows_ptr, selected_cols_ptr, num_slots, position_ptr,
                      random_rows_ptr, random_cols_ptr, pair_loss_ptr, pair_grad_ptr, pair_flags_ptr,
-                     s_gram_ptr, t_gram_ptr,
+                     gram_ptr, gram_stride,
                      RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr, RANDOM: tl.constexpr,
                      TILE: tl.constexpr, BLOCK_K: tl.constexpr, S_PRECISION: tl.constexpr,
                      T_PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, LABEL_BLOCK: tl.constexpr,
@@ -1410,6 +1414,7 @@ def rank_loss_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_
     """Both terms' per-program parts in one launch: the first num_row_blocks = cdiv(B, TILE)
     programs sum the positive pairs of a row block, the others evaluate BLOCK_P selected negative
     pairs each (GRAM_LOAD: every similarity read from the Gram cache)."""
+    s_gram_ptr, t_gram_ptr = gram_ptr, gram_ptr + gram_stride  # (each model's Gram cache)
     pid = tl.program_id(0)
     if pid < num_row_blocks:
         _positive_block(pid, s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr, batch, dim_s, dim_t, st_ptr, tt_ptr,
@@ -1513,7 +1518,7 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
                              batch, dim_s, dim_t, st_ptr, tt_ptr, num_thresholds, temperature,
                              grad_loss_ptr, positive_coefficient_ptr, grad_hat_ptr,
                              selected_rows_ptr, selected_cols_ptr, num_slots, entry_key_ptr, num_entries,
-                             s_gram_ptr, t_gram_ptr,
+                             gram_ptr, gram_stride,
                              RANK_LOSS: tl.constexpr, CRITICAL_ONLY: tl.constexpr,
                              TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                              S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr, G_PRECISION: tl.constexpr,
@@ -1540,6 +1545,7 @@ def positive_backward_kernel(s_ptr, t_ptr, s_inv_ptr, t_inv_ptr, labels_ptr,
     chunk's update is the same dot, in the same order over the column tiles, whichever program
     makes it: grad_hat has the same bits for any F.
     """
+    s_gram_ptr, t_gram_ptr = gram_ptr, gram_ptr + gram_stride  # (each model's Gram cache)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
