@@ -443,11 +443,16 @@ def _gram_size(batch: int) -> int:
     return tiles * (tiles + 1) // 2 * TILE * TILE
 
 
+def _gram_indexable(batch: int) -> int:
+    """_gram_size where the kernels can index a cache (in 32 bits: below B ~ 65500), 0 past it:
+    the widths a cache may have, whatever GRAM_CACHE_MAX_BATCH says."""
+    size = _gram_size(batch)
+    return size if size < 2**31 else 0
+
+
 def _gram_tiles(batch: int) -> int:
     """_gram_size where the forward keeps the cache (GRAM_CACHE_MAX_BATCH), 0 elsewhere."""
-    size = _gram_size(batch)
-    # (the kernels index it in 32 bits: a setting past B ~ 65000 keeps it off)
-    return size if batch <= GRAM_CACHE_MAX_BATCH and size < 2**31 else 0
+    return _gram_indexable(batch) if batch <= GRAM_CACHE_MAX_BATCH else 0
 
 
 #: The Gram cache output's width when the forward keeps none (a spare: never a null pointer).
@@ -978,8 +983,9 @@ def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, th
     B x Dt (fp32/fp16/bf16), sorted_labels B integers, order B int64, s_inv and t_inv B fp32,
     thresholds_used 2 x K fp32 (K >= 1), positive_coefficient and grad_loss one float,
     selected_rows / selected_cols n int64 and selected_coefficient n fp32 (n <= B(B-1)/2), gram
-    2 x (the Gram cache's size at B, or NO_GRAM) fp32; one device.  check_values (CPU tensors): order a permutation of [0, B), sorted_labels ascending,
-    each selected pair two rows in [0, B) or the unfilled slot (B, B)."""
+    2 x (the Gram cache's size at B, where the forward may keep one, or NO_GRAM) fp32; one
+    device.  check_values (CPU tensors): order a permutation of [0, B), sorted_labels
+    ascending, each selected pair two rows in [0, B) or the unfilled slot (B, B)."""
     op = "triton_ekd_backward"
     _check_embeddings(op, "s_sorted", s, "t_sorted", t)
     batch = s.shape[0]
@@ -1015,12 +1021,16 @@ def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, th
     if not isinstance(gram, torch.Tensor):
         raise ValueError(f"{op}: gram must be a torch.Tensor, got {type(gram).__name__}")
     def gram_message():
-        return (f"{op}: gram must be the forward's Gram cache, 2 x {_gram_size(batch)} at B = {batch} (2 x {NO_GRAM} "
-                f"when it kept none), got shape {tuple(gram.shape)}")
+        cache = f"2 x {_gram_indexable(batch)} at B = {batch} or " if _gram_indexable(batch) else ""
+        return (f"{op}: gram must be the forward's Gram cache, {cache}2 x {NO_GRAM} when it kept none, got shape "
+                f"{tuple(gram.shape)}")
 
     _require(gram.dim() == 2, gram_message)
     _require(gram.shape[0] == 2, gram_message)
-    _require((gram.shape[1] == _gram_size(batch)) | (gram.shape[1] == NO_GRAM), gram_message)
+    width = gram.shape[1] == NO_GRAM
+    if _gram_indexable(batch):
+        width = width | (gram.shape[1] == _gram_indexable(batch))
+    _require(width, gram_message)
     if gram.dtype != torch.float32:
         raise ValueError(f"{op}: gram must be torch.float32, got {gram.dtype}")
     if rank_loss not in _RANK_LOSS_CODES:
@@ -1192,7 +1202,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # grad_hat); its programs also write the selected entries' sort keys.
     grad_hat = torch.empty((batch, dim_s), dtype=torch.float32, device=device)
     entry_keys = torch.empty(num_entries, dtype=torch.int64, device=device)
-    cached = gram.shape[1] == _gram_size(batch)
+    cached = _gram_indexable(batch) > 0 and gram.shape[1] == _gram_indexable(batch)
     _launch(kernels.positive_backward_kernel, (_num_tiles(batch), _positive_splits(batch, dim_s)))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
@@ -1234,7 +1244,7 @@ _SAVED_OUTPUTS = (slice(15, 18), slice(7, 15), slice(18, 19))
 
 def _save_for_backward(ctx, output, student, temperature: float, critical_only: bool, rank_loss: str) -> None:
     # Only the loss (output 0) carries a gradient: without this, autograd would fill a zero
-    # tensor for each of the 17 other outputs on every backward (two of them B x D), 17 fill
+    # tensor for each of the 18 other outputs on every backward (two of them B x D), 18 fill
     # launches that the backward never reads.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*(tensor for part in _SAVED_OUTPUTS for tensor in output[part]))

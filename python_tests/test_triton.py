@@ -2009,6 +2009,7 @@ _TRITON_BACKWARD_CASES = {
     "gram_1d": (_F("gram", lambda x: x[0]), "gram"),
     "gram_3_rows": (_F("gram", lambda x: torch.cat([x, x[:1]])), "gram"),
     "gram_other_size": (_F("gram", lambda x: x.new_zeros(2, x.shape[1] + 4)), "gram"),
+    "gram_empty": (_F("gram", lambda x: x.new_zeros(2, 0)), "gram"),
     "gram_fp64": (_F("gram", lambda x: x.double()), "gram"),
     "rank_loss_bogus": (_change(rank_loss=lambda a: "bogus"), "rank_loss"),
     "temperature_0": (_change(temperature=lambda a: 0.0), "temperature"),
@@ -2058,6 +2059,26 @@ def test_raw_ops_valid_calls_match_the_wrapper(raw_calls):
     position[order] = torch.arange(_RAW_BATCH, device=order.device)
     assert torch.equal(with_random[12], position[random_pairs[0]])  # the pairs, in label-sorted rows
     assert torch.equal(with_random[13], position[random_pairs[1]])
+
+
+def test_raw_backward_refuses_a_gram_cache_past_32_bit_indexing():
+    """The kernels index a Gram cache in 32 bits; past B ~ 65500 its size would pass 2^31, the
+    forward keeps none there (whatever GRAM_CACHE_MAX_BATCH says), and the backward op refuses one
+    of that size, naming gram, rather than read past it (meta tensors: the fake implementation's
+    checks, no memory).  The spare width stays accepted."""
+    batch = 66000
+    assert triton_ekd._gram_size(batch) >= 2**31 and triton_ekd._gram_tiles(batch) == 0
+    meta = dict(device="meta")
+    index = dict(dtype=torch.int64, **meta)
+    args = [torch.empty((), **meta), torch.empty(batch, 4, **meta), torch.empty(batch, 5, **meta),
+            torch.empty(batch, **index), torch.empty(batch, **index), torch.empty(batch, **meta),
+            torch.empty(batch, **meta), torch.empty(2, 6, **meta), torch.empty((), **meta), torch.empty(10, **index),
+            torch.empty(10, **index), torch.empty(10, **meta), torch.empty(2, triton_ekd._gram_size(batch), **meta),
+            0.01, False, "soft_rank"]
+    with pytest.raises(ValueError, match=r"\bgram\b"):
+        torch.ops.ekd_kernels.triton_ekd_backward(*args)
+    args[12] = torch.empty(2, triton_ekd.NO_GRAM, **meta)
+    assert torch.ops.ekd_kernels.triton_ekd_backward(*args).shape == (batch, 4)
 
 
 def test_raw_forward_backward_through_another_output_than_the_loss(raw_calls):
