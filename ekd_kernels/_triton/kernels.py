@@ -1637,26 +1637,13 @@ def _upper_pair_tile(x_ptr, inv_norm_ptr, gram_ptr, rows, cols, row_mask, col_ma
 
 
 @triton.jit
-def _lower_bound(sorted_ptr, count, value, steps):
-    """Per element of `value`: the number of entries of the ascending `sorted_ptr[:count]`
-    below it (a vectorised binary search; `steps` = count.bit_length() halvings suffice)."""
-    low = value * 0
-    high = low + count
-    for _ in range(steps):
-        middle = (low + high) // 2
-        searching = low < high
-        below = searching & (tl.load(sorted_ptr + middle, mask=searching & (middle < count), other=0) < value)
-        low = tl.where(below, middle + 1, low)
-        high = tl.where(searching & (below == 0), middle, high)
-    return low
-
-
-@triton.jit
 def _lower_bounds(sorted_ptr, count, first, second, steps):
-    """_lower_bound of `first` and of `second` in the same loop: each step's two loads are
-    independent, so the two chains of `steps` dependent loads overlap.  (Not one search over
-    tl.join(first, second): the split halves come out in another layout, which multiplied the
-    loads of the loop that indexes with them.)"""
+    """Per element of `first` and of `second`: the number of entries of the ascending
+    `sorted_ptr[:count]` below it (vectorised binary searches; `steps` = count.bit_length()
+    halvings suffice).  Both in the same loop: each step's two loads are independent, so the two
+    chains of `steps` dependent loads overlap.  (Not one search over tl.join(first, second): the
+    split halves come out in another layout, which multiplied the loads of the loop that indexes
+    with them.)"""
     low_a = first * 0
     high_a = low_a + count
     low_b = low_a
