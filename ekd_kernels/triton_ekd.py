@@ -1020,16 +1020,18 @@ def _check_backward_args(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, th
                   " (n, as selected_rows)")
     if not isinstance(gram, torch.Tensor):
         raise ValueError(f"{op}: gram must be a torch.Tensor, got {type(gram).__name__}")
+    cache_size = _gram_indexable(batch)
+
     def gram_message():
-        cache = f"2 x {_gram_indexable(batch)} at B = {batch} or " if _gram_indexable(batch) else ""
+        cache = f"2 x {cache_size} at B = {batch} or " if cache_size else ""
         return (f"{op}: gram must be the forward's Gram cache, {cache}2 x {NO_GRAM} when it kept none, got shape "
                 f"{tuple(gram.shape)}")
 
     _require(gram.dim() == 2, gram_message)
     _require(gram.shape[0] == 2, gram_message)
     width = gram.shape[1] == NO_GRAM
-    if _gram_indexable(batch):
-        width = width | (gram.shape[1] == _gram_indexable(batch))
+    if cache_size:
+        width = width | (gram.shape[1] == cache_size)
     _require(width, gram_message)
     if gram.dtype != torch.float32:
         raise ValueError(f"{op}: gram must be torch.float32, got {gram.dtype}")
@@ -1202,7 +1204,8 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     # grad_hat); its programs also write the selected entries' sort keys.
     grad_hat = torch.empty((batch, dim_s), dtype=torch.float32, device=device)
     entry_keys = torch.empty(num_entries, dtype=torch.int64, device=device)
-    cached = _gram_indexable(batch) > 0 and gram.shape[1] == _gram_indexable(batch)
+    cache_size = _gram_indexable(batch)
+    cached = cache_size > 0 and gram.shape[1] == cache_size
     _launch(kernels.positive_backward_kernel, (_num_tiles(batch), _positive_splits(batch, dim_s)))(
         s, t, s_inv, t_inv, sorted_labels, batch, dim_s, dim_t, thresholds_used[0], thresholds_used[1],
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,

@@ -247,8 +247,13 @@ def _gram_offsets(pid_m, pid_n, TILE: tl.constexpr):
     triangle's tiles packed in the tile passes' program order (tile n(n + 1) / 2 + m, see
     _tile_program), each TILE x TILE row-major.  (32-bit: the host keeps the cache under 2^31
     elements.)"""
-    tile = pid_n * (pid_n + 1) // 2 + pid_m
-    return tile * (TILE * TILE) + tl.arange(0, TILE)[:, None] * TILE + tl.arange(0, TILE)[None, :]
+    return _gram_tile_start(pid_m, pid_n, TILE) + tl.arange(0, TILE)[:, None] * TILE + tl.arange(0, TILE)[None, :]
+
+
+@triton.jit
+def _gram_tile_start(m, n, TILE: tl.constexpr):
+    """Offset of tile (m, n), m <= n, in a model's Gram cache (_gram_offsets)."""
+    return (n * (n + 1) // 2 + m) * (TILE * TILE)
 
 
 @triton.jit
@@ -1354,7 +1359,7 @@ def _gram_pairs(gram_ptr, first, second, valid, TILE: tl.constexpr):
     bits pass 1 computed, which _pair_similarities recomputes."""
     m = first // TILE
     n = second // TILE
-    offset = (n * (n + 1) // 2 + m) * (TILE * TILE) + (first % TILE) * TILE + second % TILE
+    offset = _gram_tile_start(m, n, TILE) + (first % TILE) * TILE + second % TILE
     return tl.load(gram_ptr + offset, mask=valid, other=0.0)
 
 
