@@ -335,7 +335,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes B")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="subset of: ekd/reference ekd/triton ekd/csrc rkd/reference rkd/fast floor "
-                             "(CUDA: ekd/triton+graph ekd/csrc+graph ekd/triton+compile ekd/csrc+compile)")
+                             "(CUDA: ekd/triton+graph ekd/csrc+graph ekd/triton+compile ekd/csrc+compile "
+                             "ekd/csrc+tc ekd/csrc+mma floor/tf32)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)

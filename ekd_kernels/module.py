@@ -121,6 +121,18 @@ class EKDLoss(nn.Module):
         self.register_buffer("teacher_thresholds", initial_thresholds(self.config))
         self.last_stats: Optional[EKDStats] = None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the state of a new module: both thresholds at their initial value (zeros, as the
+        authors initialise them), in place (the buffers keep their device, dtype and identity), and
+        no ``last_stats``.  Why: a module built on the meta device (``with torch.device("meta")``,
+        FSDP's deferred initialisation) and materialised by ``to_empty`` holds uninitialised
+        memory in its buffers; FSDP calls ``reset_parameters`` there, and a user who calls
+        ``to_empty`` by hand calls it next.  The generator, the user's object, is left as it is."""
+        for name in _THRESHOLD_BUFFERS:
+            getattr(self, name).zero_()
+        self.last_stats = None
+
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The loss of one batch (0-d, fp32; fp64 for fp64 inputs); updates the thresholds in

@@ -89,7 +89,8 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
         general_size: random samples per batch (0 for a purely balanced batch).
         num_identities: p, identities in the balanced part (0 for a purely random batch).
         images_per_identity: q, images per identity (4 in the paper).
-        num_batches: batches per epoch on this rank; default len(labels) // batch size (>= 1).
+        num_batches: batches per epoch on this rank; default len(labels) // (batch size x world_size), at
+            least 1 (the ranks together see about one pass over the data).
         replacement: False: draw from per-epoch permutations (see the module docstring).
         small_identities: "repeat" or "drop", for identities with fewer than q (>= 2) images.
         seed: base seed; the epoch set by ``set_epoch`` is added to it.

@@ -79,9 +79,9 @@ def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch
             raise ValueError(f"{name} must have shape ({num_thresholds},) (one per FPR), got {tuple(t.shape)}")
         if t.dtype not in (torch.float32, torch.float64):
             # fp16/bf16 state would stall the EMA: 0.01 * a step is below their resolution near 0.3.
-            raise ValueError(f"{name} must be float32 (or float64), got {t.dtype}; an EKDLoss cast with "
-                             ".half()/.bfloat16()/.to(dtype) has low-precision thresholds: call .float() on it "
-                             "(the embeddings may stay low precision)")
+            # (EKDLoss keeps its own in fp32 under .half()/.bfloat16()/.to(dtype): only explicit state gets here)
+            raise ValueError(f"{name} must be float32 (or float64), got {t.dtype}: pass fp32 thresholds (the "
+                             "embeddings may stay low precision; 16-bit state would stall the EMA)")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
     if student_thresholds.dtype != teacher_thresholds.dtype:

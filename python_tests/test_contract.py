@@ -846,6 +846,32 @@ def test_meta_tensors():
         EKDLoss(negative_selection="random").to("meta")(student, teacher, labels, generator=torch.Generator())
 
 
+def test_meta_construction_then_to_empty_and_reset_parameters():
+    """A module built on the meta device and materialised by to_empty holds uninitialised
+    buffers (FSDP's deferred initialisation); reset_parameters, which FSDP calls there, puts the
+    thresholds back to a new module's, in place, so the first call gives a new module's loss and
+    state.  It also resets a module that has trained."""
+    with torch.device("meta"):
+        crit = EKDLoss()
+    crit = crit.to_empty(device="cpu")
+    for name in ("student_thresholds", "teacher_thresholds"):
+        getattr(crit, name).fill_(7.0)  # what to_empty may leave (its memory is not zeroed)
+    buffers = [crit.student_thresholds.data_ptr(), crit.teacher_thresholds.data_ptr()]
+    crit.reset_parameters()
+    assert [crit.student_thresholds.data_ptr(), crit.teacher_thresholds.data_ptr()] == buffers  # in place
+    fresh = EKDLoss()
+    for name, value in fresh.state_dict().items():
+        if name != "_extra_state":
+            assert torch.equal(crit.state_dict()[name], value), name
+    batch = make_batch(40, 12, 10, 10, seed=3)
+    assert torch.equal(crit(*batch), fresh(*batch))
+    assert torch.equal(crit.student_thresholds, fresh.student_thresholds)
+    assert crit.last_stats is not None and bool(crit.student_thresholds.ne(0).any())
+    crit.reset_parameters()  # a trained module too
+    assert crit.last_stats is None and not bool(crit.student_thresholds.ne(0).any())
+    assert not bool(crit.teacher_thresholds.ne(0).any())
+
+
 def test_auto_picks_the_first_available(monkeypatch):
     calls = []
     fast = backends_module.Backend("csrc", lambda *a, **k: calls.append(1) or backends_module.ekd_reference(*a, **k),

@@ -239,13 +239,15 @@ def test_pwr_second_derivative_is_refused(algorithm):
 
 
 #: The losses that torch.compile(fullgraph=True) takes whole (README; HintonKD's inputs read as
-#: logits); PWR's default variant and Unified KD select with data-dependent sizes, graph breaks.
+#: logits); Unified KD selects with data-dependent sizes, graph breaks.  (PWR's default variant
+#: counted its teacher ties with unique_consecutive, a data-dependent size, until it counted them
+#: in fixed shapes: fullgraph then failed with Dynamo's internal PendingUnbackedSymbolNotFound.)
 FULLGRAPH_LOSSES = [SimilarityPreservingLoss, CorrelationCongruenceLoss, HardDarkRankLoss, FitNetLoss, HintonKDLoss,
-                    CosineDistillLoss, lambda: PWRLoss(loss_type="ranknet")]
+                    CosineDistillLoss, lambda: PWRLoss(loss_type="ranknet"), PWRLoss]
 
 
 @pytest.mark.parametrize("loss", FULLGRAPH_LOSSES, ids=["sp", "cc", "darkrank", "fitnet", "hinton", "cosine",
-                                                        "pwr_ranknet"])
+                                                        "pwr_ranknet", "pwr"])
 def test_compiles_whole_with_fullgraph(loss):
     student, teacher = make(8, 6, dtype=torch.float32)
     module = loss()
@@ -409,6 +411,29 @@ def test_unified_bank_is_a_fifo_buffer():
     assert fresh.bank_labels.tolist() == [3, 8, 9, 1, 2]
 
 
+def test_unified_reset_parameters_empties_the_bank_in_place():
+    """reset_parameters (what FSDP calls after to_empty materialises a meta-built module) gives a
+    new module's empty bank, in place, from uninitialised buffers or a filled bank alike."""
+    with torch.device("meta"):
+        crit = UnifiedKDLoss(dim=4, bank_size=5, num_mined_pairs=None)
+    crit = crit.to_empty(device="cpu")
+    for buffer in crit.buffers():
+        buffer.fill_(3)  # what to_empty may leave (its memory is not zeroed)
+    pointers = [buffer.data_ptr() for buffer in crit.buffers()]
+    crit.reset_parameters()
+    assert [buffer.data_ptr() for buffer in crit.buffers()] == pointers
+    fresh = UnifiedKDLoss(dim=4, bank_size=5, num_mined_pairs=None)
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(crit.state_dict()[name], value), name
+    s, t = make(batch=3, ds=4, seed=0, dtype=torch.float32)
+    labels = torch.tensor([7, 8, 9])
+    assert torch.equal(crit(s, t, labels), fresh(s, t, labels))
+    crit.reset_parameters()  # a filled bank too
+    assert crit.last_terms is None
+    for name, value in UnifiedKDLoss(dim=4, bank_size=5).state_dict().items():
+        assert torch.equal(crit.state_dict()[name], value), name
+
+
 def test_unified_enqueue_after_uses_older_entries_only():
     crit = UnifiedKDLoss(dim=4, bank_size=8, enqueue="after", num_mined_pairs=None)
     s, t = make(batch=3, ds=4, seed=0, dtype=torch.float32)
@@ -472,6 +497,10 @@ def test_bad_options():
         similarity_preserving_loss(s, t, normalize="rows")
     with pytest.raises(ValueError, match="order"):
         correlation_congruence_loss(s, t, order=-1)
+    with pytest.raises(ValueError, match="order must be an integer >= 1, got 0: .* the loss would be 0"):
+        correlation_congruence_loss(s, t, order=0)  # (a constant correlation: a silent no-op)
+    with pytest.raises(ValueError, match="order must be an integer >= 1, got 0"):
+        CorrelationCongruenceLoss(order=0)
     with pytest.raises(ValueError, match="gamma"):
         correlation_congruence_loss(s, t, gamma=0.0)
     with pytest.raises(ValueError, match="more than list_length"):

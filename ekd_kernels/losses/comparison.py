@@ -96,7 +96,8 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     original paper sums the squared differences divided by B^2 as well; some libraries use the
     bilinear or MMD kernel instead.  Cost O(B^2 D), memory O(B^2).
 
-    Any order and gamma: a coefficient exp(-2 gamma) (2 gamma)^p / p! is a Poisson probability
+    Any order >= 1 and gamma (order 0, the constant term alone, would make the loss 0 whatever the
+    embeddings: refused): a coefficient exp(-2 gamma) (2 gamma)^p / p! is a Poisson probability
     (at most 1); where its direct form overflows (p > 170, or (2 gamma)^p past the largest
     double) it is computed in logs (``_taylor_coefficient``).
     """
@@ -130,7 +131,12 @@ def _taylor_coefficient(gamma: float, p: int) -> float:
 
 def _check_cc_options(gamma, order):
     check_number("gamma", gamma, positive=True)
-    check_integer("order", order, 0)
+    if isinstance(order, int) and not isinstance(order, bool) and order == 0:
+        # (the expansion's constant term alone: both correlations equal exp(-2 gamma) everywhere,
+        # a loss of 0 with no gradient, whatever the embeddings: a silent no-op, surely not meant)
+        raise ValueError("order must be an integer >= 1, got 0: the Taylor expansion to order 0 is the constant "
+                         "exp(-2 gamma), the same for both models, so the loss would be 0 whatever the embeddings")
+    check_integer("order", order, 1)
 
 
 class CorrelationCongruenceLoss(nn.Module):

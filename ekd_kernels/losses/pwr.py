@@ -132,15 +132,21 @@ class _SortedDiffExp(torch.autograd.Function):
         grow, shrink = torch.exp(beta * a), torch.exp(-beta * a)
         below_sum, below_count = _dominance_sums(t, a, shrink)     # q under p
         above_sum, _ = _dominance_sums(-t, -a, grow)               # r over p
-        tie_sizes = torch.unique_consecutive(t.sort().values, return_counts=True)[1].double()
-        couples = float(num_pairs * (num_pairs - 1) / 2 - (tie_sizes * (tie_sizes - 1) / 2).sum())  # t_p > t_q
+        # Couples t_p > t_q: all pairs minus the tied ones.  A sorted element ties with those before
+        # it that share its value (its position minus its value's first position): a count of
+        # fixed shapes, no unique_consecutive (a data-dependent size that torch.compile cannot trace
+        # in one graph) and no host read; an exact integer in fp64, as the count before.
+        sorted_t = t.sort().values
+        positions = torch.arange(num_pairs, dtype=torch.int64, device=t.device)
+        tied = (positions - torch.searchsorted(sorted_t, sorted_t)).sum().double()
+        couples = (num_pairs * (num_pairs - 1) / 2 - tied).clamp_min(1.0)  # (0 couples: loss 0, as 0 / 1)
         total = (grow * below_sum).sum() - below_count.sum().double()
-        loss = (total / max(couples, 1.0)).to(student_scores.dtype)
+        loss = (total / couples).to(student_scores.dtype)
         grad = None
         if ctx.needs_input_grad[0]:
             # d loss / d a_p = beta (e^{beta a_p} sum_q e^{-beta a_q} - e^{-beta a_p} sum_r e^{beta a_r}) / couples,
             # and a = d_t - d_s
-            grad = (-(beta / max(couples, 1.0)) * (grow * below_sum - shrink * above_sum)).to(student_scores.dtype)
+            grad = (-(beta / couples) * (grow * below_sum - shrink * above_sum)).to(student_scores.dtype)
         ctx.save_for_backward(grad)
         keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss

@@ -201,6 +201,18 @@ class UnifiedKDLoss(nn.Module):
         self.last_terms: Optional[UnifiedKDResult] = None
 
     @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the state of a new module: an empty bank (zero rows, labels -1, count and pointer
+        0), in place, and no ``last_terms``.  Why: a module built on the meta device and
+        materialised by ``to_empty`` (FSDP's deferred initialisation, which calls this) holds
+        uninitialised memory in its buffers, and a garbage count or pointer would read garbage rows."""
+        self.bank_embeddings.zero_()
+        self.bank_labels.fill_(-1)
+        self.bank_count.zero_()
+        self.bank_pointer.zero_()
+        self.last_terms = None
+
+    @torch.no_grad()
     def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
         """Write the batch into the ring; returns each sample's bank row (-1 if it did not fit).
 
