@@ -906,7 +906,9 @@ ForwardOutputs forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
     const bool included = !options.critical_only || critical_selected[p];
     grad_out[p] = included ? negative_scale * loss_grad_selected[p] : T(0);
   }
-  const T positive_scale = T(options.positive_weight * positives.pair_weight(options.critical_only));
+  // A non-finite batch: NaN, which makes the backward's gradient NaN throughout (row_gradient).
+  const T positive_scale =
+      all_finite_host ? T(options.positive_weight * positives.pair_weight(options.critical_only)) : T(NAN);
 
   const int64_t num_critical_pairs =
       options.compute_critical_ratio ? count_critical_pairs(sims, batch, math) : int64_t(0);

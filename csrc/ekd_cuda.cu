@@ -1510,6 +1510,8 @@ ForwardOutputs forward_cuda(const at::Tensor& student, const at::Tensor& teacher
   // A non-finite batch reads as NaN (a gradient scaler then skips the step).
   loss = at::where(finite, loss, at::full_like(loss, NAN));
   terms = at::where(finite, terms, at::full_like(terms, NAN));  // the terms too, as every backend
+  // and the positive scale, which makes the backward's gradient NaN throughout (row_gradient)
+  positive_scale = at::where(finite, positive_scale, at::full_like(positive_scale, NAN));
   return {loss, new_student, new_teacher, batch_student, batch_teacher, counts, terms,
           selection.pairs, selected_grads, positive_scale};
 }

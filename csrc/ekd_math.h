@@ -371,10 +371,17 @@ EKD_HD void row_gradient(int64_t row, const RowGradientInputs<T>& in, T* out, co
   const T* s_row = in.student_hat + row * ds;
   const T* t_row = in.teacher_hat + row * dt;
   const int64_t first = lanes.first(), stride = lanes.stride();
+  const T positive_scale = *in.positive_scale;
+  if (positive_scale != positive_scale) {
+    // A non-finite batch (the forward's positive scale is NaN): every element NaN, as on every
+    // backend, so that a gradient scaler skips the step even when the bad row takes part in no
+    // distilled pair.  (The same for every row and lane: the warp returns together.)
+    for (int64_t d = first; d < ds; d += stride) out[d] = positive_scale;
+    return;
+  }
   for (int64_t d = first; d < ds; d += stride) out[d] = T(0);
 
   const int64_t p = in.groups.position[row];
-  const T positive_scale = *in.positive_scale;
   const bool precomputed = in.precomputed_positive_grad != nullptr &&
                            in.groups.group_end[p] - in.groups.group_start[p] >= in.precomputed_min_group;
   if (precomputed) {

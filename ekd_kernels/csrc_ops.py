@@ -263,6 +263,6 @@ def ekd_forward(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
         # reference's test; not the terms' NaN, which NaN thresholds passed in also give)
         finite = torch.isfinite(student).all() & torch.isfinite(teacher).all()
         critical_ratio = torch.where(finite, counts[4].to(torch.float32) / (batch * (batch - 1) // 2),
-                                     torch.full((), float("nan"), device=counts.device))
+                                     torch.full((), float("nan"), dtype=torch.float32, device=counts.device))
     stats = EKDStats.from_counts(batch_student, batch_teacher, new_student, new_teacher, counts, terms, critical_ratio)
     return EKDResult(loss, new_student.detach(), new_teacher.detach(), stats.detach())

@@ -73,7 +73,9 @@ int32).  Within them the results are exact: pair counts,
 ranks, pair keys (i * (B + 1) + j) and the selection state are int64; histogram bins are int64
 once L can pass 2^31 (B > 65536), since one bin may hold nearly every pair when the embeddings
 collapse; the tie prefix sums of pass 4 are int64, clamped to N before the tile loop, whose
-tile-local arithmetic stays int32 (N + B < 2^31).  Means divide by the pair count rounded to fp32
+tile-local arithmetic stays int32 (N + B < 2^31); the threshold ranks floor(L p / q) of the FPRs'
+exact fractions are formed in int64 without the product L p (kernels._floor_fraction), so any
+FPR works at any B.  Means divide by the pair count rounded to fp32
 (as torch's mean does in the reference), a relative error below 2^-24.
 
 The forward and backward are ``torch.library.custom_op``s with fake implementations and
@@ -513,7 +515,13 @@ def _check_limits(batch: int, config: EKDConfig) -> None:
 
 # --------------------------------------------------------------------------- host-side helpers
 def _sort_by_label(labels: torch.Tensor):
-    """Label order (stable, so equal labels keep their original order), then _label_groups."""
+    """Label order (stable, so equal labels keep their original order), then _label_groups.
+
+    Sorted as int64, the dtype _label_groups searches in: a uint64 label past 2^63 wraps to a
+    negative one (equal labels stay equal, different ones different), and sorting the uint64
+    values first put it last, out of the int64 order searchsorted needs (wrong pairs drawn, or
+    a column past the batch)."""
+    labels = labels.to(torch.int64)
     order = torch.sort(labels, stable=True).indices
     return (order,) + _label_groups(labels, order)
 
@@ -542,11 +550,11 @@ def _device_constant(key, values, dtype, device: torch.device) -> torch.Tensor:
 
 def _rank_fractions(config: EKDConfig, num_pairs: int, device: torch.device) -> torch.Tensor:
     """int64 [[numerators], [denominators]] of the FPRs: coarse_select_kernel computes
-    m_k = floor(L * fpr_k) with them exactly (as EKDConfig.threshold_indices)."""
+    m_k = floor(L * fpr_k) with them exactly (as EKDConfig.threshold_indices), in int64 without
+    forming L * numerator (kernels._floor_fraction: denominators below 2^40, which
+    config.fpr_fraction's limit of 10^12 keeps)."""
     numerators, denominators = config.fpr_ratios
-    if max(numerators) * num_pairs >= 2**63:
-        raise ValueError(f"fprs={config.fprs}: L * numerator would overflow int64 at {num_pairs} pairs; use FPRs "
-                         "with small rational forms (such as 1e-3) or the reference backend")
+    assert max(denominators) < 2**40 and all(0 <= p <= q for p, q in zip(numerators, denominators))
     return _device_constant(("fprs", config.fprs), [list(numerators), list(denominators)], torch.int64, device)
 
 
@@ -1222,7 +1230,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
     block_rows, entry_unroll = _backward_rows_shape(batch)
     _launch(kernels.backward_rows_kernel, (_cdiv(batch, block_rows),))(
         s, s_inv, grad_hat, order, sorted_keys, entry_index, num_entries, num_entries.bit_length(),
-        selected_coefficient, num_slots, grad_loss, grad, batch, dim_s, BLOCK_R=block_rows,
+        selected_coefficient, num_slots, grad_loss, positive_coefficient, grad, batch, dim_s, BLOCK_R=block_rows,
         BLOCK_D=min(1 << max(dim_s - 1, 0).bit_length(), BACKWARD_MAX_BLOCK_D),  # (next power of 2)
         ENTRY_UNROLL=entry_unroll)
     return grad

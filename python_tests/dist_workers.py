@@ -496,10 +496,29 @@ def _non_finite_call(rank, world):
     loss = crit(student, teacher, labels)
     loss.backward()
     stats = crit.last_stats
-    return dict(loss=loss.detach(), grad_finite=bool(torch.isfinite(student.grad).all()),
+    return dict(loss=loss.detach(), grad_all_nan=bool(torch.isnan(student.grad).all()),
                 student_thresholds=crit.student_thresholds.clone(), teacher_thresholds=crit.teacher_thresholds.clone(),
                 **{name: getattr(stats, name) for name in ("positive_term", "negative_term", "batch_student_thresholds",
                                                            "batch_teacher_thresholds", "critical_ratio")})
+
+
+def _non_finite_outside_pairs_call(rank, world):
+    """A sharded step whose global batch has a NaN teacher row taking part in no distilled pair
+    (no positive partner, far from every row: none of its pairs is the one hardest negative), on
+    rank 0: every pair's terms stay finite, so only the NaN gradient the loss gives throughout
+    tells a gradient scaler to skip the step, on every rank."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(4 * world, 4, generator=generator, dtype=torch.float64).float()
+    student[0] = -student[1:].sum(0)
+    teacher = torch.randn(4 * world, 4, generator=generator, dtype=torch.float64).float()
+    teacher[0, 0] = float("nan")
+    labels = torch.cat([torch.tensor([0]), torch.arange(1, 4 * world) // 2 + 1])  # row 0 alone, pairs after
+    rows = slice(4 * rank, 4 * rank + 4)
+    part = student[rows].clone().requires_grad_(True)
+    crit = EKDLoss(num_hard_negatives=1, process_group=dist.group.WORLD)
+    loss = crit(part, teacher[rows], labels[rows])
+    loss.backward()
+    return dict(loss=loss.detach(), grad_all_nan=bool(torch.isnan(part.grad).all()))
 
 
 def _to_meta(*tensors):
@@ -592,6 +611,7 @@ AGREEMENT_CASES = [
     ("gather_meta_refused", lambda r, w: _gather_call(r, w, _on1(_to_meta))),
     # a NaN in one rank's part: NaN loss and statistics on every rank, the state untouched
     ("ok_non_finite_on_rank_1", _non_finite_call),
+    ("ok_non_finite_outside_pairs", _non_finite_outside_pairs_call),
     # after all the refusals, the ranks are still in step: a plain call gives the global loss
     ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
 ]

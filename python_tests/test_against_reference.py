@@ -10,7 +10,7 @@ import torch
 from ekd_kernels import EKDLoss
 
 from conftest import DEVICES, require_backend
-from helpers import compare_with_reference, make_batch, run_ekd
+from helpers import assert_matches_reference, compare_with_reference, make_batch, run_ekd
 
 SHAPES = [  # (B, Ds, Dt, identities)
     (7, 3, 5, 3), (33, 16, 8, 8), (130, 64, 48, 40), (257, 24, 24, 64),
@@ -63,6 +63,28 @@ def test_label_extremes(fast_backend, device, labels_kind):
     labels = {"all_distinct": torch.arange(45), "all_equal": torch.zeros(45, dtype=torch.long),
               "two_identities": torch.arange(45) % 2}[labels_kind].to(device)
     compare_with_reference(fast_backend, [(student, teacher, labels)] * 2)
+
+
+@pytest.mark.parametrize("selection", ["hardest", "random"])
+def test_uint64_labels_past_int64(fast_backend, device, selection):
+    """uint64 identities past 2^63 (hashes, say) group the batch as the same partition of int64
+    labels does, in both selections: the random draw's pairs come from label groups searched in
+    int64, and Triton sorted the uint64 values first, which put 2^63 and 2^64 - 1 after the
+    others, out of int64 order (wrong pairs drawn, or a column past the batch: a ValueError)."""
+    student, teacher, _ = make_batch(20, 8, 8, seed=0, device=device)
+    identity = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(1))
+    values = torch.tensor([0, 1, -2**63, -1, 5], dtype=torch.int64).view(torch.uint64)  # 2^63, 2^64 - 1
+    labels = values[identity].to(device)
+    options = dict(negative_selection=selection, num_hard_negatives=25)
+    seed = 3 if selection == "random" else None
+    compare_with_reference(fast_backend, [(student, teacher, labels)] * 2, generator_seed=seed, **options)
+    # the same partition as int64 labels: the same pairs and results (up to the summation order
+    # of the gradient, which follows the label sort's group order)
+    fast = [EKDLoss(backend=fast_backend, **options).to(device) for _ in range(2)]
+    generator = (lambda: torch.Generator().manual_seed(5)) if seed is not None else (lambda: None)
+    got = run_ekd(fast[0], student, teacher, labels, generator=generator())
+    want = run_ekd(fast[1], student, teacher, identity.to(device), generator=generator())
+    assert_matches_reference(got, want)
 
 
 def test_duplicated_rows(fast_backend, device):

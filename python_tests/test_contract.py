@@ -470,12 +470,65 @@ def test_non_finite_batch_gives_nan_and_keeps_state(backend, device, bad, where,
     for name in ("positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds") \
             + ("critical_ratio",) * ratio:
         assert torch.isnan(getattr(stats, name)).all(), f"{name}: {getattr(stats, name)}"
-    # a gradient scaler decides from the gradients, not the loss: they must not look usable
+    # a gradient scaler decides from the gradients, not the loss: NaN throughout, on every backend
     loss.backward()
-    assert not torch.isfinite(student.grad).all()
+    assert torch.isnan(student.grad).all()
     assert torch.equal(crit.student_thresholds, before[0]) and torch.equal(crit.teacher_thresholds, before[1])
     # the next good batch proceeds from the untouched state
     assert torch.isfinite(crit(*make_batch(16, seed=2, device=device)))
+
+
+@pytest.mark.parametrize("finite", [True, False], ids=["finite", "non_finite"])
+def test_statistics_dtypes_ignore_the_default_dtype(backend, device, finite):
+    """The statistics' dtypes do not follow torch.set_default_dtype: with fp64 as the default
+    and fp32 inputs, the critical ratio (NaN for a non-finite batch) and the terms are fp32 on
+    every backend (the reference and csrc built their NaN in the default dtype, and the critical
+    ratio came out fp64 there, fp32 on Triton)."""
+    student, teacher, labels = make_batch(20, 6, seed=2, device=device)
+    if not finite:
+        teacher[3, 1] = float("inf")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        result = ekd_loss(student, teacher, labels, backend=backend, compute_critical_ratio=True)
+    finally:
+        torch.set_default_dtype(previous)
+    stats = result.stats
+    for name in ("critical_ratio", "positive_term", "negative_term", "batch_student_thresholds"):
+        assert getattr(stats, name).dtype == torch.float32, f"{name}: {getattr(stats, name).dtype}"
+    assert result.loss.dtype == torch.float32
+    assert bool(torch.isnan(stats.critical_ratio)) == (not finite)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(critical_only=True), dict(negative_selection="random")],
+                         ids=["default", "critical_only", "random"])
+def test_non_finite_row_outside_every_pair_poisons_the_gradient(backend, device, options):
+    """A non-finite teacher row that takes part in no distilled pair (no positive partner, none
+    of its pairs among the selected negatives) leaves every pair's terms finite: through the
+    loss's NaN alone the gradient would be 0 or finite, and a gradient scaler, which reads the
+    gradients, would take the step.  Every backend gives a NaN loss and a gradient NaN
+    throughout, and a GradScaler skips the step (the parameter and the state unchanged)."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(8, 4, generator=generator, dtype=torch.float64).float()
+    student[0] = -student[1:].sum(0)  # row 0 far from the others: none of its pairs is the hardest
+    labels = torch.tensor([0, 1, 1, 2, 2, 3, 3, 4])  # row 0 without a positive partner
+    teacher = torch.randn(8, 4, generator=generator, dtype=torch.float64).float()
+    teacher[0, 0] = float("nan")
+    student, teacher, labels = student.to(device), teacher.to(device), labels.to(device)
+    crit = EKDLoss(backend=backend, num_hard_negatives=1, **options).to(device)
+    before = crit.student_thresholds.clone()
+    parameter = torch.nn.Parameter(student.clone())
+    optimizer = torch.optim.SGD([parameter], lr=0.1, weight_decay=0.1)  # (a step would move it even at 0 gradient)
+    scaler = torch.amp.GradScaler(torch.device(device).type)
+    extra = dict(generator=torch.Generator().manual_seed(1)) if options.get("negative_selection") else {}
+    loss = crit(parameter, teacher, labels, **extra)
+    assert torch.isnan(loss)
+    scaler.scale(loss).backward()
+    assert torch.isnan(parameter.grad).all(), parameter.grad
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(parameter.detach(), student)  # the step was skipped
+    assert torch.equal(crit.student_thresholds, before)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(critical_only=True), dict(update_thresholds=False)],

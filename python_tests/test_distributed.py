@@ -559,7 +559,8 @@ def test_agreeing_ranks_get_the_single_process_result(agreement_results, name, r
 
 def test_non_finite_part_on_one_rank(agreement_results):
     """A NaN in one rank's rows: on every rank a NaN loss and NaN float statistics (the critical
-    ratio too), gradients a scaler will skip, the threshold state untouched (SPEC, edge cases)."""
+    ratio too), a gradient NaN throughout (a scaler skips the step, on every rank: not only the
+    rows the NaN row's pairs reach), the threshold state untouched (SPEC, edge cases)."""
     for rank, results in enumerate(agreement_results):
         got = results["cases"]["ok_non_finite_on_rank_1"]
         assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
@@ -567,9 +568,18 @@ def test_non_finite_part_on_one_rank(agreement_results):
         for name in ("loss", "positive_term", "negative_term", "batch_student_thresholds", "batch_teacher_thresholds",
                      "critical_ratio"):
             assert torch.isnan(got[name]).all(), f"rank {rank}: {name} {got[name]}"
-        if rank == 1:  # (the other ranks' rows may take no gradient from the NaN row's pairs)
-            assert not got["grad_finite"]
+        assert got["grad_all_nan"], f"rank {rank}"
         assert not got["student_thresholds"].any() and not got["teacher_thresholds"].any()
+
+
+def test_non_finite_row_outside_every_pair(agreement_results):
+    """A NaN teacher row on rank 0 that takes part in no distilled pair: the pairs' terms stay
+    finite, and still the loss is NaN and the gradient NaN throughout on every rank (a gradient
+    scaler reads the gradients), as on every backend."""
+    for rank, results in enumerate(agreement_results):
+        got = results["cases"]["ok_non_finite_outside_pairs"]
+        assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
+        assert torch.isnan(got["value"]["loss"]) and got["value"]["grad_all_nan"], f"rank {rank}: {got['value']}"
 
 
 def test_gather_batch_gathers_labels_of_any_integer_dtype_as_int64(agreement_results):

@@ -205,6 +205,9 @@ def test_pwr_blocks_do_not_change_the_result():
         g_part, = torch.autograd.grad(part, s)
         assert part.item() == pytest.approx(whole.item(), rel=1e-12)
         torch.testing.assert_close(g_part, g_whole, rtol=1e-10, atol=1e-12)
+    # the module passes its chunk on: the same value as the functional form's
+    module = PWRLoss(algorithm="couples", chunk=7)
+    assert module.chunk == 7 and torch.equal(module(s, t), pwr_loss(s, t, chunk=7, algorithm="couples"))
 
 
 def test_pwr_without_ordered_couple_is_zero():
@@ -786,8 +789,8 @@ def test_unified_module_on_cuda_matches_cpu():
     (lambda: HintonKDLoss(temperature="4"), "temperature must be a real number"),
     (lambda: hinton_kd_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=float("inf")), "temperature must be finite"),
     (lambda: CorrelationCongruenceLoss(gamma="a"), "gamma must be a real number"),
-    (lambda: CorrelationCongruenceLoss(order=-1), "order must be an integer >= 0"),
-    (lambda: CorrelationCongruenceLoss(order=True), "order must be an integer >= 0"),
+    (lambda: CorrelationCongruenceLoss(order=-1), "order must be an integer >= 1"),
+    (lambda: CorrelationCongruenceLoss(order=True), "order must be an integer >= 1"),
     (lambda: HardDarkRankLoss(alpha=-3), "alpha must be positive"),
     (lambda: HardDarkRankLoss(beta=0), "beta must be positive"),
     (lambda: HardDarkRankLoss(list_length=0), "list_length must be an integer >= 1"),
@@ -795,6 +798,8 @@ def test_unified_module_on_cuda_matches_cpu():
     (lambda: PWRLoss(power=True), "power must be a real number"),
     (lambda: PWRLoss(beta=float("inf")), "beta must be finite"),
     (lambda: PWRLoss(margin_value=True), "margin_value must be a real number"),
+    (lambda: PWRLoss(chunk=0), "chunk must be a positive integer"),
+    (lambda: PWRLoss(chunk=True), "chunk must be a positive integer"),
     (lambda: UnifiedKDLoss(4, hard_fraction=True), "hard_fraction must be a real number"),
     (lambda: UnifiedKDLoss(4, num_mined_pairs=True), "num_mined_pairs .* must be an integer >= 1"),
     (lambda: UnifiedKDLoss(4, iled_weight=-1), "iled_weight must be a non-negative number"),

@@ -1036,6 +1036,40 @@ def test_pass1_windows_bitwise_as_without(pass1_windows, monkeypatch, options):
         assert torch.equal(a, c), f"output {index} differs from the call without windows"
 
 
+def test_floor_fraction_is_exact_past_int64_products():
+    """coarse_select's threshold ranks floor(L p / q) (kernels._floor_fraction) equal Python's
+    exact integers where L p passes 2^63: an FPR of 0.999999999999 (p = 999999999999) from
+    B = 4400, any FPR's fraction at the largest L (B = 4194240), and the edges (p = 0, p = q,
+    q = 1, q = 2^40 - 1, n = 0, n near 2^62).  The backend refused such FPRs before (a
+    ValueError past int64), where the other backends compute them."""
+    import triangle_probe
+    from ekd_kernels.config import fpr_fraction
+
+    largest_pairs = 4194240 * 4194239 // 2
+    cases = []
+    for fpr in (0.999999999999, 0.123456789, 1e-6, 0.1, 1e-12, 0.5, 0.7071067811865476):
+        fraction = fpr_fraction(fpr)
+        for n in (0, 1, 9677800, 4400 * 4399 // 2, 10**12 - 1, 10**12, largest_pairs, 2**62 - 1):
+            cases.append((n, fraction.numerator, fraction.denominator))
+    q_max = 2**40 - 1
+    generator = torch.Generator().manual_seed(0)
+    for p, q in ((0, 1), (1, 1), (0, q_max), (q_max, q_max), (q_max - 1, q_max), (1, q_max), (2**20, 2**20 + 1),
+                 (2**20 - 1, 2**39)):
+        for n in (0, 1, q - 1 if q > 1 else 0, q, 2**62 - 1, largest_pairs, 123456789012345):
+            cases.append((n, p, q))
+    for _ in range(200):  # random fractions below 2^40 and counts below 2^62
+        q = int(torch.randint(1, 2**40, (), generator=generator))
+        p = int(torch.randint(0, q + 1, (), generator=generator))
+        n = int(torch.randint(0, 2**62, (), generator=generator))
+        cases.append((n, p, q))
+    n, p, q = (torch.tensor(column, dtype=torch.int64, device=DEVICE) for column in zip(*cases))
+    out = torch.empty_like(n)
+    block = 256
+    triangle_probe.floor_fraction_kernel[(-(-n.numel() // block),)](n, p, q, out, n.numel(), BLOCK=block)
+    want = [a * b // c for a, b, c in cases]
+    assert out.tolist() == want
+
+
 def test_triangle_blocks_at_every_size():
     """kernels._triangle_block, the tile passes' program -> (row block, column block) of the
     triangular grid, against integer arithmetic: every tile number of T = 1 ... 130, and the

@@ -28,3 +28,15 @@ def triangle_correction_kernel(p_ptr, estimate_ptr, out_ptr, count, BLOCK: tl.co
                                         tl.load(estimate_ptr + index, mask=mask, other=0))
     tl.store(out_ptr + 2 * index, m, mask=mask)
     tl.store(out_ptr + 2 * index + 1, n, mask=mask)
+
+
+@triton.jit
+def floor_fraction_kernel(n_ptr, p_ptr, q_ptr, out_ptr, count, BLOCK: tl.constexpr):
+    """out[i] = kernels._floor_fraction(n[i], p[i], q[i]), floor(n p / q) (test_triton.py's
+    test_floor_fraction_is_exact_past_int64_products)."""
+    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = index < count
+    n = tl.load(n_ptr + index, mask=mask, other=0)
+    p = tl.load(p_ptr + index, mask=mask, other=0)
+    q = tl.load(q_ptr + index, mask=mask, other=1)
+    tl.store(out_ptr + index, kernels._floor_fraction(n, p, q), mask=mask)

@@ -714,6 +714,20 @@ def _histogram_rank_linear(hist_ptr, rank, num_copies, SCAN_BLOCK: tl.constexpr)
 
 
 @triton.jit
+def _floor_fraction(n, p, q):
+    """floor(n p / q) for int64 n >= 0 and 0 <= p <= q < 2^40, without forming n p (past 2^63 at
+    B of a few thousand for an FPR such as 0.999999999999, p = 999999999999): with r = n mod q
+    and p = p1 2^20 + p0, n p = (n // q) q p + r p1 2^20 + r p0, and r p1 = a q + b (b < q), so
+    floor(n p / q) = (n // q) p + a 2^20 + floor((b 2^20 + r p0) / q), every product below 2^61.
+    Exact: integers throughout (csrc's threshold_index does it in 128 bits)."""
+    r = n % q
+    p1 = p >> 20
+    p0 = p & 0xFFFFF
+    high = r * p1
+    return (n // q) * p + (high // q) * 1048576 + ((high % q) * 1048576 + r * p0) // q
+
+
+@triton.jit
 def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_ptr, num_thresholds, num_targets,
                          num_hard_negatives, capacity, bucket_ptr, target_state_ptr, nonfinite_ptr, num_nonfinite,
                          HARDEST: tl.constexpr, SCAN_BLOCK: tl.constexpr, CUTOFF_MODE: tl.constexpr = 0,
@@ -755,7 +769,7 @@ def coarse_select_kernel(coarse_ptr, num_copies, fine_ptr, state_ptr, fractions_
     is_threshold = target < num_thresholds
     numerator = tl.load(fractions_ptr + target, mask=is_threshold, other=0)
     denominator = tl.load(fractions_ptr + num_thresholds + target, mask=is_threshold, other=1)
-    rank = tl.where(is_threshold, num_negative * numerator // denominator, num_selected - 1)
+    rank = tl.where(is_threshold, _floor_fraction(num_negative, numerator, denominator), num_selected - 1)
     rank = tl.maximum(tl.minimum(rank, num_negative - 1), 0)
     hist_ptr = coarse_ptr + model * num_copies * NUM_BUCKETS  # the model's copies (coarse_histogram_kernel)
     bucket, above = _histogram_rank(hist_ptr, rank, num_copies, SCAN_BLOCK, LINEAR_SCAN)
@@ -1671,7 +1685,8 @@ def _lower_bounds(sorted_ptr, count, first, second, steps):
 
 @triton.jit
 def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_ptr, entry_index_ptr, num_entries,
-                         search_steps, selected_coefficient_ptr, num_slots, grad_loss_ptr, grad_ptr, batch, dim_s,
+                         search_steps, selected_coefficient_ptr, num_slots, grad_loss_ptr, positive_coefficient_ptr,
+                         grad_ptr, batch, dim_s,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ENTRY_UNROLL: tl.constexpr = 1):
     """Per row: add the selected negatives' g * s_hat_other (entries sorted by (row, other), so
     each row sums in a fixed order; its segment found by binary search on the keys), then back
@@ -1685,7 +1700,11 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
 
     ENTRY_UNROLL: the walk over the entries unrolled that many times (the loads of that many
     entries in flight at once: a long walk is a latency chain, see triton_ekd.
-    SMALL_BACKWARD_MAX_BATCH); the entries are still added one by one, in order."""
+    SMALL_BACKWARD_MAX_BATCH); the entries are still added one by one, in order.
+
+    A non-finite batch (finalize_kernel's positive coefficient is NaN): every element of the
+    gradient NaN, as on every backend, so that a gradient scaler skips the step even when the
+    bad row takes part in no distilled pair (the pairs' NaN coefficients reach only their rows)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < batch
     row_offset = rows.to(tl.int64) * dim_s
@@ -1726,6 +1745,8 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
     unclamped = tl.sqrt_rn(squares) > NORM_EPS
     projection = tl.where(unclamped, x_dot_g, 0.0)
     destination = tl.load(order_ptr + rows, mask=row_mask, other=0)
+    positive_coefficient = tl.load(positive_coefficient_ptr)
+    nonfinite = positive_coefficient != positive_coefficient
     for d0 in range(0, dim_s, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (ds < dim_s)[None, :]
@@ -1733,5 +1754,6 @@ def backward_rows_kernel(s_ptr, s_inv_ptr, grad_hat_ptr, order_ptr, sorted_key_p
         x_hat = tl.load(s_ptr + row_offset[:, None] + ds[None, :], mask=mask, other=0.0).to(tl.float32) \
             * inv_norm[:, None]
         grad = (grad_hat - x_hat * projection[:, None]) * inv_norm[:, None]
+        grad = tl.where(nonfinite, _nan(), grad)
         tl.store(grad_ptr + destination[:, None] * dim_s + ds[None, :], grad.to(grad_ptr.dtype.element_ty),
                  mask=mask)

@@ -41,6 +41,8 @@ gradient, with every variant and algorithm (a NaN teacher score would otherwise 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -254,15 +256,19 @@ class PWRLoss(nn.Module):
     """``PWRLoss()(student, teacher)``: module form of :func:`pwr_loss` (l2, diff_exp, m = Δt)."""
 
     def __init__(self, score: str = "l2", loss_type: str = "diff_exp", margin: str = "teacher_diff",
-                 margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0, algorithm: str = "auto"):
+                 margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0, algorithm: str = "auto",
+                 chunk: Optional[int] = None):
         super().__init__()
         _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
+        if chunk is not None and (isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 1)):
+            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
         self.score, self.loss_type, self.margin = score, loss_type, margin
         self.margin_value, self.power, self.beta, self.algorithm = margin_value, power, beta, algorithm
+        self.chunk = chunk
 
     def forward(self, student, teacher):
         return pwr_loss(student, teacher, self.score, self.loss_type, self.margin, self.margin_value, self.power,
-                        self.beta, algorithm=self.algorithm)
+                        self.beta, chunk=self.chunk, algorithm=self.algorithm)
 
     def extra_repr(self):
         return (f"score={self.score!r}, loss_type={self.loss_type!r}, margin={self.margin!r}, "
