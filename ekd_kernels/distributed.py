@@ -449,9 +449,14 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     computing different losses (and drifting EMA states). Give it on every rank or on none.
     """
     error = None
-    if min(x.dim() for x in (student, teacher, labels)) == 0:
-        error = ValueError("gather_batch: student, teacher and labels must have a first (batch) dimension, got shapes "
+    if student.dim() != 2 or teacher.dim() != 2 or labels.dim() != 1:
+        # (the exchange compares elements per row: a (B, 6) part against a (B, 2, 3) one, or 1-D
+        # labels against (B, 1) ones, would pass it and then gather apart or hang the backward)
+        error = ValueError("gather_batch: student and teacher must be 2-D (B x D) and labels 1-D (B), got shapes "
                            f"{tuple(student.shape)}, {tuple(teacher.shape)} and {tuple(labels.shape)}")
+    elif labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        # (the int64 cast would turn 0.2 and 0.7 into one identity, where the loss refuses them)
+        error = ValueError(f"gather_batch: labels must be an integer tensor, got {labels.dtype}")
     elif not (student.shape[0] == teacher.shape[0] == labels.shape[0]):
         error = ValueError(f"gather_batch: student, teacher and labels must have the same number of rows, got "
                            f"{student.shape[0]}, {teacher.shape[0]} and {labels.shape[0]}")
@@ -1109,7 +1114,11 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     sizes = _agree(error, fields, values, fingerprints, _exchange_device(group), group,
                    "EKDLoss(process_group=...)")
     device = student.device
-    student_all = _gather_rows(student, sizes, _gradient_flows(student), group)
+    # Gathered in fp32 (what the loss computes in): the gradient's rank shares are then summed in
+    # fp32 and rounded once to a 16-bit student's dtype, as single-process training rounds it (a
+    # bf16 gather summed bf16 shares: about one bf16 step off in a third of the elements).
+    student_all = _gather_rows(student.float() if student.dtype in (torch.float16, torch.bfloat16) else student,
+                               sizes, _gradient_flows(student), group)
     teacher_all = _gather_rows(teacher.detach(), sizes, False, group)
     labels_all = _gather_rows(labels.to(torch.int64), sizes, False, group)
     batch = labels_all.shape[0]

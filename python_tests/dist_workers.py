@@ -521,6 +521,15 @@ def _non_finite_outside_pairs_call(rank, world):
     return dict(loss=loss.detach(), grad_all_nan=bool(torch.isnan(part.grad).all()))
 
 
+def _bf16_gradient_call(rank, world):
+    """The sharded loss's gradient of bf16 embeddings (this rank's part of a bf16 global batch)."""
+    student, teacher, labels = (x.bfloat16() if x.is_floating_point() else x
+                                for x in agreement_batch(world, rank))
+    student = student.clone().requires_grad_(True)
+    EKDLoss(process_group=dist.group.WORLD)(student, teacher, labels).backward()
+    return dict(grad=student.grad)
+
+
 def _to_meta(*tensors):
     return tuple(x.detach().to("meta").requires_grad_(x.requires_grad) for x in tensors)
 
@@ -584,6 +593,13 @@ AGREEMENT_CASES = [
     ("gather_width", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (_wider(s), t, l)))),
     ("gather_gradient_on_one_rank", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s.detach(), t, l)))),
     ("gather_rows_refused", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l[:-1])))),
+    # shapes the elements-per-row exchange could not tell apart, and labels the int64 cast would
+    # turn into other identities: refused by the rank's own checks, every rank raises
+    ("gather_labels_2d_refused", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l.view(-1, 1))))),
+    ("gather_student_3d_refused", lambda r, w: _gather_call(
+        r, w, _on1(lambda s, t, l: (s.view(s.shape[0], 2, -1), t, l)))),
+    ("gather_float_labels_refused", lambda r, w: _gather_call(r, w, lambda rank, s, t, l: (s, t, l.float() + 0.2))),
+    ("gather_bool_labels_refused", lambda r, w: _gather_call(r, w, _on1(lambda s, t, l: (s, t, l > 2)))),
     ("ok_gather_labels_int16", lambda r, w: _gather_call(r, w, lambda rank, s, t, l: (s, t, l.to(torch.int16)))),
     # gather_batch(loss=crit): the loss's options, mode and state join the exchange
     ("gather_loss_num_hard_negatives", lambda r, w: _gather_loss_call(
@@ -612,6 +628,7 @@ AGREEMENT_CASES = [
     # a NaN in one rank's part: NaN loss and statistics on every rank, the state untouched
     ("ok_non_finite_on_rank_1", _non_finite_call),
     ("ok_non_finite_outside_pairs", _non_finite_outside_pairs_call),
+    ("ok_bf16_gradient", _bf16_gradient_call),
     # after all the refusals, the ranks are still in step: a plain call gives the global loss
     ("ok_after_refusals", lambda r, w: sharded_call(r, w)),
 ]

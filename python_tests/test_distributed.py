@@ -472,6 +472,15 @@ AGREEMENT_EXPECTED = {
                                    "True, rank 1 has False",
     "gather_rows_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
                             "student, teacher and labels must have the same number of rows, got 14, 14 and 13"],
+    "gather_labels_2d_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
+                                 "gather_batch: student and teacher must be 2-D (B x D) and labels 1-D (B), got shapes "
+                                 "(14, 12), (14, 10) and (14, 1)"],
+    "gather_student_3d_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
+                                  "gather_batch: student and teacher must be 2-D (B x D) and labels 1-D (B), got "
+                                  "shapes (14, 2, 6)"],
+    "gather_float_labels_refused": "gather_batch: labels must be an integer tensor, got torch.float32",
+    "gather_bool_labels_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
+                                   "gather_batch: labels must be an integer tensor, got torch.bool"],
     "gather_loss_num_hard_negatives": "gather_batch needs every rank of its process group to agree, but the ranks "
                                       "disagree on the option num_hard_negatives: rank 0 has 2000, rank 1 has 5. "
                                       "Nothing was computed",
@@ -580,6 +589,27 @@ def test_non_finite_row_outside_every_pair(agreement_results):
         got = results["cases"]["ok_non_finite_outside_pairs"]
         assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
         assert torch.isnan(got["value"]["loss"]) and got["value"]["grad_all_nan"], f"rank {rank}: {got['value']}"
+
+
+def test_bf16_gradient_is_rounded_once(agreement_results):
+    """bf16 embeddings: each rank's gradient is W times the single-process one rounded once to
+    bf16, as single-process training rounds it (up to the fp32 sums' order).  The sharded loss
+    gathered bf16 rows, so its gradient shares were rounded to bf16 and summed in bf16: about a
+    third of the elements one bf16 step off (a relative error of 2.5e-3) on such a batch."""
+    student, teacher, labels = (x.bfloat16() if x.is_floating_point() else x
+                                for x in dist_workers.global_batch(0, AGREEMENT_WORLD, "mixed"))
+    student = student.clone().requires_grad_(True)
+    EKDLoss()(student, teacher, labels).backward()
+    for rank, results in enumerate(agreement_results):
+        got = results["cases"]["ok_bf16_gradient"]
+        assert got["ok"], f"rank {rank}: {got.get('type')}: {got.get('message')}"
+        grad = got["value"]["grad"]
+        want = AGREEMENT_WORLD * dist_workers.local_part(student.grad, AGREEMENT_WORLD, rank)
+        assert grad.dtype == torch.bfloat16
+        differ = (grad != want).float().mean().item()
+        error = ((grad.float() - want.float()).norm() / want.float().norm()).item()
+        # (0 and 0 on this batch; the bounds leave room for the fp32 sums' order elsewhere)
+        assert differ <= 0.02 and error <= 1e-4, f"rank {rank}: {differ:.1%} of the elements differ, {error:.2e}"
 
 
 def test_gather_batch_gathers_labels_of_any_integer_dtype_as_int64(agreement_results):
