@@ -25,7 +25,8 @@ using ForwardOutputs = std::tuple<at::Tensor,   // loss (0-d, compute dtype)
                                   at::Tensor,   // terms (2, compute dtype): positive, negative term
                                   at::Tensor,   // selected_pairs (n_max x 2, int64, -1 padded)
                                   at::Tensor,   // selected_grads (n_max, compute dtype): d loss / d a
-                                  at::Tensor>;  // positive_scale (0-d): d loss / d (positive pair loss)
+                                  at::Tensor>;  // positive_scale (0-d): d loss / d (positive pair loss);
+                                                // NaN for a non-finite batch (row_gradient: NaN throughout)
 
 enum CountIndex : int64_t {
   kNumPositive = 0,

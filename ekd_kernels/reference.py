@@ -236,8 +236,9 @@ class _NanGradientUnless(torch.autograd.Function):
     be 0, and where the bad row takes part in no distilled pair the rest of the gradient stays
     finite: a gradient scaler, which looks at the gradients, would take the step.  Every backend
     gives NaN throughout (the fused ones from their NaN positive coefficient).  A finite batch's
-    gradient passes unchanged (torch.where: the same bits).  setup_context style, vmap by rule
-    and a differentiable backward: torch.func's transforms and second derivatives go through."""
+    gradient passes unchanged (torch.where: the same bits).  setup_context style, vmap by rule,
+    a differentiable backward and a jvp (the same rule on the tangent): torch.func's transforms,
+    forward mode (jvp, jacfwd, hessian) and second derivatives go through."""
 
     generate_vmap_rule = True
 
@@ -248,11 +249,17 @@ class _NanGradientUnless(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
 
     @staticmethod
     def backward(ctx, grad):
         (finite,) = ctx.saved_tensors
         return None, torch.where(finite, grad, torch.full_like(grad, float("nan")))
+
+    @staticmethod
+    def jvp(ctx, finite_tangent, x_tangent):
+        (finite,) = ctx.saved_tensors
+        return torch.where(finite, x_tangent, torch.full_like(x_tangent, float("nan")))
 
 
 def _nan_gradient_unless(finite: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -301,8 +308,10 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     negative_term = term(pair_rank_loss(a_sel, b_sel, st, tt, config), critical_sel, config)
     loss = config.positive_weight * positive_term + config.negative_weight * negative_term
     # A non-finite batch must read as NaN (a gradient scaler then skips the step), whatever
-    # the sort and the clamps made of it.
-    loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    # the sort and the clamps made of it: multiplied by 1 or NaN (a finite batch's loss and
+    # gradient unchanged), so that a forward-mode tangent reads NaN too, as the gradient does
+    # (_NanGradientUnless); torch.where would give the NaN branch a tangent of 0.
+    loss = loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan")))
 
     def count(mask: torch.Tensor) -> torch.Tensor:
         return mask.sum(dtype=torch.int64)

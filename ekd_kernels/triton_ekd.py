@@ -548,7 +548,7 @@ def _device_constant(key, values, dtype, device: torch.device) -> torch.Tensor:
     return _DEVICE_CONSTANTS[key]
 
 
-def _rank_fractions(config: EKDConfig, num_pairs: int, device: torch.device) -> torch.Tensor:
+def _rank_fractions(config: EKDConfig, device: torch.device) -> torch.Tensor:
     """int64 [[numerators], [denominators]] of the FPRs: coarse_select_kernel computes
     m_k = floor(L * fpr_k) with them exactly (as EKDConfig.threshold_indices), in int64 without
     forming L * numerator (kernels._floor_fraction: denominators below 2^40, which
@@ -772,7 +772,7 @@ def _forward_impl(student, teacher, labels, student_thresholds, teacher_threshol
     # pass 1 counts the head of the order first, and the rest only when a target lies in it.
     coarse, fine = w32["coarse"].view(histogram_dtype), w32["fine"].view(histogram_dtype)
     bucket, state = w32["bucket"], w64["state"]
-    fractions = _rank_fractions(config, num_pairs, device)
+    fractions = _rank_fractions(config, device)
     parts = ((kernels.ALL_BUCKETS, kernels.NO_CUTOFF),)
     if cutoff_fraction is not None:
         probe = w32["probe"]

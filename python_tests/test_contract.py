@@ -259,6 +259,30 @@ def test_torch_func_transforms(backend, device):
             torch.func.grad(curvature)(student)
 
 
+def test_reference_forward_mode(device):
+    """The reference backend's forward mode (torch.func.jvp, jacfwd, hessian): the directional
+    derivative equals the gradient's dot with the tangent, the Hessian is finite and symmetric,
+    and a non-finite batch's tangent reads NaN throughout, as its gradient does (the gradient's
+    NaN rule has its forward-mode twin: without it these transforms raised)."""
+    student, teacher, labels = make_batch(9, 4, 4, 3, seed=0, device=device, dtype=torch.float64)
+
+    def loss(a, t=teacher):
+        return ekd_loss(a, t, labels, backend="reference", update_thresholds=False).loss
+
+    tangent = torch.randn(student.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    _, directional = torch.func.jvp(loss, (student,), (tangent,))
+    gradient = torch.func.grad(loss)(student)
+    torch.testing.assert_close(directional, (gradient * tangent).sum(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(torch.func.jacfwd(loss)(student), gradient, rtol=1e-10, atol=1e-14)
+    hessian = torch.func.hessian(loss)(student).reshape(student.numel(), -1)
+    assert torch.isfinite(hessian).all()
+    torch.testing.assert_close(hessian, hessian.t(), rtol=1e-8, atol=1e-10)
+    bad = teacher.clone()
+    bad[2, 1] = float("nan")
+    _, directional = torch.func.jvp(lambda a: loss(a, bad), (student,), (tangent,))
+    assert torch.isnan(directional)
+
+
 def test_teacher_gets_no_gradient(backend, device):
     student, teacher, labels = make_batch(8, device=device)
     student.requires_grad_(True)

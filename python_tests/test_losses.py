@@ -572,7 +572,8 @@ def oracle_cc_recurrence(s, t, gamma, order):
 def test_cc_takes_any_order_and_gamma():
     """The Taylor coefficient exp(-2 gamma) (2 gamma)^p / p! is at most 1, though p! passes the
     largest double at p = 171 and (2 gamma)^p sooner for a large gamma (an OverflowError before):
-    any order and gamma give the loss, and every order that computed before gives the same bits."""
+    any order from 1 and any gamma give the loss, and every order that computed before gives the
+    same bits (order 0 is refused: test_bad_options)."""
     s, t = make(batch=5, ds=4, seed=3)
     assert torch.equal(correlation_congruence_loss(s, t, order=171), correlation_congruence_loss(s, t, order=170))
     assert torch.isfinite(CorrelationCongruenceLoss(order=400)(s, t))

@@ -272,4 +272,5 @@ class PWRLoss(nn.Module):
 
     def extra_repr(self):
         return (f"score={self.score!r}, loss_type={self.loss_type!r}, margin={self.margin!r}, "
-                f"margin_value={self.margin_value}, power={self.power}, beta={self.beta}, algorithm={self.algorithm!r}")
+                f"margin_value={self.margin_value}, power={self.power}, beta={self.beta}, algorithm={self.algorithm!r}"
+                + (f", chunk={self.chunk}" if self.chunk is not None else ""))
