@@ -106,3 +106,42 @@ def refuse_nested_derivative(backend: str) -> None:
     stack = torch._C._functorch.get_interpreter_stack() or ()
     if sum(interpreter.key() in derivative for interpreter in stack) > 1:
         raise RuntimeError(_second_derivative_message(backend, transforms=True))
+
+
+class _NanGradientUnless(torch.autograd.Function):
+    """The identity on x, whose gradient is NaN throughout when `finite` (0-d bool) is False.
+
+    Why: a non-finite batch's loss reads NaN (SPEC), but through torch.where its gradient would
+    be 0, and where the bad row takes part in no distilled pair the rest of the gradient stays
+    finite: a gradient scaler, which looks at the gradients, would take the step.  Every backend
+    gives NaN throughout (the fused ones from their NaN positive coefficient).  A finite batch's
+    gradient passes unchanged (torch.where: the same bits).  setup_context style, vmap by rule,
+    a differentiable backward and a jvp (the same rule on the tangent): torch.func's transforms,
+    forward mode (jvp, jacfwd, hessian) and second derivatives go through."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(finite, x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (finite,) = ctx.saved_tensors
+        return None, torch.where(finite, grad, torch.full_like(grad, float("nan")))
+
+    @staticmethod
+    def jvp(ctx, finite_tangent, x_tangent):
+        (finite,) = ctx.saved_tensors
+        return torch.where(finite, x_tangent, torch.full_like(x_tangent, float("nan")))
+
+
+def nan_gradient_unless(finite: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x, with a gradient (and a forward-mode tangent) NaN throughout unless `finite`: see
+    _NanGradientUnless (the EKD backends' rule for a non-finite batch, also fast RKD's torch path)."""
+    return _NanGradientUnless.apply(finite, x)

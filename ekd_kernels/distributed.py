@@ -95,8 +95,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import NEGATIVE_SELECTIONS, RANK_LOSSES, EKDConfig
-from .reference import (_nan_gradient_unless, autocast_off, critical_mask, draw_random_negatives, ema_update,
-                        normalize_rows, pair_rank_loss)
+from ._autograd import nan_gradient_unless
+from .reference import (autocast_off, critical_mask, draw_random_negatives, ema_update, normalize_rows,
+                        pair_rank_loss)
 from .result import EKDResult, EKDStats
 
 #: Pair elements of one similarity chunk (each of its student and teacher blocks). A chunk always
@@ -1129,7 +1130,7 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
 
     # stage 1-2 (normalise, similarity chunks): this rank's rows in chunks, the pairs known from the labels
     # (a non-finite global batch: the gradient NaN throughout on every rank, as on every backend)
-    s_hat = normalize_rows(_nan_gradient_unless(finite, student_all).float())
+    s_hat = normalize_rows(nan_gradient_unless(finite, student_all).float())
     t_hat = normalize_rows(teacher_all.detach().float())
     _, num_negatives = negatives_before_row(labels_all)
     num_pairs = batch * (batch - 1) // 2

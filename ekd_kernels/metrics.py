@@ -42,6 +42,7 @@ import math
 import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .config import fpr_fraction
@@ -119,10 +120,12 @@ def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
                fprs: Sequence[float] = DEFAULT_EVAL_FPRS) -> VerificationResult:
     """Thresholds and TPRs for given positive and negative pair scores (1-D, any float dtype).
 
-    Higher score = more similar.  Raises ValueError for an empty set or a non-finite score.
+    Higher score = more similar.  Raises ValueError for an empty set, a non-finite score or
+    scores that are not numbers.  Python lists of floats are read in fp64 (what Python floats are;
+    the default dtype, fp32, would round 1.0000000001 onto 1.0 and make ties of distinct scores).
     """
-    pos = torch.as_tensor(positive_scores).detach().reshape(-1)
-    neg = torch.as_tensor(negative_scores).detach().reshape(-1)
+    pos, neg = (_scores_tensor(name, x) for name, x in (("positive_scores", positive_scores),
+                                                        ("negative_scores", negative_scores)))
     for name, s in (("positive_scores", pos), ("negative_scores", neg)):
         if s.dtype.is_complex or s.dtype == torch.bool:
             raise ValueError(f"{name} must be real scores, got {s.dtype}")
@@ -148,8 +151,31 @@ def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     return VerificationResult(fprs, tuple(thresholds), tuple(tprs), indices, pos.numel(), num_negatives)
 
 
+def _scores_tensor(name: str, scores) -> torch.Tensor:
+    """`scores` as a detached 1-D tensor: a tensor or numpy array keeps its dtype; anything else
+    (a list of Python numbers) is read in fp64 when it holds a float, as Python floats are; what
+    is not numbers is refused by name."""
+    try:
+        if isinstance(scores, (torch.Tensor, np.ndarray)):
+            tensor = torch.as_tensor(scores)
+        else:
+            tensor = torch.as_tensor(scores)
+            if tensor.dtype.is_floating_point:
+                tensor = torch.as_tensor(scores, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a tensor, an array or a sequence of numbers, got {type(scores).__name__} "
+                         f"({error})") from None
+    return tensor.detach().reshape(-1)
+
+
 def pair_scores(embeddings_a: torch.Tensor, embeddings_b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of row i of `embeddings_a` with row i of `embeddings_b` (a pairs list)."""
+    if not (isinstance(embeddings_a, torch.Tensor) and isinstance(embeddings_b, torch.Tensor)):
+        raise ValueError(f"expected two N x D tensors, got {type(embeddings_a).__name__} and "
+                         f"{type(embeddings_b).__name__}")
+    for name, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
+        if x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be real numbers (float or integer), got {x.dtype}")
     if embeddings_a.shape != embeddings_b.shape or embeddings_a.dim() != 2 or embeddings_a.shape[1] < 1:
         raise ValueError(f"expected two N x D tensors of the same shape, D >= 1, got {tuple(embeddings_a.shape)} "
                          f"and {tuple(embeddings_b.shape)}")
@@ -384,6 +410,10 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         raise ValueError(f"embeddings must be a 2-D tensor (B x D), got "
                          f"{getattr(embeddings, 'shape', type(embeddings))}")
+    if embeddings.dtype.is_complex or embeddings.dtype == torch.bool:
+        # (complex lost its imaginary part with a warning, bool read as 0 and 1; integer
+        # coordinates are read as floats, as given)
+        raise ValueError(f"embeddings must be real numbers (float or integer), got {embeddings.dtype}")
     batch = embeddings.shape[0]
     if batch < 2:
         raise ValueError(f"all-pairs verification needs at least 2 embeddings, got {batch}")

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._autograd import nan_gradient_unless
 from .config import EKDConfig
 from .result import EKDResult, EKDStats
 
@@ -229,45 +230,6 @@ def term(per_pair: torch.Tensor, critical: torch.Tensor, config: EKDConfig) -> t
 
 
 # --------------------------------------------------------------------------- the whole pipeline
-class _NanGradientUnless(torch.autograd.Function):
-    """The identity on x, whose gradient is NaN throughout when `finite` (0-d bool) is False.
-
-    Why: a non-finite batch's loss reads NaN (SPEC), but through torch.where its gradient would
-    be 0, and where the bad row takes part in no distilled pair the rest of the gradient stays
-    finite: a gradient scaler, which looks at the gradients, would take the step.  Every backend
-    gives NaN throughout (the fused ones from their NaN positive coefficient).  A finite batch's
-    gradient passes unchanged (torch.where: the same bits).  setup_context style, vmap by rule,
-    a differentiable backward and a jvp (the same rule on the tangent): torch.func's transforms,
-    forward mode (jvp, jacfwd, hessian) and second derivatives go through."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(finite, x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        (finite,) = ctx.saved_tensors
-        return None, torch.where(finite, grad, torch.full_like(grad, float("nan")))
-
-    @staticmethod
-    def jvp(ctx, finite_tangent, x_tangent):
-        (finite,) = ctx.saved_tensors
-        return torch.where(finite, x_tangent, torch.full_like(x_tangent, float("nan")))
-
-
-def _nan_gradient_unless(finite: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x, with a gradient NaN throughout unless `finite` (_NanGradientUnless)."""
-    return _NanGradientUnless.apply(finite, x)
-
-
-
 def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                   student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor,
                   config: EKDConfig, update_thresholds: bool = True,
@@ -282,7 +244,7 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     state_dtype = student_thresholds.dtype
     finite = torch.isfinite(student).all() & torch.isfinite(teacher).all()
 
-    student_hat = normalize_rows(_nan_gradient_unless(finite, student).to(dtype))
+    student_hat = normalize_rows(nan_gradient_unless(finite, student).to(dtype))
     with torch.no_grad():
         teacher_hat = normalize_rows(teacher.detach().to(dtype))
     pairs = pair_similarities(student_hat, teacher_hat, labels)

@@ -51,8 +51,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._autograd import first_order_only, keep_anchors
-from .losses._common import check_has_values, compute_dtypes, fp32_under_autocast
+from ._autograd import first_order_only, keep_anchors, nan_gradient_unless
+from .losses._common import all_finite, check_has_values, compute_dtypes, fp32_under_autocast, nan_unless_finite
 from .rkd import check_rkd_weights
 from .validation import check_embedding_pair
 
@@ -293,7 +293,12 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
                            "use backend='torch' (or 'auto')")
     compute, teacher = compute_dtypes(student, teacher)
     if backend == "torch":
-        return _rkd_tiled(compute, teacher, distance_weight, angle_weight)
+        # A non-finite input: the loss NaN and its gradient NaN throughout, as the op and rkd_loss
+        # give (the squared distances' clamp passes no gradient for their NaN entries, which left
+        # all but the bad column's gradient finite: hence the rule at the input, not the loss).
+        finite = all_finite(compute, teacher)
+        return nan_unless_finite(_rkd_tiled(nan_gradient_unless(finite, compute), teacher, distance_weight,
+                                            angle_weight), finite)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _ = rkd_forward(compute, teacher, distance_weight, angle_weight, compute_grad)
     return loss

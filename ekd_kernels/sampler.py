@@ -93,7 +93,8 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
             least 1 (the ranks together see about one pass over the data).
         replacement: False: draw from per-epoch permutations (see the module docstring).
         small_identities: "repeat" or "drop", for identities with fewer than q (>= 2) images.
-        seed: base seed; the epoch set by ``set_epoch`` is added to it.
+        seed: base seed; each epoch's draw comes from (seed, epoch), the epoch set by ``set_epoch``
+            (a generator seeded by both, not their sum: seed 0 at epoch 1 differs from seed 1 at 0).
         rank, world_size: this process's place among the data-parallel ranks.
     """
 
@@ -106,8 +107,9 @@ class BalancedBatchSampler(torch.utils.data.Sampler):
                              f"and dtype {labels.dtype}")
         for name, value in (("general_size", general_size), ("num_identities", num_identities),
                             ("images_per_identity", images_per_identity)):
-            if isinstance(value, bool) or int(value) != value or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            # (integers only, as rank and world_size: 2.0 was taken and None raised a TypeError)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
         if general_size + num_identities * images_per_identity == 0:
             raise ValueError("the batch is empty: general_size and num_identities * images_per_identity are both 0")
         if num_identities > 0 and images_per_identity < 2:

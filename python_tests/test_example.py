@@ -23,6 +23,23 @@ TINY = ["--quick", "--threads", "1", "--epochs", "1", "--teacher-epochs", "1", "
         "--general-size", "4", "--identities-per-batch", "4", "--device", "cpu"]
 
 
+def test_synthetic_faces_draw_independent_streams():
+    """Every (seed, kind, index) key of SyntheticFaces seeds its own random stream: no family
+    pattern, identity pattern or image stream starts like another's, for the seeds and the
+    index ranges of the example's presets (1300 identities, 325 families).  The additive mix
+    used before made (seed, 2, identity) coincide with (seed, 1, family) for a quarter of the
+    quick preset's identities, across the train/test split too."""
+    from ekd_kernels.data import _generator
+
+    for seed in (0, 1, 7):
+        first_draws = {}
+        for kind, count in ((1, 325), (2, 1300), (3, 1300)):
+            for index in range(count):
+                draw = float(torch.randn((), generator=_generator(seed, kind, index)))
+                assert draw not in first_draws, f"seed {seed}: {(kind, index)} starts as {first_draws[draw]}"
+                first_draws[draw] = (kind, index)
+
+
 def test_synthetic_faces_deterministic_and_disjoint():
     a = SyntheticFaces(3, 4, image_size=16, seed=1)
     b = SyntheticFaces(3, 4, image_size=16, seed=1)
@@ -116,11 +133,23 @@ def test_pairs_flag_must_match_the_folders(tmp_path):
     pairs.write_text("person2/0.npy person2/2.npy 0\n")
     with pytest.raises(ValueError, match="marked 0 .different. but its images are of one identity"):
         read_pairs(pairs, dataset)
+    # a list of one kind only: no TPR at an FPR, refused when read (before a teacher's training)
+    pairs.write_text("person0/0.npy person0/1.npy 1\nperson1/0.npy person1/1.npy 1\n")
+    with pytest.raises(ValueError, match=r"every pair is marked same \(1\): TPR at an FPR needs different \(0\)"):
+        read_pairs(pairs, dataset)
+    pairs.write_text("person0/0.npy person1/1.npy 0\n")
+    with pytest.raises(ValueError, match=r"every pair is marked different \(0\): TPR at an FPR needs same \(1\)"):
+        read_pairs(pairs, dataset)
 
 
 @pytest.mark.parametrize("make, match", [
     (lambda root: FaceFolder(root, image_size=0), "image_size must be a positive integer or None"),
     (lambda root: SyntheticFaces(3, 2, 16, family_size=0), "family_size must be a positive integer"),
+    # by type and value, naming the argument (a TypeError, a RuntimeError or silent zero images before)
+    (lambda root: SyntheticFaces(2.5, 3, 16), "num_identities must be an integer, got 2.5"),
+    (lambda root: SyntheticFaces(2, 2, 16, grid=0), "grid >= 1"),
+    (lambda root: SyntheticFaces(2, 2, 16, noise=float("nan")), "noise must be a finite number >= 0, got nan"),
+    (lambda root: SyntheticFaces(2, 2, 16, expression=-1.0), "expression must be a finite number >= 0"),
 ])
 def test_data_options_are_checked(tmp_path, make, match):
     write_folder(tmp_path / "faces")

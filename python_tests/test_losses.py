@@ -195,6 +195,27 @@ def test_pwr_sorted_algorithm_matches_the_couples(options):
         torch.testing.assert_close(g_sorted, g_couples, rtol=1e-9 if tight else 1e-5, atol=1e-12 if tight else 1e-7)
 
 
+@pytest.mark.parametrize("beta, width", [(1e-10, 8), (1e-6, 8), (30.0, 3)])
+def test_pwr_couples_match_the_sorted_algorithm_in_fp32_at_extreme_beta(beta, width):
+    """fp32 scores: the couples' blocks computed in the input dtype lost every digit of
+    e^(beta gap) - 1 at beta = 1e-10 (a loss of 0 and a wrong gradient), 0.2% of the loss and 5%
+    of the gradient at 1e-6, and overflowed at beta = 30 (an inf loss, NaN gradients) where the
+    sorted algorithm (fp64) gives finite values; now both compute in fp64 and agree."""
+    torch.manual_seed(3)
+    student, teacher = torch.randn(17, width), torch.randn(17, width)
+    results = []
+    for algorithm in ("sorted", "couples"):
+        x = student.clone().requires_grad_(True)
+        loss = pwr_loss(x, teacher, beta=beta, algorithm=algorithm)
+        loss.backward()
+        results.append((loss, x.grad))
+    (sorted_loss, sorted_grad), (couples_loss, couples_grad) = results
+    assert torch.isfinite(couples_loss) and torch.isfinite(couples_grad).all()
+    assert couples_loss.dtype == couples_grad.dtype == torch.float32
+    assert couples_loss.item() == pytest.approx(sorted_loss.item(), rel=1e-6)
+    torch.testing.assert_close(couples_grad, sorted_grad, rtol=1e-5, atol=0)
+
+
 def test_pwr_blocks_do_not_change_the_result():
     s, t = make(batch=9, ds=4, seed=5)
     s.requires_grad_(True)
@@ -492,6 +513,28 @@ def test_bad_embeddings(fn):
 def test_coordinate_losses_need_equal_widths(fn):
     with pytest.raises(ValueError, match="widths must match"):
         fn(torch.randn(5, 3), torch.randn(5, 4))
+
+
+def test_hinton_kd_takes_its_own_keyword_names():
+    """hinton_kd_loss(student_logits=..., teacher_logits=...), its signature's names: the autocast
+    wrapper took (student, teacher, ...) and refused them (a TypeError)."""
+    s, t = make(batch=4, ds=10, seed=1, dtype=torch.float32)
+    want = hinton_kd_loss(s, t, 2.0)
+    assert torch.equal(hinton_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0), want)
+    assert torch.equal(hinton_kd_loss(s, teacher_logits=t, temperature=2.0), want)
+
+
+@pytest.mark.parametrize("make_loss", [lambda t: HintonKDLoss(temperature=t),
+                                       lambda t: hinton_kd_loss(torch.randn(3, 5), torch.randn(3, 5), temperature=t)],
+                         ids=["module", "function"])
+@pytest.mark.parametrize("temperature", [1e200, 1e-200, 1e19, 1e-19])
+def test_hinton_kd_temperature_range(make_loss, temperature):
+    """Temperatures whose square or reciprocal leave fp32's normal range are refused by name:
+    1e200 raised an OverflowError from T ** 2, 1e-200 gave a NaN loss for finite logits."""
+    with pytest.raises(ValueError, match=r"temperature must lie in \[1e-18, 1e\+18\]"):
+        make_loss(temperature)
+    for edge in (1e-18, 1e18):  # the range's ends work
+        assert torch.isfinite(hinton_kd_loss(torch.randn(3, 5), torch.randn(3, 5), temperature=edge))
 
 
 def test_bad_options():

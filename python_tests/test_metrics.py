@@ -217,6 +217,32 @@ def test_all_pairs_rejects_bad_input():
         verify_all_pairs(torch.full((5, 3), float("nan")), torch.tensor([0, 0, 1, 1, 2]))
     with pytest.raises(ValueError, match="at least 2"):
         verify_all_pairs(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    # complex lost its imaginary part (a warning), bool read as 0 and 1: refused as the loss does
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    with pytest.raises(ValueError, match="embeddings must be real numbers .float or integer., got torch.complex64"):
+        verify_all_pairs(torch.randn(5, 3).to(torch.complex64), labels)
+    with pytest.raises(ValueError, match="embeddings must be real numbers .float or integer., got torch.bool"):
+        verify_all_pairs(torch.randn(5, 3) > 0, labels)
+    with pytest.raises(ValueError, match="embeddings_b must be real numbers"):
+        pair_scores(torch.randn(4, 3), torch.randn(4, 3) > 0)
+    with pytest.raises(ValueError, match="expected two N x D tensors, got list and list"):
+        pair_scores([[1.0, 0.0]], [[1.0, 0.0]])
+
+
+def test_tpr_reads_python_floats_in_fp64_and_refuses_what_is_not_numbers():
+    """A list of Python floats is fp64 data: read in the default dtype (fp32) 1.0000000001 became
+    1.0, a tie with the negative score 1.0, and the positive was not counted above it.  Scores
+    that are not numbers are a ValueError naming them (a TypeError or RuntimeError from inside
+    before)."""
+    assert tpr_at_fpr([1.0000000001], [1.0], 0.1).tprs == (1.0,)
+    assert tpr_at_fpr(np.array([1.0000000001]), np.array([1.0]), 0.1).tprs == (1.0,)
+    assert tpr_at_fpr([3, 4], [1, 2, 5], 0.5) == tpr_at_fpr(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 5.0]), 0.5)
+    assert tpr_at_fpr(torch.tensor([1.0000000001]), [1.0], 0.1).tprs == (0.0,)  # (an fp32 tensor: its own rounding)
+    with pytest.raises(ValueError, match="positive_scores must be a tensor, an array or a sequence of numbers, got str"):
+        tpr_at_fpr("abc", [1.0])
+    with pytest.raises(ValueError, match="negative_scores must be a tensor, an array or a sequence of numbers, got "
+                                         "NoneType"):
+        tpr_at_fpr([1.0], None)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -135,6 +135,10 @@ def test_default_length_and_tensor_labels():
     (dict(general_size=2, num_identities=2, replacement="False"), "replacement must be True or False"),
     (dict(general_size=2, num_identities=2, rank=0.5, world_size=2), "rank must be an integer, got 0.5"),
     (dict(general_size=2, num_identities=2, world_size=2.0), "world_size must be an integer, got 2.0"),
+    # the sizes alike (2.0 was taken, None raised a TypeError from int())
+    (dict(general_size=2.0, num_identities=2), "general_size must be a non-negative integer, got 2.0"),
+    (dict(general_size=None, num_identities=2), "general_size must be a non-negative integer, got None"),
+    (dict(general_size=2, num_identities=2, images_per_identity=4.0), "images_per_identity must be a non-negative"),
 ])
 def test_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -17,16 +17,18 @@ __all__ = ["all_finite", "check_embedding_pair", "compute_dtypes", "fp32_under_a
 
 def fp32_under_autocast(loss_fn):
     """Run a functional loss ``loss_fn(student, teacher, ...)`` with any enclosing ``torch.autocast``
-    off on the inputs' device, as ``ekd_loss`` does.  Why: the losses read fp16/bf16 inputs and
+    off on the inputs' device (its first tensor argument's), as ``ekd_loss`` does.  Why: the losses read fp16/bf16 inputs and
     compute in fp32 (compute_dtypes); inside autocast their matmuls would run in 16 bits anyway,
     changing the loss by 1e-3 and the gradient by up to 1e-1 (and a compiled op's internal ATen
     calls would too)."""
 
     @functools.wraps(loss_fn)
-    def wrapper(student, teacher, *args, **kwargs):
-        device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    def wrapper(*args, **kwargs):
+        # (any parameter names, positional or keyword: hinton_kd_loss takes student_logits=...)
+        tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
         with autocast_off(device):
-            return loss_fn(student, teacher, *args, **kwargs)
+            return loss_fn(*args, **kwargs)
 
     return wrapper
 

@@ -271,7 +271,7 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"logits must be non-empty, got shape {tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student and teacher logits are on {student_logits.device} and {teacher_logits.device}")
-    check_number("temperature", temperature, positive=True)
+    _check_kd_temperature(temperature)
     student_logits, teacher_logits = compute_dtypes(student_logits, teacher_logits)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -281,12 +281,26 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              all_finite(student_logits, teacher_logits))
 
 
+def _check_kd_temperature(temperature) -> None:
+    """A positive temperature whose square and reciprocal stay finite, normal fp32 values (the
+    loss divides the logits by T and multiplies by T^2): 1e200 raised an OverflowError from T ** 2
+    and 1e-200 gave a NaN loss for finite logits."""
+    value = check_number("temperature", temperature, positive=True)
+    if not KD_TEMPERATURE_RANGE[0] <= value <= KD_TEMPERATURE_RANGE[1]:
+        raise ValueError(f"temperature must lie in [{KD_TEMPERATURE_RANGE[0]:g}, {KD_TEMPERATURE_RANGE[1]:g}] (its "
+                         f"square and reciprocal must stay within fp32's normal range), got {temperature!r}")
+
+
+#: The temperatures hinton_kd_loss takes: T^2 and 1 / T within fp32's normal range.
+KD_TEMPERATURE_RANGE = (1e-18, 1e18)
+
+
 class HintonKDLoss(nn.Module):
     """Module form of :func:`hinton_kd_loss` (temperature 4)."""
 
     def __init__(self, temperature: float = 4.0):
         super().__init__()
-        check_number("temperature", temperature, positive=True)
+        _check_kd_temperature(temperature)
         self.temperature = temperature
 
     def forward(self, student_logits, teacher_logits):

@@ -83,9 +83,10 @@ def _couple_loss(student_diff, teacher_diff, loss_type, margin_type, margin, tea
         value = positive.pow(power)
         slope = torch.where(gap > 0, -power * positive.pow(power - 1), torch.zeros_like(gap))
         return value, slope
-    grow = torch.exp(beta * gap)
-    value = (grow - 1).clamp_min(0)
-    slope = torch.where(grow > 1, -beta * grow, torch.zeros_like(grow))
+    # expm1: e^x - 1 without the cancellation of exp(x) - 1 at small beta * gap (fp32 lost it all
+    # at beta = 1e-10); gap > 0 is e^(beta gap) > 1 (beta > 0)
+    value = torch.expm1(beta * gap).clamp_min(0)
+    slope = torch.where(gap > 0, -beta * torch.exp(beta * gap), torch.zeros_like(gap))
     return value, slope
 
 
@@ -167,6 +168,11 @@ class _RankingCouples(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_scores, teacher_scores, loss_type, margin_type, margin, power, beta, chunk):
+        # In fp64, as _SortedDiffExp: in fp32 the blocks' e^(beta gap) overflowed where the sorted
+        # algorithm's shifted sums do not (an inf loss and NaN gradients at beta = 30), and the
+        # gradient's sums lost digits; the loss and gradient return in the scores' dtype.
+        dtype = student_scores.dtype
+        student_scores, teacher_scores = student_scores.double(), teacher_scores.double()
         num_pairs = student_scores.shape[0]
         want_grad = ctx.needs_input_grad[0]
         teacher_std = teacher_scores.std(unbiased=False) if num_pairs > 0 else teacher_scores.new_zeros(())
@@ -188,9 +194,9 @@ class _RankingCouples(torch.autograd.Function):
                 grad[start:stop] += slope.sum(1)     # p = this block: dΔs/dd_s(p) = +1
                 grad -= slope.sum(0)                 # q: dΔs/dd_s(q) = -1
         denominator = count.clamp_min(1)
-        loss = (total / denominator).to(student_scores.dtype)   # 0 when there is no ordered couple
+        loss = (total / denominator).to(dtype)   # 0 when there is no ordered couple
         if want_grad:
-            grad = grad / denominator.to(grad.dtype)
+            grad = (grad / denominator.to(grad.dtype)).to(dtype)
         ctx.save_for_backward(grad if want_grad else None)
         keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss
