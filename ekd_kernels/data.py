@@ -19,6 +19,7 @@ Both return (image, label) with the image a 3 x H x W float tensor in [-1, 1] (t
 from __future__ import annotations
 
 import math
+import numbers
 import pathlib
 from typing import List, Optional, Sequence, Tuple
 
@@ -77,9 +78,9 @@ class SyntheticFaces(Dataset):
                              f"{grid} and {first_identity}")
         for name, value in (("expression", expression), ("noise", noise)):
             # (a NaN noise gave all-zero images, silently)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(family_size, bool) or not isinstance(family_size, int) or family_size < 1:
+        if isinstance(family_size, bool) or not isinstance(family_size, (int, np.integer)) or family_size < 1:
             raise ValueError(f"family_size must be a positive integer, got {family_size!r}")
         if not (0.0 <= family_weight < 1.0):
             raise ValueError(f"family_weight must lie in [0, 1), got {family_weight!r}")

@@ -272,7 +272,7 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     # A non-finite batch must read as NaN (a gradient scaler then skips the step), whatever
     # the sort and the clamps made of it: multiplied by 1 or NaN (a finite batch's loss and
     # gradient unchanged), so that a forward-mode tangent reads NaN too, as the gradient does
-    # (_NanGradientUnless); torch.where would give the NaN branch a tangent of 0.
+    # (_autograd.nan_gradient_unless); torch.where would give the NaN branch a tangent of 0.
     loss = loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan")))
 
     def count(mask: torch.Tensor) -> torch.Tensor:

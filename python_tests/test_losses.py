@@ -241,12 +241,14 @@ def test_pwr_without_ordered_couple_is_zero():
         assert loss.item() == 0.0 and torch.all(student.grad == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("algorithm", ["sorted", "couples"])
-def test_pwr_second_derivative_is_refused(algorithm):
+def test_pwr_second_derivative_is_refused(algorithm, dtype):
     """PWR's gradient is computed in its forward and saved: a gradient penalty through it must
     raise, by .backward() and by autograd.grad (which runs only the nodes on paths to its
-    inputs), never treat the saved gradient as a constant (a silently wrong second derivative)."""
-    student, teacher = make(6, 4)
+    inputs), never treat the saved gradient as a constant (a silently wrong second derivative).
+    fp32 too: the couples compute on an fp64 copy, and the refusal must hang on the input."""
+    student, teacher = make(6, 4, dtype=dtype)
     x = student.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(pwr_loss(x, teacher, algorithm=algorithm) + x.pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="pwr_loss has no second derivative"):

@@ -234,6 +234,28 @@ def test_non_finite_input_gives_nan(backend, where):
     assert torch.isnan(student.grad).all(), student.grad
 
 
+def test_torch_path_compiles_whole():
+    """The torch path (the default off the CPU) under torch.compile(fullgraph=True): the same
+    loss and gradient as eager, and still NaN throughout for a non-finite input (its rule is a
+    multiply Dynamo traces: an autograd.Function with a custom jvp there made Dynamo refuse it)."""
+    student, teacher, _ = make_batch(9, 6, 6, seed=3)
+    module = FastRKDLoss(backend="torch")
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for bad in (False, True):
+        s = student.clone()
+        if bad:
+            s[4, 1] = float("nan")
+        x, y = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        eager, got = module(x, teacher), compiled(y, teacher)
+        eager.backward()
+        got.backward()
+        if bad:
+            assert torch.isnan(got) and torch.isnan(y.grad).all()
+        else:
+            torch.testing.assert_close(got, eager, rtol=1e-6, atol=0)
+            torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="same number of rows"):
         fast_rkd_loss(torch.randn(4, 3), torch.randn(5, 3))

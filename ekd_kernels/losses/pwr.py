@@ -22,7 +22,8 @@ Cost.  M^2 / 2 couples, M = B(B-1)/2.  Two exact algorithms (``algorithm``):
 
 - ``"couples"`` visits the couples in blocks of pairs (``chunk`` rows of M at a time) and
   accumulates the gradient w.r.t. the M student scores in the same pass: O(B^4) time, memory
-  O(chunk * M), never the M x M matrix (4 GiB at B = 256 in fp32).  Every variant.
+  O(chunk * M), never the M x M matrix (8 GiB at B = 256: the blocks compute in fp64).  Every
+  variant.
 - ``"sorted"``, for the default variant (diff_exp with m = Δt): with a = d_t - d_s the couple
   term is relu(exp(beta (a_p - a_q)) - 1), nonzero exactly when a_p > a_q, and it factorises as
   e^{beta a_p} e^{-beta a_q} - 1.  The loss is then a sum over the 2-D dominance set
@@ -53,7 +54,7 @@ from ._common import (all_finite, check_embedding_pair, check_has_values, check_
 SCORES = ("l2", "cosine")
 LOSS_TYPES = ("diff_exp", "diff_power", "ranknet")
 MARGINS = ("teacher_diff", "const", "teacher_std")
-_CHUNK_ELEMENTS = 1 << 22  # couples per block: 4M (16 MiB per fp32 temporary)
+_CHUNK_ELEMENTS = 1 << 22  # couples per block: 4M (32 MiB per temporary: the couples compute in fp64)
 
 
 def pair_scores(x: torch.Tensor, score: str = "l2") -> torch.Tensor:
@@ -172,6 +173,9 @@ class _RankingCouples(torch.autograd.Function):
         # algorithm's shifted sums do not (an inf loss and NaN gradients at beta = 30), and the
         # gradient's sums lost digits; the loss and gradient return in the scores' dtype.
         dtype = student_scores.dtype
+        # (first_order_only's refusal of a second derivative hangs on the input itself, not on
+        # its fp64 copy, which does not require grad inside forward for fp32 scores)
+        keep_anchors(ctx, student_scores)
         student_scores, teacher_scores = student_scores.double(), teacher_scores.double()
         num_pairs = student_scores.shape[0]
         want_grad = ctx.needs_input_grad[0]
@@ -198,7 +202,6 @@ class _RankingCouples(torch.autograd.Function):
         if want_grad:
             grad = (grad / denominator.to(grad.dtype)).to(dtype)
         ctx.save_for_backward(grad if want_grad else None)
-        keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss
 
     @staticmethod
