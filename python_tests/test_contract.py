@@ -259,6 +259,8 @@ def test_torch_func_transforms(backend, device):
             torch.func.grad(curvature)(student)
 
 
+# (torch's own jacfwd decompositions, loaded at the first forward-mode call, use torch.jit.script)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_reference_forward_mode(device):
     """The reference backend's forward mode (torch.func.jvp, jacfwd, hessian): the directional
     derivative equals the gradient's dot with the tangent, the Hessian is finite and symmetric,
