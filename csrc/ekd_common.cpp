@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <utility>
 
 // Importing ekd_kernels._C loads this library, which registers the ops; the module itself is empty.
@@ -38,7 +40,9 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
             "ekd_forward: labels must be 1-D integers of length B = ", student.size(0), ", got ", labels.sizes(),
             " ", labels.scalar_type());
   const int64_t k = options.num_thresholds();
-  EKD_CHECK(k >= 1 && int64_t(options.fpr_denominators.size()) == k, "ekd_forward: need K >= 1 FPR fractions");
+  EKD_CHECK(int64_t(options.fpr_denominators.size()) == k, "ekd_forward: fpr_numerators and fpr_denominators must "
+            "have one entry per FPR, got ", k, " and ", options.fpr_denominators.size());
+  EKD_CHECK(k >= 1, "ekd_forward: need K >= 1 FPR fractions");
   for (int64_t i = 0; i < k; ++i) {
     EKD_CHECK(options.fpr_numerators[i] >= 0 && options.fpr_denominators[i] > options.fpr_numerators[i],
               "ekd_forward: FPR fraction ", options.fpr_numerators[i], "/", options.fpr_denominators[i],
@@ -51,7 +55,17 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
   EKD_CHECK(options.rank_loss >= kSoftRank && options.rank_loss <= kEq8, "ekd_forward: unknown rank_loss ",
             options.rank_loss);
   EKD_CHECK(options.num_hard_negatives >= 0, "ekd_forward: num_hard_negatives must be >= 0");
-  EKD_CHECK(options.temperature > 0, "ekd_forward: temperature must be > 0");
+  // As EKDConfig: the kernels divide by the temperature in the compute dtype (fp32 for fp32
+  // inputs, where a smaller value is 0 or subnormal: a NaN loss or an infinite gradient), and
+  // a momentum outside [0, 1] or a non-finite weight would store a state or loss no call means.
+  EKD_CHECK_VALUE(std::isfinite(options.temperature) && options.temperature >= double(FLT_MIN),
+                  "ekd_forward: temperature must be a finite number >= ", double(FLT_MIN),
+                  " (the smallest normal float32: the loss divides by it in fp32), got ", options.temperature);
+  EKD_CHECK_VALUE(std::isfinite(options.momentum) && options.momentum >= 0 && options.momentum <= 1,
+                  "ekd_forward: momentum must be a finite number in [0, 1], got ", options.momentum);
+  EKD_CHECK_VALUE(std::isfinite(options.positive_weight) && std::isfinite(options.negative_weight),
+                  "ekd_forward: positive_weight and negative_weight must be finite, got ", options.positive_weight,
+                  " and ", options.negative_weight);
   if (random_negative_ranks.has_value()) {
     const auto& ranks = *random_negative_ranks;
     EKD_CHECK(ranks.dim() == 1 && ranks.scalar_type() == at::kLong &&
@@ -61,6 +75,8 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
   for (const at::Tensor* t : {&teacher, &labels, &student_thresholds, &teacher_thresholds}) {
     EKD_CHECK(t->device() == student.device(), "ekd_forward: every tensor must be on ", student.device());
   }
+  EKD_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
+            "ekd_forward: random_negative_ranks must be on ", student.device());
 }
 
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
@@ -79,8 +95,9 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& studen
             teacher.scalar_type());
   EKD_CHECK(labels.dim() == 1 && labels.size(0) == batch, "ekd_backward: labels must be 1-D of length B = ", batch,
             ", got shape ", labels.sizes());
-  EKD_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/true),
+  EKD_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
             "ekd_backward: labels must be integers, got ", labels.scalar_type());
+  EKD_CHECK(teacher.size(1) >= 1, "ekd_backward: teacher needs at least one column, got shape ", teacher.sizes());
   EKD_CHECK(student_thresholds.dim() == 1 && student_thresholds.size(0) >= 1,
             "ekd_backward: student_thresholds must be 1-D with K >= 1 values, got shape ",
             student_thresholds.sizes());
@@ -109,7 +126,9 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& studen
             positive_scale.sizes(), " and dtype ", positive_scale.scalar_type());
   EKD_CHECK_VALUE(rank_loss >= kSoftRank && rank_loss <= kEq8, "ekd_backward: unknown rank_loss ", rank_loss,
                   " (expected 0, 1 or 2)");
-  EKD_CHECK_VALUE(temperature > 0, "ekd_backward: temperature must be > 0, got ", temperature);
+  EKD_CHECK_VALUE(std::isfinite(temperature) && temperature >= double(FLT_MIN),
+                  "ekd_backward: temperature must be a finite number >= ", double(FLT_MIN),
+                  " (the smallest normal float32: the gradient divides by it in fp32), got ", temperature);
   const std::pair<const char*, const at::Tensor*> named[] = {
       {"grad_loss", &grad_loss},          {"teacher", &teacher},
       {"labels", &labels},                {"student_thresholds", &student_thresholds},

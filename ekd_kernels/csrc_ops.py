@@ -100,9 +100,10 @@ def _fake_backward(grad_loss, student, teacher, labels, student_thresholds, teac
     check(teacher.dim() == 2, f"teacher must be 2-D with B rows (as student), got shape {tuple(teacher.shape)}")
     check(teacher.shape[0] == batch, f"teacher must be 2-D with B rows (as student), got shape {tuple(teacher.shape)}")
     check(teacher.dtype.is_floating_point, f"teacher must be a floating tensor, got {teacher.dtype}")
+    check(teacher.shape[1] >= 1, f"teacher needs at least one column, got shape {tuple(teacher.shape)}")
     check(labels.dim() == 1, f"labels must be 1-D of length B, got shape {tuple(labels.shape)}")
     check(labels.shape[0] == batch, f"labels must be 1-D of length B, got shape {tuple(labels.shape)}")
-    check(not (labels.dtype.is_floating_point or labels.dtype.is_complex),
+    check(not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool),
           f"labels must be integers, got {labels.dtype}")
     check(student_thresholds.dim() == 1, f"student_thresholds must be 1-D, got shape {tuple(student_thresholds.shape)}")
     check(student_thresholds.shape[0] >= 1, "student_thresholds must hold K >= 1 values")

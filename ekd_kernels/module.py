@@ -13,7 +13,7 @@ from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
 from .result import EKDStats
-from .validation import check_generator, refuse_stateful_recomputation
+from .validation import check_generator, commit_thresholds, refuse_stateful_recomputation
 
 _THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
 _EXTRA_STATE = "_extra_state"
@@ -159,8 +159,17 @@ class EKDLoss(nn.Module):
                               backend=self.backend, config=self.config)
         if training:
             with torch.no_grad():
-                student_thresholds.copy_(result.student_thresholds)
-                teacher_thresholds.copy_(result.teacher_thresholds)
+                if torch.compiler.is_compiling():  # (the recomputation check at run time: commit_thresholds)
+                    commit_thresholds(student_thresholds, teacher_thresholds, result.student_thresholds,
+                                      result.teacher_thresholds)
+                else:
+                    # (again: under torch.compile the head of this forward may have been traced,
+                    # its check with it, and this tail run eagerly after a graph break)
+                    if torch._C._current_graph_task_id() != -1:
+                        refuse_stateful_recomputation(self, "updates its thresholds",
+                                                      "checkpoint ekd_loss with explicit thresholds")
+                    student_thresholds.copy_(result.student_thresholds)
+                    teacher_thresholds.copy_(result.teacher_thresholds)
         self.last_stats = result.stats
         return result.loss
 

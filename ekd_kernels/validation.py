@@ -104,11 +104,33 @@ def refuse_stateful_recomputation(module: torch.nn.Module, what_it_updates: str,
     update the state again and see the state the first call left, so its gradient would belong
     to another loss.  Refused rather than corrupted silently."""
     if module.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-        name = type(module).__name__
-        raise RuntimeError(
-            f"{name} ran in training mode inside a backward pass, as under torch.utils.checkpoint's recomputation: "
+        raise RuntimeError(_recomputation_message(type(module).__name__, what_it_updates, advice))
+
+
+def _recomputation_message(name: str, what_it_updates: str, advice: str) -> str:
+    return (f"{name} ran in training mode inside a backward pass, as under torch.utils.checkpoint's recomputation: "
             f"it {what_it_updates} in forward, so the recomputed loss would see another state (and update it "
             f"again): a wrong gradient. Call the loss outside the checkpointed region, or {advice}")
+
+
+@torch.library.custom_op("ekd_kernels::commit_thresholds", mutates_args=("student_state", "teacher_state"))
+def commit_thresholds(student_state: torch.Tensor, teacher_state: torch.Tensor, student: torch.Tensor,
+                      teacher: torch.Tensor) -> None:
+    """EKDLoss's threshold update inside a torch.compile'd forward (eager calls copy directly):
+    the copies, refused at run time inside a backward pass (refuse_stateful_recomputation's rule).
+    Why an op: under compile that rule's Python test runs once, while tracing, so a compiled
+    training-mode EKDLoss inside torch.utils.checkpoint updated its EMA twice and returned the
+    recomputed call's gradient, silently; an op's body runs at every call of the graph."""
+    if torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(_recomputation_message("EKDLoss", "updates its thresholds",
+                                                  "checkpoint ekd_loss with explicit thresholds"))
+    student_state.copy_(student)
+    teacher_state.copy_(teacher)
+
+
+@commit_thresholds.register_fake
+def _commit_thresholds_fake(student_state, teacher_state, student, teacher) -> None:
+    return None
 
 
 def check_generator(generator) -> None:

@@ -129,6 +129,31 @@ def test_raw_forward_refuses_malformed_argument(device, case, match):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index, value, match", [
+    (8, 1e-50, "temperature must be a finite number >= 1.17549e-38"),  # 0 in fp32: a NaN loss before
+    (8, 1e-40, "temperature must be a finite number >= 1.17549e-38"),  # subnormal: an infinite gradient
+    (8, float("inf"), "temperature must be a finite number"),
+    (10, float("nan"), "momentum must be a finite number in \\[0, 1\\], got nan"),  # a NaN state before
+    (10, 2.0, "momentum must be a finite number in \\[0, 1\\], got 2"),
+    (10, -1.0, "momentum must be a finite number in \\[0, 1\\]"),
+    (11, float("nan"), "positive_weight and negative_weight must be finite"),
+    (12, float("inf"), "positive_weight and negative_weight must be finite"),
+    (6, [1, 1], "fpr_numerators and fpr_denominators must have one entry per FPR, got 2 and 6"),
+])
+def test_raw_forward_refuses_malformed_options(device, index, value, match):
+    """The raw forward's options checked as EKDConfig checks them (the wrapper's path), naming the
+    option: before, these gave a NaN loss, an infinite gradient, a NaN or out-of-range state, or
+    a message that did not say the FPR lists differ in length."""
+    config = EKDConfig(num_hard_negatives=10)
+    student, teacher, labels = make_batch(12, 6, 4, 4, seed=5, device=device)
+    state = (torch.zeros(6, device=device), torch.zeros(6, device=device))
+    args = list(op_args(student, teacher, labels, config, state))
+    args[index] = value
+    with pytest.raises(ValueError if index != 6 else RuntimeError, match=match):
+        torch.ops.ekd_kernels.ekd_forward(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     config = EKDConfig(num_hard_negatives=30)
     student, teacher, labels = make_batch(24, 12, 6, 6, seed=3, device=device)
@@ -635,6 +660,9 @@ _BACKWARD_SHAPE_CASES = {
                       "labels"),
     "labels_float": (_replace(labels=lambda a: a["labels"].float() + 0.5), RuntimeError, "labels"),
     "labels_2d": (_replace(labels=lambda a: a["labels"][:, None]), RuntimeError, "labels"),
+    # (accepted before, unlike the forward: bool labels regrouped the rows, a gradient 0.43 off)
+    "labels_bool": (_replace(labels=lambda a: a["labels"] > 1), RuntimeError, "labels"),
+    "teacher_no_column": (_replace(teacher=lambda a: a["teacher"][:, :0]), RuntimeError, "teacher"),
     "student_thresholds_shorter": (_replace(student_thresholds=lambda a: a["student_thresholds"][:2]), RuntimeError,
                                    "student_thresholds"),
     "thresholds_empty": (_replace(student_thresholds=lambda a: a["student_thresholds"][:0],
@@ -735,9 +763,14 @@ def test_raw_backward_refuses_malformed_argument(device, case):
       "selected_grads": lambda a: a["selected_grads"].new_zeros(29)}, RuntimeError,
      "n <= B(B-1)/2 = 28, got shape [29, 2]"),
     ({"rank_loss": lambda a: -3}, ValueError, "unknown rank_loss -3 (expected 0, 1 or 2)"),
-    ({"temperature": lambda a: -0.25}, ValueError, "temperature must be > 0, got -0.25"),
-    ({"temperature": lambda a: 1e-300 * -1e-300}, ValueError, "temperature must be > 0, got -0"),
-    ({"temperature": lambda a: float("nan")}, ValueError, "temperature must be > 0, got nan"),
+    ({"temperature": lambda a: -0.25}, ValueError,
+     "temperature must be a finite number >= 1.17549e-38 (the smallest normal float32: the gradient divides by it "
+     "in fp32), got -0.25"),
+    ({"temperature": lambda a: 1e-300 * -1e-300}, ValueError, "temperature must be a finite number >= 1.17549e-38"),
+    ({"temperature": lambda a: float("nan")}, ValueError, "got nan"),
+    # (0 or subnormal in fp32: an infinite gradient before; inf: a gradient of 0)
+    ({"temperature": lambda a: 1e-40}, ValueError, "got 1e-40"),
+    ({"temperature": lambda a: float("inf")}, ValueError, "got inf"),
 ])
 def test_raw_refusal_messages_print_their_numbers(device, change, error, text):
     """The ops build their refusals' text in csrc/check.h (numbers by std::to_string and %g, not
