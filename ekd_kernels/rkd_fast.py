@@ -296,13 +296,12 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
         # A non-finite input: the loss NaN and its gradient NaN throughout, as the op and rkd_loss
         # give (the squared distances' clamp passes no gradient for their NaN entries, which left
         # all but the bad column's gradient finite: hence the rule at the input, not the loss).
-        # The input multiplied by 1 or NaN (a finite batch's loss and gradient unchanged), not
-        # _autograd.nan_gradient_unless: Dynamo refuses its custom jvp, and this path compiles
-        # whole with fullgraph; nothing here reads the values past a NaN loss.
+        # The input multiplied by 1 or NaN (nan_unless_finite on the input: a finite batch's loss
+        # and gradient unchanged), not _autograd.nan_gradient_unless: Dynamo refuses its custom
+        # jvp, and this path compiles whole with fullgraph; nothing reads the values past a NaN loss.
         finite = all_finite(compute, teacher)
-        factor = torch.where(finite, torch.ones((), dtype=compute.dtype, device=compute.device),
-                             torch.full((), float("nan"), dtype=compute.dtype, device=compute.device))
-        return nan_unless_finite(_rkd_tiled(compute * factor, teacher, distance_weight, angle_weight), finite)
+        return nan_unless_finite(_rkd_tiled(nan_unless_finite(compute, finite), teacher, distance_weight,
+                                            angle_weight), finite)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _ = rkd_forward(compute, teacher, distance_weight, angle_weight, compute_grad)
     return loss
