@@ -156,12 +156,9 @@ def _scores_tensor(name: str, scores) -> torch.Tensor:
     (a list of Python numbers) is read in fp64 when it holds a float, as Python floats are; what
     is not numbers is refused by name."""
     try:
-        if isinstance(scores, (torch.Tensor, np.ndarray)):
-            tensor = torch.as_tensor(scores)
-        else:
-            tensor = torch.as_tensor(scores)
-            if tensor.dtype.is_floating_point:
-                tensor = torch.as_tensor(scores, dtype=torch.float64)
+        tensor = torch.as_tensor(scores)
+        if not isinstance(scores, (torch.Tensor, np.ndarray)) and tensor.dtype.is_floating_point:
+            tensor = torch.as_tensor(scores, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} must be a tensor, an array or a sequence of numbers, got {type(scores).__name__} "
                          f"({error})") from None

@@ -229,6 +229,20 @@ def term(per_pair: torch.Tensor, critical: torch.Tensor, config: EKDConfig) -> t
     return per_pair.mean()
 
 
+def nan_unless_finite(loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """``loss`` where ``finite`` (0-d bool) holds, else NaN, decided on the device.
+
+    The rule of every loss of the package (EKD's reference, the comparison losses): a batch with a non-finite input embedding gives a
+    NaN loss, whatever its masks, sorts and clamps made of the bad values (a teacher NaN can
+    otherwise drop out of a mask and leave a finite loss).  The loss is multiplied by 1 or NaN,
+    so that the gradient is NaN too and a gradient scaler (which looks at the gradients) skips
+    the step; a finite batch's loss and gradient are unchanged (multiplied by exactly 1).
+    """
+    factor = torch.where(finite, torch.ones((), dtype=loss.dtype, device=loss.device),
+                         torch.full((), float("nan"), dtype=loss.dtype, device=loss.device))
+    return loss * factor
+
+
 # --------------------------------------------------------------------------- the whole pipeline
 def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                   student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor,
@@ -273,7 +287,7 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     # the sort and the clamps made of it: multiplied by 1 or NaN (a finite batch's loss and
     # gradient unchanged), so that a forward-mode tangent reads NaN too, as the gradient does
     # (_autograd.nan_gradient_unless); torch.where would give the NaN branch a tangent of 0.
-    loss = loss * torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan")))
+    loss = nan_unless_finite(loss, finite)
 
     def count(mask: torch.Tensor) -> torch.Tensor:
         return mask.sum(dtype=torch.int64)

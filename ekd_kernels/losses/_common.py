@@ -7,7 +7,7 @@ import functools
 import torch
 
 from ..config import _real
-from ..reference import autocast_off, compute_dtype, normalize_rows
+from ..reference import autocast_off, compute_dtype, nan_unless_finite, normalize_rows
 from ..validation import check_embedding_pair
 
 # the package's one normalisation and one input check, with the dtype rule below
@@ -76,15 +76,3 @@ def all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     return finite
 
 
-def nan_unless_finite(loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """``loss`` where ``finite`` (0-d bool) holds, else NaN, decided on the device.
-
-    The rule of every loss here (as of EKD): a batch with a non-finite input embedding gives a
-    NaN loss, whatever its masks, sorts and clamps made of the bad values (a teacher NaN can
-    otherwise drop out of a mask and leave a finite loss).  The loss is multiplied by 1 or NaN,
-    so that the gradient is NaN too and a gradient scaler (which looks at the gradients) skips
-    the step; a finite batch's loss and gradient are unchanged (multiplied by exactly 1).
-    """
-    factor = torch.where(finite, torch.ones((), dtype=loss.dtype, device=loss.device),
-                         torch.full((), float("nan"), dtype=loss.dtype, device=loss.device))
-    return loss * factor
