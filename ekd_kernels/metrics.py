@@ -86,7 +86,7 @@ def _fpr_tuple(fprs) -> Tuple[float, ...]:
     if isinstance(fprs, numbers.Real) and not isinstance(fprs, bool):
         out = (float(fprs),)
     else:
-        if isinstance(fprs, torch.Tensor):
+        if isinstance(fprs, (torch.Tensor, np.ndarray)):  # a 0-d array or tensor is one FPR too
             fprs = fprs.reshape(-1).tolist()
         try:
             out = tuple(float(f) for f in fprs)

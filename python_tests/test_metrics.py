@@ -360,5 +360,9 @@ def test_fprs_as_one_number_or_fp32():
     assert r.tpr(1e-2) == r.tprs[1] and r.tpr(0.1) == r.tprs[0]
     with pytest.raises(KeyError):
         r.tpr(1e-3)
+    # numpy arrays as torch tensors: 0-d is one FPR, n-d is flattened
+    for fprs in (np.array(0.1), torch.tensor(0.1, dtype=torch.float64), np.array([[0.1]])):
+        assert tpr_at_fpr(positive, negative, fprs=fprs).fprs == (0.1,)
+    assert tpr_at_fpr(positive, negative, fprs=np.array([0.1, 0.01])).fprs == (0.1, 0.01)
     with pytest.raises(ValueError, match="fprs must be false-positive rates"):
         tpr_at_fpr(positive, negative, fprs="0.1")
