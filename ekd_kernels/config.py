@@ -85,7 +85,7 @@ class EKDConfig:
         # Types first: a string "False" from a config file must not switch a variant on, nor a
         # tensor or bool stand for a number.  The checked values are stored as plain Python types.
         fprs = self.fprs
-        if isinstance(fprs, (str, bytes)) or not hasattr(fprs, "__iter__"):
+        if isinstance(fprs, (str, bytes)) or not hasattr(fprs, "__iter__") or getattr(fprs, "ndim", 1) == 0:
             raise ValueError(f"fprs must be a sequence of false-positive rates, got {fprs!r}")
         fprs = tuple(_real("every FPR", f) for f in fprs)
         if len(fprs) == 0:

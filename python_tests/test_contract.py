@@ -341,6 +341,7 @@ def test_bad_options_raise_value_error():
     (dict(negative_weight=float("inf")), "negative_weight must be finite"),
     (dict(fprs=0.1), "fprs must be a sequence"),
     (dict(fprs="0.1"), "fprs must be a sequence"),
+    (dict(fprs=numpy.array(0.1)), "fprs must be a sequence"),  # 0-d: iterating it raised TypeError
     (dict(fprs=(0.1, None)), "every FPR must be a real number"),
     # an FPR within 1e-12 of 1 reads as the fraction 1: index L, past the last negative
     (dict(fprs=(0.1, 0.999999999999999)), r"within 1e-12 of 1"),
