@@ -76,7 +76,8 @@ void check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher, 
     EKD_CHECK(t->device() == student.device(), "ekd_forward: every tensor must be on ", student.device());
   }
   EKD_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
-            "ekd_forward: random_negative_ranks must be on ", student.device());
+            "ekd_forward: random_negative_ranks must be on ", student.device(), ", got ",
+            random_negative_ranks.has_value() ? random_negative_ranks->device() : student.device());
 }
 
 void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,

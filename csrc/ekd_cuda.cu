@@ -1565,15 +1565,11 @@ ForwardOutputs ekd_forward_cuda(const at::Tensor& student, const at::Tensor& tea
                                 const std::optional<at::Tensor>& random_negative_ranks, const ForwardOptions& options) {
   check_forward_inputs(student, teacher, labels, student_thresholds, teacher_thresholds, random_negative_ranks,
                        options);
-  // check_forward_inputs does not look at the optional ranks: one on another device (or a CUDA
-  // ranks tensor with CPU embeddings, which dispatches here) would hand a foreign pointer to a kernel.
+  // (check_forward_inputs has checked the optional ranks' device too: no foreign pointer reaches a kernel)
   EKD_CHECK(student.is_cuda(), "ekd_forward: the CUDA kernel got embeddings on ", student.device());
   EKD_CHECK_VALUE(student.size(0) <= kMaxBatch, "the csrc EKD backend on CUDA takes batches of at most B=", kMaxBatch,
                   " (its tile passes launch cdiv(B, ", kTile, ")^2 / 2 blocks on a grid's x dimension, which stops "
                   "at 2^31 - 1), got B=", student.size(0));
-  EKD_CHECK(!random_negative_ranks.has_value() || random_negative_ranks->device() == student.device(),
-            "ekd_forward: random_negative_ranks must be on ", student.device(), ", got ",
-            random_negative_ranks.has_value() ? random_negative_ranks->device() : student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   if (student.scalar_type() == at::kDouble)
     return forward_cuda<double>(student, teacher, labels, student_thresholds, teacher_thresholds,

@@ -13,7 +13,7 @@ from .backends import check_backend_name, preload
 from .config import DEFAULT_FPRS, EKDConfig
 from .functional import ekd_loss, initial_thresholds
 from .result import EKDStats
-from .validation import check_generator, commit_thresholds, refuse_stateful_recomputation
+from .validation import check_generator, refuse_stateful_recomputation
 
 _THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
 _EXTRA_STATE = "_extra_state"
@@ -138,15 +138,17 @@ class EKDLoss(nn.Module):
         """The loss of one batch (0-d, fp32; fp64 for fp64 inputs); updates the thresholds in
         training mode."""
         # (its backward keeps no B x B activations: nothing to gain from checkpointing it)
-        refuse_stateful_recomputation(self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds")
         # (each buffer read once: a buffer's attribute lookup goes through nn.Module.__getattr__)
-        student_thresholds, teacher_thresholds = self.student_thresholds, self.teacher_thresholds
+        student_state, teacher_state = self.student_thresholds, self.teacher_thresholds
+        # the thresholds the loss reads (copies under torch.compile: see refuse_stateful_recomputation)
+        student_thresholds, teacher_thresholds = refuse_stateful_recomputation(
+            self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds", student_state, teacher_state)
         training = self.training
         # (sharded: the same check runs inside the ranks' agreement exchange, so every rank raises)
         if self.process_group is _NOT_SHARDED and isinstance(student, torch.Tensor) \
-                and student_thresholds.device != student.device:
+                and student_state.device != student.device:
             raise ValueError(
-                f"the EKDLoss thresholds are on {student_thresholds.device} but the embeddings are on "
+                f"the EKDLoss thresholds are on {student_state.device} but the embeddings are on "
                 f"{student.device}: move the loss module with .to(device)")
         if self.process_group is not _NOT_SHARDED:
             from .distributed import ekd_sharded_checked
@@ -159,17 +161,8 @@ class EKDLoss(nn.Module):
                               backend=self.backend, config=self.config)
         if training:
             with torch.no_grad():
-                if torch.compiler.is_compiling():  # (the recomputation check at run time: commit_thresholds)
-                    commit_thresholds(student_thresholds, teacher_thresholds, result.student_thresholds,
-                                      result.teacher_thresholds)
-                else:
-                    # (again: under torch.compile the head of this forward may have been traced,
-                    # its check with it, and this tail run eagerly after a graph break)
-                    if torch._C._current_graph_task_id() != -1:
-                        refuse_stateful_recomputation(self, "updates its thresholds",
-                                                      "checkpoint ekd_loss with explicit thresholds")
-                    student_thresholds.copy_(result.student_thresholds)
-                    teacher_thresholds.copy_(result.teacher_thresholds)
+                student_state.copy_(result.student_thresholds)
+                teacher_state.copy_(result.teacher_thresholds)
         self.last_stats = result.stats
         return result.loss
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import numpy
 import torch
 
@@ -98,13 +100,27 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def refuse_stateful_recomputation(module: torch.nn.Module, what_it_updates: str, advice: str) -> None:
+def refuse_stateful_recomputation(module: torch.nn.Module, what_it_updates: str, advice: str,
+                                  *state: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """RuntimeError when a module that updates state in its forward runs in training mode inside
     a backward pass, i.e. activation checkpointing recomputing the call: the recomputation would
     update the state again and see the state the first call left, so its gradient would belong
-    to another loss.  Refused rather than corrupted silently."""
-    if module.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+    to another loss.  Refused rather than corrupted silently.
+
+    Returns ``state`` (tensors the forward reads its state from, and the state writes depend
+    on): in eager these tensors, checked here; under torch.compile, where this Python test would
+    run once, while tracing, copies made by ``read_state_checked``, an op whose body runs at every
+    call of the graph.  Why at the head of the forward: the non-reentrant checkpoint stops a
+    recomputation once it has the tensors it saved, which can be before the update at the tail
+    (a graph break in the forward puts the update in a later graph); the copies are read by
+    what follows, so the op is neither dropped nor moved after the writes."""
+    if not module.training:
+        return state
+    if torch.compiler.is_compiling():
+        return tuple(read_state_checked(list(state), type(module).__name__, what_it_updates, advice))
+    if torch._C._current_graph_task_id() != -1:
         raise RuntimeError(_recomputation_message(type(module).__name__, what_it_updates, advice))
+    return state
 
 
 def _recomputation_message(name: str, what_it_updates: str, advice: str) -> str:
@@ -113,24 +129,19 @@ def _recomputation_message(name: str, what_it_updates: str, advice: str) -> str:
             f"again): a wrong gradient. Call the loss outside the checkpointed region, or {advice}")
 
 
-@torch.library.custom_op("ekd_kernels::commit_thresholds", mutates_args=("student_state", "teacher_state"))
-def commit_thresholds(student_state: torch.Tensor, teacher_state: torch.Tensor, student: torch.Tensor,
-                      teacher: torch.Tensor) -> None:
-    """EKDLoss's threshold update inside a torch.compile'd forward (eager calls copy directly):
-    the copies, refused at run time inside a backward pass (refuse_stateful_recomputation's rule).
-    Why an op: under compile that rule's Python test runs once, while tracing, so a compiled
-    training-mode EKDLoss inside torch.utils.checkpoint updated its EMA twice and returned the
-    recomputed call's gradient, silently; an op's body runs at every call of the graph."""
+@torch.library.custom_op("ekd_kernels::read_state_checked", mutates_args=())
+def read_state_checked(state: List[torch.Tensor], name: str, what_it_updates: str, advice: str) -> List[torch.Tensor]:
+    """Copies of a stateful module's state, refused inside a backward pass (the run-time form of
+    refuse_stateful_recomputation's check, under torch.compile).  Copies: an op may not return
+    its inputs, and an op whose output nothing reads is dropped from the graph."""
     if torch._C._current_graph_task_id() != -1:
-        raise RuntimeError(_recomputation_message("EKDLoss", "updates its thresholds",
-                                                  "checkpoint ekd_loss with explicit thresholds"))
-    student_state.copy_(student)
-    teacher_state.copy_(teacher)
+        raise RuntimeError(_recomputation_message(name, what_it_updates, advice))
+    return [t.clone() for t in state]
 
 
-@commit_thresholds.register_fake
-def _commit_thresholds_fake(student_state, teacher_state, student, teacher) -> None:
-    return None
+@read_state_checked.register_fake
+def _read_state_checked_fake(state, name, what_it_updates, advice):
+    return [torch.empty_like(t) for t in state]
 
 
 def check_generator(generator) -> None:

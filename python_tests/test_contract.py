@@ -866,21 +866,19 @@ def test_activation_checkpointing_in_training_mode_is_refused(backend, device):
 
 
 def test_activation_checkpointing_of_a_compiled_loss_is_refused(backend, device):
-    """A torch.compile'd training-mode EKDLoss under torch.utils.checkpoint.  Before, the eager
-    rule's Python test ran only while tracing: the recomputation updated the thresholds a second
-    time and the backward returned its gradient, silently.  The reentrant checkpoint now refuses
-    at run time (the compiled update is an op that checks, commit_thresholds, and an eager tail
-    checks again), and the state is one update.  The non-reentrant one (PyTorch's default) is
-    not refused when the compiled call is recomputed through its saved-tensor hooks: the README
-    names it a known limit (keep a compiled loss outside the checkpoint); its state is still one
-    update, asserted here, and its gradient is not the eager one (not asserted either way)."""
+    """A torch.compile'd training-mode EKDLoss under torch.utils.checkpoint, both kinds.  Before,
+    the eager rule's Python test ran only while tracing: the recomputation updated the thresholds
+    a second time and the backward returned its gradient, silently.  Then the compiled update
+    checked at run time, but the non-reentrant checkpoint (PyTorch's default) stops recomputing
+    once it has its saved tensors, before that update where a graph break splits the forward
+    (the reference): the gradient was the recomputed call's.  Now the forward's head reads the
+    thresholds through an op that checks at run time (read_state_checked): both kinds are
+    refused on every backend, and the state is one update."""
     from torch.utils.checkpoint import checkpoint
 
     student, teacher, labels = make_batch(16, seed=3, device=device)
     eager = EKDLoss(backend=backend).to(device)
-    leaf = student.clone().requires_grad_()
-    want = eager(leaf, teacher, labels)
-    want.backward()
+    want = eager(student.clone().requires_grad_(), teacher, labels)
     for reentrant in (False, True):
         crit = EKDLoss(backend=backend).to(device)
         x = student.clone().requires_grad_()
@@ -888,15 +886,21 @@ def test_activation_checkpointing_of_a_compiled_loss_is_refused(backend, device)
         compiled = torch.compile(crit, fullgraph=backend != "reference", backend="aot_eager")
         loss = checkpoint(compiled, x, teacher, labels, use_reentrant=reentrant)
         assert torch.equal(loss, want)
-        if reentrant:
-            with pytest.raises(RuntimeError, match="EKDLoss ran in training mode inside a backward pass"):
-                loss.backward()
-        else:
-            try:
-                loss.backward()
-            except RuntimeError as error:  # (where the hooks reach the compiled call's update)
-                assert "EKDLoss ran in training mode inside a backward pass" in str(error), error
+        with pytest.raises(RuntimeError, match="EKDLoss ran in training mode inside a backward pass"):
+            loss.backward()
         assert torch.equal(crit.student_thresholds, eager.student_thresholds)  # one update, not two
+        assert torch.equal(crit.teacher_thresholds, eager.teacher_thresholds)
+    # outside a checkpoint the compiled module trains as the eager one, call after call
+    crit, eager = EKDLoss(backend=backend).to(device), EKDLoss(backend=backend).to(device)
+    compiled = torch.compile(crit, fullgraph=backend != "reference", backend="aot_eager")
+    for seed in (5, 6):
+        batch = make_batch(16, seed=seed, device=device)
+        x, y = batch[0].clone().requires_grad_(), batch[0].clone().requires_grad_()
+        compiled(x, *batch[1:]).backward()
+        eager(y, *batch[1:]).backward()
+        assert torch.equal(x.grad, y.grad)
+        assert torch.equal(crit.student_thresholds, eager.student_thresholds)
+        assert torch.equal(crit.teacher_thresholds, eager.teacher_thresholds)
 
 
 def test_module_on_wrong_device_says_so():

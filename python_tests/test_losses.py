@@ -902,6 +902,43 @@ def test_unified_refuses_activation_checkpointing():
     checkpoint(lambda a: crit(layer(a), teacher, labels), x, use_reentrant=False).backward()
 
 
+@pytest.mark.parametrize("enqueue", ["before", "after"])
+def test_unified_compiled_refuses_activation_checkpointing(enqueue):
+    """The same under torch.compile, both checkpoint kinds.  Before, the refusal was a Python test
+    that ran only while tracing: the recomputation wrote the batch into the bank a second time
+    and the backward took its gradient.  The forward now reads the ring's pointer and count
+    through an op that checks at run time, and every write depends on what it read."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, teacher, labels = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3
+    first = torch.randn(6, 8), torch.randn(6, 8), torch.arange(6) % 3  # (a bank to read)
+    eager = UnifiedKDLoss(8, bank_size=40, enqueue=enqueue)
+    eager(*first)
+    want = eager(x, teacher, labels)
+    for reentrant in (False, True):
+        crit = UnifiedKDLoss(8, bank_size=40, enqueue=enqueue)
+        crit(*first)
+        compiled = torch.compile(crit, backend="aot_eager")
+        leaf = x.clone().requires_grad_()
+        loss = checkpoint(compiled, leaf, teacher, labels, use_reentrant=reentrant)
+        assert torch.equal(loss, want)
+        with pytest.raises(RuntimeError, match="UnifiedKDLoss ran in training mode inside a backward pass"):
+            loss.backward()
+        for name, buffer in eager.named_buffers():  # one write of the batch, not two
+            assert torch.equal(getattr(crit, name), buffer), name
+    # outside a checkpoint the compiled module trains as the eager one
+    crit, eager = UnifiedKDLoss(8, bank_size=10, enqueue=enqueue), UnifiedKDLoss(8, bank_size=10, enqueue=enqueue)
+    compiled = torch.compile(crit, backend="aot_eager")
+    for step in range(3):  # (the third call wraps the ring)
+        s, t, y = torch.randn(4, 8), torch.randn(4, 8), torch.arange(4) % 2
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        compiled(a, t, y).backward()
+        eager(b, t, y).backward()
+        assert torch.equal(a.grad, b.grad), step
+        for name, buffer in eager.named_buffers():
+            assert torch.equal(getattr(crit, name), buffer), (step, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_unified_16_bit_cast_keeps_an_fp32_bank(dtype):
     crit = UnifiedKDLoss(8, bank_size=40).to(dtype)

@@ -213,27 +213,31 @@ class UnifiedKDLoss(nn.Module):
         self.last_terms = None
 
     @torch.no_grad()
-    def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    def _enqueue(self, teacher: torch.Tensor, labels: torch.Tensor, finite: torch.Tensor, pointer: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
         """Write the batch into the ring; returns each sample's bank row (-1 if it did not fit).
 
         ``finite`` (0-d bool): whether the batch is finite; when it is not, the bank, pointer and
-        count are left as they were (chosen on the device) and every row is -1."""
+        count are left as they were (chosen on the device) and every row is -1.  ``pointer`` and
+        ``count``: the ring's state as the forward read it (refuse_stateful_recomputation)."""
         batch = teacher.shape[0]
         kept = min(batch, self.bank_size)                     # a batch larger than the bank keeps its tail
-        rows = (self.bank_pointer + torch.arange(kept, device=teacher.device)) % self.bank_size
+        rows = (pointer + torch.arange(kept, device=teacher.device)) % self.bank_size
         new_embeddings = normalize_rows(teacher[batch - kept:].detach().float())
         new_labels = labels[batch - kept:].to(torch.int64)
         self.bank_embeddings[rows] = torch.where(finite, new_embeddings, self.bank_embeddings[rows])
         self.bank_labels[rows] = torch.where(finite, new_labels, self.bank_labels[rows])
-        self.bank_pointer.copy_(torch.where(finite, (self.bank_pointer + kept) % self.bank_size, self.bank_pointer))
-        self.bank_count.copy_(torch.where(finite, (self.bank_count + kept).clamp_max(self.bank_size), self.bank_count))
+        self.bank_pointer.copy_(torch.where(finite, (pointer + kept) % self.bank_size, pointer))
+        self.bank_count.copy_(torch.where(finite, (count + kept).clamp_max(self.bank_size), count))
         own = torch.full((batch,), -1, dtype=torch.int64, device=teacher.device)
         own[batch - kept:] = torch.where(finite, rows, -1)
         return own
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        refuse_stateful_recomputation(self, "writes the batch into its memory bank",
-                                      "checkpoint unified_kd_loss with an explicit bank")
+        # the ring's pointer and count as this call reads them (copies under torch.compile)
+        pointer, count = refuse_stateful_recomputation(self, "writes the batch into its memory bank",
+                                                       "checkpoint unified_kd_loss with an explicit bank",
+                                                       self.bank_pointer, self.bank_count)
         check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="UnifiedKDLoss")
         check_has_values(student, "UnifiedKDLoss")
         if teacher.shape[1] != self.dim:
@@ -243,7 +247,7 @@ class UnifiedKDLoss(nn.Module):
         finite = all_finite(student, teacher)
         own = None
         if update and self.enqueue == "before":
-            own = self._enqueue(teacher, labels, finite)
+            own = self._enqueue(teacher, labels, finite, pointer, count)
         filled = int(self.bank_count)
         # the ring's first `filled` rows are the valid entries (rows are filled in order 0, 1, ...)
         bank, bank_labels = self.bank_embeddings[:filled], self.bank_labels[:filled]
@@ -251,7 +255,7 @@ class UnifiedKDLoss(nn.Module):
             own = torch.full((student.shape[0],), -1, dtype=torch.int64, device=student.device)
         result = unified_kd_terms(student, teacher, labels, bank, bank_labels, own, **self.options)
         if update and self.enqueue == "after":
-            self._enqueue(teacher, labels, finite)
+            self._enqueue(teacher, labels, finite, pointer, count)
         self.last_terms = result
         return result.loss
 
