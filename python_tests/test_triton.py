@@ -1630,6 +1630,7 @@ def test_opcheck():
 # once failed them on every call).
 _LAUNCH_SCRIPT = r"""
 import json
+import re
 import sys
 
 import torch
@@ -1638,10 +1639,17 @@ from triton.runtime.jit import JITFunction
 sys.path.insert(0, sys.argv[1])  # tools/
 import sm90_stand_in
 
-launched = {}
+launched, normalise_ttir = {}, []
+
+
+def record(function, kernel):
+    launched.setdefault(function.__name__, []).append(kernel.asm["ptx"])
+    if function.__name__ == "normalise_kernel":
+        normalise_ttir.append(kernel.asm["ttir"])
+
+
 # CPU tensors: nothing runs, every launch compiles
-real_run = sm90_stand_in.compile_launches(lambda function, kernel: launched.setdefault(function.__name__, []).append(
-    kernel.asm["ptx"]))
+real_run = sm90_stand_in.compile_launches(record)
 
 from ekd_kernels import ekd_loss, triton_ekd
 from ekd_kernels._triton.launch import LaunchCache, launches
@@ -1691,8 +1699,10 @@ def exercise():
 
 
 exercise()
+# (the induction variable's type of normalise_kernel's zeroing loop, "scf.for %start = ... : i64")
+zero_loops = sorted({loop for ttir in normalise_ttir for loop in re.findall(r"scf\.for %start = .* : (i\d+)", ttir)})
 report = {"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in launched.items()},
-          "normalise_variants": len(set(launched["normalise_kernel"]))}
+          "normalise_variants": len(set(launched["normalise_kernel"])), "zero_loops": zero_loops}
 if not launches.enabled:  # a Triton without triton.knobs (< 3.3): no cache, every launch through JITFunction.run
     json.dump(report, sys.stdout)
     sys.exit(0)
@@ -1765,6 +1775,9 @@ def test_every_launch_compiles_for_sm90(sm90_compiles):
     assert set(report["fma"]) == ALL_KERNELS
     assert not any(report["fma"]["fine_select_kernel"])
     assert report["normalise_variants"] == 1
+    # the zeroing loop counts in int64: its step, 2 * programs * ZERO_BLOCK, passes 2^31 near
+    # MAX_BATCH, where an int32 start wrapped negative and zeroed memory below the buffer
+    assert report["zero_loops"] == ["i64"]
     # The launch cache, checked against JITFunction.run at every hit (LaunchMismatch otherwise):
     # every kernel passed its check, each launch called the launcher once, and after two rounds
     # the third was hits only; the 4-bytes-off inputs took entries of their own (their compiled
