@@ -413,15 +413,23 @@ def _candidate_blocks() -> Tuple[int, int]:
     return CANDIDATE_BLOCK, CANDIDATE_CHUNK
 
 
-def _dot_precision(x: torch.Tensor) -> str:
-    """input_precision of the similarity dots of `x`; under the interpreter
-    kernels.ORDERED_PRECISION (fp32 products summed in k order, see _similarity_tile)."""
-    if x.dtype == torch.float32 and FP32_DOT_PRECISION not in ("tf32x3", "ieee"):
+def _fp32_precision() -> str:
+    """EKD_TRITON_FP32_PRECISION, checked: the input_precision of every fp32 dot, those of 16-bit
+    inputs' backward included (the gradient's fp32 dots)."""
+    if FP32_DOT_PRECISION not in ("tf32x3", "ieee"):
         raise ValueError(f"EKD_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee' (plain tf32 is not accurate "
                          f"enough for tau = 0.01), got {FP32_DOT_PRECISION!r}")
+    return FP32_DOT_PRECISION
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    """input_precision of the similarity dots of `x`; under the interpreter
+    kernels.ORDERED_PRECISION (fp32 products summed in k order, see _similarity_tile).  Checks
+    the setting whatever x's dtype, so that a bad one fails in the forward, not at the backward."""
+    precision = _fp32_precision()
     if _kernels_interpreted():
         return "ordered_fp32"
-    return FP32_DOT_PRECISION if x.dtype == torch.float32 else "ieee"
+    return precision if x.dtype == torch.float32 else "ieee"
 
 
 def _num_tiles(batch: int) -> int:
@@ -1219,7 +1227,7 @@ def _backward_impl(grad_loss, s, t, sorted_labels, order, s_inv, t_inv, threshol
         thresholds_used.shape[1], temperature, grad_loss, positive_coefficient, grad_hat, selected_rows,
         selected_cols, num_slots, entry_keys, num_entries, gram, gram.stride(0), RANK_LOSS=_RANK_LOSS_CODES[rank_loss],
         CRITICAL_ONLY=critical_only, TILE=TILE, BLOCK_K=_block_k(), BLOCK_D=BLOCK_D, S_PRECISION=_dot_precision(s),
-        T_PRECISION=_dot_precision(t), G_PRECISION=FP32_DOT_PRECISION, LABEL_BLOCK=LABEL_BLOCK,
+        T_PRECISION=_dot_precision(t), G_PRECISION=_fp32_precision(), LABEL_BLOCK=LABEL_BLOCK,
         ENTRY_BLOCK=SMALL_BLOCK, GRAM=(kernels.GRAM_LOAD if cached else kernels.GRAM_OFF).value)
 
     # Selected negatives: the entries sorted by (row, other) fix each row's summation order,

@@ -2193,3 +2193,16 @@ def test_raw_backward_refuses_argument_on_another_device(raw_calls, name):
     backward[name] = backward[name].to(_OTHER_DEVICE)
     with pytest.raises(ValueError, match=rf"\b{name}\b.*device"):
         _raw_backward(backward)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("setting", ["tf32", "foo"])
+def test_fp32_precision_setting_is_checked_in_the_forward_whatever_the_dtype(monkeypatch, dtype, setting):
+    """EKD_TRITON_FP32_PRECISION picks the fp32 dots' input_precision; plain tf32 is not accurate
+    enough.  A 16-bit batch's backward has fp32 dots too (the gradient's): before, its forward did
+    not check the setting, so tf32 ran there silently and a misspelt value failed inside Triton's
+    compiler at the first backward.  Refused in the forward now, for every dtype."""
+    monkeypatch.setattr(triton_ekd, "FP32_DOT_PRECISION", setting)
+    student, teacher, labels = make_batch(40, seed=0)
+    with pytest.raises(ValueError, match=f"EKD_TRITON_FP32_PRECISION must be 'tf32x3' or 'ieee'.*got '{setting}'"):
+        ekd_loss(student.to(dtype).requires_grad_(True), teacher.to(dtype), labels, backend="triton")
