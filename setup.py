@@ -100,9 +100,9 @@ def _cuda_decision(torch_cuda_version, cuda_home, nvcc_version=None):
     if setting == "0":
         return False, "EKD_BUILD_CUDA=0"
     problems = []
-    if torch_cuda_version is None:
+    if torch_cuda_version is None:  # (the reason, alone: torch sets no CUDA_HOME then, whatever nvcc)
         problems.append("torch is a CPU-only build (torch.version.cuda is None)")
-    if cuda_home is None or not (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
+    elif cuda_home is None or not (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
         problems.append(f"no nvcc found (CUDA_HOME={cuda_home!r}, nvcc on PATH: {shutil.which('nvcc')!r})")
     elif torch_cuda_version is not None and nvcc_version is not None:
         torch_major = int(torch_cuda_version.split(".")[0])
@@ -117,16 +117,33 @@ def _cuda_decision(torch_cuda_version, cuda_home, nvcc_version=None):
     return True, None
 
 
+#: setup.py commands that compile the extension (the others, egg_info, dist_info and sdist, only
+#: write metadata or pack sources, and need no torch).
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+_NO_TORCH = ("ekd_kernels compiles its C++/CUDA ops against the torch it will run with, and none is importable "
+             "here. Install torch first, then this package with `pip install --no-build-isolation .` (pip's "
+             "default isolated build would compile against another torch, in a temporary environment, and leave "
+             "an extension that does not load).")
+
+
 def _extensions():
     _prepare_cuda_home()
-    import torch
+    try:
+        import torch
+    except ImportError:
+        if _BUILD_COMMANDS & set(sys.argv[1:]):
+            raise SystemExit(_NO_TORCH)
+        return []  # metadata or an sdist
     from torch.utils import cpp_extension
 
     build_cuda, reason = _cuda_decision(torch.version.cuda, cpp_extension.CUDA_HOME,
                                         _nvcc_version(cpp_extension.CUDA_HOME))
     # Every C++ file under csrc/ (op families may live in subfolders, e.g. csrc/rkd/); one library.
     cpp_sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++17 or C++20)
+    # (the C++ standard comes from torch, C++17 or C++20; -g0: Python's default flags carry -g,
+    # which made the library 95% debug information, 10 MB of 10.5 on CPU)
+    cxx_flags = ["-O3", "-fopenmp", "-g0"]
     include_dirs = [str(CSRC)]
     if not build_cuda:
         print(f"ekd_kernels: building the C++ CPU ops only ({reason})", flush=True)

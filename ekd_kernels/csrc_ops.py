@@ -20,6 +20,7 @@ are converted here, so that autograd brings the gradient back in the input's dty
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -33,12 +34,29 @@ _RANK_LOSS_CODES = {"soft_rank": 0, "eq7": 1, "eq8": 2}
 _FORWARD_OP = "ekd_kernels::ekd_forward"
 _BACKWARD_OP = "ekd_kernels::ekd_backward"
 
+
+
+def load_error_message(error: BaseException) -> str:
+    """Why the compiled ops are missing, from the error of importing ekd_kernels._C, with the
+    remedy: a missing library was not built; one that fails to load was built against another
+    torch (pip's isolated build environment brings its own) or is damaged."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "ekd_kernels._C":
+        return ("the C++ extension ekd_kernels._C was not built (install the package from its source tree with "
+                "`pip install --no-build-isolation .`, or run `make install` in a checkout)")
+    return (f"the C++ extension ekd_kernels._C failed to load: {error}; it was most likely built against "
+            f"another torch than this one ({torch.__version__}), e.g. in pip's isolated build environment: rebuild "
+            "it here with `pip install --no-build-isolation --no-deps --force-reinstall .` from the source tree")
+
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
     _LOAD_ERROR: Optional[str] = None
-except ImportError as exc:
-    _LOAD_ERROR = f"the C++ extension was not built: {exc} (run `make install`)"
+except (ImportError, OSError) as exc:
+    _LOAD_ERROR = load_error_message(exc)
+    # (said once, here: backend="auto" would otherwise fall back to the others without a word)
+    warnings.warn(f"ekd_kernels: {_LOAD_ERROR}. The 'csrc' backend is unavailable; 'auto' uses the others.",
+                  RuntimeWarning, stacklevel=2)
 
 
 # Asked once, when the library loads (which registers every kernel it was compiled with): the

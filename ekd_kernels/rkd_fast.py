@@ -80,7 +80,12 @@ def _jit_build() -> None:
     sources = [str(_source_dir() / name) for name in _SOURCES]
     missing = [s for s in sources if not os.path.isfile(s)]
     if missing:
-        raise RuntimeError(f"fast RKD sources not found: {missing}")
+        from .csrc_ops import unavailable_reason
+
+        # (an installed package has no csrc/: its op comes from ekd_kernels._C, and why that is
+        # missing is the message worth reading)
+        raise RuntimeError(f"the fast RKD op is not in ekd_kernels._C ({unavailable_reason('cpu') or 'built without it'}) "
+                           f"and its sources for a build on first use are not here: {missing}")
     build_dir = pathlib.Path(os.environ.get("EKD_RKD_BUILD_DIR", pathlib.Path(tempfile.gettempdir()) /
                                             "ekd_kernels_rkd_jit"))
     build_dir.mkdir(parents=True, exist_ok=True)

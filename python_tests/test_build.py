@@ -121,3 +121,57 @@ def test_ensure_deps_reads_version_bounds():
     assert ensure_deps.is_present("torch>=2.6") and ensure_deps.is_present("torch")
     assert not ensure_deps.is_present("torch>=99") and not ensure_deps.is_present("setuptools>=999")
     assert not ensure_deps.is_present("no-such-distribution-ekd")
+
+
+def test_a_build_without_torch_says_how_to_install(setup_module, monkeypatch):
+    """pip's default (isolated) build compiled the ops against a torch it downloaded into a
+    temporary environment, and the installed library then failed to load against the user's
+    torch, silently leaving the reference backend.  torch is no build requirement now, so such
+    a build finds none: the commands that compile stop with the remedy; metadata and sdist
+    commands need no torch and go on without the extension."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # (import torch raises ImportError)
+    for command in ("bdist_wheel", "editable_wheel", "build_ext"):
+        monkeypatch.setattr(sys, "argv", ["setup.py", command, "--dist-dir", "x"])
+        with pytest.raises(SystemExit, match="pip install --no-build-isolation"):
+            setup_module._extensions()
+    for command in ("egg_info", "dist_info", "sdist"):
+        monkeypatch.setattr(sys, "argv", ["setup.py", command])
+        assert setup_module._extensions() == []
+    with open(ROOT / "pyproject.toml") as f:
+        requires = next(line for line in f if line.startswith("requires"))
+    assert "torch" not in requires and "setuptools>=70.1" in requires
+
+
+def test_cpu_torch_gives_that_reason_alone(setup_module, toolkit, monkeypatch):
+    """A CPU-only torch sets no CUDA_HOME, so 'no nvcc found' beside it contradicted the nvcc on
+    the PATH it printed: the CPU-only reason stands alone."""
+    monkeypatch.delenv("EKD_BUILD_CUDA", raising=False)
+    assert setup_module._cuda_decision(None, None, None) == (
+        False, "torch is a CPU-only build (torch.version.cuda is None)")
+
+
+def test_extension_load_errors_name_their_remedy():
+    """Not built, or built against another torch (pip's isolated build): each message says which
+    and how to rebuild, and importing the package without its library warns once, so that
+    backend="auto" does not fall back to the reference without a word."""
+    from ekd_kernels.csrc_ops import load_error_message
+
+    missing = ModuleNotFoundError("No module named 'ekd_kernels._C'", name="ekd_kernels._C")
+    assert "was not built" in load_error_message(missing)
+    foreign = ImportError("libc10_cuda.so: cannot open shared object file: No such file or directory")
+    message = load_error_message(foreign)
+    assert "failed to load: libc10_cuda.so" in message and "another torch" in message
+    assert "pip install --no-build-isolation" in message
+    # (the backend's module is imported on first use: EKDLoss(), or asking for the backends)
+    script = ("import sys, warnings; sys.modules['ekd_kernels._C'] = None\n"
+              "import ekd_kernels\n"
+              "with warnings.catch_warnings(record=True) as caught:\n"
+              "    warnings.simplefilter('always')\n"
+              "    backends = ekd_kernels.available_backends('cpu')\n"
+              "    ekd_kernels.EKDLoss()\n"
+              "print(backends, [str(w.message) for w in caught if w.category is RuntimeWarning])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    backends, _, warned = out.stdout.strip().splitlines()[-1].partition(" ")
+    assert "'csrc'" not in backends
+    assert warned.count("the C++ extension ekd_kernels._C was not built") == 1, out.stdout

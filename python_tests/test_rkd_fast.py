@@ -368,3 +368,16 @@ def test_duplicate_rows_random_features_as_documented():
     loss_32, grad_32 = loss_and_grad(fast_rkd_loss, student.float(), teacher.float(), backend="op")
     assert_loss_close(loss_32.double(), ref_loss, rtol=1e-6)
     assert grad_32[:2].abs().max().item() == 0.0
+
+
+def test_jit_build_without_sources_says_why_the_op_is_missing(monkeypatch, tmp_path):
+    """An installed package has no csrc/ beside it: the build on first use cannot run, and the
+    message says why the op was not in ekd_kernels._C instead of naming a path in site-packages
+    only."""
+    from ekd_kernels import csrc_ops, rkd_fast
+
+    monkeypatch.setattr(rkd_fast, "_source_dir", lambda: tmp_path / "csrc" / "rkd")
+    monkeypatch.setattr(csrc_ops, "_LOAD_ERROR", "the C++ extension ekd_kernels._C failed to load: (test)")
+    with pytest.raises(RuntimeError, match=r"fast RKD op is not in ekd_kernels._C \(the C\+\+ extension "
+                                           r"ekd_kernels._C failed to load: \(test\)\) and its sources"):
+        rkd_fast._jit_build()
