@@ -175,8 +175,9 @@ def _build_ext():
 
 
 if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    extensions = _extensions()
     setup(
         packages=find_packages(include=["ekd_kernels", "ekd_kernels.*"]),
-        ext_modules=_extensions(),
-        cmdclass={"build_ext": _build_ext()},
+        ext_modules=extensions,
+        cmdclass={"build_ext": _build_ext()} if extensions else {},  # (none: metadata or an sdist, no torch)
     )

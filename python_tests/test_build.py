@@ -142,6 +142,27 @@ def test_a_build_without_torch_says_how_to_install(setup_module, monkeypatch):
     assert "torch" not in requires and "setuptools>=70.1" in requires
 
 
+def test_setup_py_without_torch_writes_metadata_and_refuses_a_build(tmp_path):
+    """The same through setup.py as pip's isolated build runs it (torch not importable): egg_info
+    succeeds (it once failed on the build command class's torch import), bdist_wheel stops with
+    the advice."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".venv", "build", "*.egg-info", ".git", "*.so",
+                                                                "shared", "bench", "__pycache__"))
+    runner = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py'] + sys.argv[1:]; "
+              "runpy.run_path('setup.py', run_name='__main__')")
+
+    def setup_py(*args):
+        return subprocess.run([sys.executable, "-c", runner, *args], cwd=tree, capture_output=True, text=True,
+                              timeout=300)
+
+    metadata = setup_py("-q", "egg_info", "--egg-base", str(tmp_path))
+    assert metadata.returncode == 0, metadata.stderr[-2000:]
+    assert (tmp_path / "ekd_kernels.egg-info" / "PKG-INFO").is_file()
+    build = setup_py("-q", "bdist_wheel", "--dist-dir", str(tmp_path / "dist"))
+    assert build.returncode != 0 and "pip install --no-build-isolation" in build.stderr, build.stderr[-2000:]
+
+
 def test_cpu_torch_gives_that_reason_alone(setup_module, toolkit, monkeypatch):
     """A CPU-only torch sets no CUDA_HOME, so 'no nvcc found' beside it contradicted the nvcc on
     the PATH it printed: the CPU-only reason stands alone."""
