@@ -123,10 +123,18 @@ def refuse_stateful_recomputation(module: torch.nn.Module, what_it_updates: str,
     return state
 
 
-def _recomputation_message(name: str, what_it_updates: str, advice: str) -> str:
-    return (f"{name} ran in training mode inside a backward pass, as under torch.utils.checkpoint's recomputation: "
-            f"it {what_it_updates} in forward, so the recomputed loss would see another state (and update it "
-            f"again): a wrong gradient. Call the loss outside the checkpointed region, or {advice}")
+def _recomputation_message(name: str, what_it_updates: str, advice: str, compiled: bool = False) -> str:
+    message = (f"{name} ran in training mode inside a backward pass, as under torch.utils.checkpoint's "
+               f"recomputation: it {what_it_updates} in forward, so the recomputed loss would see another state "
+               f"(and update it again): a wrong gradient. Call the loss outside the checkpointed region, or {advice}")
+    if compiled:
+        # (torch.compile's min-cut partitioner under a memory budget recomputes forward ops in the
+        # backward from the module's buffers, after the forward has updated them: PyTorch's
+        # pytorch/pytorch#197039; it gave a silently wrong gradient before this check)
+        message += (". Without a checkpoint, the cause is torch.compile recomputing the forward in the backward "
+                    "(torch._functorch.config.activation_memory_budget < 1), which would read the updated "
+                    "state: keep the budget at 1, or keep the loss out of the compiled graph (compile the model alone)")
+    return message
 
 
 @torch.library.custom_op("ekd_kernels::read_state_checked", mutates_args=())
@@ -135,7 +143,7 @@ def read_state_checked(state: List[torch.Tensor], name: str, what_it_updates: st
     refuse_stateful_recomputation's check, under torch.compile).  Copies: an op may not return
     its inputs, and an op whose output nothing reads is dropped from the graph."""
     if torch._C._current_graph_task_id() != -1:
-        raise RuntimeError(_recomputation_message(name, what_it_updates, advice))
+        raise RuntimeError(_recomputation_message(name, what_it_updates, advice, compiled=True))
     return [t.clone() for t in state]
 
 

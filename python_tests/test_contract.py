@@ -903,6 +903,34 @@ def test_activation_checkpointing_of_a_compiled_loss_is_refused(backend, device)
         assert torch.equal(crit.teacher_thresholds, eager.teacher_thresholds)
 
 
+def test_compiled_loss_under_an_activation_memory_budget_is_refused_not_wrong(backend, device):
+    """torch.compile's min-cut partitioner with activation_memory_budget < 1 recomputes forward
+    ops in the backward from the module's buffers, which the forward has updated by then
+    (pytorch/pytorch#197039): a compiled training-mode EKDLoss gave a silently wrong gradient.
+    Its state read now checks at run time, so the backward raises, naming the budget."""
+    import torch._functorch.config as functorch_config
+
+    student, teacher, labels = make_batch(16, seed=3, device=device)
+    eager = EKDLoss(backend=backend).to(device)
+    want = student.clone().requires_grad_()
+    eager(want, teacher, labels).backward()
+    torch._dynamo.reset()
+    with functorch_config.patch(activation_memory_budget=0.5):
+        crit = EKDLoss(backend=backend).to(device)
+        # (the reference traces with graph breaks: its selection has data-dependent sizes)
+        compiled = torch.compile(crit, fullgraph=backend != "reference", backend="aot_eager")
+        x = student.clone().requires_grad_()
+        loss = compiled(x, teacher, labels)
+        if backend == "reference":  # its graphs save the state they read: right, not refused
+            loss.backward()
+            assert torch.equal(x.grad, want.grad)
+        else:
+            with pytest.raises(RuntimeError, match=r"activation_memory_budget < 1.*keep the budget at 1"):
+                loss.backward()
+    assert torch.equal(crit.student_thresholds, eager.student_thresholds)  # one update
+    torch._dynamo.reset()
+
+
 def test_module_on_wrong_device_says_so():
     crit = EKDLoss().to("meta")
     with pytest.raises(ValueError, match="move the loss module"):
