@@ -1775,8 +1775,8 @@ def test_every_launch_compiles_for_sm90(sm90_compiles):
     assert set(report["fma"]) == ALL_KERNELS
     assert not any(report["fma"]["fine_select_kernel"])
     assert report["normalise_variants"] == 1
-    # the zeroing loop counts in int64: its step, 2 * programs * ZERO_BLOCK, passes 2^31 near
-    # MAX_BATCH, where an int32 start wrapped negative and zeroed memory below the buffer
+    # the zeroing loop counts in int64: near MAX_BATCH a start plus its step, 2 * programs *
+    # ZERO_BLOCK, passes 2^31, where an int32 start wrapped negative and zeroed memory below the buffer
     assert report["zero_loops"] == ["i64"]
     # The launch cache, checked against JITFunction.run at every hit (LaunchMismatch otherwise):
     # every kernel passed its check, each launch called the launcher once, and after two rounds

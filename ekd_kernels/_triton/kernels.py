@@ -171,8 +171,8 @@ def normalise_kernel(student_ptr, teacher_ptr, order_ptr, batch, dim_s, dim_t, s
         nonfinite = _gather_and_normalise(teacher_ptr, t_stride_row, t_stride_col, source, rows, row_mask, dim_t,
                                           t_sorted_ptr, t_inv_ptr, BLOCK_R, BLOCK_K)
     tl.store(nonfinite_ptr + model * num_blocks + pid, nonfinite)
-    # (int64 loop bounds: the step, 2 * programs * ZERO_BLOCK, passes 2^31 near MAX_BATCH, and an
-    # int32 start would wrap negative there and write below the buffer)
+    # (int64 loop bounds: near MAX_BATCH a start plus the step, 2 * programs * ZERO_BLOCK, passes
+    # 2^31, and an int32 start would wrap negative there and write below the buffer)
     program = (model * num_blocks + pid).to(tl.int64)
     for start in range(program * ZERO_BLOCK, num_zero, 2 * num_blocks.to(tl.int64) * ZERO_BLOCK):
         offsets = start + tl.arange(0, ZERO_BLOCK)
