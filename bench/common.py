@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -58,6 +60,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def uncommitted_changes() -> Optional[dict]:
+    """For a "-dirty" commit: the files changed against HEAD and the SHA-256 of `git diff HEAD`,
+    so that a row names the code it measured (keep the diff to reproduce it); None when clean."""
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True).stdout
+        files = subprocess.run(["git", "diff", "HEAD", "--name-only"], cwd=REPO, capture_output=True,
+                               text=True).stdout.split()
+    except OSError:
+        return None
+    return {"files": files, "diff_sha256": hashlib.sha256(diff).hexdigest()} if diff else None
+
+
+#: Environment variables that switch kernels or threads, recorded with every row.
+_SETTINGS_PREFIXES = ("EKD_", "OMP_", "MKL_", "TRITON_", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST")
+
+
 def _version(module: str):
     try:
         return __import__(module).__version__
@@ -69,11 +87,17 @@ def environment(device: torch.device) -> dict:
     """The fields every row carries."""
     import ekd_kernels
 
+    capability = ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
         "ekd_kernels": ekd_kernels.__version__, "commit": git_commit(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # (what else decides the figures: the code beyond the commit, the switches, the command)
+        "uncommitted": uncommitted_changes(), "capability": capability,
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_SETTINGS_PREFIXES)},
+        "argv": [pathlib.Path(sys.argv[0]).name] + sys.argv[1:],
     }
 
 

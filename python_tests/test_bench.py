@@ -185,6 +185,7 @@ def test_train_step_bench_quick(tmp_path):
     assert [r["setting"] for r in rows] == ["baseline", "ekd/reference"]
     assert rows[0]["loss_share"] is None and 0 < rows[1]["loss_share"]
     assert all(r["batch"] == 4 for r in rows)
+    assert all(r["rounds"] == 2 for r in rows)  # the settings interleaved (--quick: 2 repeats, 2 rounds)
 
 
 def test_plot_draws_pngs(tmp_path):
@@ -402,3 +403,32 @@ def test_interpreter_cost_tool_runs():
         assert done.returncode == 0, done.stderr[-4000:]
         assert "rank_loss_kernel" in done.stdout and "whole call" in done.stdout, done.stdout
         assert ("every helper call" in done.stdout) == bool(extra), done.stdout
+
+
+def test_rows_name_the_code_and_switches_they_measured(tmp_path, monkeypatch):
+    """A "-dirty" commit alone does not say what was measured: a row carries the changed files
+    and the diff's hash, the kernel switches (EKD_*, thread counts), the matmul precision and the
+    command line; the training step interleaves its settings by default on every device, and
+    times fast RKD wherever it runs (it was skipped on CUDA as "CPU kernel only", which it is not)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_train_step
+    import common
+
+    monkeypatch.setenv("EKD_TRITON_FP32_PRECISION", "ieee")
+    env = common.environment(torch.device("cpu"))
+    assert env["settings"]["EKD_TRITON_FP32_PRECISION"] == "ieee"
+    assert env["matmul_precision"] == torch.get_float32_matmul_precision() and env["argv"]
+    assert (env["uncommitted"] is None) == (not env["commit"].endswith("-dirty"))
+    monkeypatch.setattr(common, "REPO", tmp_path)  # a dirty checkout of one file
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "a.py"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a"], cwd=tmp_path,
+                   check=True)
+    assert common.uncommitted_changes() is None
+    (tmp_path / "a.py").write_text("x = 2\n")
+    changed = common.uncommitted_changes()
+    assert changed["files"] == ["a.py"] and len(changed["diff_sha256"]) == 64
+    monkeypatch.setattr(bench_train_step, "BACKEND_NAMES", ())  # (the RKD settings only: no GPU here)
+    losses, skipped = bench_train_step.distillation_losses(torch.device("cuda"))
+    assert "rkd/fast" in losses and "rkd/fast" not in skipped
