@@ -104,7 +104,7 @@ def _cuda_decision(torch_cuda_version, cuda_home, nvcc_version=None):
         problems.append("torch is a CPU-only build (torch.version.cuda is None)")
     elif cuda_home is None or not (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
         problems.append(f"no nvcc found (CUDA_HOME={cuda_home!r}, nvcc on PATH: {shutil.which('nvcc')!r})")
-    elif torch_cuda_version is not None and nvcc_version is not None:
+    elif nvcc_version is not None:
         torch_major = int(torch_cuda_version.split(".")[0])
         if torch_major != nvcc_version[0]:
             problems.append(f"nvcc is CUDA {nvcc_version[0]}.{nvcc_version[1]} but torch was built with CUDA "

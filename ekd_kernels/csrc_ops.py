@@ -35,7 +35,6 @@ _FORWARD_OP = "ekd_kernels::ekd_forward"
 _BACKWARD_OP = "ekd_kernels::ekd_backward"
 
 
-
 def load_error_message(error: BaseException) -> str:
     """Why the compiled ops are missing, from the error of importing ekd_kernels._C, with the
     remedy: a missing library was not built; one that fails to load was built against another

@@ -142,7 +142,8 @@ class EKDLoss(nn.Module):
         student_state, teacher_state = self.student_thresholds, self.teacher_thresholds
         # the thresholds the loss reads (copies under torch.compile: see refuse_stateful_recomputation)
         student_thresholds, teacher_thresholds = refuse_stateful_recomputation(
-            self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds", student_state, teacher_state)
+            self, "updates its thresholds", "checkpoint ekd_loss with explicit thresholds", student_state,
+            teacher_state)
         training = self.training
         # (sharded: the same check runs inside the ranks' agreement exchange, so every rank raises)
         if self.process_group is _NOT_SHARDED and isinstance(student, torch.Tensor) \

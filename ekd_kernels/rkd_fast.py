@@ -84,8 +84,9 @@ def _jit_build() -> None:
 
         # (an installed package has no csrc/: its op comes from ekd_kernels._C, and why that is
         # missing is the message worth reading)
-        raise RuntimeError(f"the fast RKD op is not in ekd_kernels._C ({unavailable_reason('cpu') or 'built without it'}) "
-                           f"and its sources for a build on first use are not here: {missing}")
+        why = unavailable_reason("cpu") or "built without it"
+        raise RuntimeError(f"the fast RKD op is not in ekd_kernels._C ({why}) and its sources for a build on "
+                           f"first use are not here: {missing}")
     build_dir = pathlib.Path(os.environ.get("EKD_RKD_BUILD_DIR", pathlib.Path(tempfile.gettempdir()) /
                                             "ekd_kernels_rkd_jit"))
     build_dir.mkdir(parents=True, exist_ok=True)
