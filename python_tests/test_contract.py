@@ -6,6 +6,7 @@ import copy
 import functools
 import io
 import math
+import re
 import warnings
 
 import numpy
@@ -921,12 +922,16 @@ def test_compiled_loss_under_an_activation_memory_budget_is_refused_not_wrong(ba
         compiled = torch.compile(crit, fullgraph=backend != "reference", backend="aot_eager")
         x = student.clone().requires_grad_()
         loss = compiled(x, teacher, labels)
-        if backend == "reference":  # its graphs save the state they read: right, not refused
+        # Right or refused, never wrong: which one depends on what the partitioner recomputes (it
+        # refuses here for csrc and Triton under torch 2.14; the reference's graphs save the state
+        # they read), and that is PyTorch's choice, version to version.
+        try:
             loss.backward()
-            assert torch.equal(x.grad, want.grad)
+        except RuntimeError as error:
+            assert backend != "reference", error
+            assert re.search(r"activation_memory_budget < 1.*keep the budget at 1", str(error)), error
         else:
-            with pytest.raises(RuntimeError, match=r"activation_memory_budget < 1.*keep the budget at 1"):
-                loss.backward()
+            assert torch.equal(x.grad, want.grad)
     assert torch.equal(crit.student_thresholds, eager.student_thresholds)  # one update
     torch._dynamo.reset()
 
