@@ -261,7 +261,9 @@ def _rkd_tiled(student: torch.Tensor, teacher: torch.Tensor, distance_weight: fl
 
     def normalised(q):
         d = q.clamp_min(1e-12).sqrt() * (1 - torch.eye(batch, dtype=q.dtype, device=q.device))
-        return d / d[d > 0].mean()
+        # the mean of the positive distances (d >= 0) without a boolean-mask selection, whose
+        # data-dependent size torch.compile(fullgraph=True) refuses before torch 2.11 or so
+        return d / (d.sum() / (d > 0).sum())
 
     with torch.no_grad():
         teacher_distances = normalised(q_t)

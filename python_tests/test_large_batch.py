@@ -301,6 +301,11 @@ int64 = ("hist_", "coarse_ptr", "fine_", "labels_ptr", "state_ptr", "candidate_k
 int32 = ("bucket_ptr", "candidate_count", "candidate_rows", "candidate_cols", "nonfinite")
 float64 = ("ema_ptr",)
 for kernel, constants in cases:
+    # (a constexpr parameter left at its default is a constant too: Triton 3.2 compiled it as a
+    # runtime int where the signature said so, and a later comparison with a constexpr failed)
+    constants = {**{p.name: p.default for p in kernel.params
+                    if p.is_constexpr and p.default is not inspect.Parameter.empty}, **constants}
+
     def arg_type(name):
         if name in constants:
             return "constexpr"

@@ -1699,8 +1699,10 @@ def exercise():
 
 
 exercise()
-# (the induction variable's type of normalise_kernel's zeroing loop, "scf.for %start = ... : i64")
-zero_loops = sorted({loop for ttir in normalise_ttir for loop in re.findall(r"scf\.for %start = .* : (i\d+)", ttir)})
+# (the induction variable's type of normalise_kernel's zeroing loop, "scf.for %start = %5 to %8 step %7 : i64":
+# its one loop whose step is no constant, %c128_i32 say; Triton 3.2 names the variable %argN)
+zero_loops = sorted({loop for ttir in normalise_ttir
+                     for loop in re.findall(r"scf\.for %\w+ = %\w+ to %\w+ step %(?!c)\w+\s*: (i\d+)", ttir)})
 report = {"fma": {name: ["fma.rn.f32" in ptx for ptx in ptxs] for name, ptxs in launched.items()},
           "normalise_variants": len(set(launched["normalise_kernel"])), "zero_loops": zero_loops}
 if not launches.enabled:  # a Triton without triton.knobs (< 3.3): no cache, every launch through JITFunction.run
