@@ -11,7 +11,7 @@ from .backends import resolve_backend
 from .config import EKDConfig
 from .reference import autocast_off
 from .result import EKDResult
-from .validation import check_embeddings_and_labels, check_flag, check_generator, check_thresholds
+from .validation import check_embeddings_and_labels, check_flag, check_generator, check_thresholds, signed_labels
 
 
 #: The option keywords ekd_loss takes: the fields of EKDConfig.
@@ -57,6 +57,7 @@ def ekd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
     update_thresholds = check_flag("update_thresholds", update_thresholds)
     check_generator(generator)
     check_embeddings_and_labels(student, teacher, labels)
+    labels = signed_labels(labels)
     if student_thresholds is None:
         student_thresholds = initial_thresholds(config, student.device)
     if teacher_thresholds is None:

@@ -71,6 +71,17 @@ def check_batch_limit(batch: int, max_batch: int, backend: str, why: str) -> Non
         raise ValueError(f"the {backend} EKD backend takes batches of at most B={max_batch} ({why}), got B={batch}")
 
 
+_SIGNED_OF_UNSIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def signed_labels(labels: torch.Tensor) -> torch.Tensor:
+    """uint16/32/64 labels as the signed integers of their width (a view, no copy): the same
+    partition of the batch (equal labels stay equal, different ones different), in dtypes every
+    op indexes, sorts and compares (torch 2.6 indexes no uint64 tensor)."""
+    signed = _SIGNED_OF_UNSIGNED.get(labels.dtype)
+    return labels if signed is None else labels.view(signed)
+
+
 def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, num_thresholds: int,
                      device: torch.device) -> None:
     """Threshold state passed to the functional form must be K floats on the embeddings' device."""

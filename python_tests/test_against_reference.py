@@ -73,8 +73,8 @@ def test_uint64_labels_past_int64(fast_backend, device, selection):
     others, out of int64 order (wrong pairs drawn, or a column past the batch: a ValueError)."""
     student, teacher, _ = make_batch(20, 8, 8, seed=0, device=device)
     identity = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(1))
-    values = torch.tensor([0, 1, -2**63, -1, 5], dtype=torch.int64).view(torch.uint64)  # 2^63, 2^64 - 1
-    labels = values[identity].to(device)
+    values = torch.tensor([0, 1, -2**63, -1, 5], dtype=torch.int64)  # as uint64: 2^63, 2^64 - 1
+    labels = values[identity].view(torch.uint64).to(device)  # (torch 2.6 indexes no uint64 tensor)
     options = dict(negative_selection=selection, num_hard_negatives=25)
     seed = 3 if selection == "random" else None
     compare_with_reference(fast_backend, [(student, teacher, labels)] * 2, generator_seed=seed, **options)
