@@ -50,12 +50,11 @@ def device_slug(device: torch.device) -> str:
     return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def git_commit() -> str:
+def git_commit(uncommitted: Optional[dict]) -> str:
+    """The short commit, "-dirty" when tracked files differ from it (``uncommitted_changes()``)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return (head.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+        return (head.stdout.strip() or "unknown") + ("-dirty" if uncommitted else "")
     except OSError:
         return "unknown"
 
@@ -88,13 +87,14 @@ def environment(device: torch.device) -> dict:
     import ekd_kernels
 
     capability = ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None
+    uncommitted = uncommitted_changes()
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "triton": _version("triton"), "cuda": torch.version.cuda, "python": platform.python_version(),
-        "ekd_kernels": ekd_kernels.__version__, "commit": git_commit(), "threads": torch.get_num_threads(),
+        "ekd_kernels": ekd_kernels.__version__, "commit": git_commit(uncommitted), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # (what else decides the figures: the code beyond the commit, the switches, the command)
-        "uncommitted": uncommitted_changes(), "capability": capability,
+        "uncommitted": uncommitted, "capability": capability,
         "matmul_precision": torch.get_float32_matmul_precision(),
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_SETTINGS_PREFIXES)},
         "argv": [pathlib.Path(sys.argv[0]).name] + sys.argv[1:],
