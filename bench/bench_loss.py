@@ -6,7 +6,9 @@
 
 For each batch size B (D = 512) and dtype: forward+backward and forward-only time of each method
 (median and 20th/80th percentiles of the repeats after two warm-up calls; one seeded random input
-set per B and dtype, the same for every repeat and method), and
+set per B and dtype, the same for every repeat and method; the methods take turns, --rounds times,
+each turn a block of their repeats, so that a ratio does not depend on the order on a machine
+whose load drifts; the +compile methods are timed after the others, each alone), and
 the peak memory of one forward+backward (CUDA: max_memory_allocated; CPU: growth of the process's
 peak RSS, VmHWM, reset before each measurement). "floor" is the two Gram matrices S @ S.T and
 T @ T.T by torch.mm (fp32 at "highest" precision): what any exact EKD must at least compute.
@@ -232,9 +234,80 @@ def growth_exponent(method):
 # ----------------------------------------------------------------------------- driver
 
 
-def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None):
+def runs_alone(name):
+    """Whether a method is timed alone rather than in turns with the others: the +compile methods
+    reset Dynamo's caches when they are made (ekd_compile_method) and record into inductor's
+    per-process CUDA graph trees, so two of them alive at once would recompile inside the timing."""
+    return name.endswith("+compile")
+
+
+def why_not_run(name, batch, dim, memory, last_time, budget_s):
+    """Why `name` does not run at `batch` (None: it runs): the memory it needs, or the time one
+    call would take, extrapolated from the previous size before paying for this one."""
+    need = estimated_bytes(name, batch, dim)
+    if need > 0.6 * memory:
+        return f"stopped at B={batch}: needs about {need / 2**30:.1f} GiB, {memory / 2**30:.1f} GiB free"
+    if name in last_time:
+        prev_batch, prev_time = last_time[name]
+        predicted = prev_time * (batch / prev_batch) ** growth_exponent(name)
+        if predicted > budget_s:
+            return (f"stopped at B={batch}: one forward+backward would take about {predicted:.0f} s "
+                    f"(budget {budget_s} s; {prev_time:.2f} s at B={prev_batch})")
+    return None
+
+
+def prepare(factory, inputs, device, repeats, budget_s):
+    """A method made and warmed up: (forward_backward, forward, repeats, peak bytes of its first
+    forward+backward).  Raises what the method raises (out of memory, a dtype refused...)."""
+    forward_backward, forward = factory()
+    t0 = time.perf_counter()
+    with PeakMemory(device) as peak:
+        forward_backward(*inputs)
+    first = time.perf_counter() - t0
+    # The first call may be mostly compiling (Triton: seconds, more on a cold cache): unless it
+    # alone took the whole budget, the repeat count comes from a second, warm call (a compile over
+    # budget / 4 used to leave the median of 2 calls).
+    if first <= budget_s:
+        forward(*inputs)
+        t0 = time.perf_counter()
+        forward_backward(*inputs)
+        sync(device)
+        first = time.perf_counter() - t0
+    reps = repeats if first * 2 * repeats <= budget_s else max(2, int(budget_s / (2 * first)))
+    return forward_backward, forward, reps, peak.bytes
+
+
+def time_in_turns(prepared, inputs, device, rounds):
+    """{name: (forward+backward times, forward times, rounds taken)}, and {name: exception} of the
+    methods that raised: the methods take turns, `rounds` times, each round timing a block of its
+    repeats, so that no method owes its figure (nor a ratio its sign) to when it ran on a machine
+    whose load drifts (one method after another once timed the floor at 32 ms on a loaded CPU,
+    700x its own forward).  Every method was warmed up by `prepare`: no block has a warm-up call."""
+    times = {name: ([], []) for name in prepared}
+    turns = {name: min(rounds, reps) for name, (_, _, reps, _) in prepared.items()}
+    failed = {}
+    for r in range(max(turns.values(), default=0)):
+        for name, (forward_backward, forward, reps, _) in prepared.items():
+            if name in failed or r >= turns[name]:
+                continue
+            block = -(-reps // turns[name])  # ceil: every method times at least its repeats
+            try:
+                times[name][0].extend(time_calls(lambda: forward_backward(*inputs), device, block, warm_up=False))
+                times[name][1].extend(time_calls(lambda: forward(*inputs), device, block, warm_up=False))
+            except Exception as exc:  # the method stops; the others go on
+                failed[name] = exc
+    return {name: (*times[name], turns[name]) for name in prepared if name not in failed}, failed
+
+
+def stop_reason(batch, exc):
+    return f"stopped at B={batch}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+
+
+def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None, rounds=3):
     """The measured rows and why methods stopped; `on_row(row)` as each row is measured (a run cut
-    short by a time limit keeps what it measured)."""
+    short by a time limit keeps what it measured).  At each B and dtype the methods are made and
+    warmed up one after another, then timed in turns (`time_in_turns`); the +compile methods
+    after them, each alone (`runs_alone`)."""
     rows, stopped = [], {}
     memory = available_memory_bytes(device)
     progress = Progress(len(sizes) * len(dtypes) * len(methods), "bench loss")
@@ -242,52 +315,37 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None
         last_time = {}
         for batch in sizes:
             inputs = make_inputs(batch, dim, dtype, device, seed=batch)
-            for name, factory in methods.items():
-                progress.step(f"{name} B={batch} {str(dtype).replace('torch.', '')}")
-                key = (name, dtype)
-                if key in stopped:
-                    continue
-                need = estimated_bytes(name, batch, dim)
-                if need > 0.6 * memory:
-                    stopped[key] = f"stopped at B={batch}: needs about {need / 2**30:.1f} GiB, " \
-                                   f"{memory / 2**30:.1f} GiB free"
-                    continue
-                if name in last_time:  # extrapolate from the previous size before paying for this one
-                    prev_batch, prev_time = last_time[name]
-                    predicted = prev_time * (batch / prev_batch) ** growth_exponent(name)
-                    if predicted > budget_s:
-                        stopped[key] = (f"stopped at B={batch}: one forward+backward would take about "
-                                        f"{predicted:.0f} s (budget {budget_s} s; {prev_time:.2f} s at B={prev_batch})")
+            together = [name for name in methods if not runs_alone(name)]
+            groups = [together] + [[name] for name in methods if runs_alone(name)]
+            for group in groups:
+                prepared = {}
+                for name in group:
+                    progress.step(f"{name} B={batch} {str(dtype).replace('torch.', '')}")
+                    key = (name, dtype)
+                    if key in stopped:
                         continue
-                forward_backward, forward = factory()
-                try:
-                    t0 = time.perf_counter()
-                    with PeakMemory(device) as peak:
-                        forward_backward(*inputs)
-                    first = time.perf_counter() - t0
-                    # The first call may be mostly compiling (Triton: seconds, more on a cold cache):
-                    # unless it alone took the whole budget, the repeat count comes from a second, warm
-                    # call (a compile over budget / 4 used to leave the median of 2 calls).
-                    if first <= budget_s:
-                        forward(*inputs)
-                        t0 = time.perf_counter()
-                        forward_backward(*inputs)
-                        sync(device)
-                        first = time.perf_counter() - t0
-                except Exception as exc:  # out of memory, a backend refusing the dtype, a compile failing
-                    # (one method stops, with its reason in the output; the others go on)
-                    stopped[key] = f"stopped at B={batch}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
-                    continue
-                reps = repeats if first * (2 * repeats + 2) <= budget_s else max(2, int(budget_s / (2 * first)))
-                fb = summary(time_calls(lambda: forward_backward(*inputs), device, reps))
-                fw = summary(time_calls(lambda: forward(*inputs), device, reps))
-                rows.append({**env, "benchmark": "loss", "method": name.split("/")[0],
-                             "backend": name.split("/")[1] if "/" in name else None, "name": name,
-                             "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
-                             "forward_backward": fb, "forward": fw, "peak_memory_bytes": peak.bytes})
-                if on_row is not None:
-                    on_row(rows[-1])
-                last_time[name] = (batch, fb["median_s"])
+                    why = why_not_run(name, batch, dim, memory, last_time, budget_s)
+                    if why is not None:
+                        stopped[key] = why
+                        continue
+                    try:
+                        prepared[name] = prepare(methods[name], inputs, device, repeats, budget_s)
+                    except Exception as exc:  # out of memory, a backend refusing the dtype, a compile
+                        stopped[key] = stop_reason(batch, exc)  # failing: that method stops, the others go on
+                timed, failed = time_in_turns(prepared, inputs, device, rounds)
+                for name, exc in failed.items():
+                    stopped[(name, dtype)] = stop_reason(batch, exc)
+                for name, (fb_times, fw_times, turns) in timed.items():
+                    fb, fw = summary(fb_times), summary(fw_times)
+                    rows.append({**env, "benchmark": "loss", "method": name.split("/")[0],
+                                 "backend": name.split("/")[1] if "/" in name else None, "name": name,
+                                 "batch": batch, "dim": dim, "dtype": str(dtype).replace("torch.", ""),
+                                 "forward_backward": fb, "forward": fw, "rounds": turns,
+                                 "peak_memory_bytes": prepared[name][3]})
+                    if on_row is not None:
+                        on_row(rows[-1])
+                    last_time[name] = (batch, fb["median_s"])
+                prepared = timed = None  # free this group's graphs and caches before the next
             inputs = None  # free this size before making the next
     return rows, stopped
 
@@ -341,6 +399,9 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=None, help="most seconds one call may take")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns the methods take at each B and dtype, their repeats split between them "
+                             "(a method's figure does not depend on its place in the order)")
     parser.add_argument("--out", default=None, help="a .jsonl file or a folder (default bench/results/)")
     args = parser.parse_args(argv)
 
@@ -377,7 +438,8 @@ def main(argv=None):
               f"{row['forward']['median_s'] * 1e3:.3f} ms forward"
               + (f", peak {peak / 2**20:.0f} MiB" if peak is not None else ""), flush=True)
 
-    rows, stopped = run(methods, sizes, args.dim, dtypes, device, repeats, budget_s, env, on_row=measured)
+    rows, stopped = run(methods, sizes, args.dim, dtypes, device, repeats, budget_s, env, on_row=measured,
+                        rounds=max(1, args.rounds))
     ratio_rows = ratios(rows)
     print_report(rows, ratio_rows, skipped, stopped, env["device"])
     notes = [{**env, "benchmark": "loss", "note": "skipped", "name": k, "why": v} for k, v in skipped.items()]

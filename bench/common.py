@@ -185,9 +185,11 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, device: torch.device, repeats: int):
-    """Seconds of `repeats` calls after one warm-up call: CUDA events, or a monotonic clock."""
-    fn()
+def time_calls(fn, device: torch.device, repeats: int, warm_up: bool = True):
+    """Seconds of `repeats` calls (after one warm-up call unless `warm_up` is False): CUDA events,
+    or a monotonic clock."""
+    if warm_up:
+        fn()
     sync(device)
     times = []
     for _ in range(repeats):

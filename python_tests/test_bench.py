@@ -57,6 +57,64 @@ def test_loss_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
                                                             ("floor", 64), ("floor", 128)]
 
 
+def test_loss_bench_methods_take_turns(monkeypatch):
+    """At each B and dtype the methods are timed in turns (blocks of their repeats, --rounds times),
+    not one after another: on a machine whose load drifts, a ratio must not depend on the order.
+    A +compile method (Dynamo's caches are reset when one is made) is timed after them, alone."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    calls = []
+
+    def method(name):
+        def factory():
+            def forward_backward(student, teacher, labels):
+                calls.append((name, "fb"))
+
+            def forward(student, teacher, labels):
+                calls.append((name, "fw"))
+            return forward_backward, forward
+        return factory
+
+    names = ["ekd/a", "ekd/b+compile", "floor"]
+    rows, stopped = bench_loss.run({n: method(n) for n in names}, [16], 8, [torch.float32], torch.device("cpu"),
+                                   repeats=4, budget_s=60, env={}, rounds=2)
+    assert not stopped, stopped
+    timed = calls[3:]  # after ekd/a's warm-up (forward+backward, forward, forward+backward)
+    blocks = []  # the runs of one method's calls, in order
+    for name, _ in timed:
+        if not blocks or blocks[-1][0] != name:
+            blocks.append([name, 0])
+        blocks[-1][1] += 1
+    warm_up = 3
+    assert blocks == [["floor", warm_up], ["ekd/a", 4], ["floor", 4], ["ekd/a", 4], ["floor", 4],
+                      ["ekd/b+compile", warm_up + 8]], blocks
+    assert [(r["name"], r["rounds"], r["forward_backward"]["repeats"], r["forward"]["repeats"]) for r in rows] == [
+        ("ekd/a", 2, 4, 4), ("floor", 2, 4, 4), ("ekd/b+compile", 2, 4, 4)]
+
+
+def test_loss_bench_a_method_failing_in_its_turn_stops_alone(monkeypatch):
+    """A method that raises while the methods take turns (after a warm-up that went well: memory
+    filling up at a later call) stops with its reason; the others keep their rows."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    count = {"n": 0}
+
+    def flaky():
+        def forward_backward(student, teacher, labels):
+            count["n"] += 1
+            if count["n"] > 3:
+                raise RuntimeError("CUDA out of memory (a stand-in)")
+        return forward_backward, lambda *inputs: None
+
+    methods = {"ekd/flaky": flaky, "floor": bench_loss.floor_method}
+    rows, stopped = bench_loss.run(methods, [16], 8, [torch.float32], torch.device("cpu"), repeats=4, budget_s=60,
+                                   env={}, rounds=2)
+    assert [r["name"] for r in rows] == ["floor"]
+    assert "RuntimeError: CUDA out of memory (a stand-in)" in stopped[("ekd/flaky", torch.float32)]
+
+
 def test_with_environ_sets_the_variables_for_each_call_only(monkeypatch):
     """bench_loss's ekd/csrc+tc sets EKD_CUDA_TENSOR_CORES around each call of the loss (the csrc
     CUDA op reads it at every call) and restores what was there, also when the call raises: the
