@@ -429,8 +429,9 @@ def main(argv=None):
     print(f"ekd_kernels @ {env['commit']}, torch {env['torch']}, {env['device']}, D={args.dim}, "
           f"B={sizes}, {[str(d).replace('torch.', '') for d in dtypes]}", flush=True)
     def measured(row):
-        # Each row is appended (and printed) as soon as it is measured: a run cut short by a time
-        # limit (a GPU lease) keeps every row it finished.
+        # Each row is appended (and printed) as soon as it is measured, i.e. when the methods of its
+        # B and dtype have taken their turns (a +compile method: when it is done): a run cut short
+        # by a time limit (a GPU lease) keeps every B and dtype it finished.
         append_rows([row], "loss", device, args.out)
         peak = row["peak_memory_bytes"]
         print(f"  measured {row['name']} B={row['batch']} {row['dtype']}: "
