@@ -2,8 +2,12 @@
 
     python bench/plot.py [--results bench/results] [--out bench/results]
 
-- loss_<device>_<dtype>.png: forward+backward time per batch vs B (log-log), one line per method.
-- train_step_<device>.png: the paper's Table 5 as bars: per-step time of each training setting.
+- loss_<device>_<dtype>.png: forward+backward time per batch vs B (log-log), one line per method
+  and run: a line joins only the rows of one run (one script call: the rows share its date and
+  commit), so that no curve mixes code or conditions; a method whose rows come from several runs
+  gets a line per run, its label naming the run.
+- train_step_<device>.png: the paper's Table 5 as bars: per-step time of each training setting,
+  each bar labelled with its run when the bars come from several runs.
 Only the newest row of each (device, method, B, dtype) is drawn.
 """
 
@@ -16,6 +20,10 @@ import re
 import sys
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+#: One colour per method (a run of the GPU benchmark has 13; matplotlib's default cycle has 10).
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"]
 
 
 def slug(text: str) -> str:
@@ -40,6 +48,16 @@ def newest(rows, key):
     return list(out.values())
 
 
+def run_of(row):
+    """The run a row belongs to: the rows of one script call share its start date and commit."""
+    return row.get("date", ""), row.get("commit", "")
+
+
+def run_label(run):
+    date, commit = run
+    return f"{date[:16].replace('T', ' ')} {commit}".strip()
+
+
 def plot_loss(rows, out: pathlib.Path, plt):
     written = []
     # D = 512 only (the benchmark's default): a run at another width would join the same curves
@@ -47,17 +65,22 @@ def plot_loss(rows, out: pathlib.Path, plt):
                   lambda r: (r["device"], r["name"], r["batch"], r["dtype"]))
     for device, dtype in sorted({(r["device"], r["dtype"]) for r in rows}):
         sub = [r for r in rows if r["device"] == device and r["dtype"] == dtype]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in sorted({r["name"] for r in sub}):
-            points = sorted((r["batch"], r["forward_backward"]["median_s"]) for r in sub if r["name"] == name)
-            ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="o", label=name)
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for index, name in enumerate(sorted({r["name"] for r in sub})):
+            mine = [r for r in sub if r["name"] == name]
+            runs = sorted({run_of(r) for r in mine}, reverse=True)  # newest first: the solid line
+            for order, run in enumerate(runs):
+                points = sorted((r["batch"], r["forward_backward"]["median_s"]) for r in mine if run_of(r) == run)
+                ax.plot([p[0] for p in points], [p[1] * 1e3 for p in points], marker="os^vD"[order % 5],
+                        linestyle="-" if order == 0 else ":", color=PALETTE[index % len(PALETTE)],
+                        label=name if len(runs) == 1 else f"{name} ({run_label(run)})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
         ax.set_ylabel("forward+backward per batch (ms)")
         ax.set_title(f"EKD vs RKD vs floor, D=512, {dtype}\n{device}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not over them
         path = out / f"loss_{slug(sub[0].get('device_type', 'x') + '-' + device)[:40]}_{dtype}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -72,7 +95,9 @@ def plot_train_step(rows, out: pathlib.Path, plt):
                   lambda r: (r["device"], r["setting"], r["batch"], r["dtype"]))
     for device in sorted({r["device"] for r in rows}):
         sub = [r for r in rows if r["device"] == device]
-        labels = [f"{r['setting']}\nB={r['batch']} {r['dtype']}" for r in sub]
+        several = len({run_of(r) for r in sub}) > 1
+        labels = [f"{r['setting']}\nB={r['batch']} {r['dtype']}" + (f"\n{run_label(run_of(r))}" if several else "")
+                  for r in sub]
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(sub)), 4.5))
         ax.bar(range(len(sub)), [r["step"]["median_s"] * 1e3 for r in sub],
                color=["#888" if r["setting"] == "baseline" else "#4a7" for r in sub])

@@ -254,6 +254,40 @@ def test_plot_draws_pngs(tmp_path):
     assert list(tmp_path.glob("loss_*.png")), stdout
 
 
+def test_plot_joins_only_the_rows_of_one_run(tmp_path, monkeypatch):
+    """A loss curve joins the rows of one run (one script call: its date and commit), never rows of
+    different code or conditions; a method measured in several runs gets a line per run, labelled."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import plot
+
+    class Recorder:
+        def __init__(self):
+            self.lines = []
+
+        def plot(self, x, y, **kwargs):
+            self.lines.append((kwargs["label"], list(x)))
+
+        def __getattr__(self, name):  # the axes' and figure's other calls draw nothing here
+            return lambda *args, **kwargs: None
+
+    ax = Recorder()
+    fake_plt = type("plt", (), {"subplots": staticmethod(lambda **kwargs: (Recorder(), ax)),
+                                "close": staticmethod(lambda fig: None)})
+
+    def row(name, batch, date, commit):
+        return {"benchmark": "loss", "device": "gpu", "device_type": "cuda", "dtype": "float32", "dim": 512,
+                "name": name, "batch": batch, "date": date, "commit": commit,
+                "forward_backward": {"median_s": batch * 1e-6}}
+
+    old, new = ("2026-11-26T10:00:00+00:00", "b204d32"), ("2026-11-27T18:33:00+00:00", "a395e68")
+    rows = [row("ekd/triton", 1024, *old), row("ekd/triton", 8192, *old), row("ekd/triton", 32768, *new),
+            row("floor", 1024, *new), row("floor", 8192, *new), row("ekd/triton", 8192, *new)]
+    plot.plot_loss(rows, tmp_path, fake_plt)
+    assert sorted(ax.lines) == [("ekd/triton (2026-11-26 10:00 b204d32)", [1024]),
+                                ("ekd/triton (2026-11-27 18:33 a395e68)", [8192, 32768]),
+                                ("floor", [1024, 8192])]
+
+
 def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
     """The lease's A/B tool (tools/gpu_exercise.py profile) on the CPU, two backends in two
     rounds: a row per B, dtype and backend with every round's figures and no peak memory (CUDA
