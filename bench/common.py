@@ -1,6 +1,6 @@
 """What every benchmark script shares: environment description, timing, peak memory, progress, rows.
 
-Rows are appended as JSON lines to ``bench/results/<benchmark>_<device>.jsonl``; every row says
+Rows are appended as JSON lines to ``bench/results/<benchmark>_<cpu|cuda>.jsonl``; every row says
 on what (device name, versions, commit, date) it was measured, so files can be merged and plotted
 (bench/plot.py) without guessing.
 """
@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -39,15 +38,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
-
-
-def device_slug(device: torch.device) -> str:
-    """A file-name-safe short name of the device: cpu, or the GPU's model (h100, h200...)."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
-    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def git_commit(uncommitted: Optional[dict]) -> str:
@@ -261,10 +251,12 @@ class Progress:
 
 
 def append_rows(rows, benchmark: str, device: torch.device, out=None) -> pathlib.Path:
-    """Append rows as JSON lines to `out` (a file or folder) or bench/results/<benchmark>_<device>.jsonl."""
+    """Append rows as JSON lines to `out` (a file or folder) or bench/results/<benchmark>_<cpu|cuda>.jsonl:
+    one file per kind of device, whatever its model (each row names it), so that `make bench` on a
+    GPU and the GPU lease's runs (tools/gpu_proof.sh) add to the file the README cites."""
     path = pathlib.Path(out) if out else RESULTS
     if path.suffix != ".jsonl":
-        path = path / f"{benchmark}_{device_slug(device)}.jsonl"
+        path = path / f"{benchmark}_{device.type}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         for row in rows:

@@ -288,6 +288,18 @@ def test_plot_joins_only_the_rows_of_one_run(tmp_path, monkeypatch):
                                 ("floor", [1024, 8192])]
 
 
+def test_rows_go_to_one_file_per_kind_of_device(tmp_path, monkeypatch):
+    """`make bench` on a GPU appends to bench/results/loss_cuda.jsonl, the file the GPU lease's rows
+    are committed in and the README cites (it wrote loss_h200.jsonl beside it); CPU: loss_cpu.jsonl."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    for device in ("cuda", "cpu"):
+        path = common.append_rows([{"device": device}], "loss", torch.device(device))
+        assert path == tmp_path / f"loss_{device}.jsonl" and read_rows(path) == [{"device": device}]
+
+
 def test_gpu_exercise_profile_dry_run_on_cpu(tmp_path, monkeypatch):
     """The lease's A/B tool (tools/gpu_exercise.py profile) on the CPU, two backends in two
     rounds: a row per B, dtype and backend with every round's figures and no peak memory (CUDA

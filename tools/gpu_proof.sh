@@ -207,8 +207,9 @@ case "$stage" in
     # against the mma tiles (10% faster than the old FMA tiles in the fifth lease): which is the
     # default csrc path for fp32 (pytest-csrc-tc2 above: whether mma may be)
     ab csrc-ab 60 "1024 8192" csrc:tensor-cores-mma
-    # rows are appended to loss.jsonl as measured: a step cut by its limit keeps what it finished
-    # (the fifth lease cut it at 32 s of 90, before the bf16 rows at 8192; csrc+tc, the wmma way, is
+    # rows are appended to loss.jsonl as each B and dtype's methods finish their turns: a step cut
+    # by its limit keeps the sizes it finished (the fifth lease cut it at 32 s of 90, before the
+    # bf16 rows at 8192, when the methods ran one after another; csrc+tc, the wmma way, is
     # the slower tensor-core way: 17% slower than the FMA tiles of then at 8192, fifth lease)
     step bench-loss 120 $PY bench/bench_loss.py --sizes 1024 8192 --methods ekd/reference ekd/triton ekd/csrc ekd/csrc+mma \
       ekd/triton+graph ekd/csrc+graph rkd/reference rkd/fast floor floor/tf32 --out "$OUT/loss.jsonl" > $T/bench.log 2>&1
