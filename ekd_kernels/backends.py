@@ -7,8 +7,7 @@ New backends register themselves here; the tests are parametrized over ``BACKEND
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -52,9 +51,10 @@ class _LazyBackend(Backend):
     lets a missing compiler, GPU or extension show up as a reason instead of an ImportError.
     """
 
-    def __init__(self, name: str, module: str, what: str):
+    def __init__(self, name: str, module: str, importer: Callable[[], Any], what: str):
         super().__init__(name, None, lambda device: None)
         self._module_name = module
+        self._importer = importer
         self._what = what
         self._module = None
         self._import_error: Optional[str] = None
@@ -62,7 +62,7 @@ class _LazyBackend(Backend):
     def _load(self):
         if self._module is None and self._import_error is None:
             try:
-                self._module = importlib.import_module(self._module_name)
+                self._module = self._importer()
             except ModuleNotFoundError as exc:
                 if exc.name == self._module_name:
                     self._import_error = f"{self._what} are not part of this build yet"
@@ -85,10 +85,23 @@ class _LazyBackend(Backend):
         return module.ekd_forward(*args, **kwargs)
 
 
+# The lazy backends' imports are import statements, not importlib.import_module: Dynamo runs an
+# import statement while it traces (it refuses importlib), so that an EKDLoss built inside a
+# torch.compile(fullgraph=True) function of a fresh process compiles.
+def _import_triton():
+    from . import triton_ekd
+    return triton_ekd
+
+
+def _import_csrc():
+    from . import csrc_ops
+    return csrc_ops
+
+
 _REGISTRY: Dict[str, Backend] = {
     "reference": Backend("reference", ekd_reference, lambda device: None),
-    "triton": _LazyBackend("triton", "ekd_kernels.triton_ekd", "the fused Triton kernels"),
-    "csrc": _LazyBackend("csrc", "ekd_kernels.csrc_ops", "the compiled C++/CUDA ops"),
+    "triton": _LazyBackend("triton", "ekd_kernels.triton_ekd", _import_triton, "the fused Triton kernels"),
+    "csrc": _LazyBackend("csrc", "ekd_kernels.csrc_ops", _import_csrc, "the compiled C++/CUDA ops"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import enum
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -19,20 +20,21 @@ _THRESHOLD_BUFFERS = ("student_thresholds", "teacher_thresholds")
 _EXTRA_STATE = "_extra_state"
 
 
-class _NotSharded:
+class _Sharding(enum.Enum):
     """The default of ``EKDLoss(process_group=...)``: one process. (None is not that default:
     ``dist.group.WORLD`` reads None until ``init_process_group``, so a module built before it
     would silently compute per-rank losses; None means the default group, as in torch.distributed.)
-    Copies and pickles keep the one instance."""
+    An enum member, so that copies and pickles keep the one instance and Dynamo takes it as a
+    constant: a module built inside a ``torch.compile(fullgraph=True)`` function compiles (an
+    instance of a plain class stopped Dynamo there)."""
+
+    NOT_SHARDED = "one process"
 
     def __repr__(self) -> str:
         return "<no process group: one process>"
 
-    def __reduce__(self) -> str:
-        return "_NOT_SHARDED"
 
-
-_NOT_SHARDED = _NotSharded()
+_NOT_SHARDED = _Sharding.NOT_SHARDED
 
 
 def _is_non_group_member(process_group, dist) -> bool:

@@ -1132,6 +1132,36 @@ def test_backend_resolution_traces_under_compile(device_type):
     assert torch.equal(torch.compile(count, fullgraph=True, backend="eager")(torch.zeros(2)), count(torch.zeros(2)))
 
 
+@pytest.mark.parametrize("backend", ["auto", "csrc"])
+def test_loss_built_inside_a_fullgraph_compiled_function(backend):
+    """An EKDLoss made inside a torch.compile(fullgraph=True) function compiles, in a fresh process
+    where no backend was imported yet, and gives the eager loss and gradient.  Dynamo refused
+    twice before: the process_group default (an instance of a plain class) and the backends'
+    importlib.import_module."""
+    import subprocess
+    import sys
+    import textwrap
+
+    require_backend("csrc", torch.device("cpu"))  # ("auto" is csrc on the CPU; the reference has graph breaks)
+    script = textwrap.dedent(f"""
+        import torch
+        from ekd_kernels import EKDLoss
+        import ekd_kernels.backends as backends
+        assert all(getattr(b, "_module", None) is None for b in backends._REGISTRY.values())  # nothing imported
+        g = torch.Generator().manual_seed(0)
+        s, t, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.arange(16) // 2
+        compiled = torch.compile(lambda x, t, y: EKDLoss(backend="{backend}")(x, t, y), fullgraph=True,
+                                 backend="eager")
+        x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        got, want = compiled(x1, t, y), EKDLoss(backend="{backend}")(x2, t, y)
+        got.backward(); want.backward()
+        assert torch.equal(got, want) and torch.equal(x1.grad, x2.grad), (got, want)
+        print("same")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("same"), done.stdout + done.stderr[-3000:]
+
+
 def _layer_then_loss(model, crit, x, t, y):
     """The compiled steps' step: a layer, then the loss."""
     return crit(model(x), t, y)
