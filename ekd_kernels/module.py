@@ -220,20 +220,48 @@ class EKDLoss(nn.Module):
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         # The FPRs were compared before anything was copied (_load_from_state_dict).
+        # (_checkpoint_problems tried the generator state on a scratch generator; it may come on
+        # another device, e.g. torch.load(map_location="cuda"): set_state takes a CPU tensor only)
         if self.generator is not None and state.get("generator_state") is not None:
-            self.generator.set_state(state["generator_state"])
+            self.generator.set_state(state["generator_state"].cpu())
+
+    def _extra_state_problems(self, extra: Any, prefix: str) -> List[str]:
+        """Why the checkpoint's extra state cannot be loaded, found before anything is copied
+        (set_extra_state runs after the thresholds are: a failure there left them overwritten)."""
+        name = prefix + _EXTRA_STATE
+        if not isinstance(extra, dict):
+            return [f"{name} must be a dict (fprs, generator_state), got {type(extra).__name__}"]
+        problems = []
+        if "fprs" in extra:
+            try:
+                fprs = tuple(float(f) for f in extra["fprs"])
+            except (TypeError, ValueError):
+                problems.append(f"{name}['fprs'] must be a sequence of false-positive rates, got {extra['fprs']!r}")
+            else:
+                if fprs != self.config.fprs:
+                    problems.append(f"{prefix}student_thresholds / teacher_thresholds belong to fprs={fprs}, "
+                                    f"but this EKDLoss has fprs={self.config.fprs}")
+        state = extra.get("generator_state")
+        if self.generator is not None and state is not None:
+            try:  # the state that set_extra_state will set, tried on a scratch generator of the same kind
+                if not isinstance(state, torch.Tensor) or state.is_meta:
+                    raise TypeError(f"a {type(state).__name__}" + (" on the meta device" if isinstance(
+                        state, torch.Tensor) else ""))
+                torch.Generator(device=self.generator.device).set_state(state.cpu())
+            except (TypeError, RuntimeError, ValueError) as exc:
+                problems.append(f"{name}['generator_state'] is not a state of this module's generator "
+                                f"({self.generator.device} generator): {str(exc).splitlines()[0]}")
+        return problems
 
     def _checkpoint_problems(self, state_dict: Dict[str, Any], prefix: str) -> List[str]:
         """Why a checkpoint cannot be this module's state: thresholds of another shape or of a
         non-floating dtype, thresholds of other FPRs (same K would load silently) or non-finite
-        ones (this module never holds them: a corrupted file)."""
+        ones (this module never holds them: a corrupted file), an extra state that is not one."""
         problems = checkpoint_layout_problems(self, state_dict, prefix, _THRESHOLD_BUFFERS)
         if problems:
             return problems
-        extra = state_dict.get(prefix + _EXTRA_STATE)
-        if isinstance(extra, dict) and "fprs" in extra and tuple(extra["fprs"]) != self.config.fprs:
-            problems.append(f"{prefix}student_thresholds / teacher_thresholds belong to fprs={tuple(extra['fprs'])}, "
-                            f"but this EKDLoss has fprs={self.config.fprs}")
+        if prefix + _EXTRA_STATE in state_dict:
+            problems += self._extra_state_problems(state_dict[prefix + _EXTRA_STATE], prefix)
         for name in _THRESHOLD_BUFFERS:
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and not value.is_meta and not torch.isfinite(value).all():

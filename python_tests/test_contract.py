@@ -816,6 +816,40 @@ def test_checkpoint_from_before_the_extra_state_loads():
         EKDLoss().load_state_dict(current)  # carries this version's metadata: the key is expected
 
 
+@pytest.mark.parametrize("extra, match", [
+    ({"generator_state": torch.zeros(3, dtype=torch.uint8)}, r"_extra_state\['generator_state'\] is not a state of "
+     r"this module's generator \(cpu generator\): .*size"),
+    ({"generator_state": "seed"}, r"_extra_state\['generator_state'\] is not a state .*: a str"),
+    ({"generator_state": "meta"}, r"_extra_state\['generator_state'\] is not a state .*on the meta device"),
+    ({"fprs": 0.1}, r"_extra_state\['fprs'\] must be a sequence of false-positive rates, got 0.1"),
+    ({"fprs": ["a"]}, r"_extra_state\['fprs'\] must be a sequence of false-positive rates"),
+    (5, "_extra_state must be a dict .*got int"),
+], ids=["generator-size", "generator-str", "generator-meta", "fprs-float", "fprs-str", "not-a-dict"])
+def test_checkpoint_of_a_bad_extra_state_is_refused_before_anything_is_copied(extra, match):
+    """The extra state (FPRs, the module generator's state) is checked with the thresholds, before
+    anything is copied: a generator state of another generator, or of the meta device, failed in
+    set_extra_state with torch's own message, after the checkpoint's thresholds had replaced the
+    module's; a float for the FPRs failed as a bare TypeError."""
+    def make():
+        return EKDLoss(negative_selection="random", num_hard_negatives=20, generator=torch.Generator().manual_seed(5))
+
+    saved = make()
+    saved(*make_batch(16, seed=0))
+    state = saved.state_dict()
+    if isinstance(extra, dict):
+        if extra.get("generator_state") == "meta":
+            extra = {"generator_state": state["_extra_state"]["generator_state"].to("meta")}
+        extra = dict(state["_extra_state"], **extra)
+    fresh = make()
+    with pytest.raises(RuntimeError, match=match):
+        fresh.load_state_dict(dict(state, _extra_state=extra))
+    assert torch.equal(fresh.student_thresholds, torch.zeros(6))
+    assert torch.equal(fresh.teacher_thresholds, torch.zeros(6))
+    assert torch.equal(fresh.generator.get_state(), make().generator.get_state())
+    fresh.load_state_dict(state)  # the good one loads
+    assert torch.equal(fresh.generator.get_state(), saved.generator.get_state())
+
+
 def test_random_selection_resumes_with_the_module_generator(backend, device):
     """negative_selection="random" with the module's own generator: a run resumed from a
     state_dict draws the same negatives as the uninterrupted one, bit for bit."""
