@@ -82,6 +82,15 @@ def signed_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels if signed is None else labels.view(signed)
 
 
+def int64_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Integer labels as int64 with their values (uint64: a view, values past 2^63 wrap, one to
+    one): labels kept across batches (a memory bank's) compare by value, and int64 is what every
+    comparison takes (uint16/32/64 promote to nothing: comparing them to int64 raised)."""
+    if labels.dtype == torch.uint64:
+        return labels.view(torch.int64)
+    return labels.to(torch.int64)
+
+
 def check_thresholds(student_thresholds: torch.Tensor, teacher_thresholds: torch.Tensor, num_thresholds: int,
                      device: torch.device) -> None:
     """Threshold state passed to the functional form must be K floats on the embeddings' device."""

@@ -490,6 +490,29 @@ def test_unified_own_index_of_any_integer_dtype(dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("pair_filter", ["all", "positive", "negative"])
+def test_unified_unsigned_labels_are_their_values(dtype, pair_filter):
+    """uint16/32/64 labels (accepted as integers) give the int64 labels' loss and bank, with a
+    filter that compares them to the bank's labels too: that comparison raised torch's "Promotion
+    for uint16, uint32, uint64 types is not supported" after the batch was already in the bank.
+    Values past int32 stay values (the bank keeps labels across batches: they compare by value)."""
+    s, t = make(batch=8, ds=4, seed=3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3_000_000_000 if dtype != torch.uint16 else 60_000, 5])
+    results = []
+    for given in (labels, labels.to(dtype)):
+        crit = UnifiedKDLoss(4, bank_size=16, pair_filter=pair_filter, num_mined_pairs=None)
+        losses = [crit(s, t, given), crit(t, s, given)]
+        results.append((losses, crit.bank_labels.clone(), int(crit.bank_count)))
+        functional = unified_kd_terms(s, t, given, crit.bank_embeddings, crit.bank_labels.to(given.dtype),
+                                      num_mined_pairs=None, pair_filter=pair_filter).loss
+        results[-1] += (functional,)
+    (want, want_bank, want_count, want_f), (got, got_bank, got_count, got_f) = results
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(got_bank, want_bank) and got_count == want_count == 16
+    assert torch.equal(got_f, want_f)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

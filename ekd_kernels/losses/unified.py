@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .._buffers import checkpoint_layout_problems, keep_precision_under_16_bit_casts, keep_precision_under_assign
-from ..validation import refuse_stateful_recomputation
+from ..validation import int64_labels, refuse_stateful_recomputation
 from ._common import (all_finite, check_embedding_pair, check_has_values, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
@@ -98,6 +98,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     check_has_values(student, "unified_kd_loss")
     _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
     student, teacher = compute_dtypes(student, teacher)
+    labels = int64_labels(labels)
     batch = student.shape[0]
     if bank_embeddings is None:
         if bank_labels is not None or own_index is not None:
@@ -131,6 +132,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
         if bank_embeddings.device != student.device or bank_labels.device != student.device:
             raise ValueError(f"the bank is on {bank_embeddings.device}, the embeddings on {student.device}")
         own_index = own_index.long()  # rows of any integer dtype, indexed as int64 (int8, uint8: values, not masks)
+        bank_labels = int64_labels(bank_labels)
 
     s_hat, t_hat = normalize_rows(student), normalize_rows(teacher)
 
@@ -243,6 +245,7 @@ class UnifiedKDLoss(nn.Module):
         if teacher.shape[1] != self.dim:
             raise ValueError(f"UnifiedKDLoss was built for width {self.dim}, "
                              f"got embeddings of width {teacher.shape[1]}")
+        labels = int64_labels(labels)  # (the bank's dtype, before anything is written to it)
         update = self.training
         finite = all_finite(student, teacher)
         own = None
