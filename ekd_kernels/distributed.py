@@ -385,8 +385,12 @@ def _gather_fields() -> Tuple[_Field, ...]:
     return tuple(_GATHER_FIELDS
             + [_Field("whether gather_batch was given the loss", _show_bool, hint="pass loss= on every rank or none")]
             + [field for field, _ in _config_entries(EKDConfig())]
-            + [_Field("the loss's training mode", _show_bool, hint="call .train() or .eval() on every rank's EKDLoss alike")]
-            + _SHARDED_STATE_FIELDS)
+            + [_Field("the loss's training mode", _show_bool, hint="call .train() or .eval() on every rank's EKDLoss alike"),
+               _Field('whether the loss has a generator (negative_selection="random")', _show_bool,
+                      hint="pass an identically seeded generator to every rank's EKDLoss")]
+            + _SHARDED_STATE_FIELDS
+            + [_Field('the state of the loss\'s generator (negative_selection="random")', None,
+                      hint="seed it identically on every rank, or load the same checkpoint on every rank")])
 
 
 def _gather_loss_error(loss, device) -> Optional[ValueError]:
@@ -408,12 +412,18 @@ def _gather_loss_error(loss, device) -> Optional[ValueError]:
 def _gather_loss_values(loss, device) -> Tuple[List[int], List[torch.Tensor]]:
     """This rank's values of the loss fields of _gather_fields (zeros without a loss)."""
     if loss is None:
-        width = len(_gather_fields()) - len(_GATHER_FIELDS) - 1
-        return [0] * width, [torch.zeros((), dtype=torch.int64, device=device)]
+        width = len(_gather_fields()) - len(_GATHER_FIELDS) - 2
+        return [0] * width, [torch.zeros((), dtype=torch.int64, device=device)] * 2
     thresholds = (loss.student_thresholds, loss.teacher_thresholds)
-    values = ([1] + [value for _, value in _config_entries(loss.config)] + [int(loss.training)]
+    # Random selection: every rank draws the negatives of the gathered batch from its own loss's
+    # generator; ranks seeded apart would each compute another loss (a generator is compared as
+    # the sharded loss compares it, and its state bit for bit, as the thresholds are)
+    generator = loss.generator if loss.config.negative_selection == "random" else None
+    drawing = (fingerprint([generator.get_state()]).to(device) if generator is not None
+               else torch.zeros((), dtype=torch.int64, device=device))
+    values = ([1] + [value for _, value in _config_entries(loss.config)] + [int(loss.training), int(generator is not None)]
               + [_dtype_code(loss.student_thresholds.dtype)])
-    return values, [fingerprint(thresholds)]
+    return values, [fingerprint(thresholds), drawing]
 
 
 def _per_row(x: torch.Tensor) -> int:
@@ -447,7 +457,9 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     Given, the same exchange also compares what the sharded loss compares of it: every option of
     its ``EKDConfig``, train/eval mode and its threshold buffers bit for bit (a fingerprint), so
     ranks holding differently built or differently restored losses raise instead of silently
-    computing different losses (and drifting EMA states). Give it on every rank or on none.
+    computing different losses (and drifting EMA states); with random selection also whether it
+    has a generator and that generator's state, bit for bit (ranks seeded apart would draw other
+    negatives). Give it on every rank or on none.
     """
     error = None
     if student.dim() != 2 or teacher.dim() != 2 or labels.dim() != 1:
@@ -1114,6 +1126,11 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
                                                config, update_thresholds, generator)
     sizes = _agree(error, fields, values, fingerprints, _exchange_device(group), group,
                    "EKDLoss(process_group=...)")
+    if config.negative_selection == "random" and generator is None:
+        # (every rank alike: they agreed on whether a generator is given; refused as every
+        # single-process backend refuses it, also when the global batch has no negative to draw)
+        raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
+                         "seed it identically on every rank")
     device = student.device
     # Gathered in fp32 (what the loss computes in): the gradient's rank shares are then summed in
     # fp32 and rounded once to a 16-bit student's dtype, as single-process training rounds it (a
@@ -1136,9 +1153,6 @@ def ekd_sharded(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tens
     num_pairs = batch * (batch - 1) // 2
     num_positives = num_pairs - num_negatives
     num_selected = min(config.num_hard_negatives, num_negatives)
-    if random and num_selected > 0 and generator is None:
-        raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...); '
-                         "seed it identically on every rank")
     row_list = balanced_rows(batch, world, rank).tolist()
     rows = torch.tensor(row_list, dtype=torch.int64, device=device)
     plan = chunk_plan(row_list, batch, CHUNK_PAIRS)

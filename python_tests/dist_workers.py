@@ -613,6 +613,21 @@ AGREEMENT_CASES = [
     ("gather_loss_sharded_refused", lambda r, w: _gather_loss_call(
         r, w, crit_hook=lambda rank, crit: setattr(crit, "process_group", None) if rank == 1 else None)),
     ("ok_gather_with_loss", lambda r, w: _gather_loss_call(r, w)),
+    # random selection: every rank draws from its own loss's generator (seeded apart: other
+    # negatives, another loss per rank, silently; on one rank only: one rank raised alone and the
+    # other died in the backward's collective)
+    ("gather_loss_generator_seeds", lambda r, w: _gather_loss_call(r, w, options=lambda rank: dict(
+        negative_selection="random", num_hard_negatives=9, generator=torch.Generator().manual_seed(rank)))),
+    ("gather_loss_generator_on_one_rank", lambda r, w: _gather_loss_call(r, w, options=lambda rank: dict(
+        negative_selection="random", num_hard_negatives=9,
+        generator=torch.Generator().manual_seed(0) if rank == 0 else None))),
+    ("ok_gather_loss_random_same_seed", lambda r, w: _gather_loss_call(r, w, options=lambda rank: dict(
+        negative_selection="random", num_hard_negatives=9, generator=torch.Generator().manual_seed(0)))),
+    # random selection without a generator is refused as the single-process backends refuse it,
+    # also when the global batch has no negative to draw (one identity)
+    ("random_without_generator_no_negatives", lambda r, w: sharded_call(
+        r, w, options=lambda rank: dict(negative_selection="random", num_hard_negatives=9),
+        change=lambda rank, s, t, l: (s, t, torch.zeros_like(l)))),
     # the public ekd_sharded with a non-bool update_thresholds on one rank: refused, by name
     ("update_thresholds_refused", lambda r, w: _sharded_function_call(r, w, "False" if r == 1 else True)),
     # one rank on the sharded loss, the other on gather_batch (with the loss, or without): their

@@ -491,6 +491,11 @@ AGREEMENT_EXPECTED = {
     # only the gate is named, not the options that a missing loss reads as zeros
     "gather_loss_on_one_rank": "but the ranks disagree on whether gather_batch was given the loss: rank 0 has True, "
                                "rank 1 has False (pass loss= on every rank or none). Nothing was computed",
+    "gather_loss_generator_seeds": "the state of the loss's generator (negative_selection=\"random\"): rank 0 has "
+                                   "value #1, rank 1 has value #2 (seed it identically on every rank",
+    "gather_loss_generator_on_one_rank": "whether the loss has a generator (negative_selection=\"random\"): rank 0 "
+                                         "has True, rank 1 has False",
+    "random_without_generator_no_negatives": ["negative_selection=\"random\" needs a torch.Generator"] * 2,
     "gather_loss_sharded_refused": ["gather_batch: " + REFUSED_BY_RANK_1,
                                     "gather_batch: loss must be a single-process EKDLoss"],
     "update_thresholds_refused": [REFUSED_BY_RANK_1, "update_thresholds must be True or False, got 'False' (str)"],
@@ -553,6 +558,8 @@ def agreement_reference(options=None, labels_dtype=torch.int64, generator_seed=N
     ("ok_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9), generator_seed=0)),
     ("ok_after_refusals", dict()),
     ("ok_gather_with_loss", dict()),
+    ("ok_gather_loss_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9),
+                                             generator_seed=0)),
 ])
 def test_agreeing_ranks_get_the_single_process_result(agreement_results, name, reference):
     """Labels of any integer dtype (int16: no gloo type; or a different dtype per rank) are
