@@ -216,6 +216,36 @@ def test_pwr_couples_match_the_sorted_algorithm_in_fp32_at_extreme_beta(beta, wi
     torch.testing.assert_close(couples_grad, sorted_grad, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("beta", [1000.0, 5000.0])
+def test_pwr_sorted_algorithm_is_not_nan_at_large_beta_times_range(beta):
+    """beta (a_p - a_q) small on every ordered couple but beta * the spread of a = d_t - d_s far
+    past fp64's exponent range: the sorted algorithm's one shift (the mean) overflowed
+    e^{beta a_p} to inf and its partner e^{-beta a_q} to 0, a NaN loss and gradient where the
+    couples give finite ones.  And where a couple's own term overflows, both give +inf."""
+    from ekd_kernels.losses import pwr
+
+    teacher = torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64)
+    # a = t - s = [1, 1 + 1e-3, -1, -1 + 1e-3]: the two ordered couples (0, 1) and (2, 3) with a_q < a_p
+    a = torch.tensor([1.0, 1.001, -1.0, -0.999], dtype=torch.float64)
+    results = []
+    for algorithm in ("sorted", "couples"):
+        student = (teacher - a).requires_grad_(True)
+        if algorithm == "sorted":
+            loss = pwr._SortedDiffExp.apply(student, teacher, beta)
+        else:
+            loss = pwr._RankingCouples.apply(student, teacher, "diff_exp", "teacher_diff", 0.0, 1.0, beta, 4)
+        loss.backward()
+        results.append((loss, student.grad))
+    want = 2 * math.expm1(beta * 1e-3) / 6
+    for loss, grad in results:
+        assert loss.item() == pytest.approx(want, rel=1e-9) and torch.isfinite(grad).all()
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-9, atol=0)
+    g = torch.Generator().manual_seed(0)  # (random embeddings: some couple's term overflows)
+    s, t = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    assert [pwr_loss(s, t, beta=beta, algorithm=algorithm).item() for algorithm in ("sorted", "couples")] == \
+        [math.inf, math.inf]
+
+
 def test_pwr_blocks_do_not_change_the_result():
     s, t = make(batch=9, ds=4, seed=5)
     s.requires_grad_(True)

@@ -37,7 +37,8 @@ and gradient (tests compare them, ties included).
 
 Non-finite input.  A NaN or infinite embedding (student or teacher) gives a NaN loss and
 gradient, with every variant and algorithm (a NaN teacher score would otherwise drop out of
-"couples"' strict order test and leave a finite loss).
+"couples"' strict order test and leave a finite loss).  Finite input whose couple terms overflow
+(diff_exp at a large beta) gives +inf with both algorithms.
 """
 
 from __future__ import annotations
@@ -91,34 +92,47 @@ def _couple_loss(student_diff, teacher_diff, loss_type, margin_type, margin, tea
     return value, slope
 
 
-def _dominance_sums(order, values, weights):
-    """For every element p: (sum of weights[q], count of q) over the q with order[q] < order[p] and
-    values[q] < values[p], both strict.  Divide and conquer over the positions of the sequence
-    sorted by `order`: at the level of blocks of 2h, each element of a right half gains the
-    elements of its left half with a smaller value, found by searchsorted in the sorted left half
-    and a prefix sum of its weights.  All blocks of a level run as one batched operation.  Equal
-    `order` keys are sorted by decreasing value, so a tied q placed before p never has a smaller
-    value: ties are excluded as the strict order demands."""
+def _dominance_exp_sums(order, values, beta):
+    """For every element p: (sum of e^{beta (values[p] - values[q])}, count of q) over the q with
+    order[q] < order[p] and values[q] < values[p], both strict.  Divide and conquer over the
+    positions of the sequence sorted by `order`: at the level of blocks of 2h, each element of a
+    right half gains the elements of its left half with a smaller value, found by searchsorted in
+    the sorted left half and a prefix sum.  All blocks of a level run as one batched operation.
+    Equal `order` keys are sorted by decreasing value, so a tied q placed before p never has a
+    smaller value: ties are excluded as the strict order demands.
+
+    Each left half's exponentials are shifted by its smallest value m: the prefix sums add
+    e^{-beta (v_q - m)} <= 1, and p's share is e^{beta (v_p - m)} times one, where v_p > m
+    whenever p has any q below it.  So no factor overflows unless a couple's own term does (the
+    sum is then +inf, as the couples algorithm's), and none is 0 where the sum is not: one shift
+    for all elements (the mean) overflowed e^{beta a_p} and underflowed its partner to 0 at large
+    beta * range, a NaN loss where the couples give +inf."""
     n = order.shape[0]
     size = 1 << max(0, (n - 1).bit_length())
     by_value = values.argsort(descending=True, stable=True)
     perm = by_value[order[by_value].argsort(stable=True)]
     inf = torch.tensor(float("inf"), dtype=values.dtype, device=values.device)
     v = torch.cat([values[perm], inf.expand(size - n)])          # padding sits after every real element
-    w = torch.cat([weights[perm], weights.new_zeros(size - n)])
-    sums = torch.zeros(size, dtype=weights.dtype, device=weights.device)
-    counts = torch.zeros(size, dtype=torch.int64, device=weights.device)
+    sums = torch.zeros(size, dtype=values.dtype, device=values.device)
+    counts = torch.zeros(size, dtype=torch.int64, device=values.device)
     half = 1
     while half < size:
         blocks = v.view(-1, 2, half)
-        left_sorted, left_order = blocks[:, 0, :].sort(dim=1)
-        left_weights = w.view(-1, 2, half)[:, 0, :].gather(1, left_order)
-        prefix = torch.cat([left_weights.new_zeros(left_weights.shape[0], 1), left_weights.cumsum(1)], dim=1)
-        below = torch.searchsorted(left_sorted.contiguous(), blocks[:, 1, :].contiguous())  # count of left < value
-        sums.view(-1, 2, half)[:, 1, :] += prefix.gather(1, below)
+        left_sorted = blocks[:, 0, :].sort(dim=1).values
+        # (a left half of padding only, m = inf, sits before a right half of padding only: its
+        # NaN stays in the padding, which is cut off below)
+        smallest = left_sorted[:, :1]
+        shrunk = torch.exp(-beta * (left_sorted - smallest))       # 0 for the padding's inf
+        prefix = torch.cat([shrunk.new_zeros(shrunk.shape[0], 1), shrunk.cumsum(1)], dim=1)
+        right = blocks[:, 1, :]
+        below = torch.searchsorted(left_sorted.contiguous(), right.contiguous())  # count of left < value
+        gained = prefix.gather(1, below)
+        # (below = 0: no term, and v_p <= m, whose exponential may be inf beside a 0 prefix)
+        sums.view(-1, 2, half)[:, 1, :] += torch.where(below > 0, torch.exp(beta * (right - smallest)) * gained,
+                                                       torch.zeros_like(gained))
         counts.view(-1, 2, half)[:, 1, :] += below
         half *= 2
-    out_sums, out_counts = torch.empty_like(weights), torch.empty(n, dtype=torch.int64, device=weights.device)
+    out_sums, out_counts = torch.empty_like(values), torch.empty(n, dtype=torch.int64, device=values.device)
     out_sums[perm], out_counts[perm] = sums[:n], counts[:n]
     return out_sums, out_counts
 
@@ -132,10 +146,8 @@ class _SortedDiffExp(torch.autograd.Function):
         num_pairs = student_scores.shape[0]
         t = teacher_scores.double()
         a = t - student_scores.double()
-        a = a - a.mean()                                    # shifts cancel in e^{beta a_p} e^{-beta a_q}
-        grow, shrink = torch.exp(beta * a), torch.exp(-beta * a)
-        below_sum, below_count = _dominance_sums(t, a, shrink)     # q under p
-        above_sum, _ = _dominance_sums(-t, -a, grow)               # r over p
+        below_sum, below_count = _dominance_exp_sums(t, a, beta)   # sum over q under p of e^{beta (a_p - a_q)}
+        above_sum, _ = _dominance_exp_sums(-t, -a, beta)           # sum over r over p of e^{beta (a_r - a_p)}
         # Couples t_p > t_q: all pairs minus the tied ones.  A sorted element ties with those before
         # it that share its value (its position minus its value's first position): a count of
         # fixed shapes, no unique_consecutive (a data-dependent size that torch.compile cannot trace
@@ -144,13 +156,13 @@ class _SortedDiffExp(torch.autograd.Function):
         positions = torch.arange(num_pairs, dtype=torch.int64, device=t.device)
         tied = (positions - torch.searchsorted(sorted_t, sorted_t)).sum().double()
         couples = (num_pairs * (num_pairs - 1) / 2 - tied).clamp_min(1.0)  # (0 couples: loss 0, as 0 / 1)
-        total = (grow * below_sum).sum() - below_count.sum().double()
+        total = below_sum.sum() - below_count.sum().double()
         loss = (total / couples).to(student_scores.dtype)
         grad = None
         if ctx.needs_input_grad[0]:
-            # d loss / d a_p = beta (e^{beta a_p} sum_q e^{-beta a_q} - e^{-beta a_p} sum_r e^{beta a_r}) / couples,
+            # d loss / d a_p = beta (sum_q e^{beta (a_p - a_q)} - sum_r e^{beta (a_r - a_p)}) / couples,
             # and a = d_t - d_s
-            grad = (-(beta / couples) * (grow * below_sum - shrink * above_sum)).to(student_scores.dtype)
+            grad = (-(beta / couples) * (below_sum - above_sum)).to(student_scores.dtype)
         ctx.save_for_backward(grad)
         keep_anchors(ctx, student_scores)  # (first_order_only's refusal of a second derivative hangs on it)
         return loss
