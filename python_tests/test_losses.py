@@ -246,6 +246,14 @@ def test_pwr_sorted_algorithm_is_not_nan_at_large_beta_times_range(beta):
         [math.inf, math.inf]
 
 
+def test_darkrank_scores_within_range_stay_finite():
+    """The largest options the range check lets through give a finite loss (fp32 at beta = 100:
+    scores down to -3 * 2^100), and the same options in fp64 where fp32 refuses them."""
+    s, t = make(batch=8, ds=4, seed=2, dtype=torch.float32)
+    assert torch.isfinite(hard_darkrank_loss(s, t, beta=100.0))
+    assert torch.isfinite(hard_darkrank_loss(s.double(), t.double(), beta=200.0))
+
+
 def test_pwr_blocks_do_not_change_the_result():
     s, t = make(batch=9, ds=4, seed=5)
     s.requires_grad_(True)
@@ -894,6 +902,14 @@ def test_unified_module_on_cuda_matches_cpu():
     (lambda: HardDarkRankLoss(beta=0), "beta must be positive"),
     (lambda: HardDarkRankLoss(list_length=0), "list_length must be an integer >= 1"),
     (lambda: hard_darkrank_loss(torch.randn(6, 3), torch.randn(6, 3), alpha=float("nan")), "alpha must be finite"),
+    # scores past the compute dtype's range (-inf; a NaN loss for finite embeddings before)
+    (lambda: hard_darkrank_loss(torch.randn(6, 3), torch.randn(6, 3), beta=200.0),
+     r"alpha=3.0 and beta=200.0 give scores down to -alpha \* 2\^beta .*past torch.float32's range"),
+    (lambda: hard_darkrank_loss(torch.randn(6, 3), torch.randn(6, 3), alpha=1e39), "past torch.float32's range"),
+    (lambda: hard_darkrank_loss(torch.randn(6, 3), torch.randn(6, 3), alpha=1e-10, beta=130.0),
+     "past torch.float32's range"),
+    (lambda: hard_darkrank_loss(torch.randn(6, 3).double(), torch.randn(6, 3).double(), beta=1100.0),
+     "past torch.float64's range"),
     (lambda: PWRLoss(power=True), "power must be a real number"),
     (lambda: PWRLoss(beta=float("inf")), "beta must be finite"),
     (lambda: PWRLoss(margin_value=True), "margin_value must be a real number"),

@@ -187,6 +187,14 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
         raise ValueError(f"hard_darkrank_loss needs more than list_length={list_length} rows (each anchor ranks "
                          f"{list_length} others), got B={student.shape[0]}")
     student, teacher = compute_dtypes(student, teacher)
+    # The scores reach -alpha * 2^beta, through d^beta up to 2^beta (distances of unit rows reach
+    # 2): past the compute dtype's range they are -inf, and the list's logsumexp of -inf's is NaN,
+    # for finite embeddings
+    largest = torch.finfo(student.dtype).max
+    if max(0.0, math.log(alpha)) + beta * math.log(2.0) > math.log(largest):
+        raise ValueError(f"hard_darkrank_loss: alpha={alpha} and beta={beta} give scores down to -alpha * 2^beta "
+                         f"(distances of normalised rows reach 2, and d^beta 2^beta), past {student.dtype}'s range "
+                         f"({largest:.3g}); lower alpha or beta")
     batch = student.shape[0]
     self_mask = torch.eye(batch, dtype=torch.bool, device=student.device)
     with torch.no_grad():
