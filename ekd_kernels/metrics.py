@@ -47,6 +47,7 @@ import torch
 
 from .config import fpr_fraction
 from .reference import NORM_EPS, autocast_off
+from .validation import check_flag
 
 #: The FPRs reported by default (face verification's usual operating points).
 DEFAULT_EVAL_FPRS: Tuple[float, ...] = (1e-2, 1e-3, 1e-4)
@@ -115,6 +116,30 @@ def threshold_indices(num_negatives: int, fprs: Sequence[float]) -> Tuple[int, .
     return tuple(out)
 
 
+# --------------------------------------------------------------------------- input checks
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_values(name: str, x: torch.Tensor) -> None:
+    """A dense tensor with values: sparse layouts and meta tensors are refused by name (they
+    failed deep inside torch: a reshape or an .item() that their kind does not have)."""
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}: call .to_dense() first")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values: verification needs real scores")
+
+
+def _as_fp32(name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, what the scores are computed in; a non-finite value, or a finite one past fp32's
+    range (fp64 input), is refused with what it is (the cast made it inf, then NaN scores)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} hold a non-finite value")
+    if x.dtype == torch.float64 and bool((x.abs() > _FP32_MAX).any()):
+        raise ValueError(f"{name} hold values past fp32's range (|x| > {_FP32_MAX:.3g}); scores are computed in "
+                         "fp32: scale the embeddings down (cosine scores do not change)")
+    return x.float()
+
+
 # --------------------------------------------------------------------------- given scores
 def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
                fprs: Sequence[float] = DEFAULT_EVAL_FPRS) -> VerificationResult:
@@ -127,6 +152,7 @@ def tpr_at_fpr(positive_scores: torch.Tensor, negative_scores: torch.Tensor,
     pos, neg = (_scores_tensor(name, x) for name, x in (("positive_scores", positive_scores),
                                                         ("negative_scores", negative_scores)))
     for name, s in (("positive_scores", pos), ("negative_scores", neg)):
+        _check_values(name, s)
         if s.dtype.is_complex or s.dtype == torch.bool:
             raise ValueError(f"{name} must be real scores, got {s.dtype}")
     # One dtype for both, so that "positive > threshold" compares the scores as given: their own
@@ -162,6 +188,8 @@ def _scores_tensor(name: str, scores) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} must be a tensor, an array or a sequence of numbers, got {type(scores).__name__} "
                          f"({error})") from None
+    if tensor.layout != torch.strided or tensor.is_meta:
+        return tensor.detach()  # (refused by name in tpr_at_fpr: a sparse tensor has no reshape)
     return tensor.detach().reshape(-1)
 
 
@@ -171,13 +199,17 @@ def pair_scores(embeddings_a: torch.Tensor, embeddings_b: torch.Tensor) -> torch
         raise ValueError(f"expected two N x D tensors, got {type(embeddings_a).__name__} and "
                          f"{type(embeddings_b).__name__}")
     for name, x in (("embeddings_a", embeddings_a), ("embeddings_b", embeddings_b)):
+        _check_values(name, x)
         if x.dtype.is_complex or x.dtype == torch.bool:
             raise ValueError(f"{name} must be real numbers (float or integer), got {x.dtype}")
     if embeddings_a.shape != embeddings_b.shape or embeddings_a.dim() != 2 or embeddings_a.shape[1] < 1:
         raise ValueError(f"expected two N x D tensors of the same shape, D >= 1, got {tuple(embeddings_a.shape)} "
                          f"and {tuple(embeddings_b.shape)}")
-    a = torch.nn.functional.normalize(embeddings_a.float(), dim=1, eps=NORM_EPS)
-    b = torch.nn.functional.normalize(embeddings_b.float(), dim=1, eps=NORM_EPS)
+    if embeddings_a.device != embeddings_b.device:
+        raise ValueError(f"embeddings_a and embeddings_b must be on the same device, got {embeddings_a.device} and "
+                         f"{embeddings_b.device}")
+    a = torch.nn.functional.normalize(_as_fp32("embeddings_a", embeddings_a), dim=1, eps=NORM_EPS)
+    b = torch.nn.functional.normalize(_as_fp32("embeddings_b", embeddings_b), dim=1, eps=NORM_EPS)
     return (a * b).sum(dim=1)
 
 
@@ -407,6 +439,8 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         raise ValueError(f"embeddings must be a 2-D tensor (B x D), got "
                          f"{getattr(embeddings, 'shape', type(embeddings))}")
+    _check_values("embeddings", embeddings)
+    normalize = check_flag("normalize", normalize)  # (a string "False" is truthy: it normalised)
     if embeddings.dtype.is_complex or embeddings.dtype == torch.bool:
         # (complex lost its imaginary part with a warning, bool read as 0 and 1; integer
         # coordinates are read as floats, as given)
@@ -421,6 +455,7 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
             or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be a 1-D integer tensor of length {batch}, got "
                          f"{getattr(labels, 'shape', type(labels))} {getattr(labels, 'dtype', '')}")
+    _check_values("labels", labels)
     labels = labels.to(embeddings.device)
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
@@ -433,9 +468,7 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     # An enclosing torch.autocast would run the tiles' matmuls in bf16/fp16: the scores would no
     # longer be the fp32 cosines promised, and the radix passes read their fp32 bits (int32 view).
     with torch.no_grad(), autocast_off(embeddings.device):
-        e = embeddings.detach().float()
-        if not bool(torch.isfinite(e).all()):
-            raise ValueError("embeddings hold a non-finite value")
+        e = _as_fp32("embeddings", embeddings.detach())
         if normalize:
             e = torch.nn.functional.normalize(e, dim=1, eps=NORM_EPS)
         e = e.contiguous()

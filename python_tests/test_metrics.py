@@ -229,6 +229,45 @@ def test_all_pairs_rejects_bad_input():
         pair_scores([[1.0, 0.0]], [[1.0, 0.0]])
 
 
+def test_metrics_refuse_what_they_cannot_read_by_name():
+    """Sparse and meta tensors (they failed inside torch: a reshape, an .item()), a string flag
+    (normalize="False" is truthy: it normalised), embeddings on two devices, and fp64 embeddings
+    past fp32's range (the fp32 cast made them inf: pair_scores gave NaN silently, and
+    verify_all_pairs called them non-finite)."""
+    embeddings, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    scores = torch.randn(5)
+    with pytest.raises(ValueError, match="embeddings must be a dense .strided. tensor, got layout torch.sparse_coo"):
+        verify_all_pairs(embeddings.to_sparse(), labels)
+    with pytest.raises(ValueError, match="labels must be a dense .strided. tensor"):
+        verify_all_pairs(embeddings, labels.to_sparse())
+    with pytest.raises(ValueError, match="embeddings is on the meta device, which holds no values"):
+        verify_all_pairs(embeddings.to("meta"), labels.to("meta"))
+    with pytest.raises(ValueError, match="normalize must be True or False, got 'False'"):
+        verify_all_pairs(embeddings, labels, normalize="False")
+    with pytest.raises(ValueError, match="positive_scores must be a dense .strided. tensor"):
+        tpr_at_fpr(scores.to_sparse(), scores)
+    with pytest.raises(ValueError, match="negative_scores is on the meta device"):
+        tpr_at_fpr(scores, scores.to("meta"))
+    with pytest.raises(ValueError, match="embeddings_a is on the meta device"):
+        pair_scores(embeddings.to("meta"), embeddings)
+    with pytest.raises(ValueError, match="embeddings_b must be a dense"):
+        pair_scores(embeddings, embeddings.to_sparse())
+    huge = embeddings.double() * 1e300
+    for call in (lambda: verify_all_pairs(huge, labels), lambda: pair_scores(huge, embeddings.double())):
+        with pytest.raises(ValueError, match="hold values past fp32's range"):
+            call()
+    # within fp32's range, fp64 embeddings give the fp32 cosines as before
+    other = torch.randn(6, 3)
+    assert torch.equal(pair_scores(embeddings.double(), other.double()), pair_scores(embeddings, other))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: two devices are needed")
+def test_pair_scores_refuses_embeddings_on_two_devices():
+    embeddings = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="embeddings_a and embeddings_b must be on the same device, got cpu and cuda"):
+        pair_scores(embeddings, embeddings.cuda())
+
+
 def test_tpr_reads_python_floats_in_fp64_and_refuses_what_is_not_numbers():
     """A list of Python floats is fp64 data: read in the default dtype (fp32) 1.0000000001 became
     1.0, a tie with the negative score 1.0, and the positive was not counted above it.  Scores
