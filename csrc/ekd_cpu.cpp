@@ -26,7 +26,8 @@
 // kLargeGroup rows two n x n matrices more, and the second radix pass the keys of every negative
 // in a wanted 16-bit bucket (few, unless the similarities collapse into one bucket: then up to
 // one key per negative and model, as much again as the buffer).  Each is checked against the
-// machine's physical memory before it is allocated: a ValueError naming B and the bytes needed,
+// machine's physical memory (or the process's cgroup limit, when lower) before it is allocated:
+// a ValueError naming B and the bytes needed,
 // rather than a failed allocation or, with overcommitted memory, a process killed while it fills
 // the buffer.  The top-N candidates are kept to N per row chunk (the N hardest of the chunk),
 // whatever the number of ties at the boundary.
@@ -35,8 +36,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <array>
+#include <fstream>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -60,12 +64,57 @@ double physical_memory_bytes() {
   return 0.0;
 }
 
-//! ValueError when `bytes` (what the forward is about to hold) exceed the physical memory.
+//! The number a cgroup limit file holds (0 for "max", an unreadable file or anything else).
+double read_limit(const std::string& path) {
+  std::ifstream file(path);
+  std::string text;
+  if (!(file >> text) || text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) return 0.0;
+  return std::strtod(text.c_str(), nullptr);
+}
+
+//! The smallest memory limit of this process's cgroup and its ancestors (cgroup v2 memory.max,
+//! v1 memory.limit_in_bytes), 0 when there is none.  In a container the machine's memory is not
+//! what the process may use: past the limit it is killed, not refused (a v1 "no limit" reads
+//! about 2^63, above any machine, and is ignored by the caller's minimum).
+double cgroup_memory_limit_bytes() {
+  std::ifstream cgroups("/proc/self/cgroup");
+  std::string line;
+  double limit = 0.0;
+  while (std::getline(cgroups, line)) {
+    // "hierarchy-ID:controllers:path"; v2 is "0::path", v1 lists "memory" among the controllers
+    const size_t first = line.find(':'), second = line.find(':', first + 1);
+    if (first == std::string::npos || second == std::string::npos) continue;
+    const std::string controllers = line.substr(first + 1, second - first - 1);
+    std::string path = line.substr(second + 1);
+    std::string root, file;
+    if (controllers.empty()) {
+      root = "/sys/fs/cgroup", file = "memory.max";
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      root = "/sys/fs/cgroup/memory", file = "memory.limit_in_bytes";
+    } else {
+      continue;
+    }
+    while (true) {  // the cgroup, then each ancestor up to the hierarchy's root: any of them limits
+      const double here = read_limit(root + path + (path.empty() || path.back() != '/' ? "/" : "") + file);
+      if (here > 0.0 && (limit == 0.0 || here < limit)) limit = here;
+      if (path.empty() || path == "/") break;
+      const size_t slash = path.find_last_of('/');
+      path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+    }
+  }
+  return limit;
+}
+
+//! ValueError when `bytes` (what the forward is about to hold) exceed the memory this process
+//! may use: the machine's physical memory, or its cgroup's limit when that is lower.
 void check_cpu_memory(int64_t batch, double bytes, const char* what) {
-  const double physical = physical_memory_bytes();
+  const double physical = physical_memory_bytes(), cgroup = cgroup_memory_limit_bytes();
+  const bool limited = cgroup > 0.0 && (physical == 0.0 || cgroup < physical);
+  const double usable = limited ? cgroup : physical;
   constexpr double kGiB = double(int64_t(1) << 30);
-  EKD_CHECK_VALUE(physical == 0.0 || bytes <= physical, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
-                  " GiB for ", what, ", more than this machine's ", physical / kGiB,
+  EKD_CHECK_VALUE(usable == 0.0 || bytes <= usable, "ekd_forward (CPU): B=", batch, " needs ", bytes / kGiB,
+                  " GiB for ", what, ", more than ", limited ? "this process's cgroup memory limit of " :
+                  "this machine's ", usable / kGiB,
                   " GiB of memory (the CPU op holds a B x B similarity buffer: B^2 * 4 bytes in fp32); "
                   "the CUDA and Triton backends hold no B x B buffer");
 }

@@ -356,6 +356,55 @@ def test_csrc_cpu_refuses_a_buffer_past_physical_memory():
         ekd_loss(student, teacher, labels, backend="csrc")
 
 
+def _memory_cgroup_child(limit_bytes: int):
+    """A new child of this process's memory cgroup (v1 memory.limit_in_bytes or v2 memory.max)
+    limited to `limit_bytes`, as a path; skips when the cgroup tree cannot be written here."""
+    import pathlib
+    import uuid
+
+    for line in pathlib.Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        unified = pathlib.Path("/sys/fs/cgroup" + path) / "cgroup.controllers"
+        if "memory" in controllers.split(","):
+            parent, limit_file = pathlib.Path("/sys/fs/cgroup/memory" + path), "memory.limit_in_bytes"
+        elif controllers == "" and unified.exists() and "memory" in unified.read_text().split():
+            parent, limit_file = unified.parent, "memory.max"
+        else:
+            continue
+        child = parent / f"ekd-test-{uuid.uuid4().hex[:8]}"
+        try:
+            child.mkdir()
+            (child / limit_file).write_text(str(limit_bytes))
+            return child
+        except OSError as exc:
+            if child.exists():
+                child.rmdir()
+            pytest.skip(f"cannot make a memory-limited cgroup here ({exc})")
+    pytest.skip("no memory cgroup controller for this process")
+
+
+@needs_csrc
+def test_csrc_cpu_refuses_a_buffer_past_the_cgroup_memory_limit():
+    """In a container the process may use its cgroup's limit, not the machine's memory: past it
+    the kernel kills the process.  A B whose buffer fits the machine but not the limit is refused
+    with a ValueError naming the limit (B = 16384: a 1 GiB buffer under a 512 MiB limit)."""
+    import subprocess
+    import sys
+
+    child = _memory_cgroup_child(512 << 20)
+    script = ("import torch; from ekd_kernels import ekd_loss\n"
+              "s = torch.randn(1, 4).expand(16384, 4); y = torch.arange(16384) // 2\n"
+              "try:\n    ekd_loss(s, s, y, backend='csrc')\nexcept ValueError as e:\n    print('refused:', e)\n")
+    try:
+        done = subprocess.run(["sh", "-c", f'echo $$ > "{child}/cgroup.procs" && exec "$0" -c "$1"', sys.executable,
+                               script], capture_output=True, text=True, timeout=300)
+    finally:
+        child.rmdir()
+    assert done.returncode == 0, f"killed or failed (rc {done.returncode}): {done.stderr[-2000:]}"
+    assert "refused: ekd_forward (CPU): B=16384 needs 1 GiB" in done.stdout, done.stdout
+    assert "more than this process's cgroup memory limit of 0.5 GiB" in done.stdout, done.stdout
+
+
 def _csrc_selected_pairs(student, teacher, labels, config):
     """The CPU op's selected pairs (n_max x 2, -1 padded), straight from the op."""
     fractions = [fpr_fraction(f) for f in config.fprs]
