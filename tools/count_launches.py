@@ -32,8 +32,17 @@ def call(self, *a, **k):
     with _disable_current_modes():
         return orig(self, *a, **k)
 interpreter.GridExecutor.__call__ = call
-backend = sys.argv[1]; B=int(sys.argv[2]) if len(sys.argv)>2 else 256
-opts = dict(a.split("=") for a in sys.argv[3:])
+import argparse
+_parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_parser.add_argument("backend", choices=["triton"], help="the backend counted (its kernels run in the interpreter)")
+_parser.add_argument("batch", type=int, nargs="?", default=256, help="B (default 256)")
+_parser.add_argument("options", nargs="*", help="EKDLoss options as key=value")
+_args = _parser.parse_args()
+for _option in _args.options:
+    if "=" not in _option:
+        _parser.error(f"options are key=value, got {_option!r}")
+backend, B = _args.backend, _args.batch
+opts = dict(a.split("=", 1) for a in _args.options)
 def parse(v):
     if v in ("True", "False"): return v == "True"
     for kind in (int, float):
