@@ -254,6 +254,28 @@ def test_darkrank_scores_within_range_stay_finite():
     assert torch.isfinite(hard_darkrank_loss(s.double(), t.double(), beta=200.0))
 
 
+def test_integer_options_take_numpy_integers():
+    """Integer options take numpy integers (as EKDConfig does: a value read from a config array)
+    with the Python int's result, and still refuse numpy bools."""
+    import numpy
+
+    s, t = make(batch=8, ds=4, seed=1)
+    labels = torch.arange(8) // 2
+    pairs = [
+        (lambda n: UnifiedKDLoss(n(4), bank_size=n(16), num_mined_pairs=n(8))(s, t, labels)),
+        (lambda n: CorrelationCongruenceLoss(order=n(2))(s, t)),
+        (lambda n: HardDarkRankLoss(list_length=n(2))(s, t)),
+        (lambda n: PWRLoss(algorithm="couples", chunk=n(3))(s, t)),
+        (lambda n: pwr_loss(s, t, algorithm="couples", chunk=n(5))),
+    ]
+    for call in pairs:
+        assert torch.equal(call(numpy.int64), call(int))
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        PWRLoss(chunk=numpy.bool_(True))
+    with pytest.raises(ValueError, match="bank_size must be an integer >= 1"):
+        UnifiedKDLoss(4, bank_size=numpy.bool_(True))
+
+
 def test_pwr_blocks_do_not_change_the_result():
     s, t = make(batch=9, ds=4, seed=5)
     s.requires_grad_(True)

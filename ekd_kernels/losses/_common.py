@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
+import numpy
 import torch
 
 from ..config import _real
@@ -55,10 +57,11 @@ def check_has_values(x: torch.Tensor, what: str) -> None:
 
 
 def check_integer(name: str, value, minimum: int) -> int:
-    """A loss option that is an integer (not a bool) >= minimum; ValueError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """A loss option that is an integer (not a bool) >= minimum, as a Python int (a numpy integer
+    too, as EKDConfig takes it); ValueError naming it otherwise."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    return value
+    return int(value)
 
 
 def compute_dtypes(student: torch.Tensor, teacher: torch.Tensor):

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .._autograd import first_order_only, keep_anchors
-from ._common import (all_finite, check_embedding_pair, check_has_values, check_number, compute_dtypes,
+from ._common import (all_finite, check_embedding_pair, check_has_values, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
 SCORES = ("l2", "cosine")
@@ -243,6 +243,13 @@ def _check_options(score, loss_type, margin_type, margin, power, beta, algorithm
     check_number("margin_value", margin)
 
 
+def _check_chunk(chunk) -> int:
+    try:
+        return check_integer("chunk", chunk, 1)
+    except ValueError:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}") from None
+
+
 @fp32_under_autocast
 def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", loss_type: str = "diff_exp",
              margin: str = "teacher_diff", margin_value: float = 0.0, power: float = 1.0, beta: float = 1.0,
@@ -265,10 +272,7 @@ def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", lo
     finite = all_finite(student, teacher)
     if algorithm != "couples" and loss_type == "diff_exp" and margin == "teacher_diff":
         return nan_unless_finite(_SortedDiffExp.apply(student_scores, teacher_scores, float(beta)), finite)
-    if chunk is None:
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, num_pairs))
-    elif isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 1):
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_pairs)) if chunk is None else _check_chunk(chunk)
     return nan_unless_finite(_RankingCouples.apply(student_scores, teacher_scores, loss_type, margin,
                                                    float(margin_value), float(power), float(beta), chunk), finite)
 
@@ -281,8 +285,8 @@ class PWRLoss(nn.Module):
                  chunk: Optional[int] = None):
         super().__init__()
         _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
-        if chunk is not None and (isinstance(chunk, bool) or not (isinstance(chunk, int) and chunk >= 1)):
-            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        if chunk is not None:
+            chunk = _check_chunk(chunk)
         self.score, self.loss_type, self.margin = score, loss_type, margin
         self.margin_value, self.power, self.beta, self.algorithm = margin_value, power, beta, algorithm
         self.chunk = chunk

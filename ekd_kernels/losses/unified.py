@@ -78,7 +78,7 @@ def _num_hard_samples(hard_fraction: float, batch: int) -> int:
 def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight):
     check_number("hard_fraction", hard_fraction, positive=True, at_most_one=True)
     if num_mined_pairs is not None:
-        check_integer("num_mined_pairs (or None: all)", num_mined_pairs, 1)
+        num_mined_pairs = check_integer("num_mined_pairs (or None: all)", num_mined_pairs, 1)
     if pair_filter not in PAIR_FILTERS:
         raise ValueError(f"pair_filter must be one of {PAIR_FILTERS}, got {pair_filter!r}")
     for name, w in (("iled_weight", iled_weight), ("rpsd_weight", rpsd_weight)):
@@ -188,8 +188,8 @@ class UnifiedKDLoss(nn.Module):
                  num_mined_pairs: Optional[int] = 4096, pair_filter: str = "all", iled_weight: float = 1.0,
                  rpsd_weight: float = 1.0, enqueue: str = "before"):
         super().__init__()
-        check_integer("dim (the teacher embedding width)", dim, 1)
-        check_integer("bank_size", bank_size, 1)
+        dim = check_integer("dim (the teacher embedding width)", dim, 1)
+        bank_size = check_integer("bank_size", bank_size, 1)
         if enqueue not in ("before", "after"):
             raise ValueError(f"enqueue must be 'before' or 'after', got {enqueue!r}")
         _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
