@@ -200,9 +200,10 @@ class EKDLoss(nn.Module):
 
             if not (dist.is_available() and dist.is_initialized() and group is dist.group.WORLD):
                 raise TypeError(
-                    "this EKDLoss computes over a torch.distributed group made by new_group(), which cannot be "
-                    "pickled (a group is a handle to this process's communicators); save its state_dict() "
-                    "instead, and build the loss with the group again where you load it")
+                    "this EKDLoss computes over a torch.distributed group made by new_group() (or over a default "
+                    "group since destroyed by destroy_process_group()), which cannot be pickled (a group is a "
+                    "handle to this process's communicators); save its state_dict() instead, and build the loss "
+                    "with the group again where you load it")
             state["process_group"] = None
         return state
 
