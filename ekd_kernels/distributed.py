@@ -385,7 +385,8 @@ def _gather_fields() -> Tuple[_Field, ...]:
     return tuple(_GATHER_FIELDS
             + [_Field("whether gather_batch was given the loss", _show_bool, hint="pass loss= on every rank or none")]
             + [field for field, _ in _config_entries(EKDConfig())]
-            + [_Field("the loss's training mode", _show_bool, hint="call .train() or .eval() on every rank's EKDLoss alike"),
+            + [_Field("the loss's training mode", _show_bool,
+                      hint="call .train() or .eval() on every rank's EKDLoss alike"),
                _Field('whether the loss has a generator (negative_selection="random")', _show_bool,
                       hint="pass an identically seeded generator to every rank's EKDLoss")]
             + _SHARDED_STATE_FIELDS
@@ -421,8 +422,8 @@ def _gather_loss_values(loss, device) -> Tuple[List[int], List[torch.Tensor]]:
     generator = loss.generator if loss.config.negative_selection == "random" else None
     drawing = (fingerprint([generator.get_state()]).to(device) if generator is not None
                else torch.zeros((), dtype=torch.int64, device=device))
-    values = ([1] + [value for _, value in _config_entries(loss.config)] + [int(loss.training), int(generator is not None)]
-              + [_dtype_code(loss.student_thresholds.dtype)])
+    values = ([1] + [value for _, value in _config_entries(loss.config)]
+              + [int(loss.training), int(generator is not None), _dtype_code(loss.student_thresholds.dtype)])
     return values, [fingerprint(thresholds), drawing]
 
 
