@@ -387,13 +387,14 @@ def _memory_cgroup_child(limit_bytes: int):
 def test_csrc_cpu_refuses_a_buffer_past_the_cgroup_memory_limit():
     """In a container the process may use its cgroup's limit, not the machine's memory: past it
     the kernel kills the process.  A B whose buffer fits the machine but not the limit is refused
-    with a ValueError naming the limit (B = 16384: a 1 GiB buffer under a 512 MiB limit)."""
+    with a ValueError naming the limit (B = 32768: a 4 GiB buffer under a 1.5 GiB limit; importing
+    torch alone peaks at about 0.5 GiB here)."""
     import subprocess
     import sys
 
-    child = _memory_cgroup_child(512 << 20)
+    child = _memory_cgroup_child(3 << 29)
     script = ("import torch; from ekd_kernels import ekd_loss\n"
-              "s = torch.randn(1, 4).expand(16384, 4); y = torch.arange(16384) // 2\n"
+              "s = torch.randn(1, 4).expand(32768, 4); y = torch.arange(32768) // 2\n"
               "try:\n    ekd_loss(s, s, y, backend='csrc')\nexcept ValueError as e:\n    print('refused:', e)\n")
     try:
         done = subprocess.run(["sh", "-c", f'echo $$ > "{child}/cgroup.procs" && exec "$0" -c "$1"', sys.executable,
@@ -401,8 +402,8 @@ def test_csrc_cpu_refuses_a_buffer_past_the_cgroup_memory_limit():
     finally:
         child.rmdir()
     assert done.returncode == 0, f"killed or failed (rc {done.returncode}): {done.stderr[-2000:]}"
-    assert "refused: ekd_forward (CPU): B=16384 needs 1 GiB" in done.stdout, done.stdout
-    assert "more than this process's cgroup memory limit of 0.5 GiB" in done.stdout, done.stdout
+    assert "refused: ekd_forward (CPU): B=32768 needs 4 GiB" in done.stdout, done.stdout
+    assert "more than this process's cgroup memory limit of 1.5 GiB" in done.stdout, done.stdout
 
 
 def _csrc_selected_pairs(student, teacher, labels, config):
