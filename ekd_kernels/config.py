@@ -50,7 +50,9 @@ def _real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
-    if not math.isfinite(value):
+    # (comparisons, not math.isfinite: under torch.compile(dynamic=True) a float option is a
+    # SymFloat, which a comparison guards on and math.isfinite cannot trace; NaN fails both)
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value!r}")
     return value
 

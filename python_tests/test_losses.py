@@ -346,6 +346,63 @@ def test_compiles_whole_with_fullgraph(loss):
     assert_grad_close(x_compiled.grad, x.grad)
 
 
+@pytest.mark.parametrize("name", ["sp", "cc", "darkrank", "hinton", "pwr", "rkd", "fast_rkd", "fast_rkd_torch",
+                                  "cc_function", "pwr_function", "darkrank_function", "rkd_function", "hinton_function"])
+def test_compiles_whole_with_dynamic_shapes(name):
+    """torch.compile(fullgraph=True, dynamic=True), modules and functions compiled directly: a
+    float option is then a SymFloat, and the options' finiteness check (math.isfinite) stopped
+    Dynamo ("torch.* op returned non-Tensor") for 7 losses; now comparisons, which it guards on.
+    Two batch sizes, each the eager loss and gradient."""
+    import torch._dynamo
+
+    losses = {
+        "sp": SimilarityPreservingLoss(), "cc": CorrelationCongruenceLoss(gamma=2.0, order=3),
+        "darkrank": HardDarkRankLoss(), "hinton": HintonKDLoss(), "pwr": PWRLoss(), "rkd": RKDLoss(),
+        "fast_rkd": FastRKDLoss(), "fast_rkd_torch": FastRKDLoss(backend="torch"),
+        "cc_function": correlation_congruence_loss, "pwr_function": pwr_loss,
+        "darkrank_function": hard_darkrank_loss, "rkd_function": rkd_loss, "hinton_function": hinton_kd_loss,
+    }
+    loss = losses[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    for batch in (16, 12):
+        student, teacher = make(batch, 6, seed=batch, dtype=torch.float32)
+        x, x_compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        eager = loss(x, teacher)
+        eager.backward()
+        got = compiled(x_compiled, teacher)
+        got.backward()
+        assert torch.equal(got, eager), (got, eager)
+        torch.testing.assert_close(x_compiled.grad, x.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["sp", "cc", "darkrank", "pwr", "rkd"])
+def test_compiled_inside_autocast_with_the_documented_setting_gives_the_eager_gradient(name):
+    """A compiled loss called inside torch.autocast, its backward outside: with
+    torch._functorch.config.backward_pass_autocast = "off" (README: PyTorch's default traces the
+    backward under the forward's autocast, a bf16-rounded gradient) the loss and gradient are
+    bitwise the eager ones."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    loss = {"sp": SimilarityPreservingLoss, "cc": CorrelationCongruenceLoss, "darkrank": HardDarkRankLoss,
+            "pwr": PWRLoss, "rkd": RKDLoss}[name]()
+    student, teacher = make(16, 8, dt=10, seed=4, dtype=torch.float32)
+    x, x_compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    eager = loss(x, teacher)
+    eager.backward()
+    torch._dynamo.reset()
+    # (a torch without the setting, before 2.8, traces no autocast into the backward at all)
+    setting = (functorch_config.patch(backward_pass_autocast="off")
+               if hasattr(functorch_config, "backward_pass_autocast") else contextlib.nullcontext())
+    with setting:
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = compiled(x_compiled, teacher)
+        got.backward()
+    assert torch.equal(got, eager) and torch.equal(x_compiled.grad, x.grad)
+
+
 def test_hinton_kd_against_loop_oracle():
     g = torch.Generator().manual_seed(2)
     s = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3

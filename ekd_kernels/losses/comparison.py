@@ -121,7 +121,7 @@ def _taylor_coefficient(gamma: float, p: int) -> float:
     is bitwise theirs).  Past that, p! (p > 170) or (2 gamma)^p does not fit a double, though the
     coefficient, a Poisson probability of mean 2 gamma, is at most 1: in logs nothing overflows
     (exp may underflow to 0, the term's true size)."""
-    if not math.isfinite(2 * gamma):  # (gamma near the float maximum: every coefficient underflows)
+    if not 2 * gamma < math.inf:  # (gamma near the float maximum: every coefficient underflows)
         return 0.0
     try:
         return math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p)
