@@ -392,7 +392,7 @@ def test_compiled_inside_autocast_with_the_documented_setting_gives_the_eager_gr
     eager = loss(x, teacher)
     eager.backward()
     torch._dynamo.reset()
-    # (a torch without the setting, before 2.8, traces no autocast into the backward at all)
+    # (a torch without the setting: the same check without it, the README's supported range)
     setting = (functorch_config.patch(backward_pass_autocast="off")
                if hasattr(functorch_config, "backward_pass_autocast") else contextlib.nullcontext())
     with setting:
