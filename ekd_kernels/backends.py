@@ -87,15 +87,17 @@ class _LazyBackend(Backend):
 
 # The lazy backends' imports are import statements, not importlib.import_module: Dynamo runs an
 # import statement while it traces (it refuses importlib), so that an EKDLoss built inside a
-# torch.compile(fullgraph=True) function of a fresh process compiles.
+# torch.compile(fullgraph=True) function of a fresh process compiles.  Absolute "import a.b as m"
+# (not "from . import b"): a missing module then raises ModuleNotFoundError naming it, which
+# _load tells from an error inside the module.
 def _import_triton():
-    from . import triton_ekd
-    return triton_ekd
+    import ekd_kernels.triton_ekd as module
+    return module
 
 
 def _import_csrc():
-    from . import csrc_ops
-    return csrc_ops
+    import ekd_kernels.csrc_ops as module
+    return module
 
 
 _REGISTRY: Dict[str, Backend] = {

@@ -1166,6 +1166,42 @@ def test_backend_resolution_traces_under_compile(device_type):
     assert torch.equal(torch.compile(count, fullgraph=True, backend="eager")(torch.zeros(2)), count(torch.zeros(2)))
 
 
+@pytest.mark.parametrize("name, module", [("triton", "ekd_kernels.triton_ekd"), ("csrc", "ekd_kernels.csrc_ops")])
+def test_a_backend_module_missing_from_the_build_says_so(monkeypatch, name, module):
+    """A lazy backend whose module is not in the build reads "not part of this build yet" (its
+    importer's ModuleNotFoundError names the module); an import failing inside the module reads
+    "could not be imported" with the error (a relative "from . import" raised a plain ImportError
+    naming the package: every missing module read as a broken one)."""
+    import sys
+
+    import ekd_kernels
+
+    importer = {"triton": backends_module._import_triton, "csrc": backends_module._import_csrc}[name]
+    what = "the x kernels"
+    class NotInThisBuild:
+        """A meta path finder that finds no `module`, as none finds a file that is not there
+        (ahead of the editable install's finder, which maps the package to its sources)."""
+
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname == module:
+                raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+            return None
+
+    # the package as a build without that module: not imported, not found
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.delattr(ekd_kernels, module.rsplit(".", 1)[1], raising=False)
+    monkeypatch.setattr(sys, "meta_path", [NotInThisBuild()] + sys.meta_path)
+    missing = backends_module._LazyBackend(name, module, importer, what)
+    assert missing.unavailable_reason("cpu") == "the x kernels are not part of this build yet"
+
+    def broken():
+        import ekd_kernels._no_such_dependency  # noqa: F401 - an import inside the module that fails
+
+    failing = backends_module._LazyBackend(name, module, broken, what)
+    assert failing.unavailable_reason("cpu").startswith("the x kernels could not be imported (No module named")
+
+
 @pytest.mark.parametrize("backend", ["auto", "csrc"])
 def test_loss_built_inside_a_fullgraph_compiled_function(backend):
     """An EKDLoss made inside a torch.compile(fullgraph=True) function compiles, in a fresh process

@@ -270,6 +270,16 @@ def test_integer_options_take_numpy_integers():
     ]
     for call in pairs:
         assert torch.equal(call(numpy.int64), call(int))
+    # the modules keep Python ints: they compile whole as with ints (a numpy integer reached the
+    # forward's check under Dynamo, which takes it for a tensor: an error)
+    from torch import _dynamo
+    for module in (CorrelationCongruenceLoss(order=numpy.int64(2)), HardDarkRankLoss(list_length=numpy.int64(2)),
+                   PWRLoss(algorithm="couples", chunk=numpy.int64(3))):
+        _dynamo.reset()
+        assert torch.equal(torch.compile(module, fullgraph=True, backend="eager")(s, t), module(s, t))
+    assert "'num_mined_pairs': 8," in repr(UnifiedKDLoss(4, num_mined_pairs=numpy.int64(8)).options)
+    with pytest.raises(ValueError, match="order must be an integer >= 1, got 0: the Taylor expansion"):
+        CorrelationCongruenceLoss(order=numpy.int64(0))
     with pytest.raises(ValueError, match="chunk must be a positive integer"):
         PWRLoss(chunk=numpy.bool_(True))
     with pytest.raises(ValueError, match="bank_size must be an integer >= 1"):

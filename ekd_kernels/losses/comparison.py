@@ -23,7 +23,9 @@ cosine_distill         each sample's direction (1 - cos)                        
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,7 +104,7 @@ def correlation_congruence_loss(student: torch.Tensor, teacher: torch.Tensor, ga
     double) it is computed in logs (``_taylor_coefficient``).
     """
     check_embedding_pair(student, teacher, what="correlation_congruence_loss")
-    _check_cc_options(gamma, order)
+    order = _check_cc_options(gamma, order)
     student, teacher = compute_dtypes(student, teacher)
 
     def correlation(x):
@@ -129,14 +131,15 @@ def _taylor_coefficient(gamma: float, p: int) -> float:
         return math.exp(-2 * gamma + p * math.log(2 * gamma) - math.lgamma(p + 1))
 
 
-def _check_cc_options(gamma, order):
+def _check_cc_options(gamma, order) -> int:
+    """The checked order, as a Python int."""
     check_number("gamma", gamma, positive=True)
-    if isinstance(order, int) and not isinstance(order, bool) and order == 0:
+    if isinstance(order, numbers.Integral) and not isinstance(order, (bool, numpy.bool_)) and order == 0:
         # (the expansion's constant term alone: both correlations equal exp(-2 gamma) everywhere,
         # a loss of 0 with no gradient, whatever the embeddings: a silent no-op, surely not meant)
         raise ValueError("order must be an integer >= 1, got 0: the Taylor expansion to order 0 is the constant "
                          "exp(-2 gamma), the same for both models, so the loss would be 0 whatever the embeddings")
-    check_integer("order", order, 1)
+    return check_integer("order", order, 1)
 
 
 class CorrelationCongruenceLoss(nn.Module):
@@ -144,8 +147,7 @@ class CorrelationCongruenceLoss(nn.Module):
 
     def __init__(self, gamma: float = 0.4, order: int = 2):
         super().__init__()
-        _check_cc_options(gamma, order)
-        self.gamma, self.order = gamma, order
+        self.gamma, self.order = gamma, _check_cc_options(gamma, order)  # (a numpy integer stored as an int)
 
     def forward(self, student, teacher):
         return correlation_congruence_loss(student, teacher, self.gamma, self.order)
@@ -182,7 +184,7 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     broken by ``torch.sort`` (unspecified).  Needs B > list_length.  Cost O(B^2 D + B^2 log B).
     """
     check_embedding_pair(student, teacher, what="hard_darkrank_loss")
-    _check_darkrank_options(alpha, beta, list_length)
+    list_length = _check_darkrank_options(alpha, beta, list_length)
     if student.shape[0] <= list_length:
         raise ValueError(f"hard_darkrank_loss needs more than list_length={list_length} rows (each anchor ranks "
                          f"{list_length} others), got B={student.shape[0]}")
@@ -192,9 +194,9 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     # for finite embeddings
     largest = torch.finfo(student.dtype).max
     if max(0.0, math.log(alpha)) + beta * math.log(2.0) > math.log(largest):
-        raise ValueError(f"hard_darkrank_loss: alpha={alpha} and beta={beta} give scores down to -alpha * 2^beta "
-                         f"(distances of normalised rows reach 2, and d^beta 2^beta), past {student.dtype}'s range "
-                         f"({largest:.3g}); lower alpha or beta")
+        raise ValueError(f"hard_darkrank_loss: beta={beta} and alpha={alpha} take the scores -alpha * d^beta past "
+                         f"{student.dtype}'s range ({largest:.3g}): distances of normalised rows reach 2, so d^beta "
+                         "reaches 2^beta and the scores -alpha * 2^beta; lower beta or alpha")
     batch = student.shape[0]
     self_mask = torch.eye(batch, dtype=torch.bool, device=student.device)
     with torch.no_grad():
@@ -209,11 +211,12 @@ def hard_darkrank_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: floa
     return nan_unless_finite(-(listed - suffix).sum(1).mean(), all_finite(student, teacher))
 
 
-def _check_darkrank_options(alpha, beta, list_length):
+def _check_darkrank_options(alpha, beta, list_length) -> int:
+    """The checked list length, as a Python int."""
     # alpha <= 0 would reverse (or flatten) the ranking the scores encode
     check_number("alpha", alpha, positive=True)
     check_number("beta", beta, positive=True)
-    check_integer("list_length", list_length, 1)
+    return check_integer("list_length", list_length, 1)
 
 
 class HardDarkRankLoss(nn.Module):
@@ -221,7 +224,7 @@ class HardDarkRankLoss(nn.Module):
 
     def __init__(self, alpha: float = 3.0, beta: float = 3.0, list_length: int = 3):
         super().__init__()
-        _check_darkrank_options(alpha, beta, list_length)
+        list_length = _check_darkrank_options(alpha, beta, list_length)  # (a numpy integer stored as an int)
         self.alpha, self.beta, self.list_length = alpha, beta, list_length
 
     def forward(self, student, teacher):

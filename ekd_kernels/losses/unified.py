@@ -75,7 +75,8 @@ def _num_hard_samples(hard_fraction: float, batch: int) -> int:
     return max(1, -(-ratio.numerator * batch // ratio.denominator))
 
 
-def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight):
+def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight) -> Optional[int]:
+    """Checks the options; returns num_mined_pairs as a Python int (or None)."""
     check_number("hard_fraction", hard_fraction, positive=True, at_most_one=True)
     if num_mined_pairs is not None:
         num_mined_pairs = check_integer("num_mined_pairs (or None: all)", num_mined_pairs, 1)
@@ -83,6 +84,7 @@ def _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rps
         raise ValueError(f"pair_filter must be one of {PAIR_FILTERS}, got {pair_filter!r}")
     for name, w in (("iled_weight", iled_weight), ("rpsd_weight", rpsd_weight)):
         check_number(name, w, non_negative=True)
+    return num_mined_pairs
 
 
 @fp32_under_autocast
@@ -96,7 +98,7 @@ def unified_kd_terms(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     sample's own entry or -1.  No bank: the batch's teacher embeddings, own entries excluded."""
     check_embedding_pair(student, teacher, same_dim=True, labels=labels, what="unified_kd_loss")
     check_has_values(student, "unified_kd_loss")
-    _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
+    num_mined_pairs = _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
     student, teacher = compute_dtypes(student, teacher)
     labels = int64_labels(labels)
     batch = student.shape[0]
@@ -192,7 +194,7 @@ class UnifiedKDLoss(nn.Module):
         bank_size = check_integer("bank_size", bank_size, 1)
         if enqueue not in ("before", "after"):
             raise ValueError(f"enqueue must be 'before' or 'after', got {enqueue!r}")
-        _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
+        num_mined_pairs = _check_options(hard_fraction, num_mined_pairs, pair_filter, iled_weight, rpsd_weight)
         self.dim, self.bank_size, self.enqueue = dim, bank_size, enqueue
         self.options = dict(hard_fraction=hard_fraction, num_mined_pairs=num_mined_pairs, pair_filter=pair_filter,
                             iled_weight=iled_weight, rpsd_weight=rpsd_weight)
