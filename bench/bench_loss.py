@@ -5,8 +5,9 @@
     python bench/bench_loss.py --sizes 256 1024 --methods ekd/csrc floor --dtypes float32
 
 For each batch size B (D = 512) and dtype: forward+backward and forward-only time of each method
-(median and 20th/80th percentiles of the repeats after two warm-up calls; one seeded random input
-set per B and dtype, the same for every repeat and method; the methods take turns, --rounds times,
+(median and 20th/80th percentiles of the repeats after warm-up calls: two forward+backward, one
+when the first takes the whole budget, and one forward; one seeded random input set per B and
+dtype, the same for every repeat and method; the methods take turns, --rounds times,
 each turn a block of their repeats, so that a ratio does not depend on the order on a machine
 whose load drifts; the +compile methods are timed after the others, each alone), and
 the peak memory of one forward+backward (CUDA: max_memory_allocated; CPU: growth of the process's
@@ -264,11 +265,13 @@ def prepare(factory, inputs, device, repeats, budget_s):
     with PeakMemory(device) as peak:
         forward_backward(*inputs)
     first = time.perf_counter() - t0
+    # The forward's own first call (a graph method captures its forward graph there, a compile
+    # method compiles it): never timed, whatever the budget.
+    forward(*inputs)
     # The first call may be mostly compiling (Triton: seconds, more on a cold cache): unless it
     # alone took the whole budget, the repeat count comes from a second, warm call (a compile over
     # budget / 4 used to leave the median of 2 calls).
     if first <= budget_s:
-        forward(*inputs)
         t0 = time.perf_counter()
         forward_backward(*inputs)
         sync(device)
@@ -278,8 +281,9 @@ def prepare(factory, inputs, device, repeats, budget_s):
 
 
 def time_in_turns(prepared, inputs, device, rounds):
-    """{name: (forward+backward times, forward times, rounds taken)}, and {name: exception} of the
-    methods that raised: the methods take turns, `rounds` times, each round timing a block of its
+    """{name: (forward+backward times, forward times, rounds taken)}, and {name: why} of the
+    methods that raised (its stop reason, not the exception: its traceback would hold the
+    method's tensors): the methods take turns, `rounds` times, each round timing a block of its
     repeats, so that no method owes its figure (nor a ratio its sign) to when it ran on a machine
     whose load drifts (one method after another once timed the floor at 32 ms on a loaded CPU,
     700x its own forward).  Every method was warmed up by `prepare`: no block has a warm-up call."""
@@ -295,12 +299,13 @@ def time_in_turns(prepared, inputs, device, rounds):
                 times[name][0].extend(time_calls(lambda: forward_backward(*inputs), device, block, warm_up=False))
                 times[name][1].extend(time_calls(lambda: forward(*inputs), device, block, warm_up=False))
             except Exception as exc:  # the method stops; the others go on
-                failed[name] = exc
+                failed[name] = describe(exc)
     return {name: (*times[name], turns[name]) for name in prepared if name not in failed}, failed
 
 
-def stop_reason(batch, exc):
-    return f"stopped at B={batch}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+def describe(exc):
+    """An exception in a line: its type and the first 120 characters of its message."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
 def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None, rounds=3):
@@ -331,10 +336,10 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None
                     try:
                         prepared[name] = prepare(methods[name], inputs, device, repeats, budget_s)
                     except Exception as exc:  # out of memory, a backend refusing the dtype, a compile
-                        stopped[key] = stop_reason(batch, exc)  # failing: that method stops, the others go on
+                        stopped[key] = f"stopped at B={batch}: {describe(exc)}"  # failing: that method stops
                 timed, failed = time_in_turns(prepared, inputs, device, rounds)
-                for name, exc in failed.items():
-                    stopped[(name, dtype)] = stop_reason(batch, exc)
+                for name, why in failed.items():
+                    stopped[(name, dtype)] = f"stopped at B={batch}: {why}"
                 for name, (fb_times, fw_times, turns) in timed.items():
                     fb, fw = summary(fb_times), summary(fw_times)
                     rows.append({**env, "benchmark": "loss", "method": name.split("/")[0],

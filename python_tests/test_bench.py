@@ -93,6 +93,24 @@ def test_loss_bench_methods_take_turns(monkeypatch):
         ("ekd/a", 2, 4, 4), ("floor", 2, 4, 4), ("ekd/b+compile", 2, 4, 4)]
 
 
+def test_loss_bench_never_times_a_first_forward(monkeypatch):
+    """A method whose first forward+backward takes the whole budget still has its forward called
+    once before the timing: a graph method captures its forward graph at that call, a compile
+    method compiles it (the timed median was half a capture when the repeats were 2)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    calls = []
+
+    def slow():
+        return (lambda *inputs: calls.append("fb")), (lambda *inputs: calls.append("fw"))
+
+    rows, stopped = bench_loss.run({"ekd/slow": slow}, [16], 8, [torch.float32], torch.device("cpu"), repeats=4,
+                                   budget_s=1e-12, env={}, rounds=2)
+    assert not stopped and rows[0]["forward"]["repeats"] == 2
+    assert calls[:2] == ["fb", "fw"] and calls[2:] == ["fb", "fw"] * 2, calls
+
+
 def test_loss_bench_a_method_failing_in_its_turn_stops_alone(monkeypatch):
     """A method that raises while the methods take turns (after a warm-up that went well: memory
     filling up at a later call) stops with its reason; the others keep their rows."""
