@@ -129,15 +129,43 @@ def _check_values(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is on the meta device, which holds no values: verification needs real scores")
 
 
-def _as_fp32(name: str, x: torch.Tensor) -> torch.Tensor:
-    """`x` in fp32, what the scores are computed in; a non-finite value, or a finite one past fp32's
-    range (fp64 input), is refused with what it is (the cast made it inf, then NaN scores)."""
+def _check_finite(name: str, x: torch.Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} hold a non-finite value")
+
+
+def _as_fp32(name: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, what the raw dot products (normalize=False) are computed in; a non-finite
+    value, or a finite one past fp32's range (fp64 input), is refused with what it is (the cast
+    made it inf, then NaN scores)."""
+    _check_finite(name, x)
     if x.dtype == torch.float64 and bool((x.abs() > _FP32_MAX).any()):
-        raise ValueError(f"{name} hold values past fp32's range (|x| > {_FP32_MAX:.3g}); scores are computed in "
-                         "fp32: scale the embeddings down (cosine scores do not change)")
+        raise ValueError(f"{name} hold values past fp32's range (|x| > {_FP32_MAX:.3g}); with normalize=False the "
+                         "dot products are computed in fp32: scale the embeddings down, or normalize=True")
     return x.float()
+
+
+#: Rows whose largest |x| reaches this are scaled by a power of two before they are normalised.
+_SCALE_ROWS_FROM = 2.0 ** 48
+
+
+def _unit_rows_fp32(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The rows of `x` normalised, in fp32 (the cosines' dtype).  A row whose largest |x| reaches
+    2^48 is first multiplied by a power of two that brings it below 1: exact, so the unit row is
+    the same bits, and its squared norm no longer overflows (fp32's did from |x| of about 1.8e19,
+    and fp64 input past fp32's range became inf: a row of zeros, cosines of 0, silently).  Rows
+    below 2^48 are normalised as they were.  Non-finite values are refused."""
+    _check_finite(name, x)
+    if not x.is_floating_point():
+        x = x.double()                      # integer coordinates
+    elif x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    largest = x.abs().amax(dim=1, keepdim=True)
+    big = largest >= _SCALE_ROWS_FROM
+    if bool(big.any()):
+        x = x * torch.where(big, torch.ldexp(torch.ones_like(largest), -torch.frexp(largest).exponent),
+                            torch.ones_like(largest))
+    return torch.nn.functional.normalize(x.float(), dim=1, eps=NORM_EPS)
 
 
 # --------------------------------------------------------------------------- given scores
@@ -194,7 +222,9 @@ def _scores_tensor(name: str, scores) -> torch.Tensor:
 
 
 def pair_scores(embeddings_a: torch.Tensor, embeddings_b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of row i of `embeddings_a` with row i of `embeddings_b` (a pairs list)."""
+    """Cosine similarity of row i of `embeddings_a` with row i of `embeddings_b` (a pairs list), in
+    fp32, as verify_all_pairs computes it; a non-finite embedding is refused (a ValueError here,
+    rather than a NaN score that tpr_at_fpr refuses later)."""
     if not (isinstance(embeddings_a, torch.Tensor) and isinstance(embeddings_b, torch.Tensor)):
         raise ValueError(f"expected two N x D tensors, got {type(embeddings_a).__name__} and "
                          f"{type(embeddings_b).__name__}")
@@ -208,8 +238,7 @@ def pair_scores(embeddings_a: torch.Tensor, embeddings_b: torch.Tensor) -> torch
     if embeddings_a.device != embeddings_b.device:
         raise ValueError(f"embeddings_a and embeddings_b must be on the same device, got {embeddings_a.device} and "
                          f"{embeddings_b.device}")
-    a = torch.nn.functional.normalize(_as_fp32("embeddings_a", embeddings_a), dim=1, eps=NORM_EPS)
-    b = torch.nn.functional.normalize(_as_fp32("embeddings_b", embeddings_b), dim=1, eps=NORM_EPS)
+    a, b = _unit_rows_fp32("embeddings_a", embeddings_a), _unit_rows_fp32("embeddings_b", embeddings_b)
     return (a * b).sum(dim=1)
 
 
@@ -468,9 +497,8 @@ def verify_all_pairs(embeddings: torch.Tensor, labels: torch.Tensor, fprs: Seque
     # An enclosing torch.autocast would run the tiles' matmuls in bf16/fp16: the scores would no
     # longer be the fp32 cosines promised, and the radix passes read their fp32 bits (int32 view).
     with torch.no_grad(), autocast_off(embeddings.device):
-        e = _as_fp32("embeddings", embeddings.detach())
-        if normalize:
-            e = torch.nn.functional.normalize(e, dim=1, eps=NORM_EPS)
+        e = _unit_rows_fp32("embeddings", embeddings.detach()) if normalize else _as_fp32("embeddings",
+                                                                                        embeddings.detach())
         e = e.contiguous()
 
         _, counts = torch.unique(labels, return_counts=True)

@@ -252,13 +252,34 @@ def test_metrics_refuse_what_they_cannot_read_by_name():
         pair_scores(embeddings.to("meta"), embeddings)
     with pytest.raises(ValueError, match="embeddings_b must be a dense"):
         pair_scores(embeddings, embeddings.to_sparse())
-    huge = embeddings.double() * 1e300
-    for call in (lambda: verify_all_pairs(huge, labels), lambda: pair_scores(huge, embeddings.double())):
-        with pytest.raises(ValueError, match="hold values past fp32's range"):
-            call()
-    # within fp32's range, fp64 embeddings give the fp32 cosines as before
+    with pytest.raises(ValueError, match="hold values past fp32's range .*with normalize=False"):
+        verify_all_pairs(embeddings.double() * 1e300, labels, normalize=False)
+    with pytest.raises(ValueError, match="embeddings_b hold a non-finite value"):
+        pair_scores(embeddings, embeddings * float("nan"))
+    # fp64 embeddings give the fp32 cosines
     other = torch.randn(6, 3)
     assert torch.equal(pair_scores(embeddings.double(), other.double()), pair_scores(embeddings, other))
+
+
+def test_cosines_of_huge_rows_are_those_of_the_rows_scaled_down():
+    """Cosines are scale-free: rows past fp32's squared-norm range (|x| from about 1.8e19, fp32
+    or fp64) and fp64 rows past fp32's range give the cosines of the same rows scaled down by a
+    power of two, bitwise (they normalised to rows of zeros: cosines of 0, silently; fp64 past
+    fp32's range became inf)."""
+    g = torch.Generator().manual_seed(3)
+    embeddings, other = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    labels = torch.arange(64) // 4
+    want_scores = pair_scores(embeddings, other)
+    want = verify_all_pairs(embeddings, labels)
+    for scale, dtype in ((2.0 ** 70, torch.float32), (2.0 ** 1000, torch.float64), (2.0 ** 50, torch.float32)):
+        huge = embeddings.to(dtype) * scale
+        assert torch.equal(pair_scores(huge, other.to(dtype) * scale), want_scores), (scale, dtype)
+        got = verify_all_pairs(huge, labels)
+        assert (got.thresholds, got.tprs) == (want.thresholds, want.tprs), (scale, dtype)
+    # one huge row among ordinary ones: only it is scaled
+    mixed = embeddings.clone()
+    mixed[5] *= 2.0 ** 80
+    assert torch.equal(pair_scores(mixed, other), want_scores)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: two devices are needed")
