@@ -95,7 +95,10 @@ class EKDConfig:
         for f in fprs:
             if not (0.0 < f < 1.0):
                 raise ValueError(f"every FPR must lie in (0, 1), got {f!r} in fprs={fprs}")
-            if fpr_fraction(f) >= 1:  # the index floor(L * fpr) is read from this fraction
+            fraction = fpr_fraction(f)
+            # (its two integers compared: Dynamo of torch 2.6 traces no Fraction comparison, an
+            # EKDLoss built inside a fullgraph-compiled function)
+            if fraction.numerator >= fraction.denominator:  # the index floor(L * fpr) is read from this fraction
                 raise ValueError(f"every FPR must lie in (0, 1): {f!r} in fprs={fprs} is within 1e-12 of 1, and the "
                                  "threshold index floor(L * fpr) reads an FPR as the nearest fraction with a "
                                  "denominator of at most 10^12, which is 1 here")

@@ -375,12 +375,17 @@ def test_compiles_whole_with_dynamic_shapes(name):
     loss = losses[name]
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    # (RKD's mean over the d > 0 entries, the authors' expression, is a data-dependent size: torch
+    # 2.6 traces it only with capture_dynamic_output_shape_ops, which later releases do not need)
+    capture = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if name.startswith("rkd") else \
+        contextlib.nullcontext()
     for batch in (16, 12):
         student, teacher = make(batch, 6, seed=batch, dtype=torch.float32)
         x, x_compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
         eager = loss(x, teacher)
         eager.backward()
-        got = compiled(x_compiled, teacher)
+        with capture:
+            got = compiled(x_compiled, teacher)
         got.backward()
         assert torch.equal(got, eager), (got, eager)
         torch.testing.assert_close(x_compiled.grad, x.grad, rtol=1e-6, atol=1e-7)
@@ -401,11 +406,11 @@ def test_compiled_inside_autocast_with_the_documented_setting_gives_the_eager_gr
     x, x_compiled = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
     eager = loss(x, teacher)
     eager.backward()
+    if not hasattr(functorch_config, "backward_pass_autocast"):
+        pytest.skip(f"torch {torch.__version__} has no backward_pass_autocast setting: the README's limit stands "
+                    "there without this way round it")
     torch._dynamo.reset()
-    # (a torch without the setting: the same check without it, the README's supported range)
-    setting = (functorch_config.patch(backward_pass_autocast="off")
-               if hasattr(functorch_config, "backward_pass_autocast") else contextlib.nullcontext())
-    with setting:
+    with functorch_config.patch(backward_pass_autocast="off"):
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = compiled(x_compiled, teacher)
