@@ -193,14 +193,22 @@ def all_methods(device):
             methods[f"ekd/{name}"] = lambda n=name: ekd_method(n, device)
         except RuntimeError as exc:
             skipped[f"ekd/{name}"] = str(exc)
+
+    def derived(name, base, factory):
+        """A method made from the backend `base`: listed as skipped, with its reason, when that
+        backend cannot run (a --methods list naming it then measures the others: a CUDA build
+        that failed once stopped the lease's benchmarks before any row)."""
+        if f"ekd/{base}" in methods:
+            methods[name] = factory
+        else:
+            skipped[name] = skipped[f"ekd/{base}"]
+
     if device.type == "cuda":  # the fast backends run no host synchronisation: capturable
         for name in ("triton", "csrc"):
-            if f"ekd/{name}" in methods:
-                methods[f"ekd/{name}+graph"] = lambda n=name: ekd_graph_method(n, device)
-        if "ekd/csrc" in methods:
-            for name, setting in (("tc", "1"), ("mma", "2")):
-                methods[f"ekd/csrc+{name}"] = lambda v=setting: loss_calls(
-                    with_environ(EKDLoss(backend="csrc").to(device), {"EKD_CUDA_TENSOR_CORES": v}))
+            derived(f"ekd/{name}+graph", name, lambda n=name: ekd_graph_method(n, device))
+        for name, setting in (("tc", "1"), ("mma", "2")):
+            derived(f"ekd/csrc+{name}", "csrc", lambda v=setting: loss_calls(
+                with_environ(EKDLoss(backend="csrc").to(device), {"EKD_CUDA_TENSOR_CORES": v})))
     methods["rkd/reference"] = lambda: rkd_method(RKDLoss())
     fast, why = fast_rkd()
     if fast is not None:
@@ -213,8 +221,7 @@ def all_methods(device):
         # last at each B and dtype: their first calls compile (inductor), and a run cut short
         # there keeps the other methods' rows of that B and dtype
         for name in ("triton", "csrc"):
-            if f"ekd/{name}" in methods:
-                methods[f"ekd/{name}+compile"] = lambda n=name: ekd_compile_method(n, device)
+            derived(f"ekd/{name}+compile", name, lambda n=name: ekd_compile_method(n, device))
     return methods, skipped
 
 

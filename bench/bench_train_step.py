@@ -189,15 +189,32 @@ def main(argv=None):
                 except (RuntimeError, MemoryError) as exc:
                     skipped[f"{name} B={general}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                     del prepared[name]
+        measured = []
         for name, (_, loss_call, peak_bytes) in prepared.items():
             step_times, issue_times = summary(times[name]["step"]), summary(times[name]["issue"])
             loss_times = summary(times[name]["loss"]) if loss_call is not None else None
-            rows.append({**env, "benchmark": "train_step", "setting": name, "batch": 2 * general,
-                         "general": general, "teacher": teacher_name, "dtype": "bf16-amp" if amp_dtype else "float32",
-                         "step": step_times, "loss": loss_times, "rounds": rounds,
-                         "loss_share": (loss_times["median_s"] / step_times["median_s"]) if loss_times else None,
-                         "step_host_issue": issue_times, "peak_memory_bytes": peak_bytes})
+            measured.append({**env, "benchmark": "train_step", "setting": name, "batch": 2 * general,
+                             "general": general, "teacher": teacher_name,
+                             "dtype": "bf16-amp" if amp_dtype else "float32",
+                             "step": step_times, "loss": loss_times, "rounds": rounds,
+                             "loss_share": (loss_times["median_s"] / step_times["median_s"]) if loss_times else None,
+                             "step_host_issue": issue_times, "peak_memory_bytes": peak_bytes})
+        # Appended as each batch size is measured: a run cut short by a time limit (a GPU lease's
+        # step: one lost every row when they were written at the end) keeps the sizes it finished
+        append_rows(measured, "train_step", device, args.out)
+        for row in measured:
+            print(f"  measured {row['setting']} {general}+{general}: {row['step']['median_s'] * 1e3:.2f} ms a step"
+                  + (f", the loss {row['loss']['median_s'] * 1e3:.3f} ms" if row["loss"] else ""), flush=True)
+        rows += measured
 
+    print_report(rows, skipped, env)
+    notes = [{**env, "benchmark": "train_step", "note": "skipped", "setting": k, "why": v} for k, v in skipped.items()]
+    path = append_rows(notes, "train_step", device, args.out)
+    print(f"\nappended {len(rows)} rows to {path}")
+    return rows
+
+
+def print_report(rows, skipped, env):
     print(f"\nper training step ({env['device']}; paper, 16 V100s at 32+32: baseline 0.068 s, RKD 0.147 s, "
           "EKD 0.129 s)")
     print("| images | setting | step (ms) | p20-p80 (ms) | host issue (ms) | loss share | vs baseline | peak MiB |")
@@ -213,10 +230,6 @@ def main(argv=None):
               f"{(r['peak_memory_bytes'] or 0) / 2**20:.0f} |")
     for name, why in skipped.items():
         print(f"  skipped {name}: {why}")
-    notes = [{**env, "benchmark": "train_step", "note": "skipped", "setting": k, "why": v} for k, v in skipped.items()]
-    path = append_rows(rows + notes, "train_step", device, args.out)
-    print(f"\nappended {len(rows)} rows to {path}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -111,6 +111,25 @@ def test_loss_bench_never_times_a_first_forward(monkeypatch):
     assert calls[:2] == ["fb", "fw"] and calls[2:] == ["fb", "fw"] * 2, calls
 
 
+def test_loss_bench_lists_the_methods_of_a_backend_that_cannot_run_as_skipped(monkeypatch):
+    """A GPU whose CUDA ops failed to build: the csrc methods made from the csrc backend (graphed,
+    tensor cores, compiled) are skipped with its reason, so a --methods list naming them (the
+    lease's) measures the others instead of stopping on "unknown methods" before any row."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_loss
+
+    def resolve(name, device):
+        if name == "csrc":
+            raise RuntimeError("the CUDA ops were not built")
+
+    monkeypatch.setattr(bench_loss, "resolve_backend", resolve)
+    methods, skipped = bench_loss.all_methods(torch.device("cuda"))
+    csrc = {"ekd/csrc", "ekd/csrc+graph", "ekd/csrc+tc", "ekd/csrc+mma", "ekd/csrc+compile"}
+    assert {name: skipped[name] for name in csrc} == {name: "the CUDA ops were not built" for name in csrc}
+    assert not csrc & set(methods)
+    assert {"ekd/triton", "ekd/triton+graph", "ekd/triton+compile", "floor", "floor/tf32"} <= set(methods)
+
+
 def test_loss_bench_a_method_failing_in_its_turn_stops_alone(monkeypatch):
     """A method that raises while the methods take turns (after a warm-up that went well: memory
     filling up at a later call) stops with its reason; the others keep their rows."""
@@ -262,6 +281,24 @@ def test_train_step_bench_quick(tmp_path):
     assert rows[0]["loss_share"] is None and 0 < rows[1]["loss_share"]
     assert all(r["batch"] == 4 for r in rows)
     assert all(r["rounds"] == 2 for r in rows)  # the settings interleaved (--quick: 2 repeats, 2 rounds)
+
+
+def test_train_step_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """Each batch size's rows are appended as soon as they are measured: a run stopped by a time
+    limit (a GPU lease's step, which once lost every row) keeps the sizes it finished.  Here the
+    run dies at its report, after the last size."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_train_step
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the lease's time limit")
+
+    monkeypatch.setattr(bench_train_step, "print_report", killed)
+    out = tmp_path / "train.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train_step.main(["--quick", "--batches", "2", "--methods", "baseline", "ekd/reference", "--out", str(out)])
+    rows = [r for r in read_rows(out) if "note" not in r]
+    assert [(r["setting"], r["batch"]) for r in rows] == [("baseline", 4), ("ekd/reference", 4)]
 
 
 def test_plot_draws_pngs(tmp_path):
@@ -476,6 +513,49 @@ def test_lease_dry_run_lists_the_steps_it_did_not_reach(tmp_path):
     followup = (tmp_path / "followup" / "summary.txt").read_text()
     ran = [line.split(":")[0] for line in followup.splitlines() if ": rc " in line]
     assert ran == ["small-ab", "racecheck-33-float32"], ran
+
+
+def test_lease_lists_a_step_cut_by_its_limit_and_runs_what_a_follow_up_names(tmp_path):
+    """A step its time limit cut (rc 124) is listed for the follow-up call with the skipped ones
+    (it was left off: a follow-up built from the list dropped it); a follow-up naming `diagnose`
+    runs it (it ran only after a crash in the same call's pytest.log, which a follow-up's empty
+    $OUT never has); a name that is no step is said to be one."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/bash\n[[ "$1 $2" == "-m pytest" ]] && sleep 30\nexit 0\n')
+    stand_in.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
+    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in))
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "21"], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert any(line.startswith("pytest-cuda: rc 124 in ") for line in lines), lines
+    assert lines[-1].startswith('not reached: EKD_LEASE_ONLY="pytest-cuda consistency '), lines[-1]
+    env.update(EKD_LEASE_ONLY="diagnose no-such-step", OUT=str(tmp_path / "followup"))
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "100"], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    followup = (tmp_path / "followup" / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in followup if ": rc " in line] == ["diagnose"], followup
+    assert followup[-1] == "EKD_LEASE_ONLY names no step: no-such-step", followup[-1]
+
+
+def test_lease_summary_keeps_the_compilers_error_of_a_failed_cuda_build(tmp_path):
+    """A CUDA build that fails: the summary (what comes back from the GPU machine) holds the
+    compiler's error line, which sits mid-log above pip's traceback (the log's tail alone did not
+    reach it), and the lease goes on with the CPU build."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/bash\n'
+                        'if [[ "$1 $2" == "-m pip" && "$EKD_BUILD_CUDA" == 1 ]]; then\n'
+                        '  echo "building"; echo "csrc/ekd_cuda.cu(12): error: static assertion failed"\n'
+                        '  for i in $(seq 60); do echo "  traceback line $i"; done; exit 1\n'
+                        'fi\nexit 0\n')
+    stand_in.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
+    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in), EKD_LEASE_ONLY="consistency")
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "60"], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "CUDA BUILD FAILED" in summary and "error: static assertion failed" in summary, summary
+    assert "consistency: rc 0" in summary
 
 
 def test_lease_names_existing_variants(monkeypatch):

@@ -41,6 +41,8 @@ build() {
   if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} EKD_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
        $PY -m pip install --no-build-isolation --no-deps -e . > /tmp/ekd_build.log 2>&1; then
     echo "CUDA BUILD FAILED; going on without the CUDA ops" | tee -a "$OUT/summary.txt"
+    # the compiler's own errors (mid-log, above pip's traceback), then the log's end
+    grep -n -B2 -A6 "error" /tmp/ekd_build.log | head -80 | tee -a "$OUT/summary.txt"
     tail -40 /tmp/ekd_build.log | tee -a "$OUT/summary.txt"
     EKD_BUILD_CUDA=0 $PY -m pip install --no-build-isolation --no-deps -e . > /tmp/ekd_build_cpu.log 2>&1 \
       || { tail -40 /tmp/ekd_build_cpu.log | tee -a "$OUT/summary.txt"; exit 1; }
@@ -96,14 +98,20 @@ case "$stage" in
     left() { echo $(( deadline - SECONDS )); }
     step() {  # step NAME MAX_SECONDS COMMAND...: runs when >= 20 s are left, under min(MAX, left)
       local name=$1 max=$2; shift 2
+      echo "$name" >> "$T/steps"
       # EKD_LEASE_ONLY="ncu bench-train ...": a follow-up call on the warm machine runs only those
       if [[ -n "${EKD_LEASE_ONLY:-}" && " $EKD_LEASE_ONLY " != *" $name "* ]]; then
         echo "$name: not selected" >> "$OUT/summary.txt"; return
       fi
       local t=$(( $(left) < max ? $(left) : max ))
-      if (( t < 20 )); then echo "$name: skipped, ${t} s left" >> "$OUT/summary.txt"; return; fi
-      local start=$SECONDS; timeout "$t" "$@"; local rc=$?
+      if (( t < 20 )); then
+        echo "$name: skipped, ${t} s left" >> "$OUT/summary.txt"; echo "$name" >> "$T/not_reached"; return
+      fi
+      # (-k: a command that ignores the TERM is killed 10 s later, before the device tool's own limit)
+      local start=$SECONDS; timeout -k 10 "$t" "$@"; local rc=$?
       echo "$name: rc $rc in $(( SECONDS - start )) s (limit $t s)" >> "$OUT/summary.txt"
+      # cut by its limit: to be run again in the follow-up call
+      if (( rc == 124 || rc == 137 )); then echo "$name" >> "$T/not_reached"; fi
     }
     { echo "build took ${SECONDS} s"; git log -1 --format='commit %H %s' 2>/dev/null
       $PY -c 'import torch, triton, sys; print("python", sys.version.split()[0], "torch", torch.__version__,
@@ -231,8 +239,10 @@ case "$stage" in
     # (both in one step took more than the fourth lease's 150 s): verdicts to the summary
     memcheck 33 float32 120
     memcheck 33 bfloat16 120
-    # only when a worker died: why the op's refusals crash there (the suite's log says which)
-    if [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; then
+    # only when a worker died: why the op's refusals crash there (the suite's log says which); or
+    # when a follow-up call names it (that call's pytest.log is empty: $OUT starts empty each call)
+    if [[ " ${EKD_LEASE_ONLY:-} " == *" diagnose "* ]] \
+        || { [[ -f "$OUT/pytest.log" ]] && grep -q "crashed while running\|Segmentation fault" "$OUT/pytest.log"; }; then
       step diagnose 120 $PY tools/diagnose_throw.py --inline --gdb --cpu-build > "$OUT/diagnose.log" 2>&1
     fi
     # past int32 pair counts (B(B-1)/2 > 2^31 from B = 65537): the fast backends against each other
@@ -316,9 +326,12 @@ case "$stage" in
     # Triton's pass 1, Nsight Compute's source page summarised to text (tools/ncu_source.sh)
     step ncu-source 120 bash tools/ncu_source.sh $T/ncu_source $PY > $T/ncu_source.log 2>&1
     [[ -s $T/ncu_source.log ]] && { echo "ncu-source:"; head -120 $T/ncu_source.log; } >> "$OUT/summary.txt"
-    # the steps this call did not reach, ready for the follow-up call on the warm machine
-    echo "not reached: EKD_LEASE_ONLY=\"$(grep -o '^[a-z0-9-]*: skipped' "$OUT/summary.txt" | cut -d: -f1 | tr '\n' ' ' \
-      | sed 's/ $//')\"" >> "$OUT/summary.txt"
+    # the steps this call did not reach or its limits cut, ready for the follow-up call on the warm machine
+    touch "$T/not_reached" "$T/steps"
+    echo "not reached: EKD_LEASE_ONLY=\"$(tr '\n' ' ' < "$T/not_reached" | sed 's/ $//')\"" >> "$OUT/summary.txt"
+    for name in ${EKD_LEASE_ONLY:-}; do  # a misspelt name runs nothing: say so
+      grep -qx -- "$name" "$T/steps" || echo "EKD_LEASE_ONLY names no step: $name" >> "$OUT/summary.txt"
+    done
     cat "$OUT/summary.txt" ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
