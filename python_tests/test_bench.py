@@ -39,22 +39,28 @@ def test_loss_bench_quick(tmp_path):
     assert "ratios" in stdout and "| B |" in stdout
 
 
-def test_loss_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
-    """Each row is appended as soon as it is measured: a run stopped by a time limit (a GPU lease
-    kills it) keeps every row it finished, not none.  Here the run dies after the last one."""
+@pytest.mark.parametrize("script, argv, expected", [
+    ("bench_loss", ["--quick", "--device", "cpu", "--methods", "ekd/reference", "floor"],
+     [("ekd/reference", 64), ("ekd/reference", 128), ("floor", 64), ("floor", 128)]),
+    ("bench_train_step", ["--quick", "--batches", "2", "--methods", "baseline", "ekd/reference"],
+     [("baseline", 4), ("ekd/reference", 4)]),
+], ids=["loss", "train_step"])
+def test_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch, script, argv, expected):
+    """Rows are appended as soon as they are measured (a B and dtype's, a batch size's): a run
+    stopped by a time limit (a GPU lease kills it; the training step's once lost every row) keeps
+    every row it finished, not none.  Here the run dies at its report, after the last one."""
     monkeypatch.syspath_prepend(str(BENCH))
-    import bench_loss
+    module = __import__(script)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("the lease's time limit")
 
-    monkeypatch.setattr(bench_loss, "print_report", killed)
-    out = tmp_path / "loss.jsonl"
+    monkeypatch.setattr(module, "print_report", killed)
+    out = tmp_path / "rows.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        bench_loss.main(["--quick", "--device", "cpu", "--methods", "ekd/reference", "floor", "--out", str(out)])
+        module.main(argv + ["--out", str(out)])
     rows = [r for r in read_rows(out) if "note" not in r]
-    assert sorted((r["name"], r["batch"]) for r in rows) == [("ekd/reference", 64), ("ekd/reference", 128),
-                                                            ("floor", 64), ("floor", 128)]
+    assert sorted((r.get("name", r.get("setting")), r["batch"]) for r in rows) == sorted(expected)
 
 
 def test_loss_bench_methods_take_turns(monkeypatch):
@@ -283,24 +289,6 @@ def test_train_step_bench_quick(tmp_path):
     assert all(r["rounds"] == 2 for r in rows)  # the settings interleaved (--quick: 2 repeats, 2 rounds)
 
 
-def test_train_step_bench_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
-    """Each batch size's rows are appended as soon as they are measured: a run stopped by a time
-    limit (a GPU lease's step, which once lost every row) keeps the sizes it finished.  Here the
-    run dies at its report, after the last size."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    import bench_train_step
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("the lease's time limit")
-
-    monkeypatch.setattr(bench_train_step, "print_report", killed)
-    out = tmp_path / "train.jsonl"
-    with pytest.raises(KeyboardInterrupt):
-        bench_train_step.main(["--quick", "--batches", "2", "--methods", "baseline", "ekd/reference", "--out", str(out)])
-    rows = [r for r in read_rows(out) if "note" not in r]
-    assert [(r["setting"], r["batch"]) for r in rows] == [("baseline", 4), ("ekd/reference", 4)]
-
-
 def test_plot_draws_pngs(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib (an optional dependency)")
     out = tmp_path / "loss.jsonl"
@@ -488,30 +476,34 @@ def test_gpu_exercise_variants_name_existing_settings(monkeypatch):
             assert not missing, f"{name}: triton_ekd has no {missing}"
 
 
+def run_lease(tmp_path, deadline, out, stand_in=None, **env_vars):
+    """tools/gpu_proof.sh lease with a stand-in python (its bash body; default: the one already
+    written) and the deadline given, its summary's lines back; env_vars set (EKD_LEASE_ONLY...)."""
+    python = tmp_path / "python"
+    if stand_in is not None:
+        python.write_text("#!/bin/bash\n" + stand_in)
+        python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
+    env.update(OUT=str(tmp_path / out), PY=str(python), **env_vars)
+    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", str(deadline)], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    return (tmp_path / out / "summary.txt").read_text().splitlines()
+
+
 def test_lease_dry_run_lists_the_steps_it_did_not_reach(tmp_path):
     """tools/gpu_proof.sh lease runs its bash logic for the first time on the GPU machine, whose
     minutes are few: here with a stand-in python (every command succeeds at once, pytest takes 6
     s) and a deadline of 25 s.  The suite's step runs; every later step is skipped (under 20 s
     left), the summary says so step by step, and its last line is the follow-up call's
     EKD_LEASE_ONLY list of exactly those steps; a follow-up with that list runs them."""
-    stand_in = tmp_path / "python"
-    stand_in.write_text('#!/bin/bash\n[[ "$1 $2" == "-m pytest" ]] && sleep 6\nexit 0\n')
-    stand_in.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
-    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in))
-    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "25"], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    lines = run_lease(tmp_path, 25, "out", '[[ "$1 $2" == "-m pytest" ]] && sleep 6\nexit 0\n')
     assert any(line.startswith("pytest-cuda: rc 0 in ") for line in lines)
     skipped = [line.split(":")[0] for line in lines if ": skipped, " in line]
     assert skipped[0] == "consistency" and "small-ab" in skipped and skipped[-1] == "ncu-source", skipped
     assert len(skipped) == len(set(skipped)) > 20
     assert lines[-1] == f'not reached: EKD_LEASE_ONLY="{" ".join(skipped)}"'
-    env.update(EKD_LEASE_ONLY="small-ab racecheck-33-float32", OUT=str(tmp_path / "followup"))
-    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "100"], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    followup = (tmp_path / "followup" / "summary.txt").read_text()
-    ran = [line.split(":")[0] for line in followup.splitlines() if ": rc " in line]
+    followup = run_lease(tmp_path, 100, "followup", EKD_LEASE_ONLY="small-ab racecheck-33-float32")
+    ran = [line.split(":")[0] for line in followup if ": rc " in line]
     assert ran == ["small-ab", "racecheck-33-float32"], ran
 
 
@@ -520,20 +512,10 @@ def test_lease_lists_a_step_cut_by_its_limit_and_runs_what_a_follow_up_names(tmp
     (it was left off: a follow-up built from the list dropped it); a follow-up naming `diagnose`
     runs it (it ran only after a crash in the same call's pytest.log, which a follow-up's empty
     $OUT never has); a name that is no step is said to be one."""
-    stand_in = tmp_path / "python"
-    stand_in.write_text('#!/bin/bash\n[[ "$1 $2" == "-m pytest" ]] && sleep 30\nexit 0\n')
-    stand_in.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
-    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in))
-    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "21"], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    lines = run_lease(tmp_path, 21, "out", '[[ "$1 $2" == "-m pytest" ]] && sleep 30\nexit 0\n')
     assert any(line.startswith("pytest-cuda: rc 124 in ") for line in lines), lines
     assert lines[-1].startswith('not reached: EKD_LEASE_ONLY="pytest-cuda consistency '), lines[-1]
-    env.update(EKD_LEASE_ONLY="diagnose no-such-step", OUT=str(tmp_path / "followup"))
-    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "100"], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    followup = (tmp_path / "followup" / "summary.txt").read_text().splitlines()
+    followup = run_lease(tmp_path, 100, "followup", EKD_LEASE_ONLY="diagnose no-such-step")
     assert [line.split(":")[0] for line in followup if ": rc " in line] == ["diagnose"], followup
     assert followup[-1] == "EKD_LEASE_ONLY names no step: no-such-step", followup[-1]
 
@@ -542,18 +524,10 @@ def test_lease_summary_keeps_the_compilers_error_of_a_failed_cuda_build(tmp_path
     """A CUDA build that fails: the summary (what comes back from the GPU machine) holds the
     compiler's error line, which sits mid-log above pip's traceback (the log's tail alone did not
     reach it), and the lease goes on with the CPU build."""
-    stand_in = tmp_path / "python"
-    stand_in.write_text('#!/bin/bash\n'
-                        'if [[ "$1 $2" == "-m pip" && "$EKD_BUILD_CUDA" == 1 ]]; then\n'
-                        '  echo "building"; echo "csrc/ekd_cuda.cu(12): error: static assertion failed"\n'
-                        '  for i in $(seq 60); do echo "  traceback line $i"; done; exit 1\n'
-                        'fi\nexit 0\n')
-    stand_in.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "EKD_LEASE_ONLY"}
-    env.update(OUT=str(tmp_path / "out"), PY=str(stand_in), EKD_LEASE_ONLY="consistency")
-    subprocess.run(["bash", "tools/gpu_proof.sh", "lease", "60"], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    summary = (tmp_path / "out" / "summary.txt").read_text()
+    summary = "\n".join(run_lease(tmp_path, 60, "out", 'if [[ "$1 $2" == "-m pip" && "$EKD_BUILD_CUDA" == 1 ]]; then\n'
+                                   '  echo "building"; echo "csrc/ekd_cuda.cu(12): error: static assertion failed"\n'
+                                   '  for i in $(seq 60); do echo "  traceback line $i"; done; exit 1\n'
+                                   'fi\nexit 0\n', EKD_LEASE_ONLY="consistency"))
     assert "CUDA BUILD FAILED" in summary and "error: static assertion failed" in summary, summary
     assert "consistency: rc 0" in summary
 
