@@ -40,7 +40,7 @@ import time
 
 import torch
 
-from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, environment,
+from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, describe, environment,
                     environment_variables, summary, sync, time_calls)
 
 sys.path.insert(0, str(REPO))
@@ -308,11 +308,6 @@ def time_in_turns(prepared, inputs, device, rounds):
             except Exception as exc:  # the method stops; the others go on
                 failed[name] = describe(exc)
     return {name: (*times[name], turns[name]) for name in prepared if name not in failed}, failed
-
-
-def describe(exc):
-    """An exception in a line: its type and the first 120 characters of its message."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
 def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None, rounds=3):

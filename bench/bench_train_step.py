@@ -25,7 +25,8 @@ import sys
 
 import torch
 
-from common import REPO, PeakMemory, Progress, append_rows, environment, host_issue_times, summary, time_calls
+from common import (REPO, PeakMemory, Progress, append_rows, describe, environment, host_issue_times, summary,
+                    time_calls)
 
 sys.path.insert(0, str(REPO))
 
@@ -172,7 +173,7 @@ def main(argv=None):
                 loss_call = (loss_in_step(loss_fn, student, teacher, images, labels, amp_dtype)
                              if loss_fn is not None else None)
             except (RuntimeError, MemoryError) as exc:
-                skipped[f"{name} B={general}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                skipped[f"{name} B={general}"] = describe(exc)
                 continue
             prepared[name] = (step, loss_call, peak.bytes)
         # The settings in turn, `rounds` times (repeats split between the rounds): no setting owes
@@ -187,7 +188,7 @@ def main(argv=None):
                     if loss_call is not None:
                         times[name]["loss"] += time_calls(loss_call, device, per_round)
                 except (RuntimeError, MemoryError) as exc:
-                    skipped[f"{name} B={general}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    skipped[f"{name} B={general}"] = describe(exc)
                     del prepared[name]
         measured = []
         for name, (_, loss_call, peak_bytes) in prepared.items():

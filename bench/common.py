@@ -212,6 +212,12 @@ def host_issue_times(fn, device: torch.device, repeats: int):
     return times
 
 
+def describe(exc: BaseException) -> str:
+    """An exception in a line, for a row's or a skip's reason: its type and the first 120
+    characters of its message's first line."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+
+
 def summary(times) -> dict:
     """Median and the 20th/80th percentiles (the spread) of repeated timings, in seconds."""
     ordered = sorted(times)
