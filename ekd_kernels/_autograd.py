@@ -61,6 +61,70 @@ def first_order_only(backend: str, what: str = "", way_out: str = _REFERENCE_WAY
     return decorate
 
 
+def _forward_mode_message(backend: str, what: str = "", way_out: str = _REFERENCE_WAY_OUT) -> str:
+    return (f"{what or f'the {backend} backend'} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+            "hessian, torch.autograd.forward_ad)" + (f": {way_out}" if way_out else ""))
+
+
+def no_forward_mode(backend: str, what: str = "", way_out: str = _REFERENCE_WAY_OUT):
+    """The ``jvp`` staticmethod of a loss's autograd.Function whose kernels have no forward-mode
+    rule: a NotImplementedError naming the loss and the way out, where torch's own ("You must
+    implement the jvp function for custom autograd.Function") names neither.  Runs only when a
+    tangent reaches the Function, so a call without one pays nothing."""
+    message = _forward_mode_message(backend, what, way_out)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(message)
+
+    return staticmethod(jvp)
+
+
+def no_batching_rule(backend: str):
+    """The ``vmap`` staticmethod of a fused backend's torch.func Function: a NotImplementedError
+    naming the backend and the way out, where torch's own ("You tried to vmap over _FuncForward")
+    names an internal class.  vmap of the forward (torch.func.vmap, jacfwd) has no batched
+    kernel; jacrev of the loss (a vmap of its backward) does not come here."""
+    message = (f"the {backend} backend has no batching rule (torch.func.vmap over the loss, jacfwd, hessian): "
+               f"{_REFERENCE_WAY_OUT}, or loop over the batches")
+
+    def vmap(info, in_dims, *args):
+        raise NotImplementedError(message)
+
+    return staticmethod(vmap)
+
+
+def refuse_forward_mode(x: torch.Tensor, backend: str, what: str = "", way_out: str = _REFERENCE_WAY_OUT) -> None:
+    """NotImplementedError when `x` carries a forward-mode tangent (a dual tensor of
+    torch.autograd.forward_ad, or a torch.func.jvp / jacfwd transform is active), for a loss
+    called through a registered op that only computes a gradient when `x` requires one: a dual
+    tensor does not, so the op ran without autograd and the tangent was silently dropped (zero)."""
+    if torch._C._are_functorch_transforms_active():
+        stack = torch._C._functorch.get_interpreter_stack() or ()
+        if any(interpreter.key() == torch._C._functorch.TransformType.Jvp for interpreter in stack):
+            raise NotImplementedError(_forward_mode_message(backend, what, way_out))
+    if torch.autograd.forward_ad._current_level >= 0 and \
+            torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+        raise NotImplementedError(_forward_mode_message(backend, what, way_out))
+
+
+def refuse_torch_func(what: str, way_out: str = "", derivatives_only: bool = False) -> None:
+    """NotImplementedError under torch.func transforms (all of them, or with `derivatives_only`
+    grad / vjp / jacrev / jvp only) for a loss whose gradient comes from an autograd.Function in
+    the forward(ctx) style (its gradient is accumulated in the forward, which a setup_context
+    forward could not know to do), or from the autograd torch.library registers for an op:
+    torch.func refuses those with a message that names no loss ("it must override the
+    setup_context staticmethod")."""
+    if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return
+    derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if derivatives_only and not any(interpreter.key() in derivative for interpreter in stack):
+        return
+    transforms = "grad, vjp, jacrev, jvp" + ("" if derivatives_only else ", vmap")
+    raise NotImplementedError(f"{what} does not run under torch.func's {transforms}: take its gradient with "
+                              ".backward() or torch.autograd.grad" + (f", or {way_out}" if way_out else ""))
+
+
 def keep_anchors(ctx, *inputs) -> None:
     """In a forward (or setup_context) whose backward is first_order_only: record its inputs that
     require grad, for the raising node to hang on.  Plain attributes, not saved tensors: the

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from ._autograd import eager_call, first_order_only, functorch_call, keep_anchors, refuse_nested_derivative
+from ._autograd import (eager_call, first_order_only, functorch_call, keep_anchors, no_batching_rule,
+                        no_forward_mode, refuse_nested_derivative)
 from .config import EKDConfig
 from .reference import compute_dtype, draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -213,6 +214,8 @@ class _EagerForward(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         return (_student_gradient(ctx, grad_loss),) + (None,) * 16
 
+    jvp = no_forward_mode("csrc")
+
 
 class _FuncForward(torch.autograd.Function):
     """_EagerForward in the setup_context style torch.func transforms require (_autograd.
@@ -234,6 +237,9 @@ class _FuncForward(torch.autograd.Function):
         # second derivative raises: refuse_nested_derivative under transforms.
         refuse_nested_derivative("csrc")
         return (_student_gradient(ctx, grad_loss),) + (None,) * 16
+
+    jvp = no_forward_mode("csrc")
+    vmap = no_batching_rule("csrc")
 
 
 # --------------------------------------------------------------------------- the backend

@@ -20,6 +20,7 @@ import torch
 from ._autograd import nan_gradient_unless
 from .config import EKDConfig
 from .result import EKDResult, EKDStats
+from .validation import drawn_outside_backward, refuse_redraw
 
 #: Row-norm floor of the normalisation (F.normalize's default): a zero row stays finite.
 NORM_EPS = 1e-12
@@ -155,9 +156,10 @@ def draw_random_negatives(num_negatives: int, count: int, generator: Optional[to
     """
     if generator is None:
         raise ValueError('negative_selection="random" needs a torch.Generator (pass generator=...)')
+    refuse_redraw()  # (activation checkpointing's recomputation would draw again: refused)
     device = generator.device
     if 2 * count >= num_negatives:
-        return torch.randperm(num_negatives, generator=generator, device=device)[:count]
+        return drawn_outside_backward(torch.randperm(num_negatives, generator=generator, device=device)[:count])
     drawn = torch.zeros(0, dtype=torch.int64, device=device)
     kept = drawn
     while kept.numel() < count:
@@ -166,7 +168,7 @@ def draw_random_negatives(num_negatives: int, count: int, generator: Optional[to
         extra = torch.randint(num_negatives, (2 * (count - kept.numel()),), generator=generator, device=device)
         drawn = torch.cat([drawn, extra])
         kept = drawn[_first_occurrences(drawn)]
-    return kept[:count]
+    return drawn_outside_backward(kept[:count])
 
 
 def select_negatives(negative_student: torch.Tensor, config: EKDConfig,

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._autograd import first_order_only, keep_anchors
+from ._autograd import first_order_only, keep_anchors, refuse_forward_mode, refuse_torch_func
 from .losses._common import all_finite, check_has_values, compute_dtypes, fp32_under_autocast, nan_unless_finite
 from .rkd import check_rkd_weights
 from .validation import check_embedding_pair
@@ -186,6 +186,8 @@ def rkd_forward(student: torch.Tensor, teacher: torch.Tensor, distance_weight: f
 
 
 # ----------------------------------------------------------------------------- tiled PyTorch path
+#: Forward mode (jvp, jacfwd): rkd_loss, the authors' formula in PyTorch ops, has it.
+_RKD_WAY_OUT = "use rkd_loss for that"
 _TILE_ELEMENTS = 1 << 22  # b x B x B values per anchor tile (16 MiB per fp32 temporary)
 
 
@@ -300,7 +302,12 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
         raise RuntimeError(f"the fast RKD op has a CPU kernel only, got a tensor on {student.device}; "
                            "use backend='torch' (or 'auto')")
     compute, teacher = compute_dtypes(student, teacher)
+    # (forward mode: the op computes a gradient only for a student that requires one, which a
+    # dual tensor does not, so its tangent was dropped, silently; the torch path's angle sum has
+    # no jvp, and a jvp staticmethod there would make Dynamo refuse the path's fullgraph compile)
+    refuse_forward_mode(student, "fast RKD", what="fast_rkd_loss", way_out=_RKD_WAY_OUT)
     if backend == "torch":
+        refuse_torch_func("fast_rkd_loss (its torch path)", way_out=_RKD_WAY_OUT.replace(" for that", ""))
         # A non-finite input: the loss NaN and its gradient NaN throughout, as the op and rkd_loss
         # give (the squared distances' clamp passes no gradient for their NaN entries, which left
         # all but the bad column's gradient finite: hence the rule at the input, not the loss).
@@ -310,6 +317,8 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
         finite = all_finite(compute, teacher)
         return nan_unless_finite(_rkd_tiled(nan_unless_finite(compute, finite), teacher, distance_weight,
                                             angle_weight), finite)
+    # (vmap alone runs the op through torch's per-sample fallback: exact, if slow)
+    refuse_torch_func("fast_rkd_loss", way_out=_RKD_WAY_OUT.replace(" for that", ""), derivatives_only=True)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _ = rkd_forward(compute, teacher, distance_weight, angle_weight, compute_grad)
     return loss

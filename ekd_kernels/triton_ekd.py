@@ -92,7 +92,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._autograd import eager_call, first_order_only, functorch_call, keep_anchors, refuse_nested_derivative
+from ._autograd import (eager_call, first_order_only, functorch_call, keep_anchors, no_batching_rule,
+                        no_forward_mode, refuse_nested_derivative)
 from .config import EKDConfig
 from .reference import draw_random_negatives
 from .result import EKDResult, EKDStats
@@ -1316,6 +1317,8 @@ class _EagerForward(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_grads):
         return (_student_gradient(ctx, grad_loss, _backward_checked),) + (None,) * 7
 
+    jvp = no_forward_mode("triton")
+
 
 class _FuncForward(torch.autograd.Function):
     """_EagerForward in the setup_context style torch.func transforms require (_autograd.
@@ -1340,6 +1343,9 @@ class _FuncForward(torch.autograd.Function):
         # transforms.
         refuse_nested_derivative("triton")
         return (_student_gradient(ctx, grad_loss, _backward_op),) + (None,) * 7
+
+    jvp = no_forward_mode("triton")
+    vmap = no_batching_rule("triton")
 
 
 # --------------------------------------------------------------------------- entry point

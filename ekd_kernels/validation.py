@@ -172,6 +172,47 @@ def _read_state_checked_fake(state, name, what_it_updates, advice):
     return [torch.empty_like(t) for t in state]
 
 
+_REDRAW_MESSAGE = (
+    'EKD with negative_selection="random" ran inside a backward pass, as under torch.utils.checkpoint\'s '
+    "recomputation: it would draw other negatives than the forward did (checkpoint restores the global RNG, "
+    "not a torch.Generator) and advance the generator again: a wrong gradient. Call the loss outside the "
+    "checkpointed region")
+
+
+def refuse_redraw() -> None:
+    """RuntimeError when a random negative selection is about to be drawn inside a backward pass,
+    i.e. activation checkpointing recomputing the call (of an ``eval()`` module or of ``ekd_loss``
+    with explicit thresholds, which recompute the hardest selection exactly): the recomputation
+    would draw other negatives from the generator, which torch.utils.checkpoint does not restore
+    (it saves the global RNG's state, not a torch.Generator's), and advance it a second time, so
+    the gradient would belong to another draw than the loss.  Refused rather than wrong silently,
+    before the generator moves.  Under torch.compile, where this Python test would run once,
+    while tracing, ``drawn_outside_backward`` checks the drawn ranks at every call instead."""
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(_REDRAW_MESSAGE)
+
+
+def drawn_outside_backward(ranks: torch.Tensor) -> torch.Tensor:
+    """The drawn ranks; under torch.compile through an op that refuses them inside a backward
+    pass at run time (``refuse_redraw``'s check, as ``read_state_checked`` is the stateful
+    modules'; the generator has advanced by then)."""
+    return random_draw_checked(ranks) if torch.compiler.is_compiling() else ranks
+
+
+@torch.library.custom_op("ekd_kernels::random_draw_checked", mutates_args=())
+def random_draw_checked(ranks: torch.Tensor) -> torch.Tensor:
+    """A copy of a random selection's ranks, refused inside a backward pass (the run-time form of
+    refuse_redraw's check, under torch.compile; a copy: an op may not return its input)."""
+    if torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(_REDRAW_MESSAGE)
+    return ranks.clone()
+
+
+@random_draw_checked.register_fake
+def _random_draw_checked_fake(ranks):
+    return torch.empty_like(ranks)
+
+
 def check_generator(generator) -> None:
     """The random source of negative_selection="random": None or a torch.Generator."""
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -286,6 +286,30 @@ def test_reference_forward_mode(device):
     assert torch.isnan(directional)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_fused_backends_refuse_forward_mode_and_vmap(fast_backend, device):
+    """Forward mode (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad) and vmap over the
+    loss have no rule on the fused backends: a NotImplementedError naming the backend and the
+    way out, where torch's own messages named neither (jvp) or an internal class (vmap)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    student, teacher, labels = make_batch(12, 8, seed=2, device=device)
+    tangent = torch.ones_like(student)
+
+    def loss(a):
+        return ekd_loss(a, teacher, labels, backend=fast_backend).loss
+
+    forward_mode = f"the {fast_backend} backend has no forward-mode derivative.*backend='reference'"
+    with pytest.raises(NotImplementedError, match=forward_mode):
+        torch.func.jvp(loss, (student,), (tangent,))
+    with pytest.raises(NotImplementedError, match=forward_mode):
+        torch.func.jacfwd(loss)(student)
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match=forward_mode):
+        loss(forward_ad.make_dual(student, tangent))
+    with pytest.raises(NotImplementedError, match=f"the {fast_backend} backend has no batching rule"):
+        torch.func.vmap(loss)(torch.stack([student, student]))
+
+
 def test_teacher_gets_no_gradient(backend, device):
     student, teacher, labels = make_batch(8, device=device)
     student.requires_grad_(True)
@@ -900,6 +924,53 @@ def test_activation_checkpointing_in_training_mode_is_refused(backend, device):
     assert torch.equal(gradient(functional, True, create_graph=True), gradient(functional, False))
 
 
+def test_activation_checkpointing_with_random_selection_is_refused(backend, device):
+    """An eval() module or ekd_loss with explicit thresholds recomputes the hardest selection
+    exactly under torch.utils.checkpoint, but not a random one: the recomputation drew other
+    negatives from the generator (checkpoint restores the global RNG only) and advanced it again,
+    so the loss was the first draw's and the gradient the second's, silently.  Refused on every
+    backend, both kinds of checkpoint, eager and compiled; in eager before the generator moves
+    again."""
+    from torch.utils.checkpoint import checkpoint
+
+    student, teacher, labels = make_batch(32, seed=3, device=device)
+    options = dict(negative_selection="random", num_hard_negatives=20, backend=backend)
+    one_draw = torch.Generator(device).manual_seed(1)
+    EKDLoss(generator=one_draw, **options).to(device).eval()(student, teacher, labels)
+    thresholds = (torch.full((6,), 0.1, device=device), torch.full((6,), 0.05, device=device))
+
+    def functional(generator):
+        return lambda s, t, y: ekd_loss(s, t, y, *thresholds, generator=generator, **options).loss
+
+    def module(generator):
+        return EKDLoss(generator=generator, **options).to(device).eval()
+
+    def compiled_module(generator):
+        # (fullgraph off: the draw reads the generator, where Dynamo breaks the graph)
+        return torch.compile(module(generator), backend="aot_eager")
+
+    for make in (module, functional, compiled_module):
+        for reentrant in (False, True):
+            generator = torch.Generator(device).manual_seed(1)
+            loss = checkpoint(make(generator), student.clone().requires_grad_(), teacher, labels,
+                              use_reentrant=reentrant)
+            with pytest.raises(RuntimeError, match='negative_selection="random" ran inside a backward pass'):
+                loss.backward()
+            if make is not compiled_module:  # (compiled, the op that refuses reads the drawn ranks)
+                assert torch.equal(generator.get_state(), one_draw.get_state()), (make.__name__, reentrant)
+
+
+def test_the_run_time_recomputation_checks_pass_opcheck(device):
+    """The two ops through which a compiled loss checks at run time for a recomputation inside a
+    backward pass (the stateful modules' state, a random selection's ranks): schema, fake
+    implementation and the traced forms agree with eager."""
+    from ekd_kernels.validation import random_draw_checked, read_state_checked
+
+    torch.library.opcheck(random_draw_checked, (torch.tensor([5, 0, 3], device=device),))
+    torch.library.opcheck(read_state_checked, ([torch.rand(6, device=device), torch.rand(6, device=device)],
+                                               "EKDLoss", "updates its thresholds", "see the README"))
+
+
 def test_activation_checkpointing_of_a_compiled_loss_is_refused(backend, device):
     """A torch.compile'd training-mode EKDLoss under torch.utils.checkpoint, both kinds.  Before,
     the eager rule's Python test ran only while tracing: the recomputation updated the thresholds
@@ -1265,6 +1336,33 @@ def test_compiled_step_follows_a_changing_batch_size(fast_backend, device):
         assert torch.equal(compiled_model.weight.grad, eager_model.weight.grad)
         assert torch.equal(compiled_crit.student_thresholds, eager_crit.student_thresholds)
         assert torch.equal(compiled_crit.teacher_thresholds, eager_crit.teacher_thresholds)
+
+
+def test_exported_loss_follows_a_dynamic_batch(fast_backend, device):
+    """torch.export of a module holding an EKDLoss, the batch dimension dynamic from 3 (the
+    README: a batch of 2 gives a size-1 output, which export specialises; Triton: up to 2048,
+    where its forward stops keeping its similarity tiles): the exported module
+    equals the eager one at other batch sizes, call after call, its thresholds included."""
+    from torch.export import Dim, export
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = EKDLoss(backend=fast_backend)
+
+        def forward(self, student, teacher, labels):
+            return self.loss(student, teacher, labels)
+
+    # (Triton: up to GRAM_CACHE_MAX_BATCH the forward also outputs its similarity tiles, whose
+    # size the fake implementation branches on: a range on one side of it, as the README says)
+    batch = Dim("batch", min=3, **({"max": 2048} if fast_backend == "triton" else {}))
+    example = make_batch(16, 8, seed=1, device=device)
+    exported = export(Holder().to(device), example, dynamic_shapes=({0: batch}, {0: batch}, {0: batch})).module()
+    eager = Holder().to(device)
+    for size in (24, 5, 16):
+        inputs = make_batch(size, 8, seed=size, device=device)
+        assert torch.equal(exported(*inputs), eager(*inputs))
+        assert torch.equal(exported.loss.student_thresholds, eager.loss.student_thresholds)
 
 
 def test_reduce_overhead_compile_graphs_the_loss(fast_backend, device):

@@ -334,6 +334,27 @@ def test_pwr_second_derivative_is_refused(algorithm, dtype):
     assert torch.equal(grad_checkpointed.detach(), plain)
 
 
+@pytest.mark.parametrize("algorithm", ["sorted", "couples"])
+def test_pwr_refuses_forward_mode_and_torch_func(algorithm):
+    """PWR's gradient is computed in its forward (autograd.Functions in the forward(ctx) style):
+    forward mode and torch.func's transforms have no rule.  Refused naming pwr_loss, where torch's
+    own messages named no loss."""
+    import torch.autograd.forward_ad as forward_ad
+
+    student, teacher = make(6, 4)
+    tangent = torch.ones_like(student)
+
+    def loss(a):
+        return pwr_loss(a, teacher, algorithm=algorithm)
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="pwr_loss has no forward-mode"):
+        loss(forward_ad.make_dual(student, tangent))
+    for call in (lambda: torch.func.grad(loss)(student), lambda: torch.func.jvp(loss, (student,), (tangent,)),
+                 lambda: torch.func.vmap(loss)(torch.stack([student, student]))):
+        with pytest.raises(NotImplementedError, match="pwr_loss (does not run under torch.func|has no forward-mode)"):
+            call()
+
+
 #: The losses that torch.compile(fullgraph=True) takes whole (README; HintonKD's inputs read as
 #: logits); Unified KD selects with data-dependent sizes, graph breaks.  (PWR's default variant
 #: counted its teacher ties with unique_consecutive, a data-dependent size, until it counted them

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,38 @@ def test_second_derivative_is_refused(backend):
     (grad_checkpointed,) = torch.autograd.grad(checkpointed, x, create_graph=True)
     (plain,) = torch.autograd.grad(fast_rkd_loss(x * 1, teacher, backend=backend), x)
     assert torch.equal(grad_checkpointed.detach(), plain)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("backend", ["op", "torch"])
+def test_forward_mode_and_torch_func_are_refused(backend):
+    """Forward mode has no rule here: a NotImplementedError naming fast_rkd_loss and rkd_loss (which
+    has one).  The op computes its gradient only for a student that requires one, which a dual
+    tensor does not: it ran without autograd and dropped the tangent (None, torch.func.jvp 0),
+    silently.  torch.func's derivative transforms (and every transform on the torch path) are
+    refused by name too; vmap alone runs the op exactly, through torch's per-sample fallback."""
+    import torch.autograd.forward_ad as forward_ad
+
+    student, teacher, _ = make_batch(8, 4, 4, seed=6)
+    tangent = torch.ones_like(student)
+
+    def loss(a):
+        return fast_rkd_loss(a, teacher, backend=backend)
+
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="fast_rkd_loss has no forward-mode.*rkd_loss"):
+        loss(forward_ad.make_dual(student, tangent))
+    transforms = ["grad", "jvp"] + (["vmap"] if backend == "torch" else [])
+    calls = {"grad": lambda: torch.func.grad(loss)(student),
+             "jvp": lambda: torch.func.jvp(loss, (student,), (tangent,)),
+             "vmap": lambda: torch.func.vmap(loss)(torch.stack([student, student.flip(0)]))}
+    for name in transforms:
+        with pytest.raises(NotImplementedError, match="fast_rkd_loss.*(does not run under torch.func|no forward-mode)"):
+            calls[name]()
+    if backend == "op":
+        with warnings.catch_warnings():  # (the per-sample fallback's performance warning)
+            warnings.simplefilter("ignore")
+            batched = calls["vmap"]()
+        assert torch.equal(batched, torch.stack([loss(student), loss(student.flip(0))]))
 
 
 def test_instruction_set_paths_agree():

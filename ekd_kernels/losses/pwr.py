@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._autograd import first_order_only, keep_anchors
+from .._autograd import first_order_only, keep_anchors, refuse_forward_mode, refuse_torch_func
 from ._common import (all_finite, check_embedding_pair, check_has_values, check_integer, check_number, compute_dtypes,
                       fp32_under_autocast, nan_unless_finite, normalize_rows)
 
@@ -264,6 +264,9 @@ def pwr_loss(student: torch.Tensor, teacher: torch.Tensor, score: str = "l2", lo
     check_embedding_pair(student, teacher, what="pwr_loss")
     check_has_values(student, "pwr_loss")
     _check_options(score, loss_type, margin, margin_value, power, beta, algorithm)
+    # (its Functions have no jvp; a jvp staticmethod there would make Dynamo refuse the fullgraph compile)
+    refuse_forward_mode(student, "PWR", what="pwr_loss", way_out="")
+    refuse_torch_func("pwr_loss")
     student, teacher = compute_dtypes(student, teacher)
     with torch.no_grad():
         teacher_scores = pair_scores(teacher, score)
