@@ -60,12 +60,13 @@ def distillation_losses(device):
 
 
 def make_batch(general, num_classes, device, seed):
-    """general random images + the same number of balanced ones (general // 4 identities x 4)."""
+    """general random images + the same number of balanced ones (identities x 4, the last one
+    cut short when general is not a multiple of 4)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(2 * general, 3, 112, 112, generator=g)
+    identities = -(-general // 4)
     labels = torch.cat([torch.randint(0, num_classes, (general,), generator=g),
-                        torch.randint(0, num_classes, (max(1, general // 4),), generator=g).repeat_interleave(4)
-                        [:general]])
+                        torch.randint(0, num_classes, (identities,), generator=g).repeat_interleave(4)[:general]])
     return images.to(device), labels.to(device)
 
 
@@ -137,6 +138,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("highest")
     generals = args.batches or ([4] if args.quick else ([32, 512] if cuda else [16]))
+    if min(generals) < 1:
+        parser.error(f"--batches takes general-part sizes of at least 1, got {args.batches}")
     repeats = args.repeats or (2 if args.quick else (10 if cuda else 3))
     # (one round on CPU once made the first setting absorb the start-up: a baseline 20x slower than
     # a distillation step that does more work)
@@ -152,6 +155,9 @@ def main(argv=None):
     losses, skipped = distillation_losses(device)
     settings = {"baseline": None, **losses}
     if args.methods:
+        unknown = set(args.methods) - set(settings) - set(skipped)
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; known: {sorted(set(settings) | set(skipped))}")
         settings = {k: v for k, v in settings.items() if k in args.methods}
         skipped = {k: v for k, v in skipped.items() if k in args.methods}
 

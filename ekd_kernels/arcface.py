@@ -24,6 +24,7 @@ out-of-range label there trips the gather's device-side assertion.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 
 from .losses._common import check_number
 from .reference import NORM_EPS
-from .validation import check_flag
+from .validation import check_flag, int64_labels
 
 
 class ArcFace(nn.Module):
@@ -46,8 +47,10 @@ class ArcFace(nn.Module):
                  easy_margin: bool = False, clamp_eps: float = 1e-7):
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            # (numpy integers too, as labels.max() + 1 of a numpy array gives: kept as ints)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        embedding_size, num_classes = int(embedding_size), int(num_classes)
         if isinstance(clamp_eps, bool) or not isinstance(clamp_eps, (int, float)) or not 0 <= clamp_eps < 1:
             # the target cosine is clamped to [-1 + eps, 1 - eps]: eps >= 1 empties that interval
             raise ValueError(f"clamp_eps must be a number in [0, 1), got {clamp_eps!r}")
@@ -106,7 +109,10 @@ class ArcFace(nn.Module):
         # Read the labels on the CPU only (elsewhere it is a host sync per step), and not while
         # torch.compile traces (a data-dependent branch would break the graph).
         if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-            bad = (labels < 0) | (labels >= self.num_classes)
+            # (as int64: compared in their own dtype, num_classes wrapped (256 is 0 in uint8), and
+            # uint16/32/64 have no comparison kernel)
+            values = int64_labels(labels)
+            bad = (values < 0) | (values >= self.num_classes)
             if bool(bad.any()):
                 index = int(bad.nonzero()[0, 0])
                 raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got label "

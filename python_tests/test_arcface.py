@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,30 @@ def test_rejects_empty_batch_bad_labels_and_one_dimensional_embeddings():
     # narrower integer labels in range are fine
     torch.testing.assert_close(head(x, torch.arange(6).remainder(5).to(torch.int8)),
                                head(x, torch.arange(6).remainder(5)))
+
+
+@pytest.mark.parametrize("num_classes,dtype", [(256, torch.uint8), (1000, torch.uint8), (128, torch.int8),
+                                               (40000, torch.int16), (70000, torch.uint16), (70000, torch.uint32),
+                                               (70000, torch.uint64)])
+def test_labels_of_every_integer_dtype_are_checked_by_value(num_classes, dtype):
+    """The range check compared in the labels' own dtype, where num_classes wraps (256 is 0 in
+    uint8: every label refused), and uint16/32/64 have no comparison kernel (NotImplementedError)."""
+    torch.manual_seed(5)
+    head = ArcFace(8, num_classes)
+    x = torch.randn(4, 8)
+    top = min(num_classes - 1, torch.iinfo(dtype).max)
+    labels = torch.tensor([0, 1, top // 2, top])
+    torch.testing.assert_close(head(x, labels.to(dtype)), head(x, labels))
+    if num_classes <= torch.iinfo(dtype).max:  # a value past the classes that the dtype holds
+        with pytest.raises(ValueError, match=f"got label {num_classes} at position 3"):
+            head(x, torch.tensor([0, 1, 2, num_classes]).to(dtype))
+
+
+def test_numpy_integer_sizes_are_taken_as_ints():
+    """num_classes = labels.max() + 1 of a numpy array is a numpy integer: it was refused."""
+    head = ArcFace(numpy.int32(8), numpy.int64(10))
+    assert type(head.num_classes) is int and type(head.embedding_size) is int
+    assert head.weight.shape == (10, 8)
 
 
 def test_compiles_with_fullgraph():

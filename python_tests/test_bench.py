@@ -289,6 +289,28 @@ def test_train_step_bench_quick(tmp_path):
     assert all(r["rounds"] == 2 for r in rows)  # the settings interleaved (--quick: 2 repeats, 2 rounds)
 
 
+@pytest.mark.parametrize("general", [1, 2, 4, 5, 6, 7, 10])
+def test_train_step_batch_has_a_label_per_image(general):
+    """`--batches N` for N not a multiple of 4: the balanced half had 4 * (N // 4) labels for its
+    N images, and the step raised a ValueError that stopped the whole benchmark."""
+    sys.path.insert(0, str(BENCH))
+    import bench_train_step
+
+    images, labels = bench_train_step.make_batch(general, 1000, "cpu", seed=general)
+    assert images.shape[0] == labels.shape[0] == 2 * general
+    balanced = labels[general:]
+    assert all(int((balanced == label).sum()) <= 4 for label in balanced.unique())
+
+
+@pytest.mark.parametrize("argv,match", [(["--methods", "ekd/refrence"], "unknown methods"),
+                                        (["--batches", "0"], "--batches")])
+def test_train_step_bench_refuses_what_it_cannot_measure(tmp_path, argv, match):
+    """A misspelt method measured nothing and exited 0 ("appended 0 rows")."""
+    done = subprocess.run([sys.executable, str(BENCH / "bench_train_step.py"), "--quick", *argv, "--out",
+                           str(tmp_path / "rows.jsonl")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
+
+
 def test_plot_draws_pngs(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib (an optional dependency)")
     out = tmp_path / "loss.jsonl"

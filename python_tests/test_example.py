@@ -171,6 +171,10 @@ def test_data_options_are_checked(tmp_path, make, match):
     (["--quick", "--ekd-weight", "-1"], "--ekd-weight must be a finite number >= 0, got -1.0"),
     (["--quick", "--rkd-weight", "nan"], "--rkd-weight must be a finite number >= 0, got nan"),
     (["--quick", "--margin", "2"], "margin must lie in [0, pi/2), got 2.0"),
+    (["--quick", "--images-per-identity", "1"], "--images-per-identity must be at least 2, got 1"),
+    (["--quick", "--image-size", "40"], "--image-size must be a multiple of 16, got 40"),
+    # (the data's identities against the balanced part's: checked once the data are loaded)
+    (["--quick", "--identities-per-batch", "101"], "num_identities=101 but only 100 identities"),
 ])
 def test_example_refuses_bad_arguments_before_training(tmp_path, args, message):
     """Arguments that would fail later (after the teacher's training) or be silently ignored are
@@ -224,6 +228,34 @@ class _Embedder(torch.nn.Module):
         if self.bad is not None:
             out[0, 0] = self.bad
         return out
+
+
+def test_student_arcface_sees_the_general_part_only(distill, monkeypatch):
+    """ArcFace on each batch's general part and the distillation loss on the whole batch, as the
+    authors train (TFace's EKD task) and as the Table 5 benchmark's step does; the example gave
+    ArcFace the whole batch, the balanced identities included."""
+    from ekd_kernels.arcface import ArcFace
+
+    args = distill.parse_args([*TINY, "--train-identities", "12", "--train-images", "6", "--test-identities", "4",
+                               "--test-images", "3", "--runs", "ekd"])
+    train, test = distill.load_data(args)
+    seen = {"arcface": [], "ekd": []}
+    arcface_forward, ekd_forward = ArcFace.forward, distill.EKDLoss.forward
+
+    def arcface(self, embeddings, labels):
+        seen["arcface"].append(len(embeddings))
+        return arcface_forward(self, embeddings, labels)
+
+    def ekd(self, student, teacher, labels, generator=None):
+        seen["ekd"].append(len(student))
+        return ekd_forward(self, student, teacher, labels, generator)
+
+    monkeypatch.setattr(ArcFace, "forward", arcface)
+    monkeypatch.setattr(distill.EKDLoss, "forward", ekd)
+    teacher_embeddings = torch.randn(len(train.labels), 512, generator=torch.Generator().manual_seed(0))
+    distill.train_student("ekd", args, train, test, teacher_embeddings, torch.device("cpu"))
+    assert seen["arcface"] and set(seen["arcface"]) == {4}  # --general-size 4
+    assert set(seen["ekd"]) == {4 + 4 * 4}  # + 4 identities x 4 images
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
