@@ -284,7 +284,10 @@ def ekd_reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Te
     critical_sel = critical_mask(a_sel, b_sel, st, tt)
     positive_term = term(pair_rank_loss(a_pos, b_pos, st, tt, config), critical_pos, config)
     negative_term = term(pair_rank_loss(a_sel, b_sel, st, tt, config), critical_sel, config)
-    loss = config.positive_weight * positive_term + config.negative_weight * negative_term
+    # (the weights as tensors of the terms' dtype: a Python float's forward-mode tangent is a
+    # float64 zero that upcasts the loss's tangent, pytorch/pytorch#90065)
+    loss = (positive_term.new_full((), config.positive_weight) * positive_term
+            + negative_term.new_full((), config.negative_weight) * negative_term)
     # A non-finite batch must read as NaN (a gradient scaler then skips the step), whatever
     # the sort and the clamps made of it: multiplied by 1 or NaN (a finite batch's loss and
     # gradient unchanged), so that a forward-mode tangent reads NaN too, as the gradient does

@@ -284,6 +284,11 @@ def test_reference_forward_mode(device):
     bad[2, 1] = float("nan")
     _, directional = torch.func.jvp(lambda a: loss(a, bad), (student,), (tangent,))
     assert torch.isnan(directional)
+    # fp32: the tangent in fp32 too (a Python-float weight's zero tangent upcast it to fp64,
+    # pytorch/pytorch#90065), equal to the gradient's dot with the tangent
+    value, directional = torch.func.jvp(loss, (student.float(),), (tangent.float(),))
+    assert value.dtype == directional.dtype == torch.float32
+    torch.testing.assert_close(directional.double(), (gradient * tangent).sum(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
