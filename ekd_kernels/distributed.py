@@ -476,6 +476,8 @@ def gather_batch(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
                            f"{student.shape[0]}, {teacher.shape[0]} and {labels.shape[0]}")
     elif student.is_meta or teacher.is_meta or labels.is_meta:
         error = _meta_refused("gather_batch")
+    if loss is not None and isinstance(getattr(loss, "_orig_mod", None), torch.nn.Module):
+        loss = loss._orig_mod  # torch.compile(crit): compared as the module it compiles (its state and options)
     if error is None and loss is not None:
         error = _gather_loss_error(loss, student.device)
     autograd = error is None and _gradient_flows(student)

@@ -458,15 +458,15 @@ def _gather_call(rank, world, change):
     return dict(student=s_all.detach(), teacher=t_all, labels=l_all, sizes=sizes)
 
 
-def _gather_loss_call(rank, world, options=None, crit_hook=None, given=lambda rank: True):
+def _gather_loss_call(rank, world, options=None, crit_hook=None, given=lambda rank: True, wrap=lambda crit: crit):
     """gather_batch with loss= (the EKDLoss built from options(rank), altered by crit_hook, and
-    given on the ranks where given(rank)), then the loss of the gathered batch."""
+    given, as wrap(crit), on the ranks where given(rank)), then the loss of the gathered batch."""
     student, teacher, labels = agreement_batch(world, rank)
     student = student.clone().requires_grad_(True)
     crit = EKDLoss(**(options(rank) if options else {}))
     if crit_hook is not None:
         crit_hook(rank, crit)
-    s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, loss=crit if given(rank) else None)
+    s_all, t_all, l_all, _ = gather_batch(student, teacher, labels, loss=wrap(crit) if given(rank) else None)
     return _step(crit, s_all, t_all, l_all, student)
 
 
@@ -613,6 +613,8 @@ AGREEMENT_CASES = [
     ("gather_loss_sharded_refused", lambda r, w: _gather_loss_call(
         r, w, crit_hook=lambda rank, crit: setattr(crit, "process_group", None) if rank == 1 else None)),
     ("ok_gather_with_loss", lambda r, w: _gather_loss_call(r, w)),
+    # (torch.compile(crit), the module a compiled step calls: compared as the EKDLoss it wraps)
+    ("ok_gather_with_compiled_loss", lambda r, w: _gather_loss_call(r, w, wrap=torch.compile)),
     # random selection: every rank draws from its own loss's generator (seeded apart: other
     # negatives, another loss per rank, silently; on one rank only: one rank raised alone and the
     # other died in the backward's collective)

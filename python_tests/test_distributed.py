@@ -558,6 +558,7 @@ def agreement_reference(options=None, labels_dtype=torch.int64, generator_seed=N
     ("ok_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9), generator_seed=0)),
     ("ok_after_refusals", dict()),
     ("ok_gather_with_loss", dict()),
+    ("ok_gather_with_compiled_loss", dict()),
     ("ok_gather_loss_random_same_seed", dict(options=dict(negative_selection="random", num_hard_negatives=9),
                                              generator_seed=0)),
 ])

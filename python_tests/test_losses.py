@@ -2,6 +2,7 @@
 computation on small inputs, gradcheck, student-only gradient, module == functional, bad input."""
 
 import contextlib
+import copy
 import itertools
 import math
 from fractions import Fraction
@@ -629,6 +630,20 @@ def test_unified_terms_are_reported():
     res = unified_kd_terms(s, t, torch.arange(6), hard_fraction=0.5, num_mined_pairs=4)
     assert res.num_hard_samples == 3 and res.num_mined_pairs == 4
     assert res.loss.item() == pytest.approx(res.iled.item() + res.rpsd.item())
+
+
+def test_unified_last_terms_are_detached_and_a_model_holding_it_deep_copies():
+    """last_terms held the loss with its graph (only the terms were detached, as documented for
+    all of it): a model holding the loss failed copy.deepcopy after a training step (an
+    EMA-of-weights copy), with torch's "graph leaves" error that named no loss."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(dict(backbone=torch.nn.Linear(12, 8), kd=UnifiedKDLoss(8, bank_size=40)))
+    x, t, y = torch.randn(24, 12), torch.randn(24, 8), torch.randint(0, 6, (24,))
+    loss = model["kd"](model["backbone"](x), t, y)
+    loss.backward()
+    assert model["kd"].last_terms.loss.grad_fn is None and model["kd"].last_terms.loss == loss.detach()
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied["kd"].bank_embeddings, model["kd"].bank_embeddings)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])

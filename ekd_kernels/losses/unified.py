@@ -261,7 +261,9 @@ class UnifiedKDLoss(nn.Module):
         result = unified_kd_terms(student, teacher, labels, bank, bank_labels, own, **self.options)
         if update and self.enqueue == "after":
             self._enqueue(teacher, labels, finite, pointer, count)
-        self.last_terms = result
+        # (detached, as the docstring says: the loss's graph held here made a model holding this
+        # module fail copy.deepcopy after a step, an EMA-of-weights copy's idiom)
+        self.last_terms = result._replace(loss=result.loss.detach())
         return result.loss
 
     def _apply(self, fn, recurse=True):
