@@ -147,19 +147,19 @@ def main(argv=None):
     teacher_name = args.teacher or ("ir18" if args.quick else "ir50")
     amp_dtype = torch.bfloat16 if (args.amp or cuda) else None
 
-    torch.manual_seed(0)
-    student = build_backbone("mobilefacenet").to(device)
-    teacher = build_backbone(teacher_name).to(device).eval().requires_grad_(False)
-    head = ArcFace(512, args.num_classes).to(device)
-    optimizer = torch.optim.SGD(list(student.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
     losses, skipped = distillation_losses(device)
     settings = {"baseline": None, **losses}
-    if args.methods:
+    if args.methods:  # (before the models are built)
         unknown = set(args.methods) - set(settings) - set(skipped)
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; known: {sorted(set(settings) | set(skipped))}")
         settings = {k: v for k, v in settings.items() if k in args.methods}
         skipped = {k: v for k, v in skipped.items() if k in args.methods}
+    torch.manual_seed(0)
+    student = build_backbone("mobilefacenet").to(device)
+    teacher = build_backbone(teacher_name).to(device).eval().requires_grad_(False)
+    head = ArcFace(512, args.num_classes).to(device)
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
 
     env = environment(device)
     print(f"training step: MobileFaceNet ({count_parameters(student) / 1e6:.2f} M params) student, "

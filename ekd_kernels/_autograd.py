@@ -82,9 +82,10 @@ def no_forward_mode(backend: str, what: str = "", way_out: str = _REFERENCE_WAY_
 def no_batching_rule(backend: str):
     """The ``vmap`` staticmethod of a fused backend's torch.func Function: a NotImplementedError
     naming the backend and the way out, where torch's own ("You tried to vmap over _FuncForward")
-    names an internal class.  vmap of the forward (torch.func.vmap, jacfwd) has no batched
-    kernel; jacrev of the loss (a vmap of its backward) does not come here."""
-    message = (f"the {backend} backend has no batching rule (torch.func.vmap over the loss, jacfwd, hessian): "
+    names an internal class.  vmap of the forward has no batched kernel (jacfwd and hessian stop
+    at the forward mode first: no_forward_mode); jacrev of the loss (a vmap of its backward) does
+    not come here."""
+    message = (f"the {backend} backend has no batching rule (torch.func.vmap over the loss): "
                f"{_REFERENCE_WAY_OUT}, or loop over the batches")
 
     def vmap(info, in_dims, *args):

@@ -3,10 +3,10 @@
 Plain PyTorch, one definition shared by the end-to-end example and the training-step
 benchmark.  Both follow the architectures the EKD authors train (Tencent/TFace,
 ``torchkit/backbone``): aligned 112 x 112 RGB crops in, a 512-d embedding out (raw, not
-normalised: the losses normalise).  The IR units are TFace's; the IR embedding head is
-insightface's form (BN, dropout 0 by default, a Linear without bias, an affine BatchNorm1d) where
-TFace's has dropout 0.4, a biased Linear and a BatchNorm1d without affine parameters, and the
-module names differ (``stem``/``body``/``embedding``): a TFace checkpoint does not load as it is.
+normalised: the losses normalise).  The IR units are TFace's; the IR embedding head is not
+(BN, dropout 0 by default, a Linear without bias, a trainable BatchNorm1d, where TFace's has
+dropout 0.4, a biased Linear and a BatchNorm1d without affine parameters), and the module names
+differ (``stem``/``body``/``embedding``): a TFace checkpoint does not load as it is.
 
     student = mobilefacenet()                  # 1.20 M parameters, ~0.22 GMAC at 112 x 112
     teacher = ir(50)                           # IR-50, ~43.6 M parameters, ~6.3 GMAC

@@ -179,6 +179,14 @@ _REDRAW_MESSAGE = (
     "checkpointed region")
 
 
+def _recomputing() -> bool:
+    """Inside a backward pass with grad mode on: what activation checkpointing's recomputation
+    runs in (it rebuilds the graph of the region).  A plain backward's hooks run with grad mode
+    off (unless create_graph=True), so a random selection drawn there, say a metric computed in
+    a tensor hook, is not refused."""
+    return torch._C._current_graph_task_id() != -1 and torch.is_grad_enabled()
+
+
 def refuse_redraw() -> None:
     """RuntimeError when a random negative selection is about to be drawn inside a backward pass,
     i.e. activation checkpointing recomputing the call (of an ``eval()`` module or of ``ekd_loss``
@@ -188,7 +196,7 @@ def refuse_redraw() -> None:
     the gradient would belong to another draw than the loss.  Refused rather than wrong silently,
     before the generator moves.  Under torch.compile, where this Python test would run once,
     while tracing, ``drawn_outside_backward`` checks the drawn ranks at every call instead."""
-    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+    if not torch.compiler.is_compiling() and _recomputing():
         raise RuntimeError(_REDRAW_MESSAGE)
 
 
@@ -203,6 +211,9 @@ def drawn_outside_backward(ranks: torch.Tensor) -> torch.Tensor:
 def random_draw_checked(ranks: torch.Tensor) -> torch.Tensor:
     """A copy of a random selection's ranks, refused inside a backward pass (the run-time form of
     refuse_redraw's check, under torch.compile; a copy: an op may not return its input)."""
+    # (the graph task alone: a compiled forward runs with grad mode off inside AOT autograd's
+    # Function, recomputed or not, so a compiled random selection drawn in a backward hook is
+    # refused too, where the eager check lets it pass)
     if torch._C._current_graph_task_id() != -1:
         raise RuntimeError(_REDRAW_MESSAGE)
     return ranks.clone()

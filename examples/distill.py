@@ -469,7 +469,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:  # (the data's identities against the balanced part's, before a teacher trains)
         make_sampler(args, train, args.seed)
     except ValueError as error:  # (as the parser's errors: the message, exit status 2)
-        print(f"distill.py: error: --identities-per-batch / --images-per-identity: {error}", file=sys.stderr)
+        print(f"distill.py: error: the batches (--general-size, --identities-per-batch, --images-per-identity) "
+              f"do not fit the data: {error}", file=sys.stderr)
         raise SystemExit(2)
     print(f"data: {len(train)} training images of {num_classes(train)} identities, "
           f"{len(test.dataset)} test images ({'pairs list' if test.pairs else 'all pairs'}), "

@@ -964,6 +964,14 @@ def test_activation_checkpointing_with_random_selection_is_refused(backend, devi
             if make is not compiled_module:  # (compiled, the op that refuses reads the drawn ranks)
                 assert torch.equal(generator.get_state(), one_draw.get_state()), (make.__name__, reentrant)
 
+    # a draw in a plain backward's hook (grad mode off: no recomputation), say a metric, is not refused
+    crit, drawn = module(torch.Generator(device).manual_seed(1)), []
+    weight = torch.ones(3, device=device, requires_grad=True)
+    weight.register_hook(lambda grad: drawn.append(crit(student, teacher, labels)) or grad)
+    (weight * 2).sum().backward()
+    assert torch.equal(drawn[0], EKDLoss(generator=torch.Generator(device).manual_seed(1), **options).to(device).eval()(
+        student, teacher, labels))
+
 
 def test_the_run_time_recomputation_checks_pass_opcheck(device):
     """The two ops through which a compiled loss checks at run time for a recomputation inside a
