@@ -27,7 +27,10 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    """A file-name part: lower case, without trademark marks, "Processor" and the clock ("Intel(R)
+    Xeon(R) Processor @ 2.50GHz (2 cores)" -> "intel-xeon-2-cores")."""
+    text = re.sub(r"\((r|tm)\)|\bprocessor\b|@\s*[0-9.]+\s*ghz", " ", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
 def load_rows(folder: pathlib.Path):

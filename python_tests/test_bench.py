@@ -319,6 +319,18 @@ def test_plot_draws_pngs(tmp_path):
     assert list(tmp_path.glob("loss_*.png")), stdout
 
 
+def test_plot_file_names_read_like_the_device(monkeypatch):
+    """A CPU's name from /proc/cpuinfo made "intel-r-xeon-r-processor-2-50ghz-2-c" (marks, the
+    clock, cut at 40 characters); the names already committed stay as they were."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import plot
+
+    assert plot.slug("Intel(R) Xeon(R) Processor @ 2.50GHz (2 cores)") == "intel-xeon-2-cores"
+    assert plot.slug("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz (8 cores)") == "intel-core-i7-9700k-cpu-8-cores"
+    assert plot.slug("cpu-AMD EPYC (2 cores)") == "cpu-amd-epyc-2-cores"
+    assert plot.slug("NVIDIA H200") == "nvidia-h200"
+
+
 def test_plot_joins_only_the_rows_of_one_run(tmp_path, monkeypatch):
     """A loss curve joins the rows of one run (one script call: its date and commit), never rows of
     different code or conditions; a method measured in several runs gets a line per run, labelled."""
