@@ -186,8 +186,6 @@ def rkd_forward(student: torch.Tensor, teacher: torch.Tensor, distance_weight: f
 
 
 # ----------------------------------------------------------------------------- tiled PyTorch path
-#: Forward mode (jvp, jacfwd): rkd_loss, the authors' formula in PyTorch ops, has it.
-_RKD_WAY_OUT = "use rkd_loss for that"
 _TILE_ELEMENTS = 1 << 22  # b x B x B values per anchor tile (16 MiB per fp32 temporary)
 
 
@@ -275,6 +273,8 @@ def _rkd_tiled(student: torch.Tensor, teacher: torch.Tensor, distance_weight: fl
 
 
 BACKENDS = ("auto", "op", "torch")
+#: Forward mode and torch.func: rkd_loss, the authors' formula in PyTorch ops, has them.
+_RKD_WAY_OUT = "use rkd_loss"
 
 
 @fp32_under_autocast
@@ -307,7 +307,7 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
     # no jvp, and a jvp staticmethod there would make Dynamo refuse the path's fullgraph compile)
     refuse_forward_mode(student, "fast RKD", what="fast_rkd_loss", way_out=_RKD_WAY_OUT)
     if backend == "torch":
-        refuse_torch_func("fast_rkd_loss (its torch path)", way_out=_RKD_WAY_OUT.replace(" for that", ""))
+        refuse_torch_func("fast_rkd_loss (its torch path)", way_out=_RKD_WAY_OUT)
         # A non-finite input: the loss NaN and its gradient NaN throughout, as the op and rkd_loss
         # give (the squared distances' clamp passes no gradient for their NaN entries, which left
         # all but the bad column's gradient finite: hence the rule at the input, not the loss).
@@ -318,7 +318,7 @@ def fast_rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight:
         return nan_unless_finite(_rkd_tiled(nan_unless_finite(compute, finite), teacher, distance_weight,
                                             angle_weight), finite)
     # (vmap alone runs the op through torch's per-sample fallback: exact, if slow)
-    refuse_torch_func("fast_rkd_loss", way_out=_RKD_WAY_OUT.replace(" for that", ""), derivatives_only=True)
+    refuse_torch_func("fast_rkd_loss", way_out=_RKD_WAY_OUT, derivatives_only=True)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, _ = rkd_forward(compute, teacher, distance_weight, angle_weight, compute_grad)
     return loss
