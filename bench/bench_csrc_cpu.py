@@ -4,12 +4,13 @@ Forward + backward of the default EKD at D = 512; median of repeats.  Prints one
 Usage: python bench/bench_csrc_cpu.py [B ...]
 """
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
+from common import at_least  # (bench/, this script's folder)
 from ekd_kernels import EKDConfig
 from ekd_kernels.csrc_ops import ekd_forward
 from ekd_kernels.reference import ekd_reference
@@ -57,7 +58,7 @@ def main(batches):
     for batch in batches:
         student = torch.randn(batch, DIM)
         teacher = torch.randn(batch, DIM)
-        labels = torch.randint(0, batch // 4, (batch,))
+        labels = torch.randint(0, max(1, batch // 4), (batch,))  # (about 4 images an identity)
         repeats = 9 if batch <= 2048 else 5
         ref, csrc, grams = median_seconds([forward_backward(ekd_reference, student, teacher, labels, config),
                                            forward_backward(ekd_forward, student, teacher, labels, config),
@@ -67,4 +68,6 @@ def main(batches):
 
 
 if __name__ == "__main__":
-    main([int(b) for b in sys.argv[1:]] or [1024, 4096])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("batches", type=at_least(2), nargs="*", default=[1024, 4096], metavar="B")
+    main(parser.parse_args().batches)

@@ -31,6 +31,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from common import at_least, output_file  # noqa: E402
+
 PATHS = ("redundant", "redundant-reference", "sharded")
 
 
@@ -91,10 +93,10 @@ def worker(rank, world, port, args, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--world", type=at_least(1), default=2)
+    parser.add_argument("--batch", type=at_least(2), default=2048)
+    parser.add_argument("--dim", type=at_least(1), default=512)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -122,9 +124,8 @@ def main():
               "torch": torch.__version__, "world": args.world, "batch": args.batch, "dim": args.dim,
               "peak_memory": "peak_rss_growth_bytes: growth of the process's VmHWM over one step",
               "cpu_count": os.cpu_count(), "per_rank": {str(k): v for k, v in rows.items()}}
-    path = pathlib.Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"distributed_cpu_w{args.world}_{datetime.date.today().isoformat()}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_file(args.out, REPO / "bench" / "results" / (
+        f"distributed_cpu_w{args.world}_{datetime.date.today().isoformat()}.json"))
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from common import REPO, PeakMemory, Progress, append_rows, available_memory_bytes, environment, summary, time_calls
+from common import (REPO, PeakMemory, Progress, append_rows, at_least, available_memory_bytes, environment, summary,
+                    time_calls)
 
 sys.path.insert(0, str(REPO))
 
@@ -130,7 +131,9 @@ def rkd_speedups(rows):
 def print_table(rows, stopped, names, device_label):
     batches = sorted({r["batch"] for r in rows})
     by = {(r["batch"], r["name"]): r for r in rows}
-    print(f"\nforward+backward per batch, median ms (float32, D = 512; hinton_kd: 1000 logits; {device_label})")
+    dims = sorted({r["dim"] for r in rows if r.get("name") != "hinton_kd"}) or ["-"]
+    print(f"\nforward+backward per batch, median ms (float32, D = {', '.join(map(str, dims))}; hinton_kd: 1000 "
+          f"logits; {device_label})")
     print("| loss | " + " | ".join(f"B = {b}" for b in batches) + " |")
     print("|---" * (len(batches) + 1) + "|")
     for name in names:
@@ -152,15 +155,16 @@ def _load_average():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized: B = 64 and 128, two repeats")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="batch sizes B (default 64 ... 1024)")
+    parser.add_argument("--sizes", type=at_least(2), nargs="+", default=None, help="batch sizes B (default 64 ... 1024)")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="subset of the losses")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--budget-s", type=float, default=None, help="most seconds one call may take")
-    parser.add_argument("--rkd-budget-s", type=float, default=None,
+    parser.add_argument("--dim", type=at_least(1), default=512)
+    parser.add_argument("--repeats", type=at_least(1), default=None)
+    parser.add_argument("--budget-s", type=at_least(0.0, float, strictly=True), default=None,
+                        help="most seconds one call may take")
+    parser.add_argument("--rkd-budget-s", type=at_least(0.0, float, strictly=True), default=None,
                         help="the same for RKD (default 120 s: the reference's B = 512 time is the baseline of "
                              "the fast RKD's speedup)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="a .jsonl file or a folder (default bench/results/)")
     args = parser.parse_args(argv)
 

@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import ekd_kernels  # noqa: E402
-from common import device_name  # noqa: E402
+from common import at_least, device_name, output_file  # noqa: E402
 from ekd_kernels.metrics import tpr_at_fpr, verify_all_pairs  # noqa: E402
 
 FPRS = (1e-2, 1e-3, 1e-4)
@@ -59,19 +59,19 @@ def naive(embeddings, labels):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", type=int, nargs="+", default=None)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--per-identity", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--sort-limit", type=int, default=None,
-                   help="largest B for the naive sort baseline (default 10000 on CPU, 30000 on CUDA)")
-    p.add_argument("--out", default=None, help="JSON file (default bench/results/metrics_<device>_<date>.json)")
+    p.add_argument("--sizes", type=at_least(2), nargs="+", default=None)
+    p.add_argument("--dim", type=at_least(1), default=512)
+    p.add_argument("--per-identity", type=at_least(2), default=10)
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--sort-limit", type=at_least(0), default=None,
+                   help="largest B for the naive sort baseline (default 10000 on CPU, 30000 on CUDA; 0: none)")
+    p.add_argument("--out", default=None, help="JSON file or folder (default bench/results/metrics_<device>_<date>.json)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = args.sizes or ([20000, 50000, 100000] if device.type == "cuda" else [2000, 5000, 10000, 20000])
-    sort_limit = args.sort_limit or (30000 if device.type == "cuda" else 10000)
+    sort_limit = args.sort_limit if args.sort_limit is not None else (30000 if device.type == "cuda" else 10000)
 
     rows = []
     for batch in sizes:
@@ -106,9 +106,7 @@ def main(argv=None):
         "dim": args.dim, "images_per_identity": args.per_identity, "fprs": FPRS, "rows": rows,
     }
     where = f"cpu_{torch.get_num_threads()}threads" if device.type == "cpu" else device.type
-    out = pathlib.Path(args.out) if args.out else (
-        REPO / "bench" / "results" / f"metrics_{where}_{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_file(args.out, REPO / "bench" / "results" / f"metrics_{where}_{record['date']}.json")
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
     return record

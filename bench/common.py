@@ -7,6 +7,7 @@ on what (device name, versions, commit, date) it was measured, so files can be m
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -26,6 +27,34 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 # ----------------------------------------------------------------------------- environment
+
+
+def at_least(minimum, kind=int, strictly: bool = False):
+    """An argparse type: a `kind` (int or float) of at least `minimum` (above it with `strictly`).
+    Why: a zero or negative count or budget ran and measured nothing (exit 0, no rows), or died in
+    a traceback after the progress output; argparse now refuses it with exit status 2."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (value > minimum if strictly else value >= minimum):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strictly else 'at least'} {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # (argparse names the type in its "invalid ... value" message)
+    return parse
+
+
+def output_file(out: Optional[str], default: pathlib.Path) -> pathlib.Path:
+    """Where a benchmark writes its one JSON file: `out` (a file, or a folder that takes the
+    default file name), else `default`; the folder is made.  (A folder given as --out raised
+    IsADirectoryError after the whole run, losing its results.)"""
+    path = pathlib.Path(out) if out else default
+    if path.is_dir():
+        path = path / default.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def device_name(device: torch.device) -> str:

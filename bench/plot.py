@@ -121,6 +121,9 @@ def main(argv=None):
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    folder = pathlib.Path(args.results)
+    if not folder.is_dir():  # (it drew nothing and exited 0)
+        parser.error(f"--results {folder} is not a folder of benchmark rows")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -128,11 +131,12 @@ def main(argv=None):
     except ImportError:
         print("plot: matplotlib is not installed; no PNG drawn (the JSON rows are complete without it)")
         return []
-    folder = pathlib.Path(args.results)
     out = pathlib.Path(args.out) if args.out else folder
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(folder)
     written = plot_loss(rows, out, plt) + plot_train_step(rows, out, plt)
+    if not written:
+        print(f"plot: no benchmark rows in {folder}: nothing drawn")
     for path in written:
         print(f"plot: wrote {path}")
     return written

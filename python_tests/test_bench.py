@@ -311,6 +311,71 @@ def test_train_step_bench_refuses_what_it_cannot_measure(tmp_path, argv, match):
     assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("script,argv,match", [
+    ("bench/bench_losses.py", ["--quick", "--budget-s", "-1"], "must be above 0.0"),
+    ("bench/bench_losses.py", ["--quick", "--repeats", "0"], "must be at least 1"),
+    ("bench/bench_losses.py", ["--quick", "--sizes", "1"], "must be at least 2"),
+    ("bench/bench_metrics.py", ["--per-identity", "0"], "must be at least 2"),
+    ("bench/bench_distributed.py", ["--world", "0"], "must be at least 1"),
+    ("bench/bench_csrc_cpu.py", ["1"], "must be at least 2"),
+    ("bench/plot.py", ["--results", "no_such_folder"], "is not a folder"),
+    ("tools/ensure_deps.py", ["--bogus"], "unrecognized arguments"),
+    ("tools/interpreter_cost.py", ["32", "--calls", "0"], "must be at least 1"),
+    ("tools/host_cost.py", ["16", "--repeats", "-1"], "must be at least 1"),
+    ("tools/gpu_exercise.py", ["profile", "--sizes", "48", "--rounds", "0"], "must be at least 1"),
+])
+def test_scripts_refuse_counts_that_measure_nothing(tmp_path, script, argv, match):
+    """A zero or negative count or budget, or a missing folder, ran and measured nothing with exit
+    status 0 (or died in a traceback after the run's progress); ensure_deps ignored its arguments
+    (its --help ran the installer).  Each is refused by argparse: exit status 2, named."""
+    # (--out under tmp_path: a regression that ran anyway must not write into bench/results/)
+    writes = ("bench/bench_losses.py", "bench/bench_metrics.py", "bench/bench_distributed.py")
+    out = ["--out", str(tmp_path / "out.json")] if script in writes else []
+    done = subprocess.run([sys.executable, str(REPO_ROOT / script), *argv, *out], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 2 and match in done.stderr, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("script", ["tools/ensure_deps.py", "tools/kernel_registers.py", "bench/bench_csrc_cpu.py"])
+def test_scripts_print_their_help(script):
+    """--help printed usage for none of these: ensure_deps installed, kernel_registers took it for a
+    variant name, bench_csrc_cpu for a batch size."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / script), "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_benchmark_json_goes_into_a_folder_given_as_out(tmp_path):
+    """bench_metrics (and bench_distributed) wrote their JSON to --out as a file: a folder raised
+    IsADirectoryError after the whole run, losing it."""
+    run_script("bench_metrics.py", "--sizes", "64", "--dim", "8", "--sort-limit", "0", "--threads", "1",
+               "--out", str(tmp_path))
+    (written,) = tmp_path.glob("metrics_*.json")
+    assert json.loads(written.read_text())["rows"]
+
+
+def test_gpu_exercise_profile_keeps_its_failures(tmp_path):
+    """profile with every variant failing (the Triton backend on a CPU without the interpreter)
+    exited 0 and wrote no --out file: a lease read it as measured.  Now the failures are written
+    and the status is 1."""
+    out = tmp_path / "profile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "gpu_exercise.py"), "profile", "--sizes", "48",
+                           "--backends", "triton", "--device", "cpu", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())["report"]
+    assert len(report) == 2 and all("failed" in row for row in report)
+
+
+def test_count_launches_runs_from_another_folder(tmp_path):
+    """It put python_tests on sys.path relative to the working folder: from anywhere but the
+    repository's root it failed to import its helpers."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "count_launches.py"), "triton", "8"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_plot_draws_pngs(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib (an optional dependency)")
     out = tmp_path / "loss.jsonl"

@@ -7,10 +7,11 @@ torch work inside a launch is excluded; ops that launch nothing (views, empty) a
     python tools/count_launches.py triton 256 critical_only=True   # EKDLoss options as key=value
     python tools/count_launches.py triton 256 negative_selection=random num_hard_negatives=100
 """
-import os, sys, collections
+import os, pathlib, sys, collections
 os.environ["TRITON_INTERPRET"]="1"
 import torch
-sys.path.insert(0,"python_tests")
+# (from this file, not the working folder: it ran from the repository's root only)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "python_tests"))
 from helpers import make_batch
 from ekd_kernels import EKDLoss
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes

@@ -6,6 +6,7 @@ comment says "optional" (plots, for instance) is attempted, and its failure (no 
 reported without stopping: the code that uses it says what it skipped.
 """
 
+import argparse
 import importlib.util
 import pathlib
 import re
@@ -104,4 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # (no options: but --help must print this, not install, and a stray argument is refused)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

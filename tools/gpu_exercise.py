@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 
-from common import PeakMemory, environment_variables  # noqa: E402  (bench/)
+from common import PeakMemory, at_least, environment_variables  # noqa: E402  (bench/)
 from ekd_kernels import EKDLoss, triton_ekd  # noqa: E402
 from ekd_kernels._triton.launch import LaunchCache  # noqa: E402
 from ekd_kernels.backends import available_backends  # noqa: E402
@@ -607,6 +607,11 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
     cuda = device.type == "cuda"
     backends = backends or [b for b in available_backends(device) if b != "reference"] + ["reference"]
     report = []
+
+    def save():  # rewritten after every row, a failed one too: a run cut by a time limit keeps what it had
+        if out:
+            pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                                     "torch": torch.__version__, "report": report}, indent=1))
     for size in sizes:
         for dtype in (torch.float32, torch.bfloat16):
             student, teacher, labels = batch_of(size, dtype, device, seed=size)
@@ -639,6 +644,7 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                                    "failed": f"{type(error).__name__}: {str(error)[:300]}"})
                     print(f"B={size} {report[-1]['dtype']} {backend}: FAILED, left out: {report[-1]['failed']}",
                           flush=True)
+                    save()
                     continue
                 prepared.append((backend, settings, step, agreement, windows, peak_mib))
             measured = {backend: [] for backend, *_ in prepared}
@@ -713,11 +719,10 @@ def profile(sizes, device, out, calls=5, backends=None, rounds=1):
                 print(f"  host: {row['host_ops_ms']} ms inside profiled ops (self time), top:", flush=True)
                 for k in row["top_host_ops"][:5]:
                     print(f"  host op {k['self_us']:8.1f} us  x{k['per_call']:<5} {k['name'][:90]}", flush=True)
-                if out:  # rewritten after every row: a run cut by a time limit keeps what it measured
-                    pathlib.Path(out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
-                                                             "torch": torch.__version__, "report": report}, indent=1))
+                save()
             del student, teacher, labels
-    return 0
+    # (every variant failed: a non-zero status, so that a lease's summary does not read it as measured)
+    return 0 if any("failed" not in row for row in report) else 1
 
 
 def once(sizes, device, backend, dtype_name):
@@ -745,7 +750,7 @@ def once(sizes, device, backend, dtype_name):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["sanitize", "consistency", "large", "profile", "once"])
-    parser.add_argument("--sizes", type=int, nargs="+", required=True)
+    parser.add_argument("--sizes", type=at_least(2), nargs="+", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--reference-max", type=int, default=8192, help="largest B the reference judges")
     parser.add_argument("--out", default=None)
@@ -757,7 +762,7 @@ def main():
                         help="profile, consistency: these backends only; triton:VARIANT is an earlier state of the Triton "
                              f"forward, for an A/B in one process ({', '.join(TRITON_VARIANTS)}); csrc:VARIANT "
                              f"a setting of the csrc CUDA op ({', '.join(CSRC_VARIANTS)})")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=at_least(1), default=1,
                         help="profile: rounds measuring every backend in turn (after all are compiled); medians")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -46,8 +46,10 @@ import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
 
 import sm90_stand_in  # noqa: E402  (tools/, this script's folder)
+from common import at_least  # noqa: E402  (bench/)
 
 def _no_sync():
     pass
@@ -325,9 +327,9 @@ def csrc_paths(batch, repeats):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("batch", type=int, nargs="?", default=64)
+    parser.add_argument("batch", type=at_least(2), nargs="?", default=64)
     parser.add_argument("--cuda", action="store_true", help="on a GPU: real launches on CUDA tensors")
-    parser.add_argument("--repeats", type=int, default=None, help="calls a round (default 300; 100 with --cuda)")
+    parser.add_argument("--repeats", type=at_least(1), default=None, help="calls a round (default 300; 100 with --cuda)")
     args = parser.parse_args()
     if args.cuda:
         cuda_main(args.batch, args.repeats or 100)

@@ -18,12 +18,15 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"
 TESTS = pathlib.Path(__file__).resolve().parent.parent / "python_tests"
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent / "bench"))
+
+from common import at_least  # noqa: E402  (bench/)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("batch", type=int, nargs="?", default=90)
-    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("batch", type=at_least(2), nargs="?", default=90)
+    parser.add_argument("--calls", type=at_least(1), default=3)
     parser.add_argument("--every-call", action="store_true",
                         help="without the suite's fast path: the interpreter patches at every helper call")
     args = parser.parse_args()

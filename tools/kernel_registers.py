@@ -83,4 +83,9 @@ def code_hash(ptx):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="Triton A/B variants (gpu_exercise.TRITON_VARIANTS) compiled beside the default")
+    main(parser.parse_args().variants)
