@@ -31,7 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import at_least, output_file  # noqa: E402
+from common import at_least, environment, output_file  # noqa: E402
 
 PATHS = ("redundant", "redundant-reference", "sharded")
 
@@ -120,7 +120,8 @@ def main():
                     line += f";  sharded speedup vs {other} {r[other]['median_s'] / r['sharded']['median_s']:.2f}x"
         line += ";  bytes sent per step: " + ", ".join(f"{k} {v['bytes_sent'] / 2**20:.2f} MiB" for k, v in r.items())
         print(f"  rank {rank}: {line}")
-    result = {"benchmark": "distributed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    result = {**environment(torch.device("cpu")),  # (device, versions, commit: as every benchmark's rows)
+              "benchmark": "distributed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "torch": torch.__version__, "world": args.world, "batch": args.batch, "dim": args.dim,
               "peak_memory": "peak_rss_growth_bytes: growth of the process's VmHWM over one step",
               "cpu_count": os.cpu_count(), "per_rank": {str(k): v for k, v in rows.items()}}

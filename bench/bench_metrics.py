@@ -26,8 +26,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import ekd_kernels  # noqa: E402
-from common import at_least, device_name, output_file  # noqa: E402
+from common import at_least, environment, output_file  # noqa: E402
 from ekd_kernels.metrics import tpr_at_fpr, verify_all_pairs  # noqa: E402
 
 FPRS = (1e-2, 1e-3, 1e-4)
@@ -101,8 +100,8 @@ def main(argv=None):
               flush=True)
 
     record = {
-        "benchmark": "verify_all_pairs", "date": datetime.date.today().isoformat(), "device": device_name(device),
-        "torch": torch.__version__, "ekd_kernels": ekd_kernels.__version__, "threads": torch.get_num_threads(),
+        # (device, versions, commit and settings as every benchmark's rows: common.environment)
+        **environment(device), "benchmark": "verify_all_pairs", "date": datetime.date.today().isoformat(),
         "dim": args.dim, "images_per_identity": args.per_identity, "fprs": FPRS, "rows": rows,
     }
     where = f"cpu_{torch.get_num_threads()}threads" if device.type == "cpu" else device.type

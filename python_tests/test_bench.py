@@ -351,7 +351,10 @@ def test_benchmark_json_goes_into_a_folder_given_as_out(tmp_path):
     run_script("bench_metrics.py", "--sizes", "64", "--dim", "8", "--sort-limit", "0", "--threads", "1",
                "--out", str(tmp_path))
     (written,) = tmp_path.glob("metrics_*.json")
-    assert json.loads(written.read_text())["rows"]
+    record = json.loads(written.read_text())
+    assert record["rows"]
+    # (and the provenance every benchmark records: the commit and versions were missing here)
+    assert {"device", "commit", "torch", "python", "threads"} <= set(record)
 
 
 def test_gpu_exercise_profile_keeps_its_failures(tmp_path):
