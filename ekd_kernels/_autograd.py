@@ -66,6 +66,15 @@ def _forward_mode_message(backend: str, what: str = "", way_out: str = _REFERENC
             "hessian, torch.autograd.forward_ad)" + (f": {way_out}" if way_out else ""))
 
 
+#: The torch.func transforms that differentiate (grad, vjp, jacrev: Grad; jvp, jacfwd: Jvp).
+_DERIVATIVES = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+
+
+def _transform_kinds() -> list:
+    """The TransformType of each active torch.func transform, outermost first."""
+    return [interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack() or ()]
+
+
 def no_forward_mode(backend: str, what: str = "", way_out: str = _REFERENCE_WAY_OUT):
     """The ``jvp`` staticmethod of a loss's autograd.Function whose kernels have no forward-mode
     rule: a NotImplementedError naming the loss and the way out, where torch's own ("You must
@@ -100,8 +109,7 @@ def refuse_forward_mode(x: torch.Tensor, backend: str, what: str = "", way_out: 
     called through a registered op that only computes a gradient when `x` requires one: a dual
     tensor does not, so the op ran without autograd and the tangent was silently dropped (zero)."""
     if torch._C._are_functorch_transforms_active():
-        stack = torch._C._functorch.get_interpreter_stack() or ()
-        if any(interpreter.key() == torch._C._functorch.TransformType.Jvp for interpreter in stack):
+        if torch._C._functorch.TransformType.Jvp in _transform_kinds():
             raise NotImplementedError(_forward_mode_message(backend, what, way_out))
     if torch.autograd.forward_ad._current_level >= 0 and \
             torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
@@ -117,9 +125,7 @@ def refuse_torch_func(what: str, way_out: str = "", derivatives_only: bool = Fal
     setup_context staticmethod")."""
     if not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return
-    derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    if derivatives_only and not any(interpreter.key() in derivative for interpreter in stack):
+    if derivatives_only and not any(kind in _DERIVATIVES for kind in _transform_kinds()):
         return
     transforms = "grad, vjp, jacrev, jvp" + ("" if derivatives_only else ", vmap")
     raise NotImplementedError(f"{what} does not run under torch.func's {transforms}: take its gradient with "
@@ -167,9 +173,7 @@ def refuse_nested_derivative(backend: str) -> None:
     is active, i.e. an outer one would differentiate this gradient (grad of grad, jacrev of
     grad): first_order_only's raising node cannot be made on a transform's tensors, and the
     backward op under it would give a silently zero second derivative."""
-    derivative = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    if sum(interpreter.key() in derivative for interpreter in stack) > 1:
+    if sum(kind in _DERIVATIVES for kind in _transform_kinds()) > 1:
         raise RuntimeError(_second_derivative_message(backend, transforms=True))
 
 
