@@ -19,8 +19,10 @@ deps: $(PY)
 install: deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
+# The files run in pytest-xdist workers where it is installed and there are two cores or more
+# (tools/pytest_workers.py says why and how to turn it off: EKD_TEST_WORKERS=1).
 test: install
-	$(PY) -m pytest python_tests $(PYTEST_ARGS)
+	workers=$$($(PY) tools/pytest_workers.py) && $(PY) -m pytest python_tests $$workers $(PYTEST_ARGS)
 
 # The loss benchmark, the Table-5 training step, then the plots (PNG when matplotlib is present).
 bench: install

@@ -336,7 +336,8 @@ def test_scripts_refuse_counts_that_measure_nothing(tmp_path, script, argv, matc
     assert done.returncode == 2 and match in done.stderr, (done.returncode, done.stderr[-2000:])
 
 
-@pytest.mark.parametrize("script", ["tools/ensure_deps.py", "tools/kernel_registers.py", "bench/bench_csrc_cpu.py"])
+@pytest.mark.parametrize("script", ["tools/ensure_deps.py", "tools/kernel_registers.py", "bench/bench_csrc_cpu.py",
+                                    "tools/pytest_workers.py"])
 def test_scripts_print_their_help(script):
     """--help printed usage for none of these: ensure_deps installed, kernel_registers took it for a
     variant name, bench_csrc_cpu for a batch size."""

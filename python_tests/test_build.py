@@ -6,6 +6,7 @@ major version differs from torch's (torch's build refuses that mix, so a default
 fall back to the CPU ops with the reason printed, never fail).
 """
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -121,6 +122,51 @@ def test_ensure_deps_reads_version_bounds():
     assert ensure_deps.is_present("torch>=2.6") and ensure_deps.is_present("torch")
     assert not ensure_deps.is_present("torch>=99") and not ensure_deps.is_present("setuptools>=999")
     assert not ensure_deps.is_present("no-such-distribution-ekd")
+
+
+def _tool(name):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+def test_ensure_deps_finds_pytest_xdist_by_its_import_name():
+    """pytest-xdist imports as `xdist`: looked up as `pytest_xdist` it read as missing, and every
+    make test tried to install it again (on the offline GPU machine, a failed download each run)."""
+    ensure_deps = _tool("ensure_deps")
+    assert ensure_deps.is_present("pytest-xdist") == (importlib.util.find_spec("xdist") is not None)
+
+
+@pytest.mark.parametrize("cores, wanted, xdist, expected", [
+    (2, "", True, "-n 2 --dist loadfile"),     # CI's two cores
+    (16, "", True, "-n 4 --dist loadfile"),    # at most four: test_triton.py alone is half the suite
+    (1, "", True, ""),                         # one core: one process
+    (8, "", False, ""),                        # without pytest-xdist (the offline GPU machine may lack it)
+    (2, "1", True, ""), (2, "0", True, ""),    # EKD_TEST_WORKERS turns the workers off
+    (2, "3", True, "-n 3 --dist loadfile"),    # or sets their count, past the cores too
+])
+def test_make_test_workers(monkeypatch, cores, wanted, xdist, expected):
+    """The pytest-xdist options make test runs the suite with (tools/pytest_workers.py)."""
+    workers = _tool("pytest_workers")
+    monkeypatch.setattr(workers, "usable_cores", lambda: cores)
+    monkeypatch.setenv("EKD_TEST_WORKERS", wanted)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(workers.importlib.util, "find_spec",
+                        lambda name: (object() if xdist else None) if name == "xdist" else real_find_spec(name))
+    assert workers.options() == expected
+
+
+@pytest.mark.parametrize("wanted", ["two", "-2"])
+def test_make_test_refuses_a_bad_worker_count(wanted):
+    """A bad EKD_TEST_WORKERS stops make test with its name, rather than run in one process
+    unasked (the Makefile runs pytest only when tools/pytest_workers.py succeeds)."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "pytest_workers.py")], capture_output=True, text=True,
+                          env={**os.environ, "EKD_TEST_WORKERS": wanted}, timeout=60)
+    assert done.returncode != 0 and f"EKD_TEST_WORKERS={wanted}" in done.stderr.replace("'", ""), done.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert "workers=$$($(PY) tools/pytest_workers.py) && $(PY) -m pytest python_tests $$workers" in makefile
 
 
 def test_a_build_without_torch_says_how_to_install(setup_module, monkeypatch):

@@ -260,8 +260,6 @@ def test_torch_func_transforms(backend, device):
             torch.func.grad(curvature)(student)
 
 
-# (torch's own jacfwd decompositions, loaded at the first forward-mode call, use torch.jit.script)
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_reference_forward_mode(device):
     """The reference backend's forward mode (torch.func.jvp, jacfwd, hessian): the directional
     derivative equals the gradient's dot with the tangent, the Hessian is finite and symmetric,
@@ -291,7 +289,6 @@ def test_reference_forward_mode(device):
     torch.testing.assert_close(directional.double(), (gradient * tangent).sum(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_fused_backends_refuse_forward_mode_and_vmap(fast_backend, device):
     """Forward mode (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad) and vmap over the
     loss have no rule on the fused backends: a NotImplementedError naming the backend and the

@@ -173,7 +173,6 @@ def test_second_derivative_is_refused(backend):
     assert torch.equal(grad_checkpointed.detach(), plain)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("backend", ["op", "torch"])
 def test_forward_mode_and_torch_func_are_refused(backend):
     """Forward mode has no rule here: a NotImplementedError naming fast_rkd_loss and rkd_loss (which

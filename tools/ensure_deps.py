@@ -19,6 +19,7 @@ REQUIREMENTS = pathlib.Path(__file__).resolve().parent.parent / "requirements-de
 _PRESENT = {
     "ninja": lambda: importlib.util.find_spec("ninja") is not None or shutil.which("ninja") is not None,
     "scikit-learn": lambda: importlib.util.find_spec("sklearn") is not None,
+    "pytest-xdist": lambda: importlib.util.find_spec("xdist") is not None,
 }
 
 
