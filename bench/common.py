@@ -70,7 +70,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit(uncommitted: Optional[dict]) -> str:
-    """The short commit, "-dirty" when tracked files differ from it (``uncommitted_changes()``)."""
+    """The short commit, "-dirty" when tracked files differ from it or untracked ones are there
+    (``uncommitted_changes()``)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         return (head.stdout.strip() or "unknown") + ("-dirty" if uncommitted else "")
@@ -79,15 +80,29 @@ def git_commit(uncommitted: Optional[dict]) -> str:
 
 
 def uncommitted_changes() -> Optional[dict]:
-    """For a "-dirty" commit: the files changed against HEAD and the SHA-256 of `git diff HEAD`,
-    so that a row names the code it measured (keep the diff to reproduce it); None when clean."""
+    """For a "-dirty" commit: the files changed against HEAD, and a SHA-256 of `git diff HEAD` and
+    of the untracked files (a new module the measured code imports is as much a change as an
+    edited one; the benchmarks' own outputs under bench/results/ are not), so that a row names
+    the code it measured (keep the diff and the files to reproduce it); None when clean."""
     try:
         diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO, capture_output=True).stdout
         files = subprocess.run(["git", "diff", "HEAD", "--name-only"], cwd=REPO, capture_output=True,
                                text=True).stdout.split()
+        others = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                                capture_output=True, text=True).stdout.split("\0")
     except OSError:
         return None
-    return {"files": files, "diff_sha256": hashlib.sha256(diff).hexdigest()} if diff else None
+    untracked = sorted(name for name in others if name and not name.startswith("bench/results/"))
+    if not diff and not untracked:
+        return None
+    digest = hashlib.sha256(diff)
+    for name in untracked:
+        digest.update(b"\0" + name.encode() + b"\0")
+        try:
+            digest.update((REPO / name).read_bytes())
+        except OSError:  # gone since git listed it, or unreadable: its name still counts
+            pass
+    return {"files": files + untracked, "diff_sha256": digest.hexdigest()}
 
 
 #: Environment variables that switch kernels or threads, recorded with every row.

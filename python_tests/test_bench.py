@@ -686,7 +686,7 @@ def test_interpreter_cost_tool_runs():
 
 def test_rows_name_the_code_and_switches_they_measured(tmp_path, monkeypatch):
     """A "-dirty" commit alone does not say what was measured: a row carries the changed files
-    and the diff's hash, the kernel switches (EKD_*, thread counts), the matmul precision and the
+    (untracked ones too, but for bench/results/) and the diff's hash, the kernel switches (EKD_*, thread counts), the matmul precision and the
     command line; the training step interleaves its settings by default on every device, and
     times fast RKD wherever it runs (it was skipped on CUDA as "CPU kernel only", which it is not)."""
     monkeypatch.syspath_prepend(str(BENCH))
@@ -708,6 +708,15 @@ def test_rows_name_the_code_and_switches_they_measured(tmp_path, monkeypatch):
     (tmp_path / "a.py").write_text("x = 2\n")
     changed = common.uncommitted_changes()
     assert changed["files"] == ["a.py"] and len(changed["diff_sha256"]) == 64
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "loss.jsonl").write_text("{}\n")  # a benchmark's own output: clean
+    assert common.uncommitted_changes() is None
+    (tmp_path / "b.py").write_text("y = 1\n")  # a new module the measured code may import: dirty
+    first = common.uncommitted_changes()
+    assert first["files"] == ["b.py"]
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert common.uncommitted_changes()["diff_sha256"] != first["diff_sha256"]
     monkeypatch.setattr(bench_train_step, "BACKEND_NAMES", ())  # (the RKD settings only: no GPU here)
     losses, skipped = bench_train_step.distillation_losses(torch.device("cuda"))
     assert "rkd/fast" in losses and "rkd/fast" not in skipped

@@ -23,4 +23,7 @@ cd "$work/src"
 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | grep "ekd_kernels:" | head -1
 golden="$top/../shared/golden"
 [ -d "$golden" ] || golden="$top/shared/golden"
-EKD_GOLDEN_DIR="$golden" "$py" -m pytest python_tests -q -rs -p no:cacheprovider "${@:2}"
+# the workers make test uses (tools/pytest_workers.py; ensure_deps installed pytest-xdist when it could)
+workers=$("$py" tools/pytest_workers.py)
+# shellcheck disable=SC2086  # (the options are words: -n 2 --dist loadfile)
+EKD_GOLDEN_DIR="$golden" "$py" -m pytest python_tests $workers -q -rs -p no:cacheprovider "${@:2}"
