@@ -41,7 +41,7 @@ import time
 import torch
 
 from common import (REPO, PeakMemory, Progress, append_rows, available_memory_bytes, describe, environment,
-                    environment_variables, summary, sync, time_calls)
+                    environment_variables, summary, sync, time_in_turns)
 
 sys.path.insert(0, str(REPO))
 
@@ -287,29 +287,6 @@ def prepare(factory, inputs, device, repeats, budget_s):
     return forward_backward, forward, reps, peak.bytes
 
 
-def time_in_turns(prepared, inputs, device, rounds):
-    """{name: (forward+backward times, forward times, rounds taken)}, and {name: why} of the
-    methods that raised (its stop reason, not the exception: its traceback would hold the
-    method's tensors): the methods take turns, `rounds` times, each round timing a block of its
-    repeats, so that no method owes its figure (nor a ratio its sign) to when it ran on a machine
-    whose load drifts (one method after another once timed the floor at 32 ms on a loaded CPU,
-    700x its own forward).  Every method was warmed up by `prepare`: no block has a warm-up call."""
-    times = {name: ([], []) for name in prepared}
-    turns = {name: min(rounds, reps) for name, (_, _, reps, _) in prepared.items()}
-    failed = {}
-    for r in range(max(turns.values(), default=0)):
-        for name, (forward_backward, forward, reps, _) in prepared.items():
-            if name in failed or r >= turns[name]:
-                continue
-            block = -(-reps // turns[name])  # ceil: every method times at least its repeats
-            try:
-                times[name][0].extend(time_calls(lambda: forward_backward(*inputs), device, block, warm_up=False))
-                times[name][1].extend(time_calls(lambda: forward(*inputs), device, block, warm_up=False))
-            except Exception as exc:  # the method stops; the others go on
-                failed[name] = describe(exc)
-    return {name: (*times[name], turns[name]) for name in prepared if name not in failed}, failed
-
-
 def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None, rounds=3):
     """The measured rows and why methods stopped; `on_row(row)` as each row is measured (a run cut
     short by a time limit keeps what it measured).  At each B and dtype the methods are made and
@@ -339,7 +316,7 @@ def run(methods, sizes, dim, dtypes, device, repeats, budget_s, env, on_row=None
                         prepared[name] = prepare(methods[name], inputs, device, repeats, budget_s)
                     except Exception as exc:  # out of memory, a backend refusing the dtype, a compile
                         stopped[key] = f"stopped at B={batch}: {describe(exc)}"  # failing: that method stops
-                timed, failed = time_in_turns(prepared, inputs, device, rounds)
+                timed, failed = time_in_turns(prepared, device, rounds, inputs)
                 for name, why in failed.items():
                     stopped[(name, dtype)] = f"stopped at B={batch}: {why}"
                 for name, (fb_times, fw_times, turns) in timed.items():

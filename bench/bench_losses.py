@@ -6,8 +6,8 @@ unified KD and the EKD paper's comparison set.
     python bench/bench_losses.py --sizes 64 128 --methods rkd/fast rkd/reference
 
 For each B: forward+backward and forward-only time (median and spread of the repeats after a
-warm-up call, fresh random inputs per B), and the peak extra memory of one forward+backward
-(the timing and memory helpers of bench/common.py).  A method stops at the first B where one call
+warm-up call, fresh random inputs per B; the methods take turns, as in bench_loss.py), and the
+peak extra memory of one forward+backward (the timing and memory helpers of bench/common.py).  A method stops at the first B where one call
 would exceed the time budget (extrapolated from the previous B with the method's growth in B)
 or its memory would not fit; a note row says where and why.  KD ("hinton_kd") distils logits:
 it gets B x 1000 logits instead of embeddings.  PWR runs its default variant, which takes the
@@ -28,7 +28,7 @@ import time
 import torch
 
 from common import (REPO, PeakMemory, Progress, append_rows, at_least, available_memory_bytes, environment, summary,
-                    time_calls)
+                    time_in_turns)
 
 sys.path.insert(0, str(REPO))
 
@@ -69,16 +69,45 @@ def make_inputs(method, batch, dim, seed):
     return student, teacher, labels
 
 
-def run(names, sizes, dim, repeats, budget_s, rkd_budget_s, env):
+def prepare(name, batch, dim, budget, repeats):
+    """(forward+backward, forward, repeats, peak extra bytes) of one method at one B, after its
+    warm-up call (the one whose peak memory is measured), or the reason it stops there."""
+    loss_fn = METHODS[name][0](dim)
+    student, teacher, labels = make_inputs(name, batch, dim, seed=batch)
+
+    def forward_backward():
+        s = student.detach().requires_grad_(True)
+        loss_fn(s, teacher, labels).backward()
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(student, teacher, labels)
+
+    t0 = time.perf_counter()
+    with PeakMemory(CPU) as peak:
+        forward_backward()
+    first = time.perf_counter() - t0
+    if first > budget:
+        return f"stopped at B={batch}: one forward+backward took {first:.1f} s (budget {budget} s)"
+    # (the repeats fit the budget: two calls per repeat, forward+backward and forward, and the warm-up)
+    reps = repeats if first * (2 * repeats + 2) <= budget else max(2, int(budget / (2 * first)))
+    return forward_backward, forward, reps, peak.bytes
+
+
+def run(names, sizes, dim, repeats, budget_s, rkd_budget_s, env, rounds=3):
+    """The rows and why methods stopped.  At each B the methods are made and warmed up one after
+    another, then timed in turns (common.time_in_turns, as bench_loss.py does): the fast RKD's
+    speedup over the reference is a ratio of two figures taken over the same minutes."""
     rows, stopped, last = [], {}, {}
     memory = available_memory_bytes(CPU)
     progress = Progress(len(sizes) * len(names), "bench losses")
     for batch in sizes:
+        prepared = {}
         for name in names:
             progress.step(f"{name} B={batch}")
             if name in stopped:
                 continue
-            factory, growth, need_bytes = METHODS[name]
+            _, growth, need_bytes = METHODS[name]
             budget = rkd_budget_s if name.startswith("rkd/") else budget_s
             need = need_bytes(batch, dim)
             if need > 0.6 * memory:
@@ -92,31 +121,22 @@ def run(names, sizes, dim, repeats, budget_s, rkd_budget_s, env):
                     stopped[name] = (f"stopped at B={batch}: one forward+backward would take about {predicted:.0f} s "
                                      f"(budget {budget} s; {prev_time:.2f} s at B={prev_batch}, growth B^{growth})")
                     continue
-            loss_fn = factory(dim)
-            student, teacher, labels = make_inputs(name, batch, dim, seed=batch)
-
-            def forward_backward():
-                s = student.detach().requires_grad_(True)
-                loss_fn(s, teacher, labels).backward()
-
-            def forward():
-                with torch.no_grad():
-                    loss_fn(student, teacher, labels)
-
-            t0 = time.perf_counter()
-            with PeakMemory(CPU) as peak:
-                forward_backward()
-            first = time.perf_counter() - t0
-            if first > budget:
-                stopped[name] = f"stopped at B={batch}: one forward+backward took {first:.1f} s (budget {budget} s)"
-                continue
-            reps = repeats if first * (2 * repeats + 2) <= budget else max(2, int(budget / (2 * first)))
-            fb = summary(time_calls(forward_backward, CPU, reps))
-            fw = summary(time_calls(forward, CPU, reps))
+            outcome = prepare(name, batch, dim, budget, repeats)
+            if isinstance(outcome, str):
+                stopped[name] = outcome
+            else:
+                prepared[name] = outcome
+        timed, failed = time_in_turns(prepared, CPU, rounds)
+        for name, why in failed.items():
+            stopped[name] = f"stopped at B={batch}: {why}"
+        for name, (fb_times, fw_times, turns) in timed.items():
+            fb, fw = summary(fb_times), summary(fw_times)
             rows.append({**env, "benchmark": "losses", "method": name.split("/")[0], "name": name, "batch": batch,
                          "dim": NUM_CLASSES if name == "hinton_kd" else dim, "dtype": "float32",
-                         "forward_backward": fb, "forward": fw, "peak_memory_bytes": peak.bytes})
+                         "forward_backward": fb, "forward": fw, "rounds": turns,
+                         "peak_memory_bytes": prepared[name][3]})
             last[name] = (batch, fb["median_s"])
+        prepared = timed = None  # free this size's modules and inputs before the next
     return rows, stopped
 
 

@@ -241,6 +241,30 @@ def time_calls(fn, device: torch.device, repeats: int, warm_up: bool = True):
     return times
 
 
+def time_in_turns(prepared: dict, device: torch.device, rounds: int, inputs=()):
+    """{name: (forward+backward times, forward times, rounds taken)}, and {name: why} of the
+    methods that raised (its stop reason, not the exception: its traceback would hold the
+    method's tensors), for `prepared` = {name: (forward_backward, forward, repeats, ...)}, each
+    called with `inputs`: the methods take turns, `rounds` times, each round timing a block of its
+    repeats, so that no method owes its figure (nor a ratio its sign) to when it ran on a machine
+    whose load drifts (one method after another once timed the floor at 32 ms on a loaded CPU,
+    700x its own forward).  Every method has been warmed up: no block has a warm-up call."""
+    times = {name: ([], []) for name in prepared}
+    turns = {name: min(rounds, entry[2]) for name, entry in prepared.items()}
+    failed = {}
+    for r in range(max(turns.values(), default=0)):
+        for name, (forward_backward, forward, reps, *_) in prepared.items():
+            if name in failed or r >= turns[name]:
+                continue
+            block = -(-reps // turns[name])  # ceil: every method times at least its repeats
+            try:
+                times[name][0].extend(time_calls(lambda: forward_backward(*inputs), device, block, warm_up=False))
+                times[name][1].extend(time_calls(lambda: forward(*inputs), device, block, warm_up=False))
+            except Exception as exc:  # the method stops; the others go on
+                failed[name] = describe(exc)
+    return {name: (*times[name], turns[name]) for name in prepared if name not in failed}, failed
+
+
 def host_issue_times(fn, device: torch.device, repeats: int):
     """Seconds until `fn` returns, before the device finishes (synchronised between calls), after
     one warm-up call.  Close to time_calls': the host's issuing bounds the call, and every host

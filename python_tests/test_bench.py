@@ -99,6 +99,42 @@ def test_loss_bench_methods_take_turns(monkeypatch):
         ("ekd/a", 2, 4, 4), ("floor", 2, 4, 4), ("ekd/b+compile", 2, 4, 4)]
 
 
+def test_losses_bench_methods_take_turns(monkeypatch, tmp_path):
+    """bench_losses.py times the losses in turns too (it timed one after another, so the fast
+    RKD's speedup over the reference could owe its size to the load of the minute each ran in);
+    a small real run writes its rows with their rounds, and the speedup note."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_losses
+
+    calls = []
+
+    def method(name):
+        def loss(student, teacher, labels):
+            calls.append(name)
+            return (student * 0).sum()
+        return (lambda dim: loss), 1, lambda b, d: 0
+
+    monkeypatch.setattr(bench_losses, "METHODS", {name: method(name) for name in ("a", "b")})
+    rows, stopped = bench_losses.run(["a", "b"], [16], 8, repeats=4, budget_s=60, rkd_budget_s=60, env={}, rounds=2)
+    assert not stopped, stopped
+    blocks = []  # runs of one method's calls, in order: each warm-up (one call), then the turns
+    for name in calls:
+        if not blocks or blocks[-1][0] != name:
+            blocks.append([name, 0])
+        blocks[-1][1] += 1
+    # a round times a block of 2 forward+backward and 2 forward calls of each method in turn
+    assert blocks == [["a", 1], ["b", 1], ["a", 4], ["b", 4], ["a", 4], ["b", 4]], blocks
+    assert [(r["name"], r["rounds"], r["forward_backward"]["repeats"]) for r in rows] == [("a", 2, 4), ("b", 2, 4)]
+
+    monkeypatch.undo()
+    out = tmp_path / "losses.jsonl"
+    stdout = run_script("bench_losses.py", "--sizes", "8", "--dim", "16", "--repeats", "2", "--threads", "1",
+                        "--methods", "rkd/fast", "rkd/reference", "--out", str(out))
+    rows = read_rows(out)
+    assert sorted((r["name"], r["rounds"]) for r in rows if "note" not in r) == [("rkd/fast", 2), ("rkd/reference", 2)]
+    assert [r["batch"] for r in rows if r.get("note") == "rkd_fast_speedup"] == [8] and "faster than" in stdout
+
+
 def test_loss_bench_never_times_a_first_forward(monkeypatch):
     """A method whose first forward+backward takes the whole budget still has its forward called
     once before the timing: a graph method captures its forward graph at that call, a compile
