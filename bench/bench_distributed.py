@@ -2,13 +2,14 @@
 
     python bench/bench_distributed.py --world 2 --batch 2048 --dim 512
 
-W gloo processes on this machine, each holding B / W rows. "redundant" is what the authors do
-(gather_batch, then every rank computes the whole loss on the global batch); "sharded" is
-EKDLoss(process_group=...). Forward+backward per step, median over repeats, per rank; the
-peak memory of one step per rank (growth of the process's peak RSS, VmHWM, over the step:
-bench/common.py's PeakMemory); and the bytes each rank sends per step, counted from the
-collectives' tensor sizes (module docstring of ekd_kernels.distributed). On a 2-core machine
-the W processes share the cores: run with W <= cores, threads per process = cores // W.
+W gloo processes on this machine, each holding B / W rows (one more on the first B mod W).
+"redundant" is what the authors do (gather_batch, then every rank computes the whole loss on the
+global batch); "sharded" is EKDLoss(process_group=...). Forward+backward per step, median over
+repeats (the paths take turns, --rounds times), per rank; the peak memory of one step per rank
+(growth of the process's peak RSS, VmHWM, over the step: bench/common.py's PeakMemory); and the
+bytes each rank sends per step, an estimate from the collectives' tensor sizes (module docstring
+of ekd_kernels.distributed). On a 2-core machine the W processes share the cores: run with
+W <= cores, threads per process = cores // W.
 ``--paths sharded`` measures only the sharded path (the redundant ones hold B x B matrices,
 which large batches cannot afford).
 """
@@ -47,6 +48,12 @@ def communicated_bytes(batch, student_dim, teacher_dim, num_thresholds, world, p
     return gather + backward + histograms + scalars
 
 
+def shard_rows(batch, world, rank):
+    """Rows of rank `rank` when `batch` rows are split over `world` ranks: B // W each, and one more
+    on the first B mod W ranks (every row of the global batch is held by some rank)."""
+    return batch // world + (rank < batch % world)
+
+
 def worker(rank, world, port, args, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -55,13 +62,13 @@ def worker(rank, world, port, args, out):
     from ekd_kernels import EKDLoss
     from ekd_kernels.distributed import gather_batch
 
-    local = args.batch // world
+    local = shard_rows(args.batch, world, rank)
     g = torch.Generator().manual_seed(rank)
     student = torch.randn(local, args.dim, generator=g)
     teacher = student + 0.5 * torch.randn(local, args.dim, generator=g)
-    labels = torch.randint(0, args.batch // 4, (local,), generator=g)
-    results = {}
-    for path in args.paths:
+    labels = torch.randint(0, max(1, args.batch // 4), (local,), generator=g)
+
+    def make_step(path):
         backend = "reference" if path == "redundant-reference" else "auto"
         # without process_group: one process (None would mean the default group, as in torch.distributed)
         crit = EKDLoss(**({"process_group": dist.group.WORLD} if path == "sharded" else {}), backend=backend)
@@ -73,18 +80,30 @@ def worker(rank, world, port, args, out):
             else:
                 loss = crit(*gather_batch(s, teacher, labels)[:3])
             loss.backward()
+        return step
 
+    steps = {path: make_step(path) for path in args.paths}
+    for step in steps.values():  # warm-up
         step()
-        times = []
-        for _ in range(args.repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    # The paths take turns, --rounds times, each round timing a block of its repeats (as
+    # bench_loss.py's methods do): the sharded path's speedup is a ratio over the same minutes.
+    times = {path: [] for path in args.paths}
+    rounds = min(args.rounds, args.repeats)
+    block = -(-args.repeats // rounds)
+    for _ in range(rounds):
+        for path, step in steps.items():
+            for _ in range(block):
+                dist.barrier()
+                t0 = time.perf_counter()
+                step()
+                times[path].append(time.perf_counter() - t0)
+    results = {}
+    for path, step in steps.items():
         dist.barrier()
         with PeakMemory(torch.device("cpu")) as peak:
             step()
-        results[path] = {"median_s": statistics.median(times), "min_s": min(times),
+        results[path] = {"median_s": statistics.median(times[path]), "min_s": min(times[path]),
+                         "repeats": len(times[path]), "rounds": rounds, "rows": local,
                          "peak_rss_growth_bytes": peak.bytes,
                          "bytes_sent": communicated_bytes(args.batch, args.dim, args.dim, 6, world, path)}
     out[rank] = results
@@ -96,10 +115,13 @@ def main():
     parser.add_argument("--world", type=at_least(1), default=2)
     parser.add_argument("--batch", type=at_least(2), default=2048)
     parser.add_argument("--dim", type=at_least(1), default=512)
-    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed steps per path")
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="turns the paths take (blocks of the repeats)")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.batch < args.world:
+        parser.error(f"--batch {args.batch} gives a rank no rows: at least --world ({args.world})")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -394,6 +394,21 @@ def test_benchmark_json_goes_into_a_folder_given_as_out(tmp_path):
     assert {"device", "commit", "torch", "python", "threads"} <= set(record)
 
 
+def test_distributed_bench_keeps_every_row_and_takes_turns(tmp_path):
+    """bench_distributed gave each rank B // W rows, dropping the last B mod W of the global batch
+    it reported, and timed its paths one after another (its speedups were ratios over different
+    minutes): now the first B mod W ranks hold one more row, and the paths take turns."""
+    run_script("bench_distributed.py", "--world", "2", "--batch", "9", "--dim", "8", "--repeats", "2",
+               "--paths", "redundant", "sharded", "--out", str(tmp_path / "d.json"))
+    per_rank = json.loads((tmp_path / "d.json").read_text())["per_rank"]
+    assert {rank: {path: (r["rows"], r["repeats"], r["rounds"]) for path, r in paths.items()}
+            for rank, paths in per_rank.items()} == {"0": {"redundant": (5, 2, 2), "sharded": (5, 2, 2)},
+                                                     "1": {"redundant": (4, 2, 2), "sharded": (4, 2, 2)}}
+    done = subprocess.run([sys.executable, str(BENCH / "bench_distributed.py"), "--world", "3", "--batch", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "gives a rank no rows" in done.stderr, done.stderr[-2000:]
+
+
 def test_gpu_exercise_profile_keeps_its_failures(tmp_path):
     """profile with every variant failing (the Triton backend on a CPU without the interpreter)
     exited 0 and wrote no --out file: a lease read it as measured.  Now the failures are written
