@@ -7,9 +7,10 @@ unified KD and the EKD paper's comparison set.
 
 For each B: forward+backward and forward-only time (median and spread of the repeats after a
 warm-up call, fresh random inputs per B; the methods take turns, as in bench_loss.py), and the
-peak extra memory of one forward+backward (the timing and memory helpers of bench/common.py).  A method stops at the first B where one call
-would exceed the time budget (extrapolated from the previous B with the method's growth in B)
-or its memory would not fit; a note row says where and why.  KD ("hinton_kd") distils logits:
+peak extra memory of one forward+backward (the timing and memory helpers of bench/common.py).
+A method stops at the first B where one call would exceed the time budget (extrapolated from
+the previous B with the method's growth in B) or its memory would not fit; a note row says
+where and why.  KD ("hinton_kd") distils logits:
 it gets B x 1000 logits instead of embeddings.  PWR runs its default variant, which takes the
 O(B^2 log^2 B) sorted algorithm.  "rkd/fast-torch" is the fast RKD's PyTorch path (anchor
 tiles), the one it takes off the CPU.  The unified KD loss runs with a 4096-entry bank
