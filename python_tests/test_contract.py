@@ -168,6 +168,36 @@ def test_random_draw_is_uniform_without_replacement(num_negatives, n, ordered):
     assert chi2 < (cells - 1) + 6 * math.sqrt(2 * (cells - 1)), chi2
 
 
+def test_random_draw_is_the_documented_algorithm():
+    """The README's algorithm, draw for draw (so that a seed gives the same negatives wherever the
+    draw is re-derived): randperm(L)[:N] when 2N >= L (the boundary 2N = L included), otherwise
+    i.i.d. integers in [0, L), 2(N - kept) at a time, keeping the first N distinct values in
+    draw order.  The uniformity test above cannot see either choice."""
+    for seed in range(5):
+        got = draw_random_negatives(10, 5, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, torch.randperm(10, generator=torch.Generator().manual_seed(seed))[:5])
+    num_negatives, n = 1000, 300  # enough repeats among the draws that their order matters
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        drawn, kept = [], []
+        while len(kept) < n:
+            drawn += torch.randint(num_negatives, (2 * (n - len(kept)),), generator=generator).tolist()
+            kept = list(dict.fromkeys(drawn))  # the distinct values, in the order first drawn
+        assert draw_random_negatives(num_negatives, n, torch.Generator().manual_seed(seed)).tolist() == kept[:n]
+
+
+def test_sigmoid_clamp_is_the_authors():
+    """The soft rank's sigmoid argument is clamped to [-50, 50], as the authors' code does: at
+    |x / T| = 40 the value and the gradient are the sigmoid's, past 50 the value is the clamp's
+    and the gradient 0."""
+    x = torch.tensor([-0.40, 0.40, -0.60], dtype=torch.float64, requires_grad=True)
+    y = reference.clamped_sigmoid(x, 0.01)
+    assert y[0].item() == pytest.approx(1 / (1 + math.exp(40)), rel=1e-9)
+    assert y[2].item() == pytest.approx(1 / (1 + math.exp(50)), rel=1e-9)
+    y.sum().backward()
+    assert x.grad[0].item() > 0 and x.grad[2].item() == 0
+
+
 def test_random_draw_needs_memory_of_n_not_of_the_negatives():
     """At L = 1e12 negatives (far beyond any batch) a draw of 2000 is immediate: a permutation
     of all negatives (8 TB) is never built.  Same generator state, same ranks."""
@@ -347,10 +377,56 @@ def test_bad_input_raises_value_error_naming_it(make, match):
 def test_bad_options_raise_value_error():
     for options, match in [(dict(fprs=()), "fprs"), (dict(fprs=(0.1, 1.5)), "FPR"), (dict(temperature=0), "temperature"),
                            (dict(num_hard_negatives=-1), "num_hard_negatives"), (dict(momentum=2), "momentum"),
+                           # the bounds themselves: (0, 1) open for an FPR, [0, 1] closed for the momentum
+                           (dict(fprs=(0.0,)), "every FPR must lie in"), (dict(fprs=(0.1, 0.0)), "every FPR"),
+                           (dict(fprs=(-0.1,)), "every FPR must lie in"), (dict(momentum=1 + 1e-9), "momentum"),
+                           (dict(momentum=-1e-9), "momentum"),
                            (dict(rank_loss="eq9"), "rank_loss"), (dict(negative_selection="x"), "negative_selection"),
                            (dict(backend="cuda"), "backend")]:
         with pytest.raises(ValueError, match=match):
             EKDLoss(**options)
+    for momentum in (0.0, 1.0):
+        assert EKDLoss(momentum=momentum).config.momentum == momentum
+
+
+def test_small_fprs_are_read_as_exact_fractions():
+    """The threshold index floor(L * fpr) reads each FPR as its nearest fraction of denominator at
+    most 10^12, so FPRs far below the defaults' 1e-6 keep their index (a denominator bound of
+    10^6 read 1e-7 as 0: the hardest negative, at every L)."""
+    config = EKDConfig(fprs=(1e-7, 3e-8, 1e-9))
+    assert config.threshold_indices(10 ** 10) == (1000, 300, 10)
+    assert config.threshold_indices(10 ** 7 - 1) == (0, 0, 0)
+
+
+def test_eval_loss_reads_the_state_without_this_batch(backend, device):
+    """In eval mode the loss is measured against the thresholds as they were, not as this batch
+    would move them (an eval or validation loss must not depend on an update it does not make);
+    the buffers and last_stats' thresholds stay as they were."""
+    student, teacher, labels = make_batch(24, 8, 6, num_identities=8, seed=3, device=device)
+    crit = EKDLoss(backend=backend, momentum=0.5).to(device)
+    crit(*make_batch(24, 8, 6, num_identities=8, seed=4, device=device))  # a state that is not zero
+    state = crit.student_thresholds.clone(), crit.teacher_thresholds.clone()
+    loss = crit.eval()(student, teacher, labels)
+    frozen = ekd_loss(student, teacher, labels, *state, update_thresholds=False, backend=backend, momentum=0.5)
+    moved = ekd_loss(student, teacher, labels, *state, update_thresholds=True, backend=backend, momentum=0.5)
+    assert not torch.equal(frozen.loss, moved.loss), "the case must tell the two apart"
+    assert torch.equal(loss, frozen.loss)
+    assert torch.equal(crit.student_thresholds, state[0]) and torch.equal(crit.teacher_thresholds, state[1])
+    assert torch.equal(crit.last_stats.student_thresholds, state[0])
+
+
+def test_a_calls_generator_wins_over_the_modules():
+    """generator= at the call is used instead of the module's own, which stays where it was (a
+    resumed run replays the module's draws only if nothing else moved them)."""
+    student, teacher, labels = make_batch(24, 8, 6, num_identities=8, seed=5)
+    options = dict(negative_selection="random", num_hard_negatives=10, backend="reference")
+    own = torch.Generator().manual_seed(1)
+    before = own.get_state().clone()
+    loss = EKDLoss(generator=own, **options)(student, teacher, labels, generator=torch.Generator().manual_seed(2))
+    want = ekd_loss(student, teacher, labels, generator=torch.Generator().manual_seed(2), **options).loss
+    other = ekd_loss(student, teacher, labels, generator=torch.Generator().manual_seed(1), **options).loss
+    assert not torch.equal(want, other), "the case must tell the two generators apart"
+    assert torch.equal(loss, want) and torch.equal(own.get_state(), before)
 
 
 @pytest.mark.parametrize("options, match", [

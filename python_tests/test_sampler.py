@@ -73,6 +73,20 @@ def test_longer_epoch_reuses_only_after_exhausting():
         assert len(set(ids)) == 4
 
 
+def test_no_repeat_where_a_batch_straddles_two_permutations():
+    """A batch whose draws run past the end of one permutation into the next holds no sample
+    (general part) and no identity (balanced part) twice: what the next permutation's first
+    items clash with is moved to its end.  41 samples in parts of 10 and 7 identities in groups of
+    5 straddle often; without the move, some batch drew an identity twice (a mutation check)."""
+    labels = np.repeat(np.arange(7), 6)[:41]   # 41 samples, 7 identities (one with 5 images)
+    sampler = BalancedBatchSampler(labels, general_size=10, num_identities=5, images_per_identity=4,
+                                   num_batches=60, seed=3)
+    for batch in sampler:
+        general, groups = split(batch, 10, 4)
+        assert len(set(general)) == 10, general
+        assert len({labels[g[0]] for g in groups}) == 5, groups
+
+
 def test_small_identities():
     labels = np.array([0] * 6 + [1] * 2 + [2] * 1 + [3] * 5 + [4] * 3)
     repeat = BalancedBatchSampler(labels, general_size=2, num_identities=4, images_per_identity=4,
