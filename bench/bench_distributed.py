@@ -87,6 +87,7 @@ def worker(rank, world, port, args, out):
         step()
     # The paths take turns, --rounds times, each round timing a block of its repeats (as
     # bench_loss.py's methods do): the sharded path's speedup is a ratio over the same minutes.
+    # (Not common.time_in_turns: every timed step here starts at a barrier, outside its time.)
     times = {path: [] for path in args.paths}
     rounds = min(args.rounds, args.repeats)
     block = -(-args.repeats // rounds)

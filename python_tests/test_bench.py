@@ -737,9 +737,10 @@ def test_interpreter_cost_tool_runs():
 
 def test_rows_name_the_code_and_switches_they_measured(tmp_path, monkeypatch):
     """A "-dirty" commit alone does not say what was measured: a row carries the changed files
-    (untracked ones too, but for bench/results/) and the diff's hash, the kernel switches (EKD_*, thread counts), the matmul precision and the
-    command line; the training step interleaves its settings by default on every device, and
-    times fast RKD wherever it runs (it was skipped on CUDA as "CPU kernel only", which it is not)."""
+    (untracked ones too, but for bench/results/) and the diff's hash, the kernel switches (EKD_*,
+    thread counts), the matmul precision and the command line; the training step interleaves its
+    settings by default on every device, and times fast RKD wherever it runs (it was skipped on
+    CUDA as "CPU kernel only", which it is not)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_train_step
     import common

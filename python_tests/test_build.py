@@ -111,25 +111,22 @@ def test_sdist_holds_every_csrc_file(tmp_path):
     assert not missing, f"the sdist lacks {missing}"
 
 
-def test_ensure_deps_reads_version_bounds():
-    """make test's installer takes a requirement as met only within its bounds: an older torch
-    or setuptools (say, a system one seen through --system-site-packages) is upgraded."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import ensure_deps
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    assert ensure_deps.is_present("torch>=2.6") and ensure_deps.is_present("torch")
-    assert not ensure_deps.is_present("torch>=99") and not ensure_deps.is_present("setuptools>=999")
-    assert not ensure_deps.is_present("no-such-distribution-ekd")
-
-
 def _tool(name):
+    """A module of tools/, imported by name."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         return __import__(name)
     finally:
         sys.path.remove(str(ROOT / "tools"))
+
+
+def test_ensure_deps_reads_version_bounds():
+    """make test's installer takes a requirement as met only within its bounds: an older torch
+    or setuptools (say, a system one seen through --system-site-packages) is upgraded."""
+    ensure_deps = _tool("ensure_deps")
+    assert ensure_deps.is_present("torch>=2.6") and ensure_deps.is_present("torch")
+    assert not ensure_deps.is_present("torch>=99") and not ensure_deps.is_present("setuptools>=999")
+    assert not ensure_deps.is_present("no-such-distribution-ekd")
 
 
 def test_ensure_deps_finds_pytest_xdist_by_its_import_name():
